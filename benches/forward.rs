@@ -1,0 +1,175 @@
+//! Forward attention throughput, timed with CUDA events on the GPU.
+//!
+//! Shapes follow FlashAttention's benchmark: batch * seqlen = 16k tokens, hidden 2048 (heads =
+//! 2048 / head_dim), seqlen 512 to 16k, head dims 64 / 128 / 256, causal and not, bf16.
+//! Each configuration prints `RESULT {json}` with the median time and TFLOP/s (FLOPs = 4 b h s^2
+//! d, halved when causal), which benches/compare.py joins with the PyTorch peers measured by
+//! benches/peer_sdpa.py in the same run. Without a GPU it prints that it skipped (and fails when
+//! LONGFLASH_REQUIRE_GPU=1).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use half::bf16;
+use longflash::{Attention, ForwardOptions, Input, Layout, Output};
+
+struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    attn: Attention,
+}
+
+fn gpu() -> Option<Gpu> {
+    match longflash::open_device(0) {
+        Ok(ctx) => {
+            let attn = Attention::new(&ctx).expect("Attention::new");
+            let stream = ctx.new_stream().expect("stream");
+            Some(Gpu { ctx, stream, attn })
+        }
+        Err(e) => {
+            if std::env::var("LONGFLASH_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("LONGFLASH_REQUIRE_GPU=1 but no GPU: {e}");
+            }
+            eprintln!("skipped: no CUDA GPU ({e})");
+            None
+        }
+    }
+}
+
+fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Roughly normal: sum of uniforms, centred.
+            let u = ((s >> 40) & 0xffff) as f32 / 65536.0
+                + ((s >> 20) & 0xfffff) as f32 / 1048576.0
+                - 1.0;
+            bf16::from_f32(u * 1.7)
+        })
+        .collect()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn parse_list(var: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(var)
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+fn bench_forward(c: &mut Criterion) {
+    let Some(g) = gpu() else { return };
+    let device = g.ctx.name().unwrap_or_default();
+    let head_dims = parse_list("LONGFLASH_BENCH_HEAD_DIMS", &[64, 128, 256]);
+    let seqlens = parse_list(
+        "LONGFLASH_BENCH_SEQLENS",
+        &[512, 1024, 2048, 4096, 8192, 16384],
+    );
+    let tokens = 16384usize;
+    let mut group = c.benchmark_group("forward_bf16");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1500));
+    for &d in &head_dims {
+        for causal in [false, true] {
+            for &s in &seqlens {
+                let (b, h) = (tokens / s, 2048 / d);
+                let l = Layout::bshd(b, s, h, d);
+                let n = l.numel();
+                let q: CudaSlice<bf16> = g.stream.clone_htod(&random_bf16(n, 1)).unwrap();
+                let k: CudaSlice<bf16> = g.stream.clone_htod(&random_bf16(n, 2)).unwrap();
+                let v: CudaSlice<bf16> = g.stream.clone_htod(&random_bf16(n, 3)).unwrap();
+                let mut o: CudaSlice<bf16> = g.stream.alloc_zeros(n).unwrap();
+                let opts = if causal {
+                    ForwardOptions::causal()
+                } else {
+                    ForwardOptions::dense()
+                };
+                let flops = 4.0
+                    * (b * h) as f64
+                    * (s as f64)
+                    * (s as f64)
+                    * d as f64
+                    * if causal { 0.5 } else { 1.0 };
+                let (qv, kv, vv) = (q.as_view(), k.as_view(), v.as_view());
+                let launch = |o: &mut CudaSlice<bf16>| {
+                    let mut ov = o.as_view_mut();
+                    g.attn
+                        .forward(
+                            &g.stream,
+                            Input {
+                                data: &qv,
+                                layout: l,
+                            },
+                            Input {
+                                data: &kv,
+                                layout: l,
+                            },
+                            Input {
+                                data: &vv,
+                                layout: l,
+                            },
+                            Output {
+                                data: &mut ov,
+                                layout: l,
+                                lse: None,
+                            },
+                            &opts,
+                        )
+                        .unwrap();
+                };
+                let mut times_ms: Vec<f64> = Vec::new();
+                let id = BenchmarkId::new(
+                    format!("d{d}_{}", if causal { "causal" } else { "dense" }),
+                    s,
+                );
+                group.throughput(Throughput::Elements(flops as u64));
+                group.bench_function(id, |bench| {
+                    bench.iter_custom(|iters| {
+                        let start = g
+                            .ctx
+                            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                            .unwrap();
+                        let end = g
+                            .ctx
+                            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                            .unwrap();
+                        let mut total = 0.0f64;
+                        for _ in 0..iters {
+                            start.record(&g.stream).unwrap();
+                            launch(&mut o);
+                            end.record(&g.stream).unwrap();
+                            end.synchronize().unwrap();
+                            let ms = start.elapsed_ms(&end).unwrap() as f64;
+                            times_ms.push(ms);
+                            total += ms;
+                        }
+                        Duration::from_secs_f64(total / 1e3)
+                    })
+                });
+                if times_ms.is_empty() {
+                    continue; // filtered out by criterion's name filter
+                }
+                let ms = median(&mut times_ms);
+                println!(
+                    "RESULT {{\"impl\": \"longflash\", \"dtype\": \"bf16\", \"batch\": {b}, \"heads\": {h}, \"seqlen\": {s}, \"head_dim\": {d}, \"causal\": {causal}, \"ms\": {ms:.4}, \"tflops\": {:.1}, \"device\": \"{device}\"}}",
+                    flops / ms / 1e9
+                );
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_forward);
+criterion_main!(benches);

@@ -1,0 +1,319 @@
+// The forward attention skeleton: one CTA per (query tile, head, batch), a loop over the key
+// tiles chosen by a tile iterator, scores from a score policy, an element mask applied only on
+// partial tiles, an online softmax in registers, and P @ V with P kept in registers.
+//
+//   Traits  tile shape and element type (FwdTraits)
+//   Iter    which key tiles a query tile visits, last to first, and whether each is full
+//   Mask    which (row, key) elements are visible inside a partial tile
+//   Score   S = Q K^T for one key tile (the hook for fused RoPE / ReRoPE scores)
+//
+// Pipeline (FlashAttention-2): K and V each have one shared buffer; V_j is copied while
+// S_j = Q K_j^T and its softmax run, and K_{j+1} is copied while O += P_j V_j runs.
+#pragma once
+
+#include "common.cuh"
+#include "longflash/params.h"
+#include "longflash/tile_plan.h"
+
+namespace lf {
+
+template <typename T_, int D_, int BR_, int BC_, int NWARPS_> struct FwdTraits {
+    using T = T_;
+    static constexpr int D = D_;
+    static constexpr int BR = BR_;
+    static constexpr int BC = BC_;
+    static constexpr int kWarps = NWARPS_;
+    static constexpr int kThreads = NWARPS_ * 32;
+    static constexpr int kWarpRows = BR / kWarps; // query rows owned by one warp
+    static constexpr int kMT = kWarpRows / 16;    // m16 tiles per warp
+    static constexpr int kNT = BC / 8;            // n8 tiles of S per warp row block
+    static constexpr int kDT = D / 8;             // n8 tiles of O
+    static constexpr int kKSteps = D / 16;        // k16 steps of Q K^T
+    static constexpr int kQBytes = BR * D * 2;
+    static constexpr int kKVBytes = BC * D * 2;
+    static constexpr int kSmemBytes = kQBytes + 2 * kKVBytes;
+    static_assert(kWarpRows % 16 == 0, "each warp owns whole m16 tiles");
+    static_assert(BC % 16 == 0 && D % 16 == 0, "tiles are whole k16 steps");
+};
+
+// ---- tile iterator and element mask for dense / causal / sliding-window attention ----------
+
+struct WindowIter {
+    LfMask m;
+    int qt, br, bc;
+    LfTileRange range;
+    __device__ __forceinline__ WindowIter(const LfMask &m_, int qt_, int br_, int bc_)
+        : m(m_), qt(qt_), br(br_), bc(bc_), range(lf_key_tile_range(m_, qt_, br_, bc_)) {}
+    __device__ __forceinline__ int count() const {
+        return range.end > range.begin ? range.end - range.begin : 0;
+    }
+    // Visited last to first, so the tiles on the causal diagonal (partial) come first.
+    __device__ __forceinline__ int tile(int n) const { return range.end - 1 - n; }
+    __device__ __forceinline__ bool is_full(int n) const {
+        return lf_tile_is_full(m, qt, tile(n), br, bc);
+    }
+};
+
+struct WindowMask {
+    LfMask m;
+    // Keys [lo, hi) visible to row i, relative to key k0 and clamped to [0, span] so they fit
+    // in 32 bits whatever the sequence lengths.
+    __device__ __forceinline__ void row_keys(int64_t i, int k0, int span, int &lo, int &hi) const {
+        int64_t l, h;
+        lf_row_key_bounds(m, i, &l, &h);
+        lo = static_cast<int>(lf_min64(lf_max64(l - k0, 0), span));
+        hi = static_cast<int>(lf_min64(lf_max64(h - k0, 0), span));
+    }
+};
+
+// ---- score policy ----------------------------------------------------------------------------
+
+// S = Q K^T for the warp's rows and one key tile, from swizzled shared tiles.
+struct PlainScore {
+    template <class Tr>
+    __device__ __forceinline__ static void compute(float (&s)[Tr::kMT][Tr::kNT][4], uint32_t sQ,
+                                                   uint32_t sK, int warp_row0, int lane) {
+        using Elt = Elem<typename Tr::T>;
+        const SwizzledCursor<Tr::D> qc(sQ, warp_row0 + (lane & 15), lane >> 4);
+        const SwizzledCursor<Tr::D> kc(sK, (lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);
+#pragma unroll
+        for (int mt = 0; mt < Tr::kMT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < Tr::kNT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < Tr::kKSteps; ++ks) {
+            uint32_t qa[Tr::kMT][4];
+#pragma unroll
+            for (int mt = 0; mt < Tr::kMT; ++mt)
+                ldmatrix_x4(qa[mt], qc.at(mt * 16, ks * 2));
+#pragma unroll
+            for (int np = 0; np < Tr::kNT / 2; ++np) {
+                uint32_t kb[4];
+                ldmatrix_x4(kb, kc.at(np * 16, ks * 2));
+#pragma unroll
+                for (int mt = 0; mt < Tr::kMT; ++mt) {
+                    Elt::mma(s[mt][2 * np], qa[mt], kb[0], kb[1]);
+                    Elt::mma(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+                }
+            }
+        }
+    }
+};
+
+// ---- the skeleton ----------------------------------------------------------------------------
+
+template <class Tr, class Iter, class Mask, class Score>
+__device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const Iter &iter,
+                                                   const Mask &mask, int qt, int h, int b) {
+    using T = typename Tr::T;
+    using Elt = Elem<T>;
+    using Tile = SwizzledTile<Tr::D>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t sQ = smem_addr(smem);
+    const uint32_t sK = sQ + Tr::kQBytes;
+    const uint32_t sV = sK + Tr::kKVBytes;
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int warp_row0 = warp * Tr::kWarpRows;
+    const int g = lane >> 2; // accumulator row within an m16 tile (and g + 8)
+    const int tq = lane & 3; // accumulator column pair within an n8 tile
+
+    const int seqlen_q = p.mask.seqlen_q;
+    const int seqlen_k = p.mask.seqlen_k;
+    const int q0 = qt * Tr::BR;
+    const int hk = h / (p.heads_q / p.heads_kv);
+
+    const uint16_t *q_ptr = static_cast<const uint16_t *>(p.q) + b * p.q_batch_stride +
+                            h * p.q_head_stride + q0 * p.q_row_stride;
+    const uint16_t *k_ptr =
+        static_cast<const uint16_t *>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+    const uint16_t *v_ptr =
+        static_cast<const uint16_t *>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+
+    float o[Tr::kMT][Tr::kDT][4];
+    float row_max[Tr::kMT][2], row_sum[Tr::kMT][2];
+#pragma unroll
+    for (int mt = 0; mt < Tr::kMT; ++mt) {
+#pragma unroll
+        for (int dt = 0; dt < Tr::kDT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.f;
+        row_max[mt][0] = row_max[mt][1] = -INFINITY;
+        row_sum[mt][0] = row_sum[mt][1] = 0.f;
+    }
+
+    const SwizzledCursor<Tr::D> vc(sV, (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4);
+    const int n_tiles = iter.count();
+    const float scale_log2 = p.softmax_scale_log2;
+    if (n_tiles > 0) {
+        load_tile_async<Tr::BR, Tr::D, Tr::kThreads>(sQ, q_ptr, p.q_row_stride, seqlen_q - q0,
+                                                     tid);
+        {
+            int kt = iter.tile(0);
+            load_tile_async<Tr::BC, Tr::D, Tr::kThreads>(sK, k_ptr + kt * Tr::BC * p.k_row_stride,
+                                                         p.k_row_stride, seqlen_k - kt * Tr::BC,
+                                                         tid);
+        }
+        cp_async_commit();
+    }
+
+    for (int n = 0; n < n_tiles; ++n) {
+        const int kt = iter.tile(n);
+        const int k0 = kt * Tr::BC;
+        cp_async_wait<0>();
+        __syncthreads(); // K_kt (and Q) visible to all; everyone is done with V of the last tile
+        load_tile_async<Tr::BC, Tr::D, Tr::kThreads>(sV, v_ptr + k0 * p.v_row_stride,
+                                                     p.v_row_stride, seqlen_k - k0, tid);
+        cp_async_commit();
+
+        float s[Tr::kMT][Tr::kNT][4];
+        Score::template compute<Tr>(s, sQ, sK, warp_row0, lane);
+
+        if (!iter.is_full(n)) {
+#pragma unroll
+            for (int mt = 0; mt < Tr::kMT; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    int lo, hi;
+                    mask.row_keys(q0 + warp_row0 + mt * 16 + g + r * 8, k0, Tr::BC, lo, hi);
+#pragma unroll
+                    for (int nt = 0; nt < Tr::kNT; ++nt)
+#pragma unroll
+                        for (int c = 0; c < 2; ++c) {
+                            const int j = nt * 8 + tq * 2 + c;
+                            if (j < lo || j >= hi) s[mt][nt][2 * r + c] = -INFINITY;
+                        }
+                }
+        }
+
+        // Online softmax: new running max, rescale what was accumulated, P = exp(S - max).
+#pragma unroll
+        for (int mt = 0; mt < Tr::kMT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = row_max[mt][r];
+#pragma unroll
+                for (int nt = 0; nt < Tr::kNT; ++nt)
+                    mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+                mx = quad_max(mx);
+                // A row that has seen only masked keys keeps max -inf; subtract 0 then, so
+                // exp2(-inf - base) = 0 and no NaN appears.
+                const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
+                const float alpha = fast_exp2(row_max[mt][r] * scale_log2 - base);
+                row_max[mt][r] = mx;
+                row_sum[mt][r] *= alpha;
+#pragma unroll
+                for (int dt = 0; dt < Tr::kDT; ++dt) {
+                    o[mt][dt][2 * r] *= alpha;
+                    o[mt][dt][2 * r + 1] *= alpha;
+                }
+#pragma unroll
+                for (int nt = 0; nt < Tr::kNT; ++nt)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        float e = fast_exp2(fmaf(s[mt][nt][2 * r + c], scale_log2, -base));
+                        s[mt][nt][2 * r + c] = e;
+                        row_sum[mt][r] += e;
+                    }
+            }
+
+        cp_async_wait<0>();
+        __syncthreads(); // V_kt visible; everyone is done reading K_kt
+        if (n + 1 < n_tiles) {
+            int kn = iter.tile(n + 1);
+            load_tile_async<Tr::BC, Tr::D, Tr::kThreads>(
+                sK, k_ptr + kn * Tr::BC * p.k_row_stride, p.k_row_stride,
+                seqlen_k - kn * Tr::BC, tid);
+            cp_async_commit();
+        }
+
+        // O += P V: the S accumulators of n8 tiles 2kk and 2kk+1 are exactly the A fragment of
+        // a k16 step, so P goes from registers to the tensor cores without shared memory.
+#pragma unroll
+        for (int kk = 0; kk < Tr::BC / 16; ++kk) {
+            uint32_t pa[Tr::kMT][4];
+#pragma unroll
+            for (int mt = 0; mt < Tr::kMT; ++mt) {
+                pa[mt][0] = Elt::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[mt][1] = Elt::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[mt][2] = Elt::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[mt][3] = Elt::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int dp = 0; dp < Tr::kDT / 2; ++dp) {
+                uint32_t vb[4];
+                ldmatrix_x4_trans(vb, vc.at(kk * 16, dp * 2));
+#pragma unroll
+                for (int mt = 0; mt < Tr::kMT; ++mt) {
+                    Elt::mma(o[mt][2 * dp], pa[mt], vb[0], vb[1]);
+                    Elt::mma(o[mt][2 * dp + 1], pa[mt], vb[2], vb[3]);
+                }
+            }
+        }
+    }
+
+    // Epilogue: O / l, LSE = scale * max + ln(l); a row that saw no key gives 0 and -inf.
+    // O is staged through the warp's own rows of the Q tile for 16-byte stores.
+    const float scale = p.softmax_scale;
+#pragma unroll
+    for (int mt = 0; mt < Tr::kMT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float l = quad_sum(row_sum[mt][r]);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int row = warp_row0 + mt * 16 + g + r * 8;
+#pragma unroll
+            for (int dt = 0; dt < Tr::kDT; ++dt) {
+                uint32_t packed = Elt::pack(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sQ + Tile::offset(row, dt * 8 + tq * 2)),
+                             "r"(packed));
+            }
+            if (p.lse != nullptr && tq == 0 && q0 + row < seqlen_q) {
+                const float lse = l > 0.f ? row_max[mt][r] * scale + logf(l) : -INFINITY;
+                p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * seqlen_q + q0 + row] = lse;
+            }
+        }
+    __syncthreads();
+    uint16_t *o_ptr = static_cast<uint16_t *>(p.o) + b * p.o_batch_stride + h * p.o_head_stride +
+                      q0 * p.o_row_stride;
+    constexpr int kChunks = Tr::D / 8;
+#pragma unroll
+    for (int it = 0; it < Tr::BR * kChunks / Tr::kThreads; ++it) {
+        int idx = it * Tr::kThreads + tid;
+        int r = idx / kChunks;
+        int c = (idx % kChunks) * 8;
+        if (q0 + r < seqlen_q) {
+            uint4 val;
+            asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w)
+                         : "r"(sQ + Tile::offset(r, c)));
+            *reinterpret_cast<uint4 *>(o_ptr + r * p.o_row_stride + c) = val;
+        }
+    }
+}
+
+// Dense / causal / sliding-window forward, one CTA per (query tile, head, batch). Query tiles are
+// scheduled last first: under a causal mask they have the most key tiles.
+template <class Tr> __device__ __forceinline__ void window_fwd(const LfFwdParams &p) {
+    const int qt = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    WindowIter iter(p.mask, qt, Tr::BR, Tr::BC);
+    WindowMask mask{p.mask};
+    attention_fwd_tile<Tr, WindowIter, WindowMask, PlainScore>(p, iter, mask, qt, h, b);
+}
+
+} // namespace lf
+
+// Defines the extern "C" kernel NAME for element type T and head dimension D, with the tile shape
+// and warp count of tile_plan.h (LF_FWD_BR_D<D> x LF_FWD_BC_D<D>, LF_FWD_WARPS).
+#define LF_DEFINE_FWD_KERNEL(NAME, T, D)                                                          \
+    using NAME##_traits = lf::FwdTraits<T, D, LF_FWD_BR_D##D, LF_FWD_BC_D##D, LF_FWD_WARPS>;     \
+    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
+        NAME(const __grid_constant__ LfFwdParams p) {                                             \
+        lf::window_fwd<NAME##_traits>(p);                                                         \
+    }

@@ -1,0 +1,103 @@
+/* longflash tile plan: which key tiles a query tile visits, and which of those need an element mask.
+ *
+ * Shared verbatim by the kernels (nvcc, device code) and the host (gcc, through cuda/host/plan.c),
+ * so the CPU tests of the plan test the very arithmetic the kernels run.
+ *
+ * Query tile qt covers rows [qt*br, min((qt+1)*br, seqlen_q)); key tile t covers keys
+ * [t*bc, min((t+1)*bc, seqlen_k)). Visibility of (i, j) is defined in params.h (LfMask).
+ *
+ * Row i sees the key interval [i + a, i + b) clipped to [0, seqlen_k), with a = off - window_left
+ * and b = off + window_right + 1 (off = seqlen_k - seqlen_q). Consecutive rows' intervals overlap
+ * or touch (b - a >= 1), so the keys seen by a query tile form one interval, and every key tile
+ * that intersects it holds at least one visible element: the plan visits exactly those tiles and
+ * loads nothing outside the window.
+ */
+#ifndef LONGFLASH_TILE_PLAN_H
+#define LONGFLASH_TILE_PLAN_H
+
+#include "params.h"
+
+/* Tile shape (query rows br x key columns bc) of the forward kernel per head dimension. The
+ * kernels' traits and the host plan both read these. Shared memory per CTA is
+ * (br + 2 bc) * head_dim * 2 bytes (a Q tile and one K and one V tile). */
+#define LF_FWD_WARPS 4
+#define LF_FWD_BR_D64 128
+#define LF_FWD_BC_D64 64
+#define LF_FWD_BR_D128 128
+#define LF_FWD_BC_D128 64
+#define LF_FWD_BR_D256 64
+#define LF_FWD_BC_D256 64
+
+#if defined(__CUDACC__)
+#define LF_HD __host__ __device__ __forceinline__
+#else
+#define LF_HD static inline
+#endif
+
+/* Half-open range of key tiles [begin, end); empty when begin >= end. */
+typedef struct LfTileRange {
+    int32_t begin;
+    int32_t end;
+} LfTileRange;
+
+LF_HD int64_t lf_min64(int64_t x, int64_t y) { return x < y ? x : y; }
+LF_HD int64_t lf_max64(int64_t x, int64_t y) { return x > y ? x : y; }
+
+LF_HD int64_t lf_diag_offset(LfMask m) { return (int64_t)m.seqlen_k - (int64_t)m.seqlen_q; }
+
+/* Whether query row i may attend key j. */
+LF_HD int lf_visible(LfMask m, int64_t i, int64_t j) {
+    int64_t off = lf_diag_offset(m);
+    if (i < 0 || i >= m.seqlen_q || j < 0 || j >= m.seqlen_k) return 0;
+    if (m.window_left >= 0 && j < i + off - m.window_left) return 0;
+    if (m.window_right >= 0 && j > i + off + m.window_right) return 0;
+    return 1;
+}
+
+/* The keys row i sees, as the half-open interval [*lo, *hi) (empty when *lo >= *hi), clipped to
+ * [0, seqlen_k); a row outside [0, seqlen_q) sees nothing. Equivalent to lf_visible for every j,
+ * but one computation per row instead of one per element. */
+LF_HD void lf_row_key_bounds(LfMask m, int64_t i, int64_t *lo, int64_t *hi) {
+    int64_t off = lf_diag_offset(m);
+    int64_t l = 0, h = m.seqlen_k;
+    if (m.window_left >= 0) l = lf_max64(l, i + off - m.window_left);
+    if (m.window_right >= 0) h = lf_min64(h, i + off + m.window_right + 1);
+    if (i < 0 || i >= m.seqlen_q) h = l;
+    *lo = l;
+    *hi = h;
+}
+
+/* Key tiles visited by query tile qt. */
+LF_HD LfTileRange lf_key_tile_range(LfMask m, int32_t qt, int32_t br, int32_t bc) {
+    LfTileRange r;
+    int64_t off = lf_diag_offset(m);
+    int64_t row0 = (int64_t)qt * br;
+    int64_t row1 = lf_min64(row0 + br, m.seqlen_q) - 1; /* last real row of the tile */
+    int64_t lo = 0, hi = m.seqlen_k;                    /* keys [lo, hi) */
+    if (m.window_left >= 0) lo = lf_max64(lo, row0 + off - m.window_left);
+    if (m.window_right >= 0) hi = lf_min64(hi, row1 + off + m.window_right + 1);
+    if (row0 > row1 || lo >= hi) {
+        r.begin = 0;
+        r.end = 0;
+        return r;
+    }
+    r.begin = (int32_t)(lo / bc);
+    r.end = (int32_t)((hi + bc - 1) / bc);
+    return r;
+}
+
+/* Whether every (row, key) of query tile qt and key tile t is visible, so no element mask is
+ * needed; a tile that holds the end of the key sequence, the causal diagonal or a window edge is
+ * partial. Only meaningful for t inside lf_key_tile_range. */
+LF_HD int lf_tile_is_full(LfMask m, int32_t qt, int32_t t, int32_t br, int32_t bc) {
+    int64_t off = lf_diag_offset(m);
+    int64_t row0 = (int64_t)qt * br;
+    int64_t row1 = lf_min64(row0 + br, m.seqlen_q) - 1;
+    int64_t c0 = (int64_t)t * bc, c1 = c0 + bc; /* keys [c0, c1) */
+    if (c1 > m.seqlen_k) return 0;
+    if (m.window_left >= 0 && c0 < row1 + off - m.window_left) return 0;
+    if (m.window_right >= 0 && c1 - 1 > row0 + off + m.window_right) return 0;
+    return 1;
+}
+
+#endif

@@ -1,0 +1,573 @@
+//! The forward attention entry points: a safe layer over cudarc views that validates everything,
+//! and a raw layer over device pointers for engines with their own allocators.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    result, sys, CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DeviceSlice,
+};
+
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::loader::{CtxGuard, ModuleCache};
+use crate::mask::MaskSpec;
+use crate::plan::forward_tile_shape;
+use crate::sys::{LfFwdParams, LF_FWD_WARPS};
+
+/// Head dimensions that have a forward kernel.
+pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 128, 256];
+
+/// Options of a forward call.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ForwardOptions {
+    /// Which keys each query attends (dense, causal, sliding window).
+    pub mask: MaskSpec,
+    /// Multiplies Q K^T before the softmax; `None` means `1 / sqrt(head_dim)`. Must be finite
+    /// and positive.
+    pub softmax_scale: Option<f32>,
+}
+
+impl ForwardOptions {
+    /// Dense attention with the default scale.
+    pub fn dense() -> Self {
+        ForwardOptions::default()
+    }
+    /// Causal attention with the default scale.
+    pub fn causal() -> Self {
+        ForwardOptions {
+            mask: MaskSpec::causal(),
+            softmax_scale: None,
+        }
+    }
+    /// The same options with another mask.
+    pub fn with_mask(self, mask: MaskSpec) -> Self {
+        ForwardOptions { mask, ..self }
+    }
+    /// The same options with an explicit softmax scale.
+    pub fn with_scale(self, scale: f32) -> Self {
+        ForwardOptions {
+            softmax_scale: Some(scale),
+            ..self
+        }
+    }
+}
+
+/// Arguments of the raw forward: device pointers, layouts (element strides, signed) and options.
+///
+/// `q`, `k`, `v` and `o` point at element `(0, 0, 0, 0)` of their tensors, of element type
+/// `dtype`; `lse`, when not 0, points at a contiguous f32 `[batch, heads_q, seqlen_q]` buffer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RawForward {
+    /// Element type of Q, K, V and O.
+    pub dtype: DType,
+    /// Query device pointer.
+    pub q: sys::CUdeviceptr,
+    /// Key device pointer.
+    pub k: sys::CUdeviceptr,
+    /// Value device pointer.
+    pub v: sys::CUdeviceptr,
+    /// Output device pointer.
+    pub o: sys::CUdeviceptr,
+    /// Log-sum-exp output device pointer, or 0 for none.
+    pub lse: sys::CUdeviceptr,
+    /// Query layout `[batch, seqlen_q, heads_q, head_dim]`.
+    pub q_layout: Layout,
+    /// Key layout `[batch, seqlen_k, heads_kv, head_dim]`.
+    pub k_layout: Layout,
+    /// Value layout, same shape as the keys'.
+    pub v_layout: Layout,
+    /// Output layout, same shape as the queries'.
+    pub o_layout: Layout,
+    /// Mask and scale.
+    pub options: ForwardOptions,
+}
+
+/// Byte range `[lo, hi)` a layout addresses from `ptr` (signed strides allowed).
+fn byte_range(ptr: u64, l: &Layout, elem: u64) -> (i128, i128) {
+    let mut lo: i128 = 0;
+    let mut hi: i128 = l.head_dim as i128;
+    for (n, s) in [
+        (l.batch, l.batch_stride),
+        (l.seqlen, l.seq_stride),
+        (l.heads, l.head_stride),
+    ] {
+        let reach = (n as i128 - 1) * s as i128;
+        if reach < 0 {
+            lo += reach;
+        } else {
+            hi += reach;
+        }
+    }
+    (
+        ptr as i128 + lo * elem as i128,
+        ptr as i128 + hi * elem as i128,
+    )
+}
+
+fn overlaps(a: (i128, i128), b: (i128, i128)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+fn mismatch(arg: &'static str, value: usize, other: &'static str, expected: usize) -> Result<()> {
+    if value == expected {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch {
+            arg,
+            value,
+            other,
+            expected,
+        })
+    }
+}
+
+impl RawForward {
+    /// Checks everything that can be checked without knowing buffer sizes, and lowers the call
+    /// to the kernel's parameter struct: shapes agree, head dim supported, heads divide, no zero
+    /// dims, strides and pointers meet the 16-byte rule, the output does not overlap itself or
+    /// any input, the mask and scale make sense.
+    pub fn validate(&self) -> Result<LfFwdParams> {
+        let (q, k, v, o) = (
+            &self.q_layout,
+            &self.k_layout,
+            &self.v_layout,
+            &self.o_layout,
+        );
+        q.check_dims("q")?;
+        k.check_dims("k")?;
+        v.check_dims("v")?;
+        o.check_dims("o")?;
+        if !SUPPORTED_HEAD_DIMS.contains(&q.head_dim) {
+            return Err(Error::UnsupportedHeadDim {
+                arg: "q.head_dim",
+                value: q.head_dim,
+                supported: SUPPORTED_HEAD_DIMS,
+            });
+        }
+        mismatch("k.head_dim", k.head_dim, "q.head_dim", q.head_dim)?;
+        mismatch("v.head_dim", v.head_dim, "q.head_dim", q.head_dim)?;
+        mismatch("o.head_dim", o.head_dim, "q.head_dim", q.head_dim)?;
+        mismatch("k.batch", k.batch, "q.batch", q.batch)?;
+        mismatch("v.batch", v.batch, "q.batch", q.batch)?;
+        mismatch("o.batch", o.batch, "q.batch", q.batch)?;
+        mismatch("v.seqlen", v.seqlen, "k.seqlen", k.seqlen)?;
+        mismatch("o.seqlen", o.seqlen, "q.seqlen", q.seqlen)?;
+        mismatch("v.heads", v.heads, "k.heads", k.heads)?;
+        mismatch("o.heads", o.heads, "q.heads", q.heads)?;
+        if q.heads % k.heads != 0 {
+            return Err(Error::HeadsNotDivisible {
+                heads_q: q.heads,
+                heads_kv: k.heads,
+            });
+        }
+        // Grid limits: heads on grid.y, batch on grid.z.
+        for (arg, val) in [("q.heads", q.heads), ("q.batch", q.batch)] {
+            if val > 65535 {
+                return Err(Error::InvalidArgument {
+                    arg,
+                    value: val.to_string(),
+                    expected: "at most 65535".into(),
+                });
+            }
+        }
+        let mask = self.options.mask.resolve(q.seqlen, k.seqlen)?;
+
+        // 16-byte accesses: every row start must be 16-byte aligned.
+        for (arg, ptr) in [
+            ("q.ptr", self.q),
+            ("k.ptr", self.k),
+            ("v.ptr", self.v),
+            ("o.ptr", self.o),
+        ] {
+            if ptr % 16 != 0 {
+                return Err(Error::Misaligned {
+                    arg,
+                    value: ptr as i64,
+                    multiple_of: 16,
+                });
+            }
+        }
+        if self.lse % 4 != 0 {
+            return Err(Error::Misaligned {
+                arg: "lse.ptr",
+                value: self.lse as i64,
+                multiple_of: 4,
+            });
+        }
+        for (name, l) in [("q", q), ("k", k), ("v", v), ("o", o)] {
+            for (field, s) in [
+                ("batch_stride", l.batch_stride),
+                ("seq_stride", l.seq_stride),
+                ("head_stride", l.head_stride),
+            ] {
+                if s % 8 != 0 {
+                    return Err(Error::Misaligned {
+                        arg: stride_name(name, field),
+                        value: s,
+                        multiple_of: 8,
+                    });
+                }
+            }
+        }
+        if !o.is_non_overlapping() {
+            return Err(Error::OverlappingOutput { arg: "o" });
+        }
+        let o_range = byte_range(self.o, o, 2);
+        for (other, ptr, l) in [("q", self.q, q), ("k", self.k, k), ("v", self.v, v)] {
+            if overlaps(o_range, byte_range(ptr, l, 2)) {
+                return Err(Error::Aliasing { output: "o", other });
+            }
+        }
+        if self.lse != 0 {
+            let n = (q.batch * q.heads * q.seqlen) as i128 * 4;
+            let lse_range = (self.lse as i128, self.lse as i128 + n);
+            for (other, ptr, l) in [
+                ("q", self.q, q),
+                ("k", self.k, k),
+                ("v", self.v, v),
+                ("o", self.o, o),
+            ] {
+                if overlaps(lse_range, byte_range(ptr, l, 2)) {
+                    return Err(Error::Aliasing {
+                        output: "lse",
+                        other,
+                    });
+                }
+            }
+        }
+
+        let scale = self
+            .options
+            .softmax_scale
+            .unwrap_or(1.0 / (q.head_dim as f32).sqrt());
+        // The kernels keep the running row maximum of the unscaled scores, which is the maximum
+        // of the scaled ones only for a positive scale.
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::InvalidArgument {
+                arg: "options.softmax_scale",
+                value: format!("{scale}"),
+                expected: "a finite number > 0".into(),
+            });
+        }
+        Ok(LfFwdParams {
+            q: self.q as *const _,
+            k: self.k as *const _,
+            v: self.v as *const _,
+            o: self.o as *mut _,
+            lse: self.lse as *mut f32,
+            q_batch_stride: q.batch_stride,
+            q_head_stride: q.head_stride,
+            q_row_stride: q.seq_stride,
+            k_batch_stride: k.batch_stride,
+            k_head_stride: k.head_stride,
+            k_row_stride: k.seq_stride,
+            v_batch_stride: v.batch_stride,
+            v_head_stride: v.head_stride,
+            v_row_stride: v.seq_stride,
+            o_batch_stride: o.batch_stride,
+            o_head_stride: o.head_stride,
+            o_row_stride: o.seq_stride,
+            mask,
+            batch: q.batch as i32,
+            heads_q: q.heads as i32,
+            heads_kv: k.heads as i32,
+            head_dim: q.head_dim as i32,
+            softmax_scale: scale,
+            softmax_scale_log2: scale * std::f32::consts::LOG2_E,
+        })
+    }
+}
+
+fn stride_name(tensor: &str, field: &str) -> &'static str {
+    // A fixed table, so error labels stay `&'static str`.
+    const NAMES: [[&str; 3]; 4] = [
+        ["q.batch_stride", "q.seq_stride", "q.head_stride"],
+        ["k.batch_stride", "k.seq_stride", "k.head_stride"],
+        ["v.batch_stride", "v.seq_stride", "v.head_stride"],
+        ["o.batch_stride", "o.seq_stride", "o.head_stride"],
+    ];
+    let t = ["q", "k", "v", "o"]
+        .iter()
+        .position(|x| *x == tensor)
+        .unwrap_or(0);
+    let f = ["batch_stride", "seq_stride", "head_stride"]
+        .iter()
+        .position(|x| *x == field)
+        .unwrap_or(0);
+    NAMES[t][f]
+}
+
+/// Checks that a CUDA driver can be loaded, then opens device `ordinal`. Unlike calling cudarc
+/// directly, a machine without a driver gets [`Error::NoDriver`] instead of a panic.
+pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
+    // SAFETY: only tries to dlopen the driver library; no driver call is made.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::NoDriver);
+    }
+    let count = CudaContext::device_count().map_err(Error::driver("counting devices"))?;
+    if count <= 0 {
+        return Err(Error::NoDevice);
+    }
+    if ordinal >= count as usize {
+        return Err(Error::InvalidArgument {
+            arg: "ordinal",
+            value: ordinal.to_string(),
+            expected: format!("a device index below {count}"),
+        });
+    }
+    CudaContext::new(ordinal).map_err(Error::driver("creating the device context"))
+}
+
+// SAFETY: the raw context handle is only passed to the driver, which accepts it from any thread;
+// the module cache is Send + Sync itself.
+unsafe impl Send for Attention {}
+// SAFETY: as above; `&self` methods only read the handle and use the cache's lock.
+unsafe impl Sync for Attention {}
+
+/// Attention kernels loaded into one CUDA context.
+///
+/// Modules load on first use of each kernel and stay loaded until this value is dropped, so
+/// repeated calls cost one launch each. Create one per context and share it (`&self` methods,
+/// `Send + Sync`).
+pub struct Attention {
+    cache: ModuleCache,
+    ctx: sys::CUcontext,
+    max_smem_optin: u32,
+    // Keeps the context alive while modules are loaded in it (None for a raw context).
+    _owner: Option<Arc<CudaContext>>,
+}
+
+impl Attention {
+    /// Loads nothing yet; checks that the device is sm_80 or newer.
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(Error::driver("reading the compute capability"))?;
+        if major < 8 {
+            return Err(Error::UnsupportedDevice {
+                compute_capability: (major, minor),
+            });
+        }
+        let smem = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(Error::driver("reading the shared-memory limit"))?;
+        Ok(Attention {
+            cache: ModuleCache::new(ctx.cu_ctx()),
+            ctx: ctx.cu_ctx(),
+            max_smem_optin: smem.max(0) as u32,
+            _owner: Some(ctx.clone()),
+        })
+    }
+
+    /// Attention kernels for a context the caller manages.
+    ///
+    /// # Safety
+    /// `ctx` must be a live CUDA context on a device of compute capability 8.0 or newer, and must
+    /// outlive the returned value (modules are unloaded from it on drop).
+    pub unsafe fn from_raw_context(ctx: sys::CUcontext) -> Result<Self> {
+        // SAFETY: the caller guarantees the context is live.
+        let _g = unsafe { CtxGuard::bind(ctx) }?;
+        let mut dev: sys::CUdevice = 0;
+        // SAFETY: out-pointer to a local; a context is current.
+        unsafe { sys::cuCtxGetDevice(&mut dev) }
+            .result()
+            .map_err(Error::driver("reading the context's device"))?;
+        // SAFETY: `dev` came from the driver.
+        let smem = unsafe {
+            result::device::get_attribute(
+                dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+        }
+        .map_err(Error::driver("reading the shared-memory limit"))?;
+        Ok(Attention {
+            cache: ModuleCache::new(ctx),
+            ctx,
+            max_smem_optin: smem.max(0) as u32,
+            _owner: None,
+        })
+    }
+
+    /// Forward attention on the caller's stream: `o = softmax(scale * q k^T + mask) v`, and the
+    /// log-sum-exp of each row (natural log, f32 `[batch, heads_q, seqlen_q]`) when `out.lse` is
+    /// given. Everything is validated before launch; the call does not synchronize.
+    pub fn forward<T: Element>(
+        &self,
+        stream: &CudaStream,
+        q: Input<'_, '_, T>,
+        k: Input<'_, '_, T>,
+        v: Input<'_, '_, T>,
+        out: Output<'_, '_, T>,
+        options: &ForwardOptions,
+    ) -> Result<()> {
+        if stream.context().cu_ctx() != self.ctx {
+            return Err(Error::InvalidArgument {
+                arg: "stream",
+                value: "a stream of another context".into(),
+                expected: "a stream of the context this Attention was created for".into(),
+            });
+        }
+        for (arg, ctx, layout, len) in [
+            (
+                "q",
+                q.data.stream().context().cu_ctx(),
+                Some(q.layout),
+                q.data.len(),
+            ),
+            (
+                "k",
+                k.data.stream().context().cu_ctx(),
+                Some(k.layout),
+                k.data.len(),
+            ),
+            (
+                "v",
+                v.data.stream().context().cu_ctx(),
+                Some(v.layout),
+                v.data.len(),
+            ),
+            (
+                "o",
+                out.data.stream().context().cu_ctx(),
+                Some(out.layout),
+                out.data.len(),
+            ),
+        ] {
+            if ctx != self.ctx {
+                return Err(Error::InvalidArgument {
+                    arg,
+                    value: "a buffer of another context".into(),
+                    expected: "a buffer of the context this Attention was created for".into(),
+                });
+            }
+            if let Some(layout) = layout {
+                let required = layout.required_len(arg)?;
+                if required > len as u128 {
+                    return Err(Error::OutOfBounds { arg, required, len });
+                }
+            }
+        }
+        let lse_needed =
+            (q.layout.batch as u128) * (q.layout.heads as u128) * (q.layout.seqlen as u128);
+        if let Some(lse) = &out.lse {
+            if lse.stream().context().cu_ctx() != self.ctx {
+                return Err(Error::InvalidArgument {
+                    arg: "lse",
+                    value: "a buffer of another context".into(),
+                    expected: "a buffer of the context this Attention was created for".into(),
+                });
+            }
+            if lse_needed > lse.len() as u128 {
+                return Err(Error::OutOfBounds {
+                    arg: "lse",
+                    required: lse_needed,
+                    len: lse.len(),
+                });
+            }
+        }
+        let (qp, _gq) = q.data.device_ptr(stream);
+        let (kp, _gk) = k.data.device_ptr(stream);
+        let (vp, _gv) = v.data.device_ptr(stream);
+        let (op, _go) = out.data.device_ptr_mut(stream);
+        let (lp, _gl) = match out.lse {
+            Some(l) => {
+                let (p, g) = l.device_ptr_mut(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let raw = RawForward {
+            dtype: T::DTYPE,
+            q: qp,
+            k: kp,
+            v: vp,
+            o: op,
+            lse: lp,
+            q_layout: q.layout,
+            k_layout: k.layout,
+            v_layout: v.layout,
+            o_layout: out.layout,
+            options: *options,
+        };
+        // SAFETY: every buffer belongs to this context and holds the elements its (validated,
+        // non-negative) layout reaches; the guards above order the launch after earlier writes on
+        // other streams and record it for later ones; the stream belongs to this context.
+        unsafe { self.forward_raw(stream.cu_stream(), &raw) }
+    }
+
+    /// Forward attention from raw device pointers on a raw stream; allocates nothing.
+    ///
+    /// Validates shapes, strides, alignment, aliasing, mask and scale (see
+    /// [`RawForward::validate`]) and returns a typed error before any launch.
+    ///
+    /// # Safety
+    /// - `stream` is a stream of this value's context (or null for its legacy default stream).
+    /// - Every pointer in `args` is device memory of that context that holds every element its
+    ///   layout addresses (and `lse`, when not 0, `batch * heads_q * seqlen_q` f32 values),
+    ///   and stays allocated until the kernel has finished.
+    /// - Nothing else writes those inputs, or reads or writes the outputs, until the kernel has
+    ///   finished (order other streams with events).
+    pub unsafe fn forward_raw(&self, stream: sys::CUstream, args: &RawForward) -> Result<()> {
+        let params = args.validate()?;
+        let d = args.q_layout.head_dim;
+        let shape = forward_tile_shape(d).ok_or(Error::UnsupportedHeadDim {
+            arg: "q.head_dim",
+            value: d,
+            supported: SUPPORTED_HEAD_DIMS,
+        })?;
+        let smem = ((shape.br + 2 * shape.bc) * d * 2) as u32;
+        if smem > self.max_smem_optin {
+            return Err(Error::InvalidArgument {
+                arg: "q.head_dim",
+                value: d.to_string(),
+                expected: format!(
+                    "a head dim whose kernel fits the device's {} bytes of shared memory per block (needs {smem})",
+                    self.max_smem_optin
+                ),
+            });
+        }
+        let module = format!("fwd_{}_d{d}", args.dtype.name());
+        let name = format!("lf_{module}");
+        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
+        let kernel = unsafe { self.cache.kernel(&module, &name, smem) }?;
+        let q_tiles = args.q_layout.seqlen.div_ceil(shape.br);
+        let grid = (
+            q_tiles as u32,
+            args.q_layout.heads as u32,
+            args.q_layout.batch as u32,
+        );
+        let block = (LF_FWD_WARPS * 32, 1, 1);
+        let mut params = params;
+        let mut kernel_params = [(&mut params as *mut LfFwdParams).cast::<std::ffi::c_void>()];
+        // SAFETY: the context is live (see above).
+        let _g = unsafe { CtxGuard::bind(self.ctx) }?;
+        // SAFETY: `params` was validated and matches the kernel's one by-value parameter (the
+        // struct both sides take from params.h); pointers and stream are valid per this fn's
+        // contract; the grid covers every (query tile, head, batch) once.
+        unsafe { result::launch_kernel(kernel.func, grid, block, smem, stream, &mut kernel_params) }
+            .map_err(Error::driver("launching the forward kernel"))
+    }
+}
+
+/// An input tensor: a device view and its layout.
+#[derive(Clone, Copy)]
+pub struct Input<'a, 'b, T> {
+    /// The elements.
+    pub data: &'a CudaView<'b, T>,
+    /// Shape and strides.
+    pub layout: Layout,
+}
+
+/// The outputs of a forward call: O and, optionally, the log-sum-exp.
+pub struct Output<'a, 'b, T> {
+    /// The output elements.
+    pub data: &'a mut CudaViewMut<'b, T>,
+    /// Shape and strides of O.
+    pub layout: Layout,
+    /// Optional `[batch, heads_q, seqlen_q]` f32 log-sum-exp.
+    pub lse: Option<&'a mut CudaViewMut<'b, f32>>,
+}

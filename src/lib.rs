@@ -1,0 +1,22 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod attention;
+pub mod dtype;
+pub mod error;
+pub mod layout;
+mod loader;
+pub mod mask;
+pub mod plan;
+pub mod reference;
+#[rustfmt::skip]
+pub mod sys;
+
+pub use attention::{
+    open_device, Attention, ForwardOptions, Input, Output, RawForward, SUPPORTED_HEAD_DIMS,
+};
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use layout::Layout;
+pub use loader::COMPILED_ARCHS;
+pub use mask::MaskSpec;
