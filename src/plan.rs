@@ -18,6 +18,7 @@ extern "C" {
     fn lf_host_visible(m: LfMask, i: i64, j: i64) -> c_int;
     fn lf_host_key_tile_range(m: LfMask, qt: i32, br: i32, bc: i32) -> LfTileRange;
     fn lf_host_tile_is_full(m: LfMask, qt: i32, t: i32, br: i32, bc: i32) -> c_int;
+    fn lf_host_row_key_bounds(m: LfMask, i: i64, lo: *mut i64, hi: *mut i64);
 }
 
 /// Tile shape of a kernel: `br` query rows by `bc` keys.
@@ -150,6 +151,16 @@ impl Plan {
         // SAFETY: `lf_host_visible` is a pure function of its by-value arguments (plain
         // integers and a `#[repr(C)]` struct that mirrors `LfMask`); it touches no memory.
         unsafe { lf_host_visible(self.mask, i, j) != 0 }
+    }
+
+    /// The keys `[lo, hi)` query row `i` sees, as the kernels' element mask computes them
+    /// (`lf_row_key_bounds`); empty when `lo >= hi`.
+    pub fn row_keys(&self, i: usize) -> std::ops::Range<i64> {
+        let i = i64::try_from(i).unwrap_or(i64::MAX);
+        let (mut lo, mut hi) = (0i64, 0i64);
+        // SAFETY: a pure function of its by-value arguments that writes only the two locals.
+        unsafe { lf_host_row_key_bounds(self.mask, i, &mut lo, &mut hi) };
+        lo..hi
     }
 
     /// The key-tile range `[begin, end)` the kernel walks for `query_tile`, as the C plan

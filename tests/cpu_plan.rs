@@ -469,3 +469,22 @@ fn longest_sequences_keep_the_plan_in_range() {
         }
     }
 }
+
+proptest! {
+    /// The per-row key interval the kernels' element mask uses equals the dense mask.
+    #[test]
+    fn row_key_bounds_match_the_dense_mask(
+        sq in 1usize..300, sk in 1usize..300, causal: bool,
+        wl in prop::option::of(0u32..320), wr in prop::option::of(0u32..320),
+    ) {
+        let m = MaskSpec { causal, window_left: wl, window_right: if causal { None } else { wr } };
+        let plan = Plan::new(&m, sq, sk, TileShape { br: 64, bc: 64 }).unwrap();
+        for i in 0..sq + 2 {
+            let r = plan.row_keys(i);
+            for j in 0..sk + 2 {
+                let inside = (j as i64) >= r.start && (j as i64) < r.end;
+                prop_assert_eq!(inside, m.is_visible(sq, sk, i, j), "row {} key {}", i, j);
+            }
+        }
+    }
+}
