@@ -54,16 +54,44 @@ struct WindowIter {
     }
 };
 
+// Element mask of causal / window / sink attention (LfMask). Row i sees keys [0, sink) and
+// [lo, hi), given relative to the tile's first key k0 and clamped to [0, span] so they fit in
+// 32 bits whatever the sequence lengths.
 struct WindowMask {
     LfMask m;
-    // Keys [lo, hi) visible to row i, relative to key k0 and clamped to [0, span] so they fit
-    // in 32 bits whatever the sequence lengths.
-    __device__ __forceinline__ void row_keys(int64_t i, int k0, int span, int &lo, int &hi) const {
-        int64_t l, h;
-        lf_row_key_bounds(m, i, &l, &h);
-        lo = static_cast<int>(lf_min64(lf_max64(l - k0, 0), span));
-        hi = static_cast<int>(lf_min64(lf_max64(h - k0, 0), span));
+    struct RowKeys {
+        int lo, hi, sink;
+        __device__ __forceinline__ bool visible(int j) const {
+            return j < sink || (j >= lo && j < hi);
+        }
+    };
+    __device__ __forceinline__ RowKeys row_keys(int64_t i, int k0, int span) const {
+        int64_t l, h, sh;
+        lf_row_key_bounds(m, i, &l, &h, &sh);
+        auto rel = [&](int64_t x) { return static_cast<int>(lf_min64(lf_max64(x - k0, 0), span)); };
+        return RowKeys{rel(l), rel(h), rel(sh)};
     }
+};
+
+// ---- tile iterator for block-sparse attention ------------------------------------------------
+
+// Walks the CSR row of the query block that holds query tile qt (a query block may hold several
+// tiles of a smaller kernel tile), in list order, with the full/partial flag of each block.
+struct CsrIter {
+    const int32_t *cols;
+    const uint8_t *full;
+    int n;
+    __device__ __forceinline__ CsrIter(const LfBlockSparse &s, int qt, int br, int b, int h) {
+        const int qb = (qt * br) / s.q_block;
+        const int64_t row = b * s.batch_stride + h * s.head_stride + qb;
+        const int begin = s.row_offsets[row];
+        n = s.row_offsets[row + 1] - begin;
+        cols = s.col_indices + begin;
+        full = s.full + begin;
+    }
+    __device__ __forceinline__ int count() const { return n; }
+    __device__ __forceinline__ int tile(int i) const { return cols[i]; }
+    __device__ __forceinline__ bool is_full(int i) const { return full[i] != 0; }
 };
 
 // ---- score policy ----------------------------------------------------------------------------
@@ -178,15 +206,12 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
             for (int mt = 0; mt < Tr::kMT; ++mt)
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    int lo, hi;
-                    mask.row_keys(q0 + warp_row0 + mt * 16 + g + r * 8, k0, Tr::BC, lo, hi);
+                    const auto keys = mask.row_keys(q0 + warp_row0 + mt * 16 + g + r * 8, k0, Tr::BC);
 #pragma unroll
                     for (int nt = 0; nt < Tr::kNT; ++nt)
 #pragma unroll
-                        for (int c = 0; c < 2; ++c) {
-                            const int j = nt * 8 + tq * 2 + c;
-                            if (j < lo || j >= hi) s[mt][nt][2 * r + c] = -INFINITY;
-                        }
+                        for (int c = 0; c < 2; ++c)
+                            if (!keys.visible(nt * 8 + tq * 2 + c)) s[mt][nt][2 * r + c] = -INFINITY;
                 }
         }
 
@@ -307,6 +332,16 @@ template <class Tr> __device__ __forceinline__ void window_fwd(const LfFwdParams
     attention_fwd_tile<Tr, WindowIter, WindowMask, PlainScore>(p, iter, mask, qt, h, b);
 }
 
+// Block-sparse forward: the same skeleton over the key blocks listed for each query block.
+template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdParams &p) {
+    const int qt = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    CsrIter iter(p.sparse, qt, Tr::BR, b, h);
+    WindowMask mask{p.mask};
+    attention_fwd_tile<Tr, CsrIter, WindowMask, PlainScore>(p, iter, mask, qt, h, b);
+}
+
 } // namespace lf
 
 // Defines the extern "C" kernel NAME for element type T and head dimension D, with the tile shape
@@ -316,4 +351,14 @@ template <class Tr> __device__ __forceinline__ void window_fwd(const LfFwdParams
     extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
         NAME(const __grid_constant__ LfFwdParams p) {                                             \
         lf::window_fwd<NAME##_traits>(p);                                                         \
+    }
+
+// The block-sparse variant of the same kernel (key blocks of the tile's width).
+#define LF_DEFINE_SPARSE_KERNEL(NAME, T, D)                                                       \
+    using NAME##_traits = lf::FwdTraits<T, D, LF_FWD_BR_D##D, LF_FWD_BC_D##D, LF_FWD_WARPS>;     \
+    static_assert(LF_FWD_BC_D##D == LF_SPARSE_K_BLOCK && LF_SPARSE_Q_BLOCK % LF_FWD_BR_D##D == 0, \
+                  "sparse blocks must be whole kernel tiles");                                  \
+    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
+        NAME(const __grid_constant__ LfFwdParams p) {                                             \
+        lf::sparse_fwd<NAME##_traits>(p);                                                         \
     }

@@ -14,7 +14,8 @@ use crate::layout::Layout;
 use crate::loader::{CtxGuard, ModuleCache};
 use crate::mask::MaskSpec;
 use crate::plan::forward_tile_shape;
-use crate::sys::{LfFwdParams, LF_FWD_WARPS};
+use crate::sparse::DeviceBlockMask;
+use crate::sys::{LfBlockSparse, LfFwdParams, LF_FWD_WARPS, LF_SPARSE_K_BLOCK, LF_SPARSE_Q_BLOCK};
 
 /// Head dimensions that have a forward kernel.
 pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 128, 256];
@@ -80,8 +81,27 @@ pub struct RawForward {
     pub v_layout: Layout,
     /// Output layout, same shape as the queries'.
     pub o_layout: Layout,
-    /// Mask and scale.
+    /// Mask and scale. With a block mask, `options.mask` is its element mask.
     pub options: ForwardOptions,
+    /// A block-sparse layout on the device, or `None` for dense / causal / window attention.
+    pub block_mask: Option<RawBlockMask>,
+}
+
+/// A block-sparse layout in device memory, in the CSR form of [`crate::sparse::BlockMask`]:
+/// `row_offsets` (i32, `batch * heads * ceil(seqlen_q / 128) + 1` entries), `col_indices` (i32)
+/// and `full` (u8, one per listed block). `batch` and `heads` are 1 when the pattern is shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawBlockMask {
+    /// CSR row offsets.
+    pub row_offsets: sys::CUdeviceptr,
+    /// Key-block indices, sorted within each row.
+    pub col_indices: sys::CUdeviceptr,
+    /// Full (1) or partial (0) flag of each listed block.
+    pub full: sys::CUdeviceptr,
+    /// Batch entries with their own rows (1 or the call's batch).
+    pub batch: usize,
+    /// Heads with their own rows (1 or the call's query heads).
+    pub heads: usize,
 }
 
 /// Byte range `[lo, hi)` a layout addresses from `ptr` (signed strides allowed).
@@ -173,6 +193,62 @@ impl RawForward {
             }
         }
         let mask = self.options.mask.resolve(q.seqlen, k.seqlen)?;
+        let sparse = match &self.block_mask {
+            None => {
+                if mask.sink_tokens != 0 {
+                    return Err(Error::InvalidMask {
+                        arg: "mask.sink_tokens",
+                        value: mask.sink_tokens.to_string(),
+                        expected: "0 for dense attention: attention sinks come with a block mask (sparse::BlockMask)",
+                    });
+                }
+                LfBlockSparse::default()
+            }
+            Some(bm) => {
+                for (arg, value, call) in [
+                    ("mask.batch", bm.batch, q.batch),
+                    ("mask.heads", bm.heads, q.heads),
+                ] {
+                    if value != 1 && value != call {
+                        return Err(Error::InvalidArgument {
+                            arg,
+                            value: value.to_string(),
+                            expected: format!("1 (shared) or the call's {call}"),
+                        });
+                    }
+                }
+                for (arg, ptr, align) in [
+                    ("mask.row_offsets", bm.row_offsets, 4),
+                    ("mask.col_indices", bm.col_indices, 4),
+                    ("mask.full", bm.full, 1),
+                ] {
+                    if ptr == 0 || ptr % align != 0 {
+                        return Err(Error::Misaligned {
+                            arg,
+                            value: ptr as i64,
+                            multiple_of: align as u32,
+                        });
+                    }
+                }
+                let nqb = q.seqlen.div_ceil(LF_SPARSE_Q_BLOCK as usize);
+                let nkb = k.seqlen.div_ceil(LF_SPARSE_K_BLOCK as usize);
+                LfBlockSparse {
+                    row_offsets: bm.row_offsets as *const i32,
+                    col_indices: bm.col_indices as *const i32,
+                    full: bm.full as *const u8,
+                    batch_stride: if bm.batch == 1 {
+                        0
+                    } else {
+                        (bm.heads * nqb) as i64
+                    },
+                    head_stride: if bm.heads == 1 { 0 } else { nqb as i64 },
+                    q_block: LF_SPARSE_Q_BLOCK as i32,
+                    k_block: LF_SPARSE_K_BLOCK as i32,
+                    num_q_blocks: nqb as i32,
+                    num_k_blocks: nkb as i32,
+                }
+            }
+        };
 
         // 16-byte accesses: every row start must be 16-byte aligned.
         for (arg, ptr) in [
@@ -276,6 +352,7 @@ impl RawForward {
             head_dim: q.head_dim as i32,
             softmax_scale: scale,
             softmax_scale_log2: scale * std::f32::consts::LOG2_E,
+            sparse,
         })
     }
 }
@@ -404,63 +481,107 @@ impl Attention {
         out: Output<'_, '_, T>,
         options: &ForwardOptions,
     ) -> Result<()> {
-        if stream.context().cu_ctx() != self.ctx {
-            return Err(Error::InvalidArgument {
-                arg: "stream",
-                value: "a stream of another context".into(),
-                expected: "a stream of the context this Attention was created for".into(),
-            });
+        self.forward_impl(stream, [q, k, v], out, *options, None)
+    }
+
+    /// Block-sparse forward on the caller's stream: as [`forward`](Self::forward), computing
+    /// only the key blocks `sparse.mask` lists for each query block, with the mask's element
+    /// mask (causal / window / sinks) applied inside its partial blocks. Rows with no block give
+    /// 0 and LSE `-inf`. The LSE lets several sparse passes be merged exactly
+    /// ([`merge`](Self::merge)).
+    pub fn forward_sparse<T: Element>(
+        &self,
+        stream: &CudaStream,
+        q: Input<'_, '_, T>,
+        k: Input<'_, '_, T>,
+        v: Input<'_, '_, T>,
+        out: Output<'_, '_, T>,
+        sparse: &SparseOptions<'_>,
+    ) -> Result<()> {
+        let m = sparse.mask.host();
+        m.check_for(
+            q.layout.batch,
+            q.layout.heads,
+            q.layout.seqlen,
+            k.layout.seqlen,
+        )?;
+        for (arg, ctx) in [
+            (
+                "mask.row_offsets",
+                sparse.mask.row_offsets.stream().context().cu_ctx(),
+            ),
+            (
+                "mask.col_indices",
+                sparse.mask.col_indices.stream().context().cu_ctx(),
+            ),
+            ("mask.full", sparse.mask.full.stream().context().cu_ctx()),
+        ] {
+            self.same_context(arg, ctx)?;
         }
+        let options = ForwardOptions {
+            mask: m.element_mask(),
+            softmax_scale: sparse.softmax_scale,
+        };
+        self.forward_impl(stream, [q, k, v], out, options, Some(sparse.mask))
+    }
+
+    fn same_context(&self, arg: &'static str, ctx: sys::CUcontext) -> Result<()> {
+        if ctx == self.ctx {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument {
+                arg,
+                value: "memory or a stream of another context".into(),
+                expected: "the context this Attention was created for".into(),
+            })
+        }
+    }
+
+    fn forward_impl<T: Element>(
+        &self,
+        stream: &CudaStream,
+        [q, k, v]: [Input<'_, '_, T>; 3],
+        out: Output<'_, '_, T>,
+        options: ForwardOptions,
+        block_mask: Option<&DeviceBlockMask>,
+    ) -> Result<()> {
+        self.same_context("stream", stream.context().cu_ctx())?;
         for (arg, ctx, layout, len) in [
             (
                 "q",
                 q.data.stream().context().cu_ctx(),
-                Some(q.layout),
+                q.layout,
                 q.data.len(),
             ),
             (
                 "k",
                 k.data.stream().context().cu_ctx(),
-                Some(k.layout),
+                k.layout,
                 k.data.len(),
             ),
             (
                 "v",
                 v.data.stream().context().cu_ctx(),
-                Some(v.layout),
+                v.layout,
                 v.data.len(),
             ),
             (
                 "o",
                 out.data.stream().context().cu_ctx(),
-                Some(out.layout),
+                out.layout,
                 out.data.len(),
             ),
         ] {
-            if ctx != self.ctx {
-                return Err(Error::InvalidArgument {
-                    arg,
-                    value: "a buffer of another context".into(),
-                    expected: "a buffer of the context this Attention was created for".into(),
-                });
-            }
-            if let Some(layout) = layout {
-                let required = layout.required_len(arg)?;
-                if required > len as u128 {
-                    return Err(Error::OutOfBounds { arg, required, len });
-                }
+            self.same_context(arg, ctx)?;
+            let required = layout.required_len(arg)?;
+            if required > len as u128 {
+                return Err(Error::OutOfBounds { arg, required, len });
             }
         }
         let lse_needed =
             (q.layout.batch as u128) * (q.layout.heads as u128) * (q.layout.seqlen as u128);
         if let Some(lse) = &out.lse {
-            if lse.stream().context().cu_ctx() != self.ctx {
-                return Err(Error::InvalidArgument {
-                    arg: "lse",
-                    value: "a buffer of another context".into(),
-                    expected: "a buffer of the context this Attention was created for".into(),
-                });
-            }
+            self.same_context("lse", lse.stream().context().cu_ctx())?;
             if lse_needed > lse.len() as u128 {
                 return Err(Error::OutOfBounds {
                     arg: "lse",
@@ -480,6 +601,21 @@ impl Attention {
             }
             None => (0, None),
         };
+        let mut _mask_guards = Vec::new();
+        let raw_mask = block_mask.map(|m| {
+            let (row_offsets, g1) = m.row_offsets.device_ptr(stream);
+            let (col_indices, g2) = m.col_indices.device_ptr(stream);
+            let (full, g3) = m.full.device_ptr(stream);
+            _mask_guards.extend([g1, g2, g3]);
+            let s = m.mask.shape();
+            RawBlockMask {
+                row_offsets,
+                col_indices,
+                full,
+                batch: s.batch,
+                heads: s.heads,
+            }
+        });
         let raw = RawForward {
             dtype: T::DTYPE,
             q: qp,
@@ -491,11 +627,14 @@ impl Attention {
             k_layout: k.layout,
             v_layout: v.layout,
             o_layout: out.layout,
-            options: *options,
+            options,
+            block_mask: raw_mask,
         };
         // SAFETY: every buffer belongs to this context and holds the elements its (validated,
-        // non-negative) layout reaches; the guards above order the launch after earlier writes on
-        // other streams and record it for later ones; the stream belongs to this context.
+        // non-negative) layout reaches; a block mask came from a validated BlockMask checked
+        // against this call's shape, so its CSR indices stay in range and its flags match its
+        // element mask; the guards order the launch after earlier writes on other streams and
+        // record it for later ones.
         unsafe { self.forward_raw(stream.cu_stream(), &raw) }
     }
 
@@ -506,6 +645,10 @@ impl Attention {
     ///
     /// # Safety
     /// - `stream` is a stream of this value's context (or null for its legacy default stream).
+    /// - A `block_mask` is a well-formed CSR layout for this call (as `BlockMask` makes them):
+    ///   `batch * heads * ceil(seqlen_q / 128) + 1` non-decreasing row offsets starting at 0,
+    ///   column indices below `ceil(seqlen_k / 64)`, one flag per listed block, and a block
+    ///   flagged full only when the element mask hides none of its elements.
     /// - Every pointer in `args` is device memory of that context that holds every element its
     ///   layout addresses (and `lse`, when not 0, `batch * heads_q * seqlen_q` f32 values),
     ///   and stays allocated until the kernel has finished.
@@ -530,7 +673,12 @@ impl Attention {
                 ),
             });
         }
-        let module = format!("fwd_{}_d{d}", args.dtype.name());
+        let kind = if args.block_mask.is_some() {
+            "sparse"
+        } else {
+            "fwd"
+        };
+        let module = format!("{kind}_{}_d{d}", args.dtype.name());
         let name = format!("lf_{module}");
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
         let kernel = unsafe { self.cache.kernel(&module, &name, smem) }?;
@@ -551,6 +699,15 @@ impl Attention {
         unsafe { result::launch_kernel(kernel.func, grid, block, smem, stream, &mut kernel_params) }
             .map_err(Error::driver("launching the forward kernel"))
     }
+}
+
+/// Options of a block-sparse forward call.
+#[derive(Clone, Copy)]
+pub struct SparseOptions<'a> {
+    /// The block mask (with its element mask), on the device.
+    pub mask: &'a DeviceBlockMask,
+    /// Multiplies Q K^T before the softmax; `None` means `1 / sqrt(head_dim)`.
+    pub softmax_scale: Option<f32>,
 }
 
 /// An input tensor: a device view and its layout.

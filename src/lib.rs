@@ -11,6 +11,7 @@ pub mod plan;
 pub mod reference;
 #[rustfmt::skip]
 pub mod sys;
+pub mod sparse;
 
 pub use attention::{
     open_device, Attention, ForwardOptions, Input, Output, RawForward, SUPPORTED_HEAD_DIMS,

@@ -21,6 +21,11 @@ pub struct MaskSpec {
     /// Keys at most this far right of the diagonal are visible; `None` = unbounded.
     /// Must be `None` or `Some(0)` when `causal` is set.
     pub window_right: Option<u32>,
+    /// The first `sink_tokens` keys stay visible however far left of the window they are
+    /// (StreamingLLM's attention sinks; Xiao et al. 2023), still subject to `causal` and the
+    /// right window. Only block-sparse masks take sinks (see `sparse::BlockMask::sinks_window`):
+    /// the dense forward needs 0.
+    pub sink_tokens: u32,
 }
 
 impl MaskSpec {
@@ -30,6 +35,7 @@ impl MaskSpec {
             causal: false,
             window_left: None,
             window_right: None,
+            sink_tokens: 0,
         }
     }
 
@@ -39,6 +45,7 @@ impl MaskSpec {
             causal: true,
             window_left: None,
             window_right: None,
+            sink_tokens: 0,
         }
     }
 
@@ -49,6 +56,7 @@ impl MaskSpec {
             causal: false,
             window_left: left,
             window_right: right,
+            sink_tokens: 0,
         }
     }
 
@@ -58,6 +66,15 @@ impl MaskSpec {
             causal: true,
             window_left: Some(left),
             window_right: None,
+            sink_tokens: 0,
+        }
+    }
+
+    /// The same mask with `n` attention-sink tokens.
+    pub const fn with_sinks(self, n: u32) -> Self {
+        MaskSpec {
+            sink_tokens: n,
+            ..self
         }
     }
 
@@ -108,11 +125,18 @@ impl MaskSpec {
                 expected: "a sequence length of at most i32::MAX".into(),
             })
         };
+        let sink_tokens = i32::try_from(self.sink_tokens).map_err(|_| Error::InvalidMask {
+            arg: "mask.sink_tokens",
+            value: self.sink_tokens.to_string(),
+            expected: "at most i32::MAX",
+        })?;
         Ok(LfMask {
             seqlen_q: seq("q", seqlen_q)?,
             seqlen_k: seq("k", seqlen_k)?,
             window_left,
             window_right,
+            sink_tokens,
+            reserved: 0,
         })
     }
 
@@ -125,7 +149,8 @@ impl MaskSpec {
         let (l, r) = self.window();
         let diag = i as i128 + seqlen_k as i128 - seqlen_q as i128;
         let j = j as i128;
-        l.is_none_or(|l| j >= diag - l as i128) && r.is_none_or(|r| j <= diag + r as i128)
+        (l.is_none_or(|l| j >= diag - l as i128) || j < self.sink_tokens as i128)
+            && r.is_none_or(|r| j <= diag + r as i128)
     }
 
     /// Number of visible (query, key) pairs for the given sequence lengths, in O(seqlen_q):
@@ -139,7 +164,9 @@ impl MaskSpec {
                 let hi = r.map_or(seqlen_k as i128, |r| {
                     (i + off + r as i128 + 1).min(seqlen_k as i128)
                 });
-                (hi - lo).max(0) as u64
+                // Sinks add the keys [0, min(sinks, hi)) that lie left of the window.
+                let sinks = (self.sink_tokens as i128).min(hi).min(lo).max(0);
+                (hi - lo).max(0) as u64 + sinks as u64
             })
             .sum()
     }

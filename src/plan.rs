@@ -18,7 +18,23 @@ extern "C" {
     fn lf_host_visible(m: LfMask, i: i64, j: i64) -> c_int;
     fn lf_host_key_tile_range(m: LfMask, qt: i32, br: i32, bc: i32) -> LfTileRange;
     fn lf_host_tile_is_full(m: LfMask, qt: i32, t: i32, br: i32, bc: i32) -> c_int;
-    fn lf_host_row_key_bounds(m: LfMask, i: i64, lo: *mut i64, hi: *mut i64);
+    fn lf_host_row_key_bounds(m: LfMask, i: i64, lo: *mut i64, hi: *mut i64, sink_hi: *mut i64);
+}
+
+/// The keys one query row sees, as two ranges (see [`Plan::row_keys`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowKeys {
+    /// Attention-sink keys, `0..n` (empty when there are none).
+    pub sinks: std::ops::Range<i64>,
+    /// The window, `lo..hi`.
+    pub window: std::ops::Range<i64>,
+}
+
+impl RowKeys {
+    /// Whether key `j` is in either range.
+    pub fn contains(&self, j: i64) -> bool {
+        self.sinks.contains(&j) || self.window.contains(&j)
+    }
 }
 
 /// Tile shape of a kernel: `br` query rows by `bc` keys.
@@ -153,14 +169,18 @@ impl Plan {
         unsafe { lf_host_visible(self.mask, i, j) != 0 }
     }
 
-    /// The keys `[lo, hi)` query row `i` sees, as the kernels' element mask computes them
-    /// (`lf_row_key_bounds`); empty when `lo >= hi`.
-    pub fn row_keys(&self, i: usize) -> std::ops::Range<i64> {
+    /// The keys query row `i` sees, as the kernels' element mask computes them
+    /// (`lf_row_key_bounds`): the sink keys `0..sink_end` and the window `lo..hi` (either may be
+    /// empty).
+    pub fn row_keys(&self, i: usize) -> RowKeys {
         let i = i64::try_from(i).unwrap_or(i64::MAX);
-        let (mut lo, mut hi) = (0i64, 0i64);
-        // SAFETY: a pure function of its by-value arguments that writes only the two locals.
-        unsafe { lf_host_row_key_bounds(self.mask, i, &mut lo, &mut hi) };
-        lo..hi
+        let (mut lo, mut hi, mut sink_hi) = (0i64, 0i64, 0i64);
+        // SAFETY: a pure function of its by-value arguments that writes only the three locals.
+        unsafe { lf_host_row_key_bounds(self.mask, i, &mut lo, &mut hi, &mut sink_hi) };
+        RowKeys {
+            sinks: 0..sink_hi,
+            window: lo..hi,
+        }
     }
 
     /// The key-tile range `[begin, end)` the kernel walks for `query_tile`, as the C plan
@@ -198,6 +218,17 @@ impl Plan {
                 Some(PlannedTile { key_tile, kind })
             })
             .collect()
+    }
+
+    /// Whether key tile `key_tile` is full for query tile `query_tile` (every element visible,
+    /// and the tile wholly inside the keys): the classification the kernels use, for any tile,
+    /// including those a block mask lists. False for tiles past either end.
+    pub fn tile_is_full(&self, query_tile: usize, key_tile: usize) -> bool {
+        let (Some(qt), Ok(t)) = (self.query_tile_index(query_tile), i32::try_from(key_tile)) else {
+            return false;
+        };
+        // SAFETY: pure function of by-value integers and a `#[repr(C)]` mirror of `LfMask`.
+        unsafe { lf_host_tile_is_full(self.mask, qt, t, self.br, self.bc) != 0 }
     }
 
     /// Total number of (query tile, key tile) pairs visited.

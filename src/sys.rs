@@ -11,6 +11,8 @@ pub const LF_FWD_BR_D128: u32 = 128;
 pub const LF_FWD_BC_D128: u32 = 64;
 pub const LF_FWD_BR_D256: u32 = 64;
 pub const LF_FWD_BC_D256: u32 = 64;
+pub const LF_SPARSE_Q_BLOCK: u32 = 128;
+pub const LF_SPARSE_K_BLOCK: u32 = 64;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
 pub struct LfMask {
@@ -18,17 +20,67 @@ pub struct LfMask {
     pub seqlen_k: i32,
     pub window_left: i32,
     pub window_right: i32,
+    pub sink_tokens: i32,
+    pub reserved: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LfMask"][::core::mem::size_of::<LfMask>() - 16usize];
+    ["Size of LfMask"][::core::mem::size_of::<LfMask>() - 24usize];
     ["Alignment of LfMask"][::core::mem::align_of::<LfMask>() - 4usize];
     ["Offset of field: LfMask::seqlen_q"][::core::mem::offset_of!(LfMask, seqlen_q) - 0usize];
     ["Offset of field: LfMask::seqlen_k"][::core::mem::offset_of!(LfMask, seqlen_k) - 4usize];
     ["Offset of field: LfMask::window_left"][::core::mem::offset_of!(LfMask, window_left) - 8usize];
     ["Offset of field: LfMask::window_right"]
         [::core::mem::offset_of!(LfMask, window_right) - 12usize];
+    ["Offset of field: LfMask::sink_tokens"]
+        [::core::mem::offset_of!(LfMask, sink_tokens) - 16usize];
+    ["Offset of field: LfMask::reserved"][::core::mem::offset_of!(LfMask, reserved) - 20usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq, Eq)]
+pub struct LfBlockSparse {
+    pub row_offsets: *const i32,
+    pub col_indices: *const i32,
+    pub full: *const u8,
+    pub batch_stride: i64,
+    pub head_stride: i64,
+    pub q_block: i32,
+    pub k_block: i32,
+    pub num_q_blocks: i32,
+    pub num_k_blocks: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfBlockSparse"][::core::mem::size_of::<LfBlockSparse>() - 56usize];
+    ["Alignment of LfBlockSparse"][::core::mem::align_of::<LfBlockSparse>() - 8usize];
+    ["Offset of field: LfBlockSparse::row_offsets"]
+        [::core::mem::offset_of!(LfBlockSparse, row_offsets) - 0usize];
+    ["Offset of field: LfBlockSparse::col_indices"]
+        [::core::mem::offset_of!(LfBlockSparse, col_indices) - 8usize];
+    ["Offset of field: LfBlockSparse::full"]
+        [::core::mem::offset_of!(LfBlockSparse, full) - 16usize];
+    ["Offset of field: LfBlockSparse::batch_stride"]
+        [::core::mem::offset_of!(LfBlockSparse, batch_stride) - 24usize];
+    ["Offset of field: LfBlockSparse::head_stride"]
+        [::core::mem::offset_of!(LfBlockSparse, head_stride) - 32usize];
+    ["Offset of field: LfBlockSparse::q_block"]
+        [::core::mem::offset_of!(LfBlockSparse, q_block) - 40usize];
+    ["Offset of field: LfBlockSparse::k_block"]
+        [::core::mem::offset_of!(LfBlockSparse, k_block) - 44usize];
+    ["Offset of field: LfBlockSparse::num_q_blocks"]
+        [::core::mem::offset_of!(LfBlockSparse, num_q_blocks) - 48usize];
+    ["Offset of field: LfBlockSparse::num_k_blocks"]
+        [::core::mem::offset_of!(LfBlockSparse, num_k_blocks) - 52usize];
+};
+impl Default for LfBlockSparse {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq)]
 pub struct LfFwdParams {
@@ -56,10 +108,11 @@ pub struct LfFwdParams {
     pub head_dim: i32,
     pub softmax_scale: f32,
     pub softmax_scale_log2: f32,
+    pub sparse: LfBlockSparse,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LfFwdParams"][::core::mem::size_of::<LfFwdParams>() - 176usize];
+    ["Size of LfFwdParams"][::core::mem::size_of::<LfFwdParams>() - 240usize];
     ["Alignment of LfFwdParams"][::core::mem::align_of::<LfFwdParams>() - 8usize];
     ["Offset of field: LfFwdParams::q"][::core::mem::offset_of!(LfFwdParams, q) - 0usize];
     ["Offset of field: LfFwdParams::k"][::core::mem::offset_of!(LfFwdParams, k) - 8usize];
@@ -91,19 +144,81 @@ const _: () = {
     ["Offset of field: LfFwdParams::o_row_stride"]
         [::core::mem::offset_of!(LfFwdParams, o_row_stride) - 128usize];
     ["Offset of field: LfFwdParams::mask"][::core::mem::offset_of!(LfFwdParams, mask) - 136usize];
-    ["Offset of field: LfFwdParams::batch"][::core::mem::offset_of!(LfFwdParams, batch) - 152usize];
+    ["Offset of field: LfFwdParams::batch"][::core::mem::offset_of!(LfFwdParams, batch) - 160usize];
     ["Offset of field: LfFwdParams::heads_q"]
-        [::core::mem::offset_of!(LfFwdParams, heads_q) - 156usize];
+        [::core::mem::offset_of!(LfFwdParams, heads_q) - 164usize];
     ["Offset of field: LfFwdParams::heads_kv"]
-        [::core::mem::offset_of!(LfFwdParams, heads_kv) - 160usize];
+        [::core::mem::offset_of!(LfFwdParams, heads_kv) - 168usize];
     ["Offset of field: LfFwdParams::head_dim"]
-        [::core::mem::offset_of!(LfFwdParams, head_dim) - 164usize];
+        [::core::mem::offset_of!(LfFwdParams, head_dim) - 172usize];
     ["Offset of field: LfFwdParams::softmax_scale"]
-        [::core::mem::offset_of!(LfFwdParams, softmax_scale) - 168usize];
+        [::core::mem::offset_of!(LfFwdParams, softmax_scale) - 176usize];
     ["Offset of field: LfFwdParams::softmax_scale_log2"]
-        [::core::mem::offset_of!(LfFwdParams, softmax_scale_log2) - 172usize];
+        [::core::mem::offset_of!(LfFwdParams, softmax_scale_log2) - 180usize];
+    ["Offset of field: LfFwdParams::sparse"]
+        [::core::mem::offset_of!(LfFwdParams, sparse) - 184usize];
 };
 impl Default for LfFwdParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq, Eq)]
+pub struct LfMergeParams {
+    pub acc_o: *mut ::core::ffi::c_void,
+    pub acc_lse: *mut f32,
+    pub part_o: *const ::core::ffi::c_void,
+    pub part_lse: *const f32,
+    pub acc_batch_stride: i64,
+    pub acc_head_stride: i64,
+    pub acc_row_stride: i64,
+    pub part_batch_stride: i64,
+    pub part_head_stride: i64,
+    pub part_row_stride: i64,
+    pub batch: i32,
+    pub heads: i32,
+    pub seqlen: i32,
+    pub head_dim: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfMergeParams"][::core::mem::size_of::<LfMergeParams>() - 96usize];
+    ["Alignment of LfMergeParams"][::core::mem::align_of::<LfMergeParams>() - 8usize];
+    ["Offset of field: LfMergeParams::acc_o"]
+        [::core::mem::offset_of!(LfMergeParams, acc_o) - 0usize];
+    ["Offset of field: LfMergeParams::acc_lse"]
+        [::core::mem::offset_of!(LfMergeParams, acc_lse) - 8usize];
+    ["Offset of field: LfMergeParams::part_o"]
+        [::core::mem::offset_of!(LfMergeParams, part_o) - 16usize];
+    ["Offset of field: LfMergeParams::part_lse"]
+        [::core::mem::offset_of!(LfMergeParams, part_lse) - 24usize];
+    ["Offset of field: LfMergeParams::acc_batch_stride"]
+        [::core::mem::offset_of!(LfMergeParams, acc_batch_stride) - 32usize];
+    ["Offset of field: LfMergeParams::acc_head_stride"]
+        [::core::mem::offset_of!(LfMergeParams, acc_head_stride) - 40usize];
+    ["Offset of field: LfMergeParams::acc_row_stride"]
+        [::core::mem::offset_of!(LfMergeParams, acc_row_stride) - 48usize];
+    ["Offset of field: LfMergeParams::part_batch_stride"]
+        [::core::mem::offset_of!(LfMergeParams, part_batch_stride) - 56usize];
+    ["Offset of field: LfMergeParams::part_head_stride"]
+        [::core::mem::offset_of!(LfMergeParams, part_head_stride) - 64usize];
+    ["Offset of field: LfMergeParams::part_row_stride"]
+        [::core::mem::offset_of!(LfMergeParams, part_row_stride) - 72usize];
+    ["Offset of field: LfMergeParams::batch"]
+        [::core::mem::offset_of!(LfMergeParams, batch) - 80usize];
+    ["Offset of field: LfMergeParams::heads"]
+        [::core::mem::offset_of!(LfMergeParams, heads) - 84usize];
+    ["Offset of field: LfMergeParams::seqlen"]
+        [::core::mem::offset_of!(LfMergeParams, seqlen) - 88usize];
+    ["Offset of field: LfMergeParams::head_dim"]
+        [::core::mem::offset_of!(LfMergeParams, head_dim) - 92usize];
+};
+impl Default for LfMergeParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

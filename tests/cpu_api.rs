@@ -26,6 +26,7 @@ fn ok_args() -> RawForward {
         v_layout: kv,
         o_layout: l,
         options: ForwardOptions::causal(),
+        block_mask: None,
     }
 }
 
@@ -250,6 +251,7 @@ fn overlapping_or_aliasing_outputs() {
 fn masks_and_scales_that_make_no_sense() {
     let mut a = ok_args();
     a.options.mask = MaskSpec {
+        sink_tokens: 0,
         causal: true,
         window_left: None,
         window_right: Some(3),
@@ -340,7 +342,7 @@ proptest! {
     #[test]
     fn visible_pairs_counts_the_dense_mask(sq in 1usize..200, sk in 1usize..200, causal: bool,
                                            wl in prop::option::of(0u32..250), wr in prop::option::of(0u32..250)) {
-        let m = MaskSpec { causal, window_left: wl, window_right: if causal { None } else { wr } };
+        let m = MaskSpec { sink_tokens: 0, causal, window_left: wl, window_right: if causal { None } else { wr } };
         let brute = (0..sq).map(|i| (0..sk).filter(|&j| m.is_visible(sq, sk, i, j)).count() as u64).sum::<u64>();
         prop_assert_eq!(m.visible_pairs(sq, sk), brute);
     }

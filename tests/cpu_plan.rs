@@ -151,6 +151,7 @@ fn window() -> impl Strategy<Value = Option<u32>> {
 
 fn mask() -> impl Strategy<Value = MaskSpec> {
     (any::<bool>(), window(), window()).prop_map(|(causal, left, right)| MaskSpec {
+        sink_tokens: 0,
         causal,
         window_left: left,
         window_right: if causal {
@@ -313,6 +314,7 @@ fn every_small_problem_matches_the_dense_plan() {
                             continue;
                         }
                         let m = MaskSpec {
+                            sink_tokens: 0,
                             causal,
                             window_left: left,
                             window_right: right,
@@ -328,6 +330,7 @@ fn every_small_problem_matches_the_dense_plan() {
 #[test]
 fn resolve_rejects_masks_the_kernels_do_not_define() {
     let causal_right = MaskSpec {
+        sink_tokens: 0,
         causal: true,
         window_left: None,
         window_right: Some(1),
@@ -340,6 +343,7 @@ fn resolve_rejects_masks_the_kernels_do_not_define() {
         })
     ));
     let causal_zero = MaskSpec {
+        sink_tokens: 0,
         window_right: Some(0),
         ..causal_right
     };
@@ -379,7 +383,9 @@ fn resolve_rejects_masks_the_kernels_do_not_define() {
             seqlen_q: 8,
             seqlen_k: 3,
             window_left: i32::MAX,
-            window_right: i32::MAX
+            window_right: i32::MAX,
+            sink_tokens: 0,
+            reserved: 0,
         }
     );
 
@@ -406,6 +412,7 @@ fn resolve_rejects_masks_the_kernels_do_not_define() {
 fn plan_new_rejects_what_resolve_rejects_and_empty_tiles() {
     let shape = TileShape { br: 64, bc: 64 };
     let causal_right = MaskSpec {
+        sink_tokens: 0,
         causal: true,
         window_left: None,
         window_right: Some(2),
@@ -476,14 +483,37 @@ proptest! {
     fn row_key_bounds_match_the_dense_mask(
         sq in 1usize..300, sk in 1usize..300, causal: bool,
         wl in prop::option::of(0u32..320), wr in prop::option::of(0u32..320),
+        sinks in prop_oneof![Just(0u32), 1u32..80, 200u32..400],
     ) {
-        let m = MaskSpec { causal, window_left: wl, window_right: if causal { None } else { wr } };
+        let m = MaskSpec { sink_tokens: sinks, causal, window_left: wl, window_right: if causal { None } else { wr } };
         let plan = Plan::new(&m, sq, sk, TileShape { br: 64, bc: 64 }).unwrap();
         for i in 0..sq + 2 {
             let r = plan.row_keys(i);
             for j in 0..sk + 2 {
-                let inside = (j as i64) >= r.start && (j as i64) < r.end;
-                prop_assert_eq!(inside, m.is_visible(sq, sk, i, j), "row {} key {}", i, j);
+                prop_assert_eq!(r.contains(j as i64), m.is_visible(sq, sk, i, j), "row {} key {}", i, j);
+                prop_assert_eq!(plan.visible(i, j), m.is_visible(sq, sk, i, j), "row {} key {}", i, j);
+            }
+        }
+    }
+}
+
+proptest! {
+    /// With attention sinks, a 128 x 64 block is Full exactly when all of its elements are
+    /// visible (the classification block-sparse masks use).
+    #[test]
+    fn full_blocks_with_sinks_match_the_dense_mask(
+        sq in 1usize..400, sk in 1usize..400, causal: bool,
+        wl in prop::option::of(0u32..300), sinks in 0u32..300,
+    ) {
+        let m = MaskSpec { sink_tokens: sinks, causal, window_left: wl, window_right: None };
+        let shape = TileShape { br: 128, bc: 64 };
+        let plan = Plan::new(&m, sq, sk, shape).unwrap();
+        for qb in 0..sq.div_ceil(128) {
+            for kb in 0..sk.div_ceil(64) {
+                let rows = qb * 128..((qb + 1) * 128).min(sq);
+                let all = kb * 64 + 64 <= sk
+                    && rows.clone().all(|i| (kb * 64..kb * 64 + 64).all(|j| m.is_visible(sq, sk, i, j)));
+                prop_assert_eq!(plan.tile_is_full(qb, kb), all, "block ({}, {})", qb, kb);
             }
         }
     }

@@ -391,6 +391,7 @@ fn window() -> impl Strategy<Value = Option<u32>> {
 
 fn mask() -> impl Strategy<Value = MaskSpec> {
     (any::<bool>(), window(), window()).prop_map(|(causal, left, right)| MaskSpec {
+        sink_tokens: 0,
         causal,
         window_left: left,
         window_right: if causal {

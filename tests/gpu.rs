@@ -597,6 +597,7 @@ fn safe_api_rejects_bad_buffers_before_launch() {
         v_layout: l,
         o_layout: l,
         options: opts,
+        block_mask: None,
     };
     // SAFETY: validation rejects the call before any launch.
     let e = unsafe { g.attn.forward_raw(g.stream.cu_stream(), &raw) }.unwrap_err();
@@ -677,6 +678,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                 seed,
             )| {
                 let mask = MaskSpec {
+                    sink_tokens: 0,
                     causal,
                     window_left: wl,
                     window_right: if causal { None } else { wr },

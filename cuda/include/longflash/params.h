@@ -12,20 +12,43 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* The attention mask of one launch, in token coordinates.
+/* The element (token-level) attention mask of one launch.
  *
  * Query row i in [0, seqlen_q) may attend key j in [0, seqlen_k) iff
- *     (window_left  < 0 || j >= i + diag_offset - window_left)
+ *     (window_left  < 0 || j >= i + diag_offset - window_left || j < sink_tokens)
  *  && (window_right < 0 || j <= i + diag_offset + window_right)
  * where diag_offset = seqlen_k - seqlen_q aligns the diagonal bottom-right (the last query
  * sees the last key), as FlashAttention >= 2.1 does. Causal attention is window_right = 0.
- * A negative window side is unbounded. */
+ * A negative window side is unbounded. The first sink_tokens keys stay visible left of the
+ * window (StreamingLLM's attention sinks); the dense kernel takes sink_tokens = 0 and a block
+ * mask lists the sink blocks. */
 typedef struct LfMask {
     int32_t seqlen_q;
     int32_t seqlen_k;
     int32_t window_left;  /* < 0: unbounded */
     int32_t window_right; /* < 0: unbounded; 0 for causal */
+    int32_t sink_tokens;  /* >= 0 */
+    int32_t reserved;     /* 0 */
 } LfMask;
+
+/* A block-sparse layout in CSR form, on the device: for each (batch, head, query block) row, the
+ * sorted key blocks to compute, and for each of them whether it is full (no element of it is
+ * masked by LfMask, so no element mask is applied) or partial. Row r of (b, h, qb) is
+ * r = b * batch_stride + h * head_stride + qb (a stride of 0 shares the rows across batch or
+ * heads); its key blocks are col_indices[row_offsets[r] .. row_offsets[r + 1]]. Query blocks
+ * span q_block rows and key blocks k_block keys (LF_SPARSE_Q_BLOCK x LF_SPARSE_K_BLOCK). Unused
+ * (all NULL) for dense launches. */
+typedef struct LfBlockSparse {
+    const int32_t *row_offsets;
+    const int32_t *col_indices;
+    const uint8_t *full;
+    int64_t batch_stride;
+    int64_t head_stride;
+    int32_t q_block;
+    int32_t k_block;
+    int32_t num_q_blocks;
+    int32_t num_k_blocks;
+} LfBlockSparse;
 
 /* Forward attention: O = softmax(scale * Q K^T + mask) V, per (batch, query head).
  * Q, K, V, O are 16-bit (f16 or bf16, chosen by the kernel name), last dimension contiguous;
@@ -59,16 +82,46 @@ typedef struct LfFwdParams {
 
     float softmax_scale;      /* applied to Q K^T */
     float softmax_scale_log2; /* softmax_scale * log2(e), so the kernel can use exp2 */
+
+    LfBlockSparse sparse; /* block-sparse kernels only */
 } LfFwdParams;
 
+/* Merges a partial attention result into an accumulated one by their log-sum-exps, in place:
+ *   lse = ln(exp(acc_lse) + exp(part_lse)),
+ *   acc_o = exp(acc_lse - lse) * acc_o + exp(part_lse - lse) * part_o.
+ * Two passes over disjoint key sets merged this way equal one pass over their union (LongNet,
+ * MoBA). O tensors are 16-bit [batch, seqlen, heads, head_dim] with element strides; LSEs are f32
+ * [batch, heads, seqlen] contiguous. */
+typedef struct LfMergeParams {
+    void *acc_o;
+    float *acc_lse;
+    const void *part_o;
+    const float *part_lse;
+    int64_t acc_batch_stride;
+    int64_t acc_head_stride;
+    int64_t acc_row_stride;
+    int64_t part_batch_stride;
+    int64_t part_head_stride;
+    int64_t part_row_stride;
+    int32_t batch;
+    int32_t heads;
+    int32_t seqlen;
+    int32_t head_dim;
+} LfMergeParams;
+
 #define LF_ASSERT_LAYOUT(cond, name) typedef char lf_layout_assert_##name[(cond) ? 1 : -1]
-LF_ASSERT_LAYOUT(sizeof(LfMask) == 16, mask_size);
-LF_ASSERT_LAYOUT(sizeof(LfFwdParams) == 176, fwd_size);
+LF_ASSERT_LAYOUT(sizeof(LfMask) == 24, mask_size);
+LF_ASSERT_LAYOUT(sizeof(LfBlockSparse) == 56, sparse_size);
+LF_ASSERT_LAYOUT(sizeof(LfFwdParams) == 240, fwd_size);
+LF_ASSERT_LAYOUT(sizeof(LfMergeParams) == 96, merge_size);
 LF_ASSERT_LAYOUT(offsetof(LfFwdParams, lse) == 32, fwd_lse);
 LF_ASSERT_LAYOUT(offsetof(LfFwdParams, q_batch_stride) == 40, fwd_q_batch_stride);
 LF_ASSERT_LAYOUT(offsetof(LfFwdParams, o_row_stride) == 128, fwd_o_row_stride);
 LF_ASSERT_LAYOUT(offsetof(LfFwdParams, mask) == 136, fwd_mask);
-LF_ASSERT_LAYOUT(offsetof(LfFwdParams, batch) == 152, fwd_batch);
-LF_ASSERT_LAYOUT(offsetof(LfFwdParams, softmax_scale_log2) == 172, fwd_scale_log2);
+LF_ASSERT_LAYOUT(offsetof(LfFwdParams, batch) == 160, fwd_batch);
+LF_ASSERT_LAYOUT(offsetof(LfFwdParams, softmax_scale_log2) == 180, fwd_scale_log2);
+LF_ASSERT_LAYOUT(offsetof(LfFwdParams, sparse) == 184, fwd_sparse);
+LF_ASSERT_LAYOUT(offsetof(LfBlockSparse, batch_stride) == 24, sparse_batch_stride);
+LF_ASSERT_LAYOUT(offsetof(LfMergeParams, batch) == 80, merge_batch);
 
 #endif

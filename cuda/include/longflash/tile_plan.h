@@ -28,6 +28,12 @@
 #define LF_FWD_BR_D256 64
 #define LF_FWD_BC_D256 64
 
+/* Block size of block-sparse masks (LfBlockSparse): query blocks of 128 rows, key blocks of 64
+ * keys, for every head dimension. A kernel whose query tile is smaller (head dim 256: 64 rows)
+ * runs each query block as several tiles over the same row of the mask. */
+#define LF_SPARSE_Q_BLOCK 128
+#define LF_SPARSE_K_BLOCK 64
+
 #if defined(__CUDACC__)
 #define LF_HD __host__ __device__ __forceinline__
 #else
@@ -49,25 +55,27 @@ LF_HD int64_t lf_diag_offset(LfMask m) { return (int64_t)m.seqlen_k - (int64_t)m
 LF_HD int lf_visible(LfMask m, int64_t i, int64_t j) {
     int64_t off = lf_diag_offset(m);
     if (i < 0 || i >= m.seqlen_q || j < 0 || j >= m.seqlen_k) return 0;
-    if (m.window_left >= 0 && j < i + off - m.window_left) return 0;
+    if (m.window_left >= 0 && j < i + off - m.window_left && j >= m.sink_tokens) return 0;
     if (m.window_right >= 0 && j > i + off + m.window_right) return 0;
     return 1;
 }
 
-/* The keys row i sees, as the half-open interval [*lo, *hi) (empty when *lo >= *hi), clipped to
- * [0, seqlen_k); a row outside [0, seqlen_q) sees nothing. Equivalent to lf_visible for every j,
- * but one computation per row instead of one per element. */
-LF_HD void lf_row_key_bounds(LfMask m, int64_t i, int64_t *lo, int64_t *hi) {
+/* The keys row i sees: [0, *sink_hi) and [*lo, *hi) (each empty when its end is not past its
+ * start), clipped to [0, seqlen_k); a row outside [0, seqlen_q) sees nothing. Equivalent to
+ * lf_visible for every j, but one computation per row instead of one per element. */
+LF_HD void lf_row_key_bounds(LfMask m, int64_t i, int64_t *lo, int64_t *hi, int64_t *sink_hi) {
     int64_t off = lf_diag_offset(m);
     int64_t l = 0, h = m.seqlen_k;
     if (m.window_left >= 0) l = lf_max64(l, i + off - m.window_left);
     if (m.window_right >= 0) h = lf_min64(h, i + off + m.window_right + 1);
-    if (i < 0 || i >= m.seqlen_q) h = l;
+    if (i < 0 || i >= m.seqlen_q) h = 0;
     *lo = l;
     *hi = h;
+    *sink_hi = lf_min64(m.sink_tokens, h);
 }
 
-/* Key tiles visited by query tile qt. */
+/* Key tiles visited by query tile qt of the dense plan (dense, causal, sliding window; sinks
+ * come from a block mask, so sink_tokens must be 0 here). */
 LF_HD LfTileRange lf_key_tile_range(LfMask m, int32_t qt, int32_t br, int32_t bc) {
     LfTileRange r;
     int64_t off = lf_diag_offset(m);
@@ -95,7 +103,10 @@ LF_HD int lf_tile_is_full(LfMask m, int32_t qt, int32_t t, int32_t br, int32_t b
     int64_t row1 = lf_min64(row0 + br, m.seqlen_q) - 1;
     int64_t c0 = (int64_t)t * bc, c1 = c0 + bc; /* keys [c0, c1) */
     if (c1 > m.seqlen_k) return 0;
-    if (m.window_left >= 0 && c0 < row1 + off - m.window_left) return 0;
+    /* Keys below sink_tokens are visible whatever the left window; the others must be inside it. */
+    if (m.window_left >= 0 && c1 > m.sink_tokens &&
+        lf_max64(c0, m.sink_tokens) < row1 + off - m.window_left)
+        return 0;
     if (m.window_right >= 0 && c1 - 1 > row0 + off + m.window_right) return 0;
     return 1;
 }
