@@ -76,7 +76,7 @@ struct WindowMask {
 // ---- tile iterator for block-sparse attention ------------------------------------------------
 
 // Walks the CSR row of the query block that holds query tile qt (a query block may hold several
-// tiles of a smaller kernel tile), in list order, with the full/partial flag of each block.
+// tiles of a smaller kernel tile), with the full/partial flag of each block.
 struct CsrIter {
     const int32_t *cols;
     const uint8_t *full;
@@ -89,9 +89,11 @@ struct CsrIter {
         cols = s.col_indices + begin;
         full = s.full + begin;
     }
+    // Visited last to first, like WindowIter, so a block mask that lists the dense plan's tiles
+    // accumulates in the same order and gives bit-identical results.
     __device__ __forceinline__ int count() const { return n; }
-    __device__ __forceinline__ int tile(int i) const { return cols[i]; }
-    __device__ __forceinline__ bool is_full(int i) const { return full[i] != 0; }
+    __device__ __forceinline__ int tile(int i) const { return cols[n - 1 - i]; }
+    __device__ __forceinline__ bool is_full(int i) const { return full[n - 1 - i] != 0; }
 };
 
 // ---- score policy ----------------------------------------------------------------------------
@@ -228,7 +230,11 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
                 // A row that has seen only masked keys keeps max -inf; subtract 0 then, so
                 // exp2(-inf - base) = 0 and no NaN appears.
                 const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-                const float alpha = fast_exp2(row_max[mt][r] * scale_log2 - base);
+                // An unchanged maximum rescales by exactly 1 (computing it would leave the
+                // rounding residual of mx * scale_log2, and results that depend on how many
+                // all-masked tiles a row passed through).
+                const float alpha =
+                    mx == row_max[mt][r] ? 1.f : fast_exp2(row_max[mt][r] * scale_log2 - base);
                 row_max[mt][r] = mx;
                 row_sum[mt][r] *= alpha;
 #pragma unroll
