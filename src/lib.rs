@@ -14,10 +14,12 @@ pub mod sys;
 pub mod sparse;
 
 pub use attention::{
-    open_device, Attention, ForwardOptions, Input, Output, RawForward, SUPPORTED_HEAD_DIMS,
+    open_device, Attention, ForwardOptions, Input, Output, RawBlockMask, RawForward, RawMerge,
+    SparseOptions, SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use layout::Layout;
 pub use loader::COMPILED_ARCHS;
 pub use mask::MaskSpec;
+pub use sparse::{BlockMask, DeviceBlockMask, MaskShape};

@@ -23,7 +23,7 @@ pub struct MaskSpec {
     pub window_right: Option<u32>,
     /// The first `sink_tokens` keys stay visible however far left of the window they are
     /// (StreamingLLM's attention sinks; Xiao et al. 2023), still subject to `causal` and the
-    /// right window. Only block-sparse masks take sinks (see `sparse::BlockMask::sinks_window`):
+    /// right window. Only block-sparse masks take sinks (see `sparse::patterns::sinks_window`):
     /// the dense forward needs 0.
     pub sink_tokens: u32,
 }

@@ -26,6 +26,7 @@ use std::fmt;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mask::MaskSpec;
+use crate::sparse::BlockMask;
 
 /// Problem size of a reference computation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -139,6 +140,53 @@ fn for_each_row(shape: &RefShape, mut row: impl FnMut(usize, usize, usize, usize
     }
 }
 
+/// Which keys each query sees, for the reference: a [`MaskSpec`] (the same for every batch
+/// entry and head) or a block-sparse [`BlockMask`].
+pub trait Visibility {
+    /// Whether query `i` of batch entry `b` and query head `h` attends key `j`.
+    fn visible(&self, shape: &RefShape, b: usize, h: usize, i: usize, j: usize) -> bool;
+}
+
+impl Visibility for MaskSpec {
+    fn visible(&self, shape: &RefShape, _b: usize, _h: usize, i: usize, j: usize) -> bool {
+        self.is_visible(shape.seqlen_q, shape.seqlen_k, i, j)
+    }
+}
+
+impl Visibility for BlockMask {
+    fn visible(&self, _shape: &RefShape, b: usize, h: usize, i: usize, j: usize) -> bool {
+        self.is_visible(b, h, i, j)
+    }
+}
+
+/// Merges two attention results of the same problem by their log-sum-exps:
+/// `lse = ln(e^a + e^b)`, `out = e^(a - lse) out_a + e^(b - lse) out_b`, in f64 (what
+/// `Attention::merge` computes on the GPU). For disjoint key sets this is exactly the attention
+/// over their union; for overlapping ones (LongNet's branches) it is the softmax-denominator
+/// weighting of the branches. Rows where both are `-inf` stay 0 and `-inf`.
+pub fn merge(shape: &RefShape, a: &RefOutput, b: &RefOutput) -> RefOutput {
+    let d = shape.head_dim;
+    let mut out = vec![0.0f64; a.out.len()];
+    let mut lse = vec![f64::NEG_INFINITY; a.lse.len()];
+    for_each_row(shape, |bi, h, _hk, i| {
+        let r = (bi * shape.heads_q + h) * shape.seqlen_q + i;
+        let (la, lb) = (a.lse[r], b.lse[r]);
+        let m = la.max(lb);
+        if m == f64::NEG_INFINITY {
+            return;
+        }
+        let l = m + ((la - m).exp() + (lb - m).exp()).ln();
+        lse[r] = l;
+        let (wa, wb) = ((la - l).exp(), (lb - l).exp());
+        let o = shape.q_offset(bi, i, h);
+        let (ya, yb) = (&a.out[o..o + d], &b.out[o..o + d]);
+        for ((y, &xa), &xb) in out[o..o + d].iter_mut().zip(ya).zip(yb) {
+            *y = wa * xa + wb * xb;
+        }
+    });
+    RefOutput { out, lse }
+}
+
 /// Attention in f64: `softmax(scale * Q K^T + mask) V`.
 ///
 /// The mask is [`MaskSpec::is_visible`] (bottom-right aligned diagonal). A row that sees no key
@@ -155,7 +203,7 @@ pub fn attention_f64(
     q: &[f64],
     k: &[f64],
     v: &[f64],
-    mask: &MaskSpec,
+    mask: &(impl Visibility + ?Sized),
     scale: f64,
 ) -> Result<RefOutput> {
     shape.check(q.len(), k.len(), v.len())?;
@@ -174,7 +222,7 @@ pub fn attention_f64(
         scores.clear();
         keys.clear();
         for j in 0..sk {
-            if mask.is_visible(sq, sk, i, j) {
+            if mask.visible(shape, b, h, i, j) {
                 let ko = shape.kv_offset(b, j, hk);
                 let dot: f64 = qi.iter().zip(&k[ko..ko + d]).map(|(a, b)| a * b).sum();
                 scores.push(scale * dot);
@@ -220,7 +268,7 @@ pub fn attention_lowp<T: Element>(
     q: &[T],
     k: &[T],
     v: &[T],
-    mask: &MaskSpec,
+    mask: &(impl Visibility + ?Sized),
     scale: f32,
 ) -> Result<RefOutput> {
     shape.check(q.len(), k.len(), v.len())?;
@@ -240,7 +288,7 @@ pub fn attention_lowp<T: Element>(
         scores.clear();
         keys.clear();
         for j in 0..sk {
-            if mask.is_visible(sq, sk, i, j) {
+            if mask.visible(shape, b, h, i, j) {
                 let ko = shape.kv_offset(b, j, hk);
                 let mut dot = 0.0f32;
                 for (a, b) in qi.iter().zip(&kf[ko..ko + d]) {

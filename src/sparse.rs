@@ -14,6 +14,8 @@
 //! share the pattern across batch entries or heads. Heads are query heads (GQA kernels map
 //! them to key/value heads themselves).
 
+pub mod patterns;
+
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
@@ -80,11 +82,23 @@ impl MaskShape {
                 });
             }
         }
-        if self.rows() >= i32::MAX as usize {
+        let blocks = self
+            .batch
+            .checked_mul(self.heads)
+            .and_then(|x| x.checked_mul(self.num_q_blocks()))
+            .and_then(|x| x.checked_mul(self.num_k_blocks()));
+        if blocks.is_none_or(|n| n >= i32::MAX as usize) {
             return Err(Error::InvalidArgument {
                 arg: "mask",
-                value: format!("{} rows", self.rows()),
-                expected: "fewer than i32::MAX rows (batch * heads * query blocks)".into(),
+                value: format!(
+                    "batch {} x heads {} x {} x {} blocks",
+                    self.batch,
+                    self.heads,
+                    self.num_q_blocks(),
+                    self.num_k_blocks()
+                ),
+                expected: "fewer than i32::MAX blocks (batch * heads * query blocks * key blocks)"
+                    .into(),
             });
         }
         Ok(())
@@ -293,8 +307,11 @@ impl BlockMask {
     }
 
     /// The key blocks listed for query block `qb` of `(b, h)` (indices reduced for a shared
-    /// batch or head).
+    /// batch or head); empty for a query block past the end.
     pub fn row(&self, b: usize, h: usize, qb: usize) -> &[i32] {
+        if qb >= self.shape.num_q_blocks() {
+            return &[];
+        }
         let r = self
             .shape
             .row(b % self.shape.batch, h % self.shape.heads, qb);
@@ -371,6 +388,132 @@ impl BlockMask {
                 .clone_htod(&full)
                 .map_err(Error::driver("copying the block mask to the device"))?,
         })
+    }
+
+    /// The blocks listed in `self` or in `other`, per row: token by token, `(i, j)` is visible in
+    /// the union iff it is visible in either mask.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming `"other"` when the masks differ in shape (batch, heads,
+    /// sequence lengths) or element mask. A shared mask (batch or heads 1) is not broadcast
+    /// against a per-head or per-batch one: build both for the same shape.
+    pub fn union(&self, other: &BlockMask) -> Result<BlockMask> {
+        self.combine(other, true)
+    }
+
+    /// The blocks listed in both `self` and `other`, per row: token by token, `(i, j)` is
+    /// visible in the intersection iff it is visible in both masks.
+    ///
+    /// # Errors
+    ///
+    /// As [`union`](Self::union).
+    pub fn intersection(&self, other: &BlockMask) -> Result<BlockMask> {
+        self.combine(other, false)
+    }
+
+    fn combine(&self, other: &BlockMask, union: bool) -> Result<BlockMask> {
+        if other.shape != self.shape {
+            return Err(Error::InvalidArgument {
+                arg: "other",
+                value: format!("a mask of shape {:?}", other.shape),
+                expected: format!(
+                    "the same shape as this mask, {:?} (shared masks are not broadcast)",
+                    self.shape
+                ),
+            });
+        }
+        if other.element != self.element {
+            return Err(Error::InvalidArgument {
+                arg: "other",
+                value: format!("a mask with element mask {:?}", other.element),
+                expected: format!("the same element mask as this mask, {:?}", self.element),
+            });
+        }
+        let plan = element_plan(&self.shape, &self.element)?;
+        let rows = self.shape.rows();
+        let mut row_offsets = Vec::with_capacity(rows + 1);
+        let mut col_indices = Vec::new();
+        row_offsets.push(0i32);
+        for r in 0..rows {
+            let a =
+                &self.col_indices[self.row_offsets[r] as usize..self.row_offsets[r + 1] as usize];
+            let b = &other.col_indices
+                [other.row_offsets[r] as usize..other.row_offsets[r + 1] as usize];
+            let (mut x, mut y) = (0, 0);
+            loop {
+                match (a.get(x).copied(), b.get(y).copied()) {
+                    (Some(p), Some(q)) if p == q => {
+                        col_indices.push(p);
+                        x += 1;
+                        y += 1;
+                    }
+                    (Some(p), Some(q)) if p < q => {
+                        if union {
+                            col_indices.push(p);
+                        }
+                        x += 1;
+                    }
+                    (Some(_), Some(q)) => {
+                        if union {
+                            col_indices.push(q);
+                        }
+                        y += 1;
+                    }
+                    (Some(p), None) => {
+                        if union {
+                            col_indices.push(p);
+                        }
+                        x += 1;
+                    }
+                    (None, Some(q)) => {
+                        if union {
+                            col_indices.push(q);
+                        }
+                        y += 1;
+                    }
+                    (None, None) => break,
+                }
+            }
+            row_offsets.push(i32::try_from(col_indices.len()).map_err(|_| too_many())?);
+        }
+        Ok(Self::with_flags(
+            self.shape,
+            self.element,
+            plan,
+            row_offsets,
+            col_indices,
+        ))
+    }
+
+    /// A picture of the blocks of `(b, h)` (indices reduced for a shared batch or head, as in
+    /// [`row`](Self::row)): a header line with the shape, `nnz` and density of the whole mask,
+    /// then one line per query block with one character per key block: `#` a listed full block,
+    /// `+` a listed partial block, `.` a block not listed.
+    pub fn render(&self, b: usize, h: usize) -> String {
+        let s = self.shape;
+        let (nqb, nkb) = (s.num_q_blocks(), s.num_k_blocks());
+        let mut out = format!(
+            "BlockMask batch={} heads={} seqlen_q={} seqlen_k={} blocks={nqb}x{nkb} ({Q_BLOCK}x{K_BLOCK}) nnz={} density={:.4} element={:?}; b={b} h={h}\n",
+            s.batch,
+            s.heads,
+            s.seqlen_q,
+            s.seqlen_k,
+            self.nnz(),
+            self.density(),
+            self.element,
+        );
+        out.reserve(nqb * (nkb + 1));
+        for qb in 0..nqb {
+            let r = s.row(b % s.batch, h % s.heads, qb);
+            let mut line = vec!['.'; nkb];
+            for n in self.row_offsets[r] as usize..self.row_offsets[r + 1] as usize {
+                line[self.col_indices[n] as usize] = if self.full[n] != 0 { '#' } else { '+' };
+            }
+            out.extend(line);
+            out.push('\n');
+        }
+        out
     }
 }
 

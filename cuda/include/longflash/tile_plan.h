@@ -74,8 +74,8 @@ LF_HD void lf_row_key_bounds(LfMask m, int64_t i, int64_t *lo, int64_t *hi, int6
     *sink_hi = lf_min64(m.sink_tokens, h);
 }
 
-/* Key tiles visited by query tile qt of the dense plan (dense, causal, sliding window; sinks
- * come from a block mask, so sink_tokens must be 0 here). */
+/* Key tiles visited by query tile qt of the dense plan (dense, causal, sliding window). Sinks
+ * are ignored here: a block mask lists the sink blocks, and the dense API rejects sinks. */
 LF_HD LfTileRange lf_key_tile_range(LfMask m, int32_t qt, int32_t br, int32_t bc) {
     LfTileRange r;
     int64_t off = lf_diag_offset(m);
@@ -96,7 +96,8 @@ LF_HD LfTileRange lf_key_tile_range(LfMask m, int32_t qt, int32_t br, int32_t bc
 
 /* Whether every (row, key) of query tile qt and key tile t is visible, so no element mask is
  * needed; a tile that holds the end of the key sequence, the causal diagonal or a window edge is
- * partial. Only meaningful for t inside lf_key_tile_range. */
+ * partial. Exact for any key tile, visited or not (block masks classify their listed blocks,
+ * sink blocks included, with it). */
 LF_HD int lf_tile_is_full(LfMask m, int32_t qt, int32_t t, int32_t br, int32_t bc) {
     int64_t off = lf_diag_offset(m);
     int64_t row0 = (int64_t)qt * br;

@@ -1,0 +1,311 @@
+//! Block-sparse forward: time follows the number of computed blocks.
+//!
+//! - Density sweep: random 128 x 64 blocks at 1% .. 100% density, seqlen 16k and 64k, head dim
+//!   128, 16 heads, bf16, no element mask; against the dense kernel on the same shape.
+//! - Sinks + window (StreamingLLM: 4 sink tokens, a 4096-token causal window) at 64k and 128k,
+//!   against the dense causal kernel.
+//!
+//! Each mask prints `RESULT {json}` with the median time (CUDA events), TFLOP/s on the computed
+//! blocks (4 * d per (query, key) pair of every listed block) and the speedup over dense. With
+//! LONGFLASH_MASK_DIR set, each mask is also written there (CSR + flags + metadata) so that
+//! benches/peer_flex.py runs FlexAttention on exactly the same masks in the same session.
+//! Without a GPU it prints that it skipped (and fails when LONGFLASH_REQUIRE_GPU=1).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use half::bf16;
+use longflash::sparse::{patterns, BlockMask, MaskShape, K_BLOCK, Q_BLOCK};
+use longflash::{Attention, ForwardOptions, Input, Layout, MaskSpec, Output, SparseOptions};
+
+struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    attn: Attention,
+}
+
+fn gpu() -> Option<Gpu> {
+    match longflash::open_device(0) {
+        Ok(ctx) => {
+            let attn = Attention::new(&ctx).expect("Attention::new");
+            let stream = ctx.new_stream().expect("stream");
+            Some(Gpu { ctx, stream, attn })
+        }
+        Err(e) => {
+            if std::env::var("LONGFLASH_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("LONGFLASH_REQUIRE_GPU=1 but no GPU: {e}");
+            }
+            eprintln!("skipped: no CUDA GPU ({e})");
+            None
+        }
+    }
+}
+
+fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = ((s >> 40) & 0xffff) as f32 / 65536.0
+                + ((s >> 20) & 0xfffff) as f32 / 1048576.0
+                - 1.0;
+            bf16::from_f32(u * 1.7)
+        })
+        .collect()
+}
+
+/// (query, key) pairs of every listed block, per (batch, head) row of the mask, summed over the
+/// call's batch and heads.
+fn computed_pairs(m: &BlockMask, batch: usize, heads: usize) -> f64 {
+    let s = m.shape();
+    let mut total = 0.0;
+    for b in 0..batch {
+        for h in 0..heads {
+            for qb in 0..s.num_q_blocks() {
+                let rows = ((qb + 1) * Q_BLOCK).min(s.seqlen_q) - qb * Q_BLOCK;
+                for &kb in m.row(b, h, qb) {
+                    let keys =
+                        ((kb as usize + 1) * K_BLOCK).min(s.seqlen_k) - kb as usize * K_BLOCK;
+                    total += (rows * keys) as f64;
+                }
+            }
+        }
+    }
+    total
+}
+
+fn write_mask(dir: &str, name: &str, m: &BlockMask, meta: &str) {
+    let p = std::path::Path::new(dir);
+    std::fs::create_dir_all(p).unwrap();
+    let bytes = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    std::fs::write(
+        p.join(format!("{name}.offsets.i32")),
+        bytes(m.row_offsets()),
+    )
+    .unwrap();
+    std::fs::write(p.join(format!("{name}.cols.i32")), bytes(m.col_indices())).unwrap();
+    std::fs::write(p.join(format!("{name}.full.u8")), m.full_flags()).unwrap();
+    std::fs::write(p.join(format!("{name}.json")), meta).unwrap();
+}
+
+fn opt(x: Option<u32>) -> String {
+    x.map_or("null".into(), |v| v.to_string())
+}
+
+fn time_ms(g: &Gpu, mut f: impl FnMut(), samples: &mut Vec<f64>, iters: u64) -> Duration {
+    let start = g
+        .ctx
+        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+        .unwrap();
+    let end = g
+        .ctx
+        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+        .unwrap();
+    let mut total = 0.0;
+    for _ in 0..iters {
+        start.record(&g.stream).unwrap();
+        f();
+        end.record(&g.stream).unwrap();
+        end.synchronize().unwrap();
+        let ms = start.elapsed_ms(&end).unwrap() as f64;
+        samples.push(ms);
+        total += ms;
+    }
+    Duration::from_secs_f64(total / 1e3)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn bench_sparse(c: &mut Criterion) {
+    let Some(g) = gpu() else { return };
+    let device = g.ctx.name().unwrap_or_default();
+    let mask_dir = std::env::var("LONGFLASH_MASK_DIR").ok();
+    let (d, heads) = (128usize, 16usize);
+    let mut cases: Vec<(String, String, f64, usize, BlockMask)> = Vec::new();
+    for s in [16384usize, 65536] {
+        for density in [0.01, 0.05, 0.10, 0.25, 0.50, 1.00] {
+            let shape = MaskShape {
+                batch: 1,
+                heads,
+                seqlen_q: s,
+                seqlen_k: s,
+            };
+            let m = BlockMask::from_fn(shape, MaskSpec::none(), |_, h, qb, kb| {
+                let mut z = (h as u64) << 40 ^ (qb as u64) << 20 ^ kb as u64 ^ 0x5eed;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64) < density
+            })
+            .unwrap();
+            cases.push((
+                format!("random_{}pct_{}k", (density * 100.0) as u32, s / 1024),
+                "random".into(),
+                density,
+                s,
+                m,
+            ));
+        }
+    }
+    for s in [65536usize, 131072] {
+        let shape = MaskShape {
+            batch: 1,
+            heads: 1,
+            seqlen_q: s,
+            seqlen_k: s,
+        };
+        let m = patterns::sinks_window(shape, 4, 4096).unwrap();
+        let density = m.density();
+        cases.push((
+            format!("sinks4_window4096_{}k", s / 1024),
+            "sinks_window".into(),
+            density,
+            s,
+            m,
+        ));
+    }
+    let mut group = c.benchmark_group("sparse_bf16_d128");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_millis(1000));
+    let mut dense_ms: std::collections::HashMap<(usize, bool), f64> = Default::default();
+    for (name, pattern, density, s, m) in &cases {
+        let l = Layout::bshd(1, *s, heads, d);
+        let n = l.numel();
+        let q: CudaSlice<bf16> = g.stream.clone_htod(&random_bf16(n, 1)).unwrap();
+        let k: CudaSlice<bf16> = g.stream.clone_htod(&random_bf16(n, 2)).unwrap();
+        let v: CudaSlice<bf16> = g.stream.clone_htod(&random_bf16(n, 3)).unwrap();
+        let mut o: CudaSlice<bf16> = g.stream.alloc_zeros(n).unwrap();
+        let (qv, kv, vv) = (q.as_view(), k.as_view(), v.as_view());
+        let causal = m.element_mask().causal;
+        // The dense kernel on the same shape (causal when the mask is causal), once per shape.
+        if let std::collections::hash_map::Entry::Vacant(slot) = dense_ms.entry((*s, causal)) {
+            let opts = if causal {
+                ForwardOptions::causal()
+            } else {
+                ForwardOptions::dense()
+            };
+            let mut samples = Vec::new();
+            group.bench_function(
+                BenchmarkId::new(format!("dense{}", if causal { "_causal" } else { "" }), s),
+                |bench| {
+                    bench.iter_custom(|iters| {
+                        time_ms(
+                            &g,
+                            || {
+                                let mut ov = o.as_view_mut();
+                                g.attn
+                                    .forward(
+                                        &g.stream,
+                                        Input {
+                                            data: &qv,
+                                            layout: l,
+                                        },
+                                        Input {
+                                            data: &kv,
+                                            layout: l,
+                                        },
+                                        Input {
+                                            data: &vv,
+                                            layout: l,
+                                        },
+                                        Output {
+                                            data: &mut ov,
+                                            layout: l,
+                                            lse: None,
+                                        },
+                                        &opts,
+                                    )
+                                    .unwrap();
+                            },
+                            &mut samples,
+                            iters,
+                        )
+                    })
+                },
+            );
+            if !samples.is_empty() {
+                slot.insert(median(&mut samples));
+            }
+        }
+        let dm = m.to_device(&g.stream).unwrap();
+        let sopts = SparseOptions {
+            mask: &dm,
+            softmax_scale: None,
+        };
+        let mut samples = Vec::new();
+        group.bench_function(BenchmarkId::new(name.clone(), s), |bench| {
+            bench.iter_custom(|iters| {
+                time_ms(
+                    &g,
+                    || {
+                        let mut ov = o.as_view_mut();
+                        g.attn
+                            .forward_sparse(
+                                &g.stream,
+                                Input {
+                                    data: &qv,
+                                    layout: l,
+                                },
+                                Input {
+                                    data: &kv,
+                                    layout: l,
+                                },
+                                Input {
+                                    data: &vv,
+                                    layout: l,
+                                },
+                                Output {
+                                    data: &mut ov,
+                                    layout: l,
+                                    lse: None,
+                                },
+                                &sopts,
+                            )
+                            .unwrap();
+                    },
+                    &mut samples,
+                    iters,
+                )
+            })
+        });
+        if samples.is_empty() {
+            continue;
+        }
+        let ms = median(&mut samples);
+        let flops = 4.0 * d as f64 * computed_pairs(m, 1, heads);
+        let dense = dense_ms.get(&(*s, causal)).copied();
+        let dense_tflops = dense.map(|t| {
+            4.0 * d as f64 * heads as f64 * (*s as f64).powi(2) * if causal { 0.5 } else { 1.0 }
+                / t
+                / 1e9
+        });
+        let e = m.element_mask();
+        println!(
+            "RESULT {{\"impl\": \"longflash_sparse\", \"name\": \"{name}\", \"pattern\": \"{pattern}\", \"density\": {density:.4}, \"seqlen\": {s}, \"head_dim\": {d}, \"heads\": {heads}, \"ms\": {ms:.4}, \"tflops\": {:.1}, \"dense_ms\": {}, \"dense_tflops\": {}, \"speedup_vs_dense\": {}, \"device\": \"{device}\"}}",
+            flops / ms / 1e9,
+            dense.map_or("null".into(), |t| format!("{t:.4}")),
+            dense_tflops.map_or("null".into(), |t| format!("{t:.1}")),
+            dense.map_or("null".into(), |t| format!("{:.2}", t / ms)),
+        );
+        if let Some(dir) = &mask_dir {
+            let ms_ = m.shape();
+            let meta = format!(
+                "{{\"name\": \"{name}\", \"pattern\": \"{pattern}\", \"density\": {density}, \"seqlen_q\": {s}, \"seqlen_k\": {s}, \"batch\": 1, \"heads\": {heads}, \"head_dim\": {d}, \"dtype\": \"bf16\", \"q_block\": {Q_BLOCK}, \"k_block\": {K_BLOCK}, \"mask_batch\": {}, \"mask_heads\": {}, \"element\": {{\"causal\": {}, \"window_left\": {}, \"window_right\": {}, \"sink_tokens\": {}}}, \"longflash_ms\": {ms}}}",
+                ms_.batch, ms_.heads, e.causal, opt(e.window_left), opt(e.window_right), e.sink_tokens
+            );
+            write_mask(dir, name, m, &meta);
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_sparse);
+criterion_main!(benches);
