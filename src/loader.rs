@@ -99,15 +99,23 @@ impl ModuleCache {
         if let Some(k) = loaded.kernels.get(name) {
             return Ok(*k);
         }
-        let image = embedded::FATBINS
-            .iter()
-            .find(|(stem, _)| *stem == module)
-            .map(|(_, bytes)| *bytes)
-            .ok_or_else(|| Error::InvalidArgument {
-                arg: "kernel",
-                value: module.to_string(),
-                expected: "a kernel compiled into this build".into(),
-            })?;
+        // LONGFLASH_KERNEL_DIR (a development aid for A/B timing of kernel variants without a
+        // Rust toolchain) loads `<dir>/<module>.fatbin` instead of the embedded image.
+        let replaced = std::env::var_os("LONGFLASH_KERNEL_DIR").and_then(|dir| {
+            std::fs::read(std::path::Path::new(&dir).join(format!("{module}.fatbin"))).ok()
+        });
+        let image: &[u8] = match &replaced {
+            Some(bytes) => bytes,
+            None => embedded::FATBINS
+                .iter()
+                .find(|(stem, _)| *stem == module)
+                .map(|(_, bytes)| *bytes)
+                .ok_or_else(|| Error::InvalidArgument {
+                    arg: "kernel",
+                    value: module.to_string(),
+                    expected: "a kernel compiled into this build".into(),
+                })?,
+        };
         // SAFETY: the caller guarantees the context is live.
         let _guard = unsafe { CtxGuard::bind(self.ctx) }?;
         // The driver reads the image through a pointer and needs it 8-byte aligned; include_bytes
