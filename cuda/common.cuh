@@ -13,10 +13,20 @@ namespace lf {
 template <typename T> struct Elem;
 
 template <> struct Elem<__half> {
+    static __device__ __forceinline__ float to_float(uint16_t bits) {
+        return __half2float(__ushort_as_half(bits));
+    }
+    static __device__ __forceinline__ uint16_t to_bits(float x) {
+        return __half_as_ushort(__float2half_rn(x));
+    }
     // Two f32 -> one register of two f16 (lo in the low half), round to nearest even.
     static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
         __half2 h = __floats2half2_rn(lo, hi);
         return *reinterpret_cast<uint32_t *>(&h);
+    }
+    // The two f32 values a packed register holds (exact).
+    static __device__ __forceinline__ float2 unpack(uint32_t x) {
+        return __half22float2(*reinterpret_cast<const __half2 *>(&x));
     }
     static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                uint32_t b1) {
@@ -28,9 +38,18 @@ template <> struct Elem<__half> {
 };
 
 template <> struct Elem<__nv_bfloat16> {
+    static __device__ __forceinline__ float to_float(uint16_t bits) {
+        return __bfloat162float(__ushort_as_bfloat16(bits));
+    }
+    static __device__ __forceinline__ uint16_t to_bits(float x) {
+        return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+    }
     static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
         __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
         return *reinterpret_cast<uint32_t *>(&h);
+    }
+    static __device__ __forceinline__ float2 unpack(uint32_t x) {
+        return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
     }
     static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                uint32_t b1) {

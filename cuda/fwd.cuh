@@ -17,7 +17,7 @@
 
 namespace lf {
 
-template <typename T_, int D_, int BR_, int BC_, int NWARPS_> struct FwdTraits {
+template <typename T_, int D_, int BR_, int BC_, int NWARPS_, int QVARIANTS_ = 1> struct FwdTraits {
     using T = T_;
     static constexpr int D = D_;
     static constexpr int BR = BR_;
@@ -31,7 +31,8 @@ template <typename T_, int D_, int BR_, int BC_, int NWARPS_> struct FwdTraits {
     static constexpr int kKSteps = D / 16;        // k16 steps of Q K^T
     static constexpr int kQBytes = BR * D * 2;
     static constexpr int kKVBytes = BC * D * 2;
-    static constexpr int kSmemBytes = kQBytes + 2 * kKVBytes;
+    static constexpr int kQVariants = QVARIANTS_; // Q tiles in shared memory (ReRoPE: 2)
+    static constexpr int kSmemBytes = kQVariants * kQBytes + 2 * kKVBytes;
     static_assert(kWarpRows % 16 == 0, "each warp owns whole m16 tiles");
     static_assert(BC % 16 == 0 && D % 16 == 0, "tiles are whole k16 steps");
 };
@@ -52,6 +53,8 @@ struct WindowIter {
     __device__ __forceinline__ bool is_full(int n) const {
         return lf_tile_is_full(m, qt, tile(n), br, bc);
     }
+    // Which Q tile and key source item n uses (one of each here).
+    __device__ __forceinline__ int variant(int) const { return 0; }
 };
 
 // Element mask of causal / window / sink attention (LfMask). Row i sees keys [0, sink) and
@@ -65,7 +68,8 @@ struct WindowMask {
             return j < sink || (j >= lo && j < hi);
         }
     };
-    __device__ __forceinline__ RowKeys row_keys(int64_t i, int k0, int span) const {
+    template <class Iter>
+    __device__ __forceinline__ RowKeys row_keys(const Iter &, int, int64_t i, int k0, int span) const {
         int64_t l, h, sh;
         lf_row_key_bounds(m, i, &l, &h, &sh);
         auto rel = [&](int64_t x) { return static_cast<int>(lf_min64(lf_max64(x - k0, 0), span)); };
@@ -94,6 +98,24 @@ struct CsrIter {
     __device__ __forceinline__ int count() const { return n; }
     __device__ __forceinline__ int tile(int i) const { return cols[n - 1 - i]; }
     __device__ __forceinline__ bool is_full(int i) const { return full[n - 1 - i] != 0; }
+    __device__ __forceinline__ int variant(int) const { return 0; }
+};
+
+// ---- key sources and Q preparation --------------------------------------------------------
+
+// The key rows of tile kt for item variant v: here one tensor, K itself.
+struct PlainKeys {
+    const uint16_t *base;
+    int64_t row_stride;
+    __device__ __forceinline__ const uint16_t *tile(int, int kt, int bc) const {
+        return base + static_cast<int64_t>(kt) * bc * row_stride;
+    }
+    __device__ __forceinline__ int64_t stride(int) const { return row_stride; }
+};
+
+// Q as loaded (no rotation).
+struct NoQPrep {
+    __device__ __forceinline__ void operator()(uint32_t, int, int, int) const {}
 };
 
 // ---- score policy ----------------------------------------------------------------------------
@@ -134,15 +156,16 @@ struct PlainScore {
 
 // ---- the skeleton ----------------------------------------------------------------------------
 
-template <class Tr, class Iter, class Mask, class Score>
+template <class Tr, class Iter, class Mask, class Score, class Keys, class QPrep>
 __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const Iter &iter,
-                                                   const Mask &mask, int qt, int h, int b) {
+                                                   const Mask &mask, const Keys &keys,
+                                                   const QPrep &q_prep, int qt, int h, int b) {
     using T = typename Tr::T;
     using Elt = Elem<T>;
     using Tile = SwizzledTile<Tr::D>;
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t sQ = smem_addr(smem);
-    const uint32_t sK = sQ + Tr::kQBytes;
+    const uint32_t sK = sQ + Tr::kQVariants * Tr::kQBytes;
     const uint32_t sV = sK + Tr::kKVBytes;
 
     const int tid = threadIdx.x;
@@ -159,8 +182,6 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
 
     const uint16_t *q_ptr = static_cast<const uint16_t *>(p.q) + b * p.q_batch_stride +
                             h * p.q_head_stride + q0 * p.q_row_stride;
-    const uint16_t *k_ptr =
-        static_cast<const uint16_t *>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
     const uint16_t *v_ptr =
         static_cast<const uint16_t *>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
 
@@ -183,10 +204,9 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         load_tile_async<Tr::BR, Tr::D, Tr::kThreads>(sQ, q_ptr, p.q_row_stride, seqlen_q - q0,
                                                      tid);
         {
-            int kt = iter.tile(0);
-            load_tile_async<Tr::BC, Tr::D, Tr::kThreads>(sK, k_ptr + kt * Tr::BC * p.k_row_stride,
-                                                         p.k_row_stride, seqlen_k - kt * Tr::BC,
-                                                         tid);
+            const int kt = iter.tile(0), v = iter.variant(0);
+            load_tile_async<Tr::BC, Tr::D, Tr::kThreads>(sK, keys.tile(v, kt, Tr::BC), keys.stride(v),
+                                                         seqlen_k - kt * Tr::BC, tid);
         }
         cp_async_commit();
     }
@@ -196,19 +216,20 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         const int k0 = kt * Tr::BC;
         cp_async_wait<0>();
         __syncthreads(); // K_kt (and Q) visible to all; everyone is done with V of the last tile
+        if (n == 0) q_prep(sQ, warp_row0, lane, q0); // each warp prepares its own Q rows
         load_tile_async<Tr::BC, Tr::D, Tr::kThreads>(sV, v_ptr + k0 * p.v_row_stride,
                                                      p.v_row_stride, seqlen_k - k0, tid);
         cp_async_commit();
 
         float s[Tr::kMT][Tr::kNT][4];
-        Score::template compute<Tr>(s, sQ, sK, warp_row0, lane);
+        Score::template compute<Tr>(s, sQ + iter.variant(n) * Tr::kQBytes, sK, warp_row0, lane);
 
         if (!iter.is_full(n)) {
 #pragma unroll
             for (int mt = 0; mt < Tr::kMT; ++mt)
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    const auto keys = mask.row_keys(q0 + warp_row0 + mt * 16 + g + r * 8, k0, Tr::BC);
+                    const auto keys = mask.row_keys(iter, n, q0 + warp_row0 + mt * 16 + g + r * 8, k0, Tr::BC);
 #pragma unroll
                     for (int nt = 0; nt < Tr::kNT; ++nt)
 #pragma unroll
@@ -242,23 +263,27 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
                     o[mt][dt][2 * r] *= alpha;
                     o[mt][dt][2 * r + 1] *= alpha;
                 }
+                // P is rounded to the input type here (exactly representable afterwards, so
+                // packing it for P V below is exact), and the row sum adds the rounded values:
+                // the weights P V uses are then exactly the ones the sum normalizes (summing the
+                // unrounded ones biases every output by up to an ulp of P).
 #pragma unroll
-                for (int nt = 0; nt < Tr::kNT; ++nt)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        float e = fast_exp2(fmaf(s[mt][nt][2 * r + c], scale_log2, -base));
-                        s[mt][nt][2 * r + c] = e;
-                        row_sum[mt][r] += e;
-                    }
+                for (int nt = 0; nt < Tr::kNT; ++nt) {
+                    const float2 pf = Elt::unpack(
+                        Elt::pack(fast_exp2(fmaf(s[mt][nt][2 * r], scale_log2, -base)),
+                                  fast_exp2(fmaf(s[mt][nt][2 * r + 1], scale_log2, -base))));
+                    s[mt][nt][2 * r] = pf.x;
+                    s[mt][nt][2 * r + 1] = pf.y;
+                    row_sum[mt][r] += pf.x + pf.y;
+                }
             }
 
         cp_async_wait<0>();
         __syncthreads(); // V_kt visible; everyone is done reading K_kt
         if (n + 1 < n_tiles) {
-            int kn = iter.tile(n + 1);
-            load_tile_async<Tr::BC, Tr::D, Tr::kThreads>(
-                sK, k_ptr + kn * Tr::BC * p.k_row_stride, p.k_row_stride,
-                seqlen_k - kn * Tr::BC, tid);
+            const int kn = iter.tile(n + 1), v = iter.variant(n + 1);
+            load_tile_async<Tr::BC, Tr::D, Tr::kThreads>(sK, keys.tile(v, kn, Tr::BC), keys.stride(v),
+                                                         seqlen_k - kn * Tr::BC, tid);
             cp_async_commit();
         }
 
@@ -335,7 +360,11 @@ template <class Tr> __device__ __forceinline__ void window_fwd(const LfFwdParams
     const int b = blockIdx.z;
     WindowIter iter(p.mask, qt, Tr::BR, Tr::BC);
     WindowMask mask{p.mask};
-    attention_fwd_tile<Tr, WindowIter, WindowMask, PlainScore>(p, iter, mask, qt, h, b);
+    const int hk = h / (p.heads_q / p.heads_kv);
+    PlainKeys keys{static_cast<const uint16_t *>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride,
+                   p.k_row_stride};
+    attention_fwd_tile<Tr, WindowIter, WindowMask, PlainScore>(p, iter, mask, keys, NoQPrep{}, qt,
+                                                              h, b);
 }
 
 // Block-sparse forward: the same skeleton over the key blocks listed for each query block.
@@ -345,7 +374,11 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdParams
     const int b = blockIdx.z;
     CsrIter iter(p.sparse, qt, Tr::BR, b, h);
     WindowMask mask{p.mask};
-    attention_fwd_tile<Tr, CsrIter, WindowMask, PlainScore>(p, iter, mask, qt, h, b);
+    const int hk = h / (p.heads_q / p.heads_kv);
+    PlainKeys keys{static_cast<const uint16_t *>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride,
+                   p.k_row_stride};
+    attention_fwd_tile<Tr, CsrIter, WindowMask, PlainScore>(p, iter, mask, keys, NoQPrep{}, qt, h,
+                                                           b);
 }
 
 } // namespace lf

@@ -29,7 +29,14 @@ mod sealed {
 
 /// A 16-bit floating-point element the kernels accept: [`half::f16`] or [`half::bf16`].
 pub trait Element:
-    sealed::Sealed + Copy + Send + Sync + Default + cudarc::driver::DeviceRepr + 'static
+    sealed::Sealed
+    + Copy
+    + Send
+    + Sync
+    + Default
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + 'static
 {
     /// The matching [`DType`].
     const DTYPE: DType;

@@ -9,13 +9,14 @@ mod loader;
 pub mod mask;
 pub mod plan;
 pub mod reference;
+pub mod rope;
 #[rustfmt::skip]
 pub mod sys;
 pub mod sparse;
 
 pub use attention::{
     open_device, Attention, ForwardOptions, Input, Output, RawBlockMask, RawForward, RawMerge,
-    SparseOptions, SUPPORTED_HEAD_DIMS,
+    RawRope, RawRopeMode, RopeForward, SparseOptions, SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

@@ -168,6 +168,118 @@ impl Default for LfFwdParams {
     }
 }
 #[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfRope {
+    pub inv_freq: *const f64,
+    pub position_offsets: *const i32,
+    pub k_rot: *const ::core::ffi::c_void,
+    pub k_alt: *const ::core::ffi::c_void,
+    pub mode: i32,
+    pub rotary_dim: i32,
+    pub interleaved: i32,
+    pub window: i32,
+    pub inv_leak: f64,
+    pub attention_factor: f32,
+    pub log_n_inv_ln_train: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfRope"][::core::mem::size_of::<LfRope>() - 64usize];
+    ["Alignment of LfRope"][::core::mem::align_of::<LfRope>() - 8usize];
+    ["Offset of field: LfRope::inv_freq"][::core::mem::offset_of!(LfRope, inv_freq) - 0usize];
+    ["Offset of field: LfRope::position_offsets"]
+        [::core::mem::offset_of!(LfRope, position_offsets) - 8usize];
+    ["Offset of field: LfRope::k_rot"][::core::mem::offset_of!(LfRope, k_rot) - 16usize];
+    ["Offset of field: LfRope::k_alt"][::core::mem::offset_of!(LfRope, k_alt) - 24usize];
+    ["Offset of field: LfRope::mode"][::core::mem::offset_of!(LfRope, mode) - 32usize];
+    ["Offset of field: LfRope::rotary_dim"][::core::mem::offset_of!(LfRope, rotary_dim) - 36usize];
+    ["Offset of field: LfRope::interleaved"]
+        [::core::mem::offset_of!(LfRope, interleaved) - 40usize];
+    ["Offset of field: LfRope::window"][::core::mem::offset_of!(LfRope, window) - 44usize];
+    ["Offset of field: LfRope::inv_leak"][::core::mem::offset_of!(LfRope, inv_leak) - 48usize];
+    ["Offset of field: LfRope::attention_factor"]
+        [::core::mem::offset_of!(LfRope, attention_factor) - 56usize];
+    ["Offset of field: LfRope::log_n_inv_ln_train"]
+        [::core::mem::offset_of!(LfRope, log_n_inv_ln_train) - 60usize];
+};
+impl Default for LfRope {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfRopeFwdParams {
+    pub fwd: LfFwdParams,
+    pub rope: LfRope,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfRopeFwdParams"][::core::mem::size_of::<LfRopeFwdParams>() - 304usize];
+    ["Alignment of LfRopeFwdParams"][::core::mem::align_of::<LfRopeFwdParams>() - 8usize];
+    ["Offset of field: LfRopeFwdParams::fwd"]
+        [::core::mem::offset_of!(LfRopeFwdParams, fwd) - 0usize];
+    ["Offset of field: LfRopeFwdParams::rope"]
+        [::core::mem::offset_of!(LfRopeFwdParams, rope) - 240usize];
+};
+impl Default for LfRopeFwdParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfRopeKeysParams {
+    pub k: *const ::core::ffi::c_void,
+    pub k_batch_stride: i64,
+    pub k_head_stride: i64,
+    pub k_row_stride: i64,
+    pub batch: i32,
+    pub seqlen_k: i32,
+    pub heads_kv: i32,
+    pub head_dim: i32,
+    pub rope: LfRope,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfRopeKeysParams"][::core::mem::size_of::<LfRopeKeysParams>() - 112usize];
+    ["Alignment of LfRopeKeysParams"][::core::mem::align_of::<LfRopeKeysParams>() - 8usize];
+    ["Offset of field: LfRopeKeysParams::k"][::core::mem::offset_of!(LfRopeKeysParams, k) - 0usize];
+    ["Offset of field: LfRopeKeysParams::k_batch_stride"]
+        [::core::mem::offset_of!(LfRopeKeysParams, k_batch_stride) - 8usize];
+    ["Offset of field: LfRopeKeysParams::k_head_stride"]
+        [::core::mem::offset_of!(LfRopeKeysParams, k_head_stride) - 16usize];
+    ["Offset of field: LfRopeKeysParams::k_row_stride"]
+        [::core::mem::offset_of!(LfRopeKeysParams, k_row_stride) - 24usize];
+    ["Offset of field: LfRopeKeysParams::batch"]
+        [::core::mem::offset_of!(LfRopeKeysParams, batch) - 32usize];
+    ["Offset of field: LfRopeKeysParams::seqlen_k"]
+        [::core::mem::offset_of!(LfRopeKeysParams, seqlen_k) - 36usize];
+    ["Offset of field: LfRopeKeysParams::heads_kv"]
+        [::core::mem::offset_of!(LfRopeKeysParams, heads_kv) - 40usize];
+    ["Offset of field: LfRopeKeysParams::head_dim"]
+        [::core::mem::offset_of!(LfRopeKeysParams, head_dim) - 44usize];
+    ["Offset of field: LfRopeKeysParams::rope"]
+        [::core::mem::offset_of!(LfRopeKeysParams, rope) - 48usize];
+};
+impl Default for LfRopeKeysParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq, Eq)]
 pub struct LfMergeParams {
     pub acc_o: *mut ::core::ffi::c_void,

@@ -86,6 +86,51 @@ typedef struct LfFwdParams {
     LfBlockSparse sparse; /* block-sparse kernels only */
 } LfFwdParams;
 
+/* Rotary position embedding applied inside the causal forward (RoPE, ReRoPE, Leaky ReRoPE).
+ *
+ * Positions: key j of batch b sits at off_b + j and query i at off_b + (seqlen_k - seqlen_q) + i
+ * (the causal diagonal's alignment); off_b = position_offsets[b], or 0 when NULL. R_p rotates the
+ * first rotary_dim elements of a head vector by the angles p * inv_freq[f] (pairs (f, f + r/2)
+ * for the half-split layout, (2f, 2f + 1) for interleaved) and multiplies them by
+ * attention_factor. With rel = pos(i) - pos(j) and window w:
+ *   RoPE                 s = (R_pos(i) q) . (R_pos(j) k)
+ *   ReRoPE, rel >= w     s = (R_w q) . (R_0 k)
+ *   Leaky,  rel >= w     s = (R_{pos(i)/leak + w - w/leak} q) . (R_{pos(j)/leak} k)
+ * and the RoPE score inside the window. Q is rotated in the kernel; the keys' rotations are
+ * written once by the lf_rope_keys kernel into k_rot (R_pos(j) k) and k_alt (the outside-window
+ * keys), contiguous [batch, seqlen_k, heads_kv, head_dim] workspaces. */
+typedef struct LfRope {
+    const double *inv_freq;          /* rotary_dim / 2 angular frequencies */
+    const int32_t *position_offsets; /* [batch] or NULL */
+    const void *k_rot;
+    const void *k_alt;               /* NULL for plain RoPE */
+    int32_t mode;                    /* 0 RoPE, 1 ReRoPE, 2 Leaky ReRoPE */
+    int32_t rotary_dim;
+    int32_t interleaved;             /* 0 half-split (LLaMA/NeoX), 1 interleaved (GPT-J) */
+    int32_t window;
+    double inv_leak;                 /* 1 / leak (Leaky ReRoPE) */
+    float attention_factor;          /* YaRN's mscale; 1 otherwise */
+    float log_n_inv_ln_train;        /* 1 / ln(L_train) for log-n query scaling, 0 = off */
+} LfRope;
+
+typedef struct LfRopeFwdParams {
+    LfFwdParams fwd; /* mask must be causal (window_right = 0) */
+    LfRope rope;
+} LfRopeFwdParams;
+
+/* The key-rotation pass: reads K (strides as in LfFwdParams) and writes k_rot and k_alt. */
+typedef struct LfRopeKeysParams {
+    const void *k;
+    int64_t k_batch_stride;
+    int64_t k_head_stride;
+    int64_t k_row_stride;
+    int32_t batch;
+    int32_t seqlen_k;
+    int32_t heads_kv;
+    int32_t head_dim;
+    LfRope rope; /* k_rot and k_alt are written (cast away const) */
+} LfRopeKeysParams;
+
 /* Merges a partial attention result into an accumulated one by their log-sum-exps, in place:
  *   lse = ln(exp(acc_lse) + exp(part_lse)),
  *   acc_o = exp(acc_lse - lse) * acc_o + exp(part_lse - lse) * part_o.
@@ -114,6 +159,10 @@ LF_ASSERT_LAYOUT(sizeof(LfMask) == 24, mask_size);
 LF_ASSERT_LAYOUT(sizeof(LfBlockSparse) == 56, sparse_size);
 LF_ASSERT_LAYOUT(sizeof(LfFwdParams) == 240, fwd_size);
 LF_ASSERT_LAYOUT(sizeof(LfMergeParams) == 96, merge_size);
+LF_ASSERT_LAYOUT(sizeof(LfRope) == 64, rope_size);
+LF_ASSERT_LAYOUT(sizeof(LfRopeFwdParams) == 304, rope_fwd_size);
+LF_ASSERT_LAYOUT(sizeof(LfRopeKeysParams) == 112, rope_keys_size);
+LF_ASSERT_LAYOUT(offsetof(LfRope, inv_leak) == 48, rope_inv_leak);
 LF_ASSERT_LAYOUT(offsetof(LfFwdParams, lse) == 32, fwd_lse);
 LF_ASSERT_LAYOUT(offsetof(LfFwdParams, q_batch_stride) == 40, fwd_q_batch_stride);
 LF_ASSERT_LAYOUT(offsetof(LfFwdParams, o_row_stride) == 128, fwd_o_row_stride);
