@@ -186,7 +186,9 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         static_cast<const uint16_t *>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
 
     float o[Tr::kMT][Tr::kDT][4];
-    float row_max[Tr::kMT][2], row_sum[Tr::kMT][2];
+    // row_sum adds the rounded P (what P V weights), and normalizes O; exp_sum adds the exact
+    // exponentials, for the log-sum-exp.
+    float row_max[Tr::kMT][2], row_sum[Tr::kMT][2], exp_sum[Tr::kMT][2];
 #pragma unroll
     for (int mt = 0; mt < Tr::kMT; ++mt) {
 #pragma unroll
@@ -195,6 +197,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
             for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.f;
         row_max[mt][0] = row_max[mt][1] = -INFINITY;
         row_sum[mt][0] = row_sum[mt][1] = 0.f;
+        exp_sum[mt][0] = exp_sum[mt][1] = 0.f;
     }
 
     const SwizzledCursor<Tr::D> vc(sV, (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4);
@@ -258,24 +261,20 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
                     mx == row_max[mt][r] ? 1.f : fast_exp2(row_max[mt][r] * scale_log2 - base);
                 row_max[mt][r] = mx;
                 row_sum[mt][r] *= alpha;
+                exp_sum[mt][r] *= alpha;
 #pragma unroll
                 for (int dt = 0; dt < Tr::kDT; ++dt) {
                     o[mt][dt][2 * r] *= alpha;
                     o[mt][dt][2 * r + 1] *= alpha;
                 }
-                // P is rounded to the input type here (exactly representable afterwards, so
-                // packing it for P V below is exact), and the row sum adds the rounded values:
-                // the weights P V uses are then exactly the ones the sum normalizes (summing the
-                // unrounded ones biases every output by up to an ulp of P).
 #pragma unroll
-                for (int nt = 0; nt < Tr::kNT; ++nt) {
-                    const float2 pf = Elt::unpack(
-                        Elt::pack(fast_exp2(fmaf(s[mt][nt][2 * r], scale_log2, -base)),
-                                  fast_exp2(fmaf(s[mt][nt][2 * r + 1], scale_log2, -base))));
-                    s[mt][nt][2 * r] = pf.x;
-                    s[mt][nt][2 * r + 1] = pf.y;
-                    row_sum[mt][r] += pf.x + pf.y;
-                }
+                for (int nt = 0; nt < Tr::kNT; ++nt)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const float e = fast_exp2(fmaf(s[mt][nt][2 * r + c], scale_log2, -base));
+                        s[mt][nt][2 * r + c] = e;
+                        exp_sum[mt][r] += e;
+                    }
             }
 
         cp_async_wait<0>();
@@ -298,6 +297,14 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
                 pa[mt][1] = Elt::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
                 pa[mt][2] = Elt::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
                 pa[mt][3] = Elt::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                // The row sum that normalizes O adds P as rounded for the tensor cores, so the
+                // weights P V uses are exactly the ones it divides by (the exact exponentials'
+                // sum would bias each output by up to an ulp of P; it serves the LSE instead).
+#pragma unroll
+                for (int x = 0; x < 4; ++x) {
+                    const float2 pf = Elt::unpack(pa[mt][x]);
+                    row_sum[mt][x & 1] += pf.x + pf.y;
+                }
             }
 #pragma unroll
             for (int dp = 0; dp < Tr::kDT / 2; ++dp) {
@@ -320,6 +327,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float l = quad_sum(row_sum[mt][r]);
+            const float le = quad_sum(exp_sum[mt][r]); // every lane: the shuffles need the full warp
             const float inv = l > 0.f ? 1.f / l : 0.f;
             const int row = warp_row0 + mt * 16 + g + r * 8;
 #pragma unroll
@@ -329,7 +337,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
                              "r"(packed));
             }
             if (p.lse != nullptr && tq == 0 && q0 + row < seqlen_q) {
-                const float lse = l > 0.f ? row_max[mt][r] * scale + logf(l) : -INFINITY;
+                const float lse = le > 0.f ? row_max[mt][r] * scale + logf(le) : -INFINITY;
                 p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * seqlen_q + q0 + row] = lse;
             }
         }
