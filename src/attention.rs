@@ -613,7 +613,7 @@ impl Attention {
             log_n_train_len: rope.log_n_train_len,
         };
         let options = ForwardOptions {
-            mask: MaskSpec::causal(),
+            mask: rope.mask(),
             softmax_scale: opts.softmax_scale,
         };
         self.forward_impl(stream, [q, k, v], out, options, None, |raw| {

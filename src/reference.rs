@@ -520,7 +520,8 @@ fn rope_inside(mode: &PositionMode, rel: i64) -> bool {
 ///
 /// Q and K arrive un-rotated. Positions are those of [`RopeOptions`] (key `j` of batch entry `b`
 /// at `off_b + j`, query `i` at `off_b + seqlen_k - seqlen_q + i`), the mask is causal and
-/// bottom-right aligned ([`MaskSpec::causal`]). For each (batch entry, query head) two full
+/// bottom-right aligned ([`MaskSpec::causal`], with `rope.window_left` as a sliding window when
+/// set). For each (batch entry, query head) two full
 /// score matrices are built, following Jianlin Su's two-matrix formulation (bojone/rerope),
 /// with `q~_i = logn(p_i) * q_i` (log-n scaling, 1 when off) and `R_x` the rotation of
 /// [`crate::rope::rotate`] to position `x`, its rotated part multiplied by the attention factor
@@ -561,7 +562,7 @@ pub fn rope_attention_f64(
     let d = shape.head_dim;
     let (sq, sk) = (shape.seqlen_q, shape.seqlen_k);
     let group = shape.heads_q / shape.heads_kv;
-    let mask = MaskSpec::causal();
+    let mask = rope.mask();
     let mut out = vec![0.0f64; q.len()];
     let mut lse = Vec::with_capacity(shape.batch * shape.heads_q * sq);
 
@@ -708,7 +709,7 @@ pub fn rope_attention_lowp<T: Element>(
     let d = shape.head_dim;
     let (sq, sk) = (shape.seqlen_q, shape.seqlen_k);
     let group = shape.heads_q / shape.heads_kv;
-    let mask = MaskSpec::causal();
+    let mask = rope.mask();
     let mut out = vec![0.0f64; q.len()];
     let mut lse = Vec::with_capacity(shape.batch * shape.heads_q * sq);
 

@@ -477,6 +477,10 @@ pub struct RopeOptions {
     /// Position of key 0 of each batch entry (chunked prefill), one per batch entry; `None` for
     /// all 0.
     pub position_offsets: Option<Vec<u32>>,
+    /// A sliding window on top of the causal mask: keys more than this many tokens left of the
+    /// (bottom-right aligned) diagonal are masked, whatever the position mode. `None`: causal
+    /// only.
+    pub window_left: Option<u32>,
 }
 
 impl RopeOptions {
@@ -488,6 +492,7 @@ impl RopeOptions {
             mode,
             log_n_train_len: None,
             position_offsets: None,
+            window_left: None,
         }
     }
 
@@ -626,5 +631,15 @@ pub fn rotate(
         let (xa, xb) = (x[a], x[b]);
         x[a] = (xa * cos - xb * sin) * attention_factor;
         x[b] = (xa * sin + xb * cos) * attention_factor;
+    }
+}
+
+impl RopeOptions {
+    /// The element mask these options attend with: causal, plus the sliding window if set.
+    pub fn mask(&self) -> crate::mask::MaskSpec {
+        match self.window_left {
+            Some(w) => crate::mask::MaskSpec::causal_window(w),
+            None => crate::mask::MaskSpec::causal(),
+        }
     }
 }

@@ -681,7 +681,6 @@ fn scalings() -> Vec<RopeScaling> {
 
 #[test]
 fn rope_matches_plain_attention_on_prerotated_inputs() {
-    let mask = MaskSpec::causal();
     for (n, s) in shapes().into_iter().enumerate() {
         let p = problem(s, 100 + n as u64);
         let (d, sq, sk) = (s.head_dim, s.seqlen_q, s.seqlen_k);
@@ -690,6 +689,10 @@ fn rope_matches_plain_attention_on_prerotated_inputs() {
                 let mut rope = opts(config(rotary_dim, layout, scaling), PositionMode::Rope);
                 rope.position_offsets = Some((0..s.batch as u32).map(|b| 3 * b + 1).collect());
                 rope.log_n_train_len = Some(4);
+                // A sliding window on top of causal for some shapes.
+                rope.window_left = [None, Some(1), Some(3)][n % 3];
+                let mask = rope.mask();
+                assert_eq!(mask.window_left, rope.window_left);
                 let scale = 0.7;
                 let got = p.run(&rope, scale);
 
