@@ -44,6 +44,13 @@ fn gpu() -> Option<&'static Gpu> {
 /// Says a test skipped, on the process's stderr (not the captured test output), so it shows.
 fn say_skipped(test: &str) {
     use std::io::Write;
+    // Once per test, not once per property-test case.
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if said.iter().any(|t| t == test) {
+        return;
+    }
+    said.push(test.to_string());
     let _ = writeln!(
         std::io::stderr(),
         "skipped: {test}: no CUDA GPU (LONGFLASH_REQUIRE_GPU=1 makes this a failure)"
