@@ -7,64 +7,16 @@
 //! benches/peer_sdpa.py in the same run. Without a GPU it prints that it skipped (and fails when
 //! LONGFLASH_REQUIRE_GPU=1).
 
-use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "common/mod.rs"]
+mod common;
+use common::*;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::CudaSlice;
 use half::bf16;
-use longflash::{Attention, ForwardOptions, Input, Layout, Output};
-
-struct Gpu {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    attn: Attention,
-}
-
-fn gpu() -> Option<Gpu> {
-    match longflash::open_device(0) {
-        Ok(ctx) => {
-            let attn = Attention::new(&ctx).expect("Attention::new");
-            let stream = ctx.new_stream().expect("stream");
-            Some(Gpu { ctx, stream, attn })
-        }
-        Err(e) => {
-            if std::env::var("LONGFLASH_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("LONGFLASH_REQUIRE_GPU=1 but no GPU: {e}");
-            }
-            eprintln!("skipped: no CUDA GPU ({e})");
-            None
-        }
-    }
-}
-
-fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            // Roughly normal: sum of uniforms, centred.
-            let u = ((s >> 40) & 0xffff) as f32 / 65536.0
-                + ((s >> 20) & 0xfffff) as f32 / 1048576.0
-                - 1.0;
-            bf16::from_f32(u * 1.7)
-        })
-        .collect()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn parse_list(var: &str, default: &[usize]) -> Vec<usize> {
-    std::env::var(var)
-        .ok()
-        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| default.to_vec())
-}
+use longflash::{ForwardOptions, Input, Layout, Output};
 
 fn bench_forward(c: &mut Criterion) {
     let Some(g) = gpu() else { return };
@@ -136,25 +88,7 @@ fn bench_forward(c: &mut Criterion) {
                 group.throughput(Throughput::Elements(flops as u64));
                 group.bench_function(id, |bench| {
                     bench.iter_custom(|iters| {
-                        let start = g
-                            .ctx
-                            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                            .unwrap();
-                        let end = g
-                            .ctx
-                            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                            .unwrap();
-                        let mut total = 0.0f64;
-                        for _ in 0..iters {
-                            start.record(&g.stream).unwrap();
-                            launch(&mut o);
-                            end.record(&g.stream).unwrap();
-                            end.synchronize().unwrap();
-                            let ms = start.elapsed_ms(&end).unwrap() as f64;
-                            times_ms.push(ms);
-                            total += ms;
-                        }
-                        Duration::from_secs_f64(total / 1e3)
+                        time_calls(&g, || launch(&mut o), &mut times_ms, iters)
                     })
                 });
                 if times_ms.is_empty() {

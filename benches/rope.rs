@@ -4,57 +4,17 @@
 //! with the median time (CUDA events) and the ratio to plain causal attention;
 //! benches/peer_rerope.py times the two-matrix PyTorch ReRoPE in the same session.
 
-use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "common/mod.rs"]
+mod common;
+use common::*;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
-use longflash::{Attention, ForwardOptions, Input, Layout, Output, RopeForward};
-
-struct Gpu {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    attn: Attention,
-}
-
-fn gpu() -> Option<Gpu> {
-    match longflash::open_device(0) {
-        Ok(ctx) => {
-            let attn = Attention::new(&ctx).expect("Attention::new");
-            let stream = ctx.new_stream().expect("stream");
-            Some(Gpu { ctx, stream, attn })
-        }
-        Err(e) => {
-            if std::env::var("LONGFLASH_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("LONGFLASH_REQUIRE_GPU=1 but no GPU: {e}");
-            }
-            eprintln!("skipped: no CUDA GPU ({e})");
-            None
-        }
-    }
-}
-
-fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let u = ((s >> 40) & 0xffff) as f32 / 65536.0
-                + ((s >> 20) & 0xfffff) as f32 / 1048576.0
-                - 1.0;
-            bf16::from_f32(u * 1.7)
-        })
-        .collect()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
+use longflash::{ForwardOptions, Input, Layout, Output, RopeForward};
 
 fn bench_rope(c: &mut Criterion) {
     let Some(g) = gpu() else { return };
@@ -93,66 +53,55 @@ fn bench_rope(c: &mut Criterion) {
             let mut samples: Vec<f64> = Vec::new();
             group.bench_function(BenchmarkId::new(name, s), |bench| {
                 bench.iter_custom(|iters| {
-                    let start = g
-                        .ctx
-                        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                        .unwrap();
-                    let end = g
-                        .ctx
-                        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                        .unwrap();
-                    let mut total = 0.0;
-                    for _ in 0..iters {
-                        start.record(&g.stream).unwrap();
-                        let mut ov = o.as_view_mut();
-                        let (qi, ki, vi) = (
-                            Input {
-                                data: &qv,
-                                layout: l,
-                            },
-                            Input {
-                                data: &kv,
-                                layout: l,
-                            },
-                            Input {
-                                data: &vv,
-                                layout: l,
-                            },
-                        );
-                        let out = Output {
-                            data: &mut ov,
-                            layout: l,
-                            lse: None,
-                        };
-                        match &rope {
-                            None => g.attn.forward(
-                                &g.stream,
-                                qi,
-                                ki,
-                                vi,
-                                out,
-                                &ForwardOptions::causal(),
-                            ),
-                            Some(r) => g.attn.forward_rope(
-                                &g.stream,
-                                qi,
-                                ki,
-                                vi,
-                                out,
-                                &RopeForward {
-                                    rope: r,
-                                    softmax_scale: None,
+                    time_calls(
+                        &g,
+                        || {
+                            let mut ov = o.as_view_mut();
+                            let (qi, ki, vi) = (
+                                Input {
+                                    data: &qv,
+                                    layout: l,
                                 },
-                            ),
-                        }
-                        .unwrap();
-                        end.record(&g.stream).unwrap();
-                        end.synchronize().unwrap();
-                        let ms = start.elapsed_ms(&end).unwrap() as f64;
-                        samples.push(ms);
-                        total += ms;
-                    }
-                    Duration::from_secs_f64(total / 1e3)
+                                Input {
+                                    data: &kv,
+                                    layout: l,
+                                },
+                                Input {
+                                    data: &vv,
+                                    layout: l,
+                                },
+                            );
+                            let out = Output {
+                                data: &mut ov,
+                                layout: l,
+                                lse: None,
+                            };
+                            match &rope {
+                                None => g.attn.forward(
+                                    &g.stream,
+                                    qi,
+                                    ki,
+                                    vi,
+                                    out,
+                                    &ForwardOptions::causal(),
+                                ),
+                                Some(r) => g.attn.forward_rope(
+                                    &g.stream,
+                                    qi,
+                                    ki,
+                                    vi,
+                                    out,
+                                    &RopeForward {
+                                        rope: r,
+                                        softmax_scale: None,
+                                    },
+                                ),
+                            }
+                            .unwrap();
+                        },
+                        &mut samples,
+                        iters,
+                    )
                 })
             });
             if samples.is_empty() {

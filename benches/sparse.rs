@@ -11,52 +11,17 @@
 //! benches/peer_flex.py runs FlexAttention on exactly the same masks in the same session.
 //! Without a GPU it prints that it skipped (and fails when LONGFLASH_REQUIRE_GPU=1).
 
-use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "common/mod.rs"]
+mod common;
+use common::*;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use longflash::sparse::{patterns, BlockMask, MaskShape, K_BLOCK, Q_BLOCK};
-use longflash::{Attention, ForwardOptions, Input, Layout, MaskSpec, Output, SparseOptions};
-
-struct Gpu {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    attn: Attention,
-}
-
-fn gpu() -> Option<Gpu> {
-    match longflash::open_device(0) {
-        Ok(ctx) => {
-            let attn = Attention::new(&ctx).expect("Attention::new");
-            let stream = ctx.new_stream().expect("stream");
-            Some(Gpu { ctx, stream, attn })
-        }
-        Err(e) => {
-            if std::env::var("LONGFLASH_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("LONGFLASH_REQUIRE_GPU=1 but no GPU: {e}");
-            }
-            eprintln!("skipped: no CUDA GPU ({e})");
-            None
-        }
-    }
-}
-
-fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let u = ((s >> 40) & 0xffff) as f32 / 65536.0
-                + ((s >> 20) & 0xfffff) as f32 / 1048576.0
-                - 1.0;
-            bf16::from_f32(u * 1.7)
-        })
-        .collect()
-}
+use longflash::{ForwardOptions, Input, Layout, MaskSpec, Output, SparseOptions};
 
 /// (query, key) pairs of every listed block, per (batch, head) row of the mask, summed over the
 /// call's batch and heads.
@@ -94,33 +59,6 @@ fn write_mask(dir: &str, name: &str, m: &BlockMask, meta: &str) {
 
 fn opt(x: Option<u32>) -> String {
     x.map_or("null".into(), |v| v.to_string())
-}
-
-fn time_ms(g: &Gpu, mut f: impl FnMut(), samples: &mut Vec<f64>, iters: u64) -> Duration {
-    let start = g
-        .ctx
-        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-        .unwrap();
-    let end = g
-        .ctx
-        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-        .unwrap();
-    let mut total = 0.0;
-    for _ in 0..iters {
-        start.record(&g.stream).unwrap();
-        f();
-        end.record(&g.stream).unwrap();
-        end.synchronize().unwrap();
-        let ms = start.elapsed_ms(&end).unwrap() as f64;
-        samples.push(ms);
-        total += ms;
-    }
-    Duration::from_secs_f64(total / 1e3)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn bench_sparse(c: &mut Criterion) {
@@ -197,7 +135,7 @@ fn bench_sparse(c: &mut Criterion) {
                 BenchmarkId::new(format!("dense{}", if causal { "_causal" } else { "" }), s),
                 |bench| {
                     bench.iter_custom(|iters| {
-                        time_ms(
+                        time_calls(
                             &g,
                             || {
                                 let mut ov = o.as_view_mut();
@@ -243,7 +181,7 @@ fn bench_sparse(c: &mut Criterion) {
         let mut samples = Vec::new();
         group.bench_function(BenchmarkId::new(name.clone(), s), |bench| {
             bench.iter_custom(|iters| {
-                time_ms(
+                time_calls(
                     &g,
                     || {
                         let mut ov = o.as_view_mut();

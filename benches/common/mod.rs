@@ -1,0 +1,86 @@
+//! What the benches share: the GPU setup, input data, CUDA-event timing and medians.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cudarc::driver::{sys::CUevent_flags, CudaContext, CudaStream};
+use half::bf16;
+use longflash::Attention;
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub attn: Attention,
+}
+
+/// The GPU, or `None` after saying it skipped (a panic under LONGFLASH_REQUIRE_GPU=1).
+pub fn gpu() -> Option<Gpu> {
+    match longflash::open_device(0) {
+        Ok(ctx) => {
+            let attn = Attention::new(&ctx).expect("Attention::new");
+            let stream = ctx.new_stream().expect("stream");
+            Some(Gpu { ctx, stream, attn })
+        }
+        Err(e) => {
+            if std::env::var("LONGFLASH_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("LONGFLASH_REQUIRE_GPU=1 but no GPU: {e}");
+            }
+            eprintln!("skipped: no CUDA GPU ({e})");
+            None
+        }
+    }
+}
+
+/// Roughly normal bf16 data (a centred sum of uniforms), never zeros.
+pub fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = ((s >> 40) & 0xffff) as f32 / 65536.0
+                + ((s >> 20) & 0xfffff) as f32 / 1048576.0
+                - 1.0;
+            bf16::from_f32(u * 1.7)
+        })
+        .collect()
+}
+
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// A comma list of numbers from an environment variable, or the default.
+pub fn parse_list(var: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(var)
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+/// Times `iters` calls of `f` with CUDA events around each one, pushing each time (ms) to
+/// `samples`; returns the total for criterion's `iter_custom`.
+pub fn time_calls(g: &Gpu, mut f: impl FnMut(), samples: &mut Vec<f64>, iters: u64) -> Duration {
+    let start = g
+        .ctx
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .unwrap();
+    let end = g
+        .ctx
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .unwrap();
+    let mut total = 0.0;
+    for _ in 0..iters {
+        start.record(&g.stream).unwrap();
+        f();
+        end.record(&g.stream).unwrap();
+        end.synchronize().unwrap();
+        let ms = start.elapsed_ms(&end).unwrap() as f64;
+        samples.push(ms);
+        total += ms;
+    }
+    Duration::from_secs_f64(total / 1e3)
+}
