@@ -93,6 +93,7 @@ fn bench_rope(c: &mut Criterion) {
                                     out,
                                     &RopeForward {
                                         rope: r,
+                                        block_mask: None,
                                         softmax_scale: None,
                                     },
                                 ),

@@ -55,6 +55,10 @@ struct WindowIter {
     }
     // Which Q tile and key source item n uses (one of each here).
     __device__ __forceinline__ int variant(int) const { return 0; }
+    // How many visited tiles have index >= x (they come first, visiting last to first).
+    __device__ __forceinline__ int count_at_least(int64_t x) const {
+        return static_cast<int>(lf_min64(lf_max64(range.end - x, 0), count()));
+    }
 };
 
 // Element mask of causal / window / sink attention (LfMask). Row i sees keys [0, sink) and
@@ -99,6 +103,18 @@ struct CsrIter {
     __device__ __forceinline__ int tile(int i) const { return cols[n - 1 - i]; }
     __device__ __forceinline__ bool is_full(int i) const { return full[n - 1 - i] != 0; }
     __device__ __forceinline__ int variant(int) const { return 0; }
+    // How many listed blocks have index >= x (a binary search over the sorted row).
+    __device__ __forceinline__ int count_at_least(int64_t x) const {
+        int lo = 0, hi = n; // first position whose column is >= x
+        while (lo < hi) {
+            const int mid = (lo + hi) >> 1;
+            if (cols[mid] < x)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        return n - lo;
+    }
 };
 
 // ---- key sources and Q preparation --------------------------------------------------------

@@ -10,6 +10,8 @@
 // passes, so straddling tiles need no second score matrix in registers.
 #pragma once
 
+#include <type_traits>
+
 #include "fwd.cuh"
 
 namespace lf {
@@ -46,54 +48,66 @@ __device__ __forceinline__ void rope_pair(const LfRope &r, int f, int &x, int &y
 
 // ---- tile iterator ------------------------------------------------------------------------------
 
-// Causal (optionally windowed) key tiles, last to first, each emitted once when it lies wholly
-// inside the ReRoPE window (variant 0) or wholly outside it (variant 1), and twice when it
-// straddles the window edge (variant 0 with rel < w, then variant 1 with rel >= w). Plain RoPE is
-// the case where every tile is inside.
-struct ReRopeIter {
-    LfMask m;
-    int qt, br, bc;
-    int end, a, b, n_in, n_str, count_;
-    __device__ __forceinline__ ReRopeIter(const LfMask &m_, const LfRope &r, int qt_, int br_,
-                                          int bc_)
-        : m(m_), qt(qt_), br(br_), bc(bc_) {
-        const LfTileRange range = lf_key_tile_range(m, qt, br, bc);
-        const int begin = range.begin;
-        end = range.end > range.begin ? range.end : range.begin;
+template <class Base>
+__device__ __forceinline__ Base make_base(const LfFwdParams &p, int qt, int br, int bc, int b, int h);
+template <>
+__device__ __forceinline__ WindowIter make_base<WindowIter>(const LfFwdParams &p, int qt, int br,
+                                                            int bc, int, int) {
+    return WindowIter(p.mask, qt, br, bc);
+}
+template <>
+__device__ __forceinline__ CsrIter make_base<CsrIter>(const LfFwdParams &p, int qt, int br, int,
+                                                      int b, int h) {
+    return CsrIter(p.sparse, qt, br, b, h);
+}
+
+// Wraps a base tile iterator (the dense causal/window plan, or a block mask's row; both visit
+// last to first) and emits each tile once when it lies wholly inside the ReRoPE window (variant
+// 0) or wholly outside it (variant 1), and twice when it straddles the window edge (variant 0
+// with rel < w, then variant 1 with rel >= w). Inside tiles are those with index >= a, outside
+// those below b, so in the base order they form three consecutive runs. Plain RoPE is the case
+// where every tile is inside.
+template <class Base> struct ReRopeIter {
+    Base base;
+    int n_in, n_str, count_;
+    __device__ __forceinline__ ReRopeIter(const Base &base_, const LfMask &m, const LfRope &r,
+                                          int qt, int br, int bc)
+        : base(base_) {
+        const int n = base.count();
         if (r.mode == 0) {
-            a = b = begin;
+            n_in = n;
+            n_str = 0;
         } else {
             const int64_t off = lf_diag_offset(m);
             const int64_t q0 = static_cast<int64_t>(qt) * br;
             const int64_t q1 = lf_min64(q0 + br, m.seqlen_q) - 1;
             // Inside iff q1 + off - kt*bc < w; outside iff q0 + off - (kt*bc + bc - 1) >= w.
             const int64_t x = q1 + off - r.window;
-            const int64_t a64 = x < 0 ? 0 : x / bc + 1;
+            const int64_t a = x < 0 ? 0 : x / bc + 1;
             const int64_t y = q0 + off - r.window - bc + 1;
-            const int64_t b64 = y < 0 ? 0 : y / bc + 1;
-            a = static_cast<int>(lf_min64(lf_max64(a64, begin), end));
-            b = static_cast<int>(lf_min64(lf_max64(b64, begin), a));
+            const int64_t b = y < 0 ? 0 : y / bc + 1;
+            n_in = base.count_at_least(a);
+            n_str = base.count_at_least(b) - n_in;
         }
-        n_in = end - a;
-        n_str = a - b;
-        count_ = n_in + 2 * n_str + (b - begin);
+        count_ = n + n_str;
+    }
+    __device__ __forceinline__ int base_index(int i) const {
+        if (i < n_in) return i;
+        if (i < n_in + 2 * n_str) return n_in + (i - n_in) / 2;
+        return i - n_str;
     }
     __device__ __forceinline__ int count() const { return count_; }
-    __device__ __forceinline__ int tile(int n) const {
-        if (n < n_in) return end - 1 - n;
-        if (n < n_in + 2 * n_str) return a - 1 - (n - n_in) / 2;
-        return b - 1 - (n - n_in - 2 * n_str);
-    }
-    __device__ __forceinline__ int variant(int n) const {
-        if (n < n_in) return 0;
-        if (n < n_in + 2 * n_str) return (n - n_in) & 1;
+    __device__ __forceinline__ int tile(int i) const { return base.tile(base_index(i)); }
+    __device__ __forceinline__ int variant(int i) const {
+        if (i < n_in) return 0;
+        if (i < n_in + 2 * n_str) return (i - n_in) & 1;
         return 1;
     }
-    __device__ __forceinline__ bool straddles(int n) const {
-        return n >= n_in && n < n_in + 2 * n_str;
+    __device__ __forceinline__ bool straddles(int i) const {
+        return i >= n_in && i < n_in + 2 * n_str;
     }
-    __device__ __forceinline__ bool is_full(int n) const {
-        return !straddles(n) && lf_tile_is_full(m, qt, tile(n), br, bc);
+    __device__ __forceinline__ bool is_full(int i) const {
+        return !straddles(i) && base.is_full(base_index(i));
     }
 };
 
@@ -105,7 +119,8 @@ struct ReRopeMask {
         int lo, hi;
         __device__ __forceinline__ bool visible(int j) const { return j >= lo && j < hi; }
     };
-    __device__ __forceinline__ RowKeys row_keys(const ReRopeIter &iter, int n, int64_t i, int k0,
+    template <class Iter>
+    __device__ __forceinline__ RowKeys row_keys(const Iter &iter, int n, int64_t i, int k0,
                                                 int span) const {
         int64_t l, h, sh;
         lf_row_key_bounds(m, i, &l, &h, &sh);
@@ -186,12 +201,17 @@ template <class Tr> struct RopeQPrep {
     }
 };
 
-template <class Tr> __device__ __forceinline__ void rope_fwd(const LfRopeFwdParams &pr) {
+// The RoPE forward over the key tiles of Base: WindowIter (causal, optionally windowed) or
+// CsrIter (a block mask's row).
+template <class Tr, bool kSparse>
+__device__ __forceinline__ void rope_fwd(const LfRopeFwdParams &pr) {
     const LfFwdParams &p = pr.fwd;
     const int qt = gridDim.x - 1 - blockIdx.x;
     const int h = blockIdx.y;
     const int b = blockIdx.z;
-    ReRopeIter iter(p.mask, pr.rope, qt, Tr::BR, Tr::BC);
+    using Base = typename std::conditional<kSparse, CsrIter, WindowIter>::type;
+    const Base base = make_base<Base>(p, qt, Tr::BR, Tr::BC, b, h);
+    ReRopeIter<Base> iter(base, p.mask, pr.rope, qt, Tr::BR, Tr::BC);
     ReRopeMask mask{p.mask, pr.rope.window};
     const int hk = h / (p.heads_q / p.heads_kv);
     const int64_t row = static_cast<int64_t>(p.heads_kv) * p.head_dim;
@@ -199,7 +219,8 @@ template <class Tr> __device__ __forceinline__ void rope_fwd(const LfRopeFwdPara
     RopeKeys keys{static_cast<const uint16_t *>(pr.rope.k_rot) + head_off,
                   pr.rope.k_alt ? static_cast<const uint16_t *>(pr.rope.k_alt) + head_off : nullptr, row};
     RopeQPrep<Tr> prep{&pr.rope, p.mask.seqlen_q, p.mask.seqlen_k, b};
-    attention_fwd_tile<Tr, ReRopeIter, ReRopeMask, PlainScore>(p, iter, mask, keys, prep, qt, h, b);
+    attention_fwd_tile<Tr, ReRopeIter<Base>, ReRopeMask, PlainScore>(p, iter, mask, keys, prep, qt,
+                                                                    h, b);
 }
 
 // The key-rotation pass: one thread per (batch, key, kv head, pair).
@@ -255,7 +276,15 @@ template <typename T> __device__ __forceinline__ void rope_keys(const LfRopeKeys
     using NAME##_traits = lf::FwdTraits<T, D, LF_FWD_BR_D##D, LF_FWD_BC_D##D, LF_FWD_WARPS, 2>;  \
     extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
         NAME(const __grid_constant__ LfRopeFwdParams p) {                                         \
-        lf::rope_fwd<NAME##_traits>(p);                                                           \
+        lf::rope_fwd<NAME##_traits, false>(p);                                                    \
+    }
+
+// The same over a block mask's listed blocks.
+#define LF_DEFINE_ROPE_SPARSE_KERNEL(NAME, T, D)                                                  \
+    using NAME##_traits = lf::FwdTraits<T, D, LF_FWD_BR_D##D, LF_FWD_BC_D##D, LF_FWD_WARPS, 2>;  \
+    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
+        NAME(const __grid_constant__ LfRopeFwdParams p) {                                         \
+        lf::rope_fwd<NAME##_traits, true>(p);                                                     \
     }
 
 #define LF_DEFINE_ROPE_KEYS_KERNEL(NAME, T)                                                       \

@@ -616,8 +616,33 @@ impl Attention {
             mask: rope.mask(),
             softmax_scale: opts.softmax_scale,
         };
-        self.forward_impl(stream, [q, k, v], out, options, None, |raw| {
-            // SAFETY: as in forward; the tables and workspaces were allocated above in this
+        if let Some(bm) = opts.block_mask {
+            let m = bm.host();
+            m.check_for(ql.batch, ql.heads, ql.seqlen, kl.seqlen)?;
+            if m.element_mask() != rope.mask() {
+                return Err(Error::InvalidMask {
+                    arg: "block_mask.element_mask",
+                    value: format!("{:?}", m.element_mask()),
+                    expected:
+                        "the RoPE call's mask: causal, with rope.window_left as its left window",
+                });
+            }
+            for (arg, ctx) in [
+                (
+                    "mask.row_offsets",
+                    bm.row_offsets.stream().context().cu_ctx(),
+                ),
+                (
+                    "mask.col_indices",
+                    bm.col_indices.stream().context().cu_ctx(),
+                ),
+                ("mask.full", bm.full.stream().context().cu_ctx()),
+            ] {
+                self.same_context(arg, ctx)?;
+            }
+        }
+        self.forward_impl(stream, [q, k, v], out, options, opts.block_mask, |raw| {
+            // SAFETY: as in forward (block mask included); the tables and workspaces were allocated above in this
             // context with the sizes the contract asks for, and live until the call returns
             // (the driver orders their frees after the kernels on this stream).
             unsafe { self.forward_rope_raw(stream.cu_stream(), raw, &raw_rope) }
@@ -799,8 +824,11 @@ impl Attention {
 /// Options of a RoPE forward call (causal; see [`Attention::forward_rope`]).
 #[derive(Clone, Copy)]
 pub struct RopeForward<'a> {
-    /// Rotary configuration, position mode, log-n scaling, position offsets.
+    /// Rotary configuration, position mode, log-n scaling, position offsets, sliding window.
     pub rope: &'a RopeOptions,
+    /// Restrict attention to the blocks of a block mask, whose element mask must be
+    /// `rope.mask()` (causal, with the same window).
+    pub block_mask: Option<&'a DeviceBlockMask>,
     /// Multiplies Q K^T before the softmax; `None` means `1 / sqrt(head_dim)`.
     pub softmax_scale: Option<f32>,
 }
@@ -1253,8 +1281,8 @@ impl Attention {
     /// raw pointers: Q and K arrive un-rotated. Runs the key-rotation pass into the caller's
     /// workspaces, then the attention kernel, both on `stream`; allocates nothing.
     ///
-    /// `fwd.options.mask` must be causal (a left window may be added); `fwd.block_mask` must be
-    /// `None`.
+    /// `fwd.options.mask` must be causal (a left window may be added); with `fwd.block_mask`
+    /// only the listed blocks are computed.
     ///
     /// # Safety
     /// As [`forward_raw`](Self::forward_raw), and: `rope.inv_freq` holds `rotary_dim / 2` f64,
@@ -1272,13 +1300,6 @@ impl Attention {
                 arg: "mask.causal",
                 value: "false".into(),
                 expected: "true: the RoPE forward is causal (ReRoPE's relative positions are non-negative)",
-            });
-        }
-        if fwd.block_mask.is_some() {
-            return Err(Error::InvalidArgument {
-                arg: "block_mask",
-                value: "Some(..)".into(),
-                expected: "None: block masks do not combine with the RoPE forward yet".into(),
             });
         }
         let base = fwd.validate()?;
@@ -1324,13 +1345,12 @@ impl Attention {
                 .kernel(&format!("rope_keys_{dt}"), &format!("lf_rope_keys_{dt}"), 0)
         }?;
         // SAFETY: as above.
-        let kernel = unsafe {
-            self.cache.kernel(
-                &format!("rope_{dt}_d{d}"),
-                &format!("lf_rope_{dt}_d{d}"),
-                smem,
-            )
-        }?;
+        let module = if fwd.block_mask.is_some() {
+            format!("rope_sparse_{dt}_d{d}")
+        } else {
+            format!("rope_{dt}_d{d}")
+        };
+        let kernel = unsafe { self.cache.kernel(&module, &format!("lf_{module}"), smem) }?;
         let mut params = crate::sys::LfRopeFwdParams {
             fwd: base,
             rope: lf_rope,

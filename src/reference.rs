@@ -554,6 +554,33 @@ pub fn rope_attention_f64(
     rope: &RopeOptions,
     scale: f64,
 ) -> Result<RefOutput> {
+    rope_attention_f64_impl(shape, q, k, v, rope, None, scale)
+}
+
+/// [`rope_attention_f64`] restricted to the blocks a block mask lists: a pair is visible when
+/// the causal (and window) mask allows it and `blocks.is_visible(b, h, i, j)`. `blocks` must
+/// carry the same element mask (`rope.mask()`).
+pub fn rope_attention_f64_sparse(
+    shape: &RefShape,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    rope: &RopeOptions,
+    blocks: &BlockMask,
+    scale: f64,
+) -> Result<RefOutput> {
+    rope_attention_f64_impl(shape, q, k, v, rope, Some(blocks), scale)
+}
+
+fn rope_attention_f64_impl(
+    shape: &RefShape,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    rope: &RopeOptions,
+    blocks: Option<&BlockMask>,
+    scale: f64,
+) -> Result<RefOutput> {
     shape.check(q.len(), k.len(), v.len())?;
     let (inv_freq, af) = rope_tables(shape, rope)?;
     let layout = rope.config.layout;
@@ -609,7 +636,9 @@ pub fn rope_attention_f64(
             s_out.fill(f64::NEG_INFINITY);
             for i in 0..sq {
                 for j in 0..sk {
-                    if mask.is_visible(sq, sk, i, j) {
+                    if mask.is_visible(sq, sk, i, j)
+                        && blocks.is_none_or(|bm| bm.is_visible(b, h, i, j))
+                    {
                         s_in[i * sk + j] = scale * dot(&q_in[i], &k_in[j]);
                         if two {
                             s_out[i * sk + j] = scale * dot(&q_out[i], &k_out[j]);
@@ -621,7 +650,10 @@ pub fn rope_attention_f64(
             // Select per element, then softmax over the visible keys of each row.
             for i in 0..sq {
                 let row: Vec<(usize, f64)> = (0..sk)
-                    .filter(|&j| mask.is_visible(sq, sk, i, j))
+                    .filter(|&j| {
+                        mask.is_visible(sq, sk, i, j)
+                            && blocks.is_none_or(|bm| bm.is_visible(b, h, i, j))
+                    })
                     .map(|j| {
                         let s = if rope_inside(mode, pq[i] - pk[j]) {
                             s_in[i * sk + j]
@@ -701,6 +733,32 @@ pub fn rope_attention_lowp<T: Element>(
     rope: &RopeOptions,
     scale: f32,
 ) -> Result<RefOutput> {
+    rope_attention_lowp_impl(shape, q, k, v, rope, None, scale)
+}
+
+/// [`rope_attention_lowp`] restricted to the blocks a block mask lists (see
+/// [`rope_attention_f64_sparse`]).
+pub fn rope_attention_lowp_sparse<T: Element>(
+    shape: &RefShape,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    rope: &RopeOptions,
+    blocks: &BlockMask,
+    scale: f32,
+) -> Result<RefOutput> {
+    rope_attention_lowp_impl(shape, q, k, v, rope, Some(blocks), scale)
+}
+
+fn rope_attention_lowp_impl<T: Element>(
+    shape: &RefShape,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    rope: &RopeOptions,
+    blocks: Option<&BlockMask>,
+    scale: f32,
+) -> Result<RefOutput> {
     shape.check(q.len(), k.len(), v.len())?;
     let (inv_freq, af) = rope_tables(shape, rope)?;
     let layout = rope.config.layout;
@@ -763,7 +821,9 @@ pub fn rope_attention_lowp<T: Element>(
             s_out.fill(f32::NEG_INFINITY);
             for i in 0..sq {
                 for j in 0..sk {
-                    if mask.is_visible(sq, sk, i, j) {
+                    if mask.is_visible(sq, sk, i, j)
+                        && blocks.is_none_or(|bm| bm.is_visible(b, h, i, j))
+                    {
                         s_in[i * sk + j] = dot(&q_in[i], &k_in[j]) * scale;
                         if two {
                             s_out[i * sk + j] = dot(&q_out[i], &k_out[j]) * scale;
@@ -775,7 +835,9 @@ pub fn rope_attention_lowp<T: Element>(
             for i in 0..sq {
                 row.clear();
                 for j in 0..sk {
-                    if mask.is_visible(sq, sk, i, j) {
+                    if mask.is_visible(sq, sk, i, j)
+                        && blocks.is_none_or(|bm| bm.is_visible(b, h, i, j))
+                    {
                         let s = if rope_inside(mode, pq[i] - pk[j]) {
                             s_in[i * sk + j]
                         } else {

@@ -1212,7 +1212,9 @@ proptest! {
 
 // ---- RoPE / ReRoPE / Leaky ReRoPE inside the kernel ---------------------------------------------
 
-use longflash::reference::{rope_attention_f64, rope_attention_lowp};
+use longflash::reference::{
+    rope_attention_f64, rope_attention_f64_sparse, rope_attention_lowp, rope_attention_lowp_sparse,
+};
 use longflash::rope::{PositionMode, RopeConfig, RopeLayout, RopeOptions, RopeScaling};
 use longflash::RopeForward;
 
@@ -1231,7 +1233,7 @@ struct RopeCase {
 
 /// Runs the fused kernel on `c` and returns its output (bshd, f64), LSE and the comparison with
 /// the two-matrix reference.
-fn run_rope_t<T: Element>(g: &Gpu, c: &RopeCase) -> RunResult {
+fn run_rope_t<T: Element>(g: &Gpu, c: &RopeCase, blocks: Option<&BlockMask>) -> RunResult {
     let mut rng = Rng(c.seed);
     let gen = |n: usize, rng: &mut Rng| -> Vec<T> {
         (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect()
@@ -1253,16 +1255,18 @@ fn run_rope_t<T: Element>(g: &Gpu, c: &RopeCase) -> RunResult {
     };
     let scale = 1.0 / (c.head_dim as f32).sqrt();
     let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
-    let ref64 = rope_attention_f64(
-        &shape,
-        &wide(&q),
-        &wide(&k),
-        &wide(&v),
-        &c.rope,
-        scale as f64,
-    )
-    .unwrap();
-    let lowp = rope_attention_lowp(&shape, &q, &k, &v, &c.rope, scale).unwrap();
+    let (q64, k64, v64) = (wide(&q), wide(&k), wide(&v));
+    let (ref64, lowp) = match blocks {
+        None => (
+            rope_attention_f64(&shape, &q64, &k64, &v64, &c.rope, scale as f64).unwrap(),
+            rope_attention_lowp(&shape, &q, &k, &v, &c.rope, scale).unwrap(),
+        ),
+        Some(bm) => (
+            rope_attention_f64_sparse(&shape, &q64, &k64, &v64, &c.rope, bm, scale as f64).unwrap(),
+            rope_attention_lowp_sparse(&shape, &q, &k, &v, &c.rope, bm, scale).unwrap(),
+        ),
+    };
+    let dm = blocks.map(|bm| bm.to_device(&g.stream).unwrap());
     let (dq, dk, dv) = (
         g.stream.clone_htod(&q).unwrap(),
         g.stream.clone_htod(&k).unwrap(),
@@ -1301,6 +1305,7 @@ fn run_rope_t<T: Element>(g: &Gpu, c: &RopeCase) -> RunResult {
                 },
                 &RopeForward {
                     rope: &c.rope,
+                    block_mask: dm.as_ref(),
                     softmax_scale: None,
                 },
             )
@@ -1318,10 +1323,115 @@ fn run_rope_t<T: Element>(g: &Gpu, c: &RopeCase) -> RunResult {
 }
 
 fn run_rope(g: &Gpu, c: &RopeCase) -> RunResult {
+    run_rope_masked(g, c, None)
+}
+
+fn run_rope_masked(g: &Gpu, c: &RopeCase, blocks: Option<&BlockMask>) -> RunResult {
     match c.dtype {
-        DType::F16 => run_rope_t::<f16>(g, c),
-        DType::Bf16 => run_rope_t::<bf16>(g, c),
+        DType::F16 => run_rope_t::<f16>(g, c, blocks),
+        DType::Bf16 => run_rope_t::<bf16>(g, c, blocks),
     }
+}
+
+#[test]
+fn rope_modes_over_block_masks() {
+    let g = gpu_or_skip!();
+    for d in DIMS {
+        for mode in [
+            PositionMode::Rope,
+            PositionMode::ReRope { window: 65 },
+            PositionMode::LeakyReRope {
+                window: 100,
+                leak: 4.0,
+            },
+        ] {
+            for window_left in [None, Some(150)] {
+                for (sq, sk) in [(300, 300), (129, 520)] {
+                    let mut c = rope_case(d, (sq, sk), mode);
+                    c.rope.window_left = window_left;
+                    let shape = MaskShape {
+                        batch: c.batch,
+                        heads: c.heads_q,
+                        seqlen_q: sq,
+                        seqlen_k: sk,
+                    };
+                    // A full layout must equal the unmasked call bit for bit.
+                    let full = BlockMask::from_fn(shape, c.rope.mask(), |_, _, _, _| true).unwrap();
+                    let plain = run_rope(g, &c);
+                    let masked = run_rope_masked(g, &c, Some(&full));
+                    assert!(masked.cmp.passes, "{c:?} full mask: {}", masked.cmp);
+                    assert!(
+                        masked.out == plain.out && masked.lse == plain.lse,
+                        "{c:?}: full block mask differs"
+                    );
+                    for density in [0.0, 0.4] {
+                        let bm = BlockMask::from_fn(shape, c.rope.mask(), |b, h, qb, kb| {
+                            Rng(((b * 31 + h) * 977 + qb) as u64 * 7919 + kb as u64).uniform()
+                                < density
+                        })
+                        .unwrap();
+                        let r = run_rope_masked(g, &c, Some(&bm));
+                        assert!(r.cmp.passes, "{c:?} density {density}: {}", r.cmp);
+                    }
+                }
+            }
+        }
+    }
+    // A block mask whose element mask is not the call's is rejected.
+    let c = rope_case(64, (200, 200), PositionMode::ReRope { window: 10 });
+    let shape = MaskShape {
+        batch: 1,
+        heads: 1,
+        seqlen_q: 200,
+        seqlen_k: 200,
+    };
+    let wrong = BlockMask::from_fn(shape, MaskSpec::none(), |_, _, _, _| true)
+        .unwrap()
+        .to_device(&g.stream)
+        .unwrap();
+    let l = Layout::bshd(2, 200, 4, 64);
+    let kl = Layout::bshd(2, 200, 2, 64);
+    let x: CudaSlice<bf16> = g.stream.alloc_zeros(l.numel()).unwrap();
+    let mut o: CudaSlice<bf16> = g.stream.alloc_zeros(l.numel()).unwrap();
+    let (xv, mut ov) = (x.as_view(), o.as_view_mut());
+    let e = g
+        .attn
+        .forward_rope(
+            &g.stream,
+            Input {
+                data: &xv,
+                layout: l,
+            },
+            Input {
+                data: &xv,
+                layout: kl,
+            },
+            Input {
+                data: &xv,
+                layout: kl,
+            },
+            Output {
+                data: &mut ov,
+                layout: l,
+                lse: None,
+            },
+            &RopeForward {
+                rope: &c.rope,
+                block_mask: Some(&wrong),
+                softmax_scale: None,
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidMask {
+                arg: "block_mask.element_mask",
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 fn rope_case(d: usize, (sq, sk): (usize, usize), mode: PositionMode) -> RopeCase {
