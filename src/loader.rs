@@ -166,6 +166,9 @@ impl Drop for ModuleCache {
         }
         // SAFETY: the owner keeps the context alive at least as long as this cache.
         if let Ok(_g) = unsafe { CtxGuard::bind(self.ctx) } {
+            // Kernels launched from these modules may still be queued: let them finish first.
+            // SAFETY: the context is current; the call only waits.
+            let _ = unsafe { sys::cuCtxSynchronize() };
             for m in loaded.modules.drain(..) {
                 // SAFETY: each module was loaded by this cache and is unloaded once.
                 let _ = unsafe { result::module::unload(m) };
