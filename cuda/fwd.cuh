@@ -202,16 +202,16 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         static_cast<const uint16_t *>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
 
     float o[Tr::kMT][Tr::kDT][4];
-    // row_sum adds the rounded P (what P V weights), and normalizes O; exp_sum adds the exact
-    // exponentials, for the log-sum-exp.
-    float row_max[Tr::kMT][2], row_sum[Tr::kMT][2], exp_sum[Tr::kMT][2];
+    // row_base is the exponent base of P (see below); row_sum adds the rounded P (what P V
+    // weights), and normalizes O; exp_sum adds the exact exponentials, for the log-sum-exp.
+    float row_base[Tr::kMT][2], row_sum[Tr::kMT][2], exp_sum[Tr::kMT][2];
 #pragma unroll
     for (int mt = 0; mt < Tr::kMT; ++mt) {
 #pragma unroll
         for (int dt = 0; dt < Tr::kDT; ++dt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.f;
-        row_max[mt][0] = row_max[mt][1] = -INFINITY;
+        row_base[mt][0] = row_base[mt][1] = -INFINITY;
         row_sum[mt][0] = row_sum[mt][1] = 0.f;
         exp_sum[mt][0] = exp_sum[mt][1] = 0.f;
     }
@@ -257,25 +257,25 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
                 }
         }
 
-        // Online softmax: new running max, rescale what was accumulated, P = exp(S - max).
+        // Online softmax: new exponent base, rescale what was accumulated, P = exp2(S' - base)
+        // with S' = S * scale * log2(e).
 #pragma unroll
         for (int mt = 0; mt < Tr::kMT; ++mt)
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                float mx = row_max[mt][r];
+                float mx = -INFINITY;
 #pragma unroll
                 for (int nt = 0; nt < Tr::kNT; ++nt)
                     mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
                 mx = quad_max(mx);
-                // A row that has seen only masked keys keeps max -inf; subtract 0 then, so
-                // exp2(-inf - base) = 0 and no NaN appears.
-                const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-                // An unchanged maximum rescales by exactly 1 (computing it would leave the
-                // rounding residual of mx * scale_log2, and results that depend on how many
-                // all-masked tiles a row passed through).
-                const float alpha =
-                    mx == row_max[mt][r] ? 1.f : fast_exp2(row_max[mt][r] * scale_log2 - base);
-                row_max[mt][r] = mx;
+                const float old_base = row_base[mt][r];
+                const float new_base = fmaxf(old_base, softmax_base(mx, scale_log2));
+                // Rescaling is by a power of two, exact; an unchanged base rescales by 1.
+                const float alpha = exp2_step(old_base, new_base);
+                row_base[mt][r] = new_base;
+                // A row that has seen only masked keys keeps base -inf; subtract 0 then, so
+                // exp2(-inf - 0) = 0 and no NaN appears.
+                const float base = new_base == -INFINITY ? 0.f : new_base;
                 row_sum[mt][r] *= alpha;
                 exp_sum[mt][r] *= alpha;
 #pragma unroll
@@ -335,9 +335,9 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         }
     }
 
-    // Epilogue: O / l, LSE = scale * max + ln(l); a row that saw no key gives 0 and -inf.
+    // Epilogue: O / l, LSE = base * ln(2) + ln(l); a row that saw no key gives 0 and -inf.
     // O is staged through the warp's own rows of the Q tile for 16-byte stores.
-    const float scale = p.softmax_scale;
+    constexpr float kLn2 = 0.693147180559945309f;
 #pragma unroll
     for (int mt = 0; mt < Tr::kMT; ++mt)
 #pragma unroll
@@ -353,7 +353,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
                              "r"(packed));
             }
             if (p.lse != nullptr && tq == 0 && q0 + row < seqlen_q) {
-                const float lse = le > 0.f ? row_max[mt][r] * scale + logf(le) : -INFINITY;
+                const float lse = le > 0.f ? fmaf(row_base[mt][r], kLn2, logf(le)) : -INFINITY;
                 p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * seqlen_q + q0 + row] = lse;
             }
         }

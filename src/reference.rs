@@ -4,14 +4,16 @@
 //! head):
 //!
 //! - [`attention_f64`] computes it in f64: the "true" answer, up to f64 rounding.
-//! - [`attention_lowp`] computes it the way a plain low-precision implementation would (inputs
-//!   in f16/bf16, scores and softmax in f32, probabilities rounded to the input type before
-//!   `P V`, output rounded). Its distance from the f64 answer is the error budget a kernel is
-//!   allowed.
+//! - [`attention_lowp`] computes it the way a plain low-precision implementation would: inputs
+//!   in f16/bf16, scores and softmax in f32, the unnormalized probabilities rounded to the input
+//!   type before `P V`, the f32 result divided by the sum of the rounded probabilities and
+//!   rounded to the input type (see [`attention_lowp`] for the exact rounding points). Its
+//!   distance from the f64 answer is the error budget a kernel is allowed.
 //!
-//! [`compare`] applies the correctness rule: a kernel output passes when
-//! `max|out - ref64| <= 2 * max|out_lowp - ref64| + 1e-5`, nothing is NaN, and its log-sum-exp
-//! matches the f64 one to `1e-3` relative.
+//! [`compare`] applies the correctness rule: a kernel output element passes when it is within
+//! twice the naive implementation's error (before the naive's final rounding to the output type)
+//! plus half a unit in the last place of the output type, plus `1e-5`, of the f64 answer; nothing
+//! is NaN; and its log-sum-exp matches the f64 one to `2 * e_naive + 1e-3` relative.
 //!
 //! All host data is contiguous `[batch, seqlen, heads, head_dim]` (bshd): `q` and `out` are
 //! `[batch, seqlen_q, heads_q, head_dim]`, `k` and `v` are `[batch, seqlen_k, heads_kv,
@@ -23,7 +25,7 @@
 
 use std::fmt;
 
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::mask::MaskSpec;
 use crate::sparse::BlockMask;
@@ -126,6 +128,11 @@ pub struct RefOutput {
     /// Natural-log log-sum-exp of each row's scaled, masked scores, `[batch, heads_q,
     /// seqlen_q]`; `-inf` for a row that sees no key.
     pub lse: Vec<f64>,
+    /// For a low-precision reference: `out` before its final rounding to [`Self::dtype`] (the
+    /// f32 values, widened). Empty for the f64 reference.
+    pub unrounded: Vec<f64>,
+    /// For a low-precision reference: the element type its output is rounded to.
+    pub dtype: Option<DType>,
 }
 
 /// Calls `row(b, h, kv_head, i)` for every output row, in output order of `lse`.
@@ -184,7 +191,11 @@ pub fn merge(shape: &RefShape, a: &RefOutput, b: &RefOutput) -> RefOutput {
             *y = wa * xa + wb * xb;
         }
     });
-    RefOutput { out, lse }
+    RefOutput {
+        out,
+        lse,
+        ..RefOutput::default()
+    }
 }
 
 /// Attention in f64: `softmax(scale * Q K^T + mask) V`.
@@ -249,16 +260,33 @@ pub fn attention_f64(
         }
         lse.push(m + l.ln());
     });
-    Ok(RefOutput { out, lse })
+    Ok(RefOutput {
+        out,
+        lse,
+        ..RefOutput::default()
+    })
 }
 
 /// Attention computed the way a plain low-precision implementation would.
 ///
-/// Inputs are in `T`. Each score is the f32 dot product of the widened `T` values, times
-/// `scale` (f32). The softmax runs in f32 (maximum subtracted, normalized in f32), the
-/// probabilities are rounded to `T`, `out = sum_j P_T[j] * V[j]` is accumulated in f32 and
-/// rounded to `T`. The log-sum-exp is `m + ln(l)` in f32. Everything is returned widened to f64
-/// (exactly). A row that sees no key has output zero and log-sum-exp `-inf`.
+/// Inputs are in `T`. Each score is the f32 dot product of the widened `T` values. Per row, in
+/// f32, with `x_j = dot_j * (scale * log2 e)`:
+///
+/// - the exponent base is `B = ceil(max_j x_j)`, an integer;
+/// - the probabilities `P_j = exp2(x_j - B)` (largest in `(1/2, 1]`) are rounded to `T`;
+/// - `out = (sum_j P_T[j] V[j]) / (sum_j P_T[j])`, both sums in f32, rounded to `T`.
+///
+/// These are the rounding points of a one-pass (online softmax) kernel whose running base moves
+/// by whole powers of two: every `P_T[j]` it rounds is this one times an exact power of two, so
+/// its error differs from this implementation's only by f32 arithmetic, not by a different draw
+/// of the roundings of `P`. (Rounding the normalized probabilities instead is equally accurate,
+/// but its roundings are independent of the kernel's, and on outputs of few elements two
+/// independent draws of equal accuracy differ by more than 2x about once in a thousand.)
+///
+/// The log-sum-exp is `m + ln(l)` in f32, with `m` the largest scaled score and `l` the sum of
+/// the exact (unrounded) `exp(s - m)`. Everything is returned widened to f64 (exactly), with the
+/// output before its final rounding in [`RefOutput::unrounded`]. A row that sees no key has output
+/// zero and log-sum-exp `-inf`.
 ///
 /// # Errors
 ///
@@ -276,17 +304,13 @@ pub fn attention_lowp<T: Element>(
     let (sq, sk) = (shape.seqlen_q, shape.seqlen_k);
     let widen = |x: &[T]| -> Vec<f32> { x.iter().map(|t| t.to_f32()).collect() };
     let (qf, kf, vf) = (widen(q), widen(k), widen(v));
-    let mut out = vec![0.0f64; q.len()];
-    let mut lse = Vec::with_capacity(shape.batch * shape.heads_q * sq);
-    let mut scores: Vec<f32> = Vec::with_capacity(sk);
-    let mut keys: Vec<usize> = Vec::with_capacity(sk);
-    let mut acc = vec![0.0f32; d];
+    let mut out = LowpOutput::<T>::new(q.len(), shape.batch * shape.heads_q * sq);
+    let mut dots: Vec<(usize, f32)> = Vec::with_capacity(sk);
 
     for_each_row(shape, |b, h, hk, i| {
         let qo = shape.q_offset(b, i, h);
         let qi = &qf[qo..qo + d];
-        scores.clear();
-        keys.clear();
+        dots.clear();
         for j in 0..sk {
             if mask.visible(shape, b, h, i, j) {
                 let ko = shape.kv_offset(b, j, hk);
@@ -294,34 +318,91 @@ pub fn attention_lowp<T: Element>(
                 for (a, b) in qi.iter().zip(&kf[ko..ko + d]) {
                     dot += a * b;
                 }
-                scores.push(dot * scale);
-                keys.push(j);
+                dots.push((j, dot));
             }
         }
-        if scores.is_empty() {
-            lse.push(f64::NEG_INFINITY);
+        let value = |j: usize| &vf[shape.kv_offset(b, j, hk)..shape.kv_offset(b, j, hk) + d];
+        out.row(qo..qo + d, &dots, scale, value);
+    });
+    Ok(out.finish())
+}
+
+/// The output of a low-precision reference, built row by row.
+struct LowpOutput<T> {
+    out: Vec<f64>,
+    unrounded: Vec<f64>,
+    lse: Vec<f64>,
+    acc: Vec<f32>,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: Element> LowpOutput<T> {
+    fn new(out_len: usize, rows: usize) -> Self {
+        LowpOutput {
+            out: vec![0.0; out_len],
+            unrounded: vec![0.0; out_len],
+            lse: Vec::with_capacity(rows),
+            acc: Vec::new(),
+            _t: std::marker::PhantomData,
+        }
+    }
+
+    /// One row (output elements `at`) of [`attention_lowp`]'s arithmetic, from the row's visible
+    /// keys and their unscaled f32 dot products; `value(j)` is key `j`'s value row, widened.
+    /// Rows must come in `lse` order.
+    fn row<'v>(
+        &mut self,
+        at: std::ops::Range<usize>,
+        dots: &[(usize, f32)],
+        scale: f32,
+        value: impl Fn(usize) -> &'v [f32],
+    ) {
+        if dots.is_empty() {
+            self.lse.push(f64::NEG_INFINITY);
             return;
         }
-        let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut l = 0.0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - m).exp();
-            l += *s;
-        }
-        acc.fill(0.0);
-        for (&e, &j) in scores.iter().zip(&keys) {
-            let p = T::from_f32(e / l).to_f32();
-            let vo = shape.kv_offset(b, j, hk);
-            for (a, &x) in acc.iter_mut().zip(&vf[vo..vo + d]) {
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let x_max = dots
+            .iter()
+            .map(|&(_, s)| s * scale_log2)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let base = x_max.ceil();
+        self.acc.clear();
+        self.acc.resize(at.len(), 0.0);
+        let mut sum = 0.0f32;
+        for &(j, s) in dots {
+            let p = T::from_f32(s.mul_add(scale_log2, -base).exp2()).to_f32();
+            sum += p;
+            for (a, &x) in self.acc.iter_mut().zip(value(j)) {
                 *a += p * x;
             }
         }
-        for (o, &a) in out[qo..qo + d].iter_mut().zip(&acc) {
-            *o = f64::from(T::from_f32(a).to_f32());
+        for ((o, u), &a) in self.out[at.clone()]
+            .iter_mut()
+            .zip(&mut self.unrounded[at])
+            .zip(&self.acc)
+        {
+            let y = a / sum;
+            *u = f64::from(y);
+            *o = f64::from(T::from_f32(y).to_f32());
         }
-        lse.push(f64::from(m + l.ln()));
-    });
-    Ok(RefOutput { out, lse })
+        // The log-sum-exp of the exact exponentials of the scaled scores.
+        let m = dots
+            .iter()
+            .map(|&(_, s)| s * scale)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let l: f32 = dots.iter().map(|&(_, s)| (s * scale - m).exp()).sum();
+        self.lse.push(f64::from(m + l.ln()));
+    }
+
+    fn finish(self) -> RefOutput {
+        RefOutput {
+            out: self.out,
+            lse: self.lse,
+            unrounded: self.unrounded,
+            dtype: Some(T::DTYPE),
+        }
+    }
 }
 
 /// Outcome of [`compare`].
@@ -329,10 +410,19 @@ pub fn attention_lowp<T: Element>(
 pub struct Comparison {
     /// `max|out - ref64.out|`; NaN when `out` holds a NaN, infinite when lengths disagree.
     pub max_abs_err: f64,
-    /// `max|lowp.out - ref64.out|`: the error of the naive low-precision implementation.
+    /// `max|lowp.unrounded - ref64.out|`: the error of the naive low-precision implementation
+    /// before its final rounding to the output type (of `lowp.out` when it has no unrounded
+    /// output).
     pub naive_abs_err: f64,
-    /// `2 * naive_abs_err + 1e-5`: the most `max_abs_err` may be.
+    /// The largest error any element may have: `2 * naive_abs_err + 1e-5` plus the largest
+    /// half-ulp allowance of any element. An element's own allowance uses the half ulp of its own
+    /// magnitude.
     pub bound: f64,
+    /// `max_i |out_i - ref_i| / allowance_i` over the elements: at most 1 passes; NaN when `out`
+    /// holds a NaN.
+    pub worst_ratio: f64,
+    /// Index of the element where `worst_ratio` is reached.
+    pub worst_index: usize,
     /// `max |lse - ref64.lse| / max(1, |ref64.lse|)` over rows; 0 when no LSE was given,
     /// infinite where exactly one side of a row is `-inf` (or lengths disagree), NaN when the
     /// given LSE holds a NaN.
@@ -364,15 +454,39 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     worst
 }
 
+/// Half a unit in the last place of `dtype` at magnitude `x` (finite, >= 0): the most that
+/// rounding a value of that magnitude to `dtype` can move it (0 for 0).
+pub fn half_ulp(dtype: DType, x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return 0.0;
+    }
+    // Significant bits and the smallest normal exponent of the type.
+    let (bits, min_exp) = match dtype {
+        DType::F16 => (11, -14),
+        DType::Bf16 => (8, -126),
+    };
+    let exp = ((x.abs().to_bits() >> 52) & 0x7ff) as i32 - 1023; // floor(log2 |x|), x normal in f64
+    2f64.powi(exp.max(min_exp) - bits)
+}
+
 /// Applies the correctness rule to a kernel's `out` (and optionally `lse`), given the f64
 /// reference `ref64` and the naive low-precision reference `lowp` of the same problem.
 ///
-/// Passes iff nothing in `out` or `lse` is NaN, `max|out - ref64.out| <= 2 *
-/// max|lowp.out - ref64.out| + 1e-5`, and, when `lse` is given, every row satisfies `|lse -
-/// ref64.lse| / max(1, |ref64.lse|) <= 2 * e_naive + 1e-3`, where `e_naive` is the same relative
-/// error of `lowp.lse` at its worst row (about 1e-7 for inputs used as given, so the bound is
-/// 1e-3 then), and a row whose reference is `-inf` must be exactly `-inf` and vice versa.
-/// Slices of the wrong length fail.
+/// Every output element must satisfy `|out_i - ref_i| <= 2 * e_naive + h_i + 1e-5`, where
+/// `e_naive = max|lowp.unrounded - ref64.out|` is the naive implementation's error before its
+/// output is rounded to the output type, and `h_i` is half an ulp of that type at
+/// `max(|out_i|, |ref_i|)`: the final rounding that every implementation of the type pays. (A
+/// rule on the rounded naive output, `2 * max|lowp.out - ref| + 1e-5`, measures on outputs of
+/// few elements mostly whether the naive output happened to round close to the answer: an
+/// implementation of the same accuracy failed it about once in a thousand such cases.) With
+/// no `lowp.dtype` the rule is the same without `h_i`, and `lowp.out` stands in for
+/// `lowp.unrounded` when that is empty.
+///
+/// Nothing in `out` or `lse` may be NaN; when `lse` is given, every row must satisfy `|lse -
+/// ref64.lse| / max(1, |ref64.lse|) <= 2 * e_naive_lse + 1e-3`, where `e_naive_lse` is the same
+/// relative error of `lowp.lse` at its worst row (about 1e-7 for inputs used as given, so the
+/// bound is 1e-3 then), and a row whose reference is `-inf` must be exactly `-inf` and vice
+/// versa. Slices of the wrong length fail.
 pub fn compare(
     out: &[f64],
     lse: Option<&[f32]>,
@@ -380,9 +494,37 @@ pub fn compare(
     lowp: &RefOutput,
 ) -> Comparison {
     let max_abs_err = max_abs_diff(out, &ref64.out);
-    let naive_abs_err = max_abs_diff(&lowp.out, &ref64.out);
-    let bound = 2.0 * naive_abs_err + OUT_ABS_TOL;
-    let out_ok = !max_abs_err.is_nan() && max_abs_err <= bound;
+    let naive = if lowp.unrounded.is_empty() {
+        &lowp.out
+    } else {
+        &lowp.unrounded
+    };
+    let naive_abs_err = max_abs_diff(naive, &ref64.out);
+    let computed = 2.0 * naive_abs_err + OUT_ABS_TOL;
+    let rounding = |o: f64, r: f64| {
+        lowp.dtype
+            .map_or(0.0, |t| half_ulp(t, o.abs().max(r.abs())))
+    };
+    let (mut worst_ratio, mut worst_index, mut bound) = (0.0f64, 0usize, computed);
+    if out.len() != ref64.out.len() || naive_abs_err.is_nan() {
+        worst_ratio = f64::INFINITY;
+    } else {
+        for (i, (&o, &r)) in out.iter().zip(&ref64.out).enumerate() {
+            let allowed = computed + rounding(o, r);
+            bound = bound.max(allowed);
+            let ratio = (o - r).abs() / allowed;
+            if ratio.is_nan() {
+                worst_ratio = f64::NAN;
+                worst_index = i;
+                break;
+            }
+            if ratio > worst_ratio {
+                worst_ratio = ratio;
+                worst_index = i;
+            }
+        }
+    }
+    let out_ok = !max_abs_err.is_nan() && worst_ratio <= 1.0;
 
     // The LSE may be off by twice what the naive low-precision implementation is off by, plus
     // LSE_REL_TOL: the same principle as the output. For 16-bit inputs used as given the naive
@@ -423,6 +565,8 @@ pub fn compare(
         max_abs_err,
         naive_abs_err,
         bound,
+        worst_ratio,
+        worst_index,
         lse_max_rel_err,
         lse_bound,
         passes: out_ok && lse_ok,
@@ -447,13 +591,16 @@ impl fmt::Display for Comparison {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}: max|out-ref64| = {:.3e} (bound {:.3e} = 2 * naive {:.3e} + {:.0e}), \
+            "{}: max|out-ref64| = {:.3e}; worst element {} at {:.3} of its allowance \
+             (2 * naive {:.3e} + half-ulp + {:.0e}; at most {:.3e}), \
              lse max rel err = {:.3e} (bound {:.3e})",
             if self.passes { "pass" } else { "FAIL" },
             self.max_abs_err,
-            self.bound,
+            self.worst_index,
+            self.worst_ratio,
             self.naive_abs_err,
             OUT_ABS_TOL,
+            self.bound,
             self.lse_max_rel_err,
             self.lse_bound,
         )
@@ -689,7 +836,11 @@ fn rope_attention_f64_impl(
             }
         }
     }
-    Ok(RefOutput { out, lse })
+    Ok(RefOutput {
+        out,
+        lse,
+        ..RefOutput::default()
+    })
 }
 
 /// Rotates the first `2 * inv_freq.len()` elements of `x` in f32, with `a cos` and `a sin` of
@@ -716,11 +867,11 @@ fn rope_rotate_f32(x: &mut [f32], position: f64, inv_freq: &[f64], layout: RopeL
 /// log-n factor in f32 first) from f32 `a cos`/`a sin` (`a` the attention factor) of an angle
 /// computed in f64, and rounded to `T`, as an implementation that rotates first and stores the
 /// result in `T` would (ReRoPE's unrotated keys are rotated to position 0: with `a = 1`, the
-/// inputs themselves). Scores are f32 dot products of those `T` values times `scale` (f32);
-/// the softmax runs in f32, probabilities are
-/// rounded to `T`, `out = sum_j P_T[j] V[j]` is accumulated in f32 and rounded to `T`; the
-/// log-sum-exp is `m + ln(l)` in f32. The inside/outside selection and the positions are those
-/// of [`rope_attention_f64`]. Everything is returned widened to f64 (exactly).
+/// inputs themselves). Scores are f32 dot products of those `T` values; from there each row is
+/// computed as in [`attention_lowp`] (probabilities rounded to `T` against a power-of-two base,
+/// the output normalized by their sum and rounded to `T`, the log-sum-exp from the exact
+/// exponentials). The inside/outside selection and the positions are those of
+/// [`rope_attention_f64`]. Everything is returned widened to f64 (exactly).
 ///
 /// # Errors
 ///
@@ -768,8 +919,8 @@ fn rope_attention_lowp_impl<T: Element>(
     let (sq, sk) = (shape.seqlen_q, shape.seqlen_k);
     let group = shape.heads_q / shape.heads_kv;
     let mask = rope.mask();
-    let mut out = vec![0.0f64; q.len()];
-    let mut lse = Vec::with_capacity(shape.batch * shape.heads_q * sq);
+    let mut out = LowpOutput::<T>::new(q.len(), shape.batch * shape.heads_q * sq);
+    let vf: Vec<f32> = v.iter().map(|t| t.to_f32()).collect();
 
     // Widened, optionally multiplied, rotated in f32 and rounded to `T`.
     let rotated = |x: &[T], mul: f32, position: f64| -> Vec<f32> {
@@ -787,7 +938,6 @@ fn rope_attention_lowp_impl<T: Element>(
 
     let mut s_in = vec![f32::NEG_INFINITY; sq * sk];
     let mut s_out = vec![f32::NEG_INFINITY; if two { sq * sk } else { 0 }];
-    let mut acc = vec![0.0f32; d];
     let mut row: Vec<(usize, f32)> = Vec::with_capacity(sk);
     for b in 0..shape.batch {
         let pq: Vec<i64> = (0..sq).map(|i| rope.query_position(b, i, sq, sk)).collect();
@@ -824,9 +974,9 @@ fn rope_attention_lowp_impl<T: Element>(
                     if mask.is_visible(sq, sk, i, j)
                         && blocks.is_none_or(|bm| bm.is_visible(b, h, i, j))
                     {
-                        s_in[i * sk + j] = dot(&q_in[i], &k_in[j]) * scale;
+                        s_in[i * sk + j] = dot(&q_in[i], &k_in[j]);
                         if two {
-                            s_out[i * sk + j] = dot(&q_out[i], &k_out[j]) * scale;
+                            s_out[i * sk + j] = dot(&q_out[i], &k_out[j]);
                         }
                     }
                 }
@@ -846,36 +996,14 @@ fn rope_attention_lowp_impl<T: Element>(
                         row.push((j, s));
                     }
                 }
-                if row.is_empty() {
-                    lse.push(f64::NEG_INFINITY);
-                    continue;
-                }
-                let m = row
-                    .iter()
-                    .map(|&(_, s)| s)
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let mut l = 0.0f32;
-                for (_, s) in row.iter_mut() {
-                    *s = (*s - m).exp();
-                    l += *s;
-                }
-                acc.fill(0.0);
-                for &(j, e) in &row {
-                    let p = T::from_f32(e / l).to_f32();
-                    let vo = shape.kv_offset(b, j, hk);
-                    for (a, x) in acc.iter_mut().zip(&v[vo..vo + d]) {
-                        *a += p * x.to_f32();
-                    }
-                }
                 let qo = shape.q_offset(b, i, h);
-                for (o, &a) in out[qo..qo + d].iter_mut().zip(&acc) {
-                    *o = f64::from(T::from_f32(a).to_f32());
-                }
-                lse.push(f64::from(m + l.ln()));
+                let value =
+                    |j: usize| &vf[shape.kv_offset(b, j, hk)..shape.kv_offset(b, j, hk) + d];
+                out.row(qo..qo + d, &row, scale, value);
             }
         }
     }
-    Ok(RefOutput { out, lse })
+    Ok(out.finish())
 }
 
 /// Checks that `x` holds `batch * seqlen * heads * head_dim` elements.

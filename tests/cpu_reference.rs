@@ -2,10 +2,10 @@
 //! correctness rule of `compare`. CPU only.
 
 use half::{bf16, f16};
-use longflash::dtype::Element;
+use longflash::dtype::{DType, Element};
 use longflash::error::Error;
 use longflash::mask::MaskSpec;
-use longflash::reference::{attention_f64, attention_lowp, compare, RefOutput, RefShape};
+use longflash::reference::{attention_f64, attention_lowp, compare, half_ulp, RefOutput, RefShape};
 use proptest::prelude::*;
 
 const LN2: f64 = std::f64::consts::LN_2;
@@ -321,10 +321,12 @@ fn compare_by_hand() {
     let reference = RefOutput {
         out: vec![0.0, 1.0],
         lse: vec![2.0, f64::NEG_INFINITY],
+        ..RefOutput::default()
     };
     let naive = RefOutput {
         out: vec![0.1, 1.0],
         lse: vec![2.0, f64::NEG_INFINITY],
+        ..RefOutput::default()
     };
     let lse = [2.001f32, f32::NEG_INFINITY];
     let c = compare(&[0.2, 1.0], Some(&lse), &reference, &naive);
@@ -353,6 +355,54 @@ fn compare_by_hand() {
         failed.starts_with("FAIL") && failed.contains("NaN"),
         "{failed}"
     );
+
+    // A typed naive output: its unrounded values set the computed part, and each element may
+    // also be off by half an ulp of the type at its own magnitude.
+    let exact_naive = RefOutput {
+        out: vec![0.0, 1.0],
+        lse: vec![2.0, f64::NEG_INFINITY],
+        unrounded: vec![0.0, 1.0],
+        dtype: Some(DType::Bf16),
+    };
+    let one_half_ulp = 2f64.powi(-8); // bf16 at 1.0
+    let c = compare(&[0.0, 1.0 + one_half_ulp], None, &reference, &exact_naive);
+    assert!(c.passes, "{c}");
+    assert!(
+        !compare(
+            &[0.0, 1.0 + 2.0 * one_half_ulp],
+            None,
+            &reference,
+            &exact_naive
+        )
+        .passes
+    );
+    // Half an ulp at 1.0 does not carry over to an element near 0.
+    assert!(!compare(&[1e-3, 1.0], None, &reference, &exact_naive).passes);
+    assert!(compare(&[5e-6, 1.0], None, &reference, &exact_naive).passes);
+}
+
+#[test]
+fn half_ulp_of_each_type() {
+    assert_eq!(half_ulp(DType::Bf16, 1.0), 2f64.powi(-8));
+    assert_eq!(half_ulp(DType::Bf16, 0.999), 2f64.powi(-9));
+    assert_eq!(half_ulp(DType::Bf16, -3.0), 2f64.powi(-7));
+    assert_eq!(half_ulp(DType::F16, 1.0), 2f64.powi(-11));
+    assert_eq!(half_ulp(DType::F16, 1.5e-6), 2f64.powi(-25)); // subnormal: a fixed step
+    assert_eq!(half_ulp(DType::F16, 0.0), 0.0);
+    // Rounding any value to the type moves it by at most this much.
+    let mut x = 1e-7f64;
+    while x < 1e4 {
+        for t in [DType::Bf16, DType::F16] {
+            let r = match t {
+                DType::Bf16 => f64::from(bf16::from_f64(x).to_f32()),
+                DType::F16 => f64::from(f16::from_f64(x).to_f32()),
+            };
+            if r.is_finite() {
+                assert!((r - x).abs() <= half_ulp(t, x), "{t:?} {x}");
+            }
+        }
+        x *= 1.0137;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -581,7 +631,11 @@ proptest! {
 
         let own = compare(&low.out, Some(&low_lse), &r64, &low);
         prop_assert!(own.passes, "{}", own);
-        prop_assert_eq!(own.max_abs_err, own.naive_abs_err);
+        // Rounding its own unrounded output costs the naive at most half an ulp per element.
+        let unrounded = max_abs(&low.unrounded, &r64.out);
+        prop_assert_eq!(own.naive_abs_err, unrounded);
+        let largest = low.out.iter().fold(0.0f64, |a, &x| a.max(x.abs()));
+        prop_assert!(own.max_abs_err <= unrounded + half_ulp(DType::Bf16, largest));
         let exact_lse: Vec<f32> = r64.lse.iter().map(|&x| x as f32).collect();
         let exact = compare(&r64.out, Some(&exact_lse), &r64, &low);
         prop_assert!(exact.passes && exact.max_abs_err == 0.0, "{}", exact);
@@ -619,6 +673,13 @@ proptest! {
             prop_assert!(!compare(&low.out, Some(&l), &r64, &low).passes);
         }
     }
+}
+
+fn max_abs(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 fn round<T: Element>(x: &[f64]) -> Vec<T> {

@@ -804,7 +804,11 @@ fn relative_reference(p: &Problem, rope: &RopeOptions, scale: f64) -> RefOutput 
             }
         }
     }
-    RefOutput { out, lse }
+    RefOutput {
+        out,
+        lse,
+        ..RefOutput::default()
+    }
 }
 
 #[test]
