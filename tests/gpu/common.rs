@@ -1,0 +1,467 @@
+//! What every GPU test module shares: the device, test data, layouts, the dense/sparse case
+//! runner and the property-test strategies.
+
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use half::{bf16, f16};
+use longflash::reference::{
+    attention_f64, attention_lowp, compare, Comparison, RefShape, Visibility,
+};
+use longflash::{
+    Attention, BlockMask, DType, Element, ForwardOptions, Input, Layout, MaskShape, MaskSpec,
+    Output, SparseOptions,
+};
+use proptest::prelude::*;
+
+pub(crate) struct Gpu {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) attn: Attention,
+}
+
+pub(crate) fn gpu() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let required = std::env::var("LONGFLASH_REQUIRE_GPU").is_ok_and(|v| v == "1");
+        match longflash::open_device(0) {
+            Ok(ctx) => {
+                let attn = Attention::new(&ctx).expect("Attention::new");
+                let stream = ctx.default_stream();
+                Some(Gpu { ctx, stream, attn })
+            }
+            Err(e) => {
+                assert!(!required, "LONGFLASH_REQUIRE_GPU=1 but no GPU: {e}");
+                None
+            }
+        }
+    })
+    .as_ref()
+}
+
+/// Says a test skipped, on the process's stderr (not the captured test output), so it shows.
+pub(crate) fn say_skipped(test: &str) {
+    use std::io::Write;
+    // Once per test, not once per property-test case.
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if said.iter().any(|t| t == test) {
+        return;
+    }
+    said.push(test.to_string());
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped: {test}: no CUDA GPU (LONGFLASH_REQUIRE_GPU=1 makes this a failure)"
+    );
+}
+
+/// SplitMix64: small, seedable, good enough for test data.
+pub(crate) struct Rng(pub(crate) u64);
+impl Rng {
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub(crate) fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    pub(crate) fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+/// How a tensor is laid out in device memory.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Mem {
+    Bshd,
+    Bhsd,
+    /// bshd with every stride padded by `8 * pad` elements.
+    PaddedBshd(i64),
+    /// bhsd with every stride padded by `8 * pad` elements.
+    PaddedBhsd(i64),
+}
+
+pub(crate) fn layout(mem: Mem, b: usize, s: usize, h: usize, d: usize) -> Layout {
+    match mem {
+        Mem::Bshd => Layout::bshd(b, s, h, d),
+        Mem::Bhsd => Layout::bhsd(b, s, h, d),
+        Mem::PaddedBshd(p) => {
+            let hs = d as i64 + 8 * p;
+            let ss = h as i64 * hs + 8 * p;
+            Layout {
+                batch: b,
+                seqlen: s,
+                heads: h,
+                head_dim: d,
+                batch_stride: s as i64 * ss + 8 * p,
+                seq_stride: ss,
+                head_stride: hs,
+            }
+        }
+        Mem::PaddedBhsd(p) => {
+            let ss = d as i64 + 8 * p;
+            let hs = s as i64 * ss + 8 * p;
+            Layout {
+                batch: b,
+                seqlen: s,
+                heads: h,
+                head_dim: d,
+                batch_stride: h as i64 * hs + 8 * p,
+                seq_stride: ss,
+                head_stride: hs,
+            }
+        }
+    }
+}
+
+/// Scatters contiguous bshd data into a buffer of `layout`, filling the gaps with `fill`.
+pub(crate) fn scatter<T: Copy>(bshd: &[T], l: &Layout, fill: T) -> Vec<T> {
+    let len = l.required_len("t").unwrap() as usize;
+    let mut out = vec![fill; len];
+    let d = l.head_dim;
+    for b in 0..l.batch {
+        for s in 0..l.seqlen {
+            for h in 0..l.heads {
+                let src = ((b * l.seqlen + s) * l.heads + h) * d;
+                let dst = l.offset(b, s, h) as usize;
+                out[dst..dst + d].copy_from_slice(&bshd[src..src + d]);
+            }
+        }
+    }
+    out
+}
+
+/// Gathers a buffer of `layout` into contiguous bshd.
+pub(crate) fn gather<T: Copy>(buf: &[T], l: &Layout) -> Vec<T> {
+    let d = l.head_dim;
+    let mut out = Vec::with_capacity(l.numel());
+    for b in 0..l.batch {
+        for s in 0..l.seqlen {
+            for h in 0..l.heads {
+                let o = l.offset(b, s, h) as usize;
+                out.extend_from_slice(&buf[o..o + d]);
+            }
+        }
+    }
+    out
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Case {
+    pub(crate) dtype: DType,
+    pub(crate) batch: usize,
+    pub(crate) seqlen_q: usize,
+    pub(crate) seqlen_k: usize,
+    pub(crate) heads_q: usize,
+    pub(crate) heads_kv: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) mask: MaskSpec,
+    pub(crate) scale: Option<f32>,
+    pub(crate) q_mem: Mem,
+    pub(crate) kv_mem: Mem,
+    pub(crate) o_mem: Mem,
+    pub(crate) lse: bool,
+    pub(crate) seed: u64,
+    /// Run the block-sparse kernel with a random block mask (and `mask` as its element mask).
+    pub(crate) sparse: Option<SparseSpec>,
+}
+
+/// A random block mask: each block listed with probability `density`, per head and batch entry
+/// or shared.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SparseSpec {
+    pub(crate) density: f64,
+    pub(crate) per_head: bool,
+    pub(crate) per_batch: bool,
+    pub(crate) seed: u64,
+}
+
+impl SparseSpec {
+    pub(crate) fn build(&self, c: &Case) -> BlockMask {
+        let shape = MaskShape {
+            batch: if self.per_batch { c.batch } else { 1 },
+            heads: if self.per_head { c.heads_q } else { 1 },
+            seqlen_q: c.seqlen_q,
+            seqlen_k: c.seqlen_k,
+        };
+        let seed = self.seed;
+        let density = self.density;
+        BlockMask::from_fn(shape, c.mask, |b, h, qb, kb| {
+            let mut r = Rng(seed
+                ^ ((b as u64) << 48)
+                ^ ((h as u64) << 40)
+                ^ ((qb as u64) << 20)
+                ^ kb as u64);
+            r.uniform() < density
+        })
+        .unwrap()
+    }
+}
+
+impl Case {
+    pub(crate) fn new(
+        dtype: DType,
+        (b, sq, sk): (usize, usize, usize),
+        (hq, hkv): (usize, usize),
+        d: usize,
+        mask: MaskSpec,
+    ) -> Self {
+        Case {
+            dtype,
+            batch: b,
+            seqlen_q: sq,
+            seqlen_k: sk,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            mask,
+            scale: None,
+            q_mem: Mem::Bshd,
+            kv_mem: Mem::Bshd,
+            o_mem: Mem::Bshd,
+            lse: true,
+            seed: 1,
+            sparse: None,
+        }
+    }
+}
+
+pub(crate) struct RunResult {
+    pub(crate) cmp: Comparison,
+    pub(crate) out: Vec<f64>,
+    pub(crate) lse: Option<Vec<f32>>,
+}
+
+pub(crate) fn run_case_t<T: Element>(g: &Gpu, c: &Case) -> RunResult {
+    let mut rng = Rng(c.seed);
+    let shape = RefShape {
+        batch: c.batch,
+        seqlen_q: c.seqlen_q,
+        seqlen_k: c.seqlen_k,
+        heads_q: c.heads_q,
+        heads_kv: c.heads_kv,
+        head_dim: c.head_dim,
+    };
+    let gen = |n: usize, rng: &mut Rng| -> Vec<T> {
+        (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect()
+    };
+    let q = gen(c.batch * c.seqlen_q * c.heads_q * c.head_dim, &mut rng);
+    let k = gen(c.batch * c.seqlen_k * c.heads_kv * c.head_dim, &mut rng);
+    let v = gen(c.batch * c.seqlen_k * c.heads_kv * c.head_dim, &mut rng);
+    let scale = c.scale.unwrap_or(1.0 / (c.head_dim as f32).sqrt());
+    let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
+    let block = c.sparse.map(|sp| sp.build(c));
+    let vis: &dyn Visibility = match &block {
+        Some(b) => b,
+        None => &c.mask,
+    };
+    let ref64 = attention_f64(&shape, &wide(&q), &wide(&k), &wide(&v), vis, scale as f64).unwrap();
+    let lowp = attention_lowp(&shape, &q, &k, &v, vis, scale).unwrap();
+
+    let ql = layout(c.q_mem, c.batch, c.seqlen_q, c.heads_q, c.head_dim);
+    let kl = layout(c.kv_mem, c.batch, c.seqlen_k, c.heads_kv, c.head_dim);
+    let ol = layout(c.o_mem, c.batch, c.seqlen_q, c.heads_q, c.head_dim);
+    // Gaps in the inputs hold NaN: reading one poisons the output. The output starts as NaN
+    // everywhere: an element the kernel forgets stays NaN, a gap it writes by mistake changes.
+    let nan = T::from_f32(f32::NAN);
+    let dq = g.stream.clone_htod(&scatter(&q, &ql, nan)).unwrap();
+    let dk = g.stream.clone_htod(&scatter(&k, &kl, nan)).unwrap();
+    let dv = g.stream.clone_htod(&scatter(&v, &kl, nan)).unwrap();
+    let o_len = ol.required_len("o").unwrap() as usize;
+    let mut d_o: CudaSlice<T> = g.stream.clone_htod(&vec![nan; o_len]).unwrap();
+    let n_lse = c.batch * c.heads_q * c.seqlen_q;
+    let mut d_lse: CudaSlice<f32> = g.stream.clone_htod(&vec![f32::NAN; n_lse]).unwrap();
+    let opts = ForwardOptions {
+        mask: c.mask,
+        softmax_scale: c.scale,
+    };
+    {
+        let (qv, kv, vv) = (dq.as_view(), dk.as_view(), dv.as_view());
+        let mut ov = d_o.as_view_mut();
+        let mut lv = d_lse.as_view_mut();
+        let (qi, ki, vi) = (
+            Input {
+                data: &qv,
+                layout: ql,
+            },
+            Input {
+                data: &kv,
+                layout: kl,
+            },
+            Input {
+                data: &vv,
+                layout: kl,
+            },
+        );
+        let out = Output {
+            data: &mut ov,
+            layout: ol,
+            lse: if c.lse { Some(&mut lv) } else { None },
+        };
+        match &block {
+            None => g.attn.forward(&g.stream, qi, ki, vi, out, &opts),
+            Some(b) => {
+                let dm = b.to_device(&g.stream).unwrap();
+                let r = g.attn.forward_sparse(
+                    &g.stream,
+                    qi,
+                    ki,
+                    vi,
+                    out,
+                    &SparseOptions {
+                        mask: &dm,
+                        softmax_scale: c.scale,
+                    },
+                );
+                g.stream.synchronize().unwrap();
+                r
+            }
+        }
+        .unwrap_or_else(|e| panic!("forward failed on {c:?}: {e}"));
+    }
+    g.stream.synchronize().unwrap();
+    let o_host: Vec<T> = g.stream.clone_dtoh(&d_o).unwrap();
+    let lse_host: Vec<f32> = g.stream.clone_dtoh(&d_lse).unwrap();
+    // Nothing outside the output's elements was written.
+    let mut addressed = vec![false; o_len];
+    for b in 0..c.batch {
+        for s in 0..c.seqlen_q {
+            for h in 0..c.heads_q {
+                let o = ol.offset(b, s, h) as usize;
+                addressed[o..o + c.head_dim]
+                    .iter_mut()
+                    .for_each(|x| *x = true);
+            }
+        }
+    }
+    for (i, (&a, x)) in addressed.iter().zip(&o_host).enumerate() {
+        assert!(
+            a || x.to_f32().is_nan(),
+            "{c:?}: the kernel wrote the gap element {i} of o"
+        );
+    }
+    if !c.lse {
+        assert!(
+            lse_host.iter().all(|x| x.is_nan()),
+            "{c:?}: lse was written though not asked for"
+        );
+    }
+    let out: Vec<f64> = gather(&o_host, &ol)
+        .iter()
+        .map(|x| x.to_f32() as f64)
+        .collect();
+    let lse = c.lse.then_some(lse_host);
+    let cmp = compare(&out, lse.as_deref(), &ref64, &lowp);
+    RunResult { cmp, out, lse }
+}
+
+pub(crate) fn run_case(g: &Gpu, c: &Case) -> RunResult {
+    match c.dtype {
+        DType::F16 => run_case_t::<f16>(g, c),
+        DType::Bf16 => run_case_t::<bf16>(g, c),
+    }
+}
+
+pub(crate) fn check(g: &Gpu, c: &Case) -> RunResult {
+    let r = run_case(g, c);
+    assert!(r.cmp.passes, "{c:?}\n  {}", r.cmp);
+    r
+}
+
+pub(crate) const DTYPES: [DType; 2] = [DType::F16, DType::Bf16];
+pub(crate) const DIMS: [usize; 3] = [64, 128, 256];
+
+pub(crate) fn arb_mem() -> impl Strategy<Value = Mem> {
+    prop_oneof![
+        Just(Mem::Bshd),
+        Just(Mem::Bhsd),
+        (1i64..3).prop_map(Mem::PaddedBshd),
+        (1i64..3).prop_map(Mem::PaddedBhsd),
+    ]
+}
+
+pub(crate) fn arb_seqlen() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        Just(1usize),
+        prop::sample::select(vec![2usize, 3, 7, 13, 61, 67, 127, 131, 251, 257]),
+        prop::sample::select(vec![
+            63usize, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 383, 384, 385
+        ]),
+        1usize..520,
+    ]
+}
+
+pub(crate) fn arb_window() -> impl Strategy<Value = Option<u32>> {
+    prop_oneof![
+        3 => Just(None),
+        1 => Just(Some(0u32)),
+        2 => (1u32..200).prop_map(Some),
+        1 => (500u32..5000).prop_map(Some),
+    ]
+}
+
+pub(crate) fn arb_case() -> impl Strategy<Value = Case> {
+    (
+        prop::sample::select(vec![DType::F16, DType::Bf16]),
+        prop::sample::select(vec![64usize, 128, 256]),
+        1usize..3,
+        prop::sample::select(vec![
+            (1usize, 1usize),
+            (2, 1),
+            (4, 2),
+            (3, 3),
+            (6, 2),
+            (4, 1),
+        ]),
+        arb_seqlen(),
+        arb_seqlen(),
+        (any::<bool>(), arb_window(), arb_window()),
+        (arb_mem(), arb_mem(), arb_mem()),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(
+                dtype,
+                head_dim,
+                batch,
+                (heads_q, heads_kv),
+                seqlen_q,
+                seqlen_k,
+                (causal, wl, wr),
+                (q_mem, kv_mem, o_mem),
+                lse,
+                seed,
+            )| {
+                let mask = MaskSpec {
+                    sink_tokens: 0,
+                    causal,
+                    window_left: wl,
+                    window_right: if causal { None } else { wr },
+                };
+                Case {
+                    dtype,
+                    batch,
+                    seqlen_q,
+                    seqlen_k,
+                    heads_q,
+                    heads_kv,
+                    head_dim,
+                    mask,
+                    scale: None,
+                    q_mem,
+                    kv_mem,
+                    o_mem,
+                    lse,
+                    seed,
+                    sparse: None,
+                }
+            },
+        )
+}

@@ -1,0 +1,22 @@
+//! GPU tests: the forward kernels against the CPU reference under the correctness rule of
+//! `longflash::reference::compare`, over dtypes, head dims, batch, heads, GQA ratios, sequence
+//! lengths, masks and strides. One binary, one module per kernel family. Without a GPU each test
+//! prints that it skipped; with LONGFLASH_REQUIRE_GPU=1 a missing GPU fails.
+
+/// The shared device, or a printed skip (a failure under LONGFLASH_REQUIRE_GPU=1) and `return`.
+macro_rules! gpu_or_skip {
+    () => {
+        match crate::common::gpu() {
+            Some(g) => g,
+            None => {
+                crate::common::say_skipped(std::thread::current().name().unwrap_or("gpu test"));
+                return;
+            }
+        }
+    };
+}
+
+mod common;
+mod dense;
+mod rope;
+mod sparse;
