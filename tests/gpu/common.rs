@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::{bf16, f16};
 use longflash::reference::{
-    attention_f64, attention_lowp, compare, Comparison, RefShape, Visibility,
+    attention_f64, attention_lowp, compare, Comparison, RefOutput, RefShape, Visibility,
 };
 use longflash::{
     Attention, BlockMask, DType, Element, ForwardOptions, Input, Layout, MaskShape, MaskSpec,
@@ -180,6 +180,9 @@ pub(crate) struct SparseSpec {
     pub(crate) per_head: bool,
     pub(crate) per_batch: bool,
     pub(crate) seed: u64,
+    /// List exactly one key block per (batch, head, query block) row, picked from the seed,
+    /// instead of each block with probability `density`.
+    pub(crate) one_block: bool,
 }
 
 impl SparseSpec {
@@ -192,13 +195,14 @@ impl SparseSpec {
         };
         let seed = self.seed;
         let density = self.density;
+        let key_blocks = c.seqlen_k.div_ceil(longflash::sparse::K_BLOCK) as u64;
         BlockMask::from_fn(shape, c.mask, |b, h, qb, kb| {
-            let mut r = Rng(seed
-                ^ ((b as u64) << 48)
-                ^ ((h as u64) << 40)
-                ^ ((qb as u64) << 20)
-                ^ kb as u64);
-            r.uniform() < density
+            let row = seed ^ ((b as u64) << 48) ^ ((h as u64) << 40) ^ ((qb as u64) << 20);
+            if self.one_block {
+                Rng(row).next_u64() % key_blocks == kb as u64
+            } else {
+                Rng(row ^ kb as u64).uniform() < density
+            }
         })
         .unwrap()
     }
@@ -236,6 +240,9 @@ pub(crate) struct RunResult {
     pub(crate) cmp: Comparison,
     pub(crate) out: Vec<f64>,
     pub(crate) lse: Option<Vec<f32>>,
+    /// The f64 reference and the naive low-precision one the comparison used.
+    pub(crate) reference: RefOutput,
+    pub(crate) naive: RefOutput,
 }
 
 pub(crate) fn run_case_t<T: Element>(g: &Gpu, c: &Case) -> RunResult {
@@ -358,7 +365,13 @@ pub(crate) fn run_case_t<T: Element>(g: &Gpu, c: &Case) -> RunResult {
         .collect();
     let lse = c.lse.then_some(lse_host);
     let cmp = compare(&out, lse.as_deref(), &ref64, &lowp);
-    RunResult { cmp, out, lse }
+    RunResult {
+        cmp,
+        out,
+        lse,
+        reference: ref64,
+        naive: lowp,
+    }
 }
 
 pub(crate) fn run_case(g: &Gpu, c: &Case) -> RunResult {

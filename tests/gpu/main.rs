@@ -17,6 +17,7 @@ macro_rules! gpu_or_skip {
 }
 
 mod common;
+mod corner;
 mod dense;
 mod rope;
 mod sparse;

@@ -18,16 +18,16 @@ use longflash::rope::{PositionMode, RopeConfig, RopeLayout, RopeOptions, RopeSca
 use longflash::RopeForward;
 
 #[derive(Clone, Debug)]
-struct RopeCase {
-    dtype: DType,
-    batch: usize,
-    seqlen_q: usize,
-    seqlen_k: usize,
-    heads_q: usize,
-    heads_kv: usize,
-    head_dim: usize,
-    rope: RopeOptions,
-    seed: u64,
+pub(crate) struct RopeCase {
+    pub(crate) dtype: DType,
+    pub(crate) batch: usize,
+    pub(crate) seqlen_q: usize,
+    pub(crate) seqlen_k: usize,
+    pub(crate) heads_q: usize,
+    pub(crate) heads_kv: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) rope: RopeOptions,
+    pub(crate) seed: u64,
 }
 
 /// Runs the fused kernel on `c` and returns its output (bshd, f64), LSE and the comparison with
@@ -118,6 +118,8 @@ fn run_rope_t<T: Element>(g: &Gpu, c: &RopeCase, blocks: Option<&BlockMask>) -> 
         cmp,
         out,
         lse: Some(lse),
+        reference: ref64,
+        naive: lowp,
     }
 }
 
@@ -125,7 +127,7 @@ fn run_rope(g: &Gpu, c: &RopeCase) -> RunResult {
     run_rope_masked(g, c, None)
 }
 
-fn run_rope_masked(g: &Gpu, c: &RopeCase, blocks: Option<&BlockMask>) -> RunResult {
+pub(crate) fn run_rope_masked(g: &Gpu, c: &RopeCase, blocks: Option<&BlockMask>) -> RunResult {
     match c.dtype {
         DType::F16 => run_rope_t::<f16>(g, c, blocks),
         DType::Bf16 => run_rope_t::<bf16>(g, c, blocks),

@@ -38,6 +38,7 @@ fn arb_sparse_case() -> impl Strategy<Value = Case> {
                 per_head,
                 per_batch,
                 seed,
+                one_block: false,
             });
             c
         })
@@ -63,6 +64,7 @@ fn sparse_case(d: usize, (sq, sk): (usize, usize), mask: MaskSpec, density: f64)
             per_head: true,
             per_batch: true,
             seed: 7,
+            one_block: false,
         }),
         ..Case::new(DType::Bf16, (2, sq, sk), (4, 2), d, mask)
     }
@@ -177,6 +179,8 @@ fn check_with_mask(g: &Gpu, c: &Case, m: &BlockMask) -> RunResult {
         cmp,
         out,
         lse: Some(lse),
+        reference: ref64,
+        naive: lowp,
     }
 }
 
@@ -198,6 +202,7 @@ fn dense_block_mask_equals_the_exact_kernel_bit_for_bit() {
                         per_head: false,
                         per_batch: false,
                         seed: 0,
+                        one_block: false,
                     }),
                     ..Case::new(DType::Bf16, (2, sq, sk), (4, 2), d, mask)
                 };
