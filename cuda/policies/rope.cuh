@@ -1,0 +1,199 @@
+// RoPE / ReRoPE / Leaky ReRoPE policies (LfRope): angles, the inside/outside/straddling tile
+// iterator that wraps a base iterator, the element mask narrowed to one side of the window, the
+// rotated-key sources, and the Q preparation that rotates the loaded Q tile into its two
+// variants. See rope.cuh for how they make the kernel.
+#pragma once
+
+#include "../common.cuh"
+#include "iterators.cuh"
+#include "longflash/params.h"
+#include "longflash/tile_plan.h"
+
+namespace lf {
+
+// ---- angles -----------------------------------------------------------------------------------
+
+// cos and sin of position * freq, for positions up to 2^31 and beyond: the product and its
+// reduction to [-pi, pi] are done in f64, so the angle keeps ~1e-9 rad absolute accuracy at
+// 256k tokens (f32 would lose ~1e-2 rad); the final sin/cos of the small angle run in f32.
+__device__ __forceinline__ void rope_cos_sin(double position, double freq, float &c, float &s) {
+    const double two_pi = 6.283185307179586476925286766559;
+    const double a = position * freq;
+    const double k = rint(a * (1.0 / two_pi));
+    const float r = static_cast<float>(fma(-k, two_pi, a));
+    __sincosf(r, &s, &c);
+}
+
+__device__ __forceinline__ int64_t rope_key_position(const LfRope &r, int b, int64_t j) {
+    return (r.position_offsets ? r.position_offsets[b] : 0) + j;
+}
+
+// Element index of pair member 0/1 of pair f (f < rotary_dim / 2: rotary pairs; above: the
+// untouched tail, taken two elements at a time).
+__device__ __forceinline__ void rope_pair(const LfRope &r, int f, int &x, int &y) {
+    const int half = r.rotary_dim / 2;
+    if (f < half) {
+        x = r.interleaved ? 2 * f : f;
+        y = r.interleaved ? 2 * f + 1 : f + half;
+    } else {
+        x = r.rotary_dim + 2 * (f - half);
+        y = x + 1;
+    }
+}
+
+// ---- tile iterator ------------------------------------------------------------------------------
+
+template <class Base>
+__device__ __forceinline__ Base make_base(const LfFwdParams &p, int qt, int br, int bc, int b, int h);
+template <>
+__device__ __forceinline__ WindowIter make_base<WindowIter>(const LfFwdParams &p, int qt, int br,
+                                                            int bc, int, int) {
+    return WindowIter(p.mask, qt, br, bc);
+}
+template <>
+__device__ __forceinline__ CsrIter make_base<CsrIter>(const LfFwdParams &p, int qt, int br, int,
+                                                      int b, int h) {
+    return CsrIter(p.sparse, qt, br, b, h);
+}
+
+// Wraps a base tile iterator (the dense causal/window plan, or a block mask's row; both visit
+// last to first) and emits each tile once when it lies wholly inside the ReRoPE window (variant
+// 0) or wholly outside it (variant 1), and twice when it straddles the window edge (variant 0
+// with rel < w, then variant 1 with rel >= w). Inside tiles are those with index >= a, outside
+// those below b, so in the base order they form three consecutive runs. Plain RoPE is the case
+// where every tile is inside.
+template <class Base> struct ReRopeIter {
+    Base base;
+    int n_in, n_str, count_;
+    __device__ __forceinline__ ReRopeIter(const Base &base_, const LfMask &m, const LfRope &r,
+                                          int qt, int br, int bc)
+        : base(base_) {
+        const int n = base.count();
+        if (r.mode == 0) {
+            n_in = n;
+            n_str = 0;
+        } else {
+            const int64_t off = lf_diag_offset(m);
+            const int64_t q0 = static_cast<int64_t>(qt) * br;
+            const int64_t q1 = lf_min64(q0 + br, m.seqlen_q) - 1;
+            // Inside iff q1 + off - kt*bc < w; outside iff q0 + off - (kt*bc + bc - 1) >= w.
+            const int64_t x = q1 + off - r.window;
+            const int64_t a = x < 0 ? 0 : x / bc + 1;
+            const int64_t y = q0 + off - r.window - bc + 1;
+            const int64_t b = y < 0 ? 0 : y / bc + 1;
+            n_in = base.count_at_least(a);
+            n_str = base.count_at_least(b) - n_in;
+        }
+        count_ = n + n_str;
+    }
+    __device__ __forceinline__ int base_index(int i) const {
+        if (i < n_in) return i;
+        if (i < n_in + 2 * n_str) return n_in + (i - n_in) / 2;
+        return i - n_str;
+    }
+    __device__ __forceinline__ int count() const { return count_; }
+    __device__ __forceinline__ int tile(int i) const { return base.tile(base_index(i)); }
+    __device__ __forceinline__ int variant(int i) const {
+        if (i < n_in) return 0;
+        if (i < n_in + 2 * n_str) return (i - n_in) & 1;
+        return 1;
+    }
+    __device__ __forceinline__ bool straddles(int i) const {
+        return i >= n_in && i < n_in + 2 * n_str;
+    }
+    __device__ __forceinline__ bool is_full(int i) const {
+        return !straddles(i) && base.is_full(base_index(i));
+    }
+};
+
+// The causal/window element mask, narrowed on straddling tiles to the item's side of the window.
+struct ReRopeMask {
+    LfMask m;
+    int window;
+    struct RowKeys {
+        int lo, hi;
+        __device__ __forceinline__ bool visible(int j) const { return j >= lo && j < hi; }
+    };
+    template <class Iter>
+    __device__ __forceinline__ RowKeys row_keys(const Iter &iter, int n, int64_t i, int k0,
+                                                int span) const {
+        int64_t l, h, sh;
+        lf_row_key_bounds(m, i, &l, &h, &sh);
+        if (iter.straddles(n)) {
+            const int64_t edge = i + lf_diag_offset(m) - window; // rel >= w  <=>  j <= edge
+            if (iter.variant(n) == 0)
+                l = lf_max64(l, edge + 1);
+            else
+                h = lf_min64(h, edge + 1);
+        }
+        auto rel = [&](int64_t x) { return static_cast<int>(lf_min64(lf_max64(x - k0, 0), span)); };
+        return RowKeys{rel(l), rel(h)};
+    }
+};
+
+// Keys: variant 0 from k_rot, variant 1 from k_alt (contiguous [b, sk, hkv, d] workspaces).
+struct RopeKeys {
+    const uint16_t *rot, *alt;
+    int64_t row_stride;
+    __device__ __forceinline__ const uint16_t *tile(int v, int kt, int bc) const {
+        return (v ? alt : rot) + static_cast<int64_t>(kt) * bc * row_stride;
+    }
+    __device__ __forceinline__ int64_t stride(int) const { return row_stride; }
+};
+
+// Rotates the warp's own rows of the loaded Q tile into variant 0 (R_pos(i) q, in place) and
+// variant 1 (the outside-window query, in the second Q tile), with log-n scaling.
+template <class Tr> struct RopeQPrep {
+    const LfRope *r;
+    int seqlen_q, seqlen_k, batch_index;
+    __device__ __forceinline__ void operator()(uint32_t sQ, int warp_row0, int lane, int q0) const {
+        using Tile = typename Tr::Tile;
+        using T = typename Tr::T;
+        const LfRope &rp = *r;
+        const int64_t base = rope_key_position(rp, batch_index, seqlen_k - seqlen_q);
+        constexpr int kPairs = Tr::D / 2;
+        for (int idx = lane; idx < Tr::kWarpRows * kPairs; idx += 32) {
+            const int row = warp_row0 + idx / kPairs;
+            const int f = idx % kPairs;
+            const double pos = static_cast<double>(base + q0 + row);
+            int xi, yi;
+            rope_pair(rp, f, xi, yi);
+            const uint32_t ax = sQ + Tile::offset(row, xi), ay = sQ + Tile::offset(row, yi);
+            uint16_t hx, hy;
+            asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(hx) : "r"(ax));
+            asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(hy) : "r"(ay));
+            float x = Elem<T>::to_float(hx), y = Elem<T>::to_float(hy);
+            if (rp.log_n_inv_ln_train > 0.f) {
+                const float sc = fmaxf(1.f, logf(static_cast<float>(pos) + 1.f) * rp.log_n_inv_ln_train);
+                x *= sc;
+                y *= sc;
+            }
+            float x0 = x, y0 = y, x1 = x, y1 = y;
+            if (f < rp.rotary_dim / 2) {
+                const double freq = rp.inv_freq[f];
+                const float af = rp.attention_factor;
+                float c, s;
+                rope_cos_sin(pos, freq, c, s);
+                x0 = af * (x * c - y * s);
+                y0 = af * (x * s + y * c);
+                if (rp.mode != 0) {
+                    const double p1 = rp.mode == 1 ? static_cast<double>(rp.window)
+                                                    : pos * rp.inv_leak + rp.window - rp.window * rp.inv_leak;
+                    rope_cos_sin(p1, freq, c, s);
+                    x1 = af * (x * c - y * s);
+                    y1 = af * (x * s + y * c);
+                }
+            }
+            const uint32_t o1 = Tr::kQBytes;
+            asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ax), "h"(Elem<T>::to_bits(x0)));
+            asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ay), "h"(Elem<T>::to_bits(y0)));
+            if (rp.mode != 0) {
+                asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ax + o1), "h"(Elem<T>::to_bits(x1)));
+                asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ay + o1), "h"(Elem<T>::to_bits(y1)));
+            }
+        }
+        __syncwarp();
+    }
+};
+
+} // namespace lf

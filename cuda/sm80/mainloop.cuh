@@ -1,0 +1,285 @@
+// The sm_80 forward mainloop (mma.sync, ldmatrix, cp.async): one CTA per (query tile, head,
+// batch), a loop over the key tiles chosen by a tile iterator, scores from a score policy, an
+// element mask applied only on partial tiles, an online softmax in registers, and P @ V with P
+// kept in registers.
+//
+//   Traits  tile shape and element type (FwdTraits)
+//   Iter    which key tiles a query tile visits, last to first, and whether each is full
+//   Mask    which (row, key) elements are visible inside a partial tile
+//   Score   S = Q K^T for one key tile (the hook for fused RoPE / ReRoPE scores)
+//   Keys    where an item's key rows come from; QPrep what happens to the loaded Q tile
+//
+// Pipeline (FlashAttention-2): K and V each have one shared buffer; V_j is copied while
+// S_j = Q K_j^T and its softmax run, and K_{j+1} is copied while O += P_j V_j runs.
+#pragma once
+
+#include "../common.cuh"
+#include "longflash/params.h"
+#include "longflash/tile_plan.h"
+#include "primitives.cuh"
+
+namespace lf {
+
+template <typename T_, int D_, int BR_, int BC_, int NWARPS_, int QVARIANTS_ = 1> struct FwdTraits {
+    using T = T_;
+    static constexpr int D = D_;
+    static constexpr int BR = BR_;
+    static constexpr int BC = BC_;
+    static constexpr int kWarps = NWARPS_;
+    static constexpr int kThreads = NWARPS_ * 32;
+    static constexpr int kWarpRows = BR / kWarps; // query rows owned by one warp
+    static constexpr int kMT = kWarpRows / 16;    // m16 tiles per warp
+    static constexpr int kNT = BC / 8;            // n8 tiles of S per warp row block
+    static constexpr int kDT = D / 8;             // n8 tiles of O
+    static constexpr int kKSteps = D / 16;        // k16 steps of Q K^T
+    static constexpr int kQBytes = BR * D * 2;
+    static constexpr int kKVBytes = BC * D * 2;
+    static constexpr int kQVariants = QVARIANTS_; // Q tiles in shared memory (ReRoPE: 2)
+    static constexpr int kSmemBytes = kQVariants * kQBytes + 2 * kKVBytes;
+    using Tile = SwizzledTile<D>;              // shared-memory layout of the Q, K, V tiles
+    static_assert(kWarpRows % 16 == 0, "each warp owns whole m16 tiles");
+    static_assert(BC % 16 == 0 && D % 16 == 0, "tiles are whole k16 steps");
+};
+
+// ---- score policy ----------------------------------------------------------------------------
+
+// S = Q K^T for the warp's rows and one key tile, from swizzled shared tiles.
+struct PlainScore {
+    template <class Tr>
+    __device__ __forceinline__ static void compute(float (&s)[Tr::kMT][Tr::kNT][4], uint32_t sQ,
+                                                   uint32_t sK, int warp_row0, int lane) {
+        const SwizzledCursor<Tr::D> qc(sQ, warp_row0 + (lane & 15), lane >> 4);
+        const SwizzledCursor<Tr::D> kc(sK, (lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);
+#pragma unroll
+        for (int mt = 0; mt < Tr::kMT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < Tr::kNT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < Tr::kKSteps; ++ks) {
+            uint32_t qa[Tr::kMT][4];
+#pragma unroll
+            for (int mt = 0; mt < Tr::kMT; ++mt)
+                ldmatrix_x4(qa[mt], qc.at(mt * 16, ks * 2));
+#pragma unroll
+            for (int np = 0; np < Tr::kNT / 2; ++np) {
+                uint32_t kb[4];
+                ldmatrix_x4(kb, kc.at(np * 16, ks * 2));
+#pragma unroll
+                for (int mt = 0; mt < Tr::kMT; ++mt) {
+                    Mma<typename Tr::T>::mma(s[mt][2 * np], qa[mt], kb[0], kb[1]);
+                    Mma<typename Tr::T>::mma(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+                }
+            }
+        }
+    }
+};
+
+// ---- the skeleton ----------------------------------------------------------------------------
+
+template <class Tr, class Iter, class Mask, class Score, class Keys, class QPrep>
+__device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const Iter &iter,
+                                                   const Mask &mask, const Keys &keys,
+                                                   const QPrep &q_prep, int qt, int h, int b) {
+    using T = typename Tr::T;
+    using Elt = Elem<T>;
+    using Tile = SwizzledTile<Tr::D>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t sQ = smem_addr(smem);
+    const uint32_t sK = sQ + Tr::kQVariants * Tr::kQBytes;
+    const uint32_t sV = sK + Tr::kKVBytes;
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int warp_row0 = warp * Tr::kWarpRows;
+    const int g = lane >> 2; // accumulator row within an m16 tile (and g + 8)
+    const int tq = lane & 3; // accumulator column pair within an n8 tile
+
+    const int seqlen_q = p.mask.seqlen_q;
+    const int seqlen_k = p.mask.seqlen_k;
+    const int q0 = qt * Tr::BR;
+    const int hk = h / (p.heads_q / p.heads_kv);
+
+    const uint16_t *q_ptr = static_cast<const uint16_t *>(p.q) + b * p.q_batch_stride +
+                            h * p.q_head_stride + q0 * p.q_row_stride;
+    const uint16_t *v_ptr =
+        static_cast<const uint16_t *>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+
+    float o[Tr::kMT][Tr::kDT][4];
+    // row_base is the exponent base of P (see below); row_sum adds the rounded P (what P V
+    // weights), and normalizes O; exp_sum adds the exact exponentials, for the log-sum-exp.
+    float row_base[Tr::kMT][2], row_sum[Tr::kMT][2], exp_sum[Tr::kMT][2];
+#pragma unroll
+    for (int mt = 0; mt < Tr::kMT; ++mt) {
+#pragma unroll
+        for (int dt = 0; dt < Tr::kDT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.f;
+        row_base[mt][0] = row_base[mt][1] = -INFINITY;
+        row_sum[mt][0] = row_sum[mt][1] = 0.f;
+        exp_sum[mt][0] = exp_sum[mt][1] = 0.f;
+    }
+
+    const SwizzledCursor<Tr::D> vc(sV, (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4);
+    const int n_tiles = iter.count();
+    const float scale_log2 = p.softmax_scale_log2;
+    if (n_tiles > 0) {
+        load_tile_async<Tr::BR, Tr::D, Tr::kThreads>(sQ, q_ptr, p.q_row_stride, seqlen_q - q0,
+                                                     tid);
+        {
+            const int kt = iter.tile(0), v = iter.variant(0);
+            load_tile_async<Tr::BC, Tr::D, Tr::kThreads>(sK, keys.tile(v, kt, Tr::BC), keys.stride(v),
+                                                         seqlen_k - kt * Tr::BC, tid);
+        }
+        cp_async_commit();
+    }
+
+    for (int n = 0; n < n_tiles; ++n) {
+        const int kt = iter.tile(n);
+        const int k0 = kt * Tr::BC;
+        cp_async_wait<0>();
+        __syncthreads(); // K_kt (and Q) visible to all; everyone is done with V of the last tile
+        if (n == 0) q_prep(sQ, warp_row0, lane, q0); // each warp prepares its own Q rows
+        load_tile_async<Tr::BC, Tr::D, Tr::kThreads>(sV, v_ptr + k0 * p.v_row_stride,
+                                                     p.v_row_stride, seqlen_k - k0, tid);
+        cp_async_commit();
+
+        float s[Tr::kMT][Tr::kNT][4];
+        Score::template compute<Tr>(s, sQ + iter.variant(n) * Tr::kQBytes, sK, warp_row0, lane);
+
+        if (!iter.is_full(n)) {
+#pragma unroll
+            for (int mt = 0; mt < Tr::kMT; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const auto keys = mask.row_keys(iter, n, q0 + warp_row0 + mt * 16 + g + r * 8, k0, Tr::BC);
+#pragma unroll
+                    for (int nt = 0; nt < Tr::kNT; ++nt)
+#pragma unroll
+                        for (int c = 0; c < 2; ++c)
+                            if (!keys.visible(nt * 8 + tq * 2 + c)) s[mt][nt][2 * r + c] = -INFINITY;
+                }
+        }
+
+        // Online softmax: new exponent base, rescale what was accumulated, P = exp2(S' - base)
+        // with S' = S * scale * log2(e).
+#pragma unroll
+        for (int mt = 0; mt < Tr::kMT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int nt = 0; nt < Tr::kNT; ++nt)
+                    mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+                mx = quad_max(mx);
+                const float old_base = row_base[mt][r];
+                const float new_base = fmaxf(old_base, softmax_base(mx, scale_log2));
+                // Rescaling is by a power of two, exact; an unchanged base rescales by 1.
+                const float alpha = exp2_step(old_base, new_base);
+                row_base[mt][r] = new_base;
+                // A row that has seen only masked keys keeps base -inf; subtract 0 then, so
+                // exp2(-inf - 0) = 0 and no NaN appears.
+                const float base = new_base == -INFINITY ? 0.f : new_base;
+                row_sum[mt][r] *= alpha;
+                exp_sum[mt][r] *= alpha;
+#pragma unroll
+                for (int dt = 0; dt < Tr::kDT; ++dt) {
+                    o[mt][dt][2 * r] *= alpha;
+                    o[mt][dt][2 * r + 1] *= alpha;
+                }
+#pragma unroll
+                for (int nt = 0; nt < Tr::kNT; ++nt)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const float e = fast_exp2(fmaf(s[mt][nt][2 * r + c], scale_log2, -base));
+                        s[mt][nt][2 * r + c] = e;
+                        exp_sum[mt][r] += e;
+                    }
+            }
+
+        cp_async_wait<0>();
+        __syncthreads(); // V_kt visible; everyone is done reading K_kt
+        if (n + 1 < n_tiles) {
+            const int kn = iter.tile(n + 1), v = iter.variant(n + 1);
+            load_tile_async<Tr::BC, Tr::D, Tr::kThreads>(sK, keys.tile(v, kn, Tr::BC), keys.stride(v),
+                                                         seqlen_k - kn * Tr::BC, tid);
+            cp_async_commit();
+        }
+
+        // O += P V: the S accumulators of n8 tiles 2kk and 2kk+1 are exactly the A fragment of
+        // a k16 step, so P goes from registers to the tensor cores without shared memory.
+#pragma unroll
+        for (int kk = 0; kk < Tr::BC / 16; ++kk) {
+            uint32_t pa[Tr::kMT][4];
+#pragma unroll
+            for (int mt = 0; mt < Tr::kMT; ++mt) {
+                pa[mt][0] = Elt::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[mt][1] = Elt::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[mt][2] = Elt::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[mt][3] = Elt::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                // The row sum that normalizes O adds P as rounded for the tensor cores, so the
+                // weights P V uses are exactly the ones it divides by (the exact exponentials'
+                // sum would bias each output by up to an ulp of P; it serves the LSE instead).
+#pragma unroll
+                for (int x = 0; x < 4; ++x) {
+                    const float2 pf = Elt::unpack(pa[mt][x]);
+                    row_sum[mt][x & 1] += pf.x + pf.y;
+                }
+            }
+#pragma unroll
+            for (int dp = 0; dp < Tr::kDT / 2; ++dp) {
+                uint32_t vb[4];
+                ldmatrix_x4_trans(vb, vc.at(kk * 16, dp * 2));
+#pragma unroll
+                for (int mt = 0; mt < Tr::kMT; ++mt) {
+                    Mma<typename Tr::T>::mma(o[mt][2 * dp], pa[mt], vb[0], vb[1]);
+                    Mma<typename Tr::T>::mma(o[mt][2 * dp + 1], pa[mt], vb[2], vb[3]);
+                }
+            }
+        }
+    }
+
+    // Epilogue: O / l, LSE = base * ln(2) + ln(l); a row that saw no key gives 0 and -inf.
+    // O is staged through the warp's own rows of the Q tile for 16-byte stores.
+    constexpr float kLn2 = 0.693147180559945309f;
+#pragma unroll
+    for (int mt = 0; mt < Tr::kMT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float l = quad_sum(row_sum[mt][r]);
+            const float le = quad_sum(exp_sum[mt][r]); // every lane: the shuffles need the full warp
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int row = warp_row0 + mt * 16 + g + r * 8;
+#pragma unroll
+            for (int dt = 0; dt < Tr::kDT; ++dt) {
+                uint32_t packed = Elt::pack(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sQ + Tile::offset(row, dt * 8 + tq * 2)),
+                             "r"(packed));
+            }
+            if (p.lse != nullptr && tq == 0 && q0 + row < seqlen_q) {
+                const float lse = le > 0.f ? fmaf(row_base[mt][r], kLn2, logf(le)) : -INFINITY;
+                p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * seqlen_q + q0 + row] = lse;
+            }
+        }
+    __syncthreads();
+    uint16_t *o_ptr = static_cast<uint16_t *>(p.o) + b * p.o_batch_stride + h * p.o_head_stride +
+                      q0 * p.o_row_stride;
+    constexpr int kChunks = Tr::D / 8;
+#pragma unroll
+    for (int it = 0; it < Tr::BR * kChunks / Tr::kThreads; ++it) {
+        int idx = it * Tr::kThreads + tid;
+        int r = idx / kChunks;
+        int c = (idx % kChunks) * 8;
+        if (q0 + r < seqlen_q) {
+            uint4 val;
+            asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w)
+                         : "r"(sQ + Tile::offset(r, c)));
+            *reinterpret_cast<uint4 *>(o_ptr + r * p.o_row_stride + c) = val;
+        }
+    }
+}
+
+} // namespace lf
