@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+mod check;
 pub mod dtype;
 pub mod error;
 pub mod layout;

@@ -1,0 +1,317 @@
+//! The exact forward: dense, causal and sliding-window attention. Its options, the raw
+//! arguments and their validation, and the safe and raw entry points.
+
+use cudarc::driver::{sys, CudaStream, LaunchConfig};
+
+use super::{Attention, Input, Output, RawBlockMask, SUPPORTED_HEAD_DIMS};
+use crate::check::{aligned, byte_range, mismatch, overlaps, strides_of_16_bytes};
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::mask::MaskSpec;
+use crate::plan::forward_tile_shape;
+use crate::sys::{LfBlockSparse, LfFwdParams, LF_FWD_WARPS};
+
+/// Options of a forward call.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ForwardOptions {
+    /// Which keys each query attends (dense, causal, sliding window).
+    pub mask: MaskSpec,
+    /// Multiplies Q K^T before the softmax; `None` means `1 / sqrt(head_dim)`. Must be finite
+    /// and positive.
+    pub softmax_scale: Option<f32>,
+}
+
+impl ForwardOptions {
+    /// Dense attention with the default scale.
+    pub fn dense() -> Self {
+        ForwardOptions::default()
+    }
+    /// Causal attention with the default scale.
+    pub fn causal() -> Self {
+        ForwardOptions {
+            mask: MaskSpec::causal(),
+            softmax_scale: None,
+        }
+    }
+    /// The same options with another mask.
+    pub fn with_mask(self, mask: MaskSpec) -> Self {
+        ForwardOptions { mask, ..self }
+    }
+    /// The same options with an explicit softmax scale.
+    pub fn with_scale(self, scale: f32) -> Self {
+        ForwardOptions {
+            softmax_scale: Some(scale),
+            ..self
+        }
+    }
+}
+
+/// Arguments of the raw forward: device pointers, layouts (element strides, signed) and options.
+///
+/// `q`, `k`, `v` and `o` point at element `(0, 0, 0, 0)` of their tensors, of element type
+/// `dtype`; `lse`, when not 0, points at a contiguous f32 `[batch, heads_q, seqlen_q]` buffer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RawForward {
+    /// Element type of Q, K, V and O.
+    pub dtype: DType,
+    /// Query device pointer.
+    pub q: sys::CUdeviceptr,
+    /// Key device pointer.
+    pub k: sys::CUdeviceptr,
+    /// Value device pointer.
+    pub v: sys::CUdeviceptr,
+    /// Output device pointer.
+    pub o: sys::CUdeviceptr,
+    /// Log-sum-exp output device pointer, or 0 for none.
+    pub lse: sys::CUdeviceptr,
+    /// Query layout `[batch, seqlen_q, heads_q, head_dim]`.
+    pub q_layout: Layout,
+    /// Key layout `[batch, seqlen_k, heads_kv, head_dim]`.
+    pub k_layout: Layout,
+    /// Value layout, same shape as the keys'.
+    pub v_layout: Layout,
+    /// Output layout, same shape as the queries'.
+    pub o_layout: Layout,
+    /// Mask and scale. With a block mask, `options.mask` is its element mask.
+    pub options: ForwardOptions,
+    /// A block-sparse layout on the device, or `None` for dense / causal / window attention.
+    pub block_mask: Option<RawBlockMask>,
+}
+
+impl RawForward {
+    /// Checks everything that can be checked without knowing buffer sizes, and lowers the call
+    /// to the kernel's parameter struct: shapes agree, head dim supported, heads divide, no zero
+    /// dims, strides and pointers meet the 16-byte rule, the output does not overlap itself or
+    /// any input, the mask and scale make sense.
+    pub fn validate(&self) -> Result<LfFwdParams> {
+        let (q, k, v, o) = (
+            &self.q_layout,
+            &self.k_layout,
+            &self.v_layout,
+            &self.o_layout,
+        );
+        q.check_dims("q")?;
+        k.check_dims("k")?;
+        v.check_dims("v")?;
+        o.check_dims("o")?;
+        if !SUPPORTED_HEAD_DIMS.contains(&q.head_dim) {
+            return Err(Error::UnsupportedHeadDim {
+                arg: "q.head_dim",
+                value: q.head_dim,
+                supported: SUPPORTED_HEAD_DIMS,
+            });
+        }
+        mismatch("k.head_dim", k.head_dim, "q.head_dim", q.head_dim)?;
+        mismatch("v.head_dim", v.head_dim, "q.head_dim", q.head_dim)?;
+        mismatch("o.head_dim", o.head_dim, "q.head_dim", q.head_dim)?;
+        mismatch("k.batch", k.batch, "q.batch", q.batch)?;
+        mismatch("v.batch", v.batch, "q.batch", q.batch)?;
+        mismatch("o.batch", o.batch, "q.batch", q.batch)?;
+        mismatch("v.seqlen", v.seqlen, "k.seqlen", k.seqlen)?;
+        mismatch("o.seqlen", o.seqlen, "q.seqlen", q.seqlen)?;
+        mismatch("v.heads", v.heads, "k.heads", k.heads)?;
+        mismatch("o.heads", o.heads, "q.heads", q.heads)?;
+        if q.heads % k.heads != 0 {
+            return Err(Error::HeadsNotDivisible {
+                heads_q: q.heads,
+                heads_kv: k.heads,
+            });
+        }
+        // Grid limits: heads on grid.y, batch on grid.z.
+        for (arg, val) in [("q.heads", q.heads), ("q.batch", q.batch)] {
+            if val > 65535 {
+                return Err(Error::InvalidArgument {
+                    arg,
+                    value: val.to_string(),
+                    expected: "at most 65535".into(),
+                });
+            }
+        }
+        let mask = self.options.mask.resolve(q.seqlen, k.seqlen)?;
+        let sparse = match &self.block_mask {
+            None => {
+                if mask.sink_tokens != 0 {
+                    return Err(Error::InvalidMask {
+                        arg: "mask.sink_tokens",
+                        value: mask.sink_tokens.to_string(),
+                        expected: "0 for dense attention: attention sinks come with a block mask (sparse::patterns::sinks_window)",
+                    });
+                }
+                LfBlockSparse::default()
+            }
+            Some(bm) => bm.lower(q, k)?,
+        };
+
+        // 16-byte accesses: every row start must be 16-byte aligned.
+        for (arg, ptr) in [
+            ("q.ptr", self.q),
+            ("k.ptr", self.k),
+            ("v.ptr", self.v),
+            ("o.ptr", self.o),
+        ] {
+            aligned(arg, ptr, 16, false)?;
+        }
+        aligned("lse.ptr", self.lse, 4, false)?;
+        for (name, l) in [("q", q), ("k", k), ("v", v), ("o", o)] {
+            strides_of_16_bytes(name, l)?;
+        }
+        if !o.is_non_overlapping() {
+            return Err(Error::OverlappingOutput { arg: "o" });
+        }
+        let o_range = byte_range(self.o, o, 2);
+        for (other, ptr, l) in [("q", self.q, q), ("k", self.k, k), ("v", self.v, v)] {
+            if overlaps(o_range, byte_range(ptr, l, 2)) {
+                return Err(Error::Aliasing { output: "o", other });
+            }
+        }
+        if self.lse != 0 {
+            let n = (q.batch * q.heads * q.seqlen) as i128 * 4;
+            let lse_range = (self.lse as i128, self.lse as i128 + n);
+            for (other, ptr, l) in [
+                ("q", self.q, q),
+                ("k", self.k, k),
+                ("v", self.v, v),
+                ("o", self.o, o),
+            ] {
+                if overlaps(lse_range, byte_range(ptr, l, 2)) {
+                    return Err(Error::Aliasing {
+                        output: "lse",
+                        other,
+                    });
+                }
+            }
+        }
+
+        let scale = self
+            .options
+            .softmax_scale
+            .unwrap_or(1.0 / (q.head_dim as f32).sqrt());
+        // The kernels keep the running row maximum of the unscaled scores, which is the maximum
+        // of the scaled ones only for a positive scale.
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::InvalidArgument {
+                arg: "options.softmax_scale",
+                value: format!("{scale}"),
+                expected: "a finite number > 0".into(),
+            });
+        }
+        Ok(LfFwdParams {
+            q: self.q as *const _,
+            k: self.k as *const _,
+            v: self.v as *const _,
+            o: self.o as *mut _,
+            lse: self.lse as *mut f32,
+            q_batch_stride: q.batch_stride,
+            q_head_stride: q.head_stride,
+            q_row_stride: q.seq_stride,
+            k_batch_stride: k.batch_stride,
+            k_head_stride: k.head_stride,
+            k_row_stride: k.seq_stride,
+            v_batch_stride: v.batch_stride,
+            v_head_stride: v.head_stride,
+            v_row_stride: v.seq_stride,
+            o_batch_stride: o.batch_stride,
+            o_head_stride: o.head_stride,
+            o_row_stride: o.seq_stride,
+            mask,
+            batch: q.batch as i32,
+            heads_q: q.heads as i32,
+            heads_kv: k.heads as i32,
+            head_dim: q.head_dim as i32,
+            softmax_scale: scale,
+            softmax_scale_log2: scale * std::f32::consts::LOG2_E,
+            sparse,
+        })
+    }
+}
+
+impl Attention {
+    /// Forward attention on the caller's stream: `o = softmax(scale * q k^T + mask) v`, and the
+    /// log-sum-exp of each row (natural log, f32 `[batch, heads_q, seqlen_q]`) when `out.lse` is
+    /// given. Everything is validated before launch; the call does not synchronize.
+    pub fn forward<T: Element>(
+        &self,
+        stream: &CudaStream,
+        q: Input<'_, '_, T>,
+        k: Input<'_, '_, T>,
+        v: Input<'_, '_, T>,
+        out: Output<'_, '_, T>,
+        options: &ForwardOptions,
+    ) -> Result<()> {
+        self.forward_impl(stream, [q, k, v], out, *options, None, |raw| {
+            // SAFETY: forward_impl checked every buffer against its layout and context and holds
+            // the stream-ordering guards while this runs.
+            unsafe { self.forward_raw(stream.cu_stream(), raw) }
+        })
+    }
+
+    ///
+    /// Validates shapes, strides, alignment, aliasing, mask and scale (see
+    /// [`RawForward::validate`]) and returns a typed error before any launch.
+    ///
+    /// # Safety
+    /// - `stream` is a stream of this value's context (or null for its legacy default stream).
+    /// - A `block_mask` is a well-formed CSR layout for this call (as `BlockMask` makes them):
+    ///   `batch * heads * ceil(seqlen_q / 128) + 1` non-decreasing row offsets starting at 0,
+    ///   column indices below `ceil(seqlen_k / 64)`, one flag per listed block, and a block
+    ///   flagged full only when the element mask hides none of its elements.
+    /// - Every pointer in `args` is device memory of that context that holds every element its
+    ///   layout addresses (and `lse`, when not 0, `batch * heads_q * seqlen_q` f32 values),
+    ///   and stays allocated until the kernel has finished.
+    /// - Nothing else writes those inputs, or reads or writes the outputs, until the kernel has
+    ///   finished (order other streams with events).
+    pub unsafe fn forward_raw(&self, stream: sys::CUstream, args: &RawForward) -> Result<()> {
+        let params = args.validate()?;
+        let d = args.q_layout.head_dim;
+        let shape = forward_tile_shape(d).ok_or(Error::UnsupportedHeadDim {
+            arg: "q.head_dim",
+            value: d,
+            supported: SUPPORTED_HEAD_DIMS,
+        })?;
+        let smem = ((shape.br + 2 * shape.bc) * d * 2) as u32;
+        if smem > self.max_smem_optin {
+            return Err(Error::InvalidArgument {
+                arg: "q.head_dim",
+                value: d.to_string(),
+                expected: format!(
+                    "a head dim whose kernel fits the device's {} bytes of shared memory per block (needs {smem})",
+                    self.max_smem_optin
+                ),
+            });
+        }
+        let kind = if args.block_mask.is_some() {
+            "sparse"
+        } else {
+            "fwd"
+        };
+        let module = format!("{kind}_{}_d{d}", args.dtype.name());
+        let name = format!("lf_{module}");
+        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
+        let kernel = unsafe { self.cache.kernel(&module, &name, smem) }?;
+        let q_tiles = args.q_layout.seqlen.div_ceil(shape.br);
+        let grid = (
+            q_tiles as u32,
+            args.q_layout.heads as u32,
+            args.q_layout.batch as u32,
+        );
+        let block = (LF_FWD_WARPS * 32, 1, 1);
+        let mut params = params;
+        // SAFETY: `params` was validated and matches the kernel's one by-value parameter (the
+        // struct both sides take from params.h); pointers and stream are valid per this fn's
+        // contract; the grid covers every (query tile, head, batch) once.
+        unsafe {
+            self.launch(
+                &kernel,
+                LaunchConfig {
+                    grid_dim: grid,
+                    block_dim: block,
+                    shared_mem_bytes: smem,
+                },
+                stream,
+                &mut params,
+                "launching the forward kernel",
+            )
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The attention entry points, one module per kernel family: [`forward`] (exact), [`sparse`]
+//! (block-sparse), [`rope`] (RoPE / ReRoPE inside the kernel) and [`merge`] (the LSE merge).
+//! Each family has a safe layer over cudarc views that validates everything and a raw layer over
+//! device pointers for engines with their own allocators. This module holds what they share:
+//! [`Attention`] (the loaded kernels of one context), the device opener, the view types and the
+//! lowering of checked views to raw pointers.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    result, sys, CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DeviceSlice, LaunchConfig,
+};
+
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::loader::{CtxGuard, Kernel, ModuleCache};
+use crate::sparse::DeviceBlockMask;
+
+pub mod forward;
+pub mod merge;
+pub mod rope;
+pub mod sparse;
+
+pub use forward::{ForwardOptions, RawForward};
+pub use merge::RawMerge;
+pub use rope::{RawRope, RawRopeMode, RopeForward};
+pub use sparse::{RawBlockMask, SparseOptions};
+
+/// Head dimensions that have a forward kernel.
+pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 128, 256];
+
+/// Checks that a CUDA driver can be loaded, then opens device `ordinal`. Unlike calling cudarc
+/// directly, a machine without a driver gets [`Error::NoDriver`] instead of a panic.
+pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
+    // SAFETY: only tries to dlopen the driver library; no driver call is made.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::NoDriver);
+    }
+    let count = CudaContext::device_count().map_err(Error::driver("counting devices"))?;
+    if count <= 0 {
+        return Err(Error::NoDevice);
+    }
+    if ordinal >= count as usize {
+        return Err(Error::InvalidArgument {
+            arg: "ordinal",
+            value: ordinal.to_string(),
+            expected: format!("a device index below {count}"),
+        });
+    }
+    CudaContext::new(ordinal).map_err(Error::driver("creating the device context"))
+}
+
+// SAFETY: the raw context handle is only passed to the driver, which accepts it from any thread;
+// the module cache is Send + Sync itself.
+unsafe impl Send for Attention {}
+// SAFETY: as above; `&self` methods only read the handle and use the cache's lock.
+unsafe impl Sync for Attention {}
+
+/// Attention kernels loaded into one CUDA context.
+///
+/// Modules load on first use of each kernel and stay loaded until this value is dropped, so
+/// repeated calls cost one launch each. Create one per context and share it (`&self` methods,
+/// `Send + Sync`).
+pub struct Attention {
+    cache: ModuleCache,
+    ctx: sys::CUcontext,
+    max_smem_optin: u32,
+    // Keeps the context alive while modules are loaded in it (None for a raw context).
+    _owner: Option<Arc<CudaContext>>,
+}
+
+impl Attention {
+    /// Loads nothing yet; checks that the device is sm_80 or newer.
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(Error::driver("reading the compute capability"))?;
+        if major < 8 {
+            return Err(Error::UnsupportedDevice {
+                compute_capability: (major, minor),
+            });
+        }
+        let smem = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(Error::driver("reading the shared-memory limit"))?;
+        Ok(Attention {
+            cache: ModuleCache::new(ctx.cu_ctx()),
+            ctx: ctx.cu_ctx(),
+            max_smem_optin: smem.max(0) as u32,
+            _owner: Some(ctx.clone()),
+        })
+    }
+
+    /// Attention kernels for a context the caller manages.
+    ///
+    /// # Safety
+    /// `ctx` must be a live CUDA context on a device of compute capability 8.0 or newer, and must
+    /// outlive the returned value (modules are unloaded from it on drop).
+    pub unsafe fn from_raw_context(ctx: sys::CUcontext) -> Result<Self> {
+        // SAFETY: the caller guarantees the context is live.
+        let _g = unsafe { CtxGuard::bind(ctx) }?;
+        let mut dev: sys::CUdevice = 0;
+        // SAFETY: out-pointer to a local; a context is current.
+        unsafe { sys::cuCtxGetDevice(&mut dev) }
+            .result()
+            .map_err(Error::driver("reading the context's device"))?;
+        // SAFETY: `dev` came from the driver.
+        let smem = unsafe {
+            result::device::get_attribute(
+                dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+        }
+        .map_err(Error::driver("reading the shared-memory limit"))?;
+        Ok(Attention {
+            cache: ModuleCache::new(ctx),
+            ctx,
+            max_smem_optin: smem.max(0) as u32,
+            _owner: None,
+        })
+    }
+
+    /// Launches `kernel` on `stream` with `params` as its one by-value parameter, in this
+    /// value's context; `what` names the launch in the error.
+    ///
+    /// # Safety
+    /// `P` is the parameter struct the kernel takes (its params.h declaration), every pointer in
+    /// it and the stream satisfy the calling entry point's contract, and the grid covers the work
+    /// the kernel expects it to.
+    pub(crate) unsafe fn launch<P>(
+        &self,
+        kernel: &Kernel,
+        cfg: LaunchConfig,
+        stream: sys::CUstream,
+        params: &mut P,
+        what: &'static str,
+    ) -> Result<()> {
+        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
+        let _g = unsafe { CtxGuard::bind(self.ctx) }?;
+        let mut kernel_params = [(params as *mut P).cast::<std::ffi::c_void>()];
+        // SAFETY: per this fn's contract.
+        unsafe {
+            result::launch_kernel(
+                kernel.func,
+                cfg.grid_dim,
+                cfg.block_dim,
+                cfg.shared_mem_bytes,
+                stream,
+                &mut kernel_params,
+            )
+        }
+        .map_err(Error::driver(what))
+    }
+
+    fn same_context(&self, arg: &'static str, ctx: sys::CUcontext) -> Result<()> {
+        if ctx == self.ctx {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument {
+                arg,
+                value: "memory or a stream of another context".into(),
+                expected: "the context this Attention was created for".into(),
+            })
+        }
+    }
+
+    fn forward_impl<T: Element>(
+        &self,
+        stream: &CudaStream,
+        [q, k, v]: [Input<'_, '_, T>; 3],
+        out: Output<'_, '_, T>,
+        options: ForwardOptions,
+        block_mask: Option<&DeviceBlockMask>,
+        launch: impl FnOnce(&RawForward) -> Result<()>,
+    ) -> Result<()> {
+        self.same_context("stream", stream.context().cu_ctx())?;
+        for (arg, ctx, layout, len) in [
+            (
+                "q",
+                q.data.stream().context().cu_ctx(),
+                q.layout,
+                q.data.len(),
+            ),
+            (
+                "k",
+                k.data.stream().context().cu_ctx(),
+                k.layout,
+                k.data.len(),
+            ),
+            (
+                "v",
+                v.data.stream().context().cu_ctx(),
+                v.layout,
+                v.data.len(),
+            ),
+            (
+                "o",
+                out.data.stream().context().cu_ctx(),
+                out.layout,
+                out.data.len(),
+            ),
+        ] {
+            self.same_context(arg, ctx)?;
+            let required = layout.required_len(arg)?;
+            if required > len as u128 {
+                return Err(Error::OutOfBounds { arg, required, len });
+            }
+        }
+        let lse_needed =
+            (q.layout.batch as u128) * (q.layout.heads as u128) * (q.layout.seqlen as u128);
+        if let Some(lse) = &out.lse {
+            self.same_context("lse", lse.stream().context().cu_ctx())?;
+            if lse_needed > lse.len() as u128 {
+                return Err(Error::OutOfBounds {
+                    arg: "lse",
+                    required: lse_needed,
+                    len: lse.len(),
+                });
+            }
+        }
+        let (qp, _gq) = q.data.device_ptr(stream);
+        let (kp, _gk) = k.data.device_ptr(stream);
+        let (vp, _gv) = v.data.device_ptr(stream);
+        let (op, _go) = out.data.device_ptr_mut(stream);
+        let (lp, _gl) = match out.lse {
+            Some(l) => {
+                let (p, g) = l.device_ptr_mut(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let mut _mask_guards = Vec::new();
+        let raw_mask = block_mask.map(|m| {
+            let (row_offsets, g1) = m.row_offsets.device_ptr(stream);
+            let (col_indices, g2) = m.col_indices.device_ptr(stream);
+            let (full, g3) = m.full.device_ptr(stream);
+            _mask_guards.extend([g1, g2, g3]);
+            let s = m.mask.shape();
+            RawBlockMask {
+                row_offsets,
+                col_indices,
+                full,
+                batch: s.batch,
+                heads: s.heads,
+            }
+        });
+        let raw = RawForward {
+            dtype: T::DTYPE,
+            q: qp,
+            k: kp,
+            v: vp,
+            o: op,
+            lse: lp,
+            q_layout: q.layout,
+            k_layout: k.layout,
+            v_layout: v.layout,
+            o_layout: out.layout,
+            options,
+            block_mask: raw_mask,
+        };
+        launch(&raw)
+    }
+}
+
+/// An input tensor: a device view and its layout.
+#[derive(Clone, Copy)]
+pub struct Input<'a, 'b, T> {
+    /// The elements.
+    pub data: &'a CudaView<'b, T>,
+    /// Shape and strides.
+    pub layout: Layout,
+}
+
+/// The outputs of a forward call: O and, optionally, the log-sum-exp.
+pub struct Output<'a, 'b, T> {
+    /// The output elements.
+    pub data: &'a mut CudaViewMut<'b, T>,
+    /// Shape and strides of O.
+    pub layout: Layout,
+    /// Optional `[batch, heads_q, seqlen_q]` f32 log-sum-exp.
+    pub lse: Option<&'a mut CudaViewMut<'b, f32>>,
+}

@@ -1,0 +1,408 @@
+//! The RoPE forward: causal attention with RoPE, ReRoPE or Leaky ReRoPE applied inside the
+//! kernel to un-rotated Q and K. Its options, raw arguments and validation, and the safe and raw
+//! entry points (the raw one runs the key-rotation pass into the caller's workspaces first).
+
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+
+use super::{Attention, ForwardOptions, Input, Output, RawForward, SUPPORTED_HEAD_DIMS};
+use crate::check::{byte_range, overlaps};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::plan::forward_tile_shape;
+use crate::rope::{PositionMode, RopeLayout, RopeOptions};
+use crate::sparse::DeviceBlockMask;
+use crate::sys::LF_FWD_WARPS;
+
+/// Options of a RoPE forward call (causal; see [`Attention::forward_rope`]).
+#[derive(Clone, Copy)]
+pub struct RopeForward<'a> {
+    /// Rotary configuration, position mode, log-n scaling, position offsets, sliding window.
+    pub rope: &'a RopeOptions,
+    /// Restrict attention to the blocks of a block mask, whose element mask must be
+    /// `rope.mask()` (causal, with the same window).
+    pub block_mask: Option<&'a DeviceBlockMask>,
+    /// Multiplies Q K^T before the softmax; `None` means `1 / sqrt(head_dim)`.
+    pub softmax_scale: Option<f32>,
+}
+
+/// How scores use positions in the RoPE forward (see `cuda/include/longflash/params.h`, LfRope).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RawRopeMode {
+    /// Plain rotary embedding.
+    Rope,
+    /// ReRoPE with window `w`: relative positions at or past `w` are capped at `w`.
+    ReRope {
+        /// Window (tokens), at least 1.
+        window: u32,
+    },
+    /// Leaky ReRoPE: past the window, relative positions grow by `1 / leak` per token.
+    LeakyReRope {
+        /// Window (tokens), at least 1.
+        window: u32,
+        /// Leak `k > 1`.
+        leak: f64,
+    },
+}
+
+/// Arguments of the raw RoPE forward beyond [`RawForward`]: device tables and workspaces.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RawRope {
+    /// `rotary_dim / 2` f64 angular frequencies (inverse frequencies, scaling applied).
+    pub inv_freq: sys::CUdeviceptr,
+    /// `batch` i32 position offsets, or 0 for none.
+    pub position_offsets: sys::CUdeviceptr,
+    /// Workspace for the rotated keys: `batch * seqlen_k * heads_kv * head_dim` elements.
+    pub k_rot: sys::CUdeviceptr,
+    /// Workspace for the outside-window keys (same size), or 0 for plain RoPE.
+    pub k_alt: sys::CUdeviceptr,
+    /// Rotated dimensions (even, at most head_dim).
+    pub rotary_dim: usize,
+    /// GPT-J interleaved pairs instead of LLaMA/NeoX half-split.
+    pub interleaved: bool,
+    /// Position mode.
+    pub mode: RawRopeMode,
+    /// YaRN's attention factor (1 otherwise): multiplies the rotated part of q and k.
+    pub attention_factor: f32,
+    /// Log-n query scaling's training length, or `None`.
+    pub log_n_train_len: Option<usize>,
+}
+
+impl RawRope {
+    /// Checks the RoPE arguments against the call and lowers them.
+    pub fn validate(&self, fwd: &RawForward) -> Result<crate::sys::LfRope> {
+        let d = fwd.q_layout.head_dim;
+        if self.rotary_dim < 2 || self.rotary_dim % 2 != 0 || self.rotary_dim > d {
+            return Err(Error::InvalidArgument {
+                arg: "rope.rotary_dim",
+                value: self.rotary_dim.to_string(),
+                expected: format!("an even number in 2..={d} (the head dim)"),
+            });
+        }
+        let (mode, window, inv_leak) = match self.mode {
+            RawRopeMode::Rope => (0, 0, 1.0),
+            RawRopeMode::ReRope { window } => (1, window, 1.0),
+            RawRopeMode::LeakyReRope { window, leak } => {
+                if !(leak.is_finite() && leak > 1.0) {
+                    return Err(Error::InvalidArgument {
+                        arg: "rope.leak",
+                        value: leak.to_string(),
+                        expected: "a finite number > 1".into(),
+                    });
+                }
+                (2, window, 1.0 / leak)
+            }
+        };
+        if mode != 0 && (window == 0 || window > i32::MAX as u32) {
+            return Err(Error::InvalidArgument {
+                arg: "rope.window",
+                value: window.to_string(),
+                expected: "1..=i32::MAX tokens".into(),
+            });
+        }
+        if !(self.attention_factor.is_finite() && self.attention_factor > 0.0) {
+            return Err(Error::InvalidArgument {
+                arg: "rope.attention_factor",
+                value: self.attention_factor.to_string(),
+                expected: "a finite number > 0".into(),
+            });
+        }
+        let log_n = match self.log_n_train_len {
+            None => 0.0,
+            Some(l) if l >= 2 => 1.0 / (l as f64).ln() as f32,
+            Some(l) => {
+                return Err(Error::InvalidArgument {
+                    arg: "rope.log_n_train_len",
+                    value: l.to_string(),
+                    expected: "at least 2".into(),
+                })
+            }
+        };
+        for (arg, ptr, align, required) in [
+            ("rope.inv_freq", self.inv_freq, 8, true),
+            ("rope.position_offsets", self.position_offsets, 4, false),
+            ("rope.k_rot", self.k_rot, 16, true),
+            ("rope.k_alt", self.k_alt, 16, mode != 0),
+        ] {
+            if (required && ptr == 0) || ptr % align != 0 {
+                return Err(Error::Misaligned {
+                    arg,
+                    value: ptr as i64,
+                    multiple_of: align as u32,
+                });
+            }
+        }
+        // The workspaces are outputs of the key pass: they must not overlap anything.
+        let k = &fwd.k_layout;
+        let ws = Layout::bshd(k.batch, k.seqlen, k.heads, k.head_dim);
+        let ranges = [
+            ("q", fwd.q, &fwd.q_layout),
+            ("k", fwd.k, &fwd.k_layout),
+            ("v", fwd.v, &fwd.v_layout),
+            ("o", fwd.o, &fwd.o_layout),
+        ];
+        for (name, ptr) in [("rope.k_rot", self.k_rot), ("rope.k_alt", self.k_alt)] {
+            if ptr == 0 {
+                continue;
+            }
+            let r = byte_range(ptr, &ws, 2);
+            for (other, p, l) in ranges {
+                if overlaps(r, byte_range(p, l, 2)) {
+                    return Err(Error::Aliasing {
+                        output: name,
+                        other,
+                    });
+                }
+            }
+        }
+        if self.k_alt != 0
+            && overlaps(
+                byte_range(self.k_rot, &ws, 2),
+                byte_range(self.k_alt, &ws, 2),
+            )
+        {
+            return Err(Error::Aliasing {
+                output: "rope.k_alt",
+                other: "rope.k_rot",
+            });
+        }
+        Ok(crate::sys::LfRope {
+            inv_freq: self.inv_freq as *const f64,
+            position_offsets: self.position_offsets as *const i32,
+            k_rot: self.k_rot as *const _,
+            k_alt: if mode == 0 {
+                std::ptr::null()
+            } else {
+                self.k_alt as *const _
+            },
+            mode,
+            rotary_dim: self.rotary_dim as i32,
+            interleaved: self.interleaved as i32,
+            window: window as i32,
+            inv_leak,
+            attention_factor: self.attention_factor,
+            log_n_inv_ln_train: log_n,
+        })
+    }
+}
+
+impl Attention {
+    /// Causal forward with rotary positions applied inside the kernel: Q and K arrive
+    /// UN-rotated, and the scores follow `opts.rope.mode`: RoPE, ReRoPE or Leaky ReRoPE (see
+    /// [`crate::rope`]), with the scaling of `opts.rope.config` and optional log-n query
+    /// scaling and per-sequence position offsets. The keys are rotated once into a workspace
+    /// (one or two K-sized buffers, allocated here); the queries are rotated in the kernel.
+    pub fn forward_rope<T: Element>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Input<'_, '_, T>,
+        k: Input<'_, '_, T>,
+        v: Input<'_, '_, T>,
+        out: Output<'_, '_, T>,
+        opts: &RopeForward<'_>,
+    ) -> Result<()> {
+        let rope = opts.rope;
+        let (ql, kl) = (q.layout, k.layout);
+        ql.check_dims("q")?;
+        kl.check_dims("k")?;
+        rope.validate(ql.head_dim, ql.batch, ql.seqlen, kl.seqlen)?;
+        let inv_freq = rope
+            .config
+            .inv_freq(ql.head_dim, kl.seqlen + rope.max_offset() as usize)?;
+        let copy_err = Error::driver("copying RoPE tables to the device");
+        let d_freq = stream.clone_htod(&inv_freq).map_err(copy_err)?;
+        let d_offsets = match &rope.position_offsets {
+            Some(o) => {
+                let o: Vec<i32> = o.iter().map(|&x| x as i32).collect();
+                Some(
+                    stream
+                        .clone_htod(&o)
+                        .map_err(Error::driver("copying RoPE position offsets"))?,
+                )
+            }
+            None => None,
+        };
+        let ws_len = kl.batch * kl.seqlen * kl.heads * kl.head_dim;
+        let alloc_err = || Error::driver("allocating the rotated-key workspace");
+        let k_rot: CudaSlice<T> = stream.alloc_zeros(ws_len).map_err(alloc_err())?;
+        let k_alt: Option<CudaSlice<T>> = match rope.mode {
+            PositionMode::Rope => None,
+            _ => Some(stream.alloc_zeros(ws_len).map_err(alloc_err())?),
+        };
+        let (fp, _g1) = d_freq.device_ptr(stream);
+        let (op, _g2) = match &d_offsets {
+            Some(o) => {
+                let (p, g) = o.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (rp, _g3) = k_rot.device_ptr(stream);
+        let (ap, _g4) = match &k_alt {
+            Some(a) => {
+                let (p, g) = a.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let raw_rope = RawRope {
+            inv_freq: fp,
+            position_offsets: op,
+            k_rot: rp,
+            k_alt: ap,
+            rotary_dim: rope.config.rotary_dim,
+            interleaved: rope.config.layout == RopeLayout::Interleaved,
+            mode: match rope.mode {
+                PositionMode::Rope => RawRopeMode::Rope,
+                PositionMode::ReRope { window } => RawRopeMode::ReRope { window },
+                PositionMode::LeakyReRope { window, leak } => {
+                    RawRopeMode::LeakyReRope { window, leak }
+                }
+            },
+            attention_factor: rope.config.attention_factor() as f32,
+            log_n_train_len: rope.log_n_train_len,
+        };
+        let options = ForwardOptions {
+            mask: rope.mask(),
+            softmax_scale: opts.softmax_scale,
+        };
+        if let Some(bm) = opts.block_mask {
+            let m = bm.host();
+            m.check_for(ql.batch, ql.heads, ql.seqlen, kl.seqlen)?;
+            if m.element_mask() != rope.mask() {
+                return Err(Error::InvalidMask {
+                    arg: "block_mask.element_mask",
+                    value: format!("{:?}", m.element_mask()),
+                    expected:
+                        "the RoPE call's mask: causal, with rope.window_left as its left window",
+                });
+            }
+            self.same_context_mask(bm)?;
+        }
+        self.forward_impl(stream, [q, k, v], out, options, opts.block_mask, |raw| {
+            // SAFETY: as in forward (block mask included); the tables and workspaces were allocated above in this
+            // context with the sizes the contract asks for, and live until the call returns
+            // (the driver orders their frees after the kernels on this stream).
+            unsafe { self.forward_rope_raw(stream.cu_stream(), raw, &raw_rope) }
+        })
+    }
+
+    /// Causal forward with rotary positions applied inside (RoPE, ReRoPE, Leaky ReRoPE) from
+    /// raw pointers: Q and K arrive un-rotated. Runs the key-rotation pass into the caller's
+    /// workspaces, then the attention kernel, both on `stream`; allocates nothing.
+    ///
+    /// `fwd.options.mask` must be causal (a left window may be added); with `fwd.block_mask`
+    /// only the listed blocks are computed.
+    ///
+    /// # Safety
+    /// As [`forward_raw`](Self::forward_raw), and: `rope.inv_freq` holds `rotary_dim / 2` f64,
+    /// `rope.position_offsets` (when not 0) holds `batch` i32 such that every position plus the
+    /// window fits in i32, and the workspaces hold `batch * seqlen_k * heads_kv * head_dim`
+    /// elements each and are not used by anything else until the kernels finish.
+    pub unsafe fn forward_rope_raw(
+        &self,
+        stream: sys::CUstream,
+        fwd: &RawForward,
+        rope: &RawRope,
+    ) -> Result<()> {
+        if !fwd.options.mask.causal {
+            return Err(Error::InvalidMask {
+                arg: "mask.causal",
+                value: "false".into(),
+                expected: "true: the RoPE forward is causal (ReRoPE's relative positions are non-negative)",
+            });
+        }
+        let base = fwd.validate()?;
+        let lf_rope = rope.validate(fwd)?;
+        let d = fwd.q_layout.head_dim;
+        let shape = forward_tile_shape(d).ok_or(Error::UnsupportedHeadDim {
+            arg: "q.head_dim",
+            value: d,
+            supported: SUPPORTED_HEAD_DIMS,
+        })?;
+        let smem = ((2 * shape.br + 2 * shape.bc) * d * 2) as u32;
+        if smem > self.max_smem_optin {
+            return Err(Error::InvalidArgument {
+                arg: "q.head_dim",
+                value: d.to_string(),
+                expected: format!("a head dim whose RoPE kernel fits the device's {} bytes of shared memory per block (needs {smem})", self.max_smem_optin),
+            });
+        }
+        let dt = fwd.dtype.name();
+        let k = &fwd.k_layout;
+        let mut keys = crate::sys::LfRopeKeysParams {
+            k: fwd.k as *const _,
+            k_batch_stride: k.batch_stride,
+            k_head_stride: k.head_stride,
+            k_row_stride: k.seq_stride,
+            batch: k.batch as i32,
+            seqlen_k: k.seqlen as i32,
+            heads_kv: k.heads as i32,
+            head_dim: d as i32,
+            rope: lf_rope,
+        };
+        let pairs = (k.batch * k.seqlen * k.heads * d / 2) as u64;
+        if pairs.div_ceil(256) > u32::MAX as u64 {
+            return Err(Error::InvalidArgument {
+                arg: "k",
+                value: format!("{pairs} element pairs"),
+                expected: "at most 256 * u32::MAX".into(),
+            });
+        }
+        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
+        let keys_kernel = unsafe {
+            self.cache
+                .kernel(&format!("rope_keys_{dt}"), &format!("lf_rope_keys_{dt}"), 0)
+        }?;
+        // SAFETY: as above.
+        let module = if fwd.block_mask.is_some() {
+            format!("rope_sparse_{dt}_d{d}")
+        } else {
+            format!("rope_{dt}_d{d}")
+        };
+        let kernel = unsafe { self.cache.kernel(&module, &format!("lf_{module}"), smem) }?;
+        let mut params = crate::sys::LfRopeFwdParams {
+            fwd: base,
+            rope: lf_rope,
+        };
+        // SAFETY: validated parameters; one thread per (batch, key, head, pair), covered once; the
+        // workspaces are disjoint from every input and each other (validated) and sized per the
+        // contract.
+        unsafe {
+            self.launch(
+                &keys_kernel,
+                LaunchConfig {
+                    grid_dim: (pairs.div_ceil(256) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                stream,
+                &mut keys,
+                "launching the key-rotation kernel",
+            )
+        }?;
+        let q_tiles = fwd.q_layout.seqlen.div_ceil(shape.br);
+        let grid = (
+            q_tiles as u32,
+            fwd.q_layout.heads as u32,
+            fwd.q_layout.batch as u32,
+        );
+        // SAFETY: as forward_raw, with the rotated-key workspaces written by the launch above on
+        // the same stream.
+        unsafe {
+            self.launch(
+                &kernel,
+                LaunchConfig {
+                    grid_dim: grid,
+                    block_dim: (LF_FWD_WARPS * 32, 1, 1),
+                    shared_mem_bytes: smem,
+                },
+                stream,
+                &mut params,
+                "launching the RoPE forward kernel",
+            )
+        }
+    }
+}
