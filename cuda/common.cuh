@@ -62,24 +62,26 @@ __device__ __forceinline__ float fast_exp2(float x) {
 }
 
 // The exponent base of P for a row whose largest score so far is mx: ceil(mx * scale * log2(e)),
-// an integer (or -inf while the row has seen only masked keys), so that P = exp2(S' - base) has
-// its largest element in (1/2, 1]. Because every base is an integer, moving to a new base
-// rescales what was accumulated by an exact power of two: each rounded P is then the same
-// number, up to that exact factor, whichever order the key tiles come in and whatever the running
-// maximum was when its tile was processed, and the result does not depend on the visiting order
-// through the rounding of P. (A running maximum that moved by arbitrary steps made every tile's
-// rounding of P a different draw, which is the case a reference implementation cannot follow.)
-__device__ __forceinline__ float softmax_base(float mx, float scale_log2) {
-    return mx == -INFINITY ? -INFINITY : ceilf(mx * scale_log2);
+// an integer, so that P = exp2(S' - base) has its largest element in (1/2, 1]. Because every base
+// is an integer, moving to a new base rescales what was accumulated by an exact power of two:
+// each rounded P is then the same number, up to that exact factor, whichever order the key tiles
+// come in and whatever the running maximum was when its tile was processed, and the result does
+// not depend on the visiting order through the rounding of P. (A running maximum that moved by
+// arbitrary steps made every tile's rounding of P a different draw, which is the case a
+// reference implementation cannot follow.) A row starts at kNoBase, a finite stand-in for
+// "no key yet" that any real base replaces and that keeps every difference below free of NaN;
+// a fully masked tile (mx = -inf) leaves the base as it was.
+constexpr float kNoBase = -3.40282347e38f; // -FLT_MAX
+__device__ __forceinline__ float softmax_base(float old_base, float mx, float scale_log2) {
+    return fmaxf(old_base, ceilf(mx * scale_log2));
 }
 
-// 2^(old - new) for integer-valued bases old <= new (old may be -inf): exact, built from the
-// exponent bits; 0 when the step is below the smallest normal float (what was accumulated at
-// the old base is below 2^-126 of the new one's largest P).
+// 2^(old - new) for integer-valued bases old <= new: exact, built from the exponent bits; 0 when
+// the step is below the smallest normal float (what was accumulated at the old base is below
+// 2^-126 of the new one's largest P), and for a first base after kNoBase.
 __device__ __forceinline__ float exp2_step(float old_base, float new_base) {
-    const float d = fmaxf(old_base - new_base, -127.f); // -inf - x = -inf -> -127
-    const int e = static_cast<int>(d) + 127;
-    return e <= 0 ? 0.f : __int_as_float(e << 23);
+    const int e = static_cast<int>(fmaxf(old_base - new_base, -127.f)) + 127; // 0..127
+    return __int_as_float(e << 23);
 }
 
 // Reduction over the 4 threads of a quad (the threads that share an mma accumulator row).

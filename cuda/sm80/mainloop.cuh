@@ -117,7 +117,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         for (int dt = 0; dt < Tr::kDT; ++dt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.f;
-        row_base[mt][0] = row_base[mt][1] = -INFINITY;
+        row_base[mt][0] = row_base[mt][1] = kNoBase;
         row_sum[mt][0] = row_sum[mt][1] = 0.f;
         exp_sum[mt][0] = exp_sum[mt][1] = 0.f;
     }
@@ -165,6 +165,8 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
 
         // Online softmax: new exponent base, rescale what was accumulated, P = exp2(S' - base)
         // with S' = S * scale * log2(e).
+        float alpha[Tr::kMT][2];
+        bool rescale = false;
 #pragma unroll
         for (int mt = 0; mt < Tr::kMT; ++mt)
 #pragma unroll
@@ -174,30 +176,37 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
                 for (int nt = 0; nt < Tr::kNT; ++nt)
                     mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
                 mx = quad_max(mx);
-                const float old_base = row_base[mt][r];
-                const float new_base = fmaxf(old_base, softmax_base(mx, scale_log2));
+                const float new_base = softmax_base(row_base[mt][r], mx, scale_log2);
                 // Rescaling is by a power of two, exact; an unchanged base rescales by 1.
-                const float alpha = exp2_step(old_base, new_base);
+                alpha[mt][r] = exp2_step(row_base[mt][r], new_base);
+                rescale |= new_base != row_base[mt][r];
                 row_base[mt][r] = new_base;
-                // A row that has seen only masked keys keeps base -inf; subtract 0 then, so
-                // exp2(-inf - 0) = 0 and no NaN appears.
-                const float base = new_base == -INFINITY ? 0.f : new_base;
-                row_sum[mt][r] *= alpha;
-                exp_sum[mt][r] *= alpha;
+                row_sum[mt][r] *= alpha[mt][r];
+                exp_sum[mt][r] *= alpha[mt][r];
+            }
+        // The base of a row moves only when its maximum passes the next integer (in log2 units),
+        // so most tiles of a long row leave every base of the warp unchanged: skip the
+        // multiplications by 1 then (a warp-uniform branch).
+        if (__any_sync(0xffffffffu, rescale)) {
 #pragma unroll
-                for (int dt = 0; dt < Tr::kDT; ++dt) {
-                    o[mt][dt][2 * r] *= alpha;
-                    o[mt][dt][2 * r + 1] *= alpha;
-                }
+            for (int mt = 0; mt < Tr::kMT; ++mt)
+#pragma unroll
+                for (int dt = 0; dt < Tr::kDT; ++dt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) o[mt][dt][e] *= alpha[mt][e >> 1];
+        }
+#pragma unroll
+        for (int mt = 0; mt < Tr::kMT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
 #pragma unroll
                 for (int nt = 0; nt < Tr::kNT; ++nt)
 #pragma unroll
                     for (int c = 0; c < 2; ++c) {
-                        const float e = fast_exp2(fmaf(s[mt][nt][2 * r + c], scale_log2, -base));
+                        const float e = fast_exp2(fmaf(s[mt][nt][2 * r + c], scale_log2, -row_base[mt][r]));
                         s[mt][nt][2 * r + c] = e;
                         exp_sum[mt][r] += e;
                     }
-            }
 
         cp_async_wait<0>();
         __syncthreads(); // V_kt visible; everyone is done reading K_kt
