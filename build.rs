@@ -4,7 +4,8 @@
 //! nvcc is looked up in NVCC, CUDA_HOME/bin, CUDA_PATH/bin, PATH, /usr/local/cuda/bin and the
 //! project's own .venv-cuda (made by scripts/install-toolchain.sh). Targets default to SASS for
 //! sm_80 and sm_90a plus compute_80 PTX; LONGFLASH_CUDA_ARCHS overrides them with a comma list
-//! such as `80,86,90a` (SASS for each, PTX for the first).
+//! such as `80,86,90a` (SASS for each, PTX for the first). Kernels named `*_sm90_*` use Hopper-only
+//! instructions (wgmma, setmaxnreg) and are built as sm_90a SASS alone, when 90a is a target.
 
 use std::env;
 use std::fmt::Write as _;
@@ -64,10 +65,17 @@ fn main() {
         archs[0]
     ));
 
+    let hopper = archs.iter().any(|a| a == "90a");
+    let hopper_gencode = vec!["-gencode=arch=compute_90a,code=sm_90a".to_string()];
+    let is_hopper_only = |p: &Path| {
+        p.file_stem()
+            .is_some_and(|s| s.to_string_lossy().contains("_sm90_"))
+    };
     let mut sources: Vec<PathBuf> = std::fs::read_dir(root.join("cuda/kernels"))
         .unwrap_or_else(|e| fail(&format!("longflash: cannot read cuda/kernels: {e}")))
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .filter(|p| hopper || !is_hopper_only(p))
         .collect();
     sources.sort();
 
@@ -80,13 +88,13 @@ fn main() {
         let handles: Vec<_> = chunk
             .iter()
             .map(|src| {
-                let (nvcc, root, out, gencode, extra) = (
-                    nvcc.clone(),
-                    root.clone(),
-                    out.clone(),
-                    gencode.clone(),
-                    extra.clone(),
-                );
+                let (nvcc, root, out, extra) =
+                    (nvcc.clone(), root.clone(), out.clone(), extra.clone());
+                let gencode = if is_hopper_only(src) {
+                    hopper_gencode.clone()
+                } else {
+                    gencode.clone()
+                };
                 let src = src.clone();
                 std::thread::spawn(move || compile(&nvcc, &root, &out, &gencode, &extra, &src))
             })

@@ -21,6 +21,7 @@ use longflash::{ForwardOptions, Input, Layout, Output};
 fn bench_forward(c: &mut Criterion) {
     let Some(g) = gpu() else { return };
     let device = g.ctx.name().unwrap_or_default();
+    let mainloop = std::env::var("LONGFLASH_BENCH_MAINLOOP").unwrap_or_else(|_| "auto".into());
     let head_dims = parse_list("LONGFLASH_BENCH_HEAD_DIMS", &[64, 128, 256]);
     let seqlens = parse_list(
         "LONGFLASH_BENCH_SEQLENS",
@@ -96,7 +97,7 @@ fn bench_forward(c: &mut Criterion) {
                 }
                 let ms = median(&mut times_ms);
                 println!(
-                    "RESULT {{\"impl\": \"longflash\", \"dtype\": \"bf16\", \"batch\": {b}, \"heads\": {h}, \"seqlen\": {s}, \"head_dim\": {d}, \"causal\": {causal}, \"ms\": {ms:.4}, \"tflops\": {:.1}, \"device\": \"{device}\"}}",
+                    "RESULT {{\"impl\": \"longflash\", \"dtype\": \"bf16\", \"batch\": {b}, \"heads\": {h}, \"seqlen\": {s}, \"head_dim\": {d}, \"causal\": {causal}, \"ms\": {ms:.4}, \"tflops\": {:.1}, \"device\": \"{device}\", \"mainloop\": \"{mainloop}\"}}",
                     flops / ms / 1e9
                 );
             }

@@ -16,8 +16,8 @@ pub mod sys;
 pub mod sparse;
 
 pub use attention::{
-    open_device, Attention, ForwardOptions, Input, Output, RawBlockMask, RawForward, RawMerge,
-    RawRope, RawRopeMode, RopeForward, SparseOptions, SUPPORTED_HEAD_DIMS,
+    open_device, Attention, ForwardOptions, Input, Mainloop, MainloopChoice, Output, RawBlockMask,
+    RawForward, RawMerge, RawRope, RawRopeMode, RopeForward, SparseOptions, SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

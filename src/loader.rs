@@ -84,6 +84,17 @@ impl ModuleCache {
         }
     }
 
+    /// Whether a fatbin `module` can be loaded: compiled into this build (`build.rs` skips the
+    /// Hopper-only kernels when sm_90a is not a target) or present in `LONGFLASH_KERNEL_DIR`.
+    pub(crate) fn has_module(module: &str) -> bool {
+        embedded::FATBINS.iter().any(|(stem, _)| *stem == module)
+            || std::env::var_os("LONGFLASH_KERNEL_DIR").is_some_and(|dir| {
+                std::path::Path::new(&dir)
+                    .join(format!("{module}.fatbin"))
+                    .is_file()
+            })
+    }
+
     /// The kernel `name` from the fatbin `module`, loading the module on first use and raising
     /// the kernel's dynamic shared-memory limit to `smem_bytes`.
     ///

@@ -11,6 +11,12 @@ pub const LF_FWD_BR_D128: u32 = 128;
 pub const LF_FWD_BC_D128: u32 = 64;
 pub const LF_FWD_BR_D256: u32 = 64;
 pub const LF_FWD_BC_D256: u32 = 64;
+pub const LF_FWD_SM90_BR: u32 = 128;
+pub const LF_FWD_SM90_BC_D64: u32 = 128;
+pub const LF_FWD_SM90_BC_D128: u32 = 128;
+pub const LF_FWD_SM90_BC_D256: u32 = 64;
+pub const LF_FWD_SM90_STAGES: u32 = 2;
+pub const LF_FWD_SM90_THREADS: u32 = 384;
 pub const LF_SPARSE_Q_BLOCK: u32 = 128;
 pub const LF_SPARSE_K_BLOCK: u32 = 64;
 #[repr(C)]
@@ -203,6 +209,59 @@ const _: () = {
         [::core::mem::offset_of!(LfRope, log_n_inv_ln_train) - 60usize];
 };
 impl Default for LfRope {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[repr(align(128))]
+#[derive(Debug, Copy, Clone, PartialEq, Eq)]
+pub struct LfTensorMap {
+    pub opaque: [u64; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfTensorMap"][::core::mem::size_of::<LfTensorMap>() - 128usize];
+    ["Alignment of LfTensorMap"][::core::mem::align_of::<LfTensorMap>() - 128usize];
+    ["Offset of field: LfTensorMap::opaque"][::core::mem::offset_of!(LfTensorMap, opaque) - 0usize];
+};
+impl Default for LfTensorMap {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[repr(align(128))]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfFwdSm90Params {
+    pub fwd: LfFwdParams,
+    pub __bindgen_padding_0: [u64; 2usize],
+    pub tma_q: LfTensorMap,
+    pub tma_k: LfTensorMap,
+    pub tma_v: LfTensorMap,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfFwdSm90Params"][::core::mem::size_of::<LfFwdSm90Params>() - 640usize];
+    ["Alignment of LfFwdSm90Params"][::core::mem::align_of::<LfFwdSm90Params>() - 128usize];
+    ["Offset of field: LfFwdSm90Params::fwd"]
+        [::core::mem::offset_of!(LfFwdSm90Params, fwd) - 0usize];
+    ["Offset of field: LfFwdSm90Params::tma_q"]
+        [::core::mem::offset_of!(LfFwdSm90Params, tma_q) - 256usize];
+    ["Offset of field: LfFwdSm90Params::tma_k"]
+        [::core::mem::offset_of!(LfFwdSm90Params, tma_k) - 384usize];
+    ["Offset of field: LfFwdSm90Params::tma_v"]
+        [::core::mem::offset_of!(LfFwdSm90Params, tma_v) - 512usize];
+};
+impl Default for LfFwdSm90Params {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cudarc::driver::{sys::CUevent_flags, CudaContext, CudaStream};
 use half::bf16;
-use longflash::Attention;
+use longflash::{Attention, MainloopChoice};
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -15,10 +15,21 @@ pub struct Gpu {
 }
 
 /// The GPU, or `None` after saying it skipped (a panic under LONGFLASH_REQUIRE_GPU=1).
+/// `LONGFLASH_BENCH_MAINLOOP=sm80|sm90` picks the forward mainloop (default: the library's).
 pub fn gpu() -> Option<Gpu> {
     match longflash::open_device(0) {
         Ok(ctx) => {
-            let attn = Attention::new(&ctx).expect("Attention::new");
+            let choice = match std::env::var("LONGFLASH_BENCH_MAINLOOP").as_deref() {
+                Ok("sm80") => MainloopChoice::Sm80,
+                Ok("sm90") => MainloopChoice::Sm90,
+                Ok(other) if !other.is_empty() => {
+                    panic!("LONGFLASH_BENCH_MAINLOOP={other}: expected sm80 or sm90")
+                }
+                _ => MainloopChoice::Auto,
+            };
+            let attn = Attention::new(&ctx)
+                .expect("Attention::new")
+                .with_mainloop(choice);
             let stream = ctx.new_stream().expect("stream");
             Some(Gpu { ctx, stream, attn })
         }

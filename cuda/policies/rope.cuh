@@ -144,6 +144,7 @@ struct RopeKeys {
 // Rotates the warp's own rows of the loaded Q tile into variant 0 (R_pos(i) q, in place) and
 // variant 1 (the outside-window query, in the second Q tile), with log-n scaling.
 template <class Tr> struct RopeQPrep {
+    static constexpr bool kActive = true;
     const LfRope *r;
     int seqlen_q, seqlen_k, batch_index;
     __device__ __forceinline__ void operator()(uint32_t sQ, int warp_row0, int lane, int q0) const {

@@ -18,6 +18,7 @@ struct PlainKeys {
 
 // Q as loaded (no rotation).
 struct NoQPrep {
+    static constexpr bool kActive = false;
     __device__ __forceinline__ void operator()(uint32_t, int, int, int) const {}
 };
 

@@ -263,6 +263,10 @@ impl Attention {
     ///   finished (order other streams with events).
     pub unsafe fn forward_raw(&self, stream: sys::CUstream, args: &RawForward) -> Result<()> {
         let params = args.validate()?;
+        // SAFETY: this fn's contract, and `params` came from `args.validate()`.
+        if unsafe { self.try_forward_sm90(stream, args, params) }? {
+            return Ok(());
+        }
         let d = args.q_layout.head_dim;
         let shape = forward_tile_shape(d).ok_or(Error::UnsupportedHeadDim {
             arg: "q.head_dim",

@@ -21,6 +21,7 @@ use crate::sparse::DeviceBlockMask;
 pub mod forward;
 pub mod merge;
 pub mod rope;
+mod sm90;
 pub mod sparse;
 
 pub use forward::{ForwardOptions, RawForward};
@@ -58,6 +59,33 @@ unsafe impl Send for Attention {}
 // SAFETY: as above; `&self` methods only read the handle and use the cache's lock.
 unsafe impl Sync for Attention {}
 
+/// A forward mainloop: the part of a kernel that moves tiles and runs the tensor cores. The
+/// policies (tile iterators, masks, scores, Q preparation) are the same for every mainloop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mainloop {
+    /// `mma.sync`, `ldmatrix` and `cp.async` (`cuda/sm80/`): devices of compute capability 8.0
+    /// and newer.
+    Sm80,
+    /// `wgmma`, TMA, mbarriers and warp specialization (`cuda/sm90/`): compute capability 9.0
+    /// (H100, H200).
+    Sm90,
+}
+
+/// Which mainloop an [`Attention`] runs ([`Attention::with_mainloop`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MainloopChoice {
+    /// The library's choice: the sm_80 mainloop everywhere for now. The Hopper mainloop is
+    /// selected explicitly ([`MainloopChoice::Sm90`]) until it has been verified and measured on
+    /// a Hopper GPU.
+    #[default]
+    Auto,
+    /// Always the sm_80 mainloop.
+    Sm80,
+    /// The Hopper mainloop (exact forward only for now); a call it cannot run (another device,
+    /// a block mask or RoPE, strides a tensor map cannot describe) is an error, not a fallback.
+    Sm90,
+}
+
 /// Attention kernels loaded into one CUDA context.
 ///
 /// Modules load on first use of each kernel and stay loaded until this value is dropped, so
@@ -67,6 +95,8 @@ pub struct Attention {
     cache: ModuleCache,
     ctx: sys::CUcontext,
     max_smem_optin: u32,
+    compute_capability: (i32, i32),
+    mainloop: MainloopChoice,
     // Keeps the context alive while modules are loaded in it (None for a raw context).
     _owner: Option<Arc<CudaContext>>,
 }
@@ -91,6 +121,8 @@ impl Attention {
             cache: ModuleCache::new(ctx.cu_ctx()),
             ctx: ctx.cu_ctx(),
             max_smem_optin: smem.max(0) as u32,
+            compute_capability: (major, minor),
+            mainloop: MainloopChoice::Auto,
             _owner: Some(ctx.clone()),
         })
     }
@@ -116,12 +148,32 @@ impl Attention {
             )
         }
         .map_err(Error::driver("reading the shared-memory limit"))?;
+        let attr = |a| {
+            // SAFETY: `dev` came from the driver.
+            unsafe { result::device::get_attribute(dev, a) }
+                .map_err(Error::driver("reading the compute capability"))
+        };
+        let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
         Ok(Attention {
             cache: ModuleCache::new(ctx),
             ctx,
             max_smem_optin: smem.max(0) as u32,
+            compute_capability: (major, minor),
+            mainloop: MainloopChoice::Auto,
             _owner: None,
         })
+    }
+
+    /// The same kernels with another mainloop choice.
+    pub fn with_mainloop(mut self, choice: MainloopChoice) -> Self {
+        self.mainloop = choice;
+        self
+    }
+
+    /// The device's compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
     }
 
     /// Launches `kernel` on `stream` with `params` as its one by-value parameter, in this

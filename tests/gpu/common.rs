@@ -9,8 +9,8 @@ use longflash::reference::{
     attention_f64, attention_lowp, compare, Comparison, RefOutput, RefShape, Visibility,
 };
 use longflash::{
-    Attention, BlockMask, DType, Element, ForwardOptions, Input, Layout, MaskShape, MaskSpec,
-    Output, SparseOptions,
+    Attention, BlockMask, DType, Element, ForwardOptions, Input, Layout, MainloopChoice, MaskShape,
+    MaskSpec, Output, SparseOptions,
 };
 use proptest::prelude::*;
 
@@ -18,6 +18,8 @@ pub(crate) struct Gpu {
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) attn: Attention,
+    /// The same kernels with the Hopper mainloop chosen, on a compute capability 9.0 device.
+    pub(crate) hopper: Option<Attention>,
 }
 
 pub(crate) fn gpu() -> Option<&'static Gpu> {
@@ -27,8 +29,18 @@ pub(crate) fn gpu() -> Option<&'static Gpu> {
         match longflash::open_device(0) {
             Ok(ctx) => {
                 let attn = Attention::new(&ctx).expect("Attention::new");
+                let hopper = (attn.compute_capability() == (9, 0)).then(|| {
+                    Attention::new(&ctx)
+                        .expect("Attention::new")
+                        .with_mainloop(MainloopChoice::Sm90)
+                });
                 let stream = ctx.default_stream();
-                Some(Gpu { ctx, stream, attn })
+                Some(Gpu {
+                    ctx,
+                    stream,
+                    attn,
+                    hopper,
+                })
             }
             Err(e) => {
                 assert!(!required, "LONGFLASH_REQUIRE_GPU=1 but no GPU: {e}");
@@ -245,7 +257,7 @@ pub(crate) struct RunResult {
     pub(crate) naive: RefOutput,
 }
 
-pub(crate) fn run_case_t<T: Element>(g: &Gpu, c: &Case) -> RunResult {
+pub(crate) fn run_case_t<T: Element>(g: &Gpu, attn: &Attention, c: &Case) -> RunResult {
     let mut rng = Rng(c.seed);
     let shape = RefShape {
         batch: c.batch,
@@ -312,10 +324,10 @@ pub(crate) fn run_case_t<T: Element>(g: &Gpu, c: &Case) -> RunResult {
             lse: if c.lse { Some(&mut lv) } else { None },
         };
         match &block {
-            None => g.attn.forward(&g.stream, qi, ki, vi, out, &opts),
+            None => attn.forward(&g.stream, qi, ki, vi, out, &opts),
             Some(b) => {
                 let dm = b.to_device(&g.stream).unwrap();
-                let r = g.attn.forward_sparse(
+                let r = attn.forward_sparse(
                     &g.stream,
                     qi,
                     ki,
@@ -375,9 +387,14 @@ pub(crate) fn run_case_t<T: Element>(g: &Gpu, c: &Case) -> RunResult {
 }
 
 pub(crate) fn run_case(g: &Gpu, c: &Case) -> RunResult {
+    run_case_with(g, &g.attn, c)
+}
+
+/// [`run_case`] through a given `Attention` (another mainloop choice).
+pub(crate) fn run_case_with(g: &Gpu, attn: &Attention, c: &Case) -> RunResult {
     match c.dtype {
-        DType::F16 => run_case_t::<f16>(g, c),
-        DType::Bf16 => run_case_t::<bf16>(g, c),
+        DType::F16 => run_case_t::<f16>(g, attn, c),
+        DType::Bf16 => run_case_t::<bf16>(g, attn, c),
     }
 }
 

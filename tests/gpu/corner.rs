@@ -75,7 +75,7 @@ fn arb_small_window() -> impl Strategy<Value = Option<u32>> {
 }
 
 /// A dense or single-block sparse case: 1 to 4 query rows, 1 to 200 keys, windows of 0 to 3.
-fn arb_corner_case() -> impl Strategy<Value = Case> {
+pub(crate) fn arb_corner_case() -> impl Strategy<Value = Case> {
     (
         prop::sample::select(vec![DType::F16, DType::Bf16]),
         prop::sample::select(vec![64usize, 128, 256]),

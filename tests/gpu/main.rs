@@ -19,5 +19,6 @@ macro_rules! gpu_or_skip {
 mod common;
 mod corner;
 mod dense;
+mod hopper;
 mod rope;
 mod sparse;

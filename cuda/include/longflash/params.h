@@ -113,6 +113,28 @@ typedef struct LfRope {
     float log_n_inv_ln_train;        /* 1 / ln(L_train) for log-n query scaling, 0 = off */
 } LfRope;
 
+/* A TMA tensor map (the driver's CUtensorMap, written by cuTensorMapEncodeTiled): 128 opaque
+ * bytes, 128-byte aligned (CUDA 13 declares CUtensorMap so; Hopper needs 64). */
+#if defined(__GNUC__) || defined(__clang__) || defined(__CUDACC__)
+#define LF_ALIGN128 __attribute__((aligned(128)))
+#else
+#define LF_ALIGN128
+#endif
+typedef struct LF_ALIGN128 LfTensorMap {
+    uint64_t opaque[16];
+} LfTensorMap;
+
+/* The Hopper (sm_90a) forward: LfFwdParams plus TMA tensor maps of Q, K and V. Each map is 4-D,
+ * (head_dim, seqlen, heads, batch) with the layout's strides, boxes of 64 columns by the kernel's
+ * tile rows (LF_FWD_SM90_BR for Q, LF_FWD_SM90_BC_D<d> for K and V), 128-byte swizzle and zero
+ * fill outside the tensor. */
+typedef struct LfFwdSm90Params {
+    LfFwdParams fwd;
+    LfTensorMap tma_q;
+    LfTensorMap tma_k;
+    LfTensorMap tma_v;
+} LfFwdSm90Params;
+
 typedef struct LfRopeFwdParams {
     LfFwdParams fwd; /* mask must be causal (window_right = 0) */
     LfRope rope;
@@ -172,5 +194,8 @@ LF_ASSERT_LAYOUT(offsetof(LfFwdParams, softmax_scale_log2) == 180, fwd_scale_log
 LF_ASSERT_LAYOUT(offsetof(LfFwdParams, sparse) == 184, fwd_sparse);
 LF_ASSERT_LAYOUT(offsetof(LfBlockSparse, batch_stride) == 24, sparse_batch_stride);
 LF_ASSERT_LAYOUT(offsetof(LfMergeParams, batch) == 80, merge_batch);
+LF_ASSERT_LAYOUT(sizeof(LfTensorMap) == 128, tensor_map_size);
+LF_ASSERT_LAYOUT(sizeof(LfFwdSm90Params) == 640, fwd_sm90_size);
+LF_ASSERT_LAYOUT(offsetof(LfFwdSm90Params, tma_q) == 256, fwd_sm90_tma_q);
 
 #endif

@@ -28,6 +28,17 @@
 #define LF_FWD_BR_D256 64
 #define LF_FWD_BC_D256 64
 
+/* Tile shape of the Hopper (sm_90a) forward: 128 query rows (two consumer warpgroups of 64 rows
+ * and one producer warpgroup, 384 threads) by LF_FWD_SM90_BC_D<D> keys, with a ring of
+ * LF_FWD_SM90_STAGES K/V stages. Shared memory per CTA is (br + 2 * stages * bc) * head_dim * 2
+ * bytes, plus 1 KiB of alignment and barriers. */
+#define LF_FWD_SM90_BR 128
+#define LF_FWD_SM90_BC_D64 128
+#define LF_FWD_SM90_BC_D128 128
+#define LF_FWD_SM90_BC_D256 64
+#define LF_FWD_SM90_STAGES 2
+#define LF_FWD_SM90_THREADS 384
+
 /* Block size of block-sparse masks (LfBlockSparse): query blocks of 128 rows, key blocks of 64
  * keys, for every head dimension. A kernel whose query tile is smaller (head dim 256: 64 rows)
  * runs each query block as several tiles over the same row of the mask. */

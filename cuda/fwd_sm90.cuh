@@ -1,0 +1,35 @@
+// The exact forward on Hopper (sm_90a): the Hopper mainloop over the dense plan (dense, causal,
+// sliding window), with TMA key loads. Compiled only for sm_90a (see build.rs).
+#pragma once
+
+#include "policies/iterators.cuh"
+#include "policies/masks.cuh"
+#include "policies/sources.cuh"
+#include "sm90/mainloop.cuh"
+
+namespace lf {
+namespace sm90 {
+
+template <class Tr> __device__ __forceinline__ void window_fwd(const LfFwdSm90Params &pp) {
+    const LfFwdParams &p = pp.fwd;
+    const int qt = gridDim.x - 1 - blockIdx.x; // longest rows first under a causal mask
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    WindowIter iter(p.mask, qt, Tr::BR, Tr::BC);
+    WindowMask mask{p.mask};
+    const int hk = h / (p.heads_q / p.heads_kv);
+    TmaKeys keys{{&pp.tma_k, &pp.tma_k}, hk, b};
+    attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b);
+}
+
+} // namespace sm90
+} // namespace lf
+
+// Defines the extern "C" Hopper kernel NAME for element type T and head dimension D, with the tile
+// shape of tile_plan.h (LF_FWD_SM90_BR x LF_FWD_SM90_BC_D<D>).
+#define LF_DEFINE_FWD_SM90_KERNEL(NAME, T, D)                                                     \
+    using NAME##_traits = lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D>;                        \
+    extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
+        NAME(const __grid_constant__ LfFwdSm90Params p) {                                         \
+        lf::sm90::window_fwd<NAME##_traits>(p);                                                   \
+    }

@@ -1,0 +1,3 @@
+// Forward attention on Hopper (sm_90a only), f16, head dimension 64: dense, causal and sliding-window masks.
+#include "../fwd_sm90.cuh"
+LF_DEFINE_FWD_SM90_KERNEL(lf_fwd_sm90_f16_d64, __half, 64)

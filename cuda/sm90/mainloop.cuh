@@ -1,0 +1,283 @@
+// The Hopper (sm_90a) forward mainloop: TMA loads into a ring of K/V stages tracked by
+// mbarriers, wgmma for S = Q K^T (both operands from shared memory) and O += P V (P from
+// registers), and warp specialization: one producer warpgroup runs the tile iterator and issues
+// the loads, two consumer warpgroups of 64 query rows each compute. The policies are those of
+// the sm_80 mainloop (cuda/policies/): the same tile iterators, element masks and Q
+// preparation, and the same online-softmax arithmetic (cuda/common.cuh), so both mainloops
+// compute the same function with the same rounding points.
+//
+//   Traits  tile shape and element type (Sm90Traits)
+//   Iter    which key tiles a query tile visits, last to first, and whether each is full
+//   Mask    which (row, key) elements are visible inside a partial tile
+//   Keys    the tensor maps an item's key tile is loaded from (TmaKeys)
+//   QPrep   what happens to the loaded Q tile (through Traits::Tile, the TMA layout)
+//
+// Accumulators follow wgmma's layout: in a consumer warpgroup, warp w owns rows 16w..16w+15;
+// thread (g = lane / 4, t = lane % 4) holds, for each 8-column block j, columns 8j + 2t and
+// 8j + 2t + 1 of rows 16w + g (registers 4j, 4j + 1) and 16w + g + 8 (4j + 2, 4j + 3): the
+// layout of mma.sync's accumulators, so masks and the softmax read the same way as on sm_80.
+#pragma once
+
+#include "../common.cuh"
+#include "longflash/params.h"
+#include "longflash/tile_plan.h"
+#include "primitives.cuh"
+#include "wgmma_ops.cuh"
+
+namespace lf {
+namespace sm90 {
+
+template <typename T_, int D_, int BC_, int QVARIANTS_ = 1> struct Sm90Traits {
+    using T = T_;
+    static constexpr int D = D_;
+    static constexpr int BR = LF_FWD_SM90_BR;
+    static constexpr int BC = BC_;
+    static constexpr int kStages = LF_FWD_SM90_STAGES;
+    static constexpr int kThreads = LF_FWD_SM90_THREADS; // producer + 2 consumer warpgroups
+    static constexpr int kConsumerWarps = 8;
+    static constexpr int kWarpRows = 16; // query rows per consumer warp (Q preparation)
+    static constexpr int kRegions = D / 64; // 64-column blocks of a tile
+    static constexpr int kQVariants = QVARIANTS_;
+    static constexpr int kQBytes = BR * D * 2;
+    static constexpr int kKVBytes = BC * D * 2;
+    static constexpr int kKOff = kQVariants * kQBytes;
+    static constexpr int kVOff = kKOff + kStages * kKVBytes;
+    static constexpr int kBarOff = kVOff + kStages * kKVBytes;
+    static constexpr int kBars = 1 + 3 * kStages; // Q, then full K, full V, empty per stage
+    // Dynamic shared memory to ask for: the tiles, the barriers, and slack to align the base to
+    // the 1024 bytes of a swizzle atom.
+    static constexpr int kSmemBytes = kBarOff + kBars * 8 + 1024;
+    static constexpr int kProducerRegs = 24;
+    static constexpr int kConsumerRegs = 240;
+    using Tile = Sw128Tile<BR, D>;
+    static_assert(BC % 16 == 0 && BC <= 256 && (BC == 64 || BC == 128), "S = Q K^T is m64n<BC>");
+    static_assert(D == 64 || D == 128 || D == 256, "O += P V is m64n<D>");
+    static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0, "swizzle atoms stay aligned");
+};
+
+// Key tiles from tensor maps: variant 0 from map 0, variant 1 from map 1 (RoPE's outside-window
+// keys), at key-value head hk of batch entry b.
+struct TmaKeys {
+    const LfTensorMap *map[2];
+    int hk, b;
+    template <class Tr>
+    __device__ __forceinline__ void load(int v, int kt, uint32_t dst, uint32_t bar) const {
+#pragma unroll
+        for (int r = 0; r < Tr::kRegions; ++r)
+            tma_load_4d(dst + r * Tr::BC * 128, map[v], bar, r * 64, kt * Tr::BC, hk, b);
+    }
+};
+
+template <class Tr, class Iter, class Mask, class Keys, class QPrep>
+__device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const LfTensorMap &tma_q,
+                                                   const LfTensorMap &tma_v, const Iter &iter,
+                                                   const Mask &mask, const Keys &keys,
+                                                   const QPrep &q_prep, int qt, int h, int b) {
+    using T = typename Tr::T;
+    using Elt = Elem<T>;
+    extern __shared__ __align__(1024) unsigned char smem[];
+    const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
+    const uint32_t sQ = base;
+    const uint32_t bars = base + Tr::kBarOff;
+    const uint32_t bar_q = bars;
+    auto sK = [&](int s) { return base + Tr::kKOff + s * Tr::kKVBytes; };
+    auto sV = [&](int s) { return base + Tr::kVOff + s * Tr::kKVBytes; };
+    auto full_k = [&](int s) { return bars + 8 * (1 + s); };
+    auto full_v = [&](int s) { return bars + 8 * (1 + Tr::kStages + s); };
+    auto empty = [&](int s) { return bars + 8 * (1 + 2 * Tr::kStages + s); };
+
+    const int warpgroup = threadIdx.x / 128;
+    const int q0 = qt * Tr::BR;
+    const int hk = h / (p.heads_q / p.heads_kv);
+    const int n_tiles = iter.count();
+
+    if (threadIdx.x == 0) {
+        mbar_init(bar_q, 1);
+        for (int s = 0; s < Tr::kStages; ++s) {
+            mbar_init(full_k(s), 1);
+            mbar_init(full_v(s), 1);
+            mbar_init(empty(s), Tr::kConsumerWarps);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (warpgroup == 0) {
+        // Producer: one thread runs the tile iterator and issues every load.
+        regs_dec<Tr::kProducerRegs>();
+        if (threadIdx.x == 0 && n_tiles > 0) {
+            mbar_expect_tx(bar_q, Tr::kQVariants * Tr::kQBytes);
+#pragma unroll
+            for (int v = 0; v < Tr::kQVariants; ++v)
+#pragma unroll
+                for (int r = 0; r < Tr::kRegions; ++r)
+                    tma_load_4d(sQ + v * Tr::kQBytes + r * Tr::BR * 128, &tma_q, bar_q, r * 64, q0,
+                                h, b);
+            for (int n = 0; n < n_tiles; ++n) {
+                const int s = n % Tr::kStages;
+                mbar_wait(empty(s), ((n / Tr::kStages) & 1) ^ 1);
+                const int kt = iter.tile(n);
+                mbar_expect_tx(full_k(s), Tr::kKVBytes);
+                keys.template load<Tr>(iter.variant(n), kt, sK(s), full_k(s));
+                mbar_expect_tx(full_v(s), Tr::kKVBytes);
+#pragma unroll
+                for (int r = 0; r < Tr::kRegions; ++r)
+                    tma_load_4d(sV(s) + r * Tr::BC * 128, &tma_v, full_v(s), r * 64, kt * Tr::BC, hk,
+                                b);
+            }
+        }
+        return;
+    }
+
+    // Consumers: warpgroup 1 owns query rows [0, 64) of the tile, warpgroup 2 rows [64, 128).
+    regs_inc<Tr::kConsumerRegs>();
+    const int cw = warpgroup - 1;
+    const int tid = threadIdx.x % 128;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int g = lane >> 2;
+    const int tq = lane & 3;
+    const int row0 = cw * 64 + warp * 16 + g; // this thread's rows: row0 and row0 + 8
+    const float scale_log2 = p.softmax_scale_log2;
+
+    float o[Tr::D / 2];
+#pragma unroll
+    for (int i = 0; i < Tr::D / 2; ++i) o[i] = 0.f;
+    float row_base[2] = {kNoBase, kNoBase}, row_sum[2] = {0.f, 0.f}, exp_sum[2] = {0.f, 0.f};
+
+    if (n_tiles > 0) {
+        mbar_wait(bar_q, 0);
+        if constexpr (QPrep::kActive) {
+            // Each warp rotates its own 16 rows, then the warpgroup's writes are published to
+            // the tensor cores' (async) proxy.
+            q_prep(sQ, cw * 64 + warp * 16, lane, q0);
+            fence_proxy_async();
+            named_barrier(1 + cw, 128);
+        }
+    }
+
+    for (int n = 0; n < n_tiles; ++n) {
+        const int s = n % Tr::kStages;
+        const uint32_t phase = (n / Tr::kStages) & 1;
+        const int kt = iter.tile(n);
+        const int k0 = kt * Tr::BC;
+
+        // S = Q K^T for this warpgroup's 64 rows.
+        float sc[Tr::BC / 2];
+        mbar_wait(full_k(s), phase);
+        const uint32_t q_rows = sQ + iter.variant(n) * Tr::kQBytes + cw * 64 * 128;
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < Tr::D / 16; ++ks) {
+            const uint32_t qa = q_rows + (ks >> 2) * Tr::BR * 128 + (ks & 3) * 32;
+            const uint32_t kb = sK(s) + (ks >> 2) * Tr::BC * 128 + (ks & 3) * 32;
+            Wgmma<T>::template ss<Tr::BC>(sc, sw128_desc(qa, 16, 1024), sw128_desc(kb, 16, 1024),
+                                          ks > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(sc);
+
+        if (!iter.is_full(n)) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const auto keys_r = mask.row_keys(iter, n, q0 + row0 + r * 8, k0, Tr::BC);
+#pragma unroll
+                for (int j = 0; j < Tr::BC / 8; ++j)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c)
+                        if (!keys_r.visible(j * 8 + tq * 2 + c)) sc[4 * j + 2 * r + c] = -INFINITY;
+            }
+        }
+
+        // Online softmax, as on sm_80: integer exponent base, exact power-of-two rescaling, no
+        // rescaling when no base of the warp moved.
+        float alpha[2];
+        bool rescale = false;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < Tr::BC / 8; ++j)
+                mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * r], sc[4 * j + 2 * r + 1]));
+            mx = quad_max(mx);
+            const float new_base = softmax_base(row_base[r], mx, scale_log2);
+            alpha[r] = exp2_step(row_base[r], new_base);
+            rescale |= new_base != row_base[r];
+            row_base[r] = new_base;
+            row_sum[r] *= alpha[r];
+            exp_sum[r] *= alpha[r];
+        }
+        if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+            for (int i = 0; i < Tr::D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+        }
+#pragma unroll
+        for (int j = 0; j < Tr::BC / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float x = fast_exp2(fmaf(sc[4 * j + e], scale_log2, -row_base[e >> 1]));
+                sc[4 * j + e] = x;
+                exp_sum[e >> 1] += x;
+            }
+
+        // P as the A fragments of the k16 steps of P V; the row sum that normalizes O adds P as
+        // rounded for the tensor cores (see the sm_80 mainloop).
+        uint32_t pa[Tr::BC / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < Tr::BC / 16; ++kk) {
+            pa[kk][0] = Elt::pack(sc[8 * kk + 0], sc[8 * kk + 1]);
+            pa[kk][1] = Elt::pack(sc[8 * kk + 2], sc[8 * kk + 3]);
+            pa[kk][2] = Elt::pack(sc[8 * kk + 4], sc[8 * kk + 5]);
+            pa[kk][3] = Elt::pack(sc[8 * kk + 6], sc[8 * kk + 7]);
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {
+                const float2 pf = Elt::unpack(pa[kk][x]);
+                row_sum[x & 1] += pf.x + pf.y;
+            }
+        }
+
+        // O += P V: V is MN-major (head dim contiguous): 64-column blocks BC * 128 bytes apart,
+        // a k16 step is 16 keys = 2048 bytes.
+        mbar_wait(full_v(s), phase);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < Tr::BC / 16; ++kk)
+            Wgmma<T>::template rs<Tr::D>(o, pa[kk], sw128_desc(sV(s) + kk * 2048, Tr::BC * 128, 1024),
+                                         1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs(pa);
+        // This warp is done with stage s (its warpgroup's wgmmas have completed).
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty(s));
+    }
+
+    // Epilogue: O / l and LSE = base * ln(2) + ln(l), straight from registers; a row that saw
+    // no key gives 0 and -inf.
+    constexpr float kLn2 = 0.693147180559945309f;
+    uint16_t *o_ptr = static_cast<uint16_t *>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float l = quad_sum(row_sum[r]);
+        const float le = quad_sum(exp_sum[r]);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int row = q0 + row0 + r * 8;
+        if (row < p.mask.seqlen_q) {
+            uint16_t *dst = o_ptr + static_cast<int64_t>(row) * p.o_row_stride + tq * 2;
+#pragma unroll
+            for (int j = 0; j < Tr::D / 8; ++j) {
+                const uint32_t packed = Elt::pack(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+                *reinterpret_cast<uint32_t *>(dst + j * 8) = packed;
+            }
+            if (p.lse != nullptr && tq == 0) {
+                const float lse = le > 0.f ? fmaf(row_base[r], kLn2, logf(le)) : -INFINITY;
+                p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * p.mask.seqlen_q + row] = lse;
+            }
+        }
+    }
+}
+
+} // namespace sm90
+} // namespace lf

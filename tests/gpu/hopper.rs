@@ -1,0 +1,253 @@
+//! The Hopper mainloop (wgmma, TMA, warp specialization) against the reference, through an
+//! `Attention` with `MainloopChoice::Sm90`: every case asserts that the Hopper kernel ran. On a
+//! device that is not compute capability 9.0 these tests print that they skipped (a failure under
+//! LONGFLASH_REQUIRE_HOPPER=1).
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use half::bf16;
+use longflash::{
+    Attention, DType, ForwardOptions, Layout, Mainloop, MaskSpec, RawBlockMask, RawForward,
+};
+use proptest::prelude::*;
+
+use crate::common::*;
+use crate::corner::arb_corner_case;
+
+/// The Hopper-mainloop `Attention`, or a printed skip and `return`.
+macro_rules! hopper_or_skip {
+    ($g:expr) => {
+        match hopper($g) {
+            Some(h) => h,
+            None => return,
+        }
+    };
+}
+
+fn hopper(g: &Gpu) -> Option<&Attention> {
+    if g.hopper.is_none() {
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("hopper test")
+            .to_string();
+        assert!(
+            !std::env::var("LONGFLASH_REQUIRE_HOPPER").is_ok_and(|v| v == "1"),
+            "{test}: LONGFLASH_REQUIRE_HOPPER=1 but the device is compute capability {:?}",
+            g.attn.compute_capability()
+        );
+        say_skipped(&format!("{test} (not a compute capability 9.0 device)"));
+    }
+    g.hopper.as_ref()
+}
+
+/// Runs `c` on the Hopper mainloop, checks it, and checks that the Hopper kernel is the one a call
+/// of this shape runs.
+fn check_hopper(g: &Gpu, h: &Attention, c: &Case) -> RunResult {
+    assert_eq!(mainloop_of(g, h, c), Mainloop::Sm90, "{c:?}");
+    let r = run_case_with(g, h, c);
+    assert!(r.cmp.passes, "Hopper mainloop, {c:?}\n  {}", r.cmp);
+    r
+}
+
+/// The mainloop `attn` picks for a call of `c`'s shape and layouts (on scratch buffers).
+fn mainloop_of(g: &Gpu, attn: &Attention, c: &Case) -> Mainloop {
+    let ql = layout(c.q_mem, c.batch, c.seqlen_q, c.heads_q, c.head_dim);
+    let kl = layout(c.kv_mem, c.batch, c.seqlen_k, c.heads_kv, c.head_dim);
+    let ol = layout(c.o_mem, c.batch, c.seqlen_q, c.heads_q, c.head_dim);
+    let len = |l: &Layout| l.required_len("t").unwrap() as usize;
+    let q: CudaSlice<bf16> = g.stream.alloc_zeros(len(&ql)).unwrap();
+    let k: CudaSlice<bf16> = g.stream.alloc_zeros(len(&kl)).unwrap();
+    let v: CudaSlice<bf16> = g.stream.alloc_zeros(len(&kl)).unwrap();
+    let mut o: CudaSlice<bf16> = g.stream.alloc_zeros(len(&ol)).unwrap();
+    let (qp, _a) = q.device_ptr(&g.stream);
+    let (kp, _b) = k.device_ptr(&g.stream);
+    let (vp, _c) = v.device_ptr(&g.stream);
+    let (op, _d) = o.device_ptr_mut(&g.stream);
+    let raw = RawForward {
+        dtype: c.dtype,
+        q: qp,
+        k: kp,
+        v: vp,
+        o: op,
+        lse: 0,
+        q_layout: ql,
+        k_layout: kl,
+        v_layout: kl,
+        o_layout: ol,
+        options: ForwardOptions {
+            mask: c.mask,
+            softmax_scale: c.scale,
+        },
+        block_mask: None,
+    };
+    attn.mainloop_for(&raw)
+        .unwrap_or_else(|e| panic!("{c:?}: {e}"))
+}
+
+#[test]
+fn hopper_mainloop_is_chosen_only_when_asked_and_able() {
+    let g = gpu_or_skip!();
+    let h = hopper_or_skip!(g);
+    let c = Case::new(DType::Bf16, (1, 256, 256), (2, 1), 128, MaskSpec::causal());
+    assert_eq!(mainloop_of(g, h, &c), Mainloop::Sm90);
+    assert_eq!(mainloop_of(g, &g.attn, &c), Mainloop::Sm80);
+    // A block mask is not for the Hopper kernel yet: asking for it is an error that says why.
+    let raw = RawForward {
+        dtype: DType::Bf16,
+        q: 1 << 20,
+        k: 2 << 20,
+        v: 3 << 20,
+        o: 4 << 20,
+        lse: 0,
+        q_layout: Layout::bshd(1, 256, 2, 128),
+        k_layout: Layout::bshd(1, 256, 1, 128),
+        v_layout: Layout::bshd(1, 256, 1, 128),
+        o_layout: Layout::bshd(1, 256, 2, 128),
+        options: ForwardOptions::causal(),
+        block_mask: Some(RawBlockMask {
+            row_offsets: 5 << 20,
+            col_indices: 6 << 20,
+            full: 7 << 20,
+            batch: 1,
+            heads: 1,
+        }),
+    };
+    let e = h.mainloop_for(&raw).unwrap_err().to_string();
+    assert!(e.contains("block mask"), "{e}");
+}
+
+#[test]
+fn hopper_dense_and_causal_every_dtype_and_head_dim() {
+    let g = gpu_or_skip!();
+    let h = hopper_or_skip!(g);
+    for dtype in DTYPES {
+        for d in DIMS {
+            for mask in [MaskSpec::none(), MaskSpec::causal()] {
+                check_hopper(g, h, &Case::new(dtype, (2, 257, 257), (3, 3), d, mask));
+            }
+        }
+    }
+}
+
+#[test]
+fn hopper_single_token_and_tile_edges() {
+    let g = gpu_or_skip!();
+    let h = hopper_or_skip!(g);
+    for d in DIMS {
+        for (sq, sk) in [
+            (1, 1),
+            (1, 200),
+            (200, 1),
+            (63, 65),
+            (64, 64),
+            (127, 129),
+            (128, 128),
+            (129, 127),
+            (255, 257),
+            (31, 700),
+            (700, 31),
+        ] {
+            for mask in [MaskSpec::none(), MaskSpec::causal()] {
+                check_hopper(g, h, &Case::new(DType::Bf16, (1, sq, sk), (2, 1), d, mask));
+            }
+        }
+    }
+}
+
+#[test]
+fn hopper_sliding_windows_gqa_and_layouts() {
+    let g = gpu_or_skip!();
+    let h = hopper_or_skip!(g);
+    let windows = [
+        MaskSpec::sliding_window(Some(0), Some(0)),
+        MaskSpec::sliding_window(Some(17), Some(5)),
+        MaskSpec::sliding_window(None, Some(63)),
+        MaskSpec::causal_window(100),
+        MaskSpec::causal_window(0),
+    ];
+    for d in DIMS {
+        for mask in windows {
+            for (sq, sk) in [(333, 333), (150, 401), (401, 150)] {
+                check_hopper(g, h, &Case::new(DType::Bf16, (1, sq, sk), (2, 2), d, mask));
+            }
+        }
+    }
+    for (hq, hkv) in [(8, 1), (8, 2), (6, 3)] {
+        check_hopper(
+            g,
+            h,
+            &Case::new(
+                DType::F16,
+                (2, 190, 190),
+                (hq, hkv),
+                128,
+                MaskSpec::causal(),
+            ),
+        );
+    }
+    for (q_mem, kv_mem, o_mem) in [
+        (Mem::Bhsd, Mem::Bhsd, Mem::Bhsd),
+        (Mem::PaddedBshd(1), Mem::PaddedBhsd(2), Mem::PaddedBshd(2)),
+    ] {
+        let c = Case {
+            q_mem,
+            kv_mem,
+            o_mem,
+            ..Case::new(DType::Bf16, (2, 300, 260), (4, 2), 64, MaskSpec::causal())
+        };
+        check_hopper(g, h, &c);
+    }
+}
+
+/// The sm_80 and Hopper mainloops on the same long causal problem: both pass the rule, and
+/// they agree to the rule's bound (they round P at the same points; only f32 sums differ).
+#[test]
+fn hopper_long_sequence_agrees_with_sm80() {
+    let g = gpu_or_skip!();
+    let h = hopper_or_skip!(g);
+    let c = Case::new(
+        DType::Bf16,
+        (1, 2048, 2048),
+        (2, 1),
+        128,
+        MaskSpec::causal(),
+    );
+    let a = check_hopper(g, h, &c);
+    let b = check(g, &c);
+    let diff = a
+        .out
+        .iter()
+        .zip(&b.out)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f64, f64::max);
+    assert!(
+        diff <= a.cmp.bound,
+        "sm80 vs sm90 differ by {diff} (bound {})",
+        a.cmp.bound
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn hopper_kernel_matches_reference(c in arb_case()) {
+        let Some(g) = gpu() else {
+            say_skipped("hopper_kernel_matches_reference");
+            return Ok(());
+        };
+        let Some(h) = hopper(g) else { return Ok(()) };
+        let r = check_hopper(g, h, &c);
+        prop_assert!(r.cmp.passes);
+    }
+
+    #[test]
+    fn hopper_few_rows_few_keys(c in arb_corner_case()) {
+        let Some(g) = gpu() else {
+            say_skipped("hopper_few_rows_few_keys");
+            return Ok(());
+        };
+        let Some(h) = hopper(g) else { return Ok(()) };
+        let c = Case { sparse: None, ..c };
+        let r = check_hopper(g, h, &c);
+        prop_assert!(r.cmp.passes);
+    }
+}
