@@ -48,6 +48,13 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1> struct Sm90Traits {
     // the 1024 bytes of a swizzle atom.
     static constexpr int kSmemBytes = kBarOff + kBars * 8 + 1024;
     static constexpr int kProducerRegs = 24;
+    // Overlap S of tile n with P V of tile n - 1 and take turns between the consumer warpgroups
+    // (LF_SM90_OVERLAP=1 at build time); the plain schedule runs one tile at a time.
+#ifdef LF_SM90_OVERLAP
+    static constexpr bool kOverlap = LF_SM90_OVERLAP != 0;
+#else
+    static constexpr bool kOverlap = false;
+#endif
     static constexpr int kConsumerRegs = 240;
     using Tile = Sw128Tile<BR, D>;
     static_assert(BC % 16 == 0 && BC <= 256 && (BC == 64 || BC == 128), "S = Q K^T is m64n<BC>");
@@ -145,26 +152,11 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     for (int i = 0; i < Tr::D / 2; ++i) o[i] = 0.f;
     float row_base[2] = {kNoBase, kNoBase}, row_sum[2] = {0.f, 0.f}, exp_sum[2] = {0.f, 0.f};
 
-    if (n_tiles > 0) {
-        mbar_wait(bar_q, 0);
-        if constexpr (QPrep::kActive) {
-            // Each warp rotates its own 16 rows, then the warpgroup's writes are published to
-            // the tensor cores' (async) proxy.
-            q_prep(sQ, cw * 64 + warp * 16, lane, q0);
-            fence_proxy_async();
-            named_barrier(1 + cw, 128);
-        }
-    }
-
-    for (int n = 0; n < n_tiles; ++n) {
+    // The steps of one key tile; the schedules below order them.
+    // Issues S = Q K^T of item n into sc (after its K stage has landed); commit follows.
+    auto issue_s = [&](int n, float (&sc)[Tr::BC / 2]) {
         const int s = n % Tr::kStages;
-        const uint32_t phase = (n / Tr::kStages) & 1;
-        const int kt = iter.tile(n);
-        const int k0 = kt * Tr::BC;
-
-        // S = Q K^T for this warpgroup's 64 rows.
-        float sc[Tr::BC / 2];
-        mbar_wait(full_k(s), phase);
+        mbar_wait(full_k(s), (n / Tr::kStages) & 1);
         const uint32_t q_rows = sQ + iter.variant(n) * Tr::kQBytes + cw * 64 * 128;
         wgmma_fence();
 #pragma unroll
@@ -175,10 +167,13 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                                           ks > 0);
         }
         wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(sc);
-
+    };
+    // Masks item n's partial tile, moves the exponent base, turns sc into P (exponentials) and
+    // adds them to the LSE sum; returns through alpha the factors O must be rescaled by and
+    // whether any row of the warp needs it.
+    auto softmax = [&](int n, float (&sc)[Tr::BC / 2], float (&alpha)[2]) {
         if (!iter.is_full(n)) {
+            const int k0 = iter.tile(n) * Tr::BC;
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const auto keys_r = mask.row_keys(iter, n, q0 + row0 + r * 8, k0, Tr::BC);
@@ -189,10 +184,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                         if (!keys_r.visible(j * 8 + tq * 2 + c)) sc[4 * j + 2 * r + c] = -INFINITY;
             }
         }
-
-        // Online softmax, as on sm_80: integer exponent base, exact power-of-two rescaling, no
-        // rescaling when no base of the warp moved.
-        float alpha[2];
+        // As on sm_80: integer exponent base, exact power-of-two rescaling.
         bool rescale = false;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -208,10 +200,6 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             row_sum[r] *= alpha[r];
             exp_sum[r] *= alpha[r];
         }
-        if (__any_sync(0xffffffffu, rescale)) {
-#pragma unroll
-            for (int i = 0; i < Tr::D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
-        }
 #pragma unroll
         for (int j = 0; j < Tr::BC / 8; ++j)
 #pragma unroll
@@ -220,38 +208,103 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                 sc[4 * j + e] = x;
                 exp_sum[e >> 1] += x;
             }
-
-        // P as the A fragments of the k16 steps of P V; the row sum that normalizes O adds P as
-        // rounded for the tensor cores (see the sm_80 mainloop).
-        uint32_t pa[Tr::BC / 16][4];
+        return __any_sync(0xffffffffu, rescale);
+    };
+    // O *= alpha per row (no wgmma may be accumulating into O).
+    auto rescale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+        for (int i = 0; i < Tr::D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+    };
+    // P as the A fragments of the k16 steps of P V; the row sum that normalizes O adds P as
+    // rounded for the tensor cores (see the sm_80 mainloop).
+    auto pack_p = [&](const float (&sc)[Tr::BC / 2], uint32_t (&pa)[Tr::BC / 16][4]) {
 #pragma unroll
         for (int kk = 0; kk < Tr::BC / 16; ++kk) {
-            pa[kk][0] = Elt::pack(sc[8 * kk + 0], sc[8 * kk + 1]);
-            pa[kk][1] = Elt::pack(sc[8 * kk + 2], sc[8 * kk + 3]);
-            pa[kk][2] = Elt::pack(sc[8 * kk + 4], sc[8 * kk + 5]);
-            pa[kk][3] = Elt::pack(sc[8 * kk + 6], sc[8 * kk + 7]);
 #pragma unroll
             for (int x = 0; x < 4; ++x) {
+                pa[kk][x] = Elt::pack(sc[8 * kk + 2 * x], sc[8 * kk + 2 * x + 1]);
                 const float2 pf = Elt::unpack(pa[kk][x]);
                 row_sum[x & 1] += pf.x + pf.y;
             }
         }
-
-        // O += P V: V is MN-major (head dim contiguous): 64-column blocks BC * 128 bytes apart,
-        // a k16 step is 16 keys = 2048 bytes.
-        mbar_wait(full_v(s), phase);
+    };
+    // Issues O += P V of item n (after its V stage has landed): V is MN-major (head dim
+    // contiguous), 64-column blocks BC * 128 bytes apart, a k16 step is 16 keys = 2048 bytes.
+    auto issue_pv = [&](int n, const uint32_t (&pa)[Tr::BC / 16][4]) {
+        const int s = n % Tr::kStages;
+        mbar_wait(full_v(s), (n / Tr::kStages) & 1);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < Tr::BC / 16; ++kk)
-            Wgmma<T>::template rs<Tr::D>(o, pa[kk], sw128_desc(sV(s) + kk * 2048, Tr::BC * 128, 1024),
-                                         1);
+            Wgmma<T>::template rs<Tr::D>(o, pa[kk],
+                                         sw128_desc(sV(s) + kk * 2048, Tr::BC * 128, 1024), 1);
         wgmma_commit();
+    };
+    // This warp is done with item n's stage (its warpgroup's wgmmas on it have completed).
+    auto release = [&](int n) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty(n % Tr::kStages));
+    };
+
+    if (n_tiles > 0) {
+        mbar_wait(bar_q, 0);
+        if constexpr (QPrep::kActive) {
+            // Each warp rotates its own 16 rows, then the warpgroup's writes are published to
+            // the tensor cores' (async) proxy.
+            q_prep(sQ, cw * 64 + warp * 16, lane, q0);
+            fence_proxy_async();
+            named_barrier(1 + cw, 128);
+        }
+    }
+
+    float sc[Tr::BC / 2];
+    uint32_t pa[Tr::BC / 16][4];
+    float alpha[2];
+    if constexpr (!Tr::kOverlap) {
+        // One tile at a time: S, softmax, P V.
+        for (int n = 0; n < n_tiles; ++n) {
+            issue_s(n, sc);
+            wgmma_wait<0>();
+            fence_regs(sc);
+            if (softmax(n, sc, alpha)) rescale_o(alpha);
+            pack_p(sc, pa);
+            issue_pv(n, pa);
+            wgmma_wait<0>();
+            fence_regs(o);
+            fence_regs(pa);
+            release(n);
+        }
+    } else if (n_tiles > 0) {
+        // S of tile n is computed while P V of tile n - 1 runs, and the two warpgroups take
+        // turns issuing (ping-pong, named barriers 3 and 4), so one's softmax runs while the
+        // other's tensor-core work does. Warpgroup 1 issues first in each round; the arrivals
+        // are counted so that none is left pending at exit.
+        issue_s(0, sc);
+        wgmma_wait<0>();
+        fence_regs(sc);
+        softmax(0, sc, alpha); // O is still 0: nothing to rescale
+        pack_p(sc, pa);
+        for (int n = 1; n < n_tiles; ++n) {
+            if (cw == 1 || n > 1) named_barrier(3 + cw, 256);
+            issue_s(n, sc);
+            issue_pv(n - 1, pa);
+            if (cw == 0 || n < n_tiles - 1)
+                asm volatile("bar.arrive %0, 256;\n" ::"r"(3 + (1 - cw)) : "memory");
+            wgmma_wait<1>(); // S of tile n is done; P V of tile n - 1 may still run
+            fence_regs(sc);
+            const bool rescale = softmax(n, sc, alpha);
+            wgmma_wait<0>();
+            fence_regs(o);
+            fence_regs(pa);
+            release(n - 1);
+            if (rescale) rescale_o(alpha);
+            pack_p(sc, pa);
+        }
+        issue_pv(n_tiles - 1, pa);
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        // This warp is done with stage s (its warpgroup's wgmmas have completed).
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty(s));
+        release(n_tiles - 1);
     }
 
     // Epilogue: O / l and LSE = base * ln(2) + ln(l), straight from registers; a row that saw

@@ -5,6 +5,12 @@
 # $OUT (or .gpu/logs); the last lines printed are a summary.
 #
 #   bash scripts/gpu/hopper.sh [tests|sanitize|bench|all] [test filter, default hopper::]
+#
+# HOPPER_VARIANTS="name=dir ..." also benches (and, with tests, tests) the Hopper kernels of
+# other builds, loaded from each dir with LONGFLASH_KERNEL_DIR; for example the overlapped,
+# ping-pong schedule, built here with
+#   NVCC_FLAGS=-DLF_SM90_OVERLAP=1 CARGO_TARGET_DIR=/tmp/ov cargo build --release
+#   mkdir -p .gpu/overlap && cp /tmp/ov/release/build/longflash-*/out/fwd_sm90_*.fatbin .gpu/overlap/
 set -u
 cd "$(dirname "$0")/../.."
 out=${OUT:-.gpu/logs}; mkdir -p "$out"
@@ -15,6 +21,11 @@ summary() { grep -hE "^test result|ERROR SUMMARY|RACECHECK SUMMARY|^exit|panicke
 if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout 240 "$bin" "$filter" >"$out/hopper-tests.log" 2>&1; echo "exit $?" >>"$out/hopper-tests.log"
   echo "== tests"; summary "$out/hopper-tests.log"
+  for v in ${HOPPER_VARIANTS:-}; do
+    LONGFLASH_KERNEL_DIR=${v#*=} timeout 240 "$bin" "$filter" >"$out/hopper-tests-${v%%=*}.log" 2>&1
+    echo "exit $?" >>"$out/hopper-tests-${v%%=*}.log"
+    echo "== tests ${v%%=*}"; summary "$out/hopper-tests-${v%%=*}.log"
+  done
 fi
 if [ "$what" = sanitize ] || [ "$what" = all ]; then
   for tool in memcheck racecheck synccheck; do
@@ -24,11 +35,17 @@ if [ "$what" = sanitize ] || [ "$what" = all ]; then
   done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  for ml in sm90 sm80; do
-    LONGFLASH_BENCH_MAINLOOP=$ml timeout 300 .gpu/bench/forward --bench >"$out/bench-$ml.log" 2>&1
-    grep '^RESULT' "$out/bench-$ml.log" | sed 's/^RESULT //' >"$out/bench-$ml.jsonl"
-    echo "== bench $ml: $(wc -l <"$out/bench-$ml.jsonl") shapes"
+  bench() { # $1 = name, rest = env
+    local name=$1; shift
+    env "$@" timeout 300 .gpu/bench/forward --bench >"$out/bench-$name.log" 2>&1
+    grep '^RESULT' "$out/bench-$name.log" | sed 's/^RESULT //' >"$out/bench-$name.jsonl"
+    echo "== bench $name: $(wc -l <"$out/bench-$name.jsonl") shapes"
+  }
+  bench sm90 LONGFLASH_BENCH_MAINLOOP=sm90
+  for v in ${HOPPER_VARIANTS:-}; do
+    bench "sm90-${v%%=*}" LONGFLASH_BENCH_MAINLOOP=sm90 LONGFLASH_KERNEL_DIR="${v#*=}"
   done
+  bench sm80 LONGFLASH_BENCH_MAINLOOP=sm80
   PYTHONUNBUFFERED=1 timeout 200 python3 benches/peer_sdpa.py --out "$out/bench-sdpa.jsonl" >"$out/bench-sdpa.log" 2>&1
   echo "== sdpa: $(wc -l <"$out/bench-sdpa.jsonl") rows"
 fi
