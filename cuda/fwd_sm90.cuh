@@ -1,5 +1,6 @@
-// The exact forward on Hopper (sm_90a): the Hopper mainloop over the dense plan (dense, causal,
-// sliding window), with TMA key loads. Compiled only for sm_90a (see build.rs).
+// The exact and block-sparse forwards on Hopper (sm_90a): the Hopper mainloop over the dense plan
+// (dense, causal, sliding window) or a block mask's CSR row, with TMA key loads. Compiled only for
+// sm_90a (see build.rs).
 #pragma once
 
 #include "policies/iterators.cuh"
@@ -22,6 +23,22 @@ template <class Tr> __device__ __forceinline__ void window_fwd(const LfFwdSm90Pa
     attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b);
 }
 
+// Block-sparse: the key blocks a block mask lists for the query block (query tile = query block
+// of 128 rows, key tile = key block of 64 keys).
+template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Params &pp) {
+    static_assert(Tr::BR == LF_SPARSE_Q_BLOCK && Tr::BC == LF_SPARSE_K_BLOCK,
+                  "tiles are the mask's blocks");
+    const LfFwdParams &p = pp.fwd;
+    const int qt = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    CsrIter iter(p.sparse, qt, Tr::BR, b, h);
+    WindowMask mask{p.mask};
+    const int hk = h / (p.heads_q / p.heads_kv);
+    TmaKeys keys{{&pp.tma_k, &pp.tma_k}, hk, b};
+    attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b);
+}
+
 } // namespace sm90
 } // namespace lf
 
@@ -32,4 +49,12 @@ template <class Tr> __device__ __forceinline__ void window_fwd(const LfFwdSm90Pa
     extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
         NAME(const __grid_constant__ LfFwdSm90Params p) {                                         \
         lf::sm90::window_fwd<NAME##_traits>(p);                                                   \
+    }
+
+// The block-sparse Hopper kernel (key tiles of LF_FWD_SM90_BC_SPARSE keys).
+#define LF_DEFINE_SPARSE_SM90_KERNEL(NAME, T, D)                                                  \
+    using NAME##_traits = lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_SPARSE>;                      \
+    extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
+        NAME(const __grid_constant__ LfFwdSm90Params p) {                                         \
+        lf::sm90::sparse_fwd<NAME##_traits>(p);                                                   \
     }

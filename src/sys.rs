@@ -17,6 +17,7 @@ pub const LF_FWD_SM90_BC_D128: u32 = 128;
 pub const LF_FWD_SM90_BC_D256: u32 = 64;
 pub const LF_FWD_SM90_STAGES: u32 = 2;
 pub const LF_FWD_SM90_THREADS: u32 = 384;
+pub const LF_FWD_SM90_BC_SPARSE: u32 = 64;
 pub const LF_SPARSE_Q_BLOCK: u32 = 128;
 pub const LF_SPARSE_K_BLOCK: u32 = 64;
 #[repr(C)]

@@ -81,8 +81,8 @@ pub enum MainloopChoice {
     Auto,
     /// Always the sm_80 mainloop.
     Sm80,
-    /// The Hopper mainloop (exact forward only for now); a call it cannot run (another device,
-    /// a block mask or RoPE, strides a tensor map cannot describe) is an error, not a fallback.
+    /// The Hopper mainloop (exact and block-sparse forward for now); a call it cannot run
+    /// (another device, RoPE, strides a tensor map cannot describe) is an error, not a fallback.
     Sm90,
 }
 

@@ -10,7 +10,8 @@ use crate::layout::Layout;
 use crate::loader::ModuleCache;
 use crate::sys::{
     LfFwdParams, LfFwdSm90Params, LfTensorMap, LF_FWD_SM90_BC_D128, LF_FWD_SM90_BC_D256,
-    LF_FWD_SM90_BC_D64, LF_FWD_SM90_BR, LF_FWD_SM90_STAGES, LF_FWD_SM90_THREADS,
+    LF_FWD_SM90_BC_D64, LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BR, LF_FWD_SM90_STAGES,
+    LF_FWD_SM90_THREADS,
 };
 
 /// Key tile of the Hopper kernel for a head dim.
@@ -134,16 +135,18 @@ impl Attention {
                 self.compute_capability.0, self.compute_capability.1
             )));
         }
-        if args.block_mask.is_some() {
-            return Err(unsupported(
-                "no block mask (the Hopper kernel is dense only for now)".into(),
-            ));
-        }
         let d = args.q_layout.head_dim;
-        let bc =
+        let dense_bc =
             key_tile(d).ok_or_else(|| unsupported(format!("head dim 64, 128 or 256, not {d}")))?;
         let dt = args.dtype.name();
-        let module = format!("fwd_sm90_{dt}_d{d}");
+        // A block mask's key blocks are the sparse kernel's key tiles.
+        let (module, bc) = match args.block_mask {
+            None => (format!("fwd_sm90_{dt}_d{d}"), dense_bc),
+            Some(_) => (
+                format!("sparse_sm90_{dt}_d{d}"),
+                LF_FWD_SM90_BC_SPARSE as usize,
+            ),
+        };
         if !ModuleCache::has_module(&module) {
             return Err(unsupported(format!(
                 "a build with sm_90a kernels ({module} is not in this one)"

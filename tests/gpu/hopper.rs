@@ -1,4 +1,5 @@
-//! The Hopper mainloop (wgmma, TMA, warp specialization) against the reference, through an
+//! The Hopper mainloop (wgmma, TMA, warp specialization), dense and block-sparse, against the
+//! reference, through an
 //! `Attention` with `MainloopChoice::Sm90`: every case asserts that the Hopper kernel ran. On a
 //! device that is not compute capability 9.0 these tests print that they skipped (a failure under
 //! LONGFLASH_REQUIRE_HOPPER=1).
@@ -12,6 +13,7 @@ use proptest::prelude::*;
 
 use crate::common::*;
 use crate::corner::arb_corner_case;
+use crate::sparse::{arb_sparse_case, sparse_case};
 
 /// The Hopper-mainloop `Attention`, or a printed skip and `return`.
 macro_rules! hopper_or_skip {
@@ -90,8 +92,8 @@ fn hopper_mainloop_is_chosen_only_when_asked_and_able() {
     let c = Case::new(DType::Bf16, (1, 256, 256), (2, 1), 128, MaskSpec::causal());
     assert_eq!(mainloop_of(g, h, &c), Mainloop::Sm90);
     assert_eq!(mainloop_of(g, &g.attn, &c), Mainloop::Sm80);
-    // A block mask is not for the Hopper kernel yet: asking for it is an error that says why.
-    let raw = RawForward {
+    // A block mask runs on the Hopper sparse kernel.
+    let mut raw = RawForward {
         dtype: DType::Bf16,
         q: 1 << 20,
         k: 2 << 20,
@@ -111,8 +113,15 @@ fn hopper_mainloop_is_chosen_only_when_asked_and_able() {
             heads: 1,
         }),
     };
+    assert_eq!(h.mainloop_for(&raw).unwrap(), Mainloop::Sm90);
+    // Keys stored last row first (a negative row stride) cannot be a tensor map: asking for the
+    // Hopper kernel is then an error that says why.
+    raw.block_mask = None;
+    raw.k_layout.seq_stride = -128;
+    raw.k += 255 * 128 * 2;
     let e = h.mainloop_for(&raw).unwrap_err().to_string();
-    assert!(e.contains("block mask"), "{e}");
+    assert!(e.contains("positive strides"), "{e}");
+    assert_eq!(g.attn.mainloop_for(&raw).unwrap(), Mainloop::Sm80);
 }
 
 #[test]
@@ -226,8 +235,39 @@ fn hopper_long_sequence_agrees_with_sm80() {
     );
 }
 
+#[test]
+fn hopper_block_sparse_edge_cases() {
+    let g = gpu_or_skip!();
+    let h = hopper_or_skip!(g);
+    for d in DIMS {
+        let r = check_hopper(g, h, &sparse_case(d, (300, 300), MaskSpec::none(), 0.0));
+        assert!(r.out.iter().all(|x| *x == 0.0));
+        for mask in [
+            MaskSpec::none(),
+            MaskSpec::causal(),
+            MaskSpec::causal_window(100).with_sinks(70),
+        ] {
+            for (sq, sk) in [(1, 1), (129, 65), (200, 331), (256, 256), (255, 257)] {
+                check_hopper(g, h, &sparse_case(d, (sq, sk), mask, 1.0));
+                check_hopper(g, h, &sparse_case(d, (sq, sk), mask, 0.3));
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn hopper_sparse_kernel_matches_reference(c in arb_sparse_case()) {
+        let Some(g) = gpu() else {
+            say_skipped("hopper_sparse_kernel_matches_reference");
+            return Ok(());
+        };
+        let Some(h) = hopper(g) else { return Ok(()) };
+        let r = check_hopper(g, h, &c);
+        prop_assert!(r.cmp.passes);
+    }
+
     #[test]
     fn hopper_kernel_matches_reference(c in arb_case()) {
         let Some(g) = gpu() else {

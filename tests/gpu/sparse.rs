@@ -15,7 +15,7 @@ use crate::common::*;
 
 /// A sparse case: any dense case's shape and layouts, an element mask that may carry attention
 /// sinks, and a random block mask whose density ranges from empty to full.
-fn arb_sparse_case() -> impl Strategy<Value = Case> {
+pub(crate) fn arb_sparse_case() -> impl Strategy<Value = Case> {
     (
         arb_case(),
         prop_oneof![Just(0.0f64), Just(0.05), 0.05f64..0.6, Just(1.0)],
@@ -57,7 +57,12 @@ proptest! {
     }
 }
 
-fn sparse_case(d: usize, (sq, sk): (usize, usize), mask: MaskSpec, density: f64) -> Case {
+pub(crate) fn sparse_case(
+    d: usize,
+    (sq, sk): (usize, usize),
+    mask: MaskSpec,
+    density: f64,
+) -> Case {
     Case {
         sparse: Some(SparseSpec {
             density,

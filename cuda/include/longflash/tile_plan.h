@@ -38,6 +38,8 @@
 #define LF_FWD_SM90_BC_D256 64
 #define LF_FWD_SM90_STAGES 2
 #define LF_FWD_SM90_THREADS 384
+/* The Hopper block-sparse kernel visits the 64-key blocks of a mask one at a time. */
+#define LF_FWD_SM90_BC_SPARSE 64
 
 /* Block size of block-sparse masks (LfBlockSparse): query blocks of 128 rows, key blocks of 64
  * keys, for every head dimension. A kernel whose query tile is smaller (head dim 256: 64 rows)
