@@ -16,6 +16,7 @@
 #include "../common.cuh"
 #include "longflash/params.h"
 #include "longflash/tile_plan.h"
+#include "../softmax.cuh"
 #include "primitives.cuh"
 
 namespace lf {
@@ -153,14 +154,10 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
 #pragma unroll
             for (int mt = 0; mt < Tr::kMT; ++mt)
 #pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const auto keys = mask.row_keys(iter, n, q0 + warp_row0 + mt * 16 + g + r * 8, k0, Tr::BC);
-#pragma unroll
-                    for (int nt = 0; nt < Tr::kNT; ++nt)
-#pragma unroll
-                        for (int c = 0; c < 2; ++c)
-                            if (!keys.visible(nt * 8 + tq * 2 + c)) s[mt][nt][2 * r + c] = -INFINITY;
-                }
+                for (int r = 0; r < 2; ++r)
+                    mask_row(s[mt], r, tq,
+                             mask.row_keys(iter, n, q0 + warp_row0 + mt * 16 + g + r * 8, k0,
+                                           Tr::BC));
         }
 
         // Online softmax: new exponent base, rescale what was accumulated, P = exp2(S' - base)
@@ -170,20 +167,9 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
 #pragma unroll
         for (int mt = 0; mt < Tr::kMT; ++mt)
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = -INFINITY;
-#pragma unroll
-                for (int nt = 0; nt < Tr::kNT; ++nt)
-                    mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-                mx = quad_max(mx);
-                const float new_base = softmax_base(row_base[mt][r], mx, scale_log2);
-                // Rescaling is by a power of two, exact; an unchanged base rescales by 1.
-                alpha[mt][r] = exp2_step(row_base[mt][r], new_base);
-                rescale |= new_base != row_base[mt][r];
-                row_base[mt][r] = new_base;
-                row_sum[mt][r] *= alpha[mt][r];
-                exp_sum[mt][r] *= alpha[mt][r];
-            }
+            for (int r = 0; r < 2; ++r)
+                alpha[mt][r] = move_base(row_base[mt][r], row_sum[mt][r], exp_sum[mt][r],
+                                         row_max(s[mt], r), scale_log2, rescale);
         // The base of a row moves only when its maximum passes the next integer (in log2 units),
         // so most tiles of a long row leave every base of the warp unchanged: skip the
         // multiplications by 1 then (a warp-uniform branch).
@@ -199,14 +185,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         for (int mt = 0; mt < Tr::kMT; ++mt)
 #pragma unroll
             for (int r = 0; r < 2; ++r)
-#pragma unroll
-                for (int nt = 0; nt < Tr::kNT; ++nt)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        const float e = fast_exp2(fmaf(s[mt][nt][2 * r + c], scale_log2, -row_base[mt][r]));
-                        s[mt][nt][2 * r + c] = e;
-                        exp_sum[mt][r] += e;
-                    }
+                exp_row(s[mt], r, scale_log2, row_base[mt][r], exp_sum[mt][r]);
 
         cp_async_wait<0>();
         __syncthreads(); // V_kt visible; everyone is done reading K_kt
@@ -223,20 +202,8 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         for (int kk = 0; kk < Tr::BC / 16; ++kk) {
             uint32_t pa[Tr::kMT][4];
 #pragma unroll
-            for (int mt = 0; mt < Tr::kMT; ++mt) {
-                pa[mt][0] = Elt::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                pa[mt][1] = Elt::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                pa[mt][2] = Elt::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                pa[mt][3] = Elt::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-                // The row sum that normalizes O adds P as rounded for the tensor cores, so the
-                // weights P V uses are exactly the ones it divides by (the exact exponentials'
-                // sum would bias each output by up to an ulp of P; it serves the LSE instead).
-#pragma unroll
-                for (int x = 0; x < 4; ++x) {
-                    const float2 pf = Elt::unpack(pa[mt][x]);
-                    row_sum[mt][x & 1] += pf.x + pf.y;
-                }
-            }
+            for (int mt = 0; mt < Tr::kMT; ++mt)
+                pack_p<T>(s[mt], kk, pa[mt], row_sum[mt][0], row_sum[mt][1]);
 #pragma unroll
             for (int dp = 0; dp < Tr::kDT / 2; ++dp) {
                 uint32_t vb[4];

@@ -19,6 +19,7 @@
 #pragma once
 
 #include "../common.cuh"
+#include "../softmax.cuh"
 #include "longflash/params.h"
 #include "longflash/tile_plan.h"
 #include "primitives.cuh"
@@ -154,7 +155,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
 
     // The steps of one key tile; the schedules below order them.
     // Issues S = Q K^T of item n into sc (after its K stage has landed); commit follows.
-    auto issue_s = [&](int n, float (&sc)[Tr::BC / 2]) {
+    auto issue_s = [&](int n, float (&sc)[Tr::BC / 8][4]) {
         const int s = n % Tr::kStages;
         mbar_wait(full_k(s), (n / Tr::kStages) & 1);
         const uint32_t q_rows = sQ + iter.variant(n) * Tr::kQBytes + cw * 64 * 128;
@@ -163,51 +164,29 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
         for (int ks = 0; ks < Tr::D / 16; ++ks) {
             const uint32_t qa = q_rows + (ks >> 2) * Tr::BR * 128 + (ks & 3) * 32;
             const uint32_t kb = sK(s) + (ks >> 2) * Tr::BC * 128 + (ks & 3) * 32;
-            Wgmma<T>::template ss<Tr::BC>(sc, sw128_desc(qa, 16, 1024), sw128_desc(kb, 16, 1024),
+            Wgmma<T>::template ss<Tr::BC>(reinterpret_cast<float(&)[Tr::BC / 2]>(sc),
+                                          sw128_desc(qa, 16, 1024), sw128_desc(kb, 16, 1024),
                                           ks > 0);
         }
         wgmma_commit();
     };
     // Masks item n's partial tile, moves the exponent base, turns sc into P (exponentials) and
-    // adds them to the LSE sum; returns through alpha the factors O must be rescaled by and
-    // whether any row of the warp needs it.
-    auto softmax = [&](int n, float (&sc)[Tr::BC / 2], float (&alpha)[2]) {
+    // adds them to the LSE sum (cuda/softmax.cuh, as on sm_80); returns through alpha the factors
+    // O must be rescaled by and whether any row of the warp needs it.
+    auto softmax = [&](int n, float (&sc)[Tr::BC / 8][4], float (&alpha)[2]) {
         if (!iter.is_full(n)) {
             const int k0 = iter.tile(n) * Tr::BC;
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const auto keys_r = mask.row_keys(iter, n, q0 + row0 + r * 8, k0, Tr::BC);
-#pragma unroll
-                for (int j = 0; j < Tr::BC / 8; ++j)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c)
-                        if (!keys_r.visible(j * 8 + tq * 2 + c)) sc[4 * j + 2 * r + c] = -INFINITY;
-            }
+            for (int r = 0; r < 2; ++r)
+                mask_row(sc, r, tq, mask.row_keys(iter, n, q0 + row0 + r * 8, k0, Tr::BC));
         }
-        // As on sm_80: integer exponent base, exact power-of-two rescaling.
         bool rescale = false;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = -INFINITY;
+        for (int r = 0; r < 2; ++r)
+            alpha[r] = move_base(row_base[r], row_sum[r], exp_sum[r], row_max(sc, r), scale_log2,
+                                 rescale);
 #pragma unroll
-            for (int j = 0; j < Tr::BC / 8; ++j)
-                mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * r], sc[4 * j + 2 * r + 1]));
-            mx = quad_max(mx);
-            const float new_base = softmax_base(row_base[r], mx, scale_log2);
-            alpha[r] = exp2_step(row_base[r], new_base);
-            rescale |= new_base != row_base[r];
-            row_base[r] = new_base;
-            row_sum[r] *= alpha[r];
-            exp_sum[r] *= alpha[r];
-        }
-#pragma unroll
-        for (int j = 0; j < Tr::BC / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float x = fast_exp2(fmaf(sc[4 * j + e], scale_log2, -row_base[e >> 1]));
-                sc[4 * j + e] = x;
-                exp_sum[e >> 1] += x;
-            }
+        for (int r = 0; r < 2; ++r) exp_row(sc, r, scale_log2, row_base[r], exp_sum[r]);
         return __any_sync(0xffffffffu, rescale);
     };
     // O *= alpha per row (no wgmma may be accumulating into O).
@@ -215,18 +194,10 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
 #pragma unroll
         for (int i = 0; i < Tr::D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
     };
-    // P as the A fragments of the k16 steps of P V; the row sum that normalizes O adds P as
-    // rounded for the tensor cores (see the sm_80 mainloop).
-    auto pack_p = [&](const float (&sc)[Tr::BC / 2], uint32_t (&pa)[Tr::BC / 16][4]) {
+    // P as the A fragments of the k16 steps of P V (cuda/softmax.cuh).
+    auto pack = [&](const float (&sc)[Tr::BC / 8][4], uint32_t (&pa)[Tr::BC / 16][4]) {
 #pragma unroll
-        for (int kk = 0; kk < Tr::BC / 16; ++kk) {
-#pragma unroll
-            for (int x = 0; x < 4; ++x) {
-                pa[kk][x] = Elt::pack(sc[8 * kk + 2 * x], sc[8 * kk + 2 * x + 1]);
-                const float2 pf = Elt::unpack(pa[kk][x]);
-                row_sum[x & 1] += pf.x + pf.y;
-            }
-        }
+        for (int kk = 0; kk < Tr::BC / 16; ++kk) pack_p<T>(sc, kk, pa[kk], row_sum[0], row_sum[1]);
     };
     // Issues O += P V of item n (after its V stage has landed): V is MN-major (head dim
     // contiguous), 64-column blocks BC * 128 bytes apart, a k16 step is 16 keys = 2048 bytes.
@@ -257,7 +228,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
         }
     }
 
-    float sc[Tr::BC / 2];
+    float sc[Tr::BC / 8][4];
     uint32_t pa[Tr::BC / 16][4];
     float alpha[2];
     if constexpr (!Tr::kOverlap) {
@@ -267,7 +238,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             wgmma_wait<0>();
             fence_regs(sc);
             if (softmax(n, sc, alpha)) rescale_o(alpha);
-            pack_p(sc, pa);
+            pack(sc, pa);
             issue_pv(n, pa);
             wgmma_wait<0>();
             fence_regs(o);
@@ -283,7 +254,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
         wgmma_wait<0>();
         fence_regs(sc);
         softmax(0, sc, alpha); // O is still 0: nothing to rescale
-        pack_p(sc, pa);
+        pack(sc, pa);
         for (int n = 1; n < n_tiles; ++n) {
             if (cw == 1 || n > 1) named_barrier(3 + cw, 256);
             issue_s(n, sc);
@@ -298,7 +269,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             fence_regs(pa);
             release(n - 1);
             if (rescale) rescale_o(alpha);
-            pack_p(sc, pa);
+            pack(sc, pa);
         }
         issue_pv(n_tiles - 1, pa);
         wgmma_wait<0>();

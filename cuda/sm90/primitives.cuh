@@ -90,6 +90,12 @@ template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
+template <int N, int M> __device__ __forceinline__ void fence_regs(float (&r)[N][M]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int j = 0; j < M; ++j) asm volatile("" : "+f"(r[i][j])::"memory");
+}
 // The same for registers an asynchronous wgmma reads (A fragments): they stay live, and are not
 // reused for other values, until after the wait that follows.
 template <int N, int M> __device__ __forceinline__ void fence_regs(uint32_t (&r)[N][M]) {
