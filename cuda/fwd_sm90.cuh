@@ -19,7 +19,7 @@ template <class Tr> __device__ __forceinline__ void window_fwd(const LfFwdSm90Pa
     WindowIter iter(p.mask, qt, Tr::BR, Tr::BC);
     WindowMask mask{p.mask};
     const int hk = h / (p.heads_q / p.heads_kv);
-    TmaKeys keys{{&pp.tma_k, &pp.tma_k}, hk, b};
+    TmaKeys keys{&pp.tma_k, &pp.tma_k, hk, b};
     attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b);
 }
 
@@ -35,7 +35,7 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Pa
     CsrIter iter(p.sparse, qt, Tr::BR, b, h);
     WindowMask mask{p.mask};
     const int hk = h / (p.heads_q / p.heads_kv);
-    TmaKeys keys{{&pp.tma_k, &pp.tma_k}, hk, b};
+    TmaKeys keys{&pp.tma_k, &pp.tma_k, hk, b};
     attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b);
 }
 

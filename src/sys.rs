@@ -296,6 +296,34 @@ impl Default for LfRopeFwdParams {
     }
 }
 #[repr(C)]
+#[repr(align(128))]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfRopeFwdSm90Params {
+    pub base: LfFwdSm90Params,
+    pub tma_k_alt: LfTensorMap,
+    pub rope: LfRope,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfRopeFwdSm90Params"][::core::mem::size_of::<LfRopeFwdSm90Params>() - 896usize];
+    ["Alignment of LfRopeFwdSm90Params"][::core::mem::align_of::<LfRopeFwdSm90Params>() - 128usize];
+    ["Offset of field: LfRopeFwdSm90Params::base"]
+        [::core::mem::offset_of!(LfRopeFwdSm90Params, base) - 0usize];
+    ["Offset of field: LfRopeFwdSm90Params::tma_k_alt"]
+        [::core::mem::offset_of!(LfRopeFwdSm90Params, tma_k_alt) - 640usize];
+    ["Offset of field: LfRopeFwdSm90Params::rope"]
+        [::core::mem::offset_of!(LfRopeFwdSm90Params, rope) - 768usize];
+};
+impl Default for LfRopeFwdSm90Params {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq)]
 pub struct LfRopeKeysParams {
     pub k: *const ::core::ffi::c_void,

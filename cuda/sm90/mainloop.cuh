@@ -66,13 +66,14 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1> struct Sm90Traits {
 // Key tiles from tensor maps: variant 0 from map 0, variant 1 from map 1 (RoPE's outside-window
 // keys), at key-value head hk of batch entry b.
 struct TmaKeys {
-    const LfTensorMap *map[2];
+    const LfTensorMap *map0, *map1;
     int hk, b;
     template <class Tr>
     __device__ __forceinline__ void load(int v, int kt, uint32_t dst, uint32_t bar) const {
+        const LfTensorMap *map = v ? map1 : map0; // a select, not an indexed (local) array
 #pragma unroll
         for (int r = 0; r < Tr::kRegions; ++r)
-            tma_load_4d(dst + r * Tr::BC * 128, map[v], bar, r * 64, kt * Tr::BC, hk, b);
+            tma_load_4d(dst + r * Tr::BC * 128, map, bar, r * 64, kt * Tr::BC, hk, b);
     }
 };
 

@@ -81,8 +81,9 @@ pub enum MainloopChoice {
     Auto,
     /// Always the sm_80 mainloop.
     Sm80,
-    /// The Hopper mainloop (exact and block-sparse forward for now); a call it cannot run
-    /// (another device, RoPE, strides a tensor map cannot describe) is an error, not a fallback.
+    /// The Hopper mainloop (exact, block-sparse and RoPE forwards; RoPE at head dims 64 and 128);
+    /// a call it cannot run (another device, RoPE at head dim 256, strides a tensor map cannot
+    /// describe) is an error, not a fallback.
     Sm90,
 }
 

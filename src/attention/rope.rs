@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 
-use super::{Attention, ForwardOptions, Input, Output, RawForward, SUPPORTED_HEAD_DIMS};
+use super::{Attention, ForwardOptions, Input, Mainloop, Output, RawForward, SUPPORTED_HEAD_DIMS};
 use crate::check::{byte_range, overlaps};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -289,12 +289,26 @@ impl Attention {
         })
     }
 
+    /// The mainloop a RoPE forward call with these arguments runs (validating them first); see
+    /// [`Attention::mainloop_for`].
+    pub fn rope_mainloop_for(&self, fwd: &RawForward, rope: &RawRope) -> Result<Mainloop> {
+        let base = fwd.validate()?;
+        let lf_rope = rope.validate(fwd)?;
+        Ok(match self.rope_sm90_plan(fwd, base, lf_rope, rope)? {
+            Some(_) => Mainloop::Sm90,
+            None => Mainloop::Sm80,
+        })
+    }
+
     /// Causal forward with rotary positions applied inside (RoPE, ReRoPE, Leaky ReRoPE) from
     /// raw pointers: Q and K arrive un-rotated. Runs the key-rotation pass into the caller's
     /// workspaces, then the attention kernel, both on `stream`; allocates nothing.
     ///
     /// `fwd.options.mask` must be causal (a left window may be added); with `fwd.block_mask`
     /// only the listed blocks are computed.
+    ///
+    /// Runs on the Hopper mainloop under [`MainloopChoice::Sm90`](super::MainloopChoice) (head
+    /// dims 64 and 128), as [`Attention::rope_mainloop_for`] says.
     ///
     /// # Safety
     /// As [`forward_raw`](Self::forward_raw), and: `rope.inv_freq` holds `rotary_dim / 2` f64,
@@ -351,18 +365,13 @@ impl Attention {
                 expected: "at most 256 * u32::MAX".into(),
             });
         }
+        // The Hopper kernel, when this value's choice asks for it (checked before any launch).
+        let mut hopper = self.rope_sm90_plan(fwd, base, lf_rope, rope)?;
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
         let keys_kernel = unsafe {
             self.cache
                 .kernel(&format!("rope_keys_{dt}"), &format!("lf_rope_keys_{dt}"), 0)
         }?;
-        // SAFETY: as above.
-        let module = if fwd.block_mask.is_some() {
-            format!("rope_sparse_{dt}_d{d}")
-        } else {
-            format!("rope_{dt}_d{d}")
-        };
-        let kernel = unsafe { self.cache.kernel(&module, &format!("lf_{module}"), smem) }?;
         let mut params = crate::sys::LfRopeFwdParams {
             fwd: base,
             rope: lf_rope,
@@ -383,6 +392,18 @@ impl Attention {
                 "launching the key-rotation kernel",
             )
         }?;
+        if let Some(plan) = hopper.as_mut() {
+            // SAFETY: this fn's contract; the plan was made from the validated arguments and the
+            // key pass above wrote its workspaces on the same stream.
+            return unsafe { self.launch_rope_sm90(stream, fwd, plan) };
+        }
+        let module = if fwd.block_mask.is_some() {
+            format!("rope_sparse_{dt}_d{d}")
+        } else {
+            format!("rope_{dt}_d{d}")
+        };
+        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
+        let kernel = unsafe { self.cache.kernel(&module, &format!("lf_{module}"), smem) }?;
         let q_tiles = fwd.q_layout.seqlen.div_ceil(shape.br);
         let grid = (
             q_tiles as u32,

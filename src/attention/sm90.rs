@@ -3,15 +3,15 @@
 
 use cudarc::driver::{sys, LaunchConfig};
 
-use super::{Attention, Mainloop, MainloopChoice, RawForward};
+use super::{Attention, Mainloop, MainloopChoice, RawForward, RawRope};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::loader::ModuleCache;
 use crate::sys::{
-    LfFwdParams, LfFwdSm90Params, LfTensorMap, LF_FWD_SM90_BC_D128, LF_FWD_SM90_BC_D256,
-    LF_FWD_SM90_BC_D64, LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BR, LF_FWD_SM90_STAGES,
-    LF_FWD_SM90_THREADS,
+    LfFwdParams, LfFwdSm90Params, LfRope, LfRopeFwdSm90Params, LfTensorMap, LF_FWD_SM90_BC_D128,
+    LF_FWD_SM90_BC_D256, LF_FWD_SM90_BC_D64, LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BR,
+    LF_FWD_SM90_STAGES, LF_FWD_SM90_THREADS,
 };
 
 /// Key tile of the Hopper kernel for a head dim.
@@ -24,23 +24,18 @@ fn key_tile(head_dim: usize) -> Option<usize> {
     }
 }
 
-/// Dynamic shared memory of the Hopper kernel (cuda/sm90/mainloop.cuh, Sm90Traits): the Q tile,
+/// Dynamic shared memory of the Hopper kernel (cuda/sm90/mainloop.cuh, Sm90Traits): the Q tiles,
 /// the K/V ring, the barriers and 1 KiB to align the base to a swizzle atom.
-fn smem_bytes(head_dim: usize, bc: usize) -> u32 {
+fn smem_bytes(head_dim: usize, bc: usize, q_variants: usize) -> u32 {
     let stages = LF_FWD_SM90_STAGES as usize;
-    let tiles = (LF_FWD_SM90_BR as usize + 2 * stages * bc) * head_dim * 2;
+    let tiles = (q_variants * LF_FWD_SM90_BR as usize + 2 * stages * bc) * head_dim * 2;
     (tiles + (1 + 3 * stages) * 8 + 1024) as u32
 }
 
 /// A 4-D tensor map (head_dim, seqlen, heads, batch) of a 16-bit tensor at `ptr` with layout
 /// `l`: boxes of 64 columns by `box_rows` rows, 128-byte swizzle, zeros outside. `Err` says why
 /// a tensor map cannot describe the layout.
-fn tensor_map(
-    ptr: u64,
-    l: &Layout,
-    dtype: DType,
-    box_rows: usize,
-) -> std::result::Result<LfTensorMap, String> {
+fn tensor_map(ptr: u64, l: &Layout, dtype: DType, box_rows: usize) -> Result<LfTensorMap> {
     // Strides in bytes of the seqlen, heads and batch dimensions. A dimension of extent 1 is
     // never stepped over, so any valid stride stands in for it.
     let mut strides = [0u64; 3];
@@ -57,9 +52,9 @@ fn tensor_map(
         } else if s > 0 && (s as u64) * 2 < (1 << 40) {
             s as u64 * 2
         } else {
-            return Err(format!(
+            return Err(unsupported(format!(
                 "{name} {s}: a tensor map needs positive strides below 2^40 bytes"
-            ));
+            )));
         };
     }
     let dims = [
@@ -94,7 +89,9 @@ fn tensor_map(
         )
     };
     if r != sys::CUresult::CUDA_SUCCESS {
-        return Err(format!("cuTensorMapEncodeTiled refused the layout ({r:?})"));
+        return Err(unsupported(format!(
+            "a layout cuTensorMapEncodeTiled accepts ({r:?})"
+        )));
     }
     Ok(map)
 }
@@ -105,6 +102,36 @@ struct Plan {
     kernel: String,
     smem: u32,
     params: LfFwdSm90Params,
+}
+
+/// The same for the Hopper RoPE kernel.
+pub(super) struct RopePlan {
+    module: String,
+    kernel: String,
+    smem: u32,
+    params: LfRopeFwdSm90Params,
+}
+
+/// The error of a call `MainloopChoice::Sm90` asked for that the Hopper kernels cannot run.
+fn unsupported(why: String) -> Error {
+    Error::InvalidArgument {
+        arg: "mainloop",
+        value: "MainloopChoice::Sm90".into(),
+        expected: format!("a call the Hopper mainloop runs: {why}"),
+    }
+}
+
+/// One CTA of LF_FWD_SM90_THREADS threads per (query tile, head, batch).
+fn grid(args: &RawForward, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            args.q_layout.seqlen.div_ceil(LF_FWD_SM90_BR as usize) as u32,
+            args.q_layout.heads as u32,
+            args.q_layout.batch as u32,
+        ),
+        block_dim: (LF_FWD_SM90_THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    }
 }
 
 impl Attention {
@@ -119,16 +146,20 @@ impl Attention {
         })
     }
 
-    /// The Hopper launch of a validated call, or `None` for the sm_80 mainloop.
-    fn sm90_plan(&self, args: &RawForward, fwd: LfFwdParams) -> Result<Option<Plan>> {
+    /// The Hopper module `{family}_sm90_{dtype}_d{head_dim}` and its shared memory for a call with
+    /// key tiles of `bc` keys and `q_variants` Q tiles, when this value's choice is
+    /// [`MainloopChoice::Sm90`] (`None` otherwise); an error that says why when the device or the
+    /// build cannot run it.
+    fn hopper_module(
+        &self,
+        args: &RawForward,
+        family: &str,
+        bc: usize,
+        q_variants: usize,
+    ) -> Result<Option<(String, u32)>> {
         if self.mainloop != MainloopChoice::Sm90 {
             return Ok(None);
         }
-        let unsupported = |why: String| Error::InvalidArgument {
-            arg: "mainloop",
-            value: "MainloopChoice::Sm90".into(),
-            expected: format!("a call the Hopper mainloop runs: {why}"),
-        };
         if self.compute_capability != (9, 0) {
             return Err(unsupported(format!(
                 "a device of compute capability 9.0 (this one is {}.{})",
@@ -136,36 +167,39 @@ impl Attention {
             )));
         }
         let d = args.q_layout.head_dim;
-        let dense_bc =
-            key_tile(d).ok_or_else(|| unsupported(format!("head dim 64, 128 or 256, not {d}")))?;
-        let dt = args.dtype.name();
-        // A block mask's key blocks are the sparse kernel's key tiles.
-        let (module, bc) = match args.block_mask {
-            None => (format!("fwd_sm90_{dt}_d{d}"), dense_bc),
-            Some(_) => (
-                format!("sparse_sm90_{dt}_d{d}"),
-                LF_FWD_SM90_BC_SPARSE as usize,
-            ),
-        };
+        let module = format!("{family}_sm90_{}_d{d}", args.dtype.name());
         if !ModuleCache::has_module(&module) {
             return Err(unsupported(format!(
-                "a build with sm_90a kernels ({module} is not in this one)"
+                "a kernel built for this call ({module} is not in this build: sm_90a targets, \
+                 head dims 64/128/256, 64/128 with RoPE)"
             )));
         }
-        let smem = smem_bytes(d, bc);
+        let smem = smem_bytes(d, bc, q_variants);
         if smem > self.max_smem_optin {
             return Err(unsupported(format!(
                 "{smem} bytes of shared memory per block (the device allows {})",
                 self.max_smem_optin
             )));
         }
-        let map =
-            |ptr, l: &Layout, rows| tensor_map(ptr, l, args.dtype, rows).map_err(&unsupported);
+        Ok(Some((module, smem)))
+    }
+
+    /// The Hopper launch of a validated call, or `None` for the sm_80 mainloop.
+    fn sm90_plan(&self, args: &RawForward, fwd: LfFwdParams) -> Result<Option<Plan>> {
+        let d = args.q_layout.head_dim;
+        // A block mask's key blocks are the sparse kernel's key tiles.
+        let (family, bc) = match args.block_mask {
+            None => ("fwd", key_tile(d).unwrap_or(LF_FWD_SM90_BC_SPARSE as usize)),
+            Some(_) => ("sparse", LF_FWD_SM90_BC_SPARSE as usize),
+        };
+        let Some((module, smem)) = self.hopper_module(args, family, bc, 1)? else {
+            return Ok(None);
+        };
         let params = LfFwdSm90Params {
             fwd,
-            tma_q: map(args.q, &args.q_layout, LF_FWD_SM90_BR as usize)?,
-            tma_k: map(args.k, &args.k_layout, bc)?,
-            tma_v: map(args.v, &args.v_layout, bc)?,
+            tma_q: tensor_map(args.q, &args.q_layout, args.dtype, LF_FWD_SM90_BR as usize)?,
+            tma_k: tensor_map(args.k, &args.k_layout, args.dtype, bc)?,
+            tma_v: tensor_map(args.v, &args.v_layout, args.dtype, bc)?,
             ..LfFwdSm90Params::default()
         };
         Ok(Some(Plan {
@@ -174,6 +208,80 @@ impl Attention {
             smem,
             params,
         }))
+    }
+
+    /// The Hopper launch of a validated RoPE call (`fwd` its validated parameters, `lf_rope` the
+    /// rotation, `rope` its raw arguments with the workspaces), or `None` for the sm_80 mainloop.
+    pub(super) fn rope_sm90_plan(
+        &self,
+        args: &RawForward,
+        fwd: LfFwdParams,
+        lf_rope: LfRope,
+        rope: &RawRope,
+    ) -> Result<Option<RopePlan>> {
+        let d = args.q_layout.head_dim;
+        let (family, bc) = match args.block_mask {
+            None => (
+                "rope",
+                key_tile(d).unwrap_or(LF_FWD_SM90_BC_SPARSE as usize),
+            ),
+            Some(_) => ("rope_sparse", LF_FWD_SM90_BC_SPARSE as usize),
+        };
+        let Some((module, smem)) = self.hopper_module(args, family, bc, 2)? else {
+            return Ok(None);
+        };
+        let k = &args.k_layout;
+        let workspace = Layout::bshd(k.batch, k.seqlen, k.heads, k.head_dim);
+        let tma_k = tensor_map(rope.k_rot, &workspace, args.dtype, bc)?;
+        let tma_k_alt = if rope.k_alt != 0 {
+            tensor_map(rope.k_alt, &workspace, args.dtype, bc)?
+        } else {
+            tma_k
+        };
+        let params = LfRopeFwdSm90Params {
+            base: LfFwdSm90Params {
+                fwd,
+                tma_q: tensor_map(args.q, &args.q_layout, args.dtype, LF_FWD_SM90_BR as usize)?,
+                tma_k,
+                tma_v: tensor_map(args.v, &args.v_layout, args.dtype, bc)?,
+                ..LfFwdSm90Params::default()
+            },
+            tma_k_alt,
+            rope: lf_rope,
+        };
+        Ok(Some(RopePlan {
+            kernel: format!("lf_{module}"),
+            module,
+            smem,
+            params,
+        }))
+    }
+
+    /// Launches a planned Hopper RoPE forward (after the key pass, on the same stream).
+    ///
+    /// # Safety
+    /// As [`Attention::forward_rope_raw`], with `plan` made from its validated arguments.
+    pub(super) unsafe fn launch_rope_sm90(
+        &self,
+        stream: sys::CUstream,
+        args: &RawForward,
+        plan: &mut RopePlan,
+    ) -> Result<()> {
+        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
+        let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel, plan.smem) }?;
+        let cfg = grid(args, plan.smem);
+        // SAFETY: as forward_rope_raw's sm_80 launch: validated parameters whose tensor maps
+        // describe exactly the validated layouts and workspaces; LfRopeFwdSm90Params is the
+        // kernel's one by-value parameter; the grid covers every (query tile, head, batch) once.
+        unsafe {
+            self.launch(
+                &kernel,
+                cfg,
+                stream,
+                &mut plan.params,
+                "launching the Hopper RoPE forward kernel",
+            )
+        }
     }
 
     /// Runs a validated forward call on the Hopper mainloop when this value's choice and the call
@@ -192,16 +300,7 @@ impl Attention {
         };
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
         let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel, plan.smem) }?;
-        let q_tiles = args.q_layout.seqlen.div_ceil(LF_FWD_SM90_BR as usize);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                q_tiles as u32,
-                args.q_layout.heads as u32,
-                args.q_layout.batch as u32,
-            ),
-            block_dim: (LF_FWD_SM90_THREADS, 1, 1),
-            shared_mem_bytes: plan.smem,
-        };
+        let cfg = grid(args, plan.smem);
         // SAFETY: the parameters were validated (the tensor maps describe exactly the validated
         // layouts, whose buffers the caller guarantees); LfFwdSm90Params is the kernel's one
         // by-value parameter; the grid covers every (query tile, head, batch) once.

@@ -6,13 +6,16 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
+use longflash::rope::PositionMode;
 use longflash::{
-    Attention, DType, ForwardOptions, Layout, Mainloop, MaskSpec, RawBlockMask, RawForward,
+    Attention, BlockMask, DType, ForwardOptions, Layout, Mainloop, MaskShape, MaskSpec,
+    RawBlockMask, RawForward, RawRope, RawRopeMode,
 };
 use proptest::prelude::*;
 
 use crate::common::*;
 use crate::corner::arb_corner_case;
+use crate::rope::{arb_rope_case, rope_case, run_rope_with, RopeCase};
 use crate::sparse::{arb_sparse_case, sparse_case};
 
 /// The Hopper-mainloop `Attention`, or a printed skip and `return`.
@@ -255,8 +258,111 @@ fn hopper_block_sparse_edge_cases() {
     }
 }
 
+/// Runs a RoPE case on the Hopper mainloop and checks it. Under `MainloopChoice::Sm90` a call
+/// the Hopper kernel cannot run is an error, so a pass means the Hopper kernel ran.
+fn check_hopper_rope(g: &Gpu, h: &Attention, c: &RopeCase, blocks: Option<&BlockMask>) {
+    let r = run_rope_with(g, h, c, blocks);
+    assert!(r.cmp.passes, "Hopper mainloop, {c:?}\n  {}", r.cmp);
+}
+
+#[test]
+fn hopper_rope_is_chosen_for_head_dims_64_and_128() {
+    let g = gpu_or_skip!();
+    let h = hopper_or_skip!(g);
+    for (d, ok) in [(64, true), (128, true), (256, false)] {
+        let l = Layout::bshd(1, 256, 2, d);
+        let fwd = RawForward {
+            dtype: DType::Bf16,
+            q: 1 << 30,
+            k: 2 << 30,
+            v: 3 << 30,
+            o: 4 << 30,
+            lse: 0,
+            q_layout: l,
+            k_layout: l,
+            v_layout: l,
+            o_layout: l,
+            options: ForwardOptions::causal(),
+            block_mask: None,
+        };
+        let rope = RawRope {
+            inv_freq: 5 << 30,
+            position_offsets: 0,
+            k_rot: 6 << 30,
+            k_alt: 7 << 30,
+            rotary_dim: d,
+            interleaved: false,
+            mode: RawRopeMode::ReRope { window: 100 },
+            attention_factor: 1.0,
+            log_n_train_len: None,
+        };
+        match h.rope_mainloop_for(&fwd, &rope) {
+            Ok(m) => assert!(ok && m == Mainloop::Sm90, "d {d}: {m:?}"),
+            Err(e) => assert!(!ok, "d {d}: {e}"),
+        }
+        assert_eq!(
+            g.attn.rope_mainloop_for(&fwd, &rope).unwrap(),
+            Mainloop::Sm80
+        );
+    }
+}
+
+#[test]
+fn hopper_rope_modes_match_the_two_matrix_reference() {
+    let g = gpu_or_skip!();
+    let h = hopper_or_skip!(g);
+    for d in [64, 128] {
+        for mode in [
+            PositionMode::Rope,
+            PositionMode::ReRope { window: 1 },
+            PositionMode::ReRope { window: 65 },
+            PositionMode::ReRope { window: 200 },
+            PositionMode::LeakyReRope {
+                window: 63,
+                leak: 16.0,
+            },
+        ] {
+            for (sq, sk) in [(1, 300), (300, 300), (129, 400), (257, 257)] {
+                let c = rope_case(d, (sq, sk), mode);
+                check_hopper_rope(g, h, &c, None);
+                let mut windowed = c.clone();
+                windowed.rope.window_left = Some(90);
+                check_hopper_rope(g, h, &windowed, None);
+            }
+            // Over a block mask (the call's causal element mask, 30% of the blocks).
+            let c = rope_case(d, (300, 300), mode);
+            let shape = MaskShape {
+                batch: 1,
+                heads: 1,
+                seqlen_q: 300,
+                seqlen_k: 300,
+            };
+            let m = BlockMask::from_fn(shape, c.rope.mask(), |_, _, qb, kb| {
+                (qb * 7 + kb * 3) % 10 < 3
+            })
+            .unwrap();
+            check_hopper_rope(g, h, &c, Some(&m));
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn hopper_rope_kernel_matches_reference(c in arb_rope_case()) {
+        let Some(g) = gpu() else {
+            say_skipped("hopper_rope_kernel_matches_reference");
+            return Ok(());
+        };
+        let Some(h) = hopper(g) else { return Ok(()) };
+        // Two Q variants and the K/V ring fit in shared memory up to head dim 128.
+        let c = RopeCase { head_dim: c.head_dim.min(128), ..c };
+        let mut c = c;
+        c.rope.config.rotary_dim = c.rope.config.rotary_dim.min(c.head_dim);
+        let r = run_rope_with(g, h, &c, None);
+        prop_assert!(r.cmp.passes, "Hopper mainloop, {:?}\n  {}", c, r.cmp);
+    }
+
     #[test]
     fn hopper_sparse_kernel_matches_reference(c in arb_sparse_case()) {
         let Some(g) = gpu() else {

@@ -4,7 +4,8 @@ use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use longflash::reference::{compare, RefShape};
 use longflash::{
-    BlockMask, DType, Element, Error, ForwardOptions, Input, Layout, MaskShape, MaskSpec, Output,
+    Attention, BlockMask, DType, Element, Error, ForwardOptions, Input, Layout, MaskShape,
+    MaskSpec, Output,
 };
 use proptest::prelude::*;
 
@@ -32,7 +33,12 @@ pub(crate) struct RopeCase {
 
 /// Runs the fused kernel on `c` and returns its output (bshd, f64), LSE and the comparison with
 /// the two-matrix reference.
-fn run_rope_t<T: Element>(g: &Gpu, c: &RopeCase, blocks: Option<&BlockMask>) -> RunResult {
+fn run_rope_t<T: Element>(
+    g: &Gpu,
+    attn: &Attention,
+    c: &RopeCase,
+    blocks: Option<&BlockMask>,
+) -> RunResult {
     let mut rng = Rng(c.seed);
     let gen = |n: usize, rng: &mut Rng| -> Vec<T> {
         (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect()
@@ -82,33 +88,32 @@ fn run_rope_t<T: Element>(g: &Gpu, c: &RopeCase, blocks: Option<&BlockMask>) -> 
     {
         let (qv, kv, vv) = (dq.as_view(), dk.as_view(), dv.as_view());
         let (mut ov, mut lv) = (d_o.as_view_mut(), d_lse.as_view_mut());
-        g.attn
-            .forward_rope(
-                &g.stream,
-                Input {
-                    data: &qv,
-                    layout: ql,
-                },
-                Input {
-                    data: &kv,
-                    layout: kl,
-                },
-                Input {
-                    data: &vv,
-                    layout: kl,
-                },
-                Output {
-                    data: &mut ov,
-                    layout: ql,
-                    lse: Some(&mut lv),
-                },
-                &RopeForward {
-                    rope: &c.rope,
-                    block_mask: dm.as_ref(),
-                    softmax_scale: None,
-                },
-            )
-            .unwrap_or_else(|e| panic!("forward_rope failed on {c:?}: {e}"));
+        attn.forward_rope(
+            &g.stream,
+            Input {
+                data: &qv,
+                layout: ql,
+            },
+            Input {
+                data: &kv,
+                layout: kl,
+            },
+            Input {
+                data: &vv,
+                layout: kl,
+            },
+            Output {
+                data: &mut ov,
+                layout: ql,
+                lse: Some(&mut lv),
+            },
+            &RopeForward {
+                rope: &c.rope,
+                block_mask: dm.as_ref(),
+                softmax_scale: None,
+            },
+        )
+        .unwrap_or_else(|e| panic!("forward_rope failed on {c:?}: {e}"));
     }
     g.stream.synchronize().unwrap();
     let out = wide(&g.stream.clone_dtoh(&d_o).unwrap());
@@ -128,9 +133,19 @@ fn run_rope(g: &Gpu, c: &RopeCase) -> RunResult {
 }
 
 pub(crate) fn run_rope_masked(g: &Gpu, c: &RopeCase, blocks: Option<&BlockMask>) -> RunResult {
+    run_rope_with(g, &g.attn, c, blocks)
+}
+
+/// [`run_rope_masked`] through a given `Attention` (another mainloop choice).
+pub(crate) fn run_rope_with(
+    g: &Gpu,
+    attn: &Attention,
+    c: &RopeCase,
+    blocks: Option<&BlockMask>,
+) -> RunResult {
     match c.dtype {
-        DType::F16 => run_rope_t::<f16>(g, c, blocks),
-        DType::Bf16 => run_rope_t::<bf16>(g, c, blocks),
+        DType::F16 => run_rope_t::<f16>(g, attn, c, blocks),
+        DType::Bf16 => run_rope_t::<bf16>(g, attn, c, blocks),
     }
 }
 
@@ -235,7 +250,7 @@ fn rope_modes_over_block_masks() {
     );
 }
 
-fn rope_case(d: usize, (sq, sk): (usize, usize), mode: PositionMode) -> RopeCase {
+pub(crate) fn rope_case(d: usize, (sq, sk): (usize, usize), mode: PositionMode) -> RopeCase {
     RopeCase {
         dtype: DType::Bf16,
         batch: 2,
@@ -406,7 +421,7 @@ fn fused_rope_equals_the_exact_kernel_on_rotated_inputs() {
     }
 }
 
-fn arb_rope_case() -> impl Strategy<Value = RopeCase> {
+pub(crate) fn arb_rope_case() -> impl Strategy<Value = RopeCase> {
     let scaling = prop_oneof![
         Just(RopeScaling::None),
         Just(RopeScaling::Linear { factor: 4.0 }),

@@ -140,6 +140,15 @@ typedef struct LfRopeFwdParams {
     LfRope rope;
 } LfRopeFwdParams;
 
+/* The RoPE forward on Hopper: the Hopper parameters (tma_k maps the rotated keys k_rot), a tensor
+ * map of the outside-window keys k_alt (unused for plain RoPE), and the rotation. The workspace
+ * maps are over contiguous [batch, seqlen_k, heads_kv, head_dim]. */
+typedef struct LfRopeFwdSm90Params {
+    LfFwdSm90Params base; /* base.fwd.mask must be causal */
+    LfTensorMap tma_k_alt;
+    LfRope rope;
+} LfRopeFwdSm90Params;
+
 /* The key-rotation pass: reads K (strides as in LfFwdParams) and writes k_rot and k_alt. */
 typedef struct LfRopeKeysParams {
     const void *k;
@@ -197,5 +206,8 @@ LF_ASSERT_LAYOUT(offsetof(LfMergeParams, batch) == 80, merge_batch);
 LF_ASSERT_LAYOUT(sizeof(LfTensorMap) == 128, tensor_map_size);
 LF_ASSERT_LAYOUT(sizeof(LfFwdSm90Params) == 640, fwd_sm90_size);
 LF_ASSERT_LAYOUT(offsetof(LfFwdSm90Params, tma_q) == 256, fwd_sm90_tma_q);
+LF_ASSERT_LAYOUT(offsetof(LfRopeFwdSm90Params, tma_k_alt) == 640, rope_sm90_k_alt);
+LF_ASSERT_LAYOUT(offsetof(LfRopeFwdSm90Params, rope) == 768, rope_sm90_rope);
+LF_ASSERT_LAYOUT(sizeof(LfRopeFwdSm90Params) == 896, rope_sm90_size);
 
 #endif

@@ -1,0 +1,3 @@
+// The RoPE forward over a block mask, on Hopper (sm_90a only), bf16, head dimension 128.
+#include "../rope_sm90.cuh"
+LF_DEFINE_ROPE_SPARSE_SM90_KERNEL(lf_rope_sparse_sm90_bf16_d128, __nv_bfloat16, 128)
