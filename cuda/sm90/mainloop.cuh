@@ -37,7 +37,6 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1> struct Sm90Traits {
     static constexpr int kThreads = LF_FWD_SM90_THREADS; // producer + 2 consumer warpgroups
     static constexpr int kConsumerWarps = 8;
     static constexpr int kWarpRows = 16; // query rows per consumer warp (Q preparation)
-    static constexpr int kRegions = D / 64; // 64-column blocks of a tile
     static constexpr int kQVariants = QVARIANTS_;
     static constexpr int kQBytes = BR * D * 2;
     static constexpr int kKVBytes = BC * D * 2;
@@ -71,9 +70,7 @@ struct TmaKeys {
     template <class Tr>
     __device__ __forceinline__ void load(int v, int kt, uint32_t dst, uint32_t bar) const {
         const LfTensorMap *map = v ? map1 : map0; // a select, not an indexed (local) array
-#pragma unroll
-        for (int r = 0; r < Tr::kRegions; ++r)
-            tma_load_4d(dst + r * Tr::BC * 128, map, bar, r * 64, kt * Tr::BC, hk, b);
+        tma_load_tile<Tr::BC, Tr::D>(dst, map, bar, kt * Tr::BC, hk, b);
     }
 };
 
@@ -118,10 +115,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             mbar_expect_tx(bar_q, Tr::kQVariants * Tr::kQBytes);
 #pragma unroll
             for (int v = 0; v < Tr::kQVariants; ++v)
-#pragma unroll
-                for (int r = 0; r < Tr::kRegions; ++r)
-                    tma_load_4d(sQ + v * Tr::kQBytes + r * Tr::BR * 128, &tma_q, bar_q, r * 64, q0,
-                                h, b);
+                tma_load_tile<Tr::BR, Tr::D>(sQ + v * Tr::kQBytes, &tma_q, bar_q, q0, h, b);
             for (int n = 0; n < n_tiles; ++n) {
                 const int s = n % Tr::kStages;
                 mbar_wait(empty(s), ((n / Tr::kStages) & 1) ^ 1);
@@ -129,10 +123,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                 mbar_expect_tx(full_k(s), Tr::kKVBytes);
                 keys.template load<Tr>(iter.variant(n), kt, sK(s), full_k(s));
                 mbar_expect_tx(full_v(s), Tr::kKVBytes);
-#pragma unroll
-                for (int r = 0; r < Tr::kRegions; ++r)
-                    tma_load_4d(sV(s) + r * Tr::BC * 128, &tma_v, full_v(s), r * 64, kt * Tr::BC, hk,
-                                b);
+                tma_load_tile<Tr::BC, Tr::D>(sV(s), &tma_v, full_v(s), kt * Tr::BC, hk, b);
             }
         }
         return;

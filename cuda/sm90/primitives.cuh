@@ -54,6 +54,15 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void *tmap, uint
                  : "memory");
 }
 
+// Loads rows [row, row + ROWS) of head `head`, batch entry `b` of a 4-D tensor map whose boxes are
+// 64 columns by ROWS rows: D / 64 boxes, column block c at dst + c * ROWS * 128 (Sw128Tile).
+template <int ROWS, int D>
+__device__ __forceinline__ void tma_load_tile(uint32_t dst, const void *tmap, uint32_t bar, int row,
+                                              int head, int b) {
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) tma_load_4d(dst + c * ROWS * 128, tmap, bar, c * 64, row, head, b);
+}
+
 // Orders this thread's ordinary shared-memory writes before later reads by the async proxy
 // (wgmma operands, TMA).
 __device__ __forceinline__ void fence_proxy_async() {

@@ -395,7 +395,7 @@ impl Attention {
         if let Some(plan) = hopper.as_mut() {
             // SAFETY: this fn's contract; the plan was made from the validated arguments and the
             // key pass above wrote its workspaces on the same stream.
-            return unsafe { self.launch_rope_sm90(stream, fwd, plan) };
+            return unsafe { self.launch_plan(stream, fwd, plan) };
         }
         let module = if fwd.block_mask.is_some() {
             format!("rope_sparse_{dt}_d{d}")

@@ -96,20 +96,13 @@ fn tensor_map(ptr: u64, l: &Layout, dtype: DType, box_rows: usize) -> Result<LfT
     Ok(map)
 }
 
-/// What the Hopper kernel needs beyond the validated parameters.
-struct Plan {
+/// A Hopper launch: the module and kernel, its shared memory and its one by-value parameter
+/// (`LfFwdSm90Params`, or `LfRopeFwdSm90Params` for RoPE).
+pub(super) struct Plan<P> {
     module: String,
     kernel: String,
     smem: u32,
-    params: LfFwdSm90Params,
-}
-
-/// The same for the Hopper RoPE kernel.
-pub(super) struct RopePlan {
-    module: String,
-    kernel: String,
-    smem: u32,
-    params: LfRopeFwdSm90Params,
+    params: P,
 }
 
 /// The error of a call `MainloopChoice::Sm90` asked for that the Hopper kernels cannot run.
@@ -121,17 +114,23 @@ fn unsupported(why: String) -> Error {
     }
 }
 
-/// One CTA of LF_FWD_SM90_THREADS threads per (query tile, head, batch).
-fn grid(args: &RawForward, smem: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (
-            args.q_layout.seqlen.div_ceil(LF_FWD_SM90_BR as usize) as u32,
-            args.q_layout.heads as u32,
-            args.q_layout.batch as u32,
-        ),
-        block_dim: (LF_FWD_SM90_THREADS, 1, 1),
-        shared_mem_bytes: smem,
-    }
+/// The Hopper parameters of a validated call: tensor maps of Q (128-row boxes), of the keys at
+/// `k` with layout `k_layout` (the call's K, or RoPE's rotated-key workspace) and of V, with
+/// `bc`-row boxes.
+fn hopper_params(
+    args: &RawForward,
+    fwd: LfFwdParams,
+    bc: usize,
+    k: u64,
+    k_layout: &Layout,
+) -> Result<LfFwdSm90Params> {
+    Ok(LfFwdSm90Params {
+        fwd,
+        tma_q: tensor_map(args.q, &args.q_layout, args.dtype, LF_FWD_SM90_BR as usize)?,
+        tma_k: tensor_map(k, k_layout, args.dtype, bc)?,
+        tma_v: tensor_map(args.v, &args.v_layout, args.dtype, bc)?,
+        ..LfFwdSm90Params::default()
+    })
 }
 
 impl Attention {
@@ -146,17 +145,12 @@ impl Attention {
         })
     }
 
-    /// The Hopper module `{family}_sm90_{dtype}_d{head_dim}` and its shared memory for a call with
-    /// key tiles of `bc` keys and `q_variants` Q tiles, when this value's choice is
+    /// The Hopper module of a call (`{family}_sm90_{dtype}_d{head_dim}`: fwd, sparse, rope or
+    /// rope_sparse), its key tile and its shared memory, when this value's choice is
     /// [`MainloopChoice::Sm90`] (`None` otherwise); an error that says why when the device or the
-    /// build cannot run it.
-    fn hopper_module(
-        &self,
-        args: &RawForward,
-        family: &str,
-        bc: usize,
-        q_variants: usize,
-    ) -> Result<Option<(String, u32)>> {
+    /// build cannot run it. A block mask's 64-key blocks are the sparse kernels' key tiles; RoPE
+    /// kernels hold two Q tiles.
+    fn hopper_module(&self, args: &RawForward, rope: bool) -> Result<Option<(String, usize, u32)>> {
         if self.mainloop != MainloopChoice::Sm90 {
             return Ok(None);
         }
@@ -167,6 +161,13 @@ impl Attention {
             )));
         }
         let d = args.q_layout.head_dim;
+        let (family, bc) = match (rope, args.block_mask.is_some()) {
+            (false, false) => ("fwd", key_tile(d)),
+            (false, true) => ("sparse", Some(LF_FWD_SM90_BC_SPARSE as usize)),
+            (true, false) => ("rope", key_tile(d)),
+            (true, true) => ("rope_sparse", Some(LF_FWD_SM90_BC_SPARSE as usize)),
+        };
+        let bc = bc.ok_or_else(|| unsupported(format!("head dim 64, 128 or 256, not {d}")))?;
         let module = format!("{family}_sm90_{}_d{d}", args.dtype.name());
         if !ModuleCache::has_module(&module) {
             return Err(unsupported(format!(
@@ -174,34 +175,26 @@ impl Attention {
                  head dims 64/128/256, 64/128 with RoPE)"
             )));
         }
-        let smem = smem_bytes(d, bc, q_variants);
+        let smem = smem_bytes(d, bc, if rope { 2 } else { 1 });
         if smem > self.max_smem_optin {
             return Err(unsupported(format!(
                 "{smem} bytes of shared memory per block (the device allows {})",
                 self.max_smem_optin
             )));
         }
-        Ok(Some((module, smem)))
+        Ok(Some((module, bc, smem)))
     }
 
     /// The Hopper launch of a validated call, or `None` for the sm_80 mainloop.
-    fn sm90_plan(&self, args: &RawForward, fwd: LfFwdParams) -> Result<Option<Plan>> {
-        let d = args.q_layout.head_dim;
-        // A block mask's key blocks are the sparse kernel's key tiles.
-        let (family, bc) = match args.block_mask {
-            None => ("fwd", key_tile(d).unwrap_or(LF_FWD_SM90_BC_SPARSE as usize)),
-            Some(_) => ("sparse", LF_FWD_SM90_BC_SPARSE as usize),
-        };
-        let Some((module, smem)) = self.hopper_module(args, family, bc, 1)? else {
+    fn sm90_plan(
+        &self,
+        args: &RawForward,
+        fwd: LfFwdParams,
+    ) -> Result<Option<Plan<LfFwdSm90Params>>> {
+        let Some((module, bc, smem)) = self.hopper_module(args, false)? else {
             return Ok(None);
         };
-        let params = LfFwdSm90Params {
-            fwd,
-            tma_q: tensor_map(args.q, &args.q_layout, args.dtype, LF_FWD_SM90_BR as usize)?,
-            tma_k: tensor_map(args.k, &args.k_layout, args.dtype, bc)?,
-            tma_v: tensor_map(args.v, &args.v_layout, args.dtype, bc)?,
-            ..LfFwdSm90Params::default()
-        };
+        let params = hopper_params(args, fwd, bc, args.k, &args.k_layout)?;
         Ok(Some(Plan {
             kernel: format!("lf_{module}"),
             module,
@@ -211,67 +204,63 @@ impl Attention {
     }
 
     /// The Hopper launch of a validated RoPE call (`fwd` its validated parameters, `lf_rope` the
-    /// rotation, `rope` its raw arguments with the workspaces), or `None` for the sm_80 mainloop.
+    /// rotation, `rope` its raw arguments with the workspaces the keys come from), or `None` for
+    /// the sm_80 mainloop.
     pub(super) fn rope_sm90_plan(
         &self,
         args: &RawForward,
         fwd: LfFwdParams,
         lf_rope: LfRope,
         rope: &RawRope,
-    ) -> Result<Option<RopePlan>> {
-        let d = args.q_layout.head_dim;
-        let (family, bc) = match args.block_mask {
-            None => (
-                "rope",
-                key_tile(d).unwrap_or(LF_FWD_SM90_BC_SPARSE as usize),
-            ),
-            Some(_) => ("rope_sparse", LF_FWD_SM90_BC_SPARSE as usize),
-        };
-        let Some((module, smem)) = self.hopper_module(args, family, bc, 2)? else {
+    ) -> Result<Option<Plan<LfRopeFwdSm90Params>>> {
+        let Some((module, bc, smem)) = self.hopper_module(args, true)? else {
             return Ok(None);
         };
         let k = &args.k_layout;
         let workspace = Layout::bshd(k.batch, k.seqlen, k.heads, k.head_dim);
-        let tma_k = tensor_map(rope.k_rot, &workspace, args.dtype, bc)?;
+        let base = hopper_params(args, fwd, bc, rope.k_rot, &workspace)?;
         let tma_k_alt = if rope.k_alt != 0 {
             tensor_map(rope.k_alt, &workspace, args.dtype, bc)?
         } else {
-            tma_k
+            base.tma_k
         };
-        let params = LfRopeFwdSm90Params {
-            base: LfFwdSm90Params {
-                fwd,
-                tma_q: tensor_map(args.q, &args.q_layout, args.dtype, LF_FWD_SM90_BR as usize)?,
-                tma_k,
-                tma_v: tensor_map(args.v, &args.v_layout, args.dtype, bc)?,
-                ..LfFwdSm90Params::default()
-            },
-            tma_k_alt,
-            rope: lf_rope,
-        };
-        Ok(Some(RopePlan {
+        Ok(Some(Plan {
             kernel: format!("lf_{module}"),
             module,
             smem,
-            params,
+            params: LfRopeFwdSm90Params {
+                base,
+                tma_k_alt,
+                rope: lf_rope,
+            },
         }))
     }
 
-    /// Launches a planned Hopper RoPE forward (after the key pass, on the same stream).
+    /// Launches a planned Hopper kernel: one CTA of LF_FWD_SM90_THREADS threads per (query tile,
+    /// head, batch).
     ///
     /// # Safety
-    /// As [`Attention::forward_rope_raw`], with `plan` made from its validated arguments.
-    pub(super) unsafe fn launch_rope_sm90(
+    /// As [`Attention::forward_raw`] (and [`Attention::forward_rope_raw`] for RoPE, after its
+    /// key pass on the same stream), with `plan` made from the call's validated arguments.
+    pub(super) unsafe fn launch_plan<P>(
         &self,
         stream: sys::CUstream,
         args: &RawForward,
-        plan: &mut RopePlan,
+        plan: &mut Plan<P>,
     ) -> Result<()> {
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
         let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel, plan.smem) }?;
-        let cfg = grid(args, plan.smem);
-        // SAFETY: as forward_rope_raw's sm_80 launch: validated parameters whose tensor maps
-        // describe exactly the validated layouts and workspaces; LfRopeFwdSm90Params is the
+        let cfg = LaunchConfig {
+            grid_dim: (
+                args.q_layout.seqlen.div_ceil(LF_FWD_SM90_BR as usize) as u32,
+                args.q_layout.heads as u32,
+                args.q_layout.batch as u32,
+            ),
+            block_dim: (LF_FWD_SM90_THREADS, 1, 1),
+            shared_mem_bytes: plan.smem,
+        };
+        // SAFETY: the parameters were validated and their tensor maps describe exactly the
+        // validated layouts (and workspaces), whose buffers the caller guarantees; P is the
         // kernel's one by-value parameter; the grid covers every (query tile, head, batch) once.
         unsafe {
             self.launch(
@@ -279,7 +268,7 @@ impl Attention {
                 cfg,
                 stream,
                 &mut plan.params,
-                "launching the Hopper RoPE forward kernel",
+                "launching a Hopper forward kernel",
             )
         }
     }
@@ -298,21 +287,8 @@ impl Attention {
         let Some(mut plan) = self.sm90_plan(args, fwd)? else {
             return Ok(false);
         };
-        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
-        let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel, plan.smem) }?;
-        let cfg = grid(args, plan.smem);
-        // SAFETY: the parameters were validated (the tensor maps describe exactly the validated
-        // layouts, whose buffers the caller guarantees); LfFwdSm90Params is the kernel's one
-        // by-value parameter; the grid covers every (query tile, head, batch) once.
-        unsafe {
-            self.launch(
-                &kernel,
-                cfg,
-                stream,
-                &mut plan.params,
-                "launching the Hopper forward kernel",
-            )
-        }?;
+        // SAFETY: this fn's contract; the plan was made from the validated arguments.
+        unsafe { self.launch_plan(stream, args, &mut plan) }?;
         Ok(true)
     }
 }

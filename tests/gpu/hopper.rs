@@ -356,8 +356,7 @@ proptest! {
         };
         let Some(h) = hopper(g) else { return Ok(()) };
         // Two Q variants and the K/V ring fit in shared memory up to head dim 128.
-        let c = RopeCase { head_dim: c.head_dim.min(128), ..c };
-        let mut c = c;
+        let mut c = RopeCase { head_dim: c.head_dim.min(128), ..c };
         c.rope.config.rotary_dim = c.rope.config.rotary_dim.min(c.head_dim);
         let r = run_rope_with(g, h, &c, None);
         prop_assert!(r.cmp.passes, "Hopper mainloop, {:?}\n  {}", c, r.cmp);
