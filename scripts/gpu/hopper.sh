@@ -35,17 +35,10 @@ if [ "$what" = sanitize ] || [ "$what" = all ]; then
   done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  bench() { # $1 = name, rest = env
-    local name=$1; shift
-    env "$@" timeout 300 .gpu/bench/forward --bench >"$out/bench-$name.log" 2>&1
-    grep '^RESULT' "$out/bench-$name.log" | sed 's/^RESULT //' >"$out/bench-$name.jsonl"
-    echo "== bench $name: $(wc -l <"$out/bench-$name.jsonl") shapes"
-  }
-  bench sm90 LONGFLASH_BENCH_MAINLOOP=sm90
+  variants=(sm90:LONGFLASH_BENCH_MAINLOOP=sm90)
   for v in ${HOPPER_VARIANTS:-}; do
-    bench "sm90-${v%%=*}" LONGFLASH_BENCH_MAINLOOP=sm90 LONGFLASH_KERNEL_DIR="${v#*=}"
+    variants+=("sm90-${v%%=*}:LONGFLASH_BENCH_MAINLOOP=sm90:LONGFLASH_KERNEL_DIR=${v#*=}")
   done
-  bench sm80 LONGFLASH_BENCH_MAINLOOP=sm80
-  PYTHONUNBUFFERED=1 timeout 200 python3 benches/peer_sdpa.py --out "$out/bench-sdpa.jsonl" >"$out/bench-sdpa.log" 2>&1
-  echo "== sdpa: $(wc -l <"$out/bench-sdpa.jsonl") rows"
+  variants+=(sm80:LONGFLASH_BENCH_MAINLOOP=sm80)
+  echo "== bench"; bash scripts/gpu/bench-ab.sh "${variants[@]}"
 fi
