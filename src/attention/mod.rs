@@ -74,9 +74,9 @@ pub enum Mainloop {
 /// Which mainloop an [`Attention`] runs ([`Attention::with_mainloop`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum MainloopChoice {
-    /// The library's choice: the sm_80 mainloop everywhere for now. The Hopper mainloop is
-    /// selected explicitly ([`MainloopChoice::Sm90`]) until it has been verified and measured on
-    /// a Hopper GPU.
+    /// The library's choice: the Hopper mainloop on a compute capability 9.0 device for every
+    /// call it runs, the sm_80 mainloop for the rest (other devices, RoPE at head dim 256,
+    /// strides a tensor map cannot describe, a build without sm_90a kernels).
     #[default]
     Auto,
     /// Always the sm_80 mainloop.

@@ -7,7 +7,7 @@ use super::{Attention, Mainloop, MainloopChoice, RawForward, RawRope};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::loader::ModuleCache;
+use crate::loader::{CtxGuard, ModuleCache};
 use crate::sys::{
     LfFwdParams, LfFwdSm90Params, LfRope, LfRopeFwdSm90Params, LfTensorMap, LF_FWD_SM90_BC_D128,
     LF_FWD_SM90_BC_D256, LF_FWD_SM90_BC_D64, LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BR,
@@ -151,7 +151,7 @@ impl Attention {
     /// build cannot run it. A block mask's 64-key blocks are the sparse kernels' key tiles; RoPE
     /// kernels hold two Q tiles.
     fn hopper_module(&self, args: &RawForward, rope: bool) -> Result<Option<(String, usize, u32)>> {
-        if self.mainloop != MainloopChoice::Sm90 {
+        if self.mainloop == MainloopChoice::Sm80 {
             return Ok(None);
         }
         if self.compute_capability != (9, 0) {
@@ -191,16 +191,32 @@ impl Attention {
         args: &RawForward,
         fwd: LfFwdParams,
     ) -> Result<Option<Plan<LfFwdSm90Params>>> {
-        let Some((module, bc, smem)) = self.hopper_module(args, false)? else {
-            return Ok(None);
-        };
-        let params = hopper_params(args, fwd, bc, args.k, &args.k_layout)?;
-        Ok(Some(Plan {
-            kernel: format!("lf_{module}"),
-            module,
-            smem,
-            params,
-        }))
+        self.or_sm80(|| {
+            let Some((module, bc, smem)) = self.hopper_module(args, false)? else {
+                return Ok(None);
+            };
+            // Encoding a tensor map needs a current context: this thread may never have had one.
+            // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
+            let _g = unsafe { CtxGuard::bind(self.ctx) }?;
+            let params = hopper_params(args, fwd, bc, args.k, &args.k_layout)?;
+            Ok(Some(Plan {
+                kernel: format!("lf_{module}"),
+                module,
+                smem,
+                params,
+            }))
+        })
+    }
+
+    /// Under [`MainloopChoice::Auto`] a call the Hopper kernels cannot run goes to the sm_80
+    /// mainloop (`None`); under [`MainloopChoice::Sm90`] the reason is the error.
+    fn or_sm80<P>(&self, plan: impl FnOnce() -> Result<Option<P>>) -> Result<Option<P>> {
+        match plan() {
+            Err(Error::InvalidArgument {
+                arg: "mainloop", ..
+            }) if self.mainloop == MainloopChoice::Auto => Ok(None),
+            r => r,
+        }
     }
 
     /// The Hopper launch of a validated RoPE call (`fwd` its validated parameters, `lf_rope` the
@@ -213,27 +229,31 @@ impl Attention {
         lf_rope: LfRope,
         rope: &RawRope,
     ) -> Result<Option<Plan<LfRopeFwdSm90Params>>> {
-        let Some((module, bc, smem)) = self.hopper_module(args, true)? else {
-            return Ok(None);
-        };
-        let k = &args.k_layout;
-        let workspace = Layout::bshd(k.batch, k.seqlen, k.heads, k.head_dim);
-        let base = hopper_params(args, fwd, bc, rope.k_rot, &workspace)?;
-        let tma_k_alt = if rope.k_alt != 0 {
-            tensor_map(rope.k_alt, &workspace, args.dtype, bc)?
-        } else {
-            base.tma_k
-        };
-        Ok(Some(Plan {
-            kernel: format!("lf_{module}"),
-            module,
-            smem,
-            params: LfRopeFwdSm90Params {
-                base,
-                tma_k_alt,
-                rope: lf_rope,
-            },
-        }))
+        self.or_sm80(|| {
+            let Some((module, bc, smem)) = self.hopper_module(args, true)? else {
+                return Ok(None);
+            };
+            // SAFETY: as in `sm90_plan`: a current context for the encoding.
+            let _g = unsafe { CtxGuard::bind(self.ctx) }?;
+            let k = &args.k_layout;
+            let workspace = Layout::bshd(k.batch, k.seqlen, k.heads, k.head_dim);
+            let base = hopper_params(args, fwd, bc, rope.k_rot, &workspace)?;
+            let tma_k_alt = if rope.k_alt != 0 {
+                tensor_map(rope.k_alt, &workspace, args.dtype, bc)?
+            } else {
+                base.tma_k
+            };
+            Ok(Some(Plan {
+                kernel: format!("lf_{module}"),
+                module,
+                smem,
+                params: LfRopeFwdSm90Params {
+                    base,
+                    tma_k_alt,
+                    rope: lf_rope,
+                },
+            }))
+        })
     }
 
     /// Launches a planned Hopper kernel: one CTA of LF_FWD_SM90_THREADS threads per (query tile,

@@ -17,7 +17,14 @@ use proptest::prelude::*;
 pub(crate) struct Gpu {
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
+    /// The library's default choice of mainloop (the Hopper one on a compute capability 9.0
+    /// device), or the one LONGFLASH_TEST_MAINLOOP=sm80|sm90 names, so that the whole suite can
+    /// run on either mainloop.
     pub(crate) attn: Attention,
+    /// The choice `attn` was made with.
+    pub(crate) choice: MainloopChoice,
+    /// The same kernels with the sm_80 mainloop chosen.
+    pub(crate) sm80: Attention,
     /// The same kernels with the Hopper mainloop chosen, on a compute capability 9.0 device.
     pub(crate) hopper: Option<Attention>,
 }
@@ -28,7 +35,20 @@ pub(crate) fn gpu() -> Option<&'static Gpu> {
         let required = std::env::var("LONGFLASH_REQUIRE_GPU").is_ok_and(|v| v == "1");
         match longflash::open_device(0) {
             Ok(ctx) => {
-                let attn = Attention::new(&ctx).expect("Attention::new");
+                let choice = match std::env::var("LONGFLASH_TEST_MAINLOOP").as_deref() {
+                    Ok("sm80") => MainloopChoice::Sm80,
+                    Ok("sm90") => MainloopChoice::Sm90,
+                    Ok("auto") | Err(_) => MainloopChoice::Auto,
+                    Ok(other) => {
+                        panic!("LONGFLASH_TEST_MAINLOOP={other}: expected sm80, sm90 or auto")
+                    }
+                };
+                let attn = Attention::new(&ctx)
+                    .expect("Attention::new")
+                    .with_mainloop(choice);
+                let sm80 = Attention::new(&ctx)
+                    .expect("Attention::new")
+                    .with_mainloop(MainloopChoice::Sm80);
                 let hopper = (attn.compute_capability() == (9, 0)).then(|| {
                     Attention::new(&ctx)
                         .expect("Attention::new")
@@ -39,6 +59,8 @@ pub(crate) fn gpu() -> Option<&'static Gpu> {
                     ctx,
                     stream,
                     attn,
+                    choice,
+                    sm80,
                     hopper,
                 })
             }
@@ -49,6 +71,22 @@ pub(crate) fn gpu() -> Option<&'static Gpu> {
         }
     })
     .as_ref()
+}
+
+/// Whether a call at head dim `d` through `g.attn` computes a full block mask in the same order as
+/// the call without one, so that the two agree bit for bit: the block-sparse kernels' key tiles
+/// are `sparse::K_BLOCK` (64) keys, as are the sm_80 dense kernels'; the Hopper dense kernels
+/// take 128-key tiles at head dims 64 and 128 (RoPE runs on Hopper at those two only).
+pub(crate) fn full_mask_is_bitwise_dense(g: &Gpu, d: usize, rope: bool) -> bool {
+    let hopper = g.choice != MainloopChoice::Sm80
+        && g.attn.compute_capability() == (9, 0)
+        && (!rope || d <= 128);
+    let tile = match d {
+        64 => longflash::sys::LF_FWD_SM90_BC_D64,
+        128 => longflash::sys::LF_FWD_SM90_BC_D128,
+        _ => longflash::sys::LF_FWD_SM90_BC_D256,
+    } as usize;
+    !hopper || tile == longflash::sparse::K_BLOCK
 }
 
 /// Says a test skipped, on the process's stderr (not the captured test output), so it shows.

@@ -82,19 +82,29 @@ fn mainloop_of(g: &Gpu, attn: &Attention, c: &Case) -> Mainloop {
             mask: c.mask,
             softmax_scale: c.scale,
         },
-        block_mask: None,
+        // The choice depends on whether there is a block mask, not on its contents: a
+        // broadcast mask at placeholder addresses stands for the case's own.
+        block_mask: c.sparse.as_ref().map(|_| RawBlockMask {
+            row_offsets: 5 << 20,
+            col_indices: 6 << 20,
+            full: 7 << 20,
+            batch: 1,
+            heads: 1,
+        }),
     };
     attn.mainloop_for(&raw)
         .unwrap_or_else(|e| panic!("{c:?}: {e}"))
 }
 
 #[test]
-fn hopper_mainloop_is_chosen_only_when_asked_and_able() {
+fn hopper_mainloop_is_chosen_when_able_and_refused_when_asked_and_unable() {
     let g = gpu_or_skip!();
     let h = hopper_or_skip!(g);
+    let auto = Attention::new(&g.ctx).unwrap();
     let c = Case::new(DType::Bf16, (1, 256, 256), (2, 1), 128, MaskSpec::causal());
     assert_eq!(mainloop_of(g, h, &c), Mainloop::Sm90);
-    assert_eq!(mainloop_of(g, &g.attn, &c), Mainloop::Sm80);
+    assert_eq!(mainloop_of(g, &auto, &c), Mainloop::Sm90);
+    assert_eq!(mainloop_of(g, &g.sm80, &c), Mainloop::Sm80);
     // A block mask runs on the Hopper sparse kernel.
     let mut raw = RawForward {
         dtype: DType::Bf16,
@@ -117,14 +127,19 @@ fn hopper_mainloop_is_chosen_only_when_asked_and_able() {
         }),
     };
     assert_eq!(h.mainloop_for(&raw).unwrap(), Mainloop::Sm90);
+    // The same from a thread that has never had a current context.
+    let fresh = std::thread::scope(|s| s.spawn(|| h.mainloop_for(&raw)).join());
+    assert_eq!(fresh.expect("no panic").unwrap(), Mainloop::Sm90);
+    assert_eq!(auto.mainloop_for(&raw).unwrap(), Mainloop::Sm90);
     // Keys stored last row first (a negative row stride) cannot be a tensor map: asking for the
-    // Hopper kernel is then an error that says why.
+    // Hopper kernel is then an error that says why, and the default choice runs sm_80.
     raw.block_mask = None;
     raw.k_layout.seq_stride = -128;
     raw.k += 255 * 128 * 2;
     let e = h.mainloop_for(&raw).unwrap_err().to_string();
     assert!(e.contains("positive strides"), "{e}");
-    assert_eq!(g.attn.mainloop_for(&raw).unwrap(), Mainloop::Sm80);
+    assert_eq!(auto.mainloop_for(&raw).unwrap(), Mainloop::Sm80);
+    assert_eq!(g.sm80.mainloop_for(&raw).unwrap(), Mainloop::Sm80);
 }
 
 #[test]
@@ -224,7 +239,8 @@ fn hopper_long_sequence_agrees_with_sm80() {
         MaskSpec::causal(),
     );
     let a = check_hopper(g, h, &c);
-    let b = check(g, &c);
+    let b = run_case_with(g, &g.sm80, &c);
+    assert!(b.cmp.passes, "sm80: {}", b.cmp);
     let diff = a
         .out
         .iter()
@@ -296,14 +312,21 @@ fn hopper_rope_is_chosen_for_head_dims_64_and_128() {
             attention_factor: 1.0,
             log_n_train_len: None,
         };
-        match h.rope_mainloop_for(&fwd, &rope) {
+        // Asked from a thread that has never had a current context (planning encodes tensor
+        // maps, which needs one).
+        let chosen = std::thread::scope(|s| s.spawn(|| h.rope_mainloop_for(&fwd, &rope)).join());
+        match chosen.expect("no panic") {
             Ok(m) => assert!(ok && m == Mainloop::Sm90, "d {d}: {m:?}"),
             Err(e) => assert!(!ok, "d {d}: {e}"),
         }
         assert_eq!(
-            g.attn.rope_mainloop_for(&fwd, &rope).unwrap(),
+            g.sm80.rope_mainloop_for(&fwd, &rope).unwrap(),
             Mainloop::Sm80
         );
+        // The default choice runs what the Hopper kernels can and sm_80 for the rest.
+        let auto = Attention::new(&g.ctx).unwrap();
+        let want = if ok { Mainloop::Sm90 } else { Mainloop::Sm80 };
+        assert_eq!(auto.rope_mainloop_for(&fwd, &rope).unwrap(), want, "d {d}");
     }
 }
 

@@ -171,11 +171,21 @@ fn rope_modes_over_block_masks() {
                         seqlen_q: sq,
                         seqlen_k: sk,
                     };
-                    // A full layout must equal the unmasked call bit for bit.
+                    // A full layout must equal the unmasked call bit for bit where both
+                    // take the same key tiles, and pass the rule everywhere.
                     let full = BlockMask::from_fn(shape, c.rope.mask(), |_, _, _, _| true).unwrap();
                     let plain = run_rope(g, &c);
                     let masked = run_rope_masked(g, &c, Some(&full));
+                    assert!(plain.cmp.passes, "{c:?} no mask: {}", plain.cmp);
                     assert!(masked.cmp.passes, "{c:?} full mask: {}", masked.cmp);
+                    let (plain, masked) = if full_mask_is_bitwise_dense(g, d, true) {
+                        (plain, masked)
+                    } else {
+                        (
+                            run_rope_with(g, &g.sm80, &c, None),
+                            run_rope_with(g, &g.sm80, &c, Some(&full)),
+                        )
+                    };
                     assert!(
                         masked.out == plain.out && masked.lse == plain.lse,
                         "{c:?}: full block mask differs"
