@@ -44,8 +44,9 @@ __device__ __forceinline__ float move_base(float &base, float &sum, float &exp_s
     return alpha;
 }
 
-// P = exp2(S * scale * log2(e) - base) for row r, in place; adds the exact values to exp_sum.
-template <int NT>
+// P = exp2(S * scale * log2(e) - base) for row r, in place; adds the exact values to exp_sum
+// (which only the LSE reads: kSum = false skips the sums of a call that asked for none).
+template <int NT, bool kSum = true>
 __device__ __forceinline__ void exp_row(float (&s)[NT][4], int r, float scale_log2, float base,
                                         float &exp_sum) {
 #pragma unroll
@@ -54,9 +55,14 @@ __device__ __forceinline__ void exp_row(float (&s)[NT][4], int r, float scale_lo
         for (int c = 0; c < 2; ++c) {
             const float e = fast_exp2(fmaf(s[j][2 * r + c], scale_log2, -base));
             s[j][2 * r + c] = e;
-            exp_sum += e;
+            if constexpr (kSum) exp_sum += e;
         }
 }
+
+// A compile-time bool as a value, for generic lambdas that instantiate a loop twice.
+template <bool B> struct BoolTag {
+    static constexpr bool value = B;
+};
 
 // P of the k16 step kk (8-column blocks 2kk and 2kk + 1) as the A fragment of an m16n8k16 /
 // wgmma k16 step, rounded to T. The row sums that normalize O add P as rounded, so the weights

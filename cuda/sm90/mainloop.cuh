@@ -131,7 +131,9 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
 
     // Consumers: warpgroup 1 owns query rows [0, 64) of the tile, warpgroup 2 rows [64, 128).
     regs_inc<Tr::kConsumerRegs>();
-    const int cw = warpgroup - 1;
+    // Warp-uniform by construction; read through a shuffle from lane 0 so that the compiler
+    // knows it too and keeps what derives from it (the Q descriptor) in uniform registers.
+    const int cw = __shfl_sync(0xffffffffu, warpgroup - 1, 0);
     const int tid = threadIdx.x % 128;
     const int warp = tid >> 5;
     const int lane = tid & 31;
@@ -145,27 +147,36 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     for (int i = 0; i < Tr::D / 2; ++i) o[i] = 0.f;
     float row_base[2] = {kNoBase, kNoBase}, row_sum[2] = {0.f, 0.f}, exp_sum[2] = {0.f, 0.f};
 
+    // Shared-memory descriptors of this warpgroup's Q rows (variant 0), of stage 0's K tile and
+    // of stage 0's V tile, built once; a stage, a Q variant or a k16 step moves them (desc_add).
+    // K-major Q and K: a k16 step inside a 64-column block is 32 bytes, the next block is
+    // ROWS * 128 bytes on. V is MN-major (head dim contiguous): 64-column blocks BC * 128 bytes
+    // apart, a k16 step is 16 keys = 2048 bytes.
+    const uint64_t desc_q = sw128_desc(sQ + cw * 64 * 128, 16, 1024);
+    const uint64_t desc_k = sw128_desc(sK(0), 16, 1024);
+    const uint64_t desc_v = sw128_desc(sV(0), Tr::BC * 128, 1024);
+
     // The steps of one key tile; the schedules below order them.
     // Issues S = Q K^T of item n into sc (after its K stage has landed); commit follows.
     auto issue_s = [&](int n, float (&sc)[Tr::BC / 8][4]) {
         const int s = n % Tr::kStages;
         mbar_wait(full_k(s), (n / Tr::kStages) & 1);
-        const uint32_t q_rows = sQ + iter.variant(n) * Tr::kQBytes + cw * 64 * 128;
+        const uint64_t dq = desc_add(desc_q, iter.variant(n) * Tr::kQBytes);
+        const uint64_t dk = desc_add(desc_k, s * Tr::kKVBytes);
         wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < Tr::D / 16; ++ks) {
-            const uint32_t qa = q_rows + (ks >> 2) * Tr::BR * 128 + (ks & 3) * 32;
-            const uint32_t kb = sK(s) + (ks >> 2) * Tr::BC * 128 + (ks & 3) * 32;
-            Wgmma<T>::template ss<Tr::BC>(reinterpret_cast<float(&)[Tr::BC / 2]>(sc),
-                                          sw128_desc(qa, 16, 1024), sw128_desc(kb, 16, 1024),
-                                          ks > 0);
-        }
+        for (int ks = 0; ks < Tr::D / 16; ++ks)
+            Wgmma<T>::template ss<Tr::BC>(
+                reinterpret_cast<float(&)[Tr::BC / 2]>(sc),
+                desc_add(dq, (ks >> 2) * Tr::BR * 128 + (ks & 3) * 32),
+                desc_add(dk, (ks >> 2) * Tr::BC * 128 + (ks & 3) * 32), ks > 0);
         wgmma_commit();
     };
     // Masks item n's partial tile, moves the exponent base, turns sc into P (exponentials) and
     // adds them to the LSE sum (cuda/softmax.cuh, as on sm_80); returns through alpha the factors
     // O must be rescaled by and whether any row of the warp needs it.
-    auto softmax = [&](int n, float (&sc)[Tr::BC / 8][4], float (&alpha)[2]) {
+    // kLse (a BoolTag): whether the exact exponentials' sums are kept (only the LSE reads them).
+    auto softmax = [&](int n, float (&sc)[Tr::BC / 8][4], float (&alpha)[2], auto kLse) {
         if (!iter.is_full(n)) {
             const int k0 = iter.tile(n) * Tr::BC;
 #pragma unroll
@@ -178,7 +189,8 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             alpha[r] = move_base(row_base[r], row_sum[r], exp_sum[r], row_max(sc, r), scale_log2,
                                  rescale);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) exp_row(sc, r, scale_log2, row_base[r], exp_sum[r]);
+        for (int r = 0; r < 2; ++r)
+            exp_row<Tr::BC / 8, decltype(kLse)::value>(sc, r, scale_log2, row_base[r], exp_sum[r]);
         return __any_sync(0xffffffffu, rescale);
     };
     // O *= alpha per row (no wgmma may be accumulating into O).
@@ -191,16 +203,15 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
 #pragma unroll
         for (int kk = 0; kk < Tr::BC / 16; ++kk) pack_p<T>(sc, kk, pa[kk], row_sum[0], row_sum[1]);
     };
-    // Issues O += P V of item n (after its V stage has landed): V is MN-major (head dim
-    // contiguous), 64-column blocks BC * 128 bytes apart, a k16 step is 16 keys = 2048 bytes.
+    // Issues O += P V of item n (after its V stage has landed).
     auto issue_pv = [&](int n, const uint32_t (&pa)[Tr::BC / 16][4]) {
         const int s = n % Tr::kStages;
         mbar_wait(full_v(s), (n / Tr::kStages) & 1);
+        const uint64_t dv = desc_add(desc_v, s * Tr::kKVBytes);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < Tr::BC / 16; ++kk)
-            Wgmma<T>::template rs<Tr::D>(o, pa[kk],
-                                         sw128_desc(sV(s) + kk * 2048, Tr::BC * 128, 1024), 1);
+            Wgmma<T>::template rs<Tr::D>(o, pa[kk], desc_add(dv, kk * 2048), 1);
         wgmma_commit();
     };
     // This warp is done with item n's stage (its warpgroup's wgmmas on it have completed).
@@ -224,19 +235,26 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     uint32_t pa[Tr::BC / 16][4];
     float alpha[2];
     if constexpr (!Tr::kOverlap) {
-        // One tile at a time: S, softmax, P V.
-        for (int n = 0; n < n_tiles; ++n) {
-            issue_s(n, sc);
-            wgmma_wait<0>();
-            fence_regs(sc);
-            if (softmax(n, sc, alpha)) rescale_o(alpha);
-            pack(sc, pa);
-            issue_pv(n, pa);
-            wgmma_wait<0>();
-            fence_regs(o);
-            fence_regs(pa);
-            release(n);
-        }
+        // One tile at a time: S, softmax, P V; the loop is built with and without the LSE's
+        // sums, chosen once per launch.
+        auto plain = [&](auto kLse) {
+            for (int n = 0; n < n_tiles; ++n) {
+                issue_s(n, sc);
+                wgmma_wait<0>();
+                fence_regs(sc);
+                if (softmax(n, sc, alpha, kLse)) rescale_o(alpha);
+                pack(sc, pa);
+                issue_pv(n, pa);
+                wgmma_wait<0>();
+                fence_regs(o);
+                fence_regs(pa);
+                release(n);
+            }
+        };
+        if (p.lse != nullptr)
+            plain(BoolTag<true>{});
+        else
+            plain(BoolTag<false>{});
     } else if (n_tiles > 0) {
         // S of tile n is computed while P V of tile n - 1 runs, and the two warpgroups take
         // turns issuing (ping-pong, named barriers 3 and 4), so one's softmax runs while the
@@ -245,7 +263,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
         issue_s(0, sc);
         wgmma_wait<0>();
         fence_regs(sc);
-        softmax(0, sc, alpha); // O is still 0: nothing to rescale
+        softmax(0, sc, alpha, BoolTag<true>{}); // O is still 0: nothing to rescale
         pack(sc, pa);
         for (int n = 1; n < n_tiles; ++n) {
             if (cw == 1 || n > 1) named_barrier(3 + cw, 256);
@@ -255,7 +273,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                 asm volatile("bar.arrive %0, 256;\n" ::"r"(3 + (1 - cw)) : "memory");
             wgmma_wait<1>(); // S of tile n is done; P V of tile n - 1 may still run
             fence_regs(sc);
-            const bool rescale = softmax(n, sc, alpha);
+            const bool rescale = softmax(n, sc, alpha, BoolTag<true>{});
             wgmma_wait<0>();
             fence_regs(o);
             fence_regs(pa);

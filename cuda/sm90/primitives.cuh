@@ -125,6 +125,14 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint
            (static_cast<uint64_t>((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
 }
 
+// A descriptor moved `bytes` further into shared memory: the start-address field (bits 0-13, in
+// 16-byte units) never carries into the next field, since shared addresses stay below 2^18
+// bytes, so a 32-bit add on the low word does it (one instruction, not a rebuild).
+__device__ __forceinline__ uint64_t desc_add(uint64_t desc, uint32_t bytes) {
+    const uint32_t lo = static_cast<uint32_t>(desc) + (bytes >> 4);
+    return (desc & 0xFFFFFFFF00000000ull) | lo;
+}
+
 // A [ROWS][D] tile of 16-bit elements as TMA writes it with 128-byte swizzle and boxes of 64
 // columns: D / 64 column blocks of ROWS * 128 bytes each; in a block, row r is 128 bytes at
 // r * 128 whose 16-byte chunk c is stored at chunk c ^ (r & 7). The block bases must be 1024-byte
