@@ -48,12 +48,15 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1> struct Sm90Traits {
     // the 1024 bytes of a swizzle atom.
     static constexpr int kSmemBytes = kBarOff + kBars * 8 + 1024;
     static constexpr int kProducerRegs = 24;
-    // Overlap S of tile n with P V of tile n - 1 and take turns between the consumer warpgroups
-    // (LF_SM90_OVERLAP=1 at build time); the plain schedule runs one tile at a time.
+    // Overlap S of tile n with P V of tile n - 1 (LF_SM90_OVERLAP=1 at build time: with the
+    // consumer warpgroups taking turns to issue; 2: each on its own); the plain schedule (the
+    // default) runs one tile at a time.
 #ifdef LF_SM90_OVERLAP
     static constexpr bool kOverlap = LF_SM90_OVERLAP != 0;
+    static constexpr bool kPingPong = LF_SM90_OVERLAP == 1;
 #else
     static constexpr bool kOverlap = false;
+    static constexpr bool kPingPong = false;
 #endif
     static constexpr int kConsumerRegs = 240;
     using Tile = Sw128Tile<BR, D>;
@@ -256,36 +259,42 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
         else
             plain(BoolTag<false>{});
     } else if (n_tiles > 0) {
-        // S of tile n is computed while P V of tile n - 1 runs, and the two warpgroups take
-        // turns issuing (ping-pong, named barriers 3 and 4), so one's softmax runs while the
-        // other's tensor-core work does. Warpgroup 1 issues first in each round; the arrivals
-        // are counted so that none is left pending at exit.
-        issue_s(0, sc);
-        wgmma_wait<0>();
-        fence_regs(sc);
-        softmax(0, sc, alpha, BoolTag<true>{}); // O is still 0: nothing to rescale
-        pack(sc, pa);
-        for (int n = 1; n < n_tiles; ++n) {
-            if (cw == 1 || n > 1) named_barrier(3 + cw, 256);
-            issue_s(n, sc);
-            issue_pv(n - 1, pa);
-            if (cw == 0 || n < n_tiles - 1)
-                asm volatile("bar.arrive %0, 256;\n" ::"r"(3 + (1 - cw)) : "memory");
-            wgmma_wait<1>(); // S of tile n is done; P V of tile n - 1 may still run
+        // S of tile n is computed while P V of tile n - 1 runs. With kPingPong the two
+        // warpgroups take turns issuing (named barriers 3 and 4), so one's softmax runs while
+        // the other's tensor-core work does; warpgroup 1 issues first in each round, and the
+        // arrivals are counted so that none is left pending at exit.
+        auto overlapped = [&](auto kLse) {
+            issue_s(0, sc);
+            wgmma_wait<0>();
             fence_regs(sc);
-            const bool rescale = softmax(n, sc, alpha, BoolTag<true>{});
+            softmax(0, sc, alpha, kLse); // O is still 0: nothing to rescale
+            pack(sc, pa);
+            for (int n = 1; n < n_tiles; ++n) {
+                if (Tr::kPingPong && (cw == 1 || n > 1)) named_barrier(3 + cw, 256);
+                issue_s(n, sc);
+                issue_pv(n - 1, pa);
+                if (Tr::kPingPong && (cw == 0 || n < n_tiles - 1))
+                    asm volatile("bar.arrive %0, 256;\n" ::"r"(3 + (1 - cw)) : "memory");
+                wgmma_wait<1>(); // S of tile n is done; P V of tile n - 1 may still run
+                fence_regs(sc);
+                const bool rescale = softmax(n, sc, alpha, kLse);
+                wgmma_wait<0>();
+                fence_regs(o);
+                fence_regs(pa);
+                release(n - 1);
+                if (rescale) rescale_o(alpha);
+                pack(sc, pa);
+            }
+            issue_pv(n_tiles - 1, pa);
             wgmma_wait<0>();
             fence_regs(o);
             fence_regs(pa);
-            release(n - 1);
-            if (rescale) rescale_o(alpha);
-            pack(sc, pa);
-        }
-        issue_pv(n_tiles - 1, pa);
-        wgmma_wait<0>();
-        fence_regs(o);
-        fence_regs(pa);
-        release(n_tiles - 1);
+            release(n_tiles - 1);
+        };
+        if (p.lse != nullptr)
+            overlapped(BoolTag<true>{});
+        else
+            overlapped(BoolTag<false>{});
     }
 
     // Epilogue: O / l and LSE = base * ln(2) + ln(l), straight from registers; a row that saw

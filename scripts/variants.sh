@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds the Hopper kernels of other build configurations on this machine, for timing them
+# against the default ones on a GPU in one call (they load with LONGFLASH_KERNEL_DIR):
+#
+#   scripts/variants.sh name="NVCC_FLAGS" [name="NVCC_FLAGS" ...]
+#   e.g. scripts/variants.sh pingpong="-DLF_SM90_OVERLAP=1" overlap="-DLF_SM90_OVERLAP=2"
+#
+# Each variant builds in target/variants/<name> and its sm90 fatbins land in .gpu/variants/<name>/
+# (run ../shared/gpu/bundle first: it recreates .gpu/). Then, on the GPU machine,
+#   bash scripts/gpu/bench-ab.sh sm90:LONGFLASH_BENCH_MAINLOOP=sm90 \
+#     pingpong:LONGFLASH_BENCH_MAINLOOP=sm90:LONGFLASH_KERNEL_DIR=.gpu/variants/pingpong
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -f scripts/env.sh ] && source scripts/env.sh >/dev/null
+for spec in "$@"; do
+  name=${spec%%=*}; flags=${spec#*=}
+  dir=target/variants/$name
+  NVCC_FLAGS="$flags" CARGO_TARGET_DIR=$dir cargo build --release --quiet
+  out=$(ls -td "$dir"/release/build/longflash-*/out | head -1)
+  mkdir -p ".gpu/variants/$name"
+  cp "$out"/*sm90*.fatbin ".gpu/variants/$name/"
+  echo "$name ($flags): $(ls ".gpu/variants/$name" | wc -l) fatbins in .gpu/variants/$name"
+done
