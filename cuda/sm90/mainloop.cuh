@@ -43,7 +43,9 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1> struct Sm90Traits {
     static constexpr int kKOff = kQVariants * kQBytes;
     static constexpr int kVOff = kKOff + kStages * kKVBytes;
     static constexpr int kBarOff = kVOff + kStages * kKVBytes;
-    static constexpr int kBars = 1 + 3 * kStages; // Q, then full K, full V, empty per stage
+    // Q, then per stage: K landed, V landed, stage free (its K free with kSplitRelease), V free
+    // (kSplitRelease only; the address is kept either way).
+    static constexpr int kBars = 1 + 4 * kStages;
     // Dynamic shared memory to ask for: the tiles, the barriers, and slack to align the base to
     // the 1024 bytes of a swizzle atom.
     static constexpr int kSmemBytes = kBarOff + kBars * 8 + 1024;
@@ -57,6 +59,15 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1> struct Sm90Traits {
 #else
     static constexpr bool kOverlap = false;
     static constexpr bool kPingPong = false;
+#endif
+    // Release a stage's K when S is done with it and its V when P V is (LF_SM90_SPLIT_RELEASE=1
+    // at build time), so the next keys can load while P V still reads V: what the overlapped
+    // schedule needs, where the stage it would load into is held until P V of the tile before
+    // completes. The default releases both after P V.
+#ifdef LF_SM90_SPLIT_RELEASE
+    static constexpr bool kSplitRelease = LF_SM90_SPLIT_RELEASE != 0;
+#else
+    static constexpr bool kSplitRelease = false;
 #endif
     static constexpr int kConsumerRegs = 240;
     using Tile = Sw128Tile<BR, D>;
@@ -94,6 +105,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     auto full_k = [&](int s) { return bars + 8 * (1 + s); };
     auto full_v = [&](int s) { return bars + 8 * (1 + Tr::kStages + s); };
     auto empty = [&](int s) { return bars + 8 * (1 + 2 * Tr::kStages + s); };
+    auto empty_v = [&](int s) { return bars + 8 * (1 + 3 * Tr::kStages + s); };
 
     const int warpgroup = threadIdx.x / 128;
     const int q0 = qt * Tr::BR;
@@ -106,6 +118,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             mbar_init(full_k(s), 1);
             mbar_init(full_v(s), 1);
             mbar_init(empty(s), Tr::kConsumerWarps);
+            if constexpr (Tr::kSplitRelease) mbar_init(empty_v(s), Tr::kConsumerWarps);
         }
         mbar_init_fence();
     }
@@ -125,6 +138,8 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                 const int kt = iter.tile(n);
                 mbar_expect_tx(full_k(s), Tr::kKVBytes);
                 keys.template load<Tr>(iter.variant(n), kt, sK(s), full_k(s));
+                if constexpr (Tr::kSplitRelease)
+                    mbar_wait(empty_v(s), ((n / Tr::kStages) & 1) ^ 1);
                 mbar_expect_tx(full_v(s), Tr::kKVBytes);
                 tma_load_tile<Tr::BC, Tr::D>(sV(s), &tma_v, full_v(s), kt * Tr::BC, hk, b);
             }
@@ -217,10 +232,20 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             Wgmma<T>::template rs<Tr::D>(o, pa[kk], desc_add(dv, kk * 2048), 1);
         wgmma_commit();
     };
-    // This warp is done with item n's stage (its warpgroup's wgmmas on it have completed).
+    // This warp is done with item n's K (S of item n has completed): with kSplitRelease its
+    // slot may load again now.
+    auto release_k = [&](int n) {
+        if constexpr (Tr::kSplitRelease) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty(n % Tr::kStages));
+        }
+    };
+    // This warp is done with item n's stage (its warpgroup's wgmmas on it have completed): its V,
+    // and its K too without kSplitRelease.
     auto release = [&](int n) {
         __syncwarp();
-        if (lane == 0) mbar_arrive(empty(n % Tr::kStages));
+        if (lane == 0)
+            mbar_arrive(Tr::kSplitRelease ? empty_v(n % Tr::kStages) : empty(n % Tr::kStages));
     };
 
     if (n_tiles > 0) {
@@ -245,6 +270,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                 issue_s(n, sc);
                 wgmma_wait<0>();
                 fence_regs(sc);
+                release_k(n);
                 if (softmax(n, sc, alpha, kLse)) rescale_o(alpha);
                 pack(sc, pa);
                 issue_pv(n, pa);
@@ -267,6 +293,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             issue_s(0, sc);
             wgmma_wait<0>();
             fence_regs(sc);
+            release_k(0);
             softmax(0, sc, alpha, kLse); // O is still 0: nothing to rescale
             pack(sc, pa);
             for (int n = 1; n < n_tiles; ++n) {
@@ -277,6 +304,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                     asm volatile("bar.arrive %0, 256;\n" ::"r"(3 + (1 - cw)) : "memory");
                 wgmma_wait<1>(); // S of tile n is done; P V of tile n - 1 may still run
                 fence_regs(sc);
+                release_k(n);
                 const bool rescale = softmax(n, sc, alpha, kLse);
                 wgmma_wait<0>();
                 fence_regs(o);

@@ -29,7 +29,7 @@ fn key_tile(head_dim: usize) -> Option<usize> {
 fn smem_bytes(head_dim: usize, bc: usize, q_variants: usize) -> u32 {
     let stages = LF_FWD_SM90_STAGES as usize;
     let tiles = (q_variants * LF_FWD_SM90_BR as usize + 2 * stages * bc) * head_dim * 2;
-    (tiles + (1 + 3 * stages) * 8 + 1024) as u32
+    (tiles + (1 + 4 * stages) * 8 + 1024) as u32
 }
 
 /// A 4-D tensor map (head_dim, seqlen, heads, batch) of a 16-bit tensor at `ptr` with layout
