@@ -7,20 +7,21 @@
 #include "policies/masks.cuh"
 #include "policies/sources.cuh"
 #include "sm90/mainloop.cuh"
+#include "sm90/schedule.cuh"
 
 namespace lf {
 namespace sm90 {
 
 template <class Tr> __device__ __forceinline__ void window_fwd(const LfFwdSm90Params &pp) {
     const LfFwdParams &p = pp.fwd;
-    const int qt = gridDim.x - 1 - blockIdx.x; // longest rows first under a causal mask
-    const int h = blockIdx.y;
-    const int b = blockIdx.z;
-    WindowIter iter(p.mask, qt, Tr::BR, Tr::BC);
-    WindowMask mask{p.mask};
-    const int hk = h / (p.heads_q / p.heads_kv);
-    TmaKeys keys{&pp.tma_k, &pp.tma_k, hk, b};
-    attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b);
+    for_each_item<Tr>(p, [&](int qt, int h, int b, auto &&pipe, auto role) {
+        WindowIter iter(p.mask, qt, Tr::BR, Tr::BC);
+        WindowMask mask{p.mask};
+        const int hk = h / (p.heads_q / p.heads_kv);
+        TmaKeys keys{&pp.tma_k, &pp.tma_k, hk, b};
+        attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b,
+                               pipe, role);
+    });
 }
 
 // Block-sparse: the key blocks a block mask lists for the query block (query tile = query block
@@ -29,14 +30,14 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Pa
     static_assert(Tr::BR == LF_SPARSE_Q_BLOCK && Tr::BC == LF_SPARSE_K_BLOCK,
                   "tiles are the mask's blocks");
     const LfFwdParams &p = pp.fwd;
-    const int qt = gridDim.x - 1 - blockIdx.x;
-    const int h = blockIdx.y;
-    const int b = blockIdx.z;
-    CsrIter iter(p.sparse, qt, Tr::BR, b, h);
-    WindowMask mask{p.mask};
-    const int hk = h / (p.heads_q / p.heads_kv);
-    TmaKeys keys{&pp.tma_k, &pp.tma_k, hk, b};
-    attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b);
+    for_each_item<Tr>(p, [&](int qt, int h, int b, auto &&pipe, auto role) {
+        CsrIter iter(p.sparse, qt, Tr::BR, b, h);
+        WindowMask mask{p.mask};
+        const int hk = h / (p.heads_q / p.heads_kv);
+        TmaKeys keys{&pp.tma_k, &pp.tma_k, hk, b};
+        attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b,
+                               pipe, role);
+    });
 }
 
 } // namespace sm90
@@ -49,7 +50,8 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Pa
     extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
         NAME(const __grid_constant__ LfFwdSm90Params p) {                                         \
         lf::sm90::window_fwd<NAME##_traits>(p);                                                   \
-    }
+    }                                                                                             \
+    LF_SM90_PERSISTENT_MARKER(NAME)
 
 // The block-sparse Hopper kernel (key tiles of LF_FWD_SM90_BC_SPARSE keys).
 #define LF_DEFINE_SPARSE_SM90_KERNEL(NAME, T, D)                                                  \
@@ -57,4 +59,5 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Pa
     extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
         NAME(const __grid_constant__ LfFwdSm90Params p) {                                         \
         lf::sm90::sparse_fwd<NAME##_traits>(p);                                                   \
-    }
+    }                                                                                             \
+    LF_SM90_PERSISTENT_MARKER(NAME)

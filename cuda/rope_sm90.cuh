@@ -12,6 +12,7 @@
 #include "policies/rope.cuh"
 #include "policies/sources.cuh"
 #include "sm90/mainloop.cuh"
+#include "sm90/schedule.cuh"
 
 namespace lf {
 namespace sm90 {
@@ -19,17 +20,17 @@ namespace sm90 {
 template <class Tr, bool kSparse>
 __device__ __forceinline__ void rope_fwd(const LfRopeFwdSm90Params &pr) {
     const LfFwdParams &p = pr.base.fwd;
-    const int qt = gridDim.x - 1 - blockIdx.x;
-    const int h = blockIdx.y;
-    const int b = blockIdx.z;
-    using Base = typename std::conditional<kSparse, CsrIter, WindowIter>::type;
-    const Base base = make_base<Base>(p, qt, Tr::BR, Tr::BC, b, h);
-    ReRopeIter<Base> iter(base, p.mask, pr.rope, qt, Tr::BR, Tr::BC);
-    ReRopeMask mask{p.mask, pr.rope.window};
-    const int hk = h / (p.heads_q / p.heads_kv);
-    TmaKeys keys{&pr.base.tma_k, &pr.tma_k_alt, hk, b};
-    RopeQPrep<Tr> prep{&pr.rope, p.mask.seqlen_q, p.mask.seqlen_k, b};
-    attention_fwd_tile<Tr>(p, pr.base.tma_q, pr.base.tma_v, iter, mask, keys, prep, qt, h, b);
+    for_each_item<Tr>(p, [&](int qt, int h, int b, auto &&pipe, auto role) {
+        using Base = typename std::conditional<kSparse, CsrIter, WindowIter>::type;
+        const Base base = make_base<Base>(p, qt, Tr::BR, Tr::BC, b, h);
+        ReRopeIter<Base> iter(base, p.mask, pr.rope, qt, Tr::BR, Tr::BC);
+        ReRopeMask mask{p.mask, pr.rope.window};
+        const int hk = h / (p.heads_q / p.heads_kv);
+        TmaKeys keys{&pr.base.tma_k, &pr.tma_k_alt, hk, b};
+        RopeQPrep<Tr> prep{&pr.rope, p.mask.seqlen_q, p.mask.seqlen_k, b};
+        attention_fwd_tile<Tr>(p, pr.base.tma_q, pr.base.tma_v, iter, mask, keys, prep, qt, h,
+                               b, pipe, role);
+    });
 }
 
 } // namespace sm90
@@ -40,7 +41,8 @@ __device__ __forceinline__ void rope_fwd(const LfRopeFwdSm90Params &pr) {
     extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
         NAME(const __grid_constant__ LfRopeFwdSm90Params p) {                                     \
         lf::sm90::rope_fwd<NAME##_traits, false>(p);                                              \
-    }
+    }                                                                                             \
+    LF_SM90_PERSISTENT_MARKER(NAME)
 
 // The same over a block mask's listed blocks (64-key tiles).
 #define LF_DEFINE_ROPE_SPARSE_SM90_KERNEL(NAME, T, D)                                             \
@@ -48,4 +50,5 @@ __device__ __forceinline__ void rope_fwd(const LfRopeFwdSm90Params &pr) {
     extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
         NAME(const __grid_constant__ LfRopeFwdSm90Params p) {                                     \
         lf::sm90::rope_fwd<NAME##_traits, true>(p);                                               \
-    }
+    }                                                                                             \
+    LF_SM90_PERSISTENT_MARKER(NAME)

@@ -9,6 +9,14 @@
 # (run ../shared/gpu/bundle first: it recreates .gpu/). Then, on the GPU machine,
 #   bash scripts/gpu/bench-ab.sh sm90:LONGFLASH_BENCH_MAINLOOP=sm90 \
 #     pingpong:LONGFLASH_BENCH_MAINLOOP=sm90:LONGFLASH_KERNEL_DIR=.gpu/variants/pingpong
+#
+# Build options of the Hopper mainloop (cuda/sm90/):
+#   -DLF_SM90_OVERLAP=1|2        S of tile n overlapped with P V of tile n - 1, with or without
+#                                the consumer warpgroups taking turns (ping-pong)
+#   -DLF_SM90_SPLIT_RELEASE=1    a stage's K slot frees after S, its V slot after P V
+#   -DLF_SM90_PERSISTENT=1       kernels that can run as a persistent grid; the host launches
+#                                one only when asked (LONGFLASH_BENCH_SM90_CTAS=132 for the
+#                                benches, LONGFLASH_TEST_SM90_CTAS=3 for the GPU tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f scripts/env.sh ] && source scripts/env.sh >/dev/null

@@ -27,9 +27,16 @@ pub fn gpu() -> Option<Gpu> {
                 }
                 _ => MainloopChoice::Auto,
             };
+            // LONGFLASH_BENCH_SM90_CTAS=N: a persistent grid of N CTAs for the Hopper kernels
+            // of a build with LF_SM90_PERSISTENT=1 (see Attention::with_sm90_persistent).
+            let ctas = std::env::var("LONGFLASH_BENCH_SM90_CTAS").ok().map(|v| {
+                v.parse()
+                    .expect("LONGFLASH_BENCH_SM90_CTAS: a number of CTAs")
+            });
             let attn = Attention::new(&ctx)
                 .expect("Attention::new")
-                .with_mainloop(choice);
+                .with_mainloop(choice)
+                .with_sm90_persistent(ctas);
             let stream = ctx.new_stream().expect("stream");
             Some(Gpu { ctx, stream, attn })
         }

@@ -18,6 +18,8 @@
 // layout of mma.sync's accumulators, so masks and the softmax read the same way as on sm_80.
 #pragma once
 
+#include <type_traits>
+
 #include "../common.cuh"
 #include "../softmax.cuh"
 #include "longflash/params.h"
@@ -44,8 +46,9 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1> struct Sm90Traits {
     static constexpr int kVOff = kKOff + kStages * kKVBytes;
     static constexpr int kBarOff = kVOff + kStages * kKVBytes;
     // Q, then per stage: K landed, V landed, stage free (its K free with kSplitRelease), V free
-    // (kSplitRelease only; the address is kept either way).
-    static constexpr int kBars = 1 + 4 * kStages;
+    // (kSplitRelease only), then Q free (persistent schedule only); the addresses are kept
+    // either way.
+    static constexpr int kBars = 2 + 4 * kStages;
     // Dynamic shared memory to ask for: the tiles, the barriers, and slack to align the base to
     // the 1024 bytes of a swizzle atom.
     static constexpr int kSmemBytes = kBarOff + kBars * 8 + 1024;
@@ -88,15 +91,79 @@ struct TmaKeys {
     }
 };
 
-template <class Tr, class Iter, class Mask, class Keys, class QPrep>
+// What a CTA carries from one work item (query tile, head, batch) to the next: how many key
+// tiles its ring has taken (each stage's slot and phase) and how many Q tiles it has loaded (the
+// Q barriers' phases). OnePipe is the one-item CTA of the default grid: every count a constant
+// 0, so its code is that of a CTA that never had a previous item. Pipe is the persistent
+// schedule's (LF_SM90_PERSISTENT=1 at build time): a CTA runs items blockIdx.x, blockIdx.x +
+// gridDim.x, ... of a grid the host sizes to the GPU.
+struct OnePipe {
+    static constexpr bool kPersistent = false;
+    static constexpr int tiles = 0, q_loads = 0;
+    __device__ __forceinline__ void advance(int) {}
+};
+struct Pipe {
+    static constexpr bool kPersistent = true;
+    int tiles = 0, q_loads = 0;
+    __device__ __forceinline__ void advance(int n_tiles) {
+        tiles += n_tiles;
+        q_loads += n_tiles > 0;
+    }
+};
+
+// Which warpgroups a call of attention_fwd_tile runs: both (the producer and the consumers
+// branch inside, the default) or one (the persistent schedule calls each warpgroup's part in its
+// own loop, so that the compiler allocates each loop's registers for its own role's budget).
+struct BothRoles {
+    static constexpr bool kProducer = true, kConsumer = true;
+};
+struct ProducerRole {
+    static constexpr bool kProducer = true, kConsumer = false;
+};
+struct ConsumerRole {
+    static constexpr bool kProducer = false, kConsumer = true;
+};
+
+// The dynamic shared memory's base (aligned to a swizzle atom) and its barriers' address.
+template <class Tr> __device__ __forceinline__ uint32_t smem_base() {
+    extern __shared__ __align__(1024) unsigned char smem[];
+    return (smem_addr(smem) + 1023u) & ~1023u;
+}
+
+// Initializes the barriers (Q, then per stage K landed, V landed, stage free, V free, then Q
+// free) and makes them visible to the whole CTA. Once per CTA.
+template <class Tr> __device__ __forceinline__ void init_barriers() {
+    const uint32_t bars = smem_base<Tr>() + Tr::kBarOff;
+    if (threadIdx.x == 0) {
+        mbar_init(bars, 1);
+        for (int s = 0; s < Tr::kStages; ++s) {
+            mbar_init(bars + 8 * (1 + s), 1);
+            mbar_init(bars + 8 * (1 + Tr::kStages + s), 1);
+            mbar_init(bars + 8 * (1 + 2 * Tr::kStages + s), Tr::kConsumerWarps);
+            if constexpr (Tr::kSplitRelease)
+                mbar_init(bars + 8 * (1 + 3 * Tr::kStages + s), Tr::kConsumerWarps);
+        }
+#ifdef LF_SM90_PERSISTENT
+        mbar_init(bars + 8 * (1 + 4 * Tr::kStages), Tr::kConsumerWarps);
+#endif
+        mbar_init_fence();
+    }
+    __syncthreads();
+}
+
+// One work item: the key tiles `iter` lists for query tile qt of head h, batch b. With OnePipe
+// it initializes the barriers and moves registers itself; with Pipe the kernel did both once.
+template <class Tr, class Iter, class Mask, class Keys, class QPrep, class PipeT = OnePipe,
+          class Role = BothRoles>
 __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const LfTensorMap &tma_q,
                                                    const LfTensorMap &tma_v, const Iter &iter,
                                                    const Mask &mask, const Keys &keys,
-                                                   const QPrep &q_prep, int qt, int h, int b) {
+                                                   const QPrep &q_prep, int qt, int h, int b,
+                                                   PipeT &&pipe = OnePipe{}, Role = Role{}) {
+    using PipeKind = typename std::remove_reference<PipeT>::type;
     using T = typename Tr::T;
     using Elt = Elem<T>;
-    extern __shared__ __align__(1024) unsigned char smem[];
-    const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
+    const uint32_t base = smem_base<Tr>();
     const uint32_t sQ = base;
     const uint32_t bars = base + Tr::kBarOff;
     const uint32_t bar_q = bars;
@@ -106,49 +173,48 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     auto full_v = [&](int s) { return bars + 8 * (1 + Tr::kStages + s); };
     auto empty = [&](int s) { return bars + 8 * (1 + 2 * Tr::kStages + s); };
     auto empty_v = [&](int s) { return bars + 8 * (1 + 3 * Tr::kStages + s); };
+    const uint32_t empty_q = bars + 8 * (1 + 4 * Tr::kStages);
+    // Ring slot and phase of this item's key tile n.
+    auto stage = [&](int n) { return (pipe.tiles + n) % Tr::kStages; };
+    auto phase = [&](int n) { return ((pipe.tiles + n) / Tr::kStages) & 1; };
 
     const int warpgroup = threadIdx.x / 128;
     const int q0 = qt * Tr::BR;
     const int hk = h / (p.heads_q / p.heads_kv);
     const int n_tiles = iter.count();
 
-    if (threadIdx.x == 0) {
-        mbar_init(bar_q, 1);
-        for (int s = 0; s < Tr::kStages; ++s) {
-            mbar_init(full_k(s), 1);
-            mbar_init(full_v(s), 1);
-            mbar_init(empty(s), Tr::kConsumerWarps);
-            if constexpr (Tr::kSplitRelease) mbar_init(empty_v(s), Tr::kConsumerWarps);
-        }
-        mbar_init_fence();
-    }
-    __syncthreads();
+    if constexpr (!PipeKind::kPersistent) init_barriers<Tr>();
 
-    if (warpgroup == 0) {
-        // Producer: one thread runs the tile iterator and issues every load.
-        regs_dec<Tr::kProducerRegs>();
-        if (threadIdx.x == 0 && n_tiles > 0) {
-            mbar_expect_tx(bar_q, Tr::kQVariants * Tr::kQBytes);
+    if constexpr (Role::kProducer) {
+        if (!Role::kConsumer || warpgroup == 0) {
+            // Producer: one thread runs the tile iterator and issues every load.
+            if constexpr (!PipeKind::kPersistent) regs_dec<Tr::kProducerRegs>();
+            if (threadIdx.x == 0 && n_tiles > 0) {
+                // The consumers are done with the previous item's Q (its last S has completed).
+                if constexpr (PipeKind::kPersistent)
+                    if (pipe.q_loads > 0) mbar_wait(empty_q, (pipe.q_loads - 1) & 1);
+                mbar_expect_tx(bar_q, Tr::kQVariants * Tr::kQBytes);
 #pragma unroll
-            for (int v = 0; v < Tr::kQVariants; ++v)
-                tma_load_tile<Tr::BR, Tr::D>(sQ + v * Tr::kQBytes, &tma_q, bar_q, q0, h, b);
-            for (int n = 0; n < n_tiles; ++n) {
-                const int s = n % Tr::kStages;
-                mbar_wait(empty(s), ((n / Tr::kStages) & 1) ^ 1);
-                const int kt = iter.tile(n);
-                mbar_expect_tx(full_k(s), Tr::kKVBytes);
-                keys.template load<Tr>(iter.variant(n), kt, sK(s), full_k(s));
-                if constexpr (Tr::kSplitRelease)
-                    mbar_wait(empty_v(s), ((n / Tr::kStages) & 1) ^ 1);
-                mbar_expect_tx(full_v(s), Tr::kKVBytes);
-                tma_load_tile<Tr::BC, Tr::D>(sV(s), &tma_v, full_v(s), kt * Tr::BC, hk, b);
+                for (int v = 0; v < Tr::kQVariants; ++v)
+                    tma_load_tile<Tr::BR, Tr::D>(sQ + v * Tr::kQBytes, &tma_q, bar_q, q0, h, b);
+                for (int n = 0; n < n_tiles; ++n) {
+                    const int s = stage(n);
+                    mbar_wait(empty(s), phase(n) ^ 1);
+                    const int kt = iter.tile(n);
+                    mbar_expect_tx(full_k(s), Tr::kKVBytes);
+                    keys.template load<Tr>(iter.variant(n), kt, sK(s), full_k(s));
+                    if constexpr (Tr::kSplitRelease) mbar_wait(empty_v(s), phase(n) ^ 1);
+                    mbar_expect_tx(full_v(s), Tr::kKVBytes);
+                    tma_load_tile<Tr::BC, Tr::D>(sV(s), &tma_v, full_v(s), kt * Tr::BC, hk, b);
+                }
             }
+            pipe.advance(n_tiles);
+            return;
         }
-        return;
     }
 
     // Consumers: warpgroup 1 owns query rows [0, 64) of the tile, warpgroup 2 rows [64, 128).
-    regs_inc<Tr::kConsumerRegs>();
+    if constexpr (!PipeKind::kPersistent) regs_inc<Tr::kConsumerRegs>();
     // Warp-uniform by construction; read through a shuffle from lane 0 so that the compiler
     // knows it too and keeps what derives from it (the Q descriptor) in uniform registers.
     const int cw = __shfl_sync(0xffffffffu, warpgroup - 1, 0);
@@ -177,8 +243,8 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     // The steps of one key tile; the schedules below order them.
     // Issues S = Q K^T of item n into sc (after its K stage has landed); commit follows.
     auto issue_s = [&](int n, float (&sc)[Tr::BC / 8][4]) {
-        const int s = n % Tr::kStages;
-        mbar_wait(full_k(s), (n / Tr::kStages) & 1);
+        const int s = stage(n);
+        mbar_wait(full_k(s), phase(n));
         const uint64_t dq = desc_add(desc_q, iter.variant(n) * Tr::kQBytes);
         const uint64_t dk = desc_add(desc_k, s * Tr::kKVBytes);
         wgmma_fence();
@@ -223,8 +289,8 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     };
     // Issues O += P V of item n (after its V stage has landed).
     auto issue_pv = [&](int n, const uint32_t (&pa)[Tr::BC / 16][4]) {
-        const int s = n % Tr::kStages;
-        mbar_wait(full_v(s), (n / Tr::kStages) & 1);
+        const int s = stage(n);
+        mbar_wait(full_v(s), phase(n));
         const uint64_t dv = desc_add(desc_v, s * Tr::kKVBytes);
         wgmma_fence();
 #pragma unroll
@@ -232,12 +298,18 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             Wgmma<T>::template rs<Tr::D>(o, pa[kk], desc_add(dv, kk * 2048), 1);
         wgmma_commit();
     };
-    // This warp is done with item n's K (S of item n has completed): with kSplitRelease its
-    // slot may load again now.
+    // This warp is done with key tile n's K (its S has completed): with kSplitRelease its slot
+    // may load again now; after the item's last S, under the persistent schedule, Q may too.
     auto release_k = [&](int n) {
         if constexpr (Tr::kSplitRelease) {
             __syncwarp();
-            if (lane == 0) mbar_arrive(empty(n % Tr::kStages));
+            if (lane == 0) mbar_arrive(empty(stage(n)));
+        }
+        if constexpr (PipeKind::kPersistent) {
+            if (n == n_tiles - 1) {
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty_q);
+            }
         }
     };
     // This warp is done with item n's stage (its warpgroup's wgmmas on it have completed): its V,
@@ -245,11 +317,11 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     auto release = [&](int n) {
         __syncwarp();
         if (lane == 0)
-            mbar_arrive(Tr::kSplitRelease ? empty_v(n % Tr::kStages) : empty(n % Tr::kStages));
+            mbar_arrive(Tr::kSplitRelease ? empty_v(stage(n)) : empty(stage(n)));
     };
 
     if (n_tiles > 0) {
-        mbar_wait(bar_q, 0);
+        mbar_wait(bar_q, pipe.q_loads & 1);
         if constexpr (QPrep::kActive) {
             // Each warp rotates its own 16 rows, then the warpgroup's writes are published to
             // the tensor cores' (async) proxy.
@@ -348,6 +420,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             }
         }
     }
+    pipe.advance(n_tiles);
 }
 
 } // namespace sm90

@@ -98,6 +98,8 @@ pub struct Attention {
     max_smem_optin: u32,
     compute_capability: (i32, i32),
     mainloop: MainloopChoice,
+    // A persistent grid of this many CTAs for the Hopper kernels (with_sm90_persistent).
+    sm90_ctas: Option<u32>,
     // Keeps the context alive while modules are loaded in it (None for a raw context).
     _owner: Option<Arc<CudaContext>>,
 }
@@ -124,6 +126,7 @@ impl Attention {
             max_smem_optin: smem.max(0) as u32,
             compute_capability: (major, minor),
             mainloop: MainloopChoice::Auto,
+            sm90_ctas: None,
             _owner: Some(ctx.clone()),
         })
     }
@@ -162,6 +165,7 @@ impl Attention {
             max_smem_optin: smem.max(0) as u32,
             compute_capability: (major, minor),
             mainloop: MainloopChoice::Auto,
+            sm90_ctas: None,
             _owner: None,
         })
     }
@@ -169,6 +173,16 @@ impl Attention {
     /// The same kernels with another mainloop choice.
     pub fn with_mainloop(mut self, choice: MainloopChoice) -> Self {
         self.mainloop = choice;
+        self
+    }
+
+    /// Development aid, not a stable API: launches the Hopper kernels as a persistent grid of at
+    /// most `ctas` CTAs (`None`: one CTA per query tile, head and batch entry, the default), each
+    /// running every `ctas`-th work item. Only kernels built with `NVCC_FLAGS=-DLF_SM90_PERSISTENT=1`
+    /// (loaded through `LONGFLASH_KERNEL_DIR`) can; with others a Hopper launch is an error.
+    #[doc(hidden)]
+    pub fn with_sm90_persistent(mut self, ctas: Option<u32>) -> Self {
+        self.sm90_ctas = ctas.filter(|&c| c > 0);
         self
     }
 

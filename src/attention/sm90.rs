@@ -29,7 +29,7 @@ fn key_tile(head_dim: usize) -> Option<usize> {
 fn smem_bytes(head_dim: usize, bc: usize, q_variants: usize) -> u32 {
     let stages = LF_FWD_SM90_STAGES as usize;
     let tiles = (q_variants * LF_FWD_SM90_BR as usize + 2 * stages * bc) * head_dim * 2;
-    (tiles + (1 + 4 * stages) * 8 + 1024) as u32
+    (tiles + (2 + 4 * stages) * 8 + 1024) as u32
 }
 
 /// A 4-D tensor map (head_dim, seqlen, heads, batch) of a 16-bit tensor at `ptr` with layout
@@ -270,18 +270,37 @@ impl Attention {
     ) -> Result<()> {
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
         let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel, plan.smem) }?;
+        let tiles = args.q_layout.seqlen.div_ceil(LF_FWD_SM90_BR as usize);
+        let (heads, batch) = (args.q_layout.heads, args.q_layout.batch);
+        let grid_dim = match self.sm90_ctas {
+            None => (tiles as u32, heads as u32, batch as u32),
+            Some(ctas) => {
+                // Only a persistent build runs more than one item per CTA; it marks its kernels.
+                let marker = format!("{}_persistent", plan.kernel);
+                // SAFETY: as above; the marker is an empty kernel, looked up, never launched.
+                unsafe { self.cache.kernel(&plan.module, &marker, 0) }.map_err(|_| {
+                    Error::InvalidArgument {
+                        arg: "with_sm90_persistent",
+                        value: ctas.to_string(),
+                        expected: format!(
+                            "kernels built with LF_SM90_PERSISTENT=1 ({} has no {marker})",
+                            plan.module
+                        ),
+                    }
+                })?;
+                let items = (tiles * heads * batch).min(u32::MAX as usize) as u32;
+                (ctas.min(items).max(1), 1, 1)
+            }
+        };
         let cfg = LaunchConfig {
-            grid_dim: (
-                args.q_layout.seqlen.div_ceil(LF_FWD_SM90_BR as usize) as u32,
-                args.q_layout.heads as u32,
-                args.q_layout.batch as u32,
-            ),
+            grid_dim,
             block_dim: (LF_FWD_SM90_THREADS, 1, 1),
             shared_mem_bytes: plan.smem,
         };
         // SAFETY: the parameters were validated and their tensor maps describe exactly the
         // validated layouts (and workspaces), whose buffers the caller guarantees; P is the
-        // kernel's one by-value parameter; the grid covers every (query tile, head, batch) once.
+        // kernel's one by-value parameter; the grid covers every (query tile, head, batch) once:
+        // one CTA each, or, for a marked persistent kernel, CTA i runs items i, i + grid, ....
         unsafe {
             self.launch(
                 &kernel,

@@ -43,9 +43,17 @@ pub(crate) fn gpu() -> Option<&'static Gpu> {
                         panic!("LONGFLASH_TEST_MAINLOOP={other}: expected sm80, sm90 or auto")
                     }
                 };
+                // LONGFLASH_TEST_SM90_CTAS=N runs the Hopper kernels as a persistent grid of N
+                // CTAs (kernels of a build with LF_SM90_PERSISTENT=1, through
+                // LONGFLASH_KERNEL_DIR).
+                let ctas = std::env::var("LONGFLASH_TEST_SM90_CTAS").ok().map(|v| {
+                    v.parse()
+                        .expect("LONGFLASH_TEST_SM90_CTAS: a number of CTAs")
+                });
                 let attn = Attention::new(&ctx)
                     .expect("Attention::new")
-                    .with_mainloop(choice);
+                    .with_mainloop(choice)
+                    .with_sm90_persistent(ctas);
                 let sm80 = Attention::new(&ctx)
                     .expect("Attention::new")
                     .with_mainloop(MainloopChoice::Sm80);
@@ -53,6 +61,7 @@ pub(crate) fn gpu() -> Option<&'static Gpu> {
                     Attention::new(&ctx)
                         .expect("Attention::new")
                         .with_mainloop(MainloopChoice::Sm90)
+                        .with_sm90_persistent(ctas)
                 });
                 let stream = ctx.default_stream();
                 Some(Gpu {

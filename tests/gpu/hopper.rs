@@ -8,8 +8,8 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 use longflash::rope::PositionMode;
 use longflash::{
-    Attention, BlockMask, DType, ForwardOptions, Layout, Mainloop, MaskShape, MaskSpec,
-    RawBlockMask, RawForward, RawRope, RawRopeMode,
+    Attention, BlockMask, DType, ForwardOptions, Layout, Mainloop, MainloopChoice, MaskShape,
+    MaskSpec, RawBlockMask, RawForward, RawRope, RawRopeMode,
 };
 use proptest::prelude::*;
 
@@ -55,6 +55,12 @@ fn check_hopper(g: &Gpu, h: &Attention, c: &Case) -> RunResult {
 
 /// The mainloop `attn` picks for a call of `c`'s shape and layouts (on scratch buffers).
 fn mainloop_of(g: &Gpu, attn: &Attention, c: &Case) -> Mainloop {
+    with_raw_case(g, c, |raw| attn.mainloop_for(raw)).unwrap_or_else(|e| panic!("{c:?}: {e}"))
+}
+
+/// Runs `f` on a raw forward call of `c`'s shape and layouts, on zeroed scratch buffers that
+/// live until it returns (bf16).
+fn with_raw_case<R>(g: &Gpu, c: &Case, f: impl FnOnce(&RawForward) -> R) -> R {
     let ql = layout(c.q_mem, c.batch, c.seqlen_q, c.heads_q, c.head_dim);
     let kl = layout(c.kv_mem, c.batch, c.seqlen_k, c.heads_kv, c.head_dim);
     let ol = layout(c.o_mem, c.batch, c.seqlen_q, c.heads_q, c.head_dim);
@@ -92,8 +98,7 @@ fn mainloop_of(g: &Gpu, attn: &Attention, c: &Case) -> Mainloop {
             heads: 1,
         }),
     };
-    attn.mainloop_for(&raw)
-        .unwrap_or_else(|e| panic!("{c:?}: {e}"))
+    f(&raw)
 }
 
 #[test]
@@ -140,6 +145,53 @@ fn hopper_mainloop_is_chosen_when_able_and_refused_when_asked_and_unable() {
     assert!(e.contains("positive strides"), "{e}");
     assert_eq!(auto.mainloop_for(&raw).unwrap(), Mainloop::Sm80);
     assert_eq!(g.sm80.mainloop_for(&raw).unwrap(), Mainloop::Sm80);
+}
+
+/// With kernels built with LF_SM90_PERSISTENT=1 (and LONGFLASH_TEST_SM90_CTAS set), a grid of 3
+/// CTAs computes every one of many work items, each CTA carrying its barriers and K/V ring from
+/// item to item; with the default kernels (one item per CTA) asking for it is refused.
+#[test]
+fn hopper_persistent_grid_runs_every_item_or_is_refused() {
+    let g = gpu_or_skip!();
+    let _ = hopper_or_skip!(g);
+    let p = Attention::new(&g.ctx)
+        .unwrap()
+        .with_mainloop(MainloopChoice::Sm90)
+        .with_sm90_persistent(Some(3));
+    let cases = [
+        Case::new(DType::Bf16, (2, 300, 300), (3, 3), 128, MaskSpec::causal()),
+        Case::new(DType::F16, (3, 129, 700), (4, 2), 64, MaskSpec::none()),
+        Case::new(
+            DType::Bf16,
+            (2, 257, 257),
+            (2, 1),
+            256,
+            MaskSpec::causal_window(100),
+        ),
+        // Items with no key tile (rows past a window's reach) between items with some.
+        Case::new(DType::Bf16, (1, 900, 300), (3, 3), 64, MaskSpec::causal()),
+    ];
+    if std::env::var("LONGFLASH_TEST_SM90_CTAS").is_err() {
+        // SAFETY: the buffers live for the call and match the layouts; the call is refused
+        // before any launch (an error from the planning).
+        let e = with_raw_case(g, &cases[0], |raw| unsafe {
+            p.forward_raw(g.stream.cu_stream(), raw)
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("LF_SM90_PERSISTENT"), "{e}");
+        return;
+    }
+    for c in &cases {
+        let r = run_case_with(g, &p, c);
+        assert!(r.cmp.passes, "persistent grid, {c:?}\n  {}", r.cmp);
+        let r = run_case_with(g, &p, &sparse_case(c.head_dim, (300, 300), c.mask, 0.5));
+        assert!(r.cmp.passes, "persistent grid, sparse, {c:?}\n  {}", r.cmp);
+    }
+    for d in [64, 128] {
+        let c = rope_case(d, (300, 300), PositionMode::ReRope { window: 65 });
+        let r = run_rope_with(g, &p, &c, None);
+        assert!(r.cmp.passes, "persistent grid, {c:?}: {}", r.cmp);
+    }
 }
 
 #[test]

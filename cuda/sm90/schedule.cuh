@@ -1,0 +1,60 @@
+// Which work items (query tile, head, batch entry) a Hopper CTA runs, in what order: the
+// schedule around the mainloop (cuda/sm90/mainloop.cuh), shared by the exact, block-sparse and
+// RoPE kernels.
+#pragma once
+
+#include "mainloop.cuh"
+
+namespace lf {
+namespace sm90 {
+
+// Runs item(qt, h, b, pipe) for every query tile, head and batch entry of the call. The default
+// grid is one CTA per item (x: query tiles, last first so that the longest rows under a causal
+// mask start first; y: heads; z: batch). Built with LF_SM90_PERSISTENT=1, a CTA also runs the
+// items gridDim.x * gridDim.y * gridDim.z further on, in the order tiles-last-first across all
+// heads and batch entries, keeping its barriers, registers and K/V ring from one to the next:
+// the host may then launch fewer CTAs than items (a grid sized to the GPU), and a CTA's next Q
+// and keys load while it finishes the previous item.
+template <class Tr, class Item>
+__device__ __forceinline__ void for_each_item(const LfFwdParams &p, const Item &item) {
+#ifdef LF_SM90_PERSISTENT
+    init_barriers<Tr>();
+    const int n_qt = (p.mask.seqlen_q + Tr::BR - 1) / Tr::BR;
+    const int hb = p.heads_q * p.batch;
+    const int total = n_qt * hb;
+    const int ctas = gridDim.x * gridDim.y * gridDim.z;
+    const int first = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    // Each warpgroup loops over the items in its own role, so each loop's registers are
+    // allocated for that role's budget.
+    auto each = [&](auto role) {
+        Pipe pipe;
+        for (int i = first; i < total; i += ctas) {
+            const int qt = n_qt - 1 - i / hb;
+            const int h = i % hb % p.heads_q;
+            const int b = i % hb / p.heads_q;
+            item(qt, h, b, pipe, role);
+        }
+    };
+    if (threadIdx.x < 128) {
+        regs_dec<Tr::kProducerRegs>();
+        each(ProducerRole{});
+    } else {
+        regs_inc<Tr::kConsumerRegs>();
+        each(ConsumerRole{});
+    }
+#else
+    item(gridDim.x - 1 - blockIdx.x, blockIdx.y, blockIdx.z, OnePipe{}, BothRoles{});
+#endif
+}
+
+} // namespace sm90
+} // namespace lf
+
+// A persistent build marks each kernel NAME with an empty kernel NAME_persistent, which the host
+// looks up before launching fewer CTAs than items: a kernel without it runs one item per CTA.
+#ifdef LF_SM90_PERSISTENT
+#define LF_SM90_PERSISTENT_MARKER(NAME)                                                           \
+    extern "C" __global__ void NAME##_persistent() {}
+#else
+#define LF_SM90_PERSISTENT_MARKER(NAME)
+#endif
