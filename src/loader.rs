@@ -22,7 +22,8 @@ pub(crate) struct Kernel {
 }
 
 struct Loaded {
-    modules: Vec<sys::CUmodule>,
+    // Each module once, by name (a second kernel of a module reuses it).
+    modules: Vec<(String, sys::CUmodule)>,
     kernels: HashMap<String, Kernel>,
 }
 
@@ -110,48 +111,62 @@ impl ModuleCache {
         if let Some(k) = loaded.kernels.get(name) {
             return Ok(*k);
         }
-        // LONGFLASH_KERNEL_DIR (a development aid for A/B timing of kernel variants without a
-        // Rust toolchain) loads `<dir>/<module>.fatbin` instead of the embedded image.
-        let replaced = std::env::var_os("LONGFLASH_KERNEL_DIR").and_then(|dir| {
-            std::fs::read(std::path::Path::new(&dir).join(format!("{module}.fatbin"))).ok()
-        });
-        let image: &[u8] = match &replaced {
-            Some(bytes) => bytes,
-            None => embedded::FATBINS
-                .iter()
-                .find(|(stem, _)| *stem == module)
-                .map(|(_, bytes)| *bytes)
-                .ok_or_else(|| Error::InvalidArgument {
-                    arg: "kernel",
-                    value: module.to_string(),
-                    expected: "a kernel compiled into this build".into(),
-                })?,
-        };
         // SAFETY: the caller guarantees the context is live.
         let _guard = unsafe { CtxGuard::bind(self.ctx) }?;
-        // The driver reads the image through a pointer and needs it 8-byte aligned; include_bytes
-        // gives no alignment, so copy it into u64 storage.
-        let mut aligned = vec![0u64; image.len().div_ceil(8)];
-        // SAFETY: `aligned` holds at least image.len() bytes and does not overlap `image`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                image.as_ptr(),
-                aligned.as_mut_ptr().cast::<u8>(),
-                image.len(),
-            )
+        let loaded_module = loaded
+            .modules
+            .iter()
+            .find(|(m, _)| m == module)
+            .map(|(_, cu)| *cu);
+        let cu_module = match loaded_module {
+            Some(cu) => cu,
+            None => {
+                // LONGFLASH_KERNEL_DIR (a development aid for A/B timing of kernel variants
+                // without a Rust toolchain) loads `<dir>/<module>.fatbin` instead of the
+                // embedded image.
+                let replaced = std::env::var_os("LONGFLASH_KERNEL_DIR").and_then(|dir| {
+                    std::fs::read(std::path::Path::new(&dir).join(format!("{module}.fatbin"))).ok()
+                });
+                let image: &[u8] = match &replaced {
+                    Some(bytes) => bytes,
+                    None => embedded::FATBINS
+                        .iter()
+                        .find(|(stem, _)| *stem == module)
+                        .map(|(_, bytes)| *bytes)
+                        .ok_or_else(|| Error::InvalidArgument {
+                            arg: "kernel",
+                            value: module.to_string(),
+                            expected: "a kernel compiled into this build".into(),
+                        })?,
+                };
+                // The driver reads the image through a pointer and needs it 8-byte aligned;
+                // include_bytes gives no alignment, so copy it into u64 storage.
+                let mut aligned = vec![0u64; image.len().div_ceil(8)];
+                // SAFETY: `aligned` holds at least image.len() bytes and does not overlap `image`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        image.as_ptr(),
+                        aligned.as_mut_ptr().cast::<u8>(),
+                        image.len(),
+                    )
+                };
+                // SAFETY: `aligned` is a complete fatbin image, alive for the call; the context
+                // is current.
+                let cu_module =
+                    unsafe { result::module::load_data(aligned.as_ptr().cast::<c_void>()) }
+                        .map_err(Error::driver(
+                            "loading the kernel module (is the GPU older than sm_80?)",
+                        ))?;
+                loaded.modules.push((module.to_string(), cu_module));
+                cu_module
+            }
         };
-        // SAFETY: `aligned` is a complete fatbin image, alive for the call; the context is current.
-        let cu_module = unsafe { result::module::load_data(aligned.as_ptr().cast::<c_void>()) }
-            .map_err(Error::driver(
-                "loading the kernel module (is the GPU older than sm_80?)",
-            ))?;
-        loaded.modules.push(cu_module);
         let cname = CString::new(name).map_err(|_| Error::InvalidArgument {
             arg: "kernel",
             value: name.to_string(),
             expected: "a kernel name without NUL bytes".into(),
         })?;
-        // SAFETY: the module was just loaded into the current context.
+        // SAFETY: the module is loaded in the current context (now or by an earlier call).
         let func = unsafe { result::module::get_function(cu_module, cname) }
             .map_err(Error::driver("looking up the kernel"))?;
         // SAFETY: `func` is a live kernel handle; the attribute takes a byte count.
@@ -180,7 +195,7 @@ impl Drop for ModuleCache {
             // Kernels launched from these modules may still be queued: let them finish first.
             // SAFETY: the context is current; the call only waits.
             let _ = unsafe { sys::cuCtxSynchronize() };
-            for m in loaded.modules.drain(..) {
+            for (_, m) in loaded.modules.drain(..) {
                 // SAFETY: each module was loaded by this cache and is unloaded once.
                 let _ = unsafe { result::module::unload(m) };
             }

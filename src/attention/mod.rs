@@ -178,8 +178,9 @@ impl Attention {
 
     /// Development aid, not a stable API: launches the Hopper kernels as a persistent grid of at
     /// most `ctas` CTAs (`None`: one CTA per query tile, head and batch entry, the default), each
-    /// running every `ctas`-th work item. Only kernels built with `NVCC_FLAGS=-DLF_SM90_PERSISTENT=1`
-    /// (loaded through `LONGFLASH_KERNEL_DIR`) can; with others a Hopper launch is an error.
+    /// running every `ctas`-th work item. Only kernels built with
+    /// `NVCC_FLAGS=-DLF_SM90_PERSISTENT=1` (loaded through `LONGFLASH_KERNEL_DIR`) can; with
+    /// others a Hopper launch is an error.
     #[doc(hidden)]
     pub fn with_sm90_persistent(mut self, ctas: Option<u32>) -> Self {
         self.sm90_ctas = ctas.filter(|&c| c > 0);
