@@ -143,6 +143,85 @@ struct RopeKeys {
 
 // Rotates the warp's own rows of the loaded Q tile into variant 0 (R_pos(i) q, in place) and
 // variant 1 (the outside-window query, in the second Q tile), with log-n scaling.
+#ifdef LF_ROPE_Q_STEPS
+// Built with LF_ROPE_Q_STEPS=1: each lane keeps its pairs (f = lane, lane + 32, ...) for all the
+// warp's rows, reads each frequency once, takes the angle of the first row from rope_cos_sin
+// (f64 reduction) and steps to the next rows by one rotation of the per-row angle (four FMAs; the
+// angle drifts by about one f32 ulp per row, 16 rows). The default computes every element's
+// angle from scratch, with a global load of its frequency.
+template <class Tr> struct RopeQPrep {
+    static constexpr bool kActive = true;
+    const LfRope *r;
+    int seqlen_q, seqlen_k, batch_index;
+    __device__ __forceinline__ void operator()(uint32_t sQ, int warp_row0, int lane, int q0) const {
+        using Tile = typename Tr::Tile;
+        using T = typename Tr::T;
+        const LfRope &rp = *r;
+        const int64_t base = rope_key_position(rp, batch_index, seqlen_k - seqlen_q);
+        constexpr int kPairs = Tr::D / 2;
+        static_assert(kPairs % 32 == 0, "whole pairs per lane");
+        const double pos0 = static_cast<double>(base + q0 + warp_row0);
+        const float af = rp.attention_factor;
+#pragma unroll
+        for (int fi = 0; fi < kPairs / 32; ++fi) {
+            const int f = lane + 32 * fi;
+            int xi, yi;
+            rope_pair(rp, f, xi, yi);
+            const bool rotary = f < rp.rotary_dim / 2;
+            const double freq = rotary ? rp.inv_freq[f] : 0.0;
+            // Variant 0 at pos0 + row; variant 1 at w (ReRoPE) or (pos0 + row) / k + w - w / k
+            // (Leaky ReRoPE): both linear in the row, so both step by a fixed rotation.
+            float c0, s0, dc0, ds0, c1 = 1.f, s1 = 0.f, dc1 = 1.f, ds1 = 0.f;
+            rope_cos_sin(pos0, freq, c0, s0);
+            rope_cos_sin(1.0, freq, dc0, ds0);
+            if (rp.mode == 1) {
+                rope_cos_sin(static_cast<double>(rp.window), freq, c1, s1);
+            } else if (rp.mode != 0) {
+                rope_cos_sin(pos0 * rp.inv_leak + rp.window - rp.window * rp.inv_leak, freq, c1, s1);
+                rope_cos_sin(static_cast<double>(rp.inv_leak), freq, dc1, ds1);
+            }
+            for (int row_i = 0; row_i < Tr::kWarpRows; ++row_i) {
+                const int row = warp_row0 + row_i;
+                const uint32_t ax = sQ + Tile::offset(row, xi), ay = sQ + Tile::offset(row, yi);
+                uint16_t hx, hy;
+                asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(hx) : "r"(ax));
+                asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(hy) : "r"(ay));
+                float x = Elem<T>::to_float(hx), y = Elem<T>::to_float(hy);
+                if (rp.log_n_inv_ln_train > 0.f) {
+                    const float pos = static_cast<float>(pos0 + row_i);
+                    const float sc = fmaxf(1.f, logf(pos + 1.f) * rp.log_n_inv_ln_train);
+                    x *= sc;
+                    y *= sc;
+                }
+                float x0 = x, y0 = y, x1 = x, y1 = y;
+                if (rotary) {
+                    x0 = af * (x * c0 - y * s0);
+                    y0 = af * (x * s0 + y * c0);
+                    if (rp.mode != 0) {
+                        x1 = af * (x * c1 - y * s1);
+                        y1 = af * (x * s1 + y * c1);
+                    }
+                }
+                const uint32_t o1 = Tr::kQBytes;
+                asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ax), "h"(Elem<T>::to_bits(x0)));
+                asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ay), "h"(Elem<T>::to_bits(y0)));
+                if (rp.mode != 0) {
+                    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ax + o1), "h"(Elem<T>::to_bits(x1)));
+                    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ay + o1), "h"(Elem<T>::to_bits(y1)));
+                }
+                // Next row: the angles grow by freq (and freq / k for Leaky's variant 1).
+                const float c0n = c0 * dc0 - s0 * ds0, s0n = s0 * dc0 + c0 * ds0;
+                c0 = c0n;
+                s0 = s0n;
+                const float c1n = c1 * dc1 - s1 * ds1, s1n = s1 * dc1 + c1 * ds1;
+                c1 = c1n;
+                s1 = s1n;
+            }
+        }
+        __syncwarp();
+    }
+};
+#else
 template <class Tr> struct RopeQPrep {
     static constexpr bool kActive = true;
     const LfRope *r;
@@ -196,5 +275,6 @@ template <class Tr> struct RopeQPrep {
         __syncwarp();
     }
 };
+#endif
 
 } // namespace lf

@@ -4,7 +4,7 @@
 # each test under a time limit: scripts/gpu/each.sh), then the forward bench of the default
 # build and of every variant whose tests passed, in one run. A variant whose name contains
 # "persistent" runs as a persistent grid (3 CTAs in the tests, VARIANT_CTAS in the bench,
-# default 132). Logs under $OUT/variants/; the last lines printed are a summary.
+# default 132); variants named rope* also through the RoPE bench. Logs under $OUT/variants/.
 #
 #   bash scripts/gpu/variants.sh [head dims for the bench, default "128"]
 set -u
@@ -23,3 +23,13 @@ for dir in .gpu/variants/*/; do
   [ "$fails" = 0 ] && specs+=("$name:LONGFLASH_BENCH_MAINLOOP=sm90:LONGFLASH_KERNEL_DIR=$dir${bctas[*]}")
 done
 LONGFLASH_BENCH_HEAD_DIMS=$dims OUT="$out/variants" bash scripts/gpu/bench-ab.sh "${specs[@]}"
+# Variants named rope*: the RoPE bench too (4k, 16k, 64k), against the default build.
+for spec in "sm90:" $(ls -d .gpu/variants/rope*/ 2>/dev/null); do
+  name=$(basename "${spec%:}"); [ "$spec" = "sm90:" ] && name=sm90
+  dir=${spec%:}; [ "$name" = sm90 ] && dir=
+  env ${dir:+LONGFLASH_KERNEL_DIR=$dir} LONGFLASH_BENCH_MAINLOOP=sm90 \
+    LONGFLASH_BENCH_SEQLENS=4096,16384,65536 timeout 200 .gpu/bench/rope --bench \
+    >"$out/variants/rope-$name.log" 2>&1
+  grep '^RESULT' "$out/variants/rope-$name.log" | sed 's/^RESULT //' >"$out/variants/rope-$name.jsonl"
+  echo "rope $name: $(wc -l <"$out/variants/rope-$name.jsonl") rows"
+done
