@@ -408,27 +408,9 @@ fn half_ulp_of_each_type() {
 // ---------------------------------------------------------------------------------------------
 // Properties.
 
-/// splitmix64: deterministic data from a proptest-drawn seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-a, a).
-    fn sym(&mut self, a: f64) -> f64 {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * a
-    }
-
-    fn vec(&mut self, n: usize, a: f64) -> Vec<f64> {
-        (0..n).map(|_| self.sym(a)).collect()
-    }
-}
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
 
 fn window() -> impl Strategy<Value = Option<u32>> {
     prop_oneof![

@@ -31,12 +31,17 @@ use crate::sparse::BlockMask;
 mod compare;
 mod dense;
 mod rope;
+mod serving;
 
 pub use compare::{compare, half_ulp, Comparison, LSE_REL_TOL, OUT_ABS_TOL};
 pub use dense::{attention_f64, attention_lowp};
 pub use rope::{
     rope_attention_f64, rope_attention_f64_sparse, rope_attention_lowp, rope_attention_lowp_sparse,
     rope_rotate_k, rope_rotate_q,
+};
+pub use serving::{
+    paged_attention_f64, paged_attention_lowp, paged_gather, varlen_attention_f64,
+    varlen_attention_lowp, PagedLayout, PagedShape, VarlenShape,
 };
 
 /// Problem size of a reference computation.
