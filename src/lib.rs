@@ -17,7 +17,8 @@ pub mod sparse;
 
 pub use attention::{
     open_device, Attention, ForwardOptions, Input, Mainloop, MainloopChoice, Output, RawBlockMask,
-    RawForward, RawMerge, RawRope, RawRopeMode, RopeForward, SparseOptions, SUPPORTED_HEAD_DIMS,
+    RawForward, RawMerge, RawRope, RawRopeMode, RawVarlenForward, RopeForward, SparseOptions,
+    VarlenOptions, SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

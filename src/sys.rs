@@ -428,6 +428,41 @@ impl Default for LfMergeParams {
     }
 }
 #[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfVarlenParams {
+    pub fwd: LfFwdParams,
+    pub cu_seqlens_q: *const i32,
+    pub cu_seqlens_k: *const i32,
+    pub error_flag: *mut i32,
+    pub total_q: i32,
+    pub total_k: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfVarlenParams"][::core::mem::size_of::<LfVarlenParams>() - 272usize];
+    ["Alignment of LfVarlenParams"][::core::mem::align_of::<LfVarlenParams>() - 8usize];
+    ["Offset of field: LfVarlenParams::fwd"][::core::mem::offset_of!(LfVarlenParams, fwd) - 0usize];
+    ["Offset of field: LfVarlenParams::cu_seqlens_q"]
+        [::core::mem::offset_of!(LfVarlenParams, cu_seqlens_q) - 240usize];
+    ["Offset of field: LfVarlenParams::cu_seqlens_k"]
+        [::core::mem::offset_of!(LfVarlenParams, cu_seqlens_k) - 248usize];
+    ["Offset of field: LfVarlenParams::error_flag"]
+        [::core::mem::offset_of!(LfVarlenParams, error_flag) - 256usize];
+    ["Offset of field: LfVarlenParams::total_q"]
+        [::core::mem::offset_of!(LfVarlenParams, total_q) - 264usize];
+    ["Offset of field: LfVarlenParams::total_k"]
+        [::core::mem::offset_of!(LfVarlenParams, total_k) - 268usize];
+};
+impl Default for LfVarlenParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
 pub struct LfTileRange {
     pub begin: i32,

@@ -79,10 +79,20 @@ struct PlainScore {
 
 // ---- the skeleton ----------------------------------------------------------------------------
 
-template <class Tr, class Iter, class Mask, class Score, class Keys, class QPrep>
+// Where row 0 of (batch entry b, head h) sits in the LSE: [batch, heads_q, seqlen_q].
+struct DenseLse {
+    __device__ __forceinline__ int64_t operator()(const LfFwdParams &p, int b, int h,
+                                                  int seqlen_q) const {
+        return (static_cast<int64_t>(b) * p.heads_q + h) * seqlen_q;
+    }
+};
+
+template <class Tr, class Iter, class Mask, class Score, class Keys, class QPrep,
+          class LseAt = DenseLse>
 __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const Iter &iter,
                                                    const Mask &mask, const Keys &keys,
-                                                   const QPrep &q_prep, int qt, int h, int b) {
+                                                   const QPrep &q_prep, int qt, int h, int b,
+                                                   const LseAt &lse_at = LseAt{}) {
     using T = typename Tr::T;
     using Elt = Elem<T>;
     using Tile = SwizzledTile<Tr::D>;
@@ -236,7 +246,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
             }
             if (p.lse != nullptr && tq == 0 && q0 + row < seqlen_q) {
                 const float lse = le > 0.f ? fmaf(row_base[mt][r], kLn2, logf(le)) : -INFINITY;
-                p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * seqlen_q + q0 + row] = lse;
+                p.lse[lse_at(p, b, h, seqlen_q) + q0 + row] = lse;
             }
         }
     __syncthreads();

@@ -23,11 +23,13 @@ pub mod merge;
 pub mod rope;
 mod sm90;
 pub mod sparse;
+pub mod varlen;
 
 pub use forward::{ForwardOptions, RawForward};
 pub use merge::RawMerge;
 pub use rope::{RawRope, RawRopeMode, RopeForward};
 pub use sparse::{RawBlockMask, SparseOptions};
+pub use varlen::{RawVarlenForward, VarlenOptions};
 
 /// Head dimensions that have a forward kernel.
 pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 128, 256];

@@ -22,3 +22,4 @@ mod dense;
 mod hopper;
 mod rope;
 mod sparse;
+mod varlen;

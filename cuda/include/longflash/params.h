@@ -185,6 +185,24 @@ typedef struct LfMergeParams {
     int32_t head_dim;
 } LfMergeParams;
 
+/* Variable-length (packed) forward. `fwd` describes the packed tensors as one batch entry: q and
+ * o [total_q, heads_q, head_dim], k and v [total_k, heads_kv, head_dim] with their row and head
+ * strides, lse [heads_q, total_q]; fwd.batch is the number of sequences and fwd.mask.seqlen_q /
+ * seqlen_k their maximum lengths (the grid covers max_seqlen_q query rows). Sequence b owns rows
+ * cu_seqlens_q[b]..cu_seqlens_q[b + 1] of q, o and lse and cu_seqlens_k[b]..cu_seqlens_k[b + 1]
+ * of k and v, its masks aligned bottom-right at its own lengths. The prefix sums live on the
+ * device: the kernel clamps every entry into [previous entry, total] (and a sequence's queries to
+ * max_seqlen_q), so it never reads or writes outside the tensors, and ORs 1 into *error_flag
+ * (when not NULL) for every entry it had to move. */
+typedef struct LfVarlenParams {
+    LfFwdParams fwd;
+    const int32_t *cu_seqlens_q;
+    const int32_t *cu_seqlens_k;
+    int32_t *error_flag;
+    int32_t total_q;
+    int32_t total_k;
+} LfVarlenParams;
+
 #define LF_ASSERT_LAYOUT(cond, name) typedef char lf_layout_assert_##name[(cond) ? 1 : -1]
 LF_ASSERT_LAYOUT(sizeof(LfMask) == 24, mask_size);
 LF_ASSERT_LAYOUT(sizeof(LfBlockSparse) == 56, sparse_size);
@@ -203,6 +221,8 @@ LF_ASSERT_LAYOUT(offsetof(LfFwdParams, softmax_scale_log2) == 180, fwd_scale_log
 LF_ASSERT_LAYOUT(offsetof(LfFwdParams, sparse) == 184, fwd_sparse);
 LF_ASSERT_LAYOUT(offsetof(LfBlockSparse, batch_stride) == 24, sparse_batch_stride);
 LF_ASSERT_LAYOUT(offsetof(LfMergeParams, batch) == 80, merge_batch);
+LF_ASSERT_LAYOUT(sizeof(LfVarlenParams) == 272, varlen_size);
+LF_ASSERT_LAYOUT(offsetof(LfVarlenParams, cu_seqlens_q) == 240, varlen_cu_q);
 LF_ASSERT_LAYOUT(sizeof(LfTensorMap) == 128, tensor_map_size);
 LF_ASSERT_LAYOUT(sizeof(LfFwdSm90Params) == 640, fwd_sm90_size);
 LF_ASSERT_LAYOUT(offsetof(LfFwdSm90Params, tma_q) == 256, fwd_sm90_tma_q);

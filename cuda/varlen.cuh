@@ -1,0 +1,75 @@
+// The variable-length (packed) forward on the sm_80 mainloop: each CTA finds its sequence's rows
+// from the device prefix sums (clamped, so that a bad entry can move rows but never leave the
+// tensors), then runs the dense plan of that sequence alone.
+#pragma once
+
+#include "fwd.cuh"
+
+namespace lf {
+
+// The LSE of packed rows, [heads_q, total_q]: row 0 of head h of a sequence starting at packed
+// row `start`.
+struct VarlenLse {
+    int64_t total_q, start;
+    __device__ __forceinline__ int64_t operator()(const LfFwdParams &, int, int h, int) const {
+        return h * total_q + start;
+    }
+};
+
+// Entry i of device prefix sums, clamped into [lo, total]; sets *bad when it had to move it.
+__device__ __forceinline__ int clamped_entry(const int32_t *cu, int i, int lo, int total,
+                                             bool &bad) {
+    const int x = cu[i];
+    const int c = min(max(x, lo), total);
+    bad |= c != x;
+    return c;
+}
+
+template <class Tr> __device__ __forceinline__ void varlen_fwd(const LfVarlenParams &vp) {
+    const int qt = gridDim.x - 1 - blockIdx.x; // longest rows first under a causal mask
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    bool bad = false;
+    const int q_lo = clamped_entry(vp.cu_seqlens_q, b, 0, vp.total_q, bad);
+    const int q_hi = clamped_entry(vp.cu_seqlens_q, b + 1, q_lo, vp.total_q, bad);
+    const int k_lo = clamped_entry(vp.cu_seqlens_k, b, 0, vp.total_k, bad);
+    const int k_hi = clamped_entry(vp.cu_seqlens_k, b + 1, k_lo, vp.total_k, bad);
+    const int max_q = vp.fwd.mask.seqlen_q;
+    bad |= q_hi - q_lo > max_q;
+    // Prefix sums start at 0 and never decrease (a decreasing step would make two sequences
+    // share rows: still inside the tensors, but a caller's error).
+    if (b == 0)
+        bad |= vp.cu_seqlens_q[0] != 0 || vp.cu_seqlens_k[0] != 0;
+    else
+        bad |= vp.cu_seqlens_q[b] < vp.cu_seqlens_q[b - 1] ||
+               vp.cu_seqlens_k[b] < vp.cu_seqlens_k[b - 1];
+    if (bad && vp.error_flag != nullptr && threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0)
+        atomicOr(vp.error_flag, 1);
+    const int len_q = min(q_hi - q_lo, max_q);
+    const int len_k = k_hi - k_lo;
+    if (qt * Tr::BR >= len_q) return; // the whole CTA, before any barrier
+
+    LfFwdParams p = vp.fwd;
+    p.q = static_cast<const uint16_t *>(p.q) + static_cast<int64_t>(q_lo) * p.q_row_stride;
+    p.o = static_cast<uint16_t *>(p.o) + static_cast<int64_t>(q_lo) * p.o_row_stride;
+    p.k = static_cast<const uint16_t *>(p.k) + static_cast<int64_t>(k_lo) * p.k_row_stride;
+    p.v = static_cast<const uint16_t *>(p.v) + static_cast<int64_t>(k_lo) * p.v_row_stride;
+    p.mask.seqlen_q = len_q;
+    p.mask.seqlen_k = len_k;
+    WindowIter iter(p.mask, qt, Tr::BR, Tr::BC);
+    WindowMask mask{p.mask};
+    const int hk = h / (p.heads_q / p.heads_kv);
+    PlainKeys keys{static_cast<const uint16_t *>(p.k) + hk * p.k_head_stride, p.k_row_stride};
+    attention_fwd_tile<Tr, WindowIter, WindowMask, PlainScore>(
+        p, iter, mask, keys, NoQPrep{}, qt, h, 0, VarlenLse{vp.total_q, q_lo});
+}
+
+} // namespace lf
+
+// The varlen kernel NAME for element type T and head dimension D (the dense kernel's tiles).
+#define LF_DEFINE_VARLEN_KERNEL(NAME, T, D)                                                       \
+    using NAME##_traits = lf::FwdTraits<T, D, LF_FWD_BR_D##D, LF_FWD_BC_D##D, LF_FWD_WARPS>;     \
+    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
+        NAME(const __grid_constant__ LfVarlenParams p) {                                          \
+        lf::varlen_fwd<NAME##_traits>(p);                                                         \
+    }
