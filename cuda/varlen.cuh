@@ -1,6 +1,6 @@
 // The variable-length (packed) forward on the sm_80 mainloop: each CTA finds its sequence's rows
 // from the device prefix sums (clamped, so that a bad entry can move rows but never leave the
-// tensors), then runs the dense plan of that sequence alone.
+// tensors; such entries are flagged), then runs the dense plan of that sequence alone.
 #pragma once
 
 #include "fwd.cuh"
@@ -35,7 +35,7 @@ template <class Tr> __device__ __forceinline__ void varlen_fwd(const LfVarlenPar
     const int k_lo = clamped_entry(vp.cu_seqlens_k, b, 0, vp.total_k, bad);
     const int k_hi = clamped_entry(vp.cu_seqlens_k, b + 1, k_lo, vp.total_k, bad);
     const int max_q = vp.fwd.mask.seqlen_q;
-    bad |= q_hi - q_lo > max_q;
+    bad |= q_hi - q_lo > max_q || k_hi - k_lo > vp.fwd.mask.seqlen_k;
     // Prefix sums start at 0 and never decrease (a decreasing step would make two sequences
     // share rows: still inside the tensors, but a caller's error).
     if (b == 0)

@@ -143,7 +143,7 @@ template <class Tr> __device__ __forceinline__ void init_barriers() {
             if constexpr (Tr::kSplitRelease)
                 mbar_init(bars + 8 * (1 + 3 * Tr::kStages + s), Tr::kConsumerWarps);
         }
-#ifdef LF_SM90_PERSISTENT
+#if defined(LF_SM90_PERSISTENT) && LF_SM90_PERSISTENT
         mbar_init(bars + 8 * (1 + 4 * Tr::kStages), Tr::kConsumerWarps);
 #endif
         mbar_init_fence();

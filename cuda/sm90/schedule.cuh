@@ -17,21 +17,23 @@ namespace sm90 {
 // and keys load while it finishes the previous item.
 template <class Tr, class Item>
 __device__ __forceinline__ void for_each_item(const LfFwdParams &p, const Item &item) {
-#ifdef LF_SM90_PERSISTENT
+#if defined(LF_SM90_PERSISTENT) && LF_SM90_PERSISTENT
     init_barriers<Tr>();
+    // Item counts in 64 bits: the host allows more items than an int holds.
     const int n_qt = (p.mask.seqlen_q + Tr::BR - 1) / Tr::BR;
-    const int hb = p.heads_q * p.batch;
-    const int total = n_qt * hb;
-    const int ctas = gridDim.x * gridDim.y * gridDim.z;
-    const int first = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const int64_t hb = static_cast<int64_t>(p.heads_q) * p.batch;
+    const int64_t total = n_qt * hb;
+    const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z;
+    const int64_t first =
+        blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
     // Each warpgroup loops over the items in its own role, so each loop's registers are
     // allocated for that role's budget.
     auto each = [&](auto role) {
         Pipe pipe;
-        for (int i = first; i < total; i += ctas) {
-            const int qt = n_qt - 1 - i / hb;
-            const int h = i % hb % p.heads_q;
-            const int b = i % hb / p.heads_q;
+        for (int64_t i = first; i < total; i += ctas) {
+            const int qt = n_qt - 1 - static_cast<int>(i / hb);
+            const int h = static_cast<int>(i % hb % p.heads_q);
+            const int b = static_cast<int>(i % hb / p.heads_q);
             item(qt, h, b, pipe, role);
         }
     };
@@ -52,7 +54,7 @@ __device__ __forceinline__ void for_each_item(const LfFwdParams &p, const Item &
 
 // A persistent build marks each kernel NAME with an empty kernel NAME_persistent, which the host
 // looks up before launching fewer CTAs than items: a kernel without it runs one item per CTA.
-#ifdef LF_SM90_PERSISTENT
+#if defined(LF_SM90_PERSISTENT) && LF_SM90_PERSISTENT
 #define LF_SM90_PERSISTENT_MARKER(NAME)                                                           \
     extern "C" __global__ void NAME##_persistent() {}
 #else

@@ -10,11 +10,12 @@
 //! bottom-right at its own lengths. A sequence with no key gives 0 and LSE `-inf`.
 //!
 //! The prefix sums live on the device, so they cannot be checked before the launch without a
-//! copy and a synchronization. The kernel clamps every entry into `[previous entry, total]` and
-//! a sequence's queries to `max_seqlen_q`, so bad sums never make it read or write outside the
-//! tensors; it reports them through an optional error flag, an i32 on the device the caller
-//! zeroes before the call and reads after it (when and if it wants to: nothing here
-//! synchronizes).
+//! copy and a synchronization. The kernel clamps a sequence's start into `[0, total]`, its end
+//! into `[start, total]` and its queries to `max_seqlen_q`, so bad sums never make it read or
+//! write outside the tensors; it reports them through an optional error flag, an i32 on the
+//! device the caller zeroes before the call and reads after it (when and if it wants to:
+//! nothing here synchronizes). With the flag set the output is unspecified (decreasing sums
+//! make sequences share rows).
 
 use cudarc::driver::{
     sys, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice, LaunchConfig,
@@ -40,7 +41,8 @@ pub struct VarlenOptions {
     /// The most queries any sequence has (at least 1, at most the packed query count): the
     /// launch covers this many rows per sequence, and a longer sequence is cut and reported.
     pub max_seqlen_q: usize,
-    /// The most keys any sequence has (at least 1, at most the packed key count).
+    /// The most keys any sequence has (at least 1, at most the packed key count); a longer
+    /// sequence is computed whole and reported.
     pub max_seqlen_k: usize,
 }
 
@@ -64,9 +66,10 @@ pub struct RawVarlenForward {
     pub max_seqlen_q: usize,
     /// The most keys any sequence has.
     pub max_seqlen_k: usize,
-    /// Device pointer to an i32 the kernel ORs 1 into when it had to clamp the prefix sums (not
-    /// starting at 0, decreasing, past the packed tensors, or a sequence longer than
-    /// `max_seqlen_q`), or 0 for none. The caller zeroes it before the launch.
+    /// Device pointer to an i32 the kernel ORs 1 into for prefix sums that do not start at 0,
+    /// decrease, pass the packed tensors, or give a sequence more than `max_seqlen_q` queries or
+    /// `max_seqlen_k` keys (the output is then unspecified), or 0 for none. The caller zeroes it
+    /// before the launch.
     pub error_flag: sys::CUdeviceptr,
 }
 

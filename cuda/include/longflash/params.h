@@ -191,9 +191,11 @@ typedef struct LfMergeParams {
  * seqlen_k their maximum lengths (the grid covers max_seqlen_q query rows). Sequence b owns rows
  * cu_seqlens_q[b]..cu_seqlens_q[b + 1] of q, o and lse and cu_seqlens_k[b]..cu_seqlens_k[b + 1]
  * of k and v, its masks aligned bottom-right at its own lengths. The prefix sums live on the
- * device: the kernel clamps every entry into [previous entry, total] (and a sequence's queries to
- * max_seqlen_q), so it never reads or writes outside the tensors, and ORs 1 into *error_flag
- * (when not NULL) for every entry it had to move. */
+ * device: the kernel clamps a sequence's start into [0, total] and its end into [start, total]
+ * (and its queries to max_seqlen_q), so it never reads or writes outside the tensors, and ORs 1
+ * into *error_flag (when not NULL) for sums that do not start at 0, decrease, pass the totals, or
+ * give a sequence more than max_seqlen_q queries or max_seqlen_k keys. With the flag set the
+ * output is unspecified (decreasing sums make sequences share rows). */
 typedef struct LfVarlenParams {
     LfFwdParams fwd;
     const int32_t *cu_seqlens_q;
