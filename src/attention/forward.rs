@@ -9,7 +9,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::mask::MaskSpec;
-use crate::plan::forward_tile_shape;
+use crate::plan::{forward_tile_shape, TileShape};
 use crate::sys::{LfBlockSparse, LfFwdParams, LF_FWD_WARPS};
 
 /// Options of a forward call.
@@ -268,54 +268,82 @@ impl Attention {
             return Ok(());
         }
         let d = args.q_layout.head_dim;
-        let shape = forward_tile_shape(d).ok_or(Error::UnsupportedHeadDim {
-            arg: "q.head_dim",
-            value: d,
-            supported: SUPPORTED_HEAD_DIMS,
-        })?;
-        let smem = ((shape.br + 2 * shape.bc) * d * 2) as u32;
-        if smem > self.max_smem_optin {
-            return Err(Error::InvalidArgument {
-                arg: "q.head_dim",
-                value: d.to_string(),
-                expected: format!(
-                    "a head dim whose kernel fits the device's {} bytes of shared memory per block (needs {smem})",
-                    self.max_smem_optin
-                ),
-            });
-        }
+        let tiles = self.sm80_tiles(d, 1, "kernel")?;
         let kind = if args.block_mask.is_some() {
             "sparse"
         } else {
             "fwd"
         };
-        let module = format!("{kind}_{}_d{d}", args.dtype.name());
-        let name = format!("lf_{module}");
-        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
-        let kernel = unsafe { self.cache.kernel(&module, &name, smem) }?;
-        let q_tiles = args.q_layout.seqlen.div_ceil(shape.br);
-        let grid = (
-            q_tiles as u32,
-            args.q_layout.heads as u32,
-            args.q_layout.batch as u32,
-        );
-        let block = (LF_FWD_WARPS * 32, 1, 1);
+        let l = &args.q_layout;
         let mut params = params;
-        // SAFETY: `params` was validated and matches the kernel's one by-value parameter (the
-        // struct both sides take from params.h); pointers and stream are valid per this fn's
-        // contract; the grid covers every (query tile, head, batch) once.
+        // SAFETY: `params` was validated and is the kernel's one by-value parameter (the struct
+        // both sides take from params.h); pointers and stream are valid per this fn's contract.
         unsafe {
-            self.launch(
-                &kernel,
-                LaunchConfig {
-                    grid_dim: grid,
-                    block_dim: block,
-                    shared_mem_bytes: smem,
-                },
+            self.launch_sm80(
                 stream,
+                &format!("{kind}_{}_d{d}", args.dtype.name()),
+                tiles,
+                (l.seqlen, l.heads, l.batch),
                 &mut params,
                 "launching the forward kernel",
             )
         }
+    }
+
+    /// The sm_80 kernels' tile shape at head dim `d` and their dynamic shared memory (`q_tiles`
+    /// Q tiles, one K and one V tile), or the error that says the device cannot hold them
+    /// (`what` names the kernel in it).
+    pub(super) fn sm80_tiles(
+        &self,
+        d: usize,
+        q_tiles: usize,
+        what: &str,
+    ) -> Result<(TileShape, u32)> {
+        let shape = forward_tile_shape(d).ok_or(Error::UnsupportedHeadDim {
+            arg: "q.head_dim",
+            value: d,
+            supported: SUPPORTED_HEAD_DIMS,
+        })?;
+        let smem = ((q_tiles * shape.br + 2 * shape.bc) * d * 2) as u32;
+        if smem > self.max_smem_optin {
+            return Err(Error::InvalidArgument {
+                arg: "q.head_dim",
+                value: d.to_string(),
+                expected: format!(
+                    "a head dim whose {what} fits the device's {} bytes of shared memory per \
+                     block (needs {smem})",
+                    self.max_smem_optin
+                ),
+            });
+        }
+        Ok((shape, smem))
+    }
+
+    /// Launches the sm_80 kernel `lf_{module}` (loaded once per context): one CTA of
+    /// LF_FWD_WARPS warps per (query tile of `rows` query rows, head, batch entry), with the
+    /// tile shape and shared memory of [`sm80_tiles`](Self::sm80_tiles).
+    ///
+    /// # Safety
+    /// As [`Attention::launch`]: `params` is the kernel's one by-value parameter, made from the
+    /// call's validated arguments, whose buffers and stream are valid for the launch; the
+    /// kernel covers each (query tile, head, batch entry) of that grid once.
+    pub(super) unsafe fn launch_sm80<P>(
+        &self,
+        stream: sys::CUstream,
+        module: &str,
+        (shape, smem): (TileShape, u32),
+        (rows, heads, batch): (usize, usize, usize),
+        params: &mut P,
+        what: &'static str,
+    ) -> Result<()> {
+        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
+        let kernel = unsafe { self.cache.kernel(module, &format!("lf_{module}"), smem) }?;
+        let config = LaunchConfig {
+            grid_dim: (rows.div_ceil(shape.br) as u32, heads as u32, batch as u32),
+            block_dim: (LF_FWD_WARPS * 32, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: this fn's contract.
+        unsafe { self.launch(&kernel, config, stream, params, what) }
     }
 }

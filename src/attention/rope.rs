@@ -6,15 +6,13 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 
-use super::{Attention, ForwardOptions, Input, Mainloop, Output, RawForward, SUPPORTED_HEAD_DIMS};
+use super::{Attention, ForwardOptions, Input, Mainloop, Output, RawForward};
 use crate::check::{byte_range, overlaps};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::plan::forward_tile_shape;
 use crate::rope::{PositionMode, RopeLayout, RopeOptions};
 use crate::sparse::DeviceBlockMask;
-use crate::sys::LF_FWD_WARPS;
 
 /// Options of a RoPE forward call (causal; see [`Attention::forward_rope`]).
 #[derive(Clone, Copy)]
@@ -331,19 +329,8 @@ impl Attention {
         let base = fwd.validate()?;
         let lf_rope = rope.validate(fwd)?;
         let d = fwd.q_layout.head_dim;
-        let shape = forward_tile_shape(d).ok_or(Error::UnsupportedHeadDim {
-            arg: "q.head_dim",
-            value: d,
-            supported: SUPPORTED_HEAD_DIMS,
-        })?;
-        let smem = ((2 * shape.br + 2 * shape.bc) * d * 2) as u32;
-        if smem > self.max_smem_optin {
-            return Err(Error::InvalidArgument {
-                arg: "q.head_dim",
-                value: d.to_string(),
-                expected: format!("a head dim whose RoPE kernel fits the device's {} bytes of shared memory per block (needs {smem})", self.max_smem_optin),
-            });
-        }
+        // Two Q tiles: the rotated query and its outside-window variant.
+        let tiles = self.sm80_tiles(d, 2, "RoPE kernel")?;
         let dt = fwd.dtype.name();
         let k = &fwd.k_layout;
         let mut keys = crate::sys::LfRopeKeysParams {
@@ -402,25 +389,15 @@ impl Attention {
         } else {
             format!("rope_{dt}_d{d}")
         };
-        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
-        let kernel = unsafe { self.cache.kernel(&module, &format!("lf_{module}"), smem) }?;
-        let q_tiles = fwd.q_layout.seqlen.div_ceil(shape.br);
-        let grid = (
-            q_tiles as u32,
-            fwd.q_layout.heads as u32,
-            fwd.q_layout.batch as u32,
-        );
+        let l = &fwd.q_layout;
         // SAFETY: as forward_raw, with the rotated-key workspaces written by the launch above on
         // the same stream.
         unsafe {
-            self.launch(
-                &kernel,
-                LaunchConfig {
-                    grid_dim: grid,
-                    block_dim: (LF_FWD_WARPS * 32, 1, 1),
-                    shared_mem_bytes: smem,
-                },
+            self.launch_sm80(
                 stream,
+                &module,
+                tiles,
+                (l.seqlen, l.heads, l.batch),
                 &mut params,
                 "launching the RoPE forward kernel",
             )

@@ -18,16 +18,15 @@
 //! make sequences share rows).
 
 use cudarc::driver::{
-    sys, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice, LaunchConfig,
+    sys, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice,
 };
 
-use super::{Attention, Input, MainloopChoice, Output, RawForward, SUPPORTED_HEAD_DIMS};
+use super::{Attention, Input, MainloopChoice, Output, RawForward};
 use crate::check::aligned;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mask::MaskSpec;
-use crate::plan::forward_tile_shape;
-use crate::sys::{LfVarlenParams, LF_FWD_WARPS};
+use crate::sys::LfVarlenParams;
 use crate::ForwardOptions;
 
 /// Options of a variable-length forward call.
@@ -247,45 +246,17 @@ impl Attention {
         }
         let f = &args.forward;
         let d = f.q_layout.head_dim;
-        let shape = forward_tile_shape(d).ok_or(Error::UnsupportedHeadDim {
-            arg: "q.head_dim",
-            value: d,
-            supported: SUPPORTED_HEAD_DIMS,
-        })?;
-        let smem = ((shape.br + 2 * shape.bc) * d * 2) as u32;
-        if smem > self.max_smem_optin {
-            return Err(Error::InvalidArgument {
-                arg: "q.head_dim",
-                value: d.to_string(),
-                expected: format!(
-                    "a head dim whose kernel fits the device's {} bytes of shared memory per \
-                     block (needs {smem})",
-                    self.max_smem_optin
-                ),
-            });
-        }
-        let module = format!("varlen_{}_d{d}", f.dtype.name());
-        let name = format!("lf_{module}");
-        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
-        let kernel = unsafe { self.cache.kernel(&module, &name, smem) }?;
-        let grid = (
-            args.max_seqlen_q.div_ceil(shape.br) as u32,
-            f.q_layout.heads as u32,
-            args.batch as u32,
-        );
+        let tiles = self.sm80_tiles(d, 1, "kernel")?;
         // SAFETY: `params` was validated and is the kernel's one by-value parameter
         // (LfVarlenParams from params.h); pointers and stream are valid per this fn's contract;
         // the grid covers max_seqlen_q rows of every (head, sequence), and the kernel clamps
         // each sequence's rows into the packed tensors.
         unsafe {
-            self.launch(
-                &kernel,
-                LaunchConfig {
-                    grid_dim: grid,
-                    block_dim: (LF_FWD_WARPS * 32, 1, 1),
-                    shared_mem_bytes: smem,
-                },
+            self.launch_sm80(
                 stream,
+                &format!("varlen_{}_d{d}", f.dtype.name()),
+                tiles,
+                (args.max_seqlen_q, f.q_layout.heads, args.batch),
                 &mut params,
                 "launching the variable-length forward kernel",
             )
