@@ -9,19 +9,25 @@
 
 namespace lf {
 
-// Dense / causal / sliding-window forward, one CTA per (query tile, head, batch). Query tiles are
-// scheduled last first: under a causal mask they have the most key tiles.
-template <class Tr> __device__ __forceinline__ void window_fwd(const LfFwdParams &p) {
-    const int qt = gridDim.x - 1 - blockIdx.x;
-    const int h = blockIdx.y;
-    const int b = blockIdx.z;
+// One item of the dense / causal / sliding-window plan: query tile qt of head h, batch entry b,
+// with the LSE rows where `lse_at` puts them (the varlen forward runs the same item on one
+// sequence's rows).
+template <class Tr, class LseAt = DenseLse>
+__device__ __forceinline__ void window_item(const LfFwdParams &p, int qt, int h, int b,
+                                            const LseAt &lse_at = LseAt{}) {
     WindowIter iter(p.mask, qt, Tr::BR, Tr::BC);
     WindowMask mask{p.mask};
     const int hk = h / (p.heads_q / p.heads_kv);
     PlainKeys keys{static_cast<const uint16_t *>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride,
                    p.k_row_stride};
     attention_fwd_tile<Tr, WindowIter, WindowMask, PlainScore>(p, iter, mask, keys, NoQPrep{}, qt,
-                                                              h, b);
+                                                              h, b, lse_at);
+}
+
+// Dense / causal / sliding-window forward, one CTA per (query tile, head, batch). Query tiles are
+// scheduled last first: under a causal mask they have the most key tiles.
+template <class Tr> __device__ __forceinline__ void window_fwd(const LfFwdParams &p) {
+    window_item<Tr>(p, gridDim.x - 1 - blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
 // Block-sparse forward: the same skeleton over the key blocks listed for each query block.

@@ -56,12 +56,8 @@ template <class Tr> __device__ __forceinline__ void varlen_fwd(const LfVarlenPar
     p.v = static_cast<const uint16_t *>(p.v) + static_cast<int64_t>(k_lo) * p.v_row_stride;
     p.mask.seqlen_q = len_q;
     p.mask.seqlen_k = len_k;
-    WindowIter iter(p.mask, qt, Tr::BR, Tr::BC);
-    WindowMask mask{p.mask};
-    const int hk = h / (p.heads_q / p.heads_kv);
-    PlainKeys keys{static_cast<const uint16_t *>(p.k) + hk * p.k_head_stride, p.k_row_stride};
-    attention_fwd_tile<Tr, WindowIter, WindowMask, PlainScore>(
-        p, iter, mask, keys, NoQPrep{}, qt, h, 0, VarlenLse{vp.total_q, q_lo});
+    // The sequence as batch entry 0 of the dense plan (its batch strides are never used).
+    window_item<Tr>(p, qt, h, 0, VarlenLse{vp.total_q, q_lo});
 }
 
 } // namespace lf
