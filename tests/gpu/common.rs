@@ -3,14 +3,14 @@
 
 use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::{bf16, f16};
 use longflash::reference::{
     attention_f64, attention_lowp, compare, Comparison, RefOutput, RefShape, Visibility,
 };
 use longflash::{
-    Attention, BlockMask, DType, Element, ForwardOptions, Input, Layout, MainloopChoice, MaskShape,
-    MaskSpec, Output, SparseOptions,
+    Attention, BlockMask, DType, Element, ForwardOptions, Input, Layout, Mainloop, MainloopChoice,
+    MaskShape, MaskSpec, Output, RawBlockMask, RawForward, RawRope, RawRopeMode, SparseOptions,
 };
 use proptest::prelude::*;
 
@@ -21,8 +21,6 @@ pub(crate) struct Gpu {
     /// device), or the one LONGFLASH_TEST_MAINLOOP=sm80|sm90 names, so that the whole suite can
     /// run on either mainloop.
     pub(crate) attn: Attention,
-    /// The choice `attn` was made with.
-    pub(crate) choice: MainloopChoice,
     /// The same kernels with the sm_80 mainloop chosen.
     pub(crate) sm80: Attention,
     /// The same kernels with the Hopper mainloop chosen, on a compute capability 9.0 device.
@@ -68,7 +66,6 @@ pub(crate) fn gpu() -> Option<&'static Gpu> {
                     ctx,
                     stream,
                     attn,
-                    choice,
                     sm80,
                     hopper,
                 })
@@ -85,17 +82,101 @@ pub(crate) fn gpu() -> Option<&'static Gpu> {
 /// Whether a call at head dim `d` through `g.attn` computes a full block mask in the same order as
 /// the call without one, so that the two agree bit for bit: the block-sparse kernels' key tiles
 /// are `sparse::K_BLOCK` (64) keys, as are the sm_80 dense kernels'; the Hopper dense kernels
-/// take 128-key tiles at head dims 64 and 128 (RoPE runs on Hopper at those two only).
+/// take `LF_FWD_SM90_BC_D<d>`-key tiles. Which mainloop runs is the library's answer.
 pub(crate) fn full_mask_is_bitwise_dense(g: &Gpu, d: usize, rope: bool) -> bool {
-    let hopper = g.choice != MainloopChoice::Sm80
-        && g.attn.compute_capability() == (9, 0)
-        && (!rope || d <= 128);
+    let chosen = if rope {
+        let (fwd, rope) = raw_rope_placeholder(d);
+        g.attn.rope_mainloop_for(&fwd, &rope).unwrap()
+    } else {
+        let c = Case::new(DType::Bf16, (1, 256, 256), (2, 2), d, MaskSpec::causal());
+        mainloop_of(g, &g.attn, &c)
+    };
     let tile = match d {
         64 => longflash::sys::LF_FWD_SM90_BC_D64,
         128 => longflash::sys::LF_FWD_SM90_BC_D128,
         _ => longflash::sys::LF_FWD_SM90_BC_D256,
     } as usize;
-    !hopper || tile == longflash::sparse::K_BLOCK
+    chosen == Mainloop::Sm80 || tile == longflash::sparse::K_BLOCK
+}
+
+/// The mainloop `attn` picks for a call of `c`'s shape and layouts (on scratch buffers).
+pub(crate) fn mainloop_of(g: &Gpu, attn: &Attention, c: &Case) -> Mainloop {
+    with_raw_case(g, c, |raw| attn.mainloop_for(raw)).unwrap_or_else(|e| panic!("{c:?}: {e}"))
+}
+
+/// Runs `f` on a raw forward call of `c`'s shape and layouts, on zeroed scratch buffers that
+/// live until it returns (bf16).
+pub(crate) fn with_raw_case<R>(g: &Gpu, c: &Case, f: impl FnOnce(&RawForward) -> R) -> R {
+    let ql = layout(c.q_mem, c.batch, c.seqlen_q, c.heads_q, c.head_dim);
+    let kl = layout(c.kv_mem, c.batch, c.seqlen_k, c.heads_kv, c.head_dim);
+    let ol = layout(c.o_mem, c.batch, c.seqlen_q, c.heads_q, c.head_dim);
+    let len = |l: &Layout| l.required_len("t").unwrap() as usize;
+    let q: CudaSlice<bf16> = g.stream.alloc_zeros(len(&ql)).unwrap();
+    let k: CudaSlice<bf16> = g.stream.alloc_zeros(len(&kl)).unwrap();
+    let v: CudaSlice<bf16> = g.stream.alloc_zeros(len(&kl)).unwrap();
+    let mut o: CudaSlice<bf16> = g.stream.alloc_zeros(len(&ol)).unwrap();
+    let (qp, _a) = q.device_ptr(&g.stream);
+    let (kp, _b) = k.device_ptr(&g.stream);
+    let (vp, _c) = v.device_ptr(&g.stream);
+    let (op, _d) = o.device_ptr_mut(&g.stream);
+    let raw = RawForward {
+        dtype: c.dtype,
+        q: qp,
+        k: kp,
+        v: vp,
+        o: op,
+        lse: 0,
+        q_layout: ql,
+        k_layout: kl,
+        v_layout: kl,
+        o_layout: ol,
+        options: ForwardOptions {
+            mask: c.mask,
+            softmax_scale: c.scale,
+        },
+        // The choice depends on whether there is a block mask, not on its contents: a
+        // broadcast mask at placeholder addresses stands for the case's own.
+        block_mask: c.sparse.as_ref().map(|_| RawBlockMask {
+            row_offsets: 5 << 20,
+            col_indices: 6 << 20,
+            full: 7 << 20,
+            batch: 1,
+            heads: 1,
+        }),
+    };
+    f(&raw)
+}
+
+/// A causal ReRoPE call at head dim `d` (1 x 256 tokens, 2 heads) at placeholder addresses: for
+/// asking which mainloop such a call runs (nothing is launched).
+pub(crate) fn raw_rope_placeholder(d: usize) -> (RawForward, RawRope) {
+    let l = Layout::bshd(1, 256, 2, d);
+    let fwd = RawForward {
+        dtype: DType::Bf16,
+        q: 1 << 30,
+        k: 2 << 30,
+        v: 3 << 30,
+        o: 4 << 30,
+        lse: 0,
+        q_layout: l,
+        k_layout: l,
+        v_layout: l,
+        o_layout: l,
+        options: ForwardOptions::causal(),
+        block_mask: None,
+    };
+    let rope = RawRope {
+        inv_freq: 5 << 30,
+        position_offsets: 0,
+        k_rot: 6 << 30,
+        k_alt: 7 << 30,
+        rotary_dim: d,
+        interleaved: false,
+        mode: RawRopeMode::ReRope { window: 100 },
+        attention_factor: 1.0,
+        log_n_train_len: None,
+    };
+    (fwd, rope)
 }
 
 /// Says a test skipped, on the process's stderr (not the captured test output), so it shows.

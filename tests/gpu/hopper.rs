@@ -4,12 +4,10 @@
 //! device that is not compute capability 9.0 these tests print that they skipped (a failure under
 //! LONGFLASH_REQUIRE_HOPPER=1).
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-use half::bf16;
 use longflash::rope::PositionMode;
 use longflash::{
     Attention, BlockMask, DType, ForwardOptions, Layout, Mainloop, MainloopChoice, MaskShape,
-    MaskSpec, RawBlockMask, RawForward, RawRope, RawRopeMode,
+    MaskSpec, RawBlockMask, RawForward,
 };
 use proptest::prelude::*;
 
@@ -51,54 +49,6 @@ fn check_hopper(g: &Gpu, h: &Attention, c: &Case) -> RunResult {
     let r = run_case_with(g, h, c);
     assert!(r.cmp.passes, "Hopper mainloop, {c:?}\n  {}", r.cmp);
     r
-}
-
-/// The mainloop `attn` picks for a call of `c`'s shape and layouts (on scratch buffers).
-fn mainloop_of(g: &Gpu, attn: &Attention, c: &Case) -> Mainloop {
-    with_raw_case(g, c, |raw| attn.mainloop_for(raw)).unwrap_or_else(|e| panic!("{c:?}: {e}"))
-}
-
-/// Runs `f` on a raw forward call of `c`'s shape and layouts, on zeroed scratch buffers that
-/// live until it returns (bf16).
-fn with_raw_case<R>(g: &Gpu, c: &Case, f: impl FnOnce(&RawForward) -> R) -> R {
-    let ql = layout(c.q_mem, c.batch, c.seqlen_q, c.heads_q, c.head_dim);
-    let kl = layout(c.kv_mem, c.batch, c.seqlen_k, c.heads_kv, c.head_dim);
-    let ol = layout(c.o_mem, c.batch, c.seqlen_q, c.heads_q, c.head_dim);
-    let len = |l: &Layout| l.required_len("t").unwrap() as usize;
-    let q: CudaSlice<bf16> = g.stream.alloc_zeros(len(&ql)).unwrap();
-    let k: CudaSlice<bf16> = g.stream.alloc_zeros(len(&kl)).unwrap();
-    let v: CudaSlice<bf16> = g.stream.alloc_zeros(len(&kl)).unwrap();
-    let mut o: CudaSlice<bf16> = g.stream.alloc_zeros(len(&ol)).unwrap();
-    let (qp, _a) = q.device_ptr(&g.stream);
-    let (kp, _b) = k.device_ptr(&g.stream);
-    let (vp, _c) = v.device_ptr(&g.stream);
-    let (op, _d) = o.device_ptr_mut(&g.stream);
-    let raw = RawForward {
-        dtype: c.dtype,
-        q: qp,
-        k: kp,
-        v: vp,
-        o: op,
-        lse: 0,
-        q_layout: ql,
-        k_layout: kl,
-        v_layout: kl,
-        o_layout: ol,
-        options: ForwardOptions {
-            mask: c.mask,
-            softmax_scale: c.scale,
-        },
-        // The choice depends on whether there is a block mask, not on its contents: a
-        // broadcast mask at placeholder addresses stands for the case's own.
-        block_mask: c.sparse.as_ref().map(|_| RawBlockMask {
-            row_offsets: 5 << 20,
-            col_indices: 6 << 20,
-            full: 7 << 20,
-            batch: 1,
-            heads: 1,
-        }),
-    };
-    f(&raw)
 }
 
 #[test]
@@ -338,32 +288,7 @@ fn hopper_rope_is_chosen_for_head_dims_64_and_128() {
     let g = gpu_or_skip!();
     let h = hopper_or_skip!(g);
     for (d, ok) in [(64, true), (128, true), (256, false)] {
-        let l = Layout::bshd(1, 256, 2, d);
-        let fwd = RawForward {
-            dtype: DType::Bf16,
-            q: 1 << 30,
-            k: 2 << 30,
-            v: 3 << 30,
-            o: 4 << 30,
-            lse: 0,
-            q_layout: l,
-            k_layout: l,
-            v_layout: l,
-            o_layout: l,
-            options: ForwardOptions::causal(),
-            block_mask: None,
-        };
-        let rope = RawRope {
-            inv_freq: 5 << 30,
-            position_offsets: 0,
-            k_rot: 6 << 30,
-            k_alt: 7 << 30,
-            rotary_dim: d,
-            interleaved: false,
-            mode: RawRopeMode::ReRope { window: 100 },
-            attention_factor: 1.0,
-            log_n_train_len: None,
-        };
+        let (fwd, rope) = raw_rope_placeholder(d);
         // Asked from a thread that has never had a current context (planning encodes tensor
         // maps, which needs one).
         let chosen = std::thread::scope(|s| s.spawn(|| h.rope_mainloop_for(&fwd, &rope)).join());
