@@ -53,24 +53,24 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1> struct Sm90Traits {
     // the 1024 bytes of a swizzle atom.
     static constexpr int kSmemBytes = kBarOff + kBars * 8 + 1024;
     static constexpr int kProducerRegs = 24;
-    // Overlap S of tile n with P V of tile n - 1 (LF_SM90_OVERLAP=1 at build time: with the
-    // consumer warpgroups taking turns to issue; 2: each on its own); the plain schedule (the
-    // default) runs one tile at a time.
+    // Overlap S of tile n with P V of tile n - 1, the consumer warpgroups taking turns to issue
+    // (ping-pong), with a stage's K released when S is done with it and its V when P V is, so the
+    // next keys load while P V still reads V: the schedule up to head dim
+    // LF_FWD_SM90_PINGPONG_MAX_D (tile_plan.h); above it one tile at a time, both released after
+    // P V. Build options override it for experiments: LF_SM90_OVERLAP=0|1|2 (plain, ping-pong,
+    // overlap without turns) and LF_SM90_SPLIT_RELEASE=0|1.
+    static constexpr bool kDefaultOverlap = D <= LF_FWD_SM90_PINGPONG_MAX_D;
 #ifdef LF_SM90_OVERLAP
     static constexpr bool kOverlap = LF_SM90_OVERLAP != 0;
     static constexpr bool kPingPong = LF_SM90_OVERLAP == 1;
 #else
-    static constexpr bool kOverlap = false;
-    static constexpr bool kPingPong = false;
+    static constexpr bool kOverlap = kDefaultOverlap;
+    static constexpr bool kPingPong = kDefaultOverlap;
 #endif
-    // Release a stage's K when S is done with it and its V when P V is (LF_SM90_SPLIT_RELEASE=1
-    // at build time), so the next keys can load while P V still reads V: what the overlapped
-    // schedule needs, where the stage it would load into is held until P V of the tile before
-    // completes. The default releases both after P V.
 #ifdef LF_SM90_SPLIT_RELEASE
     static constexpr bool kSplitRelease = LF_SM90_SPLIT_RELEASE != 0;
 #else
-    static constexpr bool kSplitRelease = false;
+    static constexpr bool kSplitRelease = kDefaultOverlap;
 #endif
     static constexpr int kConsumerRegs = 240;
     using Tile = Sw128Tile<BR, D>;
