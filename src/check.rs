@@ -1,6 +1,7 @@
 //! Checks every entry point shares: the byte ranges a layout reaches (for aliasing), shape
 //! agreement, pointer and stride alignment, and the names those errors carry.
 
+use crate::attention::SUPPORTED_HEAD_DIMS;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 
@@ -99,4 +100,95 @@ fn stride_name(tensor: &str, field: &str) -> &'static str {
         .position(|x| *x == field)
         .unwrap_or(0);
     NAMES[t][f]
+}
+
+/// The shape rules of an attention call's Q, K, V and O: no zero dimension, a supported head dim
+/// shared by all four, V shaped like K, O like Q, query heads a whole multiple of key/value heads,
+/// and, when `k_batch_is_q_batch`, K's batch equal to Q's (a paged cache's "batch" counts pages).
+pub(crate) fn attention_shapes([q, k, v, o]: [&Layout; 4], k_batch_is_q_batch: bool) -> Result<()> {
+    q.check_dims("q")?;
+    k.check_dims("k")?;
+    v.check_dims("v")?;
+    o.check_dims("o")?;
+    if !SUPPORTED_HEAD_DIMS.contains(&q.head_dim) {
+        return Err(Error::UnsupportedHeadDim {
+            arg: "q.head_dim",
+            value: q.head_dim,
+            supported: SUPPORTED_HEAD_DIMS,
+        });
+    }
+    mismatch("k.head_dim", k.head_dim, "q.head_dim", q.head_dim)?;
+    mismatch("v.head_dim", v.head_dim, "q.head_dim", q.head_dim)?;
+    mismatch("o.head_dim", o.head_dim, "q.head_dim", q.head_dim)?;
+    if k_batch_is_q_batch {
+        mismatch("k.batch", k.batch, "q.batch", q.batch)?;
+    }
+    mismatch("v.batch", v.batch, "k.batch", k.batch)?;
+    mismatch("o.batch", o.batch, "q.batch", q.batch)?;
+    mismatch("v.seqlen", v.seqlen, "k.seqlen", k.seqlen)?;
+    mismatch("o.seqlen", o.seqlen, "q.seqlen", q.seqlen)?;
+    mismatch("v.heads", v.heads, "k.heads", k.heads)?;
+    mismatch("o.heads", o.heads, "q.heads", q.heads)?;
+    if q.heads % k.heads != 0 {
+        return Err(Error::HeadsNotDivisible {
+            heads_q: q.heads,
+            heads_kv: k.heads,
+        });
+    }
+    Ok(())
+}
+
+/// The memory rules of Q, K, V and O at `ptrs` (16-bit elements) and an optional f32
+/// log-sum-exp of `batch * heads_q * seqlen_q` values at `lse` (0 for none): 16-byte aligned
+/// pointers and strides (every row starts 16-byte aligned), an output that does not overlap
+/// itself or an input, and an LSE that overlaps none of the four. Returns the LSE's byte range.
+pub(crate) fn attention_memory(
+    [q, k, v, o]: [&Layout; 4],
+    [qp, kp, vp, op]: [u64; 4],
+    lse: u64,
+) -> Result<(i128, i128)> {
+    for (arg, ptr) in [("q.ptr", qp), ("k.ptr", kp), ("v.ptr", vp), ("o.ptr", op)] {
+        aligned(arg, ptr, 16, false)?;
+    }
+    aligned("lse.ptr", lse, 4, false)?;
+    for (name, l) in [("q", q), ("k", k), ("v", v), ("o", o)] {
+        strides_of_16_bytes(name, l)?;
+    }
+    if !o.is_non_overlapping() {
+        return Err(Error::OverlappingOutput { arg: "o" });
+    }
+    let o_range = byte_range(op, o, 2);
+    for (other, ptr, l) in [("q", qp, q), ("k", kp, k), ("v", vp, v)] {
+        if overlaps(o_range, byte_range(ptr, l, 2)) {
+            return Err(Error::Aliasing { output: "o", other });
+        }
+    }
+    let n = (q.batch * q.heads * q.seqlen) as i128 * 4;
+    let lse_range = (lse as i128, lse as i128 + n);
+    if lse != 0 {
+        for (other, ptr, l) in [("q", qp, q), ("k", kp, k), ("v", vp, v), ("o", op, o)] {
+            if overlaps(lse_range, byte_range(ptr, l, 2)) {
+                return Err(Error::Aliasing {
+                    output: "lse",
+                    other,
+                });
+            }
+        }
+    }
+    Ok(lse_range)
+}
+
+/// The softmax scale of a call: the given one or `1 / sqrt(head_dim)`, finite and positive (the
+/// kernels keep the running row maximum of the unscaled scores, which is the maximum of the
+/// scaled ones only for a positive scale).
+pub(crate) fn softmax_scale(given: Option<f32>, head_dim: usize) -> Result<f32> {
+    let scale = given.unwrap_or(1.0 / (head_dim as f32).sqrt());
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::InvalidArgument {
+            arg: "options.softmax_scale",
+            value: format!("{scale}"),
+            expected: "a finite number > 0".into(),
+        });
+    }
+    Ok(scale)
 }

@@ -16,9 +16,10 @@ pub mod sys;
 pub mod sparse;
 
 pub use attention::{
-    open_device, Attention, ForwardOptions, Input, Mainloop, MainloopChoice, Output, RawBlockMask,
-    RawForward, RawMerge, RawRope, RawRopeMode, RawVarlenForward, RopeForward, SparseOptions,
-    VarlenOptions, SUPPORTED_HEAD_DIMS,
+    open_device, Attention, BlockTable, DecodeOptions, DecodePlan, DecodeProblem, ForwardOptions,
+    Input, KvCache, Mainloop, MainloopChoice, Output, RawBlockMask, RawDecode, RawForward,
+    RawMerge, RawRope, RawRopeMode, RawVarlenForward, RopeForward, SparseOptions, VarlenOptions,
+    SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

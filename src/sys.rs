@@ -17,9 +17,17 @@ pub const LF_FWD_SM90_BC_D128: u32 = 128;
 pub const LF_FWD_SM90_BC_D256: u32 = 64;
 pub const LF_FWD_SM90_STAGES: u32 = 2;
 pub const LF_FWD_SM90_THREADS: u32 = 384;
+pub const LF_FWD_SM90_PINGPONG_MAX_D: u32 = 128;
 pub const LF_FWD_SM90_BC_SPARSE: u32 = 64;
 pub const LF_SPARSE_Q_BLOCK: u32 = 128;
 pub const LF_SPARSE_K_BLOCK: u32 = 64;
+pub const LF_DECODE_WARPS: u32 = 4;
+pub const LF_DECODE_ROWS: u32 = 16;
+pub const LF_DECODE_KEYS: u32 = 16;
+pub const LF_DECODE_STAGES_D64: u32 = 6;
+pub const LF_DECODE_STAGES_D128: u32 = 3;
+pub const LF_DECODE_STAGES_D256: u32 = 2;
+pub const LF_DECODE_SPLIT_ALIGN: u32 = 64;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
 pub struct LfMask {
@@ -454,6 +462,128 @@ const _: () = {
         [::core::mem::offset_of!(LfVarlenParams, total_k) - 268usize];
 };
 impl Default for LfVarlenParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfDecodeParams {
+    pub q: *const ::core::ffi::c_void,
+    pub k: *const ::core::ffi::c_void,
+    pub v: *const ::core::ffi::c_void,
+    pub o: *mut ::core::ffi::c_void,
+    pub lse: *mut f32,
+    pub partial_o: *mut f32,
+    pub partial_lse: *mut f32,
+    pub block_table: *const i32,
+    pub cache_seqlens: *const i32,
+    pub error_flag: *mut i32,
+    pub q_batch_stride: i64,
+    pub q_row_stride: i64,
+    pub q_head_stride: i64,
+    pub k_page_stride: i64,
+    pub k_row_stride: i64,
+    pub k_head_stride: i64,
+    pub v_page_stride: i64,
+    pub v_row_stride: i64,
+    pub v_head_stride: i64,
+    pub o_batch_stride: i64,
+    pub o_row_stride: i64,
+    pub o_head_stride: i64,
+    pub block_table_stride: i64,
+    pub mask: LfMask,
+    pub batch: i32,
+    pub heads_q: i32,
+    pub heads_kv: i32,
+    pub head_dim: i32,
+    pub num_pages: i32,
+    pub page_size: i32,
+    pub page_shift: i32,
+    pub max_pages: i32,
+    pub num_splits: i32,
+    pub keys_per_split: i32,
+    pub softmax_scale: f32,
+    pub softmax_scale_log2: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfDecodeParams"][::core::mem::size_of::<LfDecodeParams>() - 256usize];
+    ["Alignment of LfDecodeParams"][::core::mem::align_of::<LfDecodeParams>() - 8usize];
+    ["Offset of field: LfDecodeParams::q"][::core::mem::offset_of!(LfDecodeParams, q) - 0usize];
+    ["Offset of field: LfDecodeParams::k"][::core::mem::offset_of!(LfDecodeParams, k) - 8usize];
+    ["Offset of field: LfDecodeParams::v"][::core::mem::offset_of!(LfDecodeParams, v) - 16usize];
+    ["Offset of field: LfDecodeParams::o"][::core::mem::offset_of!(LfDecodeParams, o) - 24usize];
+    ["Offset of field: LfDecodeParams::lse"]
+        [::core::mem::offset_of!(LfDecodeParams, lse) - 32usize];
+    ["Offset of field: LfDecodeParams::partial_o"]
+        [::core::mem::offset_of!(LfDecodeParams, partial_o) - 40usize];
+    ["Offset of field: LfDecodeParams::partial_lse"]
+        [::core::mem::offset_of!(LfDecodeParams, partial_lse) - 48usize];
+    ["Offset of field: LfDecodeParams::block_table"]
+        [::core::mem::offset_of!(LfDecodeParams, block_table) - 56usize];
+    ["Offset of field: LfDecodeParams::cache_seqlens"]
+        [::core::mem::offset_of!(LfDecodeParams, cache_seqlens) - 64usize];
+    ["Offset of field: LfDecodeParams::error_flag"]
+        [::core::mem::offset_of!(LfDecodeParams, error_flag) - 72usize];
+    ["Offset of field: LfDecodeParams::q_batch_stride"]
+        [::core::mem::offset_of!(LfDecodeParams, q_batch_stride) - 80usize];
+    ["Offset of field: LfDecodeParams::q_row_stride"]
+        [::core::mem::offset_of!(LfDecodeParams, q_row_stride) - 88usize];
+    ["Offset of field: LfDecodeParams::q_head_stride"]
+        [::core::mem::offset_of!(LfDecodeParams, q_head_stride) - 96usize];
+    ["Offset of field: LfDecodeParams::k_page_stride"]
+        [::core::mem::offset_of!(LfDecodeParams, k_page_stride) - 104usize];
+    ["Offset of field: LfDecodeParams::k_row_stride"]
+        [::core::mem::offset_of!(LfDecodeParams, k_row_stride) - 112usize];
+    ["Offset of field: LfDecodeParams::k_head_stride"]
+        [::core::mem::offset_of!(LfDecodeParams, k_head_stride) - 120usize];
+    ["Offset of field: LfDecodeParams::v_page_stride"]
+        [::core::mem::offset_of!(LfDecodeParams, v_page_stride) - 128usize];
+    ["Offset of field: LfDecodeParams::v_row_stride"]
+        [::core::mem::offset_of!(LfDecodeParams, v_row_stride) - 136usize];
+    ["Offset of field: LfDecodeParams::v_head_stride"]
+        [::core::mem::offset_of!(LfDecodeParams, v_head_stride) - 144usize];
+    ["Offset of field: LfDecodeParams::o_batch_stride"]
+        [::core::mem::offset_of!(LfDecodeParams, o_batch_stride) - 152usize];
+    ["Offset of field: LfDecodeParams::o_row_stride"]
+        [::core::mem::offset_of!(LfDecodeParams, o_row_stride) - 160usize];
+    ["Offset of field: LfDecodeParams::o_head_stride"]
+        [::core::mem::offset_of!(LfDecodeParams, o_head_stride) - 168usize];
+    ["Offset of field: LfDecodeParams::block_table_stride"]
+        [::core::mem::offset_of!(LfDecodeParams, block_table_stride) - 176usize];
+    ["Offset of field: LfDecodeParams::mask"]
+        [::core::mem::offset_of!(LfDecodeParams, mask) - 184usize];
+    ["Offset of field: LfDecodeParams::batch"]
+        [::core::mem::offset_of!(LfDecodeParams, batch) - 208usize];
+    ["Offset of field: LfDecodeParams::heads_q"]
+        [::core::mem::offset_of!(LfDecodeParams, heads_q) - 212usize];
+    ["Offset of field: LfDecodeParams::heads_kv"]
+        [::core::mem::offset_of!(LfDecodeParams, heads_kv) - 216usize];
+    ["Offset of field: LfDecodeParams::head_dim"]
+        [::core::mem::offset_of!(LfDecodeParams, head_dim) - 220usize];
+    ["Offset of field: LfDecodeParams::num_pages"]
+        [::core::mem::offset_of!(LfDecodeParams, num_pages) - 224usize];
+    ["Offset of field: LfDecodeParams::page_size"]
+        [::core::mem::offset_of!(LfDecodeParams, page_size) - 228usize];
+    ["Offset of field: LfDecodeParams::page_shift"]
+        [::core::mem::offset_of!(LfDecodeParams, page_shift) - 232usize];
+    ["Offset of field: LfDecodeParams::max_pages"]
+        [::core::mem::offset_of!(LfDecodeParams, max_pages) - 236usize];
+    ["Offset of field: LfDecodeParams::num_splits"]
+        [::core::mem::offset_of!(LfDecodeParams, num_splits) - 240usize];
+    ["Offset of field: LfDecodeParams::keys_per_split"]
+        [::core::mem::offset_of!(LfDecodeParams, keys_per_split) - 244usize];
+    ["Offset of field: LfDecodeParams::softmax_scale"]
+        [::core::mem::offset_of!(LfDecodeParams, softmax_scale) - 248usize];
+    ["Offset of field: LfDecodeParams::softmax_scale_log2"]
+        [::core::mem::offset_of!(LfDecodeParams, softmax_scale_log2) - 252usize];
+};
+impl Default for LfDecodeParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -4,7 +4,7 @@
 use cudarc::driver::{sys, CudaStream, LaunchConfig};
 
 use super::{Attention, Input, Output, RawBlockMask, SUPPORTED_HEAD_DIMS};
-use crate::check::{aligned, byte_range, mismatch, overlaps, strides_of_16_bytes};
+use crate::check::{attention_memory, attention_shapes, softmax_scale};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -91,33 +91,7 @@ impl RawForward {
             &self.v_layout,
             &self.o_layout,
         );
-        q.check_dims("q")?;
-        k.check_dims("k")?;
-        v.check_dims("v")?;
-        o.check_dims("o")?;
-        if !SUPPORTED_HEAD_DIMS.contains(&q.head_dim) {
-            return Err(Error::UnsupportedHeadDim {
-                arg: "q.head_dim",
-                value: q.head_dim,
-                supported: SUPPORTED_HEAD_DIMS,
-            });
-        }
-        mismatch("k.head_dim", k.head_dim, "q.head_dim", q.head_dim)?;
-        mismatch("v.head_dim", v.head_dim, "q.head_dim", q.head_dim)?;
-        mismatch("o.head_dim", o.head_dim, "q.head_dim", q.head_dim)?;
-        mismatch("k.batch", k.batch, "q.batch", q.batch)?;
-        mismatch("v.batch", v.batch, "q.batch", q.batch)?;
-        mismatch("o.batch", o.batch, "q.batch", q.batch)?;
-        mismatch("v.seqlen", v.seqlen, "k.seqlen", k.seqlen)?;
-        mismatch("o.seqlen", o.seqlen, "q.seqlen", q.seqlen)?;
-        mismatch("v.heads", v.heads, "k.heads", k.heads)?;
-        mismatch("o.heads", o.heads, "q.heads", q.heads)?;
-        if q.heads % k.heads != 0 {
-            return Err(Error::HeadsNotDivisible {
-                heads_q: q.heads,
-                heads_kv: k.heads,
-            });
-        }
+        attention_shapes([q, k, v, o], true)?;
         // Grid limits: heads on grid.y, batch on grid.z.
         for (arg, val) in [("q.heads", q.heads), ("q.batch", q.batch)] {
             if val > 65535 {
@@ -143,59 +117,8 @@ impl RawForward {
             Some(bm) => bm.lower(q, k)?,
         };
 
-        // 16-byte accesses: every row start must be 16-byte aligned.
-        for (arg, ptr) in [
-            ("q.ptr", self.q),
-            ("k.ptr", self.k),
-            ("v.ptr", self.v),
-            ("o.ptr", self.o),
-        ] {
-            aligned(arg, ptr, 16, false)?;
-        }
-        aligned("lse.ptr", self.lse, 4, false)?;
-        for (name, l) in [("q", q), ("k", k), ("v", v), ("o", o)] {
-            strides_of_16_bytes(name, l)?;
-        }
-        if !o.is_non_overlapping() {
-            return Err(Error::OverlappingOutput { arg: "o" });
-        }
-        let o_range = byte_range(self.o, o, 2);
-        for (other, ptr, l) in [("q", self.q, q), ("k", self.k, k), ("v", self.v, v)] {
-            if overlaps(o_range, byte_range(ptr, l, 2)) {
-                return Err(Error::Aliasing { output: "o", other });
-            }
-        }
-        if self.lse != 0 {
-            let n = (q.batch * q.heads * q.seqlen) as i128 * 4;
-            let lse_range = (self.lse as i128, self.lse as i128 + n);
-            for (other, ptr, l) in [
-                ("q", self.q, q),
-                ("k", self.k, k),
-                ("v", self.v, v),
-                ("o", self.o, o),
-            ] {
-                if overlaps(lse_range, byte_range(ptr, l, 2)) {
-                    return Err(Error::Aliasing {
-                        output: "lse",
-                        other,
-                    });
-                }
-            }
-        }
-
-        let scale = self
-            .options
-            .softmax_scale
-            .unwrap_or(1.0 / (q.head_dim as f32).sqrt());
-        // The kernels keep the running row maximum of the unscaled scores, which is the maximum
-        // of the scaled ones only for a positive scale.
-        if !(scale.is_finite() && scale > 0.0) {
-            return Err(Error::InvalidArgument {
-                arg: "options.softmax_scale",
-                value: format!("{scale}"),
-                expected: "a finite number > 0".into(),
-            });
-        }
+        attention_memory([q, k, v, o], [self.q, self.k, self.v, self.o], self.lse)?;
+        let scale = softmax_scale(self.options.softmax_scale, q.head_dim)?;
         Ok(LfFwdParams {
             q: self.q as *const _,
             k: self.k as *const _,

@@ -1,5 +1,6 @@
 //! The attention entry points, one module per kernel family: [`forward`] (exact), [`sparse`]
-//! (block-sparse), [`rope`] (RoPE / ReRoPE inside the kernel) and [`merge`] (the LSE merge).
+//! (block-sparse), [`rope`] (RoPE / ReRoPE inside the kernel), [`varlen`] (packed sequences),
+//! [`decode`] (a few queries over a paged or contiguous KV cache) and [`merge`] (the LSE merge).
 //! Each family has a safe layer over cudarc views that validates everything and a raw layer over
 //! device pointers for engines with their own allocators. This module holds what they share:
 //! [`Attention`] (the loaded kernels of one context), the device opener, the view types and the
@@ -18,6 +19,7 @@ use crate::layout::Layout;
 use crate::loader::{CtxGuard, Kernel, ModuleCache};
 use crate::sparse::DeviceBlockMask;
 
+pub mod decode;
 pub mod forward;
 pub mod merge;
 pub mod rope;
@@ -25,6 +27,7 @@ mod sm90;
 pub mod sparse;
 pub mod varlen;
 
+pub use decode::{BlockTable, DecodeOptions, DecodePlan, DecodeProblem, KvCache, RawDecode};
 pub use forward::{ForwardOptions, RawForward};
 pub use merge::RawMerge;
 pub use rope::{RawRope, RawRopeMode, RopeForward};
@@ -98,6 +101,8 @@ pub struct Attention {
     cache: ModuleCache,
     ctx: sys::CUcontext,
     max_smem_optin: u32,
+    sm_count: u32,
+    smem_per_sm: u32,
     compute_capability: (i32, i32),
     mainloop: MainloopChoice,
     // A persistent grid of this many CTAs for the Hopper kernels (with_sm90_persistent).
@@ -122,10 +127,20 @@ impl Attention {
                 sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )
             .map_err(Error::driver("reading the shared-memory limit"))?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(Error::driver("reading the SM count"))?;
+        let smem_sm = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            )
+            .map_err(Error::driver("reading the shared memory per SM"))?;
         Ok(Attention {
             cache: ModuleCache::new(ctx.cu_ctx()),
             ctx: ctx.cu_ctx(),
             max_smem_optin: smem.max(0) as u32,
+            sm_count: sms.max(1) as u32,
+            smem_per_sm: smem_sm.max(0) as u32,
             compute_capability: (major, minor),
             mainloop: MainloopChoice::Auto,
             sm90_ctas: None,
@@ -161,10 +176,16 @@ impl Attention {
         };
         let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let smem_sm = attr(
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+        )?;
         Ok(Attention {
             cache: ModuleCache::new(ctx),
             ctx,
             max_smem_optin: smem.max(0) as u32,
+            sm_count: sms.max(1) as u32,
+            smem_per_sm: smem_sm.max(0) as u32,
             compute_capability: (major, minor),
             mainloop: MainloopChoice::Auto,
             sm90_ctas: None,
@@ -333,6 +354,54 @@ impl Attention {
             block_mask: raw_mask,
         };
         launch(&raw)
+    }
+}
+
+/// Device scratch memory allocated in stream order and freed in stream order on drop: the
+/// kernels launched on the stream in between may use it, and nothing waits for them.
+pub(crate) struct Scratch {
+    pub(crate) ptr: sys::CUdeviceptr,
+    pub(crate) bytes: usize,
+    stream: sys::CUstream,
+    ctx: sys::CUcontext,
+}
+
+impl Scratch {
+    /// `bytes` (rounded up to 16) on `stream`, 16-byte aligned (as every allocation is).
+    ///
+    /// # Safety
+    /// `stream` is a stream of the live context `ctx` (or null for its legacy default stream),
+    /// and stays valid until the value is dropped.
+    pub(crate) unsafe fn new(
+        ctx: sys::CUcontext,
+        stream: sys::CUstream,
+        bytes: usize,
+    ) -> Result<Self> {
+        let bytes = bytes.next_multiple_of(16);
+        // SAFETY: the caller guarantees the context is live.
+        let _g = unsafe { CtxGuard::bind(ctx) }?;
+        // SAFETY: a stream of the bound context; the pointer is freed on the same stream.
+        let ptr = unsafe { result::malloc_async(stream, bytes) }
+            .map_err(Error::driver("allocating scratch memory on the stream"))?;
+        Ok(Scratch {
+            ptr,
+            bytes,
+            stream,
+            ctx,
+        })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // SAFETY: the context and stream outlive this value (see `new`); the memory was
+        // allocated on this stream and is freed after the work queued on it so far. A failure
+        // here can only leak the block.
+        unsafe {
+            if let Ok(_g) = CtxGuard::bind(self.ctx) {
+                let _ = result::free_async(self.ptr, self.stream);
+            }
+        }
     }
 }
 

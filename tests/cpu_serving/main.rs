@@ -98,5 +98,6 @@ fn heads() -> impl Strategy<Value = (usize, usize)> {
     (1usize..=2, prop::sample::select(vec![1usize, 2, 4])).prop_map(|(hkv, g)| (hkv * g, hkv))
 }
 
+mod decode;
 mod paged;
 mod varlen;

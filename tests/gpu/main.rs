@@ -18,6 +18,7 @@ macro_rules! gpu_or_skip {
 
 mod common;
 mod corner;
+mod decode;
 mod dense;
 mod hopper;
 mod rope;

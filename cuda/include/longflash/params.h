@@ -205,6 +205,71 @@ typedef struct LfVarlenParams {
     int32_t total_k;
 } LfVarlenParams;
 
+/* Attention of a few query tokens per sequence over a KV cache (flash_attn_with_kvcache), paged
+ * or contiguous: the decoding kernels lf_decode_* and their split merge lf_decode_combine_*.
+ *
+ * q and o are [batch, seqlen_q, heads_q, head_dim] with element strides (mask.seqlen_q query
+ * tokens per sequence, the last ones of the sequence); lse, when not NULL, f32 [batch, heads_q,
+ * seqlen_q]. With a block table, k and v are pages [num_pages, page_size, heads_kv, head_dim]
+ * in the memory order their page, row and head strides give: key j of sequence b is row
+ * j % page_size of page block_table[b * block_table_stride + j / page_size] (page_size a power of
+ * two, at least 16; page_shift its log2). Without one (block_table NULL), batch entry b of k and
+ * v holds sequence b's keys at page_stride (its batch stride), page_size being its capacity.
+ * Sequence b has cache_seqlens[b] keys (mask.seqlen_k when cache_seqlens is NULL), attended with
+ * the mask aligned bottom-right at that length; sink_tokens is 0.
+ *
+ * The keys [0, mask.seqlen_k) are cut into num_splits ranges of keys_per_split (a multiple of
+ * LF_DECODE_SPLIT_ALIGN); mask.seqlen_k is at most the capacity (max_pages * page_size with a
+ * table). One split writes o and lse directly; more write each split's rows, normalized, to
+ * partial_o (f32 [num_splits, batch, seqlen_q, heads_q, head_dim]) and partial_lse (f32
+ * [num_splits, batch, heads_q, seqlen_q]), and lf_decode_combine_* (same parameters) merges them
+ * into o and lse.
+ *
+ * Device-side values are clamped, never trusted: a cache length into [0, mask.seqlen_k], a
+ * table entry into [0, num_pages); either ORs 1 into *error_flag when not NULL (the output of
+ * such a sequence is then unspecified). */
+typedef struct LfDecodeParams {
+    const void *q;
+    const void *k;
+    const void *v;
+    void *o;
+    float *lse;
+    float *partial_o;
+    float *partial_lse;
+    const int32_t *block_table;
+    const int32_t *cache_seqlens;
+    int32_t *error_flag;
+
+    int64_t q_batch_stride;
+    int64_t q_row_stride;
+    int64_t q_head_stride;
+    int64_t k_page_stride;
+    int64_t k_row_stride;
+    int64_t k_head_stride;
+    int64_t v_page_stride;
+    int64_t v_row_stride;
+    int64_t v_head_stride;
+    int64_t o_batch_stride;
+    int64_t o_row_stride;
+    int64_t o_head_stride;
+    int64_t block_table_stride;
+
+    LfMask mask;
+
+    int32_t batch;
+    int32_t heads_q;
+    int32_t heads_kv;
+    int32_t head_dim;
+    int32_t num_pages;
+    int32_t page_size;
+    int32_t page_shift;
+    int32_t max_pages;
+    int32_t num_splits;
+    int32_t keys_per_split;
+    float softmax_scale;
+    float softmax_scale_log2;
+} LfDecodeParams;
+
 #define LF_ASSERT_LAYOUT(cond, name) typedef char lf_layout_assert_##name[(cond) ? 1 : -1]
 LF_ASSERT_LAYOUT(sizeof(LfMask) == 24, mask_size);
 LF_ASSERT_LAYOUT(sizeof(LfBlockSparse) == 56, sparse_size);
@@ -225,6 +290,11 @@ LF_ASSERT_LAYOUT(offsetof(LfBlockSparse, batch_stride) == 24, sparse_batch_strid
 LF_ASSERT_LAYOUT(offsetof(LfMergeParams, batch) == 80, merge_batch);
 LF_ASSERT_LAYOUT(sizeof(LfVarlenParams) == 272, varlen_size);
 LF_ASSERT_LAYOUT(offsetof(LfVarlenParams, cu_seqlens_q) == 240, varlen_cu_q);
+LF_ASSERT_LAYOUT(sizeof(LfDecodeParams) == 256, decode_size);
+LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, q_batch_stride) == 80, decode_q_batch_stride);
+LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, mask) == 184, decode_mask);
+LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, batch) == 208, decode_batch);
+LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, softmax_scale_log2) == 252, decode_scale_log2);
 LF_ASSERT_LAYOUT(sizeof(LfTensorMap) == 128, tensor_map_size);
 LF_ASSERT_LAYOUT(sizeof(LfFwdSm90Params) == 640, fwd_sm90_size);
 LF_ASSERT_LAYOUT(offsetof(LfFwdSm90Params, tma_q) == 256, fwd_sm90_tma_q);

@@ -130,4 +130,17 @@ LF_HD int lf_tile_is_full(LfMask m, int32_t qt, int32_t t, int32_t br, int32_t b
     return 1;
 }
 
+/* The decoding kernel (cuda/decode.cuh): LF_DECODE_WARPS warps per CTA over one tile of
+ * LF_DECODE_ROWS packed (query token, head) rows, each warp taking LF_DECODE_KEYS keys per step
+ * through its own ring of LF_DECODE_STAGES_D<D> K/V stages; key splits start at multiples of
+ * LF_DECODE_SPLIT_ALIGN. Shared memory per CTA is (1 + 2 * warps * stages) * keys * head_dim * 2
+ * bytes: 98 KiB at head dim 64, 100 KiB at 128 (two CTAs per SM on Hopper), 136 KiB at 256. */
+#define LF_DECODE_WARPS 4
+#define LF_DECODE_ROWS 16
+#define LF_DECODE_KEYS 16
+#define LF_DECODE_STAGES_D64 6
+#define LF_DECODE_STAGES_D128 3
+#define LF_DECODE_STAGES_D256 2
+#define LF_DECODE_SPLIT_ALIGN 64
+
 #endif

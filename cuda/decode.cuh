@@ -1,0 +1,420 @@
+// The decoding forward (LfDecodeParams): a few query tokens per sequence over a KV cache, paged
+// or contiguous, read at the memory's speed.
+//
+// One CTA per (key split, row block, sequence and KV head). The query heads of one KV head and
+// the sequence's query tokens are packed into the rows of one 16-row tile (GQA packing: row
+// r = token * group + head within the group), so each cached key and value is read once per
+// 16 rows. The four warps take turns over the split's keys, 16 at a time, each with its own
+// cp.async ring of K/V stages and its own online-softmax state (no CTA barrier in the loop); the
+// warps' states are merged through shared memory at the end. With several splits each CTA
+// writes its rows normalized in f32 with their log-sum-exp, and lf_decode_combine_* merges the
+// splits by log-sum-exp.
+//
+// Device-side indices are never trusted: a cache length is clamped into [0, the keys the launch
+// covers] and a block-table entry into [0, num_pages), and either is reported through
+// error_flag.
+#pragma once
+
+#include "longflash/params.h"
+#include "longflash/tile_plan.h"
+#include "sm80/primitives.cuh"
+#include "softmax.cuh"
+
+namespace lf {
+
+template <typename T_, int D_, int STAGES_> struct DecodeTraits {
+    using T = T_;
+    static constexpr int D = D_;
+    static constexpr int kStages = STAGES_;    // K/V stages per warp
+    static constexpr int kWarps = LF_DECODE_WARPS;
+    static constexpr int kThreads = kWarps * 32;
+    static constexpr int kRows = LF_DECODE_ROWS; // packed rows per CTA: one m16 tile
+    static constexpr int kKeys = LF_DECODE_KEYS; // keys per warp per step: one k16 step of P V
+    static constexpr int kDT = D / 8;
+    static constexpr int kKSteps = D / 16;
+    static constexpr int kTileBytes = kKeys * D * 2; // K or V of one step (and the Q tile)
+    static constexpr int kStageBytes = 2 * kTileBytes;
+    static constexpr int kRingBytes = kWarps * kStages * kStageBytes;
+    static constexpr int kSmemBytes = kTileBytes + kRingBytes;
+    // Q's A fragments stay in registers up to head dim 128 (32 registers); at 256 they would
+    // crowd out O's 128, so Q is read from shared memory every step instead.
+    static constexpr bool kQInRegs = D <= 128;
+    // The merge of the warps' states reuses the ring: O in f32 and three floats per row.
+    static constexpr int kMergeWarpFloats = kRows * D + kRows * 3;
+    static_assert(kRows == 16 && kKeys == 16, "one m16 tile of rows, one k16 step of keys");
+    static_assert(kStages >= 2, "a ring needs two stages");
+    static_assert(kWarps * kMergeWarpFloats * 4 <= kRingBytes, "the merge fits in the ring");
+    static_assert(LF_DECODE_SPLIT_ALIGN % (kWarps * kKeys) == 0,
+                  "splits start on a step of every warp");
+};
+
+// Where the cached keys (or values) of one sequence and KV head are: key j is row j % page_size
+// of page block_table[j / page_size], or row j of the sequence's own entry without a table.
+struct CacheRows {
+    const uint16_t *base;    // element 0 of the KV head in page 0 (or in the sequence's entry)
+    int64_t page_stride;     // elements between pages
+    int64_t row_stride;      // elements between rows of a page
+    const int32_t *table;    // the sequence's row of the block table, or nullptr
+    int page_shift, page_mask, num_pages;
+
+    // Row `j0` (a multiple of 16, so the 16 rows from it share a page) and the flag for a
+    // clamped table entry.
+    __device__ __forceinline__ const uint16_t *rows(int j0, bool &bad) const {
+        if (table == nullptr) return base + static_cast<int64_t>(j0) * row_stride;
+        const int entry = table[j0 >> page_shift];
+        const int page = min(max(entry, 0), num_pages - 1);
+        bad |= page != entry;
+        return base + page * page_stride + static_cast<int64_t>(j0 & page_mask) * row_stride;
+    }
+};
+
+// Copies kKeys rows from `src` (row stride in elements) into a swizzled [kKeys][D] tile with the
+// 32 lanes of one warp; rows at or past `valid` are zero-filled and not read.
+template <class Tr>
+__device__ __forceinline__ void warp_load_rows(uint32_t dst, const uint16_t *src,
+                                               int64_t row_stride, int valid, int lane) {
+    constexpr int kChunks = Tr::D / 8;
+    constexpr int kPerLane = Tr::kKeys * kChunks / 32;
+#pragma unroll
+    for (int it = 0; it < kPerLane; ++it) {
+        const int idx = it * 32 + lane;
+        const int r = idx / kChunks;
+        const int c = (idx % kChunks) * 8;
+        const bool ok = r < valid;
+        cp_async_16(dst + SwizzledTile<Tr::D>::offset(r, c), ok ? src + r * row_stride + c : src,
+                    ok);
+    }
+}
+
+template <class Tr> __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p) {
+    using T = typename Tr::T;
+    using Elt = Elem<T>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t sQ = smem_addr(smem);
+    const uint32_t sRing = sQ + Tr::kTileBytes;
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int g = lane >> 2;
+    const int tq = lane & 3;
+
+    const int split = blockIdx.x;
+    const int rb = blockIdx.y;
+    const int b = blockIdx.z / p.heads_kv;
+    const int hk = blockIdx.z % p.heads_kv;
+    const int group = p.heads_q / p.heads_kv;
+    const int seqlen_q = p.mask.seqlen_q;
+    const int rows = seqlen_q * group;
+    const int row0 = rb * Tr::kRows;
+
+    // The sequence's keys, clamped into what the launch covers (and the table's capacity).
+    bool bad = false;
+    int len = p.mask.seqlen_k;
+    if (p.cache_seqlens != nullptr) {
+        const int x = p.cache_seqlens[b];
+        len = min(max(x, 0), p.mask.seqlen_k);
+        bad |= len != x;
+    }
+    const bool paged = p.block_table != nullptr;
+    CacheRows kc{static_cast<const uint16_t *>(p.k) + hk * p.k_head_stride +
+                     (paged ? 0 : b * p.k_page_stride),
+                 p.k_page_stride,
+                 p.k_row_stride,
+                 paged ? p.block_table + b * p.block_table_stride : nullptr,
+                 p.page_shift,
+                 p.page_size - 1,
+                 p.num_pages};
+    CacheRows vc = kc;
+    vc.base = static_cast<const uint16_t *>(p.v) + hk * p.v_head_stride +
+              (paged ? 0 : b * p.v_page_stride);
+    vc.page_stride = p.v_page_stride;
+    vc.row_stride = p.v_row_stride;
+
+    // Row r (packed) is query token min(r / group, seqlen_q - 1) (the clamp only touches the
+    // padding rows of the last block, which are never stored); its keys are [lo, hi).
+    const int64_t diag = static_cast<int64_t>(len) - seqlen_q;
+    const int wl = p.mask.window_left, wr = p.mask.window_right;
+    auto clamp_key = [&](int64_t x) -> int {
+        return static_cast<int>(x < 0 ? 0 : (x > len ? len : x));
+    };
+    auto key_lo = [&](int t) -> int { return wl < 0 ? 0 : clamp_key(t + diag - wl); };
+    auto key_hi = [&](int t) -> int { return wr < 0 ? len : clamp_key(t + diag + wr + 1); };
+    const int t_first = min(row0 / group, seqlen_q - 1);
+    const int t_last = min((row0 + Tr::kRows - 1) / group, seqlen_q - 1);
+    // Keys some row of the block sees, and keys every row sees (a step inside needs no mask).
+    const int union_lo = key_lo(t_first), union_hi = key_hi(t_last);
+    const int all_lo = key_lo(t_last), all_hi = key_hi(t_first);
+    int row_lo[2], row_hi[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int t = min((row0 + g + 8 * r) / group, seqlen_q - 1);
+        row_lo[r] = key_lo(t);
+        row_hi[r] = key_hi(t);
+    }
+    const int split_lo = split * p.keys_per_split;
+    const int k_lo = max(union_lo, split_lo);
+    const int k_hi = min(union_hi, split_lo + p.keys_per_split);
+    const int first = k_lo / Tr::kKeys;
+    const int steps = k_hi > k_lo ? (k_hi + Tr::kKeys - 1) / Tr::kKeys - first : 0;
+    // Warp w takes steps w, w + kWarps, ...
+    const int my_steps = steps > warp ? (steps - warp + Tr::kWarps - 1) / Tr::kWarps : 0;
+
+    const uint32_t sWarp = sRing + warp * Tr::kStages * Tr::kStageBytes;
+    auto load_step = [&](int n) {
+        const int j0 = (first + warp + n * Tr::kWarps) * Tr::kKeys;
+        const uint32_t sK = sWarp + (n % Tr::kStages) * Tr::kStageBytes;
+        warp_load_rows<Tr>(sK, kc.rows(j0, bad), kc.row_stride, len - j0, lane);
+        warp_load_rows<Tr>(sK + Tr::kTileBytes, vc.rows(j0, bad), vc.row_stride, len - j0, lane);
+    };
+
+    // Q: the block's packed rows (zeros past the last), in the group of the first stage.
+    {
+        constexpr int kChunks = Tr::D / 8;
+        const uint16_t *q = static_cast<const uint16_t *>(p.q) + b * p.q_batch_stride;
+        for (int idx = tid; idx < Tr::kRows * kChunks; idx += Tr::kThreads) {
+            const int r = idx / kChunks;
+            const int c = (idx % kChunks) * 8;
+            const int pr = row0 + r;
+            const bool ok = pr < rows;
+            const int t = ok ? pr / group : 0;
+            const int h = hk * group + (ok ? pr % group : 0);
+            cp_async_16(sQ + SwizzledTile<Tr::D>::offset(r, c),
+                        q + t * p.q_row_stride + h * p.q_head_stride + c, ok);
+        }
+    }
+#pragma unroll
+    for (int s = 0; s < Tr::kStages - 1; ++s) {
+        if (s < my_steps) load_step(s);
+        cp_async_commit();
+    }
+    cp_async_wait<Tr::kStages - 2>();
+    __syncthreads(); // Q (copied by every thread) visible to every warp
+
+    const SwizzledCursor<Tr::D> qcur(sQ, lane & 15, lane >> 4);
+    uint32_t qa[Tr::kQInRegs ? Tr::kKSteps : 1][4];
+    if constexpr (Tr::kQInRegs) {
+#pragma unroll
+        for (int ks = 0; ks < Tr::kKSteps; ++ks) ldmatrix_x4(qa[ks], qcur.at(0, ks * 2));
+    }
+
+    float o[Tr::kDT][4];
+    float row_base[2] = {kNoBase, kNoBase}, row_sum[2] = {0.f, 0.f}, exp_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int dt = 0; dt < Tr::kDT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
+    const float scale_log2 = p.softmax_scale_log2;
+
+    for (int n = 0; n < my_steps; ++n) {
+        cp_async_wait<Tr::kStages - 2>();
+        __syncwarp(); // step n's rows visible to the warp; every lane is done with step n - 1
+        if (n + Tr::kStages - 1 < my_steps) load_step(n + Tr::kStages - 1);
+        cp_async_commit();
+
+        const uint32_t sK = sWarp + (n % Tr::kStages) * Tr::kStageBytes;
+        const uint32_t sV = sK + Tr::kTileBytes;
+        const int j0 = (first + warp + n * Tr::kWarps) * Tr::kKeys;
+
+        // S = Q K^T for 16 rows x 16 keys.
+        float s[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+        const SwizzledCursor<Tr::D> kcur(sK, (lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);
+#pragma unroll
+        for (int ks = 0; ks < Tr::kKSteps; ++ks) {
+            uint32_t a[4];
+            if constexpr (Tr::kQInRegs) {
+#pragma unroll
+                for (int x = 0; x < 4; ++x) a[x] = qa[ks][x];
+            } else {
+                ldmatrix_x4(a, qcur.at(0, ks * 2));
+            }
+            uint32_t kb[4];
+            ldmatrix_x4(kb, kcur.at(0, ks * 2));
+            Mma<T>::mma(s[0], a, kb[0], kb[1]);
+            Mma<T>::mma(s[1], a, kb[2], kb[3]);
+        }
+
+        if (j0 < all_lo || j0 + Tr::kKeys > all_hi) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int key = j0 + j * 8 + tq * 2 + c;
+                        if (key < row_lo[r] || key >= row_hi[r]) s[j][2 * r + c] = -INFINITY;
+                    }
+        }
+
+        float alpha[2];
+        bool rescale = false;
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            alpha[r] = move_base(row_base[r], row_sum[r], exp_sum[r], row_max(s, r), scale_log2,
+                                 rescale);
+        if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+            for (int dt = 0; dt < Tr::kDT; ++dt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e >> 1];
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) exp_row(s, r, scale_log2, row_base[r], exp_sum[r]);
+
+        // O += P V, P from registers.
+        uint32_t pa[4];
+        pack_p<T>(s, 0, pa, row_sum[0], row_sum[1]);
+        const SwizzledCursor<Tr::D> vcur(sV, (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4);
+#pragma unroll
+        for (int dp = 0; dp < Tr::kDT / 2; ++dp) {
+            uint32_t vb[4];
+            ldmatrix_x4_trans(vb, vcur.at(0, dp * 2));
+            Mma<T>::mma(o[2 * dp], pa, vb[0], vb[1]);
+            Mma<T>::mma(o[2 * dp + 1], pa, vb[2], vb[3]);
+        }
+    }
+    cp_async_wait<0>();
+    if (bad && p.error_flag != nullptr) atomicOr(p.error_flag, 1);
+    __syncthreads(); // every warp is done with the ring: it now holds the merge
+
+    // Each warp's state: O unnormalized [16][D] f32, then (base, sum, exp_sum) per row.
+    float *merge = reinterpret_cast<float *>(smem + Tr::kTileBytes);
+    {
+        float *mo = merge + warp * Tr::kMergeWarpFloats;
+        float *ms = mo + Tr::kRows * Tr::D;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = g + 8 * r;
+            const float l = quad_sum(row_sum[r]);
+            const float le = quad_sum(exp_sum[r]);
+            if (tq == 0) {
+                ms[row * 3 + 0] = row_base[r];
+                ms[row * 3 + 1] = l;
+                ms[row * 3 + 2] = le;
+            }
+#pragma unroll
+            for (int dt = 0; dt < Tr::kDT; ++dt)
+                *reinterpret_cast<float2 *>(mo + row * Tr::D + dt * 8 + tq * 2) =
+                    make_float2(o[dt][2 * r], o[dt][2 * r + 1]);
+        }
+    }
+    __syncthreads();
+
+    constexpr float kLn2 = 0.693147180559945309f;
+    constexpr int kQuads = Tr::D / 4;
+    for (int idx = tid; idx < Tr::kRows * kQuads; idx += Tr::kThreads) {
+        const int row = idx / kQuads;
+        const int c = (idx % kQuads) * 4;
+        const int pr = row0 + row;
+        if (pr >= rows) continue;
+        float base = kNoBase;
+#pragma unroll
+        for (int w = 0; w < Tr::kWarps; ++w)
+            base = fmaxf(base, merge[w * Tr::kMergeWarpFloats + Tr::kRows * Tr::D + row * 3]);
+        float l = 0.f, le = 0.f;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int w = 0; w < Tr::kWarps; ++w) {
+            const float *mw = merge + w * Tr::kMergeWarpFloats;
+            const float *st = mw + Tr::kRows * Tr::D + row * 3;
+            const float a = exp2_step(st[0], base);
+            l += a * st[1];
+            le += a * st[2];
+            const float4 x = *reinterpret_cast<const float4 *>(mw + row * Tr::D + c);
+            acc.x += a * x.x;
+            acc.y += a * x.y;
+            acc.z += a * x.z;
+            acc.w += a * x.w;
+        }
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float lse = le > 0.f ? fmaf(base, kLn2, logf(le)) : -INFINITY;
+        const int t = pr / group;
+        const int h = hk * group + pr % group;
+        if (p.num_splits == 1) {
+            uint16_t *out = static_cast<uint16_t *>(p.o) + b * p.o_batch_stride +
+                            t * p.o_row_stride + h * p.o_head_stride + c;
+            *reinterpret_cast<uint2 *>(out) =
+                make_uint2(Elt::pack(acc.x * inv, acc.y * inv), Elt::pack(acc.z * inv, acc.w * inv));
+            if (p.lse != nullptr && c == 0)
+                p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * seqlen_q + t] = lse;
+        } else {
+            const int64_t prow =
+                (static_cast<int64_t>(split) * p.batch + b) * seqlen_q * p.heads_q +
+                static_cast<int64_t>(t) * p.heads_q + h;
+            *reinterpret_cast<float4 *>(p.partial_o + prow * Tr::D + c) =
+                make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+            if (c == 0)
+                p.partial_lse[((static_cast<int64_t>(split) * p.batch + b) * p.heads_q + h) *
+                                  seqlen_q +
+                              t] = lse;
+        }
+    }
+}
+
+// Merges the splits of every (sequence, token, query head) row by log-sum-exp: one warp per row,
+// lanes over the head dimension, four elements at a time.
+template <typename T> __device__ __forceinline__ void decode_combine(const LfDecodeParams &p) {
+    using Elt = Elem<T>;
+    const int lane = threadIdx.x & 31;
+    const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+    const int64_t rows = static_cast<int64_t>(p.batch) * p.mask.seqlen_q * p.heads_q;
+    if (row >= rows) return;
+    const int h = static_cast<int>(row % p.heads_q);
+    const int t = static_cast<int>((row / p.heads_q) % p.mask.seqlen_q);
+    const int b = static_cast<int>(row / (static_cast<int64_t>(p.heads_q) * p.mask.seqlen_q));
+    const int splits = p.num_splits;
+    const int64_t lse_row = (static_cast<int64_t>(b) * p.heads_q + h) * p.mask.seqlen_q + t;
+    const int64_t lse_split = static_cast<int64_t>(p.batch) * p.heads_q * p.mask.seqlen_q;
+    float mx = -INFINITY;
+    for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, p.partial_lse[s * lse_split + lse_row]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    float sum = 0.f;
+    if (mx != -INFINITY)
+        for (int s = lane; s < splits; s += 32) sum += __expf(p.partial_lse[s * lse_split + lse_row] - mx);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    if (p.lse != nullptr && lane == 0) p.lse[lse_row] = sum > 0.f ? mx + __logf(sum) : -INFINITY;
+
+    const int64_t o_split = rows * p.head_dim;
+    const float *po = p.partial_o + row * p.head_dim;
+    uint16_t *out = static_cast<uint16_t *>(p.o) + b * p.o_batch_stride + t * p.o_row_stride +
+                    h * p.o_head_stride;
+    for (int c = lane * 4; c < p.head_dim; c += 128) {
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int s = 0; s < splits; ++s) {
+            const float ls = p.partial_lse[s * lse_split + lse_row];
+            // A split that saw no key of the row wrote no O: its weight is 0 and it is not read.
+            if (ls == -INFINITY) continue;
+            const float w = __expf(ls - mx) * inv;
+            const float4 x = *reinterpret_cast<const float4 *>(po + s * o_split + c);
+            acc.x += w * x.x;
+            acc.y += w * x.y;
+            acc.z += w * x.z;
+            acc.w += w * x.w;
+        }
+        *reinterpret_cast<uint2 *>(out + c) =
+            make_uint2(Elt::pack(acc.x, acc.y), Elt::pack(acc.z, acc.w));
+    }
+}
+
+} // namespace lf
+
+// The decoding kernel NAME for element type T and head dimension D.
+#define LF_DEFINE_DECODE_KERNEL(NAME, T, D)                                                       \
+    using NAME##_traits = lf::DecodeTraits<T, D, LF_DECODE_STAGES_D##D>;                          \
+    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
+        NAME(const __grid_constant__ LfDecodeParams p) {                                          \
+        lf::decode_fwd<NAME##_traits>(p);                                                         \
+    }
+
+// The split merge of the decoding kernel, for element type T (every head dimension).
+#define LF_DEFINE_DECODE_COMBINE_KERNEL(NAME, T)                                                  \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const __grid_constant__ LfDecodeParams p) { \
+        lf::decode_combine<T>(p);                                                                 \
+    }

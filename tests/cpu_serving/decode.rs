@@ -1,0 +1,321 @@
+//! The decoding forward's host side: the split plan (every key covered once, aligned splits, no
+//! empty split of its own choosing, the caller's count kept, the workspace it implies) and the validation of the raw
+//! arguments (typed errors naming the argument), without a GPU.
+
+use longflash::attention::decode::{DecodeOptions, DecodeProblem, RawDecode};
+use longflash::layout::Layout;
+
+use super::*;
+
+fn problem(batch: usize, seqlen_q: usize, heads: (usize, usize), keys: usize) -> DecodeProblem {
+    DecodeProblem {
+        batch,
+        seqlen_q,
+        heads_q: heads.0,
+        heads_kv: heads.1,
+        head_dim: 128,
+        max_seqlen_k: keys,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn split_plan_covers_every_key_once(
+        batch in 1usize..300,
+        seqlen_q in 1usize..20,
+        heads in prop_oneof![Just((1usize, 1usize)), Just((32, 8)), Just((9, 3)), Just((64, 64))],
+        keys in prop_oneof![1usize..300, 1usize..2_000_000],
+        wave in prop_oneof![Just(1usize), Just(108), Just(264)],
+        asked in prop_oneof![Just(None), (1usize..2000).prop_map(Some)],
+    ) {
+        let p = problem(batch, seqlen_q, heads, keys).plan(wave, asked);
+        prop_assert!(p.num_splits >= 1);
+        prop_assert_eq!(p.keys_per_split % 64, 0);
+        // The splits cover the keys; the plan's own splits all hold keys.
+        prop_assert!(p.num_splits * p.keys_per_split >= keys);
+        if asked.is_none() {
+            prop_assert!((p.num_splits - 1) * p.keys_per_split < keys);
+        }
+        let group = heads.0 / heads.1;
+        prop_assert_eq!(p.row_blocks, (seqlen_q * group).div_ceil(16));
+        if let Some(a) = asked {
+            // The caller's count, unless it asks for more splits than 64-key chunks.
+            prop_assert_eq!(p.num_splits, a.min(keys.div_ceil(64)));
+        } else {
+            prop_assert!(p.num_splits <= 256);
+            let ctas = batch * heads.1 * p.row_blocks;
+            prop_assert!(p.num_splits == 1 || ctas * p.num_splits <= wave);
+            prop_assert!(p.num_splits == 1 || p.keys_per_split >= 256);
+        }
+        let want_ws = if p.num_splits > 1 {
+            p.num_splits * batch * seqlen_q * heads.0 * 129 * 4
+        } else {
+            0
+        };
+        prop_assert_eq!(p.workspace_bytes, want_ws);
+    }
+}
+
+#[test]
+fn split_plan_fills_one_wave_when_the_grid_is_small() {
+    // One sequence, 8 KV heads, one token: 8 CTAs without splits; a long cache is split until
+    // the grid fills one wave of 264 CTAs (132 SMs holding 2 each), and not past it.
+    let p = problem(1, 1, (32, 8), 131_072).plan(264, None);
+    assert_eq!(p.num_splits * 8, 264, "{p:?}");
+    // 32 CTAs: 8 splits make 256, one wave; 9 would spill into a second.
+    let p = problem(4, 1, (32, 8), 131_075).plan(264, None);
+    assert_eq!(p.num_splits, 8, "{p:?}");
+    // A batch that already fills the device is not split.
+    let p = problem(256, 1, (32, 8), 131_072).plan(264, None);
+    assert_eq!(p.num_splits, 1, "{p:?}");
+    // A short cache is not cut below 256 keys per split.
+    let p = problem(1, 1, (32, 8), 1000).plan(264, None);
+    assert_eq!(p.num_splits, 3, "{p:?}");
+}
+
+/// A valid paged call at placeholder addresses (nothing is launched by validate).
+fn base() -> RawDecode {
+    RawDecode {
+        dtype: longflash::DType::Bf16,
+        q: 1 << 30,
+        k: 2 << 30,
+        v: 3 << 30,
+        o: 4 << 30,
+        lse: 0,
+        q_layout: Layout::bshd(2, 1, 8, 64),
+        k_layout: Layout::bshd(16, 32, 2, 64),
+        v_layout: Layout::bshd(16, 32, 2, 64),
+        o_layout: Layout::bshd(2, 1, 8, 64),
+        block_table: 5 << 30,
+        max_pages_per_seq: 8,
+        cache_seqlens: 6 << 30,
+        error_flag: 0,
+        options: DecodeOptions {
+            num_splits: Some(1),
+            ..DecodeOptions::default()
+        },
+        workspace: 0,
+        workspace_bytes: 0,
+    }
+}
+
+fn refused(a: RawDecode, arg: &str) {
+    match a.validate(132) {
+        Ok(_) => panic!("{arg}: accepted"),
+        Err(e) => assert!(e.to_string().contains(arg), "{arg}: {e}"),
+    }
+}
+
+#[test]
+fn raw_decode_validation() {
+    let (params, plan) = base().validate(132).unwrap();
+    assert_eq!(plan.num_splits, 1);
+    assert_eq!(params.page_size, 32);
+    assert_eq!(params.page_shift, 5);
+    assert_eq!(params.num_pages, 16);
+    assert_eq!(params.mask.seqlen_k, 8 * 32);
+    // Contiguous: the cache's own length is the capacity, its batch the query batch.
+    let contiguous = RawDecode {
+        block_table: 0,
+        k_layout: Layout::bshd(2, 100, 2, 64),
+        v_layout: Layout::bshd(2, 100, 2, 64),
+        ..base()
+    };
+    let (params, _) = contiguous.validate(132).unwrap();
+    assert_eq!((params.page_size, params.mask.seqlen_k), (100, 100));
+    refused(
+        RawDecode {
+            k_layout: Layout::bshd(3, 100, 2, 64),
+            v_layout: Layout::bshd(3, 100, 2, 64),
+            ..contiguous
+        },
+        "k.batch",
+    );
+
+    let pages = |n: usize, ps: usize| RawDecode {
+        k_layout: Layout::bshd(n, ps, 2, 64),
+        v_layout: Layout::bshd(n, ps, 2, 64),
+        ..base()
+    };
+    refused(pages(16, 24), "k.seqlen");
+    refused(pages(16, 8), "k.seqlen");
+    refused(
+        RawDecode {
+            max_pages_per_seq: 0,
+            ..base()
+        },
+        "max_pages_per_seq",
+    );
+    refused(
+        RawDecode {
+            max_pages_per_seq: 1 << 30,
+            ..base()
+        },
+        "max_pages_per_seq",
+    );
+    let with = |options: DecodeOptions| RawDecode { options, ..base() };
+    refused(
+        with(DecodeOptions {
+            max_seqlen_k: Some(8 * 32 + 1),
+            ..DecodeOptions::default()
+        }),
+        "max_seqlen_k",
+    );
+    refused(
+        with(DecodeOptions {
+            max_seqlen_k: Some(0),
+            ..DecodeOptions::default()
+        }),
+        "max_seqlen_k",
+    );
+    refused(
+        with(DecodeOptions {
+            num_splits: Some(0),
+            ..DecodeOptions::default()
+        }),
+        "num_splits",
+    );
+    refused(
+        with(DecodeOptions {
+            mask: MaskSpec {
+                sink_tokens: 4,
+                ..MaskSpec::causal_window(8)
+            },
+            ..DecodeOptions::default()
+        }),
+        "sink_tokens",
+    );
+    refused(
+        with(DecodeOptions {
+            softmax_scale: Some(-1.0),
+            ..DecodeOptions::default()
+        }),
+        "softmax_scale",
+    );
+    // Several splits need a workspace of the plan's size, apart from the other buffers.
+    let split = with(DecodeOptions {
+        num_splits: Some(3),
+        ..DecodeOptions::default()
+    });
+    refused(split, "workspace_bytes");
+    let need = split.validate(132).map(|_| ()).unwrap_err();
+    assert!(
+        matches!(
+            need,
+            Error::InvalidArgument {
+                arg: "workspace_bytes",
+                ..
+            }
+        ),
+        "{need}"
+    );
+    let ws = 7u64 << 30;
+    let plan = DecodeProblem {
+        batch: 2,
+        seqlen_q: 1,
+        heads_q: 8,
+        heads_kv: 2,
+        head_dim: 64,
+        max_seqlen_k: 256,
+    }
+    .plan(132, Some(3));
+    let ok = RawDecode {
+        workspace: ws,
+        workspace_bytes: plan.workspace_bytes,
+        ..split
+    };
+    let (params, p) = ok.validate(132).unwrap();
+    assert_eq!(p, plan);
+    assert_eq!(params.partial_o as u64, ws);
+    assert_eq!(
+        params.partial_lse as u64,
+        ws + (3 * 2 * 8 * 64 * 4) as u64,
+        "partial LSEs follow the partial outputs"
+    );
+    refused(
+        RawDecode {
+            workspace_bytes: plan.workspace_bytes - 1,
+            ..ok
+        },
+        "workspace_bytes",
+    );
+    refused(
+        RawDecode {
+            workspace: ws + 8,
+            ..ok
+        },
+        "workspace.ptr",
+    );
+    refused(
+        RawDecode {
+            workspace: 1 << 30,
+            ..ok
+        },
+        "workspace",
+    );
+
+    // Shapes, heads, head dims, alignment, aliasing.
+    refused(
+        RawDecode {
+            q_layout: Layout::bshd(2, 1, 6, 64),
+            o_layout: Layout::bshd(2, 1, 6, 64),
+            k_layout: Layout::bshd(16, 32, 4, 64),
+            v_layout: Layout::bshd(16, 32, 4, 64),
+            ..base()
+        },
+        "heads",
+    );
+    refused(
+        RawDecode {
+            q_layout: Layout::bshd(2, 1, 8, 96),
+            o_layout: Layout::bshd(2, 1, 8, 96),
+            ..base()
+        },
+        "head_dim",
+    );
+    refused(
+        RawDecode {
+            v_layout: Layout::bshd(16, 64, 2, 64),
+            ..base()
+        },
+        "v.seqlen",
+    );
+    refused(
+        RawDecode {
+            k: (2 << 30) + 8,
+            ..base()
+        },
+        "k.ptr",
+    );
+    refused(
+        RawDecode {
+            block_table: (5 << 30) + 2,
+            ..base()
+        },
+        "block_table.ptr",
+    );
+    refused(
+        RawDecode {
+            o: 1 << 30,
+            ..base()
+        },
+        "o",
+    );
+    refused(
+        RawDecode {
+            lse: 2 << 30,
+            ..base()
+        },
+        "lse",
+    );
+    // The grid: (sequence, KV head) pairs on one dimension.
+    refused(
+        RawDecode {
+            q_layout: Layout::bshd(40_000, 1, 8, 64),
+            o_layout: Layout::bshd(40_000, 1, 8, 64),
+            ..base()
+        },
+        "q.batch",
+    );
+}

@@ -1,0 +1,565 @@
+//! The decoding forward over a KV cache (paged or contiguous) against the CPU reference
+//! (`reference::paged_attention_*`: the dense reference on each sequence's gathered keys), over
+//! page sizes, both cache layouts, shared and shuffled pages, GQA packing, speculative query
+//! counts, masks and split counts; the raw entry with a caller's workspace against the safe one;
+//! and cache lengths and block-table entries that point outside the cache: clamped, reported
+//! through the error flag, never read out of bounds (run under compute-sanitizer memcheck).
+
+use cudarc::driver::{CudaSlice, DevicePtr};
+use half::{bf16, f16};
+use longflash::reference::{
+    compare, paged_attention_f64, paged_attention_lowp, Comparison, PagedLayout, PagedShape,
+};
+use longflash::{
+    Attention, BlockTable, DType, DecodeOptions, Element, Input, KvCache, Layout, MaskSpec, Output,
+    RawDecode,
+};
+use proptest::prelude::*;
+
+use crate::common::Rng;
+use crate::common::*;
+
+/// A decoding problem. `page_size: None` is a contiguous cache of `capacity` keys per sequence.
+#[derive(Clone, Debug)]
+struct DecodeCase {
+    dtype: DType,
+    lens: Vec<usize>,
+    seqlen_q: usize,
+    heads_q: usize,
+    heads_kv: usize,
+    head_dim: usize,
+    page_size: Option<usize>,
+    layout: PagedLayout,
+    /// Sequence 1 (when there is one) starts with sequence 0's first page (a shared prefix).
+    share_first_page: bool,
+    mask: MaskSpec,
+    num_splits: Option<usize>,
+    seed: u64,
+}
+
+struct DecodeRun {
+    cmp: Comparison,
+    out: Vec<f64>,
+    lse: Vec<f32>,
+    flag: i32,
+}
+
+/// Device values to use instead of the case's own (for the clamping tests).
+#[derive(Default)]
+struct Overrides<'a> {
+    cache_seqlens: Option<&'a [i32]>,
+    block_table: Option<&'a [i32]>,
+}
+
+/// The cache of a case: its reference description, and the layout of K and V as the kernel
+/// reads them.
+fn cache_shape(c: &DecodeCase, rng: &mut Rng) -> (PagedShape, Layout) {
+    let max_len = c.lens.iter().copied().max().unwrap_or(0).max(1);
+    let (ps, max_pages) = match c.page_size {
+        Some(ps) => (ps, max_len.div_ceil(ps) + 1),
+        None => (max_len + 5, 1),
+    };
+    let batch = c.lens.len();
+    let num_pages = batch * max_pages + 3;
+    // Pages in a shuffled order (a contiguous cache: sequence b is "page" b).
+    let mut pages: Vec<i32> = (0..num_pages as i32).collect();
+    if c.page_size.is_some() {
+        for i in (1..pages.len()).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            pages.swap(i, j);
+        }
+    }
+    let mut block_table: Vec<i32> = pages[..batch * max_pages].to_vec();
+    if c.share_first_page && batch > 1 && c.page_size.is_some() {
+        block_table[max_pages] = block_table[0];
+    }
+    let shape = PagedShape {
+        batch,
+        seqlen_q: c.seqlen_q,
+        heads_q: c.heads_q,
+        heads_kv: c.heads_kv,
+        head_dim: c.head_dim,
+        num_pages: if c.page_size.is_some() {
+            num_pages
+        } else {
+            batch
+        },
+        page_size: ps,
+        max_pages_per_seq: max_pages,
+        layout: c.layout,
+        block_table,
+        cache_seqlens: c.lens.iter().map(|&l| l as i32).collect(),
+    };
+    let layout = match c.layout {
+        PagedLayout::TokensMajor => Layout::bshd(shape.num_pages, ps, c.heads_kv, c.head_dim),
+        PagedLayout::HeadsMajor => Layout::bhsd(shape.num_pages, ps, c.heads_kv, c.head_dim),
+    };
+    (shape, layout)
+}
+
+fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &DecodeCase, ov: &Overrides) -> DecodeRun {
+    let mut rng = Rng(c.seed);
+    let (shape, cache_layout) = cache_shape(c, &mut rng);
+    let mut gen =
+        |n: usize| -> Vec<T> { (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect() };
+    let cache_len = shape.cache_len().unwrap();
+    let (q, k, v) = (gen(shape.q_len().unwrap()), gen(cache_len), gen(cache_len));
+    let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
+    let scale = 1.0 / (c.head_dim as f32).sqrt();
+    let ref64 = paged_attention_f64(
+        &shape,
+        &wide(&q),
+        &wide(&k),
+        &wide(&v),
+        &c.mask,
+        scale as f64,
+    )
+    .unwrap_or_else(|e| panic!("{c:?}: reference: {e}"));
+    let lowp = paged_attention_lowp(&shape, &q, &k, &v, &c.mask, scale).unwrap();
+
+    let ql = Layout::bshd(shape.batch, c.seqlen_q, c.heads_q, c.head_dim);
+    let (dq, dk, dv) = (
+        g.stream.clone_htod(&q).unwrap(),
+        g.stream.clone_htod(&k).unwrap(),
+        g.stream.clone_htod(&v).unwrap(),
+    );
+    let table = ov.block_table.unwrap_or(&shape.block_table);
+    let lens = ov.cache_seqlens.unwrap_or(&shape.cache_seqlens);
+    let (dt, dl) = (
+        g.stream.clone_htod(table).unwrap(),
+        g.stream.clone_htod(lens).unwrap(),
+    );
+    let mut d_o: CudaSlice<T> = g.stream.alloc_zeros(q.len()).unwrap();
+    let mut d_lse: CudaSlice<f32> = g
+        .stream
+        .alloc_zeros(shape.batch * c.heads_q * c.seqlen_q)
+        .unwrap();
+    let mut d_flag: CudaSlice<i32> = g.stream.alloc_zeros(1).unwrap();
+    let opts = DecodeOptions {
+        mask: c.mask,
+        softmax_scale: None,
+        max_seqlen_k: None,
+        num_splits: c.num_splits,
+    };
+    {
+        let (qv, kv, vv, tv, lv) = (
+            dq.as_view(),
+            dk.as_view(),
+            dv.as_view(),
+            dt.as_view(),
+            dl.as_view(),
+        );
+        let (mut o, mut l, mut f) = (d_o.as_view_mut(), d_lse.as_view_mut(), d_flag.as_view_mut());
+        let cache = KvCache {
+            k: Input {
+                data: &kv,
+                layout: cache_layout,
+            },
+            v: Input {
+                data: &vv,
+                layout: cache_layout,
+            },
+            block_table: c.page_size.map(|_| BlockTable {
+                table: &tv,
+                max_pages_per_seq: shape.max_pages_per_seq,
+            }),
+            cache_seqlens: Some(&lv),
+        };
+        attn.decode(
+            &g.stream,
+            Input {
+                data: &qv,
+                layout: ql,
+            },
+            &cache,
+            Output {
+                data: &mut o,
+                layout: ql,
+                lse: Some(&mut l),
+            },
+            Some(&mut f),
+            &opts,
+        )
+        .unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
+    let out = wide(&g.stream.clone_dtoh(&d_o).unwrap());
+    let lse: Vec<f32> = g.stream.clone_dtoh(&d_lse).unwrap();
+    let flag = g.stream.clone_dtoh(&d_flag).unwrap()[0];
+    let cmp = compare(&out, Some(&lse), &ref64, &lowp);
+    DecodeRun {
+        cmp,
+        out,
+        lse,
+        flag,
+    }
+}
+
+/// The device address of `s` (the raw entry's arguments).
+fn dev_ptr<T>(g: &Gpu, s: &CudaSlice<T>) -> u64 {
+    let (p, _guard) = s.device_ptr(&g.stream);
+    p
+}
+
+fn run(g: &Gpu, attn: &Attention, c: &DecodeCase, ov: &Overrides) -> DecodeRun {
+    match c.dtype {
+        DType::F16 => run_t::<f16>(g, attn, c, ov),
+        DType::Bf16 => run_t::<bf16>(g, attn, c, ov),
+    }
+}
+
+fn check(g: &Gpu, c: &DecodeCase) -> DecodeRun {
+    let r = run(g, &g.attn, c, &Overrides::default());
+    assert!(r.cmp.passes, "{c:?}\n  {}", r.cmp);
+    assert_eq!(r.flag, 0, "{c:?}: valid cache reported");
+    r
+}
+
+fn case(head_dim: usize, mask: MaskSpec) -> DecodeCase {
+    DecodeCase {
+        dtype: DType::Bf16,
+        lens: vec![1, 700, 0, 129, 64],
+        seqlen_q: 1,
+        heads_q: 8,
+        heads_kv: 2,
+        head_dim,
+        page_size: Some(64),
+        layout: PagedLayout::TokensMajor,
+        share_first_page: true,
+        mask,
+        num_splits: None,
+        seed: head_dim as u64,
+    }
+}
+
+#[test]
+fn decode_by_hand() {
+    let g = gpu_or_skip!();
+    for dtype in DTYPES {
+        for d in DIMS {
+            for mask in [
+                MaskSpec::none(),
+                MaskSpec::causal(),
+                MaskSpec::causal_window(100),
+            ] {
+                for (page_size, layout) in [
+                    (Some(16), PagedLayout::TokensMajor),
+                    (Some(64), PagedLayout::HeadsMajor),
+                    (Some(256), PagedLayout::TokensMajor),
+                    (None, PagedLayout::TokensMajor),
+                ] {
+                    for num_splits in [None, Some(1), Some(3)] {
+                        check(
+                            g,
+                            &DecodeCase {
+                                dtype,
+                                page_size,
+                                layout,
+                                num_splits,
+                                ..case(d, mask)
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Several query tokens per sequence (speculative decoding, chunked prefill) and group sizes
+/// whose packed rows take one, several or a part of a 16-row tile.
+#[test]
+fn speculative_tokens_and_gqa_packing() {
+    let g = gpu_or_skip!();
+    for (seqlen_q, heads_q, heads_kv) in [
+        (1, 32, 8),
+        (4, 32, 8),
+        (16, 32, 8),
+        (3, 7, 7),
+        (5, 6, 1),
+        (16, 8, 1),
+        (40, 2, 2),
+    ] {
+        for mask in [
+            MaskSpec::causal(),
+            MaskSpec::none(),
+            MaskSpec::causal_window(37),
+        ] {
+            check(
+                g,
+                &DecodeCase {
+                    seqlen_q,
+                    heads_q,
+                    heads_kv,
+                    // A sequence shorter than its query count: its first rows see no key.
+                    lens: vec![300, 2, 1000],
+                    num_splits: Some(2),
+                    ..case(128, mask)
+                },
+            );
+        }
+    }
+}
+
+/// A long cache split many ways, and the split plan's own choice, agree with the reference; the
+/// raw entry with a caller's workspace (what a CUDA graph captures) gives the safe entry's bits.
+#[test]
+fn splits_and_raw_workspace() {
+    let g = gpu_or_skip!();
+    for num_splits in [None, Some(1), Some(2), Some(7), Some(64)] {
+        check(
+            g,
+            &DecodeCase {
+                lens: vec![5000, 4097],
+                heads_q: 4,
+                heads_kv: 4,
+                page_size: Some(128),
+                num_splits,
+                ..case(128, MaskSpec::causal())
+            },
+        );
+    }
+
+    // Raw: the same call through decode_raw with a workspace of exactly the plan's size.
+    let c = DecodeCase {
+        lens: vec![3000, 17],
+        num_splits: Some(5),
+        ..case(64, MaskSpec::causal())
+    };
+    let safe = check(g, &c);
+    let mut rng = Rng(c.seed);
+    let (shape, cl) = cache_shape(&c, &mut rng);
+    let mut gen = |n: usize| -> Vec<bf16> {
+        (0..n)
+            .map(|_| bf16::from_f32(rng.normal() as f32))
+            .collect()
+    };
+    let (q, k, v) = (
+        gen(shape.q_len().unwrap()),
+        gen(shape.cache_len().unwrap()),
+        gen(shape.cache_len().unwrap()),
+    );
+    let ql = Layout::bshd(shape.batch, c.seqlen_q, c.heads_q, c.head_dim);
+    let (dq, dk, dv) = (
+        g.stream.clone_htod(&q).unwrap(),
+        g.stream.clone_htod(&k).unwrap(),
+        g.stream.clone_htod(&v).unwrap(),
+    );
+    let (dt, dl) = (
+        g.stream.clone_htod(&shape.block_table).unwrap(),
+        g.stream.clone_htod(&shape.cache_seqlens).unwrap(),
+    );
+    let d_o: CudaSlice<bf16> = g.stream.alloc_zeros(q.len()).unwrap();
+    let d_lse: CudaSlice<f32> = g.stream.alloc_zeros(safe.lse.len()).unwrap();
+    let mut args = RawDecode {
+        dtype: DType::Bf16,
+        q: dev_ptr(g, &dq),
+        k: dev_ptr(g, &dk),
+        v: dev_ptr(g, &dv),
+        o: dev_ptr(g, &d_o),
+        lse: dev_ptr(g, &d_lse),
+        q_layout: ql,
+        k_layout: cl,
+        v_layout: cl,
+        o_layout: ql,
+        block_table: dev_ptr(g, &dt),
+        max_pages_per_seq: shape.max_pages_per_seq,
+        cache_seqlens: dev_ptr(g, &dl),
+        error_flag: 0,
+        options: DecodeOptions {
+            mask: c.mask,
+            num_splits: c.num_splits,
+            ..DecodeOptions::default()
+        },
+        workspace: 0,
+        workspace_bytes: 0,
+    };
+    let plan = g.attn.decode_plan(&args).unwrap();
+    assert_eq!(plan.num_splits, 5);
+    assert!(plan.workspace_bytes > 0);
+    // Too small a workspace is refused before launch.
+    let ws: CudaSlice<u8> = g.stream.alloc_zeros(plan.workspace_bytes).unwrap();
+    args.workspace = dev_ptr(g, &ws);
+    args.workspace_bytes = plan.workspace_bytes - 1;
+    // SAFETY: every pointer is a live allocation of this context holding what its layout
+    // addresses; the call is refused before launch.
+    let err = unsafe { g.attn.decode_raw(g.stream.cu_stream(), &args) };
+    assert!(err.is_err(), "a short workspace was accepted");
+    args.workspace_bytes = plan.workspace_bytes;
+    // SAFETY: as above, with the plan's workspace; the stream is synchronized before the
+    // buffers are read or dropped.
+    unsafe { g.attn.decode_raw(g.stream.cu_stream(), &args) }.unwrap();
+    let out: Vec<f64> = g
+        .stream
+        .clone_dtoh(&d_o)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_f64())
+        .collect();
+    let lse: Vec<f32> = g.stream.clone_dtoh(&d_lse).unwrap();
+    assert!(out == safe.out, "raw and safe outputs differ");
+    assert!(
+        lse.iter()
+            .map(|x| x.to_bits())
+            .eq(safe.lse.iter().map(|x| x.to_bits())),
+        "raw and safe LSEs differ"
+    );
+}
+
+/// Cache lengths and table entries the kernel cannot trust: negative, past the table's
+/// capacity, pages past the cache. The call stays inside the cache (memcheck checks that under
+/// compute-sanitizer), sets the flag, writes finite values, and leaves the valid sequence 0
+/// as it was.
+#[test]
+fn bad_lengths_and_pages_are_clamped_and_reported() {
+    let g = gpu_or_skip!();
+    let c = DecodeCase {
+        lens: vec![200, 150, 90],
+        seqlen_q: 2,
+        share_first_page: false,
+        ..case(64, MaskSpec::causal())
+    };
+    let mut rng = Rng(c.seed);
+    let (shape, _) = cache_shape(&c, &mut rng);
+    let good = check(g, &c);
+    let mp = shape.max_pages_per_seq;
+    let capacity = (mp * 64) as i32;
+    let mut table_bad_page = shape.block_table.clone();
+    table_bad_page[mp] = shape.num_pages as i32; // sequence 1, first page: one past the cache
+    let mut table_negative = shape.block_table.clone();
+    table_negative[2 * mp + 1] = -7; // sequence 2, second page
+    let mut table_huge = shape.block_table.clone();
+    table_huge[mp + 2] = i32::MAX; // sequence 1, third page
+    let lens_neg = [200, -1, 90];
+    let lens_over = [200, 150, capacity + 1];
+    let lens_huge = [200, i32::MAX, i32::MIN];
+    let cases: [Overrides; 6] = [
+        Overrides {
+            block_table: Some(&table_bad_page),
+            ..Overrides::default()
+        },
+        Overrides {
+            block_table: Some(&table_negative),
+            ..Overrides::default()
+        },
+        Overrides {
+            block_table: Some(&table_huge),
+            ..Overrides::default()
+        },
+        Overrides {
+            cache_seqlens: Some(&lens_neg),
+            ..Overrides::default()
+        },
+        Overrides {
+            cache_seqlens: Some(&lens_over),
+            ..Overrides::default()
+        },
+        Overrides {
+            cache_seqlens: Some(&lens_huge),
+            ..Overrides::default()
+        },
+    ];
+    for (i, ov) in cases.iter().enumerate() {
+        for num_splits in [Some(1), Some(4)] {
+            let cs = DecodeCase {
+                num_splits,
+                ..c.clone()
+            };
+            let r = run(g, &g.attn, &cs, ov);
+            assert_eq!(r.flag, 1, "case {i} {num_splits:?}: not reported");
+            assert!(
+                r.out.iter().all(|x| x.is_finite()),
+                "case {i}: non-finite output"
+            );
+            let n = c.seqlen_q * c.heads_q * c.head_dim;
+            let rg = run(g, &g.attn, &cs, &Overrides::default());
+            assert!(r.out[..n] == rg.out[..n], "case {i}: sequence 0 changed");
+        }
+    }
+    assert!(good.out.iter().all(|x| x.is_finite()));
+}
+
+fn arb_decode_case() -> impl Strategy<Value = DecodeCase> {
+    let len = prop_oneof![
+        Just(0usize),
+        Just(1),
+        Just(15),
+        Just(16),
+        Just(17),
+        Just(64),
+        1usize..2000
+    ];
+    (
+        prop_oneof![Just(DType::F16), Just(DType::Bf16)],
+        proptest::collection::vec(len, 1..5),
+        prop_oneof![Just(1usize), Just(2), 1usize..17],
+        prop_oneof![
+            Just((1usize, 1usize)),
+            Just((4, 1)),
+            Just((8, 2)),
+            Just((6, 3)),
+            Just((32, 4))
+        ],
+        prop_oneof![Just(64usize), Just(128), Just(256)],
+        prop_oneof![
+            Just(None),
+            Just(Some(16usize)),
+            Just(Some(32)),
+            Just(Some(128))
+        ],
+        any::<bool>(),
+        prop_oneof![
+            Just(MaskSpec::none()),
+            Just(MaskSpec::causal()),
+            (1u32..300).prop_map(MaskSpec::causal_window),
+        ],
+        prop_oneof![Just(None), (1usize..40).prop_map(Some)],
+        any::<u64>(),
+    )
+        .prop_map(
+            |(
+                dtype,
+                lens,
+                seqlen_q,
+                (heads_q, heads_kv),
+                head_dim,
+                page_size,
+                hm,
+                mask,
+                ns,
+                seed,
+            )| {
+                DecodeCase {
+                    dtype,
+                    lens,
+                    seqlen_q,
+                    heads_q,
+                    heads_kv,
+                    head_dim,
+                    page_size,
+                    layout: if hm {
+                        PagedLayout::HeadsMajor
+                    } else {
+                        PagedLayout::TokensMajor
+                    },
+                    share_first_page: hm,
+                    mask,
+                    num_splits: ns,
+                    seed,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn decode_kernel_matches_reference(c in arb_decode_case()) {
+        let Some(g) = gpu() else {
+            say_skipped("decode_kernel_matches_reference");
+            return Ok(());
+        };
+        let r = run(g, &g.attn, &c, &Overrides::default());
+        prop_assert!(r.cmp.passes, "{:?}\n  {}", c, r.cmp);
+        prop_assert_eq!(r.flag, 0);
+    }
+}
