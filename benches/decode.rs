@@ -6,6 +6,9 @@
 //! read plus write traffic per second). Prints `RESULT {json}` per shape. Without a GPU it prints
 //! that it skipped (and fails when LONGFLASH_REQUIRE_GPU=1).
 //!
+//! On three shapes it also times RoPE, ReRoPE (window 4096) and Leaky ReRoPE (window 4096, leak
+//! 16) decoding over the same un-rotated cache, as times and ratios to plain decoding.
+//!
 //! `LONGFLASH_BENCH_DECODE_SPLITS=N` fixes the split count instead of the plan's choice.
 
 use std::time::Duration;
@@ -17,6 +20,7 @@ use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use cudarc::driver::CudaSlice;
 use half::bf16;
+use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
 use longflash::{BlockTable, DecodeOptions, Input, KvCache, Layout, MaskSpec, Output};
 
 fn bench_decode(c: &mut Criterion) {
@@ -149,9 +153,64 @@ fn bench_decode(c: &mut Criterion) {
             })
         });
         let copy_ms = median(&mut copy_samples);
+        // RoPE, ReRoPE and Leaky ReRoPE over the same (un-rotated) cache, on a few shapes.
+        let mut rope_ms: Vec<(&str, f64)> = Vec::new();
+        if sq == 1 && matches!((batch, len), (1, 131072) | (4, 131075) | (16, 8192)) {
+            for (mode_name, mode) in [
+                ("rope", PositionMode::Rope),
+                ("rerope", PositionMode::ReRope { window: 4096 }),
+                (
+                    "leaky",
+                    PositionMode::LeakyReRope {
+                        window: 4096,
+                        leak: 16.0,
+                    },
+                ),
+            ] {
+                let rope = RopeOptions::new(RopeConfig::llama(d), mode);
+                let mut samples: Vec<f64> = Vec::new();
+                group.bench_function(BenchmarkId::new(mode_name, &name), |bench| {
+                    bench.iter_custom(|iters| {
+                        time_calls(
+                            &g,
+                            || {
+                                let mut ov = o.as_view_mut();
+                                g.attn
+                                    .decode_rope(
+                                        &g.stream,
+                                        Input {
+                                            data: &qv,
+                                            layout: ql,
+                                        },
+                                        &cache,
+                                        Output {
+                                            data: &mut ov,
+                                            layout: ql,
+                                            lse: None,
+                                        },
+                                        None,
+                                        &opts,
+                                        &rope,
+                                    )
+                                    .unwrap()
+                            },
+                            &mut samples,
+                            iters,
+                        )
+                    })
+                });
+                if !samples.is_empty() {
+                    rope_ms.push((mode_name, median(&mut samples)));
+                }
+            }
+        }
+        let rope_json: String = rope_ms
+            .iter()
+            .map(|(m, t)| format!(", \"{m}_ms\": {t:.4}, \"{m}_over_plain\": {:.3}", t / ms))
+            .collect();
         let plan_splits = splits.map_or("null".to_string(), |s: usize| s.to_string());
         println!(
-            "RESULT {{\"impl\": \"longflash_decode\", \"batch\": {batch}, \"cache_len\": {len}, \"seqlen_q\": {sq}, \"heads_q\": {hq}, \"heads_kv\": {hk}, \"head_dim\": {d}, \"page_size\": {ps}, \"num_splits\": {plan_splits}, \"ms\": {ms:.4}, \"kv_gb\": {:.3}, \"tb_per_s\": {:.3}, \"copy_ms\": {copy_ms:.4}, \"copy_tb_per_s\": {:.3}, \"device\": \"{device}\"}}",
+            "RESULT {{\"impl\": \"longflash_decode\", \"batch\": {batch}, \"cache_len\": {len}, \"seqlen_q\": {sq}, \"heads_q\": {hq}, \"heads_kv\": {hk}, \"head_dim\": {d}, \"page_size\": {ps}, \"num_splits\": {plan_splits}, \"ms\": {ms:.4}, \"kv_gb\": {:.3}, \"tb_per_s\": {:.3}, \"copy_ms\": {copy_ms:.4}, \"copy_tb_per_s\": {:.3}{rope_json}, \"device\": \"{device}\"}}",
             kv_bytes as f64 / 1e9,
             kv_bytes as f64 / ms / 1e9,
             2.0 * kv_bytes as f64 / copy_ms / 1e9,

@@ -17,15 +17,17 @@
 
 #include "longflash/params.h"
 #include "longflash/tile_plan.h"
+#include "policies/rope.cuh"
 #include "sm80/primitives.cuh"
 #include "softmax.cuh"
 
 namespace lf {
 
-template <typename T_, int D_, int STAGES_> struct DecodeTraits {
+template <typename T_, int D_, int STAGES_, bool ROPE_ = false> struct DecodeTraits {
     using T = T_;
     static constexpr int D = D_;
     static constexpr int kStages = STAGES_;    // K/V stages per warp
+    static constexpr bool kRope = ROPE_;       // rotary positions applied in the kernel
     static constexpr int kWarps = LF_DECODE_WARPS;
     static constexpr int kThreads = kWarps * 32;
     static constexpr int kRows = LF_DECODE_ROWS; // packed rows per CTA: one m16 tile
@@ -35,10 +37,16 @@ template <typename T_, int D_, int STAGES_> struct DecodeTraits {
     static constexpr int kTileBytes = kKeys * D * 2; // K or V of one step (and the Q tile)
     static constexpr int kStageBytes = 2 * kTileBytes;
     static constexpr int kRingBytes = kWarps * kStages * kStageBytes;
-    static constexpr int kSmemBytes = kTileBytes + kRingBytes;
+    // RoPE: a second Q tile (the outside-window query) and, per warp, a tile for the rotated
+    // keys of a step that straddles the window edge.
+    static constexpr int kQTiles = kRope ? 2 : 1;
+    static constexpr int kRingOff = kQTiles * kTileBytes;
+    static constexpr int kScratchOff = kRingOff + kRingBytes;
+    static constexpr int kSmemBytes = kScratchOff + (kRope ? kWarps * kTileBytes : 0);
     // Q's A fragments stay in registers up to head dim 128 (32 registers); at 256 they would
-    // crowd out O's 128, so Q is read from shared memory every step instead.
-    static constexpr bool kQInRegs = D <= 128;
+    // crowd out O's 128, so Q is read from shared memory every step instead (and with RoPE,
+    // whose two Q variants are read from shared memory).
+    static constexpr bool kQInRegs = D <= 128 && !kRope;
     // The merge of the warps' states reuses the ring: O in f32 and three floats per row.
     static constexpr int kMergeWarpFloats = kRows * D + kRows * 3;
     static_assert(kRows == 16 && kKeys == 16, "one m16 tile of rows, one k16 step of keys");
@@ -86,12 +94,133 @@ __device__ __forceinline__ void warp_load_rows(uint32_t dst, const uint16_t *src
     }
 }
 
-template <class Tr> __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p) {
+// How a warp turns the 16 keys of a step for a RoPE score: R_pos k (the inside of the window),
+// the attention factor alone (ReRoPE's outside, R_0 k), or R_{pos / leak} k (Leaky ReRoPE's
+// outside). Keys j0.. sit at positions pos0...
+enum class KeyTurn { Rotate, FactorOnly, RotateLeaked };
+
+// Writes the turned 16 x D key tile `src` into `dst` (the same tile, or another) with the 32
+// lanes of one warp; elements past rotary_dim are copied (untouched in place).
+template <class Tr>
+__device__ __forceinline__ void turn_keys(const LfRope &r, uint32_t src, uint32_t dst,
+                                          int64_t pos0, KeyTurn turn, int lane) {
+    using Tile = SwizzledTile<Tr::D>;
+    using T = typename Tr::T;
+    constexpr int kPairs = Tr::D / 2;
+    const int half = r.rotary_dim / 2;
+    const float af = r.attention_factor;
+    for (int idx = lane; idx < Tr::kKeys * kPairs; idx += 32) {
+        const int row = idx / kPairs;
+        const int f = idx % kPairs;
+        if (f >= half && src == dst) continue;
+        int xi, yi;
+        rope_pair(r, f, xi, yi);
+        uint16_t hx, hy;
+        asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(hx) : "r"(src + Tile::offset(row, xi)));
+        asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(hy) : "r"(src + Tile::offset(row, yi)));
+        if (f < half) {
+            const float x = Elem<T>::to_float(hx), y = Elem<T>::to_float(hy);
+            float c = 1.f, sn = 0.f;
+            if (turn != KeyTurn::FactorOnly) {
+                const double pos = static_cast<double>(pos0 + row);
+                rope_cos_sin(turn == KeyTurn::Rotate ? pos : pos * r.inv_leak, r.inv_freq[f], c,
+                             sn);
+            }
+            hx = Elem<T>::to_bits(af * (x * c - y * sn));
+            hy = Elem<T>::to_bits(af * (x * sn + y * c));
+        }
+        asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(dst + Tile::offset(row, xi)), "h"(hx));
+        asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(dst + Tile::offset(row, yi)), "h"(hy));
+    }
+}
+
+// The two Q variants of a RoPE decoding CTA, in place in its Q tiles: tile 0 R_pos(i) q~ (the
+// inside of the window), tile 1 the outside-window query (R_w q~ for ReRoPE,
+// R_{pos(i)/leak + w - w/leak} q~ for Leaky), q~ being q with its log-n factor; the padding rows
+// past the last packed row are zero in both.
+template <class Tr>
+__device__ __forceinline__ void rope_decode_q(const LfRope &r, uint32_t sQ, int row0, int rows,
+                                              int group, int64_t pos_first, int tid) {
+    using Tile = SwizzledTile<Tr::D>;
+    using T = typename Tr::T;
+    constexpr int kPairs = Tr::D / 2;
+    const float af = r.attention_factor;
+    for (int idx = tid; idx < Tr::kRows * kPairs; idx += Tr::kThreads) {
+        const int row = idx / kPairs;
+        const int f = idx % kPairs;
+        int xi, yi;
+        rope_pair(r, f, xi, yi);
+        const uint32_t ax = sQ + Tile::offset(row, xi), ay = sQ + Tile::offset(row, yi);
+        uint16_t hx, hy;
+        asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(hx) : "r"(ax));
+        asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(hy) : "r"(ay));
+        float x = Elem<T>::to_float(hx), y = Elem<T>::to_float(hy);
+        const int pr = row0 + row;
+        const double pos = static_cast<double>(pos_first + (pr < rows ? pr / group : 0));
+        if (r.log_n_inv_ln_train > 0.f) {
+            const float sc = fmaxf(1.f, logf(static_cast<float>(pos) + 1.f) * r.log_n_inv_ln_train);
+            x *= sc;
+            y *= sc;
+        }
+        float x0 = x, y0 = y, x1 = x, y1 = y;
+        if (f < r.rotary_dim / 2) {
+            const double freq = r.inv_freq[f];
+            float c, sn;
+            rope_cos_sin(pos, freq, c, sn);
+            x0 = af * (x * c - y * sn);
+            y0 = af * (x * sn + y * c);
+            if (r.mode != 0) {
+                const double p1 = r.mode == 1 ? static_cast<double>(r.window)
+                                              : pos * r.inv_leak + r.window - r.window * r.inv_leak;
+                rope_cos_sin(p1, freq, c, sn);
+                x1 = af * (x * c - y * sn);
+                y1 = af * (x * sn + y * c);
+            }
+        }
+        const uint32_t o1 = Tr::kTileBytes;
+        asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ax), "h"(Elem<T>::to_bits(x0)));
+        asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ay), "h"(Elem<T>::to_bits(y0)));
+        asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ax + o1), "h"(Elem<T>::to_bits(x1)));
+        asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ay + o1), "h"(Elem<T>::to_bits(y1)));
+    }
+}
+
+// S = Q K^T for 16 rows x 16 keys from shared tiles (Q's A fragments from `qa` when the traits
+// keep them in registers).
+template <class Tr>
+__device__ __forceinline__ void decode_scores(float (&s)[2][4], uint32_t sQ, uint32_t sK,
+                                              const uint32_t (&qa)[Tr::kQInRegs ? Tr::kKSteps : 1][4],
+                                              int lane) {
+    using T = typename Tr::T;
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+    const SwizzledCursor<Tr::D> qcur(sQ, lane & 15, lane >> 4);
+    const SwizzledCursor<Tr::D> kcur(sK, (lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);
+#pragma unroll
+    for (int ks = 0; ks < Tr::kKSteps; ++ks) {
+        uint32_t a[4];
+        if constexpr (Tr::kQInRegs) {
+#pragma unroll
+            for (int x = 0; x < 4; ++x) a[x] = qa[ks][x];
+        } else {
+            ldmatrix_x4(a, qcur.at(0, ks * 2));
+        }
+        uint32_t kb[4];
+        ldmatrix_x4(kb, kcur.at(0, ks * 2));
+        Mma<T>::mma(s[0], a, kb[0], kb[1]);
+        Mma<T>::mma(s[1], a, kb[2], kb[3]);
+    }
+}
+
+template <class Tr>
+__device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope *rope = nullptr) {
     using T = typename Tr::T;
     using Elt = Elem<T>;
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t sQ = smem_addr(smem);
-    const uint32_t sRing = sQ + Tr::kTileBytes;
+    const uint32_t sRing = sQ + Tr::kRingOff;
 
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -145,10 +274,11 @@ template <class Tr> __device__ __forceinline__ void decode_fwd(const LfDecodePar
     // Keys some row of the block sees, and keys every row sees (a step inside needs no mask).
     const int union_lo = key_lo(t_first), union_hi = key_hi(t_last);
     const int all_lo = key_lo(t_last), all_hi = key_hi(t_first);
-    int row_lo[2], row_hi[2];
+    int row_lo[2], row_hi[2], row_t[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int t = min((row0 + g + 8 * r) / group, seqlen_q - 1);
+        row_t[r] = t;
         row_lo[r] = key_lo(t);
         row_hi[r] = key_hi(t);
     }
@@ -190,10 +320,16 @@ template <class Tr> __device__ __forceinline__ void decode_fwd(const LfDecodePar
     }
     cp_async_wait<Tr::kStages - 2>();
     __syncthreads(); // Q (copied by every thread) visible to every warp
+    // Positions: key j at off + j, query token t at off + len - seqlen_q + t.
+    const int64_t pos_off = Tr::kRope && rope->position_offsets ? rope->position_offsets[b] : 0;
+    if constexpr (Tr::kRope) {
+        rope_decode_q<Tr>(*rope, sQ, row0, rows, group, pos_off + diag, tid);
+        __syncthreads(); // both Q variants written
+    }
 
-    const SwizzledCursor<Tr::D> qcur(sQ, lane & 15, lane >> 4);
     uint32_t qa[Tr::kQInRegs ? Tr::kKSteps : 1][4];
     if constexpr (Tr::kQInRegs) {
+        const SwizzledCursor<Tr::D> qcur(sQ, lane & 15, lane >> 4);
 #pragma unroll
         for (int ks = 0; ks < Tr::kKSteps; ++ks) ldmatrix_x4(qa[ks], qcur.at(0, ks * 2));
     }
@@ -216,26 +352,51 @@ template <class Tr> __device__ __forceinline__ void decode_fwd(const LfDecodePar
         const uint32_t sV = sK + Tr::kTileBytes;
         const int j0 = (first + warp + n * Tr::kWarps) * Tr::kKeys;
 
-        // S = Q K^T for 16 rows x 16 keys.
+        // S = Q K^T for 16 rows x 16 keys; with RoPE, by the side of the window the step's
+        // (query, key) pairs are on: relative positions diag + t - j of this step's keys.
         float s[2][4];
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
-        const SwizzledCursor<Tr::D> kcur(sK, (lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);
-#pragma unroll
-        for (int ks = 0; ks < Tr::kKSteps; ++ks) {
-            uint32_t a[4];
-            if constexpr (Tr::kQInRegs) {
-#pragma unroll
-                for (int x = 0; x < 4; ++x) a[x] = qa[ks][x];
+        if constexpr (!Tr::kRope) {
+            decode_scores<Tr>(s, sQ, sK, qa, lane);
+        } else {
+            const LfRope &r = *rope;
+            const int64_t rel_max = diag + t_last - j0;
+            const int64_t rel_min = diag + t_first - (j0 + Tr::kKeys - 1);
+            const bool all_in = r.mode == 0 || rel_max < r.window;
+            const bool all_out = !all_in && rel_min >= r.window;
+            const KeyTurn out_turn = r.mode == 2 ? KeyTurn::RotateLeaked : KeyTurn::FactorOnly;
+            const bool turn_out = r.mode == 2 || r.attention_factor != 1.f;
+            const int64_t pos0 = pos_off + j0;
+            if (all_in) {
+                turn_keys<Tr>(r, sK, sK, pos0, KeyTurn::Rotate, lane);
+                __syncwarp();
+                decode_scores<Tr>(s, sQ, sK, qa, lane);
+            } else if (all_out) {
+                if (turn_out) {
+                    turn_keys<Tr>(r, sK, sK, pos0, out_turn, lane);
+                    __syncwarp();
+                }
+                decode_scores<Tr>(s, sQ + Tr::kTileBytes, sK, qa, lane);
             } else {
-                ldmatrix_x4(a, qcur.at(0, ks * 2));
+                // Straddling: the inside keys into the warp's scratch tile, the outside ones in
+                // place, both scores, and each element takes its side's.
+                const uint32_t sKin = sQ + Tr::kScratchOff + warp * Tr::kTileBytes;
+                turn_keys<Tr>(r, sK, sKin, pos0, KeyTurn::Rotate, lane);
+                __syncwarp();
+                if (turn_out) turn_keys<Tr>(r, sK, sK, pos0, out_turn, lane);
+                __syncwarp();
+                float s_out[2][4];
+                decode_scores<Tr>(s, sQ, sKin, qa, lane);
+                decode_scores<Tr>(s_out, sQ + Tr::kTileBytes, sK, qa, lane);
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+#pragma unroll
+                        for (int c = 0; c < 2; ++c) {
+                            const int key = j0 + j * 8 + tq * 2 + c;
+                            if (diag + row_t[rr] - key >= r.window) s[j][2 * rr + c] = s_out[j][2 * rr + c];
+                        }
             }
-            uint32_t kb[4];
-            ldmatrix_x4(kb, kcur.at(0, ks * 2));
-            Mma<T>::mma(s[0], a, kb[0], kb[1]);
-            Mma<T>::mma(s[1], a, kb[2], kb[3]);
         }
 
         if (j0 < all_lo || j0 + Tr::kKeys > all_hi) {
@@ -282,7 +443,7 @@ template <class Tr> __device__ __forceinline__ void decode_fwd(const LfDecodePar
     __syncthreads(); // every warp is done with the ring: it now holds the merge
 
     // Each warp's state: O unnormalized [16][D] f32, then (base, sum, exp_sum) per row.
-    float *merge = reinterpret_cast<float *>(smem + Tr::kTileBytes);
+    float *merge = reinterpret_cast<float *>(smem + Tr::kRingOff);
     {
         float *mo = merge + warp * Tr::kMergeWarpFloats;
         float *ms = mo + Tr::kRows * Tr::D;
@@ -417,4 +578,13 @@ template <typename T> __device__ __forceinline__ void decode_combine(const LfDec
 #define LF_DEFINE_DECODE_COMBINE_KERNEL(NAME, T)                                                  \
     extern "C" __global__ void __launch_bounds__(256) NAME(const __grid_constant__ LfDecodeParams p) { \
         lf::decode_combine<T>(p);                                                                 \
+    }
+
+// The decoding kernel with rotary positions applied inside (RoPE, ReRoPE, Leaky ReRoPE over an
+// un-rotated cache), for element type T and head dimension D.
+#define LF_DEFINE_DECODE_ROPE_KERNEL(NAME, T, D)                                                  \
+    using NAME##_traits = lf::DecodeTraits<T, D, LF_DECODE_ROPE_STAGES_D##D, true>;               \
+    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
+        NAME(const __grid_constant__ LfDecodeRopeParams p) {                                      \
+        lf::decode_fwd<NAME##_traits>(p.base, &p.rope);                                           \
     }

@@ -28,6 +28,9 @@ pub const LF_DECODE_STAGES_D64: u32 = 6;
 pub const LF_DECODE_STAGES_D128: u32 = 3;
 pub const LF_DECODE_STAGES_D256: u32 = 2;
 pub const LF_DECODE_SPLIT_ALIGN: u32 = 64;
+pub const LF_DECODE_ROPE_STAGES_D64: u32 = 4;
+pub const LF_DECODE_ROPE_STAGES_D128: u32 = 2;
+pub const LF_DECODE_ROPE_STAGES_D256: u32 = 2;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
 pub struct LfMask {
@@ -584,6 +587,30 @@ const _: () = {
         [::core::mem::offset_of!(LfDecodeParams, softmax_scale_log2) - 252usize];
 };
 impl Default for LfDecodeParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfDecodeRopeParams {
+    pub base: LfDecodeParams,
+    pub rope: LfRope,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfDecodeRopeParams"][::core::mem::size_of::<LfDecodeRopeParams>() - 320usize];
+    ["Alignment of LfDecodeRopeParams"][::core::mem::align_of::<LfDecodeRopeParams>() - 8usize];
+    ["Offset of field: LfDecodeRopeParams::base"]
+        [::core::mem::offset_of!(LfDecodeRopeParams, base) - 0usize];
+    ["Offset of field: LfDecodeRopeParams::rope"]
+        [::core::mem::offset_of!(LfDecodeRopeParams, rope) - 256usize];
+};
+impl Default for LfDecodeRopeParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -41,7 +41,8 @@ use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::mask::MaskSpec;
 use crate::sys::{
-    LfDecodeParams, LF_DECODE_KEYS, LF_DECODE_ROWS, LF_DECODE_SPLIT_ALIGN, LF_DECODE_STAGES_D128,
+    LfDecodeParams, LF_DECODE_KEYS, LF_DECODE_ROPE_STAGES_D128, LF_DECODE_ROPE_STAGES_D256,
+    LF_DECODE_ROPE_STAGES_D64, LF_DECODE_ROWS, LF_DECODE_SPLIT_ALIGN, LF_DECODE_STAGES_D128,
     LF_DECODE_STAGES_D256, LF_DECODE_STAGES_D64, LF_DECODE_WARPS,
 };
 
@@ -160,6 +161,19 @@ fn decode_stages(d: usize) -> usize {
 pub fn decode_smem_bytes(d: usize) -> usize {
     let tile = LF_DECODE_KEYS as usize * d * 2;
     tile + LF_DECODE_WARPS as usize * decode_stages(d) * 2 * tile
+}
+
+/// Dynamic shared memory of the RoPE decoding kernel at head dim `d`: two Q tiles, every warp's
+/// ring of K/V stages and its scratch tile for the rotated keys of a step on the window's edge.
+pub fn decode_rope_smem_bytes(d: usize) -> usize {
+    let tile = LF_DECODE_KEYS as usize * d * 2;
+    let stages = match d {
+        64 => LF_DECODE_ROPE_STAGES_D64,
+        128 => LF_DECODE_ROPE_STAGES_D128,
+        _ => LF_DECODE_ROPE_STAGES_D256,
+    } as usize;
+    let warps = LF_DECODE_WARPS as usize;
+    2 * tile + warps * stages * 2 * tile + warps * tile
 }
 
 /// The sizes a decoding call's split plan depends on.
@@ -472,7 +486,7 @@ impl RawDecode {
 impl Attention {
     /// Decoding CTAs at head dim `d` the device runs at once: its SMs times the CTAs one SM
     /// holds by shared memory (1 KiB of each CTA's is the system's) and threads.
-    fn decode_wave(&self, d: usize) -> usize {
+    pub(super) fn decode_wave(&self, d: usize) -> usize {
         let per_cta = decode_smem_bytes(d) + 1024;
         let per_sm = (self.smem_per_sm as usize / per_cta).clamp(1, 2048 / 128);
         self.sm_count as usize * per_sm
@@ -499,6 +513,31 @@ impl Attention {
         out: Output<'_, '_, T>,
         error_flag: Option<&mut CudaViewMut<'_, i32>>,
         options: &DecodeOptions,
+    ) -> Result<()> {
+        self.decode_views(stream, q, cache, out, error_flag, options, |args| {
+            // SAFETY: decode_views checked every buffer against what the kernel reads and holds
+            // their stream guards and the workspace while this runs.
+            unsafe { self.decode_raw(stream.cu_stream(), args) }
+        })
+    }
+
+    /// What the safe decoding entries share: checks the views (contexts, lengths against the
+    /// layouts, the table's and lengths' sizes), lowers them to a [`RawDecode`] with a
+    /// stream-ordered workspace of the plan's size, and calls `run` with it.
+    ///
+    /// `run` may launch on `stream` with the arguments it gets: every buffer holds what
+    /// [`Attention::decode_raw`] requires, guarded for the stream until `run` returns, and the
+    /// workspace is freed after the work queued on the stream.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn decode_views<T: Element>(
+        &self,
+        stream: &CudaStream,
+        q: Input<'_, '_, T>,
+        cache: &KvCache<'_, '_, T>,
+        out: Output<'_, '_, T>,
+        error_flag: Option<&mut CudaViewMut<'_, i32>>,
+        options: &DecodeOptions,
+        run: impl FnOnce(&RawDecode) -> Result<()>,
     ) -> Result<()> {
         self.same_context("stream", stream.context().cu_ctx())?;
         let mut checks = vec![
@@ -641,12 +680,11 @@ impl Attention {
             args.workspace = w.ptr;
             args.workspace_bytes = w.bytes;
         }
-        // SAFETY: every buffer was checked against its layout (or the lengths the kernel reads:
-        // batch cache lengths, batch * max_pages_per_seq table entries, one flag) and context,
-        // and is guarded for the stream while this runs; the workspace is a stream-ordered
-        // allocation of the plan's size on this stream, freed after the launches; the kernel
-        // clamps whatever the device values hold.
-        unsafe { self.decode_raw(stream.cu_stream(), &args) }
+        // Every buffer was checked against its layout (or the lengths the kernel reads: batch
+        // cache lengths, batch * max_pages_per_seq table entries, one flag) and context, and is
+        // guarded for the stream while `run` runs; the workspace is a stream-ordered allocation
+        // of the plan's size on this stream, freed after the launches.
+        run(&args)
     }
 
     /// The decoding forward from raw pointers. Validates everything [`RawDecode::validate`] can
@@ -664,21 +702,55 @@ impl Attention {
     ///   until the kernels have finished (order other streams with events).
     pub unsafe fn decode_raw(&self, stream: sys::CUstream, args: &RawDecode) -> Result<()> {
         let (mut params, plan) = args.validate(self.decode_wave(args.q_layout.head_dim))?;
+        let mut combine = params;
         let d = args.q_layout.head_dim;
-        let smem = decode_smem_bytes(d) as u32;
+        // SAFETY: `params` was validated and is the kernel's one by-value parameter
+        // (LfDecodeParams from params.h); pointers, workspace and stream are valid per this fn's
+        // contract.
+        unsafe {
+            self.launch_decode(
+                stream,
+                args,
+                &plan,
+                ("decode", decode_smem_bytes(d)),
+                &mut params,
+                &mut combine,
+            )
+        }
+    }
+
+    /// Launches the decoding kernel `lf_{kind}_{dtype}_d{d}` with `params`, one CTA per (split,
+    /// row block, sequence and KV head) of `plan`, then, with several splits, the split merge
+    /// with `combine` (the same call's LfDecodeParams).
+    ///
+    /// # Safety
+    /// As [`Attention::launch`]: `params` is the kernel's parameter struct made from `args`
+    /// validated with `plan`, and every pointer in it satisfies [`decode_raw`](Self::decode_raw)'s
+    /// contract.
+    pub(super) unsafe fn launch_decode<P>(
+        &self,
+        stream: sys::CUstream,
+        args: &RawDecode,
+        plan: &DecodePlan,
+        (kind, smem): (&str, usize),
+        params: &mut P,
+        combine: &mut LfDecodeParams,
+    ) -> Result<()> {
+        let d = args.q_layout.head_dim;
+        let smem = smem as u32;
         if smem > self.max_smem_optin {
             return Err(Error::InvalidArgument {
                 arg: "q.head_dim",
                 value: d.to_string(),
                 expected: format!(
-                    "a head dim whose decoding kernel fits the device's {} bytes of shared \
-                     memory per block (needs {smem})",
+                    "a head dim whose {kind} kernel fits the device's {} bytes of shared memory \
+                     per block (needs {smem})",
                     self.max_smem_optin
                 ),
             });
         }
         let dtype = args.dtype.name();
-        let module = format!("decode_{dtype}_d{d}");
+        let module = format!("{kind}_{dtype}_d{d}");
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
         let kernel = unsafe { self.cache.kernel(&module, &format!("lf_{module}"), smem) }?;
         let config = LaunchConfig {
@@ -690,15 +762,14 @@ impl Attention {
             block_dim: (LF_DECODE_WARPS * 32, 1, 1),
             shared_mem_bytes: smem,
         };
-        // SAFETY: `params` was validated and is the kernel's one by-value parameter
-        // (LfDecodeParams from params.h); pointers, workspace and stream are valid per this fn's
-        // contract; the grid covers every (split, row block, sequence and KV head) once.
+        // SAFETY: this fn's contract; the grid covers every (split, row block, sequence and KV
+        // head) once.
         unsafe {
             self.launch(
                 &kernel,
                 config,
                 stream,
-                &mut params,
+                params,
                 "launching the decoding kernel",
             )
         }?;
@@ -712,14 +783,14 @@ impl Attention {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: the same parameters; one warp per (sequence, token, head) row reads the
-            // splits the first kernel wrote earlier on the same stream.
+            // SAFETY: the call's validated parameters; one warp per (sequence, token, head) row
+            // reads the splits the first kernel wrote earlier on the same stream.
             unsafe {
                 self.launch(
                     &kernel,
                     config,
                     stream,
-                    &mut params,
+                    combine,
                     "launching the decoding split merge",
                 )
             }?;

@@ -20,6 +20,7 @@ use crate::loader::{CtxGuard, Kernel, ModuleCache};
 use crate::sparse::DeviceBlockMask;
 
 pub mod decode;
+mod decode_rope;
 pub mod forward;
 pub mod merge;
 pub mod rope;

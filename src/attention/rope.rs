@@ -71,7 +71,69 @@ pub struct RawRope {
 impl RawRope {
     /// Checks the RoPE arguments against the call and lowers them.
     pub fn validate(&self, fwd: &RawForward) -> Result<crate::sys::LfRope> {
-        let d = fwd.q_layout.head_dim;
+        let lowered = self.lower_rotation(fwd.q_layout.head_dim)?;
+        for (arg, ptr, align, required) in [
+            ("rope.k_rot", self.k_rot, 16, true),
+            ("rope.k_alt", self.k_alt, 16, lowered.mode != 0),
+        ] {
+            if (required && ptr == 0) || ptr % align != 0 {
+                return Err(Error::Misaligned {
+                    arg,
+                    value: ptr as i64,
+                    multiple_of: align as u32,
+                });
+            }
+        }
+        // The workspaces are outputs of the key pass: they must not overlap anything.
+        let k = &fwd.k_layout;
+        let ws = Layout::bshd(k.batch, k.seqlen, k.heads, k.head_dim);
+        let ranges = [
+            ("q", fwd.q, &fwd.q_layout),
+            ("k", fwd.k, &fwd.k_layout),
+            ("v", fwd.v, &fwd.v_layout),
+            ("o", fwd.o, &fwd.o_layout),
+        ];
+        for (name, ptr) in [("rope.k_rot", self.k_rot), ("rope.k_alt", self.k_alt)] {
+            if ptr == 0 {
+                continue;
+            }
+            let r = byte_range(ptr, &ws, 2);
+            for (other, p, l) in ranges {
+                if overlaps(r, byte_range(p, l, 2)) {
+                    return Err(Error::Aliasing {
+                        output: name,
+                        other,
+                    });
+                }
+            }
+        }
+        if self.k_alt != 0
+            && overlaps(
+                byte_range(self.k_rot, &ws, 2),
+                byte_range(self.k_alt, &ws, 2),
+            )
+        {
+            return Err(Error::Aliasing {
+                output: "rope.k_alt",
+                other: "rope.k_rot",
+            });
+        }
+        Ok(crate::sys::LfRope {
+            k_rot: self.k_rot as *const _,
+            k_alt: if lowered.mode == 0 {
+                std::ptr::null()
+            } else {
+                self.k_alt as *const _
+            },
+            ..lowered
+        })
+    }
+
+    /// The checks and lowering of the rotation itself (rotary dim against `head_dim`, mode,
+    /// window, leak, attention factor, log-n length, table pointers), without the key
+    /// workspaces (left NULL): what the RoPE decoding kernel, which turns keys in shared
+    /// memory, takes.
+    pub(crate) fn lower_rotation(&self, d: usize) -> Result<crate::sys::LfRope> {
         if self.rotary_dim < 2 || self.rotary_dim % 2 != 0 || self.rotary_dim > d {
             return Err(Error::InvalidArgument {
                 arg: "rope.rotary_dim",
@@ -121,8 +183,6 @@ impl RawRope {
         for (arg, ptr, align, required) in [
             ("rope.inv_freq", self.inv_freq, 8, true),
             ("rope.position_offsets", self.position_offsets, 4, false),
-            ("rope.k_rot", self.k_rot, 16, true),
-            ("rope.k_alt", self.k_alt, 16, mode != 0),
         ] {
             if (required && ptr == 0) || ptr % align != 0 {
                 return Err(Error::Misaligned {
@@ -132,49 +192,11 @@ impl RawRope {
                 });
             }
         }
-        // The workspaces are outputs of the key pass: they must not overlap anything.
-        let k = &fwd.k_layout;
-        let ws = Layout::bshd(k.batch, k.seqlen, k.heads, k.head_dim);
-        let ranges = [
-            ("q", fwd.q, &fwd.q_layout),
-            ("k", fwd.k, &fwd.k_layout),
-            ("v", fwd.v, &fwd.v_layout),
-            ("o", fwd.o, &fwd.o_layout),
-        ];
-        for (name, ptr) in [("rope.k_rot", self.k_rot), ("rope.k_alt", self.k_alt)] {
-            if ptr == 0 {
-                continue;
-            }
-            let r = byte_range(ptr, &ws, 2);
-            for (other, p, l) in ranges {
-                if overlaps(r, byte_range(p, l, 2)) {
-                    return Err(Error::Aliasing {
-                        output: name,
-                        other,
-                    });
-                }
-            }
-        }
-        if self.k_alt != 0
-            && overlaps(
-                byte_range(self.k_rot, &ws, 2),
-                byte_range(self.k_alt, &ws, 2),
-            )
-        {
-            return Err(Error::Aliasing {
-                output: "rope.k_alt",
-                other: "rope.k_rot",
-            });
-        }
         Ok(crate::sys::LfRope {
             inv_freq: self.inv_freq as *const f64,
             position_offsets: self.position_offsets as *const i32,
-            k_rot: self.k_rot as *const _,
-            k_alt: if mode == 0 {
-                std::ptr::null()
-            } else {
-                self.k_alt as *const _
-            },
+            k_rot: std::ptr::null(),
+            k_alt: std::ptr::null(),
             mode,
             rotary_dim: self.rotary_dim as i32,
             interleaved: self.interleaved as i32,
@@ -183,6 +205,76 @@ impl RawRope {
             attention_factor: self.attention_factor,
             log_n_inv_ln_train: log_n,
         })
+    }
+}
+
+/// A RoPE call's tables on the device: the inverse frequencies of `rope.config` at `seq_len`
+/// (the current length: largest key position plus one) and the position offsets, copied on
+/// `stream`.
+pub(crate) struct RopeTables {
+    inv_freq: CudaSlice<f64>,
+    offsets: Option<CudaSlice<i32>>,
+}
+
+impl RopeTables {
+    pub(crate) fn upload(
+        stream: &Arc<CudaStream>,
+        rope: &RopeOptions,
+        head_dim: usize,
+        seq_len: usize,
+    ) -> Result<Self> {
+        let inv_freq = rope.config.inv_freq(head_dim, seq_len)?;
+        let inv_freq = stream
+            .clone_htod(&inv_freq)
+            .map_err(Error::driver("copying RoPE tables to the device"))?;
+        let offsets = match &rope.position_offsets {
+            Some(o) => {
+                let o: Vec<i32> = o.iter().map(|&x| x as i32).collect();
+                Some(
+                    stream
+                        .clone_htod(&o)
+                        .map_err(Error::driver("copying RoPE position offsets"))?,
+                )
+            }
+            None => None,
+        };
+        Ok(RopeTables { inv_freq, offsets })
+    }
+
+    /// The raw rotation of `rope` over these tables, with the key workspaces `k_rot` and
+    /// `k_alt` (0 for none), and the guards that order the tables' use on `stream`.
+    pub(crate) fn raw<'a>(
+        &'a self,
+        stream: &'a Arc<CudaStream>,
+        rope: &RopeOptions,
+        (k_rot, k_alt): (sys::CUdeviceptr, sys::CUdeviceptr),
+    ) -> (RawRope, impl Drop + 'a, Option<impl Drop + 'a>) {
+        let (inv_freq, g1) = self.inv_freq.device_ptr(stream);
+        let (position_offsets, g2) = match &self.offsets {
+            Some(o) => {
+                let (p, g) = o.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let raw = RawRope {
+            inv_freq,
+            position_offsets,
+            k_rot,
+            k_alt,
+            rotary_dim: rope.config.rotary_dim,
+            interleaved: rope.config.layout == RopeLayout::Interleaved,
+            mode: match rope.mode {
+                PositionMode::Rope => RawRopeMode::Rope,
+                PositionMode::ReRope { window } => RawRopeMode::ReRope { window },
+                PositionMode::LeakyReRope { window, leak } => {
+                    RawRopeMode::LeakyReRope { window, leak }
+                }
+            },
+            attention_factor: rope.config.attention_factor() as f32,
+            log_n_train_len: rope.log_n_train_len,
+        };
+        (raw, g1, g2)
     }
 }
 
@@ -206,36 +298,18 @@ impl Attention {
         ql.check_dims("q")?;
         kl.check_dims("k")?;
         rope.validate(ql.head_dim, ql.batch, ql.seqlen, kl.seqlen)?;
-        let inv_freq = rope
-            .config
-            .inv_freq(ql.head_dim, kl.seqlen + rope.max_offset() as usize)?;
-        let copy_err = Error::driver("copying RoPE tables to the device");
-        let d_freq = stream.clone_htod(&inv_freq).map_err(copy_err)?;
-        let d_offsets = match &rope.position_offsets {
-            Some(o) => {
-                let o: Vec<i32> = o.iter().map(|&x| x as i32).collect();
-                Some(
-                    stream
-                        .clone_htod(&o)
-                        .map_err(Error::driver("copying RoPE position offsets"))?,
-                )
-            }
-            None => None,
-        };
+        let tables = RopeTables::upload(
+            stream,
+            rope,
+            ql.head_dim,
+            kl.seqlen + rope.max_offset() as usize,
+        )?;
         let ws_len = kl.batch * kl.seqlen * kl.heads * kl.head_dim;
         let alloc_err = || Error::driver("allocating the rotated-key workspace");
         let k_rot: CudaSlice<T> = stream.alloc_zeros(ws_len).map_err(alloc_err())?;
         let k_alt: Option<CudaSlice<T>> = match rope.mode {
             PositionMode::Rope => None,
             _ => Some(stream.alloc_zeros(ws_len).map_err(alloc_err())?),
-        };
-        let (fp, _g1) = d_freq.device_ptr(stream);
-        let (op, _g2) = match &d_offsets {
-            Some(o) => {
-                let (p, g) = o.device_ptr(stream);
-                (p, Some(g))
-            }
-            None => (0, None),
         };
         let (rp, _g3) = k_rot.device_ptr(stream);
         let (ap, _g4) = match &k_alt {
@@ -245,23 +319,7 @@ impl Attention {
             }
             None => (0, None),
         };
-        let raw_rope = RawRope {
-            inv_freq: fp,
-            position_offsets: op,
-            k_rot: rp,
-            k_alt: ap,
-            rotary_dim: rope.config.rotary_dim,
-            interleaved: rope.config.layout == RopeLayout::Interleaved,
-            mode: match rope.mode {
-                PositionMode::Rope => RawRopeMode::Rope,
-                PositionMode::ReRope { window } => RawRopeMode::ReRope { window },
-                PositionMode::LeakyReRope { window, leak } => {
-                    RawRopeMode::LeakyReRope { window, leak }
-                }
-            },
-            attention_factor: rope.config.attention_factor() as f32,
-            log_n_train_len: rope.log_n_train_len,
-        };
+        let (raw_rope, _g1, _g2) = tables.raw(stream, rope, (rp, ap));
         let options = ForwardOptions {
             mask: rope.mask(),
             softmax_scale: opts.softmax_scale,

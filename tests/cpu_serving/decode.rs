@@ -3,6 +3,7 @@
 //! arguments (typed errors naming the argument), without a GPU.
 
 use longflash::attention::decode::{DecodeOptions, DecodeProblem, RawDecode};
+use longflash::attention::{RawRope, RawRopeMode};
 use longflash::layout::Layout;
 
 use super::*;
@@ -317,5 +318,76 @@ fn raw_decode_validation() {
             ..base()
         },
         "q.batch",
+    );
+}
+
+/// RoPE decoding's own checks: a causal mask, no key workspaces, a valid rotation.
+#[test]
+fn raw_rope_decode_validation() {
+    let causal = RawDecode {
+        options: DecodeOptions {
+            mask: MaskSpec::causal(),
+            num_splits: Some(1),
+            ..DecodeOptions::default()
+        },
+        ..base()
+    };
+    let rope = RawRope {
+        inv_freq: 8 << 30,
+        position_offsets: 0,
+        k_rot: 0,
+        k_alt: 0,
+        rotary_dim: 64,
+        interleaved: false,
+        mode: RawRopeMode::ReRope { window: 512 },
+        attention_factor: 1.0,
+        log_n_train_len: None,
+    };
+    let p = causal.validate_rope(264, &rope).unwrap();
+    assert_eq!(
+        (p.rope.mode, p.rope.window, p.rope.rotary_dim),
+        (1, 512, 64)
+    );
+    assert!(p.rope.k_rot.is_null() && p.rope.k_alt.is_null());
+    assert_eq!(p.base.mask.window_right, 0);
+    let refused = |a: &RawDecode, r: &RawRope, arg: &str| match a.validate_rope(264, r) {
+        Ok(_) => panic!("{arg}: accepted"),
+        Err(e) => assert!(e.to_string().contains(arg), "{arg}: {e}"),
+    };
+    refused(&base(), &rope, "mask.causal");
+    refused(
+        &causal,
+        &RawRope {
+            k_rot: 9 << 30,
+            ..rope
+        },
+        "rope.k_rot",
+    );
+    refused(
+        &causal,
+        &RawRope {
+            rotary_dim: 66,
+            ..rope
+        },
+        "rope.rotary_dim",
+    );
+    refused(
+        &causal,
+        &RawRope {
+            mode: RawRopeMode::LeakyReRope {
+                window: 8,
+                leak: 1.0,
+            },
+            ..rope
+        },
+        "rope.leak",
+    );
+    refused(
+        &causal,
+        &RawRope {
+            inv_freq: 0,
+            ..rope
+        },
+        "rope.inv_freq",
     );
 }

@@ -21,20 +21,20 @@ use crate::common::*;
 
 /// A decoding problem. `page_size: None` is a contiguous cache of `capacity` keys per sequence.
 #[derive(Clone, Debug)]
-struct DecodeCase {
-    dtype: DType,
-    lens: Vec<usize>,
-    seqlen_q: usize,
-    heads_q: usize,
-    heads_kv: usize,
-    head_dim: usize,
-    page_size: Option<usize>,
-    layout: PagedLayout,
+pub(crate) struct DecodeCase {
+    pub(crate) dtype: DType,
+    pub(crate) lens: Vec<usize>,
+    pub(crate) seqlen_q: usize,
+    pub(crate) heads_q: usize,
+    pub(crate) heads_kv: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) page_size: Option<usize>,
+    pub(crate) layout: PagedLayout,
     /// Sequence 1 (when there is one) starts with sequence 0's first page (a shared prefix).
-    share_first_page: bool,
-    mask: MaskSpec,
-    num_splits: Option<usize>,
-    seed: u64,
+    pub(crate) share_first_page: bool,
+    pub(crate) mask: MaskSpec,
+    pub(crate) num_splits: Option<usize>,
+    pub(crate) seed: u64,
 }
 
 struct DecodeRun {
@@ -53,7 +53,7 @@ struct Overrides<'a> {
 
 /// The cache of a case: its reference description, and the layout of K and V as the kernel
 /// reads them.
-fn cache_shape(c: &DecodeCase, rng: &mut Rng) -> (PagedShape, Layout) {
+pub(crate) fn cache_shape(c: &DecodeCase, rng: &mut Rng) -> (PagedShape, Layout) {
     let max_len = c.lens.iter().copied().max().unwrap_or(0).max(1);
     let (ps, max_pages) = match c.page_size {
         Some(ps) => (ps, max_len.div_ceil(ps) + 1),
@@ -214,7 +214,7 @@ fn check(g: &Gpu, c: &DecodeCase) -> DecodeRun {
     r
 }
 
-fn case(head_dim: usize, mask: MaskSpec) -> DecodeCase {
+pub(crate) fn case(head_dim: usize, mask: MaskSpec) -> DecodeCase {
     DecodeCase {
         dtype: DType::Bf16,
         lens: vec![1, 700, 0, 129, 64],

@@ -19,6 +19,7 @@ macro_rules! gpu_or_skip {
 mod common;
 mod corner;
 mod decode;
+mod decode_rope;
 mod dense;
 mod hopper;
 mod rope;

@@ -270,6 +270,16 @@ typedef struct LfDecodeParams {
     float softmax_scale_log2;
 } LfDecodeParams;
 
+/* The decoding kernel with rotary positions applied inside, over an un-rotated cache
+ * (lf_decode_rope_*): key j of sequence b at position off_b + j and query token t at
+ * off_b + cache_seqlens[b] - seqlen_q + t (off_b = rope.position_offsets[b], or 0); scores as in
+ * LfRope, the mask causal (window_right = 0). rope.k_rot and rope.k_alt are unused (NULL): the
+ * kernel turns each step's keys in shared memory. */
+typedef struct LfDecodeRopeParams {
+    LfDecodeParams base;
+    LfRope rope;
+} LfDecodeRopeParams;
+
 #define LF_ASSERT_LAYOUT(cond, name) typedef char lf_layout_assert_##name[(cond) ? 1 : -1]
 LF_ASSERT_LAYOUT(sizeof(LfMask) == 24, mask_size);
 LF_ASSERT_LAYOUT(sizeof(LfBlockSparse) == 56, sparse_size);
@@ -295,6 +305,7 @@ LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, q_batch_stride) == 80, decode_q_batch_
 LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, mask) == 184, decode_mask);
 LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, batch) == 208, decode_batch);
 LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, softmax_scale_log2) == 252, decode_scale_log2);
+LF_ASSERT_LAYOUT(sizeof(LfDecodeRopeParams) == 320, decode_rope_size);
 LF_ASSERT_LAYOUT(sizeof(LfTensorMap) == 128, tensor_map_size);
 LF_ASSERT_LAYOUT(sizeof(LfFwdSm90Params) == 640, fwd_sm90_size);
 LF_ASSERT_LAYOUT(offsetof(LfFwdSm90Params, tma_q) == 256, fwd_sm90_tma_q);

@@ -142,5 +142,10 @@ LF_HD int lf_tile_is_full(LfMask m, int32_t qt, int32_t t, int32_t br, int32_t b
 #define LF_DECODE_STAGES_D128 3
 #define LF_DECODE_STAGES_D256 2
 #define LF_DECODE_SPLIT_ALIGN 64
+/* With RoPE in the kernel, a second Q tile and a scratch tile per warp come on top, and fewer
+ * stages keep two CTAs per SM at head dims 64 and 128 (76 and 88 KiB; 176 KiB at 256). */
+#define LF_DECODE_ROPE_STAGES_D64 4
+#define LF_DECODE_ROPE_STAGES_D128 2
+#define LF_DECODE_ROPE_STAGES_D256 2
 
 #endif
