@@ -17,9 +17,9 @@ pub mod sparse;
 
 pub use attention::{
     open_device, Attention, BlockTable, DecodeOptions, DecodePlan, DecodeProblem, ForwardOptions,
-    Input, KvCache, Mainloop, MainloopChoice, Output, RawBlockMask, RawDecode, RawForward,
-    RawMerge, RawRope, RawRopeMode, RawVarlenForward, RopeForward, SparseOptions, VarlenOptions,
-    SUPPORTED_HEAD_DIMS,
+    Input, KvCache, KvCacheMut, Mainloop, MainloopChoice, Output, RawAppend, RawBlockMask,
+    RawDecode, RawForward, RawMerge, RawRope, RawRopeMode, RawVarlenForward, RopeForward,
+    SparseOptions, VarlenOptions, SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

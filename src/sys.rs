@@ -620,6 +620,117 @@ impl Default for LfDecodeRopeParams {
     }
 }
 #[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfAppendParams {
+    pub k_new: *const ::core::ffi::c_void,
+    pub v_new: *const ::core::ffi::c_void,
+    pub k_cache: *mut ::core::ffi::c_void,
+    pub v_cache: *mut ::core::ffi::c_void,
+    pub block_table: *const i32,
+    pub cache_seqlens: *const i32,
+    pub error_flag: *mut i32,
+    pub k_new_batch_stride: i64,
+    pub k_new_row_stride: i64,
+    pub k_new_head_stride: i64,
+    pub v_new_batch_stride: i64,
+    pub v_new_row_stride: i64,
+    pub v_new_head_stride: i64,
+    pub k_page_stride: i64,
+    pub k_row_stride: i64,
+    pub k_head_stride: i64,
+    pub v_page_stride: i64,
+    pub v_row_stride: i64,
+    pub v_head_stride: i64,
+    pub block_table_stride: i64,
+    pub batch: i32,
+    pub seqlen_new: i32,
+    pub heads_kv: i32,
+    pub head_dim: i32,
+    pub num_pages: i32,
+    pub page_size: i32,
+    pub page_shift: i32,
+    pub capacity: i32,
+    pub rotate: i32,
+    pub reserved: i32,
+    pub rope: LfRope,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfAppendParams"][::core::mem::size_of::<LfAppendParams>() - 264usize];
+    ["Alignment of LfAppendParams"][::core::mem::align_of::<LfAppendParams>() - 8usize];
+    ["Offset of field: LfAppendParams::k_new"]
+        [::core::mem::offset_of!(LfAppendParams, k_new) - 0usize];
+    ["Offset of field: LfAppendParams::v_new"]
+        [::core::mem::offset_of!(LfAppendParams, v_new) - 8usize];
+    ["Offset of field: LfAppendParams::k_cache"]
+        [::core::mem::offset_of!(LfAppendParams, k_cache) - 16usize];
+    ["Offset of field: LfAppendParams::v_cache"]
+        [::core::mem::offset_of!(LfAppendParams, v_cache) - 24usize];
+    ["Offset of field: LfAppendParams::block_table"]
+        [::core::mem::offset_of!(LfAppendParams, block_table) - 32usize];
+    ["Offset of field: LfAppendParams::cache_seqlens"]
+        [::core::mem::offset_of!(LfAppendParams, cache_seqlens) - 40usize];
+    ["Offset of field: LfAppendParams::error_flag"]
+        [::core::mem::offset_of!(LfAppendParams, error_flag) - 48usize];
+    ["Offset of field: LfAppendParams::k_new_batch_stride"]
+        [::core::mem::offset_of!(LfAppendParams, k_new_batch_stride) - 56usize];
+    ["Offset of field: LfAppendParams::k_new_row_stride"]
+        [::core::mem::offset_of!(LfAppendParams, k_new_row_stride) - 64usize];
+    ["Offset of field: LfAppendParams::k_new_head_stride"]
+        [::core::mem::offset_of!(LfAppendParams, k_new_head_stride) - 72usize];
+    ["Offset of field: LfAppendParams::v_new_batch_stride"]
+        [::core::mem::offset_of!(LfAppendParams, v_new_batch_stride) - 80usize];
+    ["Offset of field: LfAppendParams::v_new_row_stride"]
+        [::core::mem::offset_of!(LfAppendParams, v_new_row_stride) - 88usize];
+    ["Offset of field: LfAppendParams::v_new_head_stride"]
+        [::core::mem::offset_of!(LfAppendParams, v_new_head_stride) - 96usize];
+    ["Offset of field: LfAppendParams::k_page_stride"]
+        [::core::mem::offset_of!(LfAppendParams, k_page_stride) - 104usize];
+    ["Offset of field: LfAppendParams::k_row_stride"]
+        [::core::mem::offset_of!(LfAppendParams, k_row_stride) - 112usize];
+    ["Offset of field: LfAppendParams::k_head_stride"]
+        [::core::mem::offset_of!(LfAppendParams, k_head_stride) - 120usize];
+    ["Offset of field: LfAppendParams::v_page_stride"]
+        [::core::mem::offset_of!(LfAppendParams, v_page_stride) - 128usize];
+    ["Offset of field: LfAppendParams::v_row_stride"]
+        [::core::mem::offset_of!(LfAppendParams, v_row_stride) - 136usize];
+    ["Offset of field: LfAppendParams::v_head_stride"]
+        [::core::mem::offset_of!(LfAppendParams, v_head_stride) - 144usize];
+    ["Offset of field: LfAppendParams::block_table_stride"]
+        [::core::mem::offset_of!(LfAppendParams, block_table_stride) - 152usize];
+    ["Offset of field: LfAppendParams::batch"]
+        [::core::mem::offset_of!(LfAppendParams, batch) - 160usize];
+    ["Offset of field: LfAppendParams::seqlen_new"]
+        [::core::mem::offset_of!(LfAppendParams, seqlen_new) - 164usize];
+    ["Offset of field: LfAppendParams::heads_kv"]
+        [::core::mem::offset_of!(LfAppendParams, heads_kv) - 168usize];
+    ["Offset of field: LfAppendParams::head_dim"]
+        [::core::mem::offset_of!(LfAppendParams, head_dim) - 172usize];
+    ["Offset of field: LfAppendParams::num_pages"]
+        [::core::mem::offset_of!(LfAppendParams, num_pages) - 176usize];
+    ["Offset of field: LfAppendParams::page_size"]
+        [::core::mem::offset_of!(LfAppendParams, page_size) - 180usize];
+    ["Offset of field: LfAppendParams::page_shift"]
+        [::core::mem::offset_of!(LfAppendParams, page_shift) - 184usize];
+    ["Offset of field: LfAppendParams::capacity"]
+        [::core::mem::offset_of!(LfAppendParams, capacity) - 188usize];
+    ["Offset of field: LfAppendParams::rotate"]
+        [::core::mem::offset_of!(LfAppendParams, rotate) - 192usize];
+    ["Offset of field: LfAppendParams::reserved"]
+        [::core::mem::offset_of!(LfAppendParams, reserved) - 196usize];
+    ["Offset of field: LfAppendParams::rope"]
+        [::core::mem::offset_of!(LfAppendParams, rope) - 200usize];
+};
+impl Default for LfAppendParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
 pub struct LfTileRange {
     pub begin: i32,

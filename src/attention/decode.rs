@@ -250,6 +250,57 @@ impl DecodeProblem {
     }
 }
 
+/// The keys one sequence can hold in a cache whose keys have layout `k`: with a block table of
+/// `max_pages_per_seq` columns, pages `[num_pages, page_size, ..]` (a power of two of at least
+/// `min_page`, at most i32::MAX pages) times the table's width; without one, the layout's rows.
+/// At most i32::MAX.
+pub(super) fn cache_capacity(
+    k: &Layout,
+    paged: bool,
+    max_pages_per_seq: usize,
+    min_page: usize,
+) -> Result<usize> {
+    let capacity = if paged {
+        let ps = k.seqlen;
+        if !ps.is_power_of_two() || ps < min_page {
+            return Err(Error::InvalidArgument {
+                arg: "k.seqlen",
+                value: ps.to_string(),
+                expected: format!("a page size that is a power of two of at least {min_page}"),
+            });
+        }
+        if max_pages_per_seq == 0 {
+            return Err(Error::InvalidArgument {
+                arg: "max_pages_per_seq",
+                value: "0".into(),
+                expected: "at least 1 page per sequence".into(),
+            });
+        }
+        if k.batch > i32::MAX as usize {
+            return Err(Error::InvalidArgument {
+                arg: "k.batch",
+                value: k.batch.to_string(),
+                expected: format!("at most {} pages", i32::MAX),
+            });
+        }
+        max_pages_per_seq.saturating_mul(ps)
+    } else {
+        k.seqlen
+    };
+    if capacity > i32::MAX as usize {
+        return Err(Error::InvalidArgument {
+            arg: if paged {
+                "max_pages_per_seq"
+            } else {
+                "k.seqlen"
+            },
+            value: capacity.to_string(),
+            expected: format!("a cache capacity of at most {} keys", i32::MAX),
+        });
+    }
+    Ok(capacity)
+}
+
 impl RawDecode {
     /// Checks everything that can be checked without reading device values or knowing buffer
     /// sizes (shapes, head dims, page size, strides and pointers, aliasing, mask, scale, the
@@ -274,46 +325,7 @@ impl RawDecode {
         );
         attention_shapes([q, k, v, o], self.block_table == 0)?;
         let paged = self.block_table != 0;
-        let capacity = if paged {
-            let ps = k.seqlen;
-            if !ps.is_power_of_two() || ps < LF_DECODE_KEYS as usize {
-                return Err(Error::InvalidArgument {
-                    arg: "k.seqlen",
-                    value: ps.to_string(),
-                    expected: format!(
-                        "a page size that is a power of two of at least {LF_DECODE_KEYS}"
-                    ),
-                });
-            }
-            if self.max_pages_per_seq == 0 {
-                return Err(Error::InvalidArgument {
-                    arg: "max_pages_per_seq",
-                    value: "0".into(),
-                    expected: "at least 1 page per sequence".into(),
-                });
-            }
-            if k.batch > i32::MAX as usize {
-                return Err(Error::InvalidArgument {
-                    arg: "k.batch",
-                    value: k.batch.to_string(),
-                    expected: format!("at most {} pages", i32::MAX),
-                });
-            }
-            self.max_pages_per_seq.saturating_mul(ps)
-        } else {
-            k.seqlen
-        };
-        if capacity > i32::MAX as usize {
-            return Err(Error::InvalidArgument {
-                arg: if paged {
-                    "max_pages_per_seq"
-                } else {
-                    "k.seqlen"
-                },
-                value: capacity.to_string(),
-                expected: format!("a cache capacity of at most {} keys", i32::MAX),
-            });
-        }
+        let capacity = cache_capacity(k, paged, self.max_pages_per_seq, LF_DECODE_KEYS as usize)?;
         let max_keys = self.options.max_seqlen_k.unwrap_or(capacity);
         if max_keys == 0 || max_keys > capacity {
             return Err(Error::InvalidArgument {
@@ -521,6 +533,50 @@ impl Attention {
         })
     }
 
+    /// Checks the device arrays a cache call reads besides the tensors: the block table holds
+    /// `batch * max_pages_per_seq` entries, the lengths `batch`, the flag one, all in this
+    /// context.
+    pub(super) fn check_cache_indices(
+        &self,
+        batch: usize,
+        block_table: Option<&BlockTable<'_, '_>>,
+        cache_seqlens: Option<&CudaView<'_, i32>>,
+        error_flag: Option<&CudaViewMut<'_, i32>>,
+    ) -> Result<()> {
+        if let Some(bt) = block_table {
+            self.same_context("block_table", bt.table.stream().context().cu_ctx())?;
+            let need = (batch as u128) * (bt.max_pages_per_seq as u128);
+            if need > bt.table.len() as u128 || bt.max_pages_per_seq == 0 {
+                return Err(Error::OutOfBounds {
+                    arg: "block_table",
+                    required: need.max(1),
+                    len: bt.table.len(),
+                });
+            }
+        }
+        if let Some(cs) = cache_seqlens {
+            self.same_context("cache_seqlens", cs.stream().context().cu_ctx())?;
+            if cs.len() < batch {
+                return Err(Error::OutOfBounds {
+                    arg: "cache_seqlens",
+                    required: batch as u128,
+                    len: cs.len(),
+                });
+            }
+        }
+        if let Some(f) = error_flag {
+            self.same_context("error_flag", f.stream().context().cu_ctx())?;
+            if f.is_empty() {
+                return Err(Error::OutOfBounds {
+                    arg: "error_flag",
+                    required: 1,
+                    len: 0,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// What the safe decoding entries share: checks the views (contexts, lengths against the
     /// layouts, the table's and lengths' sizes), lowers them to a [`RawDecode`] with a
     /// stream-ordered workspace of the plan's size, and calls `run` with it.
@@ -585,37 +641,12 @@ impl Attention {
                 });
             }
         }
-        if let Some(bt) = &cache.block_table {
-            self.same_context("block_table", bt.table.stream().context().cu_ctx())?;
-            let need = (batch as u128) * (bt.max_pages_per_seq as u128);
-            if need > bt.table.len() as u128 || bt.max_pages_per_seq == 0 {
-                return Err(Error::OutOfBounds {
-                    arg: "block_table",
-                    required: need.max(1),
-                    len: bt.table.len(),
-                });
-            }
-        }
-        if let Some(cs) = &cache.cache_seqlens {
-            self.same_context("cache_seqlens", cs.stream().context().cu_ctx())?;
-            if cs.len() < batch {
-                return Err(Error::OutOfBounds {
-                    arg: "cache_seqlens",
-                    required: batch as u128,
-                    len: cs.len(),
-                });
-            }
-        }
-        if let Some(f) = &error_flag {
-            self.same_context("error_flag", f.stream().context().cu_ctx())?;
-            if f.is_empty() {
-                return Err(Error::OutOfBounds {
-                    arg: "error_flag",
-                    required: 1,
-                    len: 0,
-                });
-            }
-        }
+        self.check_cache_indices(
+            batch,
+            cache.block_table.as_ref(),
+            cache.cache_seqlens,
+            error_flag.as_deref(),
+        )?;
 
         let (qp, _gq) = q.data.device_ptr(stream);
         let (kp, _gk) = cache.k.data.device_ptr(stream);

@@ -19,6 +19,7 @@ use crate::layout::Layout;
 use crate::loader::{CtxGuard, Kernel, ModuleCache};
 use crate::sparse::DeviceBlockMask;
 
+pub mod append;
 pub mod decode;
 mod decode_rope;
 pub mod forward;
@@ -28,6 +29,7 @@ mod sm90;
 pub mod sparse;
 pub mod varlen;
 
+pub use append::{KvCacheMut, RawAppend};
 pub use decode::{BlockTable, DecodeOptions, DecodePlan, DecodeProblem, KvCache, RawDecode};
 pub use forward::{ForwardOptions, RawForward};
 pub use merge::RawMerge;

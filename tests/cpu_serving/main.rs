@@ -98,6 +98,7 @@ fn heads() -> impl Strategy<Value = (usize, usize)> {
     (1usize..=2, prop::sample::select(vec![1usize, 2, 4])).prop_map(|(hkv, g)| (hkv * g, hkv))
 }
 
+mod append;
 mod decode;
 mod paged;
 mod varlen;

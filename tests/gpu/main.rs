@@ -16,6 +16,7 @@ macro_rules! gpu_or_skip {
     };
 }
 
+mod append;
 mod common;
 mod corner;
 mod decode;

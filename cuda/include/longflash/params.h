@@ -280,6 +280,54 @@ typedef struct LfDecodeRopeParams {
     LfRope rope;
 } LfDecodeRopeParams;
 
+/* Appends new tokens' keys and values to a KV cache (lf_append_kv_*): token t of sequence b goes
+ * to slot s = cache_seqlens[b] + t of the sequence, i.e. row s % page_size of page
+ * block_table[b * block_table_stride + s / page_size] (or row s of batch entry b without a
+ * table), for t < seqlen_new; cache_seqlens itself is not updated. k_new and v_new are
+ * [batch, seqlen_new, heads_kv, head_dim] with element strides; the caches are laid out as in
+ * LfDecodeParams. With rotate = 1 the keys are written rotated to their positions
+ * (rope.position_offsets[b] + s) as LfRope's R_pos (the attention factor on the rotated part), for
+ * caches that store rotated keys; rope.k_rot, rope.k_alt and rope.mode are unused.
+ *
+ * Device values are checked, never trusted: a token whose slot falls outside [0, capacity) (a
+ * negative length, or past max_pages * page_size, or the contiguous cache's length) or whose page
+ * entry falls outside [0, num_pages) is not written, and ORs 1 into *error_flag when not NULL. */
+typedef struct LfAppendParams {
+    const void *k_new;
+    const void *v_new;
+    void *k_cache;
+    void *v_cache;
+    const int32_t *block_table;
+    const int32_t *cache_seqlens;
+    int32_t *error_flag;
+
+    int64_t k_new_batch_stride;
+    int64_t k_new_row_stride;
+    int64_t k_new_head_stride;
+    int64_t v_new_batch_stride;
+    int64_t v_new_row_stride;
+    int64_t v_new_head_stride;
+    int64_t k_page_stride;
+    int64_t k_row_stride;
+    int64_t k_head_stride;
+    int64_t v_page_stride;
+    int64_t v_row_stride;
+    int64_t v_head_stride;
+    int64_t block_table_stride;
+
+    int32_t batch;
+    int32_t seqlen_new;
+    int32_t heads_kv;
+    int32_t head_dim;
+    int32_t num_pages;
+    int32_t page_size;
+    int32_t page_shift;
+    int32_t capacity;
+    int32_t rotate;
+    int32_t reserved;
+    LfRope rope;
+} LfAppendParams;
+
 #define LF_ASSERT_LAYOUT(cond, name) typedef char lf_layout_assert_##name[(cond) ? 1 : -1]
 LF_ASSERT_LAYOUT(sizeof(LfMask) == 24, mask_size);
 LF_ASSERT_LAYOUT(sizeof(LfBlockSparse) == 56, sparse_size);
@@ -306,6 +354,8 @@ LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, mask) == 184, decode_mask);
 LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, batch) == 208, decode_batch);
 LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, softmax_scale_log2) == 252, decode_scale_log2);
 LF_ASSERT_LAYOUT(sizeof(LfDecodeRopeParams) == 320, decode_rope_size);
+LF_ASSERT_LAYOUT(sizeof(LfAppendParams) == 264, append_size);
+LF_ASSERT_LAYOUT(offsetof(LfAppendParams, rope) == 200, append_rope);
 LF_ASSERT_LAYOUT(sizeof(LfTensorMap) == 128, tensor_map_size);
 LF_ASSERT_LAYOUT(sizeof(LfFwdSm90Params) == 640, fwd_sm90_size);
 LF_ASSERT_LAYOUT(offsetof(LfFwdSm90Params, tma_q) == 256, fwd_sm90_tma_q);
