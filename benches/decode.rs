@@ -1,15 +1,17 @@
-//! The decoding forward over a paged KV cache, timed with CUDA events on the GPU: bf16, 32 query
-//! heads over 8 KV heads, head dim 128, pages of 64 tokens in a shuffled order, one query token
-//! per sequence (and 4 and 16 for speculative decoding), batch 1 to 256 and cache lengths 1k to
-//! 512k. Decoding is bound by memory, so the figure is the bandwidth: the bytes of K and V read
-//! per second, next to a device-to-device copy of the same bytes measured in the same run (its
-//! read plus write traffic per second). Prints `RESULT {json}` per shape. Without a GPU it prints
-//! that it skipped (and fails when LONGFLASH_REQUIRE_GPU=1).
+//! The decoding forward over a KV cache, timed with CUDA events on the GPU: bf16, head dim 128,
+//! one query token per sequence; GQA 32:8 and MHA 32:32; batch 1, 8, 64 and 256; cache lengths
+//! 1k to 128k tokens per sequence (shapes whose K and V pass 24 GB are skipped); paged caches
+//! with pages of 16 and 64 tokens in a shuffled order, and a contiguous cache (the layout
+//! `benches/peer_decode.py` gives PyTorch SDPA's flash backend). Decoding is bound by memory, so
+//! the figure is the bandwidth: the bytes of K and V read per second, next to a device-to-device
+//! copy of the same bytes measured in the same run (its read plus write traffic per second).
+//! Speculative decoding (4 and 16 tokens) and RoPE / ReRoPE (window 4096) / Leaky ReRoPE (leak
+//! 16) decoding over the same un-rotated cache run on a few GQA shapes. Prints `RESULT {json}`
+//! per shape. Without a GPU it prints that it skipped (and fails when LONGFLASH_REQUIRE_GPU=1).
 //!
-//! On three shapes it also times RoPE, ReRoPE (window 4096) and Leaky ReRoPE (window 4096, leak
-//! 16) decoding over the same un-rotated cache, as times and ratios to plain decoding.
-//!
-//! `LONGFLASH_BENCH_DECODE_SPLITS=N` fixes the split count instead of the plan's choice.
+//! `LONGFLASH_BENCH_DECODE_SPLITS=N` fixes the split count instead of the plan's choice;
+//! `LONGFLASH_BENCH_DECODE_BATCHES` and `LONGFLASH_BENCH_DECODE_LENS` (comma lists) narrow the
+//! grid.
 
 use std::time::Duration;
 
@@ -18,57 +20,118 @@ mod common;
 use common::*;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
 use longflash::{BlockTable, DecodeOptions, Input, KvCache, Layout, MaskSpec, Output};
 
+const HEAD_DIM: usize = 128;
+const HEADS_Q: usize = 32;
+const MAX_KV_BYTES: usize = 24 << 30;
+
+/// `n` elements on the device: a few MB of random data repeated (decoding's speed does not
+/// depend on the values, and generating gigabytes on the host would take minutes).
+fn device_data(stream: &std::sync::Arc<CudaStream>, n: usize, seed: u64) -> CudaSlice<bf16> {
+    let chunk = n.min(1 << 22);
+    let pattern = stream.clone_htod(&random_bf16(chunk, seed)).unwrap();
+    let mut out: CudaSlice<bf16> = stream.alloc_zeros(n).unwrap();
+    let mut at = 0;
+    while at < n {
+        let len = chunk.min(n - at);
+        let mut dst = out.slice_mut(at..at + len);
+        stream
+            .memcpy_dtod(&pattern.slice(0..len), &mut dst)
+            .unwrap();
+        at += len;
+    }
+    out
+}
+
+/// One timed configuration.
+struct Shape {
+    batch: usize,
+    len: usize,
+    seqlen_q: usize,
+    heads_kv: usize,
+    /// Page size, or `None` for a contiguous cache.
+    page: Option<usize>,
+    /// Also time RoPE, ReRoPE and Leaky ReRoPE decoding.
+    rope: bool,
+}
+
+fn shapes() -> Vec<Shape> {
+    let batches = parse_list("LONGFLASH_BENCH_DECODE_BATCHES", &[1, 8, 64, 256]);
+    let lens = parse_list("LONGFLASH_BENCH_DECODE_LENS", &[1024, 8192, 32768, 131072]);
+    let mut v = Vec::new();
+    for heads_kv in [8, 32] {
+        for page in [Some(16), Some(64), None] {
+            for &batch in &batches {
+                for &len in &lens {
+                    if 2 * batch * len * heads_kv * HEAD_DIM * 2 > MAX_KV_BYTES {
+                        continue;
+                    }
+                    let rope = heads_kv == 8
+                        && page == Some(64)
+                        && matches!((batch, len), (1, 131072) | (8, 32768) | (64, 8192));
+                    v.push(Shape {
+                        batch,
+                        len,
+                        seqlen_q: 1,
+                        heads_kv,
+                        page,
+                        rope,
+                    });
+                }
+            }
+        }
+    }
+    for seqlen_q in [4, 16] {
+        v.push(Shape {
+            batch: 8,
+            len: 32768,
+            seqlen_q,
+            heads_kv: 8,
+            page: Some(64),
+            rope: false,
+        });
+    }
+    v
+}
+
 fn bench_decode(c: &mut Criterion) {
     let Some(g) = gpu() else { return };
     let device = g.ctx.name().unwrap_or_default();
-    let (hq, hk, d, ps) = (32usize, 8usize, 128usize, 64usize);
+    let (hq, d) = (HEADS_Q, HEAD_DIM);
     let splits = std::env::var("LONGFLASH_BENCH_DECODE_SPLITS")
         .ok()
         .and_then(|v| v.parse().ok());
     let mut group = c.benchmark_group("decode_bf16_d128");
     group
         .sample_size(20)
-        .warm_up_time(Duration::from_millis(200))
-        .measurement_time(Duration::from_millis(600));
-    // (batch, cache length, query tokens)
-    let shapes: &[(usize, usize, usize)] = &[
-        (1, 1024, 1),
-        (1, 8192, 1),
-        (1, 32768, 1),
-        (1, 131072, 1),
-        (1, 524288, 1),
-        (4, 131075, 1),
-        (16, 8192, 1),
-        (64, 4096, 1),
-        (256, 2048, 1),
-        (64, 1024, 1),
-        (16, 8192, 4),
-        (16, 8192, 16),
-    ];
-    for &(batch, len, sq) in shapes {
-        let pages_per_seq = len.div_ceil(ps);
-        let num_pages = batch * pages_per_seq;
-        let cache_elems = num_pages * ps * hk * d;
-        let k: CudaSlice<bf16> = g.stream.clone_htod(&random_bf16(cache_elems, 1)).unwrap();
-        let v: CudaSlice<bf16> = g.stream.clone_htod(&random_bf16(cache_elems, 2)).unwrap();
-        let q: CudaSlice<bf16> = g
+        .warm_up_time(Duration::from_millis(100))
+        .measurement_time(Duration::from_millis(400));
+    for s in shapes() {
+        let (batch, len, sq, hk) = (s.batch, s.len, s.seqlen_q, s.heads_kv);
+        // Paged: pages handed out in a shuffled order; contiguous: one entry per sequence.
+        let (entries, rows, max_pages) = match s.page {
+            Some(ps) => (batch * len.div_ceil(ps), ps, len.div_ceil(ps)),
+            None => (batch, len, 1),
+        };
+        let cache_elems = entries * rows * hk * d;
+        let k = device_data(&g.stream, cache_elems, 1);
+        let v = device_data(&g.stream, cache_elems, 2);
+        let q = g
             .stream
             .clone_htod(&random_bf16(batch * sq * hq * d, 3))
             .unwrap();
         let mut o: CudaSlice<bf16> = g.stream.alloc_zeros(batch * sq * hq * d).unwrap();
-        // Pages in a shuffled order, as a cache that has served for a while holds them.
-        let mut table: Vec<i32> = (0..num_pages as i32).collect();
-        let mut s = 0x2545_F491_4F6C_DD1Du64 ^ len as u64;
+        let mut table: Vec<i32> = (0..entries as i32).collect();
+        let mut x = 0x2545_F491_4F6C_DD1Du64 ^ len as u64;
         for i in (1..table.len()).rev() {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            table.swap(i, (s % (i as u64 + 1)) as usize);
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            table.swap(i, (x % (i as u64 + 1)) as usize);
         }
         let dt: CudaSlice<i32> = g.stream.clone_htod(&table).unwrap();
         let dl: CudaSlice<i32> = g.stream.clone_htod(&vec![len as i32; batch]).unwrap();
@@ -79,7 +142,7 @@ fn bench_decode(c: &mut Criterion) {
             dt.as_view(),
             dl.as_view(),
         );
-        let cl = Layout::bshd(num_pages, ps, hk, d);
+        let cl = Layout::bshd(entries, rows, hk, d);
         let ql = Layout::bshd(batch, sq, hq, d);
         let cache = KvCache {
             k: Input {
@@ -90,9 +153,9 @@ fn bench_decode(c: &mut Criterion) {
                 data: &vv,
                 layout: cl,
             },
-            block_table: Some(BlockTable {
+            block_table: s.page.map(|_| BlockTable {
                 table: &tv,
-                max_pages_per_seq: pages_per_seq,
+                max_pages_per_seq: max_pages,
             }),
             cache_seqlens: Some(&lv),
         };
@@ -102,7 +165,8 @@ fn bench_decode(c: &mut Criterion) {
             max_seqlen_k: None,
             num_splits: splits,
         };
-        let name = format!("b{batch}_len{len}_q{sq}");
+        let page_name = s.page.map_or("contiguous".to_string(), |p| p.to_string());
+        let name = format!("b{batch}_len{len}_q{sq}_hkv{hk}_page{page_name}");
         let mut ms_samples: Vec<f64> = Vec::new();
         group.bench_function(BenchmarkId::new("decode", &name), |bench| {
             bench.iter_custom(|iters| {
@@ -152,10 +216,11 @@ fn bench_decode(c: &mut Criterion) {
                 )
             })
         });
+        drop((src, dst));
         let copy_ms = median(&mut copy_samples);
-        // RoPE, ReRoPE and Leaky ReRoPE over the same (un-rotated) cache, on a few shapes.
+        // RoPE, ReRoPE and Leaky ReRoPE over the same (un-rotated) cache.
         let mut rope_ms: Vec<(&str, f64)> = Vec::new();
-        if sq == 1 && matches!((batch, len), (1, 131072) | (4, 131075) | (16, 8192)) {
+        if s.rope {
             for (mode_name, mode) in [
                 ("rope", PositionMode::Rope),
                 ("rerope", PositionMode::ReRope { window: 4096 }),
@@ -209,11 +274,13 @@ fn bench_decode(c: &mut Criterion) {
             .map(|(m, t)| format!(", \"{m}_ms\": {t:.4}, \"{m}_over_plain\": {:.3}", t / ms))
             .collect();
         let plan_splits = splits.map_or("null".to_string(), |s: usize| s.to_string());
+        let page_json = s.page.map_or("null".to_string(), |p| p.to_string());
         println!(
-            "RESULT {{\"impl\": \"longflash_decode\", \"batch\": {batch}, \"cache_len\": {len}, \"seqlen_q\": {sq}, \"heads_q\": {hq}, \"heads_kv\": {hk}, \"head_dim\": {d}, \"page_size\": {ps}, \"num_splits\": {plan_splits}, \"ms\": {ms:.4}, \"kv_gb\": {:.3}, \"tb_per_s\": {:.3}, \"copy_ms\": {copy_ms:.4}, \"copy_tb_per_s\": {:.3}{rope_json}, \"device\": \"{device}\"}}",
+            "RESULT {{\"impl\": \"longflash_decode\", \"batch\": {batch}, \"cache_len\": {len}, \"seqlen_q\": {sq}, \"heads_q\": {hq}, \"heads_kv\": {hk}, \"head_dim\": {d}, \"page_size\": {page_json}, \"num_splits\": {plan_splits}, \"ms\": {ms:.4}, \"kv_gb\": {:.3}, \"tb_per_s\": {:.3}, \"copy_ms\": {copy_ms:.4}, \"copy_tb_per_s\": {:.3}, \"of_copy\": {:.3}{rope_json}, \"device\": \"{device}\"}}",
             kv_bytes as f64 / 1e9,
             kv_bytes as f64 / ms / 1e9,
             2.0 * kv_bytes as f64 / copy_ms / 1e9,
+            (kv_bytes as f64 / ms) / (2.0 * kv_bytes as f64 / copy_ms),
         );
     }
     group.finish();

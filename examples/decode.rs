@@ -278,9 +278,8 @@ fn run(ctx: &Arc<CudaContext>) -> Result<bool, Box<dyn std::error::Error>> {
         scale as f32,
     )?;
     let cmp = compare(&got, None, &ref64, &lowp);
-    let kv_gb: f64 = lens.iter().map(|&l| l as f64).sum::<f64>()
-        * (HEADS_KV * HEAD_DIM * 2 * 2) as f64
-        / 1e9;
+    let kv_gb: f64 =
+        lens.iter().map(|&l| l as f64).sum::<f64>() * (HEADS_KV * HEAD_DIM * 2 * 2) as f64 / 1e9;
     println!(
         "{} sequences ({:?} tokens at the end), {HEADS_Q} query heads over {HEADS_KV} KV heads, head dim {HEAD_DIM}, pages of {PAGE}",
         batch, lens
