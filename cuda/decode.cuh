@@ -23,11 +23,15 @@
 
 namespace lf {
 
-template <typename T_, int D_, int STAGES_, bool ROPE_ = false> struct DecodeTraits {
+template <typename T_, int D_, int STAGES_, bool ROPE_ = false, bool PADDED_ = false>
+struct DecodeTraits {
     using T = T_;
     static constexpr int D = D_;
     static constexpr int kStages = STAGES_;    // K/V stages per warp
     static constexpr bool kRope = ROPE_;       // rotary positions applied in the kernel
+    // The call's head dim (a multiple of 8) may be narrower than D: columns past it are
+    // zero-filled on load and not stored.
+    static constexpr bool kPadded = PADDED_;
     static constexpr int kWarps = LF_DECODE_WARPS;
     static constexpr int kThreads = kWarps * 32;
     static constexpr int kRows = LF_DECODE_ROWS; // packed rows per CTA: one m16 tile
@@ -80,7 +84,8 @@ struct CacheRows {
 // 32 lanes of one warp; rows at or past `valid` are zero-filled and not read.
 template <class Tr>
 __device__ __forceinline__ void warp_load_rows(uint32_t dst, const uint16_t *src,
-                                               int64_t row_stride, int valid, int lane) {
+                                               int64_t row_stride, int valid, int head_dim,
+                                               int lane) {
     constexpr int kChunks = Tr::D / 8;
     constexpr int kPerLane = Tr::kKeys * kChunks / 32;
 #pragma unroll
@@ -88,7 +93,7 @@ __device__ __forceinline__ void warp_load_rows(uint32_t dst, const uint16_t *src
         const int idx = it * 32 + lane;
         const int r = idx / kChunks;
         const int c = (idx % kChunks) * 8;
-        const bool ok = r < valid;
+        const bool ok = r < valid && (!Tr::kPadded || c < head_dim);
         cp_async_16(dst + SwizzledTile<Tr::D>::offset(r, c), ok ? src + r * row_stride + c : src,
                     ok);
     }
@@ -294,8 +299,9 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
     auto load_step = [&](int n) {
         const int j0 = (first + warp + n * Tr::kWarps) * Tr::kKeys;
         const uint32_t sK = sWarp + (n % Tr::kStages) * Tr::kStageBytes;
-        warp_load_rows<Tr>(sK, kc.rows(j0, bad), kc.row_stride, len - j0, lane);
-        warp_load_rows<Tr>(sK + Tr::kTileBytes, vc.rows(j0, bad), vc.row_stride, len - j0, lane);
+        warp_load_rows<Tr>(sK, kc.rows(j0, bad), kc.row_stride, len - j0, p.head_dim, lane);
+        warp_load_rows<Tr>(sK + Tr::kTileBytes, vc.rows(j0, bad), vc.row_stride, len - j0,
+                           p.head_dim, lane);
     };
 
     // Q: the block's packed rows (zeros past the last), in the group of the first stage.
@@ -306,7 +312,7 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
             const int r = idx / kChunks;
             const int c = (idx % kChunks) * 8;
             const int pr = row0 + r;
-            const bool ok = pr < rows;
+            const bool ok = pr < rows && (!Tr::kPadded || c < p.head_dim);
             const int t = ok ? pr / group : 0;
             const int h = hk * group + (ok ? pr % group : 0);
             cp_async_16(sQ + SwizzledTile<Tr::D>::offset(r, c),
@@ -471,7 +477,7 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
         const int row = idx / kQuads;
         const int c = (idx % kQuads) * 4;
         const int pr = row0 + row;
-        if (pr >= rows) continue;
+        if (pr >= rows || (Tr::kPadded && c >= p.head_dim)) continue;
         float base = kNoBase;
 #pragma unroll
         for (int w = 0; w < Tr::kWarps; ++w)
@@ -506,7 +512,8 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
             const int64_t prow =
                 (static_cast<int64_t>(split) * p.batch + b) * seqlen_q * p.heads_q +
                 static_cast<int64_t>(t) * p.heads_q + h;
-            *reinterpret_cast<float4 *>(p.partial_o + prow * Tr::D + c) =
+            const int64_t width = Tr::kPadded ? p.head_dim : Tr::D;
+            *reinterpret_cast<float4 *>(p.partial_o + prow * width + c) =
                 make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
             if (c == 0)
                 p.partial_lse[((static_cast<int64_t>(split) * p.batch + b) * p.heads_q + h) *
@@ -584,6 +591,20 @@ template <typename T> __device__ __forceinline__ void decode_combine(const LfDec
 // un-rotated cache), for element type T and head dimension D.
 #define LF_DEFINE_DECODE_ROPE_KERNEL(NAME, T, D)                                                  \
     using NAME##_traits = lf::DecodeTraits<T, D, LF_DECODE_ROPE_STAGES_D##D, true>;               \
+    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
+        NAME(const __grid_constant__ LfDecodeRopeParams p) {                                      \
+        lf::decode_fwd<NAME##_traits>(p.base, &p.rope);                                           \
+    }
+
+// The decoding kernels for a head dim narrower than D (a multiple of 8), in D-wide tiles.
+#define LF_DEFINE_DECODE_PADDED_KERNEL(NAME, T, D)                                                \
+    using NAME##_traits = lf::DecodeTraits<T, D, LF_DECODE_STAGES_D##D, false, true>;             \
+    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
+        NAME(const __grid_constant__ LfDecodeParams p) {                                          \
+        lf::decode_fwd<NAME##_traits>(p);                                                         \
+    }
+#define LF_DEFINE_DECODE_ROPE_PADDED_KERNEL(NAME, T, D)                                           \
+    using NAME##_traits = lf::DecodeTraits<T, D, LF_DECODE_ROPE_STAGES_D##D, true, true>;         \
     extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
         NAME(const __grid_constant__ LfDecodeRopeParams p) {                                      \
         lf::decode_fwd<NAME##_traits>(p.base, &p.rope);                                           \

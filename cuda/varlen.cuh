@@ -69,3 +69,12 @@ template <class Tr> __device__ __forceinline__ void varlen_fwd(const LfVarlenPar
         NAME(const __grid_constant__ LfVarlenParams p) {                                          \
         lf::varlen_fwd<NAME##_traits>(p);                                                         \
     }
+
+// The varlen kernel for a head dim narrower than D (see LF_DEFINE_FWD_PADDED_KERNEL).
+#define LF_DEFINE_VARLEN_PADDED_KERNEL(NAME, T, D)                                                \
+    using NAME##_traits =                                                                         \
+        lf::FwdTraits<T, D, LF_FWD_BR_D##D, LF_FWD_BC_D##D, LF_FWD_WARPS, 1, true>;              \
+    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
+        NAME(const __grid_constant__ LfVarlenParams p) {                                          \
+        lf::varlen_fwd<NAME##_traits>(p);                                                         \
+    }

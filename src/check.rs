@@ -1,7 +1,7 @@
 //! Checks every entry point shares: the byte ranges a layout reaches (for aliasing), shape
 //! agreement, pointer and stride alignment, and the names those errors carry.
 
-use crate::attention::SUPPORTED_HEAD_DIMS;
+use crate::attention::{head_dim_kernel, SUPPORTED_HEAD_DIMS};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 
@@ -103,14 +103,28 @@ fn stride_name(tensor: &str, field: &str) -> &'static str {
 }
 
 /// The shape rules of an attention call's Q, K, V and O: no zero dimension, a supported head dim
-/// shared by all four, V shaped like K, O like Q, query heads a whole multiple of key/value heads,
-/// and, when `k_batch_is_q_batch`, K's batch equal to Q's (a paged cache's "batch" counts pages).
-pub(crate) fn attention_shapes([q, k, v, o]: [&Layout; 4], k_batch_is_q_batch: bool) -> Result<()> {
+/// shared by all four (64, 128 or 256; with `narrow_heads`, any multiple of 8 up to 256, which
+/// runs in padded kernels), V shaped like K, O like Q, query heads a whole multiple of key/value
+/// heads, and, when `k_batch_is_q_batch`, K's batch equal to Q's (a paged cache's "batch" counts
+/// pages).
+pub(crate) fn attention_shapes(
+    [q, k, v, o]: [&Layout; 4],
+    k_batch_is_q_batch: bool,
+    narrow_heads: bool,
+) -> Result<()> {
     q.check_dims("q")?;
     k.check_dims("k")?;
     v.check_dims("v")?;
     o.check_dims("o")?;
-    if !SUPPORTED_HEAD_DIMS.contains(&q.head_dim) {
+    if narrow_heads {
+        if head_dim_kernel(q.head_dim).is_none() {
+            return Err(Error::InvalidArgument {
+                arg: "q.head_dim",
+                value: q.head_dim.to_string(),
+                expected: "a multiple of 8 from 8 to 256".into(),
+            });
+        }
+    } else if !SUPPORTED_HEAD_DIMS.contains(&q.head_dim) {
         return Err(Error::UnsupportedHeadDim {
             arg: "q.head_dim",
             value: q.head_dim,

@@ -52,8 +52,8 @@ fn valid_arguments_lower_to_kernel_params() {
 }
 
 #[test]
-fn unsupported_head_dims() {
-    for d in [16, 32, 80, 96, 192, 512] {
+fn head_dims() {
+    let with_dim = |d: usize| {
         let mut a = ok_args();
         for l in [&mut a.q_layout, &mut a.o_layout] {
             *l = Layout::bshd(2, 100, 4, d);
@@ -61,13 +61,56 @@ fn unsupported_head_dims() {
         for l in [&mut a.k_layout, &mut a.v_layout] {
             *l = Layout::bshd(2, 120, 2, d);
         }
-        let e = a.validate().unwrap_err();
+        a
+    };
+    // The exact forward takes every multiple of 8 up to 256 (narrower heads run padded).
+    for d in [8, 16, 32, 64, 80, 96, 112, 128, 160, 192, 248, 256] {
+        let p = with_dim(d)
+            .validate()
+            .unwrap_or_else(|e| panic!("{d}: {e}"));
+        assert_eq!(p.head_dim, d as i32);
+        assert!((p.softmax_scale - 1.0 / (d as f32).sqrt()).abs() < 1e-7);
+    }
+    for d in [4, 12, 100, 260, 512] {
+        let e = with_dim(d).validate().unwrap_err();
         assert!(
-            matches!(e, Error::UnsupportedHeadDim { value, .. } if value == d),
-            "{e}"
+            matches!(
+                e,
+                Error::InvalidArgument {
+                    arg: "q.head_dim",
+                    ..
+                }
+            ),
+            "{d}: {e}"
         );
         assert!(e.to_string().contains(&d.to_string()));
     }
+    // With a block mask only the kernels' own widths.
+    for d in [16, 80, 96, 192] {
+        let mut a = with_dim(d);
+        a.block_mask = Some(longflash::RawBlockMask {
+            row_offsets: 1 << 30,
+            col_indices: 2 << 30,
+            full: 3 << 30,
+            batch: 1,
+            heads: 1,
+        });
+        let e = a.validate().unwrap_err();
+        assert!(
+            matches!(e, Error::UnsupportedHeadDim { value, .. } if value == d),
+            "{d}: {e}"
+        );
+    }
+    // The kernel each head dim runs in.
+    use longflash::attention::head_dim_kernel;
+    assert_eq!(head_dim_kernel(64), Some((64, false)));
+    assert_eq!(head_dim_kernel(56), Some((64, true)));
+    assert_eq!(head_dim_kernel(80), Some((128, true)));
+    assert_eq!(head_dim_kernel(128), Some((128, false)));
+    assert_eq!(head_dim_kernel(136), Some((256, true)));
+    assert_eq!(head_dim_kernel(100), None);
+    assert_eq!(head_dim_kernel(0), None);
+    assert_eq!(head_dim_kernel(264), None);
 }
 
 #[test]

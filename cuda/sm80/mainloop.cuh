@@ -21,9 +21,14 @@
 
 namespace lf {
 
-template <typename T_, int D_, int BR_, int BC_, int NWARPS_, int QVARIANTS_ = 1> struct FwdTraits {
+template <typename T_, int D_, int BR_, int BC_, int NWARPS_, int QVARIANTS_ = 1,
+          bool PADDED_ = false>
+struct FwdTraits {
     using T = T_;
     static constexpr int D = D_;
+    // The call's head dim (LfFwdParams::head_dim, a multiple of 8) may be narrower than the
+    // tile's D: columns past it are zero-filled on load and not stored.
+    static constexpr bool kPadded = PADDED_;
     static constexpr int BR = BR_;
     static constexpr int BC = BC_;
     static constexpr int kWarps = NWARPS_;
@@ -87,6 +92,18 @@ struct DenseLse {
     }
 };
 
+// Copies ROWS rows of a Q, K or V tile: all D columns, or the call's head dim with the rest
+// zero-filled when the tile is wider (Tr::kPadded).
+template <class Tr, int ROWS>
+__device__ __forceinline__ void load_rows(uint32_t dst, const uint16_t *src, int64_t row_stride,
+                                          int valid_rows, int head_dim, int tid) {
+    if constexpr (Tr::kPadded)
+        load_tile_async_cols<ROWS, Tr::D, Tr::kThreads>(dst, src, row_stride, valid_rows,
+                                                        head_dim, tid);
+    else
+        load_tile_async<ROWS, Tr::D, Tr::kThreads>(dst, src, row_stride, valid_rows, tid);
+}
+
 template <class Tr, class Iter, class Mask, class Score, class Keys, class QPrep,
           class LseAt = DenseLse>
 __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const Iter &iter,
@@ -137,12 +154,11 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
     const int n_tiles = iter.count();
     const float scale_log2 = p.softmax_scale_log2;
     if (n_tiles > 0) {
-        load_tile_async<Tr::BR, Tr::D, Tr::kThreads>(sQ, q_ptr, p.q_row_stride, seqlen_q - q0,
-                                                     tid);
+        load_rows<Tr, Tr::BR>(sQ, q_ptr, p.q_row_stride, seqlen_q - q0, p.head_dim, tid);
         {
             const int kt = iter.tile(0), v = iter.variant(0);
-            load_tile_async<Tr::BC, Tr::D, Tr::kThreads>(sK, keys.tile(v, kt, Tr::BC), keys.stride(v),
-                                                         seqlen_k - kt * Tr::BC, tid);
+            load_rows<Tr, Tr::BC>(sK, keys.tile(v, kt, Tr::BC), keys.stride(v),
+                                  seqlen_k - kt * Tr::BC, p.head_dim, tid);
         }
         cp_async_commit();
     }
@@ -153,8 +169,8 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         cp_async_wait<0>();
         __syncthreads(); // K_kt (and Q) visible to all; everyone is done with V of the last tile
         if (n == 0) q_prep(sQ, warp_row0, lane, q0); // each warp prepares its own Q rows
-        load_tile_async<Tr::BC, Tr::D, Tr::kThreads>(sV, v_ptr + k0 * p.v_row_stride,
-                                                     p.v_row_stride, seqlen_k - k0, tid);
+        load_rows<Tr, Tr::BC>(sV, v_ptr + k0 * p.v_row_stride, p.v_row_stride, seqlen_k - k0,
+                              p.head_dim, tid);
         cp_async_commit();
 
         float s[Tr::kMT][Tr::kNT][4];
@@ -201,8 +217,8 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         __syncthreads(); // V_kt visible; everyone is done reading K_kt
         if (n + 1 < n_tiles) {
             const int kn = iter.tile(n + 1), v = iter.variant(n + 1);
-            load_tile_async<Tr::BC, Tr::D, Tr::kThreads>(sK, keys.tile(v, kn, Tr::BC), keys.stride(v),
-                                                         seqlen_k - kn * Tr::BC, tid);
+            load_rows<Tr, Tr::BC>(sK, keys.tile(v, kn, Tr::BC), keys.stride(v),
+                                  seqlen_k - kn * Tr::BC, p.head_dim, tid);
             cp_async_commit();
         }
 
@@ -258,7 +274,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         int idx = it * Tr::kThreads + tid;
         int r = idx / kChunks;
         int c = (idx % kChunks) * 8;
-        if (q0 + r < seqlen_q) {
+        if (q0 + r < seqlen_q && (!Tr::kPadded || c < p.head_dim)) {
             uint4 val;
             asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
                          : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w)

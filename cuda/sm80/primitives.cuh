@@ -100,6 +100,33 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem_base, const uint16
     }
 }
 
+// As load_tile_async, reading only the first `valid_cols` columns (a multiple of 8) of each row
+// and zero-filling the rest of the tile's row: a head dimension narrower than the tile.
+template <int ROWS, int D, int THREADS>
+__device__ __forceinline__ void load_tile_async_cols(uint32_t smem_base, const uint16_t *gmem,
+                                                     int64_t row_stride, int valid_rows,
+                                                     int valid_cols, int tid) {
+    constexpr int kChunks = D / 8;
+    constexpr int kRowsPerPass = THREADS / kChunks;
+    static_assert(THREADS % kChunks == 0 && ROWS % kRowsPerPass == 0,
+                  "tile copy must divide evenly among threads");
+    const int r0 = tid / kChunks;
+    const int c = (tid % kChunks) * 8;
+    const bool col_ok = c < valid_cols;
+    const uint16_t *src = gmem + r0 * row_stride + c;
+    const int64_t step = kRowsPerPass * row_stride;
+#pragma unroll
+    for (int it = 0; it < ROWS / kRowsPerPass; ++it) {
+        const int r = r0 + it * kRowsPerPass;
+        const bool valid = col_ok && r < valid_rows;
+        const uint32_t dst = kRowsPerPass % 8 == 0
+                                 ? smem_base + SwizzledTile<D>::offset(r0, c) + it * kRowsPerPass * D * 2
+                                 : smem_base + SwizzledTile<D>::offset(r, c);
+        cp_async_16(dst, valid ? src : gmem, valid);
+        src += step;
+    }
+}
+
 // ---- ldmatrix --------------------------------------------------------------------------------
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {

@@ -32,7 +32,7 @@ use cudarc::driver::{
     sys, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice, LaunchConfig,
 };
 
-use super::{Attention, Input, Output, Scratch};
+use super::{head_dim_kernel, sized_module, Attention, Input, Output, Scratch};
 use crate::check::{
     aligned, attention_memory, attention_shapes, byte_range, overlaps, softmax_scale,
 };
@@ -159,6 +159,7 @@ fn decode_stages(d: usize) -> usize {
 /// Dynamic shared memory of the decoding kernel at head dim `d`: the Q tile and every warp's
 /// ring of K/V stages.
 pub fn decode_smem_bytes(d: usize) -> usize {
+    let (d, _) = head_dim_kernel(d).unwrap_or((d, false));
     let tile = LF_DECODE_KEYS as usize * d * 2;
     tile + LF_DECODE_WARPS as usize * decode_stages(d) * 2 * tile
 }
@@ -166,6 +167,7 @@ pub fn decode_smem_bytes(d: usize) -> usize {
 /// Dynamic shared memory of the RoPE decoding kernel at head dim `d`: two Q tiles, every warp's
 /// ring of K/V stages and its scratch tile for the rotated keys of a step on the window's edge.
 pub fn decode_rope_smem_bytes(d: usize) -> usize {
+    let (d, _) = head_dim_kernel(d).unwrap_or((d, false));
     let tile = LF_DECODE_KEYS as usize * d * 2;
     let stages = match d {
         64 => LF_DECODE_ROPE_STAGES_D64,
@@ -323,7 +325,7 @@ impl RawDecode {
             &self.v_layout,
             &self.o_layout,
         );
-        attention_shapes([q, k, v, o], self.block_table == 0)?;
+        attention_shapes([q, k, v, o], self.block_table == 0, true)?;
         let paged = self.block_table != 0;
         let capacity = cache_capacity(k, paged, self.max_pages_per_seq, LF_DECODE_KEYS as usize)?;
         let max_keys = self.options.max_seqlen_k.unwrap_or(capacity);
@@ -781,7 +783,7 @@ impl Attention {
             });
         }
         let dtype = args.dtype.name();
-        let module = format!("{kind}_{dtype}_d{d}");
+        let module = sized_module(kind, dtype, d);
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
         let kernel = unsafe { self.cache.kernel(&module, &format!("lf_{module}"), smem) }?;
         let config = LaunchConfig {

@@ -3,7 +3,8 @@
 
 use cudarc::driver::{sys, CudaStream, LaunchConfig};
 
-use super::{Attention, Input, Output, RawBlockMask, SUPPORTED_HEAD_DIMS};
+use super::SUPPORTED_HEAD_DIMS;
+use super::{head_dim_kernel, sized_module, Attention, Input, Output, RawBlockMask};
 use crate::check::{attention_memory, attention_shapes, softmax_scale};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -91,7 +92,7 @@ impl RawForward {
             &self.v_layout,
             &self.o_layout,
         );
-        attention_shapes([q, k, v, o], true)?;
+        attention_shapes([q, k, v, o], true, self.block_mask.is_none())?;
         // Grid limits: heads on grid.y, batch on grid.z.
         for (arg, val) in [("q.heads", q.heads), ("q.batch", q.batch)] {
             if val > 65535 {
@@ -204,7 +205,7 @@ impl Attention {
         unsafe {
             self.launch_sm80(
                 stream,
-                &format!("{kind}_{}_d{d}", args.dtype.name()),
+                &sized_module(kind, args.dtype.name(), d),
                 tiles,
                 (l.seqlen, l.heads, l.batch),
                 &mut params,
@@ -222,12 +223,13 @@ impl Attention {
         q_tiles: usize,
         what: &str,
     ) -> Result<(TileShape, u32)> {
-        let shape = forward_tile_shape(d).ok_or(Error::UnsupportedHeadDim {
+        let width = head_dim_kernel(d).map_or(d, |(w, _)| w);
+        let shape = forward_tile_shape(width).ok_or(Error::UnsupportedHeadDim {
             arg: "q.head_dim",
             value: d,
             supported: SUPPORTED_HEAD_DIMS,
         })?;
-        let smem = ((q_tiles * shape.br + 2 * shape.bc) * d * 2) as u32;
+        let smem = ((q_tiles * shape.br + 2 * shape.bc) * width * 2) as u32;
         if smem > self.max_smem_optin {
             return Err(Error::InvalidArgument {
                 arg: "q.head_dim",

@@ -37,8 +37,35 @@ pub use rope::{RawRope, RawRopeMode, RopeForward};
 pub use sparse::{RawBlockMask, SparseOptions};
 pub use varlen::{RawVarlenForward, VarlenOptions};
 
-/// Head dimensions that have a forward kernel.
+/// Head dimensions that have kernels of their own width (every family, and the Hopper path).
 pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 128, 256];
+
+/// The kernel a head dim runs in: its tile width (64, 128 or 256) and whether the head is
+/// narrower than it. The exact, variable-length and decoding forwards take any multiple of 8 up
+/// to 256 (80, 96, 112, 160, 192, ...) in the next tile width, its columns past the head zero on
+/// load and not stored; `None` for other head dims.
+pub fn head_dim_kernel(head_dim: usize) -> Option<(usize, bool)> {
+    if SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+        return Some((head_dim, false));
+    }
+    if head_dim == 0 || head_dim % 8 != 0 || head_dim > 256 {
+        return None;
+    }
+    let width = SUPPORTED_HEAD_DIMS
+        .iter()
+        .copied()
+        .find(|&w| w >= head_dim)?;
+    Some((width, true))
+}
+
+/// The module of kernel `family` for `dtype` at head dim `d`: `{family}_{dtype}_d{width}`, with a
+/// `p` for a head narrower than the width.
+pub(crate) fn sized_module(family: &str, dtype: &str, d: usize) -> String {
+    match head_dim_kernel(d) {
+        Some((w, true)) => format!("{family}_{dtype}_d{w}p"),
+        _ => format!("{family}_{dtype}_d{d}"),
+    }
+}
 
 /// Checks that a CUDA driver can be loaded, then opens device `ordinal`. Unlike calling cudarc
 /// directly, a machine without a driver gets [`Error::NoDriver`] instead of a panic.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 
-use super::{Attention, ForwardOptions, Input, Mainloop, Output, RawForward};
+use super::{Attention, ForwardOptions, Input, Mainloop, Output, RawForward, SUPPORTED_HEAD_DIMS};
 use crate::check::{byte_range, overlaps};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -71,7 +71,16 @@ pub struct RawRope {
 impl RawRope {
     /// Checks the RoPE arguments against the call and lowers them.
     pub fn validate(&self, fwd: &RawForward) -> Result<crate::sys::LfRope> {
-        let lowered = self.lower_rotation(fwd.q_layout.head_dim)?;
+        let d = fwd.q_layout.head_dim;
+        // The RoPE forward has kernels of its own width only (no padded heads).
+        if !SUPPORTED_HEAD_DIMS.contains(&d) {
+            return Err(Error::UnsupportedHeadDim {
+                arg: "q.head_dim",
+                value: d,
+                supported: SUPPORTED_HEAD_DIMS,
+            });
+        }
+        let lowered = self.lower_rotation(d)?;
         for (arg, ptr, align, required) in [
             ("rope.k_rot", self.k_rot, 16, true),
             ("rope.k_alt", self.k_alt, 16, lowered.mode != 0),

@@ -21,7 +21,7 @@ use cudarc::driver::{
     sys, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice,
 };
 
-use super::{Attention, Input, MainloopChoice, Output, RawForward};
+use super::{sized_module, Attention, Input, MainloopChoice, Output, RawForward};
 use crate::check::aligned;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -254,7 +254,7 @@ impl Attention {
         unsafe {
             self.launch_sm80(
                 stream,
-                &format!("varlen_{}_d{d}", f.dtype.name()),
+                &sized_module("varlen", f.dtype.name(), d),
                 tiles,
                 (args.max_seqlen_q, f.q_layout.heads, args.batch),
                 &mut params,

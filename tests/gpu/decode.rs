@@ -265,6 +265,24 @@ fn decode_by_hand() {
     }
 }
 
+/// Head dims narrower than the tile widths (padded kernels), paged and contiguous, with splits.
+#[test]
+fn decode_narrow_head_dims() {
+    let g = gpu_or_skip!();
+    for d in [16, 80, 96, 112, 160, 192] {
+        for (page_size, num_splits) in [(Some(16), Some(3)), (None, Some(1)), (Some(64), None)] {
+            check(
+                g,
+                &DecodeCase {
+                    page_size,
+                    num_splits,
+                    ..case(d, MaskSpec::causal())
+                },
+            );
+        }
+    }
+}
+
 /// Several query tokens per sequence (speculative decoding, chunked prefill) and group sizes
 /// whose packed rows take one, several or a part of a 16-row tile.
 #[test]

@@ -224,6 +224,21 @@ fn rope_decode_by_hand() {
     }
 }
 
+/// Head dims narrower than the tile widths (padded kernels), every mode, partial rotary dims.
+#[test]
+fn rope_decode_narrow_head_dims() {
+    let g = gpu_or_skip!();
+    for d in [80, 96, 160] {
+        for mode in MODES {
+            let mut c = rope_case(d, mode);
+            c.base.num_splits = Some(2);
+            check(g, &c);
+            c.rope.config.rotary_dim = d / 2;
+            check(g, &c);
+        }
+    }
+}
+
 /// Speculative tokens, GQA packing, windows on top of the causal mask, position offsets, both
 /// layouts and partial rotary dims, log-n scaling and YaRN's attention factor.
 #[test]

@@ -23,6 +23,7 @@ mod decode;
 mod decode_rope;
 mod dense;
 mod hopper;
+mod narrow;
 mod rope;
 mod sparse;
 mod varlen;

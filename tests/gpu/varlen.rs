@@ -198,6 +198,30 @@ fn varlen_by_hand() {
     }
 }
 
+/// Head dims narrower than the tile widths (padded kernels) over the same packed batches.
+#[test]
+fn varlen_narrow_head_dims() {
+    let g = gpu_or_skip!();
+    for dtype in DTYPES {
+        for d in [16, 80, 96, 160, 192] {
+            for mask in [MaskSpec::none(), MaskSpec::causal()] {
+                check_varlen(
+                    g,
+                    &VarlenCase {
+                        dtype,
+                        lens: vec![(1, 1), (0, 5), (129, 300), (257, 130), (7, 7)],
+                        heads_q: 4,
+                        heads_kv: 2,
+                        head_dim: d,
+                        mask,
+                        seed: d as u64,
+                    },
+                );
+            }
+        }
+    }
+}
+
 /// Every sequence the same length: the packed tensors are the batch's `[b, s, h, d]` tensors, and
 /// the result is the sm_80 dense kernel's bit for bit (the same mainloop and tiles, the sequence
 /// found from the prefix sums instead of the batch stride), LSE included.
