@@ -28,6 +28,7 @@ pub const LF_DECODE_STAGES_D64: u32 = 6;
 pub const LF_DECODE_STAGES_D128: u32 = 3;
 pub const LF_DECODE_STAGES_D256: u32 = 2;
 pub const LF_DECODE_SPLIT_ALIGN: u32 = 64;
+pub const LF_DECODE_PREFILL_QUERIES: u32 = 64;
 pub const LF_DECODE_ROPE_STAGES_D64: u32 = 4;
 pub const LF_DECODE_ROPE_STAGES_D128: u32 = 2;
 pub const LF_DECODE_ROPE_STAGES_D256: u32 = 2;
@@ -722,6 +723,51 @@ const _: () = {
         [::core::mem::offset_of!(LfAppendParams, rope) - 200usize];
 };
 impl Default for LfAppendParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfPagedFwdParams {
+    pub fwd: LfFwdParams,
+    pub block_table: *const i32,
+    pub cache_seqlens: *const i32,
+    pub error_flag: *mut i32,
+    pub block_table_stride: i64,
+    pub num_pages: i32,
+    pub page_size: i32,
+    pub page_shift: i32,
+    pub reserved: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfPagedFwdParams"][::core::mem::size_of::<LfPagedFwdParams>() - 288usize];
+    ["Alignment of LfPagedFwdParams"][::core::mem::align_of::<LfPagedFwdParams>() - 8usize];
+    ["Offset of field: LfPagedFwdParams::fwd"]
+        [::core::mem::offset_of!(LfPagedFwdParams, fwd) - 0usize];
+    ["Offset of field: LfPagedFwdParams::block_table"]
+        [::core::mem::offset_of!(LfPagedFwdParams, block_table) - 240usize];
+    ["Offset of field: LfPagedFwdParams::cache_seqlens"]
+        [::core::mem::offset_of!(LfPagedFwdParams, cache_seqlens) - 248usize];
+    ["Offset of field: LfPagedFwdParams::error_flag"]
+        [::core::mem::offset_of!(LfPagedFwdParams, error_flag) - 256usize];
+    ["Offset of field: LfPagedFwdParams::block_table_stride"]
+        [::core::mem::offset_of!(LfPagedFwdParams, block_table_stride) - 264usize];
+    ["Offset of field: LfPagedFwdParams::num_pages"]
+        [::core::mem::offset_of!(LfPagedFwdParams, num_pages) - 272usize];
+    ["Offset of field: LfPagedFwdParams::page_size"]
+        [::core::mem::offset_of!(LfPagedFwdParams, page_size) - 276usize];
+    ["Offset of field: LfPagedFwdParams::page_shift"]
+        [::core::mem::offset_of!(LfPagedFwdParams, page_shift) - 280usize];
+    ["Offset of field: LfPagedFwdParams::reserved"]
+        [::core::mem::offset_of!(LfPagedFwdParams, reserved) - 284usize];
+};
+impl Default for LfPagedFwdParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

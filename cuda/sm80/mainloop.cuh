@@ -18,6 +18,7 @@
 #include "longflash/tile_plan.h"
 #include "../softmax.cuh"
 #include "primitives.cuh"
+#include "../policies/sources.cuh"
 
 namespace lf {
 
@@ -104,6 +105,15 @@ __device__ __forceinline__ void load_rows(uint32_t dst, const uint16_t *src, int
         load_tile_async<ROWS, Tr::D, Tr::kThreads>(dst, src, row_stride, valid_rows, tid);
 }
 
+// Copies ROWS rows gathered by `row_ptr` (see load_tile_gather_async), padded as load_rows.
+template <class Tr, int ROWS, class RowPtr>
+__device__ __forceinline__ void load_rows_gather(uint32_t dst, const RowPtr &row_ptr,
+                                                 const uint16_t *fallback, int valid_rows,
+                                                 int head_dim, int tid) {
+    load_tile_gather_async<ROWS, Tr::D, Tr::kThreads>(dst, row_ptr, fallback, valid_rows,
+                                                      Tr::kPadded ? head_dim : Tr::D, tid);
+}
+
 template <class Tr, class Iter, class Mask, class Score, class Keys, class QPrep,
           class LseAt = DenseLse>
 __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const Iter &iter,
@@ -157,8 +167,14 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         load_rows<Tr, Tr::BR>(sQ, q_ptr, p.q_row_stride, seqlen_q - q0, p.head_dim, tid);
         {
             const int kt = iter.tile(0), v = iter.variant(0);
-            load_rows<Tr, Tr::BC>(sK, keys.tile(v, kt, Tr::BC), keys.stride(v),
-                                  seqlen_k - kt * Tr::BC, p.head_dim, tid);
+            if constexpr (GathersRows<Keys>::value) {
+                const int k0 = kt * Tr::BC;
+                load_rows_gather<Tr, Tr::BC>(sK, [&](int r) { return keys.k_row(k0 + r); },
+                                             keys.k, seqlen_k - k0, p.head_dim, tid);
+            } else {
+                load_rows<Tr, Tr::BC>(sK, keys.tile(v, kt, Tr::BC), keys.stride(v),
+                                      seqlen_k - kt * Tr::BC, p.head_dim, tid);
+            }
         }
         cp_async_commit();
     }
@@ -169,8 +185,12 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         cp_async_wait<0>();
         __syncthreads(); // K_kt (and Q) visible to all; everyone is done with V of the last tile
         if (n == 0) q_prep(sQ, warp_row0, lane, q0); // each warp prepares its own Q rows
-        load_rows<Tr, Tr::BC>(sV, v_ptr + k0 * p.v_row_stride, p.v_row_stride, seqlen_k - k0,
-                              p.head_dim, tid);
+        if constexpr (GathersRows<Keys>::value)
+            load_rows_gather<Tr, Tr::BC>(sV, [&](int r) { return keys.v_row(k0 + r); }, keys.v,
+                                         seqlen_k - k0, p.head_dim, tid);
+        else
+            load_rows<Tr, Tr::BC>(sV, v_ptr + k0 * p.v_row_stride, p.v_row_stride,
+                                  seqlen_k - k0, p.head_dim, tid);
         cp_async_commit();
 
         float s[Tr::kMT][Tr::kNT][4];
@@ -217,8 +237,14 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         __syncthreads(); // V_kt visible; everyone is done reading K_kt
         if (n + 1 < n_tiles) {
             const int kn = iter.tile(n + 1), v = iter.variant(n + 1);
-            load_rows<Tr, Tr::BC>(sK, keys.tile(v, kn, Tr::BC), keys.stride(v),
-                                  seqlen_k - kn * Tr::BC, p.head_dim, tid);
+            if constexpr (GathersRows<Keys>::value) {
+                const int kn0 = kn * Tr::BC;
+                load_rows_gather<Tr, Tr::BC>(sK, [&](int r) { return keys.k_row(kn0 + r); },
+                                             keys.k, seqlen_k - kn0, p.head_dim, tid);
+            } else {
+                load_rows<Tr, Tr::BC>(sK, keys.tile(v, kn, Tr::BC), keys.stride(v),
+                                      seqlen_k - kn * Tr::BC, p.head_dim, tid);
+            }
             cp_async_commit();
         }
 

@@ -127,6 +127,28 @@ __device__ __forceinline__ void load_tile_async_cols(uint32_t smem_base, const u
     }
 }
 
+// As load_tile_async_cols, with each row's address from `row_ptr(r)` (rows gathered from pages,
+// say); `row_ptr` is called only for rows below valid_rows, and `fallback` (any valid address)
+// stands in for the others, which are zero-filled.
+template <int ROWS, int D, int THREADS, class RowPtr>
+__device__ __forceinline__ void load_tile_gather_async(uint32_t smem_base, const RowPtr &row_ptr,
+                                                       const uint16_t *fallback, int valid_rows,
+                                                       int valid_cols, int tid) {
+    constexpr int kChunks = D / 8;
+    constexpr int kRowsPerPass = THREADS / kChunks;
+    static_assert(THREADS % kChunks == 0 && ROWS % kRowsPerPass == 0,
+                  "tile copy must divide evenly among threads");
+    const int r0 = tid / kChunks;
+    const int c = (tid % kChunks) * 8;
+#pragma unroll
+    for (int it = 0; it < ROWS / kRowsPerPass; ++it) {
+        const int r = r0 + it * kRowsPerPass;
+        const bool valid = c < valid_cols && r < valid_rows;
+        const uint16_t *src = valid ? row_ptr(r) + c : fallback;
+        cp_async_16(smem_base + SwizzledTile<D>::offset(r, c), src, valid);
+    }
+}
+
 // ---- ldmatrix --------------------------------------------------------------------------------
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {

@@ -41,9 +41,10 @@ use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::mask::MaskSpec;
 use crate::sys::{
-    LfDecodeParams, LF_DECODE_KEYS, LF_DECODE_ROPE_STAGES_D128, LF_DECODE_ROPE_STAGES_D256,
-    LF_DECODE_ROPE_STAGES_D64, LF_DECODE_ROWS, LF_DECODE_SPLIT_ALIGN, LF_DECODE_STAGES_D128,
-    LF_DECODE_STAGES_D256, LF_DECODE_STAGES_D64, LF_DECODE_WARPS,
+    LfDecodeParams, LfFwdParams, LfPagedFwdParams, LF_DECODE_KEYS, LF_DECODE_PREFILL_QUERIES,
+    LF_DECODE_ROPE_STAGES_D128, LF_DECODE_ROPE_STAGES_D256, LF_DECODE_ROPE_STAGES_D64,
+    LF_DECODE_ROWS, LF_DECODE_SPLIT_ALIGN, LF_DECODE_STAGES_D128, LF_DECODE_STAGES_D256,
+    LF_DECODE_STAGES_D64, LF_DECODE_WARPS,
 };
 
 /// Options of a decoding call.
@@ -99,6 +100,10 @@ pub struct DecodePlan {
     /// Bytes of device workspace the call needs (0 for one split): f32 partial outputs and
     /// log-sum-exps of every split.
     pub workspace_bytes: usize,
+    /// The call runs the chunked-prefill kernel instead (many query tokens per sequence: the
+    /// sm_80 mainloop with rows gathered from the cache, one CTA per query tile and head): one
+    /// split, no workspace.
+    pub prefill: bool,
 }
 
 /// Arguments of the raw decoding forward.
@@ -248,6 +253,7 @@ impl DecodeProblem {
             keys_per_split,
             row_blocks,
             workspace_bytes,
+            prefill: false,
         }
     }
 }
@@ -309,15 +315,24 @@ impl RawDecode {
     /// workspace against the plan), plans the splits for a device that runs `wave` decoding CTAs
     /// at once ([`DecodeProblem::plan`]), and lowers the call to the kernel's parameters.
     pub fn validate(&self, wave: usize) -> Result<(LfDecodeParams, DecodePlan)> {
-        self.validate_with(wave, true)
+        self.validate_with(wave, true, false)
+    }
+
+    /// Whether the plain (not RoPE) decoding call runs the chunked-prefill kernel: at least
+    /// LF_DECODE_PREFILL_QUERIES query tokens per sequence and no fixed split count.
+    fn runs_prefill(&self, rope: bool) -> bool {
+        !rope
+            && self.options.num_splits.is_none()
+            && self.q_layout.seqlen >= LF_DECODE_PREFILL_QUERIES as usize
     }
 
     /// [`validate`](Self::validate), with or without checking the workspace (the plan says how
     /// big it must be).
-    fn validate_with(
+    pub(super) fn validate_with(
         &self,
         wave: usize,
         check_workspace: bool,
+        rope: bool,
     ) -> Result<(LfDecodeParams, DecodePlan)> {
         let (q, k, v, o) = (
             &self.q_layout,
@@ -352,21 +367,41 @@ impl RawDecode {
             max_seqlen_k: max_keys,
         }
         .plan(wave, self.options.num_splits);
-        // Grid: splits on x, row blocks on y, (sequence, KV head) on z.
-        for (arg, value, limit) in [
-            ("q.seqlen", plan.row_blocks, 65535),
-            ("q.batch", q.batch.saturating_mul(k.heads), 65535),
-        ] {
+        let plan = if self.runs_prefill(rope) {
+            DecodePlan {
+                num_splits: 1,
+                keys_per_split: max_keys.next_multiple_of(LF_DECODE_SPLIT_ALIGN as usize),
+                workspace_bytes: 0,
+                prefill: true,
+                ..plan
+            }
+        } else {
+            plan
+        };
+        // Grid: splits on x, row blocks on y, (sequence, KV head) on z; for the prefill kernel
+        // query tiles on x, query heads on y, sequences on z.
+        let (y_arg, y) = if plan.prefill {
+            ("q.heads", q.heads)
+        } else {
+            ("q.seqlen", plan.row_blocks)
+        };
+        let (z_arg, z) = if plan.prefill {
+            ("q.batch", q.batch)
+        } else {
+            ("q.batch", q.batch.saturating_mul(k.heads))
+        };
+        for (arg, value, limit) in [(y_arg, y, 65535), (z_arg, z, 65535)] {
             if value > limit {
                 return Err(Error::InvalidArgument {
                     arg,
                     value: value.to_string(),
                     expected: format!(
                         "at most {limit} {}",
-                        if arg == "q.batch" {
-                            "(sequence, KV head) pairs"
-                        } else {
-                            "tiles of 16 (query token, head) rows per KV head"
+                        match arg {
+                            "q.batch" if plan.prefill => "sequences",
+                            "q.batch" => "(sequence, KV head) pairs",
+                            "q.heads" => "query heads",
+                            _ => "tiles of 16 (query token, head) rows per KV head",
                         }
                     ),
                 });
@@ -497,6 +532,48 @@ impl RawDecode {
     }
 }
 
+/// The chunked-prefill kernel's parameters for a validated decoding call: the same tensors as an
+/// exact forward (the caches' page strides as their batch strides) and the same cache indices.
+fn prefill_params(d: &LfDecodeParams) -> LfPagedFwdParams {
+    LfPagedFwdParams {
+        fwd: LfFwdParams {
+            q: d.q,
+            k: d.k,
+            v: d.v,
+            o: d.o,
+            lse: d.lse,
+            q_batch_stride: d.q_batch_stride,
+            q_head_stride: d.q_head_stride,
+            q_row_stride: d.q_row_stride,
+            k_batch_stride: d.k_page_stride,
+            k_head_stride: d.k_head_stride,
+            k_row_stride: d.k_row_stride,
+            v_batch_stride: d.v_page_stride,
+            v_head_stride: d.v_head_stride,
+            v_row_stride: d.v_row_stride,
+            o_batch_stride: d.o_batch_stride,
+            o_head_stride: d.o_head_stride,
+            o_row_stride: d.o_row_stride,
+            mask: d.mask,
+            batch: d.batch,
+            heads_q: d.heads_q,
+            heads_kv: d.heads_kv,
+            head_dim: d.head_dim,
+            softmax_scale: d.softmax_scale,
+            softmax_scale_log2: d.softmax_scale_log2,
+            sparse: Default::default(),
+        },
+        block_table: d.block_table,
+        cache_seqlens: d.cache_seqlens,
+        error_flag: d.error_flag,
+        block_table_stride: d.block_table_stride,
+        num_pages: d.num_pages,
+        page_size: d.page_size,
+        page_shift: d.page_shift,
+        reserved: 0,
+    }
+}
+
 impl Attention {
     /// Decoding CTAs at head dim `d` the device runs at once: its SMs times the CTAs one SM
     /// holds by shared memory (1 KiB of each CTA's is the system's) and threads.
@@ -509,7 +586,17 @@ impl Attention {
     /// The split plan [`decode_raw`](Self::decode_raw) would use for `args` on this device (its
     /// workspace size in particular), after the same validation but for the workspace itself.
     pub fn decode_plan(&self, args: &RawDecode) -> Result<DecodePlan> {
-        args.validate_with(self.decode_wave(args.q_layout.head_dim), false)
+        self.plan_for(args, false)
+    }
+
+    /// The plan of [`decode_rope_raw`](Self::decode_rope_raw) for `args` (its workspace size in
+    /// particular): RoPE decoding always runs the decoding kernel.
+    pub fn decode_rope_plan(&self, args: &RawDecode) -> Result<DecodePlan> {
+        self.plan_for(args, true)
+    }
+
+    fn plan_for(&self, args: &RawDecode, rope: bool) -> Result<DecodePlan> {
+        args.validate_with(self.decode_wave(args.q_layout.head_dim), false, rope)
             .map(|(_, plan)| plan)
     }
 
@@ -528,7 +615,7 @@ impl Attention {
         error_flag: Option<&mut CudaViewMut<'_, i32>>,
         options: &DecodeOptions,
     ) -> Result<()> {
-        self.decode_views(stream, q, cache, out, error_flag, options, |args| {
+        self.decode_views(stream, q, cache, out, error_flag, options, false, |args| {
             // SAFETY: decode_views checked every buffer against what the kernel reads and holds
             // their stream guards and the workspace while this runs.
             unsafe { self.decode_raw(stream.cu_stream(), args) }
@@ -581,7 +668,8 @@ impl Attention {
 
     /// What the safe decoding entries share: checks the views (contexts, lengths against the
     /// layouts, the table's and lengths' sizes), lowers them to a [`RawDecode`] with a
-    /// stream-ordered workspace of the plan's size, and calls `run` with it.
+    /// stream-ordered workspace of the plan's size (the RoPE plan with `rope`), and calls `run`
+    /// with it.
     ///
     /// `run` may launch on `stream` with the arguments it gets: every buffer holds what
     /// [`Attention::decode_raw`] requires, guarded for the stream until `run` returns, and the
@@ -595,6 +683,7 @@ impl Attention {
         out: Output<'_, '_, T>,
         error_flag: Option<&mut CudaViewMut<'_, i32>>,
         options: &DecodeOptions,
+        rope: bool,
         run: impl FnOnce(&RawDecode) -> Result<()>,
     ) -> Result<()> {
         self.same_context("stream", stream.context().cu_ctx())?;
@@ -701,7 +790,7 @@ impl Attention {
             workspace: 0,
             workspace_bytes: 0,
         };
-        let plan = self.decode_plan(&args)?;
+        let plan = self.plan_for(&args, rope)?;
         let workspace = if plan.workspace_bytes > 0 {
             // SAFETY: a stream of this value's context (checked above); the scratch is freed on
             // the same stream after the launches that use it.
@@ -735,8 +824,29 @@ impl Attention {
     ///   until the kernels have finished (order other streams with events).
     pub unsafe fn decode_raw(&self, stream: sys::CUstream, args: &RawDecode) -> Result<()> {
         let (mut params, plan) = args.validate(self.decode_wave(args.q_layout.head_dim))?;
-        let mut combine = params;
         let d = args.q_layout.head_dim;
+        if plan.prefill {
+            let mut paged = prefill_params(&params);
+            let tiles = self.sm80_tiles(d, 1, "chunked-prefill kernel")?;
+            // SAFETY: `paged` is the validated call's LfPagedFwdParams (params.h), the kernel's
+            // one by-value parameter; pointers and stream per this fn's contract; the grid covers
+            // every (query tile, head, sequence) once.
+            return unsafe {
+                self.launch_sm80(
+                    stream,
+                    &sized_module("paged_fwd", args.dtype.name(), d),
+                    tiles,
+                    (
+                        args.q_layout.seqlen,
+                        args.q_layout.heads,
+                        args.q_layout.batch,
+                    ),
+                    &mut paged,
+                    "launching the chunked-prefill kernel",
+                )
+            };
+        }
+        let mut combine = params;
         // SAFETY: `params` was validated and is the kernel's one by-value parameter
         // (LfDecodeParams from params.h); pointers, workspace and stream are valid per this fn's
         // contract.

@@ -53,7 +53,7 @@ impl RawDecode {
                 });
             }
         }
-        let (base, _) = self.validate(wave)?;
+        let (base, _) = self.validate_with(wave, true, true)?;
         Ok(LfDecodeRopeParams {
             base,
             rope: rope.lower_rotation(self.q_layout.head_dim)?,
@@ -102,7 +102,7 @@ impl Attention {
             max_keys + rope.max_offset() as usize,
         )?;
         let (raw_rope, _g1, _g2) = tables.raw(stream, rope, (0, 0));
-        self.decode_views(stream, q, cache, out, error_flag, options, |args| {
+        self.decode_views(stream, q, cache, out, error_flag, options, true, |args| {
             // SAFETY: decode_views checked every buffer against what the kernel reads and holds
             // their guards and the workspace while this runs; the table and the offsets were
             // copied above on this stream, hold rotary_dim / 2 f64 and batch i32 (validated
@@ -113,9 +113,10 @@ impl Attention {
     }
 
     /// RoPE / ReRoPE / Leaky ReRoPE decoding from raw pointers: as
-    /// [`decode_raw`](Self::decode_raw) (the same plan and workspace,
-    /// [`decode_plan`](Self::decode_plan)), with the rotation of `rope`, whose key workspaces
-    /// must be 0. `args.options.mask` must be causal.
+    /// [`decode_raw`](Self::decode_raw), with the plan and workspace of
+    /// [`decode_rope_plan`](Self::decode_rope_plan) (always the decoding kernel, whatever the
+    /// query count) and the rotation of `rope`, whose key workspaces must be 0.
+    /// `args.options.mask` must be causal.
     ///
     /// # Safety
     /// As [`decode_raw`](Self::decode_raw), and: `rope.inv_freq` holds `rotary_dim / 2` f64 and
@@ -130,7 +131,7 @@ impl Attention {
     ) -> Result<()> {
         let d = args.q_layout.head_dim;
         let mut params = args.validate_rope(self.decode_wave(d), rope)?;
-        let plan = self.decode_plan(args)?;
+        let plan = self.decode_rope_plan(args)?;
         let mut combine = params.base;
         // SAFETY: `params` was validated and is the kernel's one by-value parameter
         // (LfDecodeRopeParams from params.h); pointers, tables, workspace and stream are valid

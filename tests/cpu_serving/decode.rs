@@ -391,3 +391,27 @@ fn raw_rope_decode_validation() {
         "rope.inv_freq",
     );
 }
+
+/// From 64 query tokens per sequence, without a fixed split count, a plain decoding call runs
+/// the chunked-prefill kernel: one split, no workspace.
+#[test]
+fn many_queries_take_the_prefill_kernel() {
+    let many = |seqlen_q: usize, num_splits: Option<usize>| RawDecode {
+        q_layout: Layout::bshd(2, seqlen_q, 8, 64),
+        o_layout: Layout::bshd(2, seqlen_q, 8, 64),
+        options: DecodeOptions {
+            num_splits,
+            ..DecodeOptions::default()
+        },
+        ..base()
+    };
+    let (_, p) = many(64, None).validate(264).unwrap();
+    assert!(
+        p.prefill && p.num_splits == 1 && p.workspace_bytes == 0,
+        "{p:?}"
+    );
+    let (_, p) = many(63, None).validate(264).unwrap();
+    assert!(!p.prefill, "{p:?}");
+    let (_, p) = many(200, Some(1)).validate(264).unwrap();
+    assert!(!p.prefill, "{p:?}");
+}

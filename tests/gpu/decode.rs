@@ -318,6 +318,43 @@ fn speculative_tokens_and_gqa_packing() {
     }
 }
 
+/// Many query tokens per sequence (chunked prefill: from 64 tokens the plan runs the dense
+/// forward's tiles over rows gathered from the pages) over every page size, both page layouts,
+/// contiguous caches, masks, GQA, narrow heads, and sequences shorter than their query count or
+/// empty.
+#[test]
+fn chunked_prefill_over_the_cache() {
+    let g = gpu_or_skip!();
+    for (page_size, layout) in [
+        (Some(16), PagedLayout::TokensMajor),
+        (Some(64), PagedLayout::HeadsMajor),
+        (Some(256), PagedLayout::TokensMajor),
+        (None, PagedLayout::TokensMajor),
+    ] {
+        for (seqlen_q, d) in [(64, 128), (100, 64), (300, 96), (129, 256)] {
+            for mask in [
+                MaskSpec::causal(),
+                MaskSpec::none(),
+                MaskSpec::causal_window(90),
+            ] {
+                check(
+                    g,
+                    &DecodeCase {
+                        seqlen_q,
+                        page_size,
+                        layout,
+                        mask,
+                        heads_q: 6,
+                        heads_kv: 2,
+                        lens: vec![700, 0, 30, 1000],
+                        ..case(d, mask)
+                    },
+                );
+            }
+        }
+    }
+}
+
 /// A long cache split many ways, and the split plan's own choice, agree with the reference; the
 /// raw entry with a caller's workspace (what a CUDA graph captures) gives the safe entry's bits.
 #[test]
@@ -477,18 +514,24 @@ fn bad_lengths_and_pages_are_clamped_and_reported() {
         },
     ];
     for (i, ov) in cases.iter().enumerate() {
-        for num_splits in [Some(1), Some(4)] {
+        // The decoding kernel (2 tokens, fixed splits) and the chunked-prefill kernel (70
+        // tokens, the plan's choice).
+        for (seqlen_q, num_splits) in [(2, Some(1)), (2, Some(4)), (70, None)] {
             let cs = DecodeCase {
+                seqlen_q,
                 num_splits,
                 ..c.clone()
             };
             let r = run(g, &g.attn, &cs, ov);
-            assert_eq!(r.flag, 1, "case {i} {num_splits:?}: not reported");
+            assert_eq!(
+                r.flag, 1,
+                "case {i} {seqlen_q} {num_splits:?}: not reported"
+            );
             assert!(
                 r.out.iter().all(|x| x.is_finite()),
                 "case {i}: non-finite output"
             );
-            let n = c.seqlen_q * c.heads_q * c.head_dim;
+            let n = cs.seqlen_q * cs.heads_q * cs.head_dim;
             let rg = run(g, &g.attn, &cs, &Overrides::default());
             assert!(r.out[..n] == rg.out[..n], "case {i}: sequence 0 changed");
         }

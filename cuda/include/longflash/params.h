@@ -328,6 +328,26 @@ typedef struct LfAppendParams {
     LfRope rope;
 } LfAppendParams;
 
+/* Many queries per sequence over a KV cache (chunked prefill; lf_paged_fwd_*): the sm_80
+ * mainloop with key and value rows gathered from the cache. `fwd` holds Q, O and the LSE as the
+ * exact forward does ([batch, seqlen_q, heads_q, head_dim], the last seqlen_q positions of each
+ * sequence), the caches in k and v with their page strides in k_batch_stride / v_batch_stride,
+ * and the mask with seqlen_k the keys the launch covers (at most the capacity). The cache is
+ * described as in LfDecodeParams (block table or contiguous, cache_seqlens or NULL for
+ * mask.seqlen_k keys); a length is clamped into [0, mask.seqlen_k] and a table entry into
+ * [0, num_pages), either reported through *error_flag when not NULL. */
+typedef struct LfPagedFwdParams {
+    LfFwdParams fwd;
+    const int32_t *block_table;
+    const int32_t *cache_seqlens;
+    int32_t *error_flag;
+    int64_t block_table_stride;
+    int32_t num_pages;
+    int32_t page_size;
+    int32_t page_shift;
+    int32_t reserved;
+} LfPagedFwdParams;
+
 #define LF_ASSERT_LAYOUT(cond, name) typedef char lf_layout_assert_##name[(cond) ? 1 : -1]
 LF_ASSERT_LAYOUT(sizeof(LfMask) == 24, mask_size);
 LF_ASSERT_LAYOUT(sizeof(LfBlockSparse) == 56, sparse_size);
@@ -356,6 +376,7 @@ LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, softmax_scale_log2) == 252, decode_sca
 LF_ASSERT_LAYOUT(sizeof(LfDecodeRopeParams) == 320, decode_rope_size);
 LF_ASSERT_LAYOUT(sizeof(LfAppendParams) == 264, append_size);
 LF_ASSERT_LAYOUT(offsetof(LfAppendParams, rope) == 200, append_rope);
+LF_ASSERT_LAYOUT(sizeof(LfPagedFwdParams) == 288, paged_fwd_size);
 LF_ASSERT_LAYOUT(sizeof(LfTensorMap) == 128, tensor_map_size);
 LF_ASSERT_LAYOUT(sizeof(LfFwdSm90Params) == 640, fwd_sm90_size);
 LF_ASSERT_LAYOUT(offsetof(LfFwdSm90Params, tma_q) == 256, fwd_sm90_tma_q);

@@ -142,6 +142,11 @@ LF_HD int lf_tile_is_full(LfMask m, int32_t qt, int32_t t, int32_t br, int32_t b
 #define LF_DECODE_STAGES_D128 3
 #define LF_DECODE_STAGES_D256 2
 #define LF_DECODE_SPLIT_ALIGN 64
+/* From this many query tokens per sequence a plain decoding call (no fixed split count) runs the
+ * chunked-prefill kernel (cuda/paged.cuh): query tiles of the dense forward over rows gathered
+ * from the cache, where the decoding kernel's 16-row tiles would read the cache once per 16
+ * packed rows. */
+#define LF_DECODE_PREFILL_QUERIES 64
 /* With RoPE in the kernel, a second Q tile and a scratch tile per warp come on top, and fewer
  * stages keep two CTAs per SM at head dims 64 and 128 (76 and 88 KiB; 176 KiB at 256). */
 #define LF_DECODE_ROPE_STAGES_D64 4

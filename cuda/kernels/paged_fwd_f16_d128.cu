@@ -1,0 +1,3 @@
+// Many queries per sequence over a KV cache (chunked prefill), f16, head dimension 128.
+#include "../paged.cuh"
+LF_DEFINE_PAGED_KERNEL(lf_paged_fwd_f16_d128, __half, 128, false)
