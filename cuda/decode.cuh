@@ -29,8 +29,8 @@ struct DecodeTraits {
     static constexpr int D = D_;
     static constexpr int kStages = STAGES_;    // K/V stages per warp
     static constexpr bool kRope = ROPE_;       // rotary positions applied in the kernel
-    // The call's head dim (a multiple of 8) may be narrower than D: columns past it are
-    // zero-filled on load and not stored.
+    // The call's head dim (a multiple of 4) may be narrower than D: columns past it are
+    // zero-filled on load and not stored, and rows need only be 8-byte aligned.
     static constexpr bool kPadded = PADDED_;
     static constexpr int kWarps = LF_DECODE_WARPS;
     static constexpr int kThreads = kWarps * 32;
@@ -93,9 +93,16 @@ __device__ __forceinline__ void warp_load_rows(uint32_t dst, const uint16_t *src
         const int idx = it * 32 + lane;
         const int r = idx / kChunks;
         const int c = (idx % kChunks) * 8;
-        const bool ok = r < valid && (!Tr::kPadded || c < head_dim);
-        cp_async_16(dst + SwizzledTile<Tr::D>::offset(r, c), ok ? src + r * row_stride + c : src,
-                    ok);
+        if constexpr (Tr::kPadded) {
+            const bool row_ok = r < valid;
+            cp_async_chunk<true>(dst + SwizzledTile<Tr::D>::offset(r, c),
+                                 row_ok ? src + r * row_stride + c : src, row_ok, c, head_dim,
+                                 src);
+        } else {
+            const bool ok = r < valid;
+            cp_async_16(dst + SwizzledTile<Tr::D>::offset(r, c),
+                        ok ? src + r * row_stride + c : src, ok);
+        }
     }
 }
 
@@ -312,11 +319,16 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
             const int r = idx / kChunks;
             const int c = (idx % kChunks) * 8;
             const int pr = row0 + r;
-            const bool ok = pr < rows && (!Tr::kPadded || c < p.head_dim);
+            const bool ok = pr < rows;
             const int t = ok ? pr / group : 0;
             const int h = hk * group + (ok ? pr % group : 0);
-            cp_async_16(sQ + SwizzledTile<Tr::D>::offset(r, c),
-                        q + t * p.q_row_stride + h * p.q_head_stride + c, ok);
+            if constexpr (Tr::kPadded)
+                cp_async_chunk<true>(sQ + SwizzledTile<Tr::D>::offset(r, c),
+                                     q + t * p.q_row_stride + h * p.q_head_stride + c, ok, c,
+                                     p.head_dim, q);
+            else
+                cp_async_16(sQ + SwizzledTile<Tr::D>::offset(r, c),
+                            q + t * p.q_row_stride + h * p.q_head_stride + c, ok);
         }
     }
 #pragma unroll

@@ -66,16 +66,21 @@ pub(crate) fn aligned(arg: &'static str, ptr: u64, multiple: u64, required: bool
 /// Every stride of `l` (tensor `tensor`) must be a multiple of 8 elements (16 bytes of 16-bit
 /// elements), so that each row starts 16-byte aligned when the base pointer does.
 pub(crate) fn strides_of_16_bytes(tensor: &str, l: &Layout) -> Result<()> {
+    strides_multiple_of(tensor, l, 8)
+}
+
+/// Every stride of `l` (tensor `tensor`) must be a multiple of `elems` elements.
+fn strides_multiple_of(tensor: &str, l: &Layout, elems: i64) -> Result<()> {
     for (field, s) in [
         ("batch_stride", l.batch_stride),
         ("seq_stride", l.seq_stride),
         ("head_stride", l.head_stride),
     ] {
-        if s % 8 != 0 {
+        if s % elems != 0 {
             return Err(Error::Misaligned {
                 arg: stride_name(tensor, field),
                 value: s,
-                multiple_of: 8,
+                multiple_of: elems as u32,
             });
         }
     }
@@ -103,7 +108,7 @@ fn stride_name(tensor: &str, field: &str) -> &'static str {
 }
 
 /// The shape rules of an attention call's Q, K, V and O: no zero dimension, a supported head dim
-/// shared by all four (64, 128 or 256; with `narrow_heads`, any multiple of 8 up to 256, which
+/// shared by all four (64, 128 or 256; with `narrow_heads`, any multiple of 4 up to 256, which
 /// runs in padded kernels), V shaped like K, O like Q, query heads a whole multiple of key/value
 /// heads, and, when `k_batch_is_q_batch`, K's batch equal to Q's (a paged cache's "batch" counts
 /// pages).
@@ -121,7 +126,7 @@ pub(crate) fn attention_shapes(
             return Err(Error::InvalidArgument {
                 arg: "q.head_dim",
                 value: q.head_dim.to_string(),
-                expected: "a multiple of 8 from 8 to 256".into(),
+                expected: "a multiple of 4 from 4 to 256".into(),
             });
         }
     } else if !SUPPORTED_HEAD_DIMS.contains(&q.head_dim) {
@@ -154,19 +159,24 @@ pub(crate) fn attention_shapes(
 
 /// The memory rules of Q, K, V and O at `ptrs` (16-bit elements) and an optional f32
 /// log-sum-exp of `batch * heads_q * seqlen_q` values at `lse` (0 for none): 16-byte aligned
-/// pointers and strides (every row starts 16-byte aligned), an output that does not overlap
+/// pointers and strides (every row starts 16-byte aligned; 8-byte for a head narrower than its
+/// kernel's tile), an output that does not overlap
 /// itself or an input, and an LSE that overlaps none of the four. Returns the LSE's byte range.
 pub(crate) fn attention_memory(
     [q, k, v, o]: [&Layout; 4],
     [qp, kp, vp, op]: [u64; 4],
     lse: u64,
 ) -> Result<(i128, i128)> {
+    // A head narrower than its kernel's tile is copied 8 bytes at a time: its rows need only be
+    // 8-byte aligned (a head dim of 100 is 200 bytes).
+    let narrow = head_dim_kernel(q.head_dim).is_some_and(|(_, padded)| padded);
+    let (bytes, elems) = if narrow { (8, 4) } else { (16, 8) };
     for (arg, ptr) in [("q.ptr", qp), ("k.ptr", kp), ("v.ptr", vp), ("o.ptr", op)] {
-        aligned(arg, ptr, 16, false)?;
+        aligned(arg, ptr, bytes, false)?;
     }
     aligned("lse.ptr", lse, 4, false)?;
     for (name, l) in [("q", q), ("k", k), ("v", v), ("o", o)] {
-        strides_of_16_bytes(name, l)?;
+        strides_multiple_of(name, l, elems)?;
     }
     if !o.is_non_overlapping() {
         return Err(Error::OverlappingOutput { arg: "o" });

@@ -63,15 +63,15 @@ fn head_dims() {
         }
         a
     };
-    // The exact forward takes every multiple of 8 up to 256 (narrower heads run padded).
-    for d in [8, 16, 32, 64, 80, 96, 112, 128, 160, 192, 248, 256] {
+    // The exact forward takes every multiple of 4 up to 256 (narrower heads run padded).
+    for d in [4, 8, 16, 32, 64, 80, 96, 100, 112, 128, 160, 192, 252, 256] {
         let p = with_dim(d)
             .validate()
             .unwrap_or_else(|e| panic!("{d}: {e}"));
         assert_eq!(p.head_dim, d as i32);
         assert!((p.softmax_scale - 1.0 / (d as f32).sqrt()).abs() < 1e-7);
     }
-    for d in [4, 12, 100, 260, 512] {
+    for d in [2, 6, 102, 260, 512] {
         let e = with_dim(d).validate().unwrap_err();
         assert!(
             matches!(
@@ -108,9 +108,20 @@ fn head_dims() {
     assert_eq!(head_dim_kernel(80), Some((128, true)));
     assert_eq!(head_dim_kernel(128), Some((128, false)));
     assert_eq!(head_dim_kernel(136), Some((256, true)));
-    assert_eq!(head_dim_kernel(100), None);
+    assert_eq!(head_dim_kernel(100), Some((128, true)));
+    assert_eq!(head_dim_kernel(102), None);
     assert_eq!(head_dim_kernel(0), None);
     assert_eq!(head_dim_kernel(264), None);
+    // A narrow head's rows need only be 8-byte aligned.
+    let mut a = with_dim(100);
+    a.q_layout.head_stride = 100;
+    a.q_layout.seq_stride = 400;
+    a.q_layout.batch_stride = 40_000;
+    a.o_layout = a.q_layout;
+    assert!(a.validate().is_ok());
+    a.q_layout.head_stride = 102;
+    let e = a.validate().unwrap_err();
+    assert!(matches!(e, Error::Misaligned { multiple_of: 4, .. }), "{e}");
 }
 
 #[test]

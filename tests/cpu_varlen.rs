@@ -106,7 +106,7 @@ fn bad_arguments_name_themselves() {
 fn the_dense_checks_still_apply() {
     // Head dims, masks and scales go through RawForward::validate.
     let mut a = ok_args();
-    a.forward.q_layout = Layout::bshd(1, 300, 4, 100);
+    a.forward.q_layout = Layout::bshd(1, 300, 4, 102);
     a.forward.o_layout = a.forward.q_layout;
     assert!(matches!(
         a.validate().unwrap_err(),

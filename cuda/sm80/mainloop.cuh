@@ -27,8 +27,9 @@ template <typename T_, int D_, int BR_, int BC_, int NWARPS_, int QVARIANTS_ = 1
 struct FwdTraits {
     using T = T_;
     static constexpr int D = D_;
-    // The call's head dim (LfFwdParams::head_dim, a multiple of 8) may be narrower than the
-    // tile's D: columns past it are zero-filled on load and not stored.
+    // The call's head dim (LfFwdParams::head_dim, a multiple of 4) may be narrower than the
+    // tile's D: columns past it are zero-filled on load and not stored, and rows need only be
+    // 8-byte aligned (copies and stores of 8 bytes).
     static constexpr bool kPadded = PADDED_;
     static constexpr int BR = BR_;
     static constexpr int BC = BC_;
@@ -110,8 +111,8 @@ template <class Tr, int ROWS, class RowPtr>
 __device__ __forceinline__ void load_rows_gather(uint32_t dst, const RowPtr &row_ptr,
                                                  const uint16_t *fallback, int valid_rows,
                                                  int head_dim, int tid) {
-    load_tile_gather_async<ROWS, Tr::D, Tr::kThreads>(dst, row_ptr, fallback, valid_rows,
-                                                      Tr::kPadded ? head_dim : Tr::D, tid);
+    load_tile_gather_async<ROWS, Tr::D, Tr::kThreads, Tr::kPadded>(
+        dst, row_ptr, fallback, valid_rows, Tr::kPadded ? head_dim : Tr::D, tid);
 }
 
 template <class Tr, class Iter, class Mask, class Score, class Keys, class QPrep,
@@ -305,7 +306,15 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
             asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
                          : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w)
                          : "r"(sQ + Tile::offset(r, c)));
-            *reinterpret_cast<uint4 *>(o_ptr + r * p.o_row_stride + c) = val;
+            uint16_t *dst = o_ptr + r * p.o_row_stride + c;
+            if constexpr (Tr::kPadded) {
+                // 8 bytes at a time: rows may be only 8-byte aligned, and the head may end in
+                // the middle of the chunk (a head dim that is a multiple of 4).
+                *reinterpret_cast<uint2 *>(dst) = make_uint2(val.x, val.y);
+                if (c + 4 < p.head_dim) *reinterpret_cast<uint2 *>(dst + 4) = make_uint2(val.z, val.w);
+            } else {
+                *reinterpret_cast<uint4 *>(dst) = val;
+            }
         }
     }
 }

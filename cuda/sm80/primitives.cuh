@@ -68,6 +68,29 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void *src, bool 
     int n = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
+// The 16 bytes of a chunk as two 8-byte copies, each half read only when its `valid` says so
+// (zero-filled otherwise): rows that are only 8-byte aligned (a head dim of 100 elements is 200
+// bytes), and heads that end in the middle of a chunk.
+__device__ __forceinline__ void cp_async_8x2(uint32_t dst, const uint16_t *src, bool valid_lo,
+                                             bool valid_hi, const void *fallback) {
+    const int n_lo = valid_lo ? 8 : 0, n_hi = valid_hi ? 8 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst),
+                 "l"(valid_lo ? static_cast<const void *>(src) : fallback), "r"(n_lo));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst + 8),
+                 "l"(valid_hi ? static_cast<const void *>(src + 4) : fallback), "r"(n_hi));
+}
+// A chunk of 8 elements at column c of a row whose first `valid_cols` columns (a multiple of 4)
+// exist: with 16-byte rows alignment one copy, else two 8-byte ones.
+template <bool kNarrow>
+__device__ __forceinline__ void cp_async_chunk(uint32_t dst, const uint16_t *src, bool row_ok,
+                                               int c, int valid_cols, const void *fallback) {
+    if constexpr (kNarrow) {
+        cp_async_8x2(dst, src, row_ok && c < valid_cols, row_ok && c + 4 < valid_cols, fallback);
+    } else {
+        const bool ok = row_ok && c < valid_cols;
+        cp_async_16(dst, ok ? static_cast<const void *>(src) : fallback, ok);
+    }
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -100,8 +123,9 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem_base, const uint16
     }
 }
 
-// As load_tile_async, reading only the first `valid_cols` columns (a multiple of 8) of each row
-// and zero-filling the rest of the tile's row: a head dimension narrower than the tile.
+// As load_tile_async, reading only the first `valid_cols` columns (a multiple of 4) of each row
+// and zero-filling the rest of the tile's row: a head dimension narrower than the tile. Copies
+// go 8 bytes at a time, so rows need only be 8-byte aligned.
 template <int ROWS, int D, int THREADS>
 __device__ __forceinline__ void load_tile_async_cols(uint32_t smem_base, const uint16_t *gmem,
                                                      int64_t row_stride, int valid_rows,
@@ -112,25 +136,24 @@ __device__ __forceinline__ void load_tile_async_cols(uint32_t smem_base, const u
                   "tile copy must divide evenly among threads");
     const int r0 = tid / kChunks;
     const int c = (tid % kChunks) * 8;
-    const bool col_ok = c < valid_cols;
     const uint16_t *src = gmem + r0 * row_stride + c;
     const int64_t step = kRowsPerPass * row_stride;
 #pragma unroll
     for (int it = 0; it < ROWS / kRowsPerPass; ++it) {
         const int r = r0 + it * kRowsPerPass;
-        const bool valid = col_ok && r < valid_rows;
         const uint32_t dst = kRowsPerPass % 8 == 0
                                  ? smem_base + SwizzledTile<D>::offset(r0, c) + it * kRowsPerPass * D * 2
                                  : smem_base + SwizzledTile<D>::offset(r, c);
-        cp_async_16(dst, valid ? src : gmem, valid);
+        cp_async_chunk<true>(dst, src, r < valid_rows, c, valid_cols, gmem);
         src += step;
     }
 }
 
-// As load_tile_async_cols, with each row's address from `row_ptr(r)` (rows gathered from pages,
-// say); `row_ptr` is called only for rows below valid_rows, and `fallback` (any valid address)
-// stands in for the others, which are zero-filled.
-template <int ROWS, int D, int THREADS, class RowPtr>
+// As load_tile_async_cols (8-byte copies with kNarrow, 16-byte ones otherwise), with each row's
+// address from `row_ptr(r)` (rows gathered from pages, say); `row_ptr` is called only for rows
+// below valid_rows, and `fallback` (any valid address) stands in for the others, which are
+// zero-filled.
+template <int ROWS, int D, int THREADS, bool kNarrow, class RowPtr>
 __device__ __forceinline__ void load_tile_gather_async(uint32_t smem_base, const RowPtr &row_ptr,
                                                        const uint16_t *fallback, int valid_rows,
                                                        int valid_cols, int tid) {
@@ -143,9 +166,10 @@ __device__ __forceinline__ void load_tile_gather_async(uint32_t smem_base, const
 #pragma unroll
     for (int it = 0; it < ROWS / kRowsPerPass; ++it) {
         const int r = r0 + it * kRowsPerPass;
-        const bool valid = c < valid_cols && r < valid_rows;
-        const uint16_t *src = valid ? row_ptr(r) + c : fallback;
-        cp_async_16(smem_base + SwizzledTile<D>::offset(r, c), src, valid);
+        const bool row_ok = r < valid_rows && c < valid_cols;
+        const uint16_t *src = row_ok ? row_ptr(r) + c : fallback;
+        cp_async_chunk<kNarrow>(smem_base + SwizzledTile<D>::offset(r, c), src, row_ok, c,
+                                valid_cols, fallback);
     }
 }
 

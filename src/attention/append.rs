@@ -126,11 +126,11 @@ impl RawAppend {
         let capacity = cache_capacity(kc, paged, self.max_pages_per_seq, 1)?;
         let threads =
             (kn.batch as u128) * (kn.seqlen as u128) * (kn.heads as u128) * (d as u128 / 2);
-        if threads > 256 * u32::MAX as u128 || kn.seqlen > i32::MAX as usize {
+        if threads > 256 * i32::MAX as u128 || kn.seqlen > i32::MAX as usize {
             return Err(Error::InvalidArgument {
                 arg: "k_new",
                 value: format!("{threads} element pairs"),
-                expected: "at most 256 * u32::MAX".into(),
+                expected: "at most 256 * i32::MAX (the launch's grid)".into(),
             });
         }
         aligned("cache_seqlens.ptr", self.cache_seqlens, 4, true)?;

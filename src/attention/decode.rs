@@ -261,7 +261,7 @@ impl DecodeProblem {
 /// The keys one sequence can hold in a cache whose keys have layout `k`: with a block table of
 /// `max_pages_per_seq` columns, pages `[num_pages, page_size, ..]` (a power of two of at least
 /// `min_page`, at most i32::MAX pages) times the table's width; without one, the layout's rows.
-/// At most i32::MAX.
+/// At most [`MAX_CACHE_KEYS`].
 pub(super) fn cache_capacity(
     k: &Layout,
     paged: bool,
@@ -295,7 +295,7 @@ pub(super) fn cache_capacity(
     } else {
         k.seqlen
     };
-    if capacity > i32::MAX as usize {
+    if capacity > MAX_CACHE_KEYS {
         return Err(Error::InvalidArgument {
             arg: if paged {
                 "max_pages_per_seq"
@@ -303,11 +303,15 @@ pub(super) fn cache_capacity(
                 "k.seqlen"
             },
             value: capacity.to_string(),
-            expected: format!("a cache capacity of at most {} keys", i32::MAX),
+            expected: format!("a cache capacity of at most {MAX_CACHE_KEYS} keys"),
         });
     }
     Ok(capacity)
 }
+
+/// The most keys a cache may hold: i32::MAX rounded down to a whole split alignment, so that
+/// every key index plus a step, and every split's bounds, fit in the kernels' 32-bit ints.
+pub const MAX_CACHE_KEYS: usize = (i32::MAX as usize) & !(LF_DECODE_SPLIT_ALIGN as usize - 1);
 
 impl RawDecode {
     /// Checks everything that can be checked without reading device values or knowing buffer
@@ -378,6 +382,25 @@ impl RawDecode {
         } else {
             plan
         };
+        // The splits' bounds and the rows the split merge covers are 32-bit in the kernels.
+        if plan.num_splits.saturating_mul(plan.keys_per_split) > i32::MAX as usize {
+            return Err(Error::InvalidArgument {
+                arg: "options.num_splits",
+                value: format!("{} splits of {} keys", plan.num_splits, plan.keys_per_split),
+                expected: format!("splits that cover at most {} keys", i32::MAX),
+            });
+        }
+        let rows_total = (q.batch as u128) * (q.seqlen as u128) * (q.heads as u128);
+        if q.heads > 65535 || rows_total > i32::MAX as u128 {
+            return Err(Error::InvalidArgument {
+                arg: "q.heads",
+                value: format!(
+                    "{} heads of {} sequences of {} tokens",
+                    q.heads, q.batch, q.seqlen
+                ),
+                expected: "at most 65535 heads and i32::MAX (sequence, token, head) rows".into(),
+            });
+        }
         // Grid: splits on x, row blocks on y, (sequence, KV head) on z; for the prefill kernel
         // query tiles on x, query heads on y, sequences on z.
         let (y_arg, y) = if plan.prefill {
@@ -466,9 +489,55 @@ impl RawDecode {
         }
 
         let scale = softmax_scale(self.options.softmax_scale, q.head_dim)?;
-        let partial_rows = plan.num_splits * q.batch * q.seqlen * q.heads;
+        // The outputs (and the workspace) must not overlap the device indices the kernels read.
+        let index_ranges = [
+            (
+                "block_table",
+                self.block_table,
+                q.batch
+                    .saturating_mul(self.max_pages_per_seq)
+                    .saturating_mul(4),
+            ),
+            (
+                "cache_seqlens",
+                self.cache_seqlens,
+                q.batch.saturating_mul(4),
+            ),
+            ("error_flag", self.error_flag, 4),
+        ];
+        let workspace_used = if check_workspace {
+            plan.workspace_bytes
+        } else {
+            0
+        };
+        for (output, range) in [
+            ("o", byte_range(self.o, o, 2)),
+            ("lse", if self.lse != 0 { lse_range } else { (0, 0) }),
+            (
+                "workspace",
+                (
+                    self.workspace as i128,
+                    self.workspace as i128 + workspace_used as i128,
+                ),
+            ),
+        ] {
+            for (other, ptr, bytes) in index_ranges {
+                if ptr != 0
+                    && range.1 > range.0
+                    && overlaps(range, (ptr as i128, ptr as i128 + bytes as i128))
+                {
+                    return Err(Error::Aliasing { output, other });
+                }
+            }
+        }
+        let partial_rows = plan
+            .num_splits
+            .saturating_mul(q.batch)
+            .saturating_mul(q.seqlen)
+            .saturating_mul(q.heads);
         let (partial_o, partial_lse) = if plan.workspace_bytes > 0 {
-            let lse_at = self.workspace + (partial_rows * q.head_dim * 4) as u64;
+            let lse_at =
+                self.workspace + partial_rows.saturating_mul(q.head_dim).saturating_mul(4) as u64;
             (self.workspace as *mut f32, lse_at as *mut f32)
         } else {
             (std::ptr::null_mut(), std::ptr::null_mut())

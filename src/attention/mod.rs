@@ -41,14 +41,14 @@ pub use varlen::{RawVarlenForward, VarlenOptions};
 pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 128, 256];
 
 /// The kernel a head dim runs in: its tile width (64, 128 or 256) and whether the head is
-/// narrower than it. The exact, variable-length and decoding forwards take any multiple of 8 up
-/// to 256 (80, 96, 112, 160, 192, ...) in the next tile width, its columns past the head zero on
-/// load and not stored; `None` for other head dims.
+/// narrower than it. The exact, variable-length and decoding forwards take any multiple of 4 up
+/// to 256 (80, 96, 100, 112, 160, 192, ...) in the next tile width, its columns past the head
+/// zero on load and not stored, its rows copied 8 bytes at a time; `None` for other head dims.
 pub fn head_dim_kernel(head_dim: usize) -> Option<(usize, bool)> {
     if SUPPORTED_HEAD_DIMS.contains(&head_dim) {
         return Some((head_dim, false));
     }
-    if head_dim == 0 || head_dim % 8 != 0 || head_dim > 256 {
+    if head_dim == 0 || head_dim % 4 != 0 || head_dim > 256 {
         return None;
     }
     let width = SUPPORTED_HEAD_DIMS

@@ -310,6 +310,45 @@ fn raw_decode_validation() {
         },
         "lse",
     );
+    // Capacities and splits stay within the kernels' 32-bit key indices.
+    refused(
+        RawDecode {
+            k_layout: Layout::bshd(8, 16, 2, 64),
+            v_layout: Layout::bshd(8, 16, 2, 64),
+            max_pages_per_seq: 134_217_727,
+            ..base()
+        },
+        "max_pages_per_seq",
+    );
+    assert_eq!(
+        longflash::attention::decode::MAX_CACHE_KEYS,
+        (i32::MAX as usize) & !63
+    );
+    // The outputs must not overlap the device indices.
+    refused(
+        RawDecode {
+            block_table: (4 << 30) + 64,
+            ..base()
+        },
+        "`o` overlaps `block_table`",
+    );
+    refused(
+        RawDecode {
+            error_flag: 4 << 30,
+            ..base()
+        },
+        "`o` overlaps `error_flag`",
+    );
+    refused(
+        RawDecode {
+            q_layout: Layout::bshd(1, 1, 70_000, 64),
+            o_layout: Layout::bshd(1, 1, 70_000, 64),
+            k_layout: Layout::bshd(16, 32, 70_000, 64),
+            v_layout: Layout::bshd(16, 32, 70_000, 64),
+            ..base()
+        },
+        "q.heads",
+    );
     // The grid: (sequence, KV head) pairs on one dimension.
     refused(
         RawDecode {

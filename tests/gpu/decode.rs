@@ -269,7 +269,7 @@ fn decode_by_hand() {
 #[test]
 fn decode_narrow_head_dims() {
     let g = gpu_or_skip!();
-    for d in [16, 80, 96, 112, 160, 192] {
+    for d in [16, 80, 96, 100, 112, 160, 192] {
         for (page_size, num_splits) in [(Some(16), Some(3)), (None, Some(1)), (Some(64), None)] {
             check(
                 g,
@@ -331,7 +331,7 @@ fn chunked_prefill_over_the_cache() {
         (Some(256), PagedLayout::TokensMajor),
         (None, PagedLayout::TokensMajor),
     ] {
-        for (seqlen_q, d) in [(64, 128), (100, 64), (300, 96), (129, 256)] {
+        for (seqlen_q, d) in [(64, 128), (100, 64), (300, 96), (80, 100), (129, 256)] {
             for mask in [
                 MaskSpec::causal(),
                 MaskSpec::none(),

@@ -228,7 +228,7 @@ fn rope_decode_by_hand() {
 #[test]
 fn rope_decode_narrow_head_dims() {
     let g = gpu_or_skip!();
-    for d in [80, 96, 160] {
+    for d in [80, 96, 100, 160] {
         for mode in MODES {
             let mut c = rope_case(d, mode);
             c.base.num_splits = Some(2);

@@ -1,5 +1,6 @@
-//! Head dims narrower than the kernels' tile widths (multiples of 8 up to 256: 80, 96, 112, 160,
-//! 192, ...), run in the next width's padded kernels: the exact forward over masks, layouts and
+//! Head dims narrower than the kernels' tile widths (multiples of 4 up to 256: 80, 96, 100, 112,
+//! 160, 192, ...), run in the next width's padded kernels (8-byte copies, so a 100-element head's
+//! 200-byte rows need no padding by the caller): the exact forward over masks, layouts and
 //! GQA against the reference, the sm_80 mainloop serving them on every device, and a property
 //! test. The variable-length and decoding forwards test their own narrow heads in their modules.
 
@@ -8,7 +9,7 @@ use proptest::prelude::*;
 
 use crate::common::*;
 
-const NARROW: [usize; 10] = [8, 32, 56, 80, 96, 112, 136, 160, 192, 248];
+const NARROW: [usize; 12] = [4, 8, 20, 56, 80, 96, 100, 112, 136, 160, 192, 252];
 
 #[test]
 fn narrow_head_dims_match_reference() {
@@ -29,7 +30,7 @@ fn narrow_head_dims_match_reference() {
 #[test]
 fn narrow_head_dims_with_strides_and_tile_edges() {
     let g = gpu_or_skip!();
-    for d in [24, 96, 200] {
+    for d in [24, 100, 200] {
         for (sq, sk) in [(1, 1), (1, 300), (129, 127), (300, 64)] {
             let mut c = Case::new(DType::Bf16, (1, sq, sk), (3, 1), d, MaskSpec::causal());
             c.q_mem = Mem::PaddedBshd(3);

@@ -203,7 +203,7 @@ fn varlen_by_hand() {
 fn varlen_narrow_head_dims() {
     let g = gpu_or_skip!();
     for dtype in DTYPES {
-        for d in [16, 80, 96, 160, 192] {
+        for d in [16, 80, 96, 100, 160, 192] {
             for mask in [MaskSpec::none(), MaskSpec::causal()] {
                 check_varlen(
                     g,
