@@ -39,30 +39,17 @@ __device__ __forceinline__ void rope_fwd(const LfRopeFwdParams &pr) {
                                                                     h, b);
 }
 
-// The key-rotation pass: one thread per (batch, key, kv head, pair).
-template <typename T> __device__ __forceinline__ void rope_keys(const LfRopeKeysParams &p) {
-    const LfRope &r = p.rope;
-    const int pairs = p.head_dim / 2;
-    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    const int64_t total = static_cast<int64_t>(p.batch) * p.seqlen_k * p.heads_kv * pairs;
-    if (idx >= total) return;
-    const int f = static_cast<int>(idx % pairs);
-    int64_t rest = idx / pairs;
-    const int hk = static_cast<int>(rest % p.heads_kv);
-    rest /= p.heads_kv;
-    const int j = static_cast<int>(rest % p.seqlen_k);
-    const int b = static_cast<int>(rest / p.seqlen_k);
+// Rotates pair f of one key (at `pos`) from `src` into `rot` (R_pos k) and, when not null,
+// `alt` (the outside-window key: R_0 k for ReRoPE, R_{pos / leak} k for Leaky ReRoPE).
+template <typename T>
+__device__ __forceinline__ void rope_key_pair(const LfRope &r, const uint16_t *src, uint16_t *rot,
+                                              uint16_t *alt, int f, int64_t pos_i) {
     int xi, yi;
     rope_pair(r, f, xi, yi);
-    const uint16_t *src = static_cast<const uint16_t *>(p.k) + b * p.k_batch_stride +
-                          j * p.k_row_stride + hk * p.k_head_stride;
     const float x = Elem<T>::to_float(src[xi]), y = Elem<T>::to_float(src[yi]);
-    const int64_t dst = ((static_cast<int64_t>(b) * p.seqlen_k + j) * p.heads_kv + hk) * p.head_dim;
-    uint16_t *rot = static_cast<uint16_t *>(const_cast<void *>(r.k_rot)) + dst;
-    uint16_t *alt = r.k_alt ? static_cast<uint16_t *>(const_cast<void *>(r.k_alt)) + dst : nullptr;
     float x0 = x, y0 = y, x1 = x, y1 = y;
     if (f < r.rotary_dim / 2) {
-        const double pos = static_cast<double>(rope_key_position(r, b, j));
+        const double pos = static_cast<double>(pos_i);
         const double freq = r.inv_freq[f];
         const float af = r.attention_factor;
         float c, s;
@@ -84,6 +71,27 @@ template <typename T> __device__ __forceinline__ void rope_keys(const LfRopeKeys
         alt[xi] = Elem<T>::to_bits(x1);
         alt[yi] = Elem<T>::to_bits(y1);
     }
+}
+
+// The key-rotation pass: one thread per (batch, key, kv head, pair).
+template <typename T> __device__ __forceinline__ void rope_keys(const LfRopeKeysParams &p) {
+    const LfRope &r = p.rope;
+    const int pairs = p.head_dim / 2;
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t total = static_cast<int64_t>(p.batch) * p.seqlen_k * p.heads_kv * pairs;
+    if (idx >= total) return;
+    const int f = static_cast<int>(idx % pairs);
+    int64_t rest = idx / pairs;
+    const int hk = static_cast<int>(rest % p.heads_kv);
+    rest /= p.heads_kv;
+    const int j = static_cast<int>(rest % p.seqlen_k);
+    const int b = static_cast<int>(rest / p.seqlen_k);
+    const uint16_t *src = static_cast<const uint16_t *>(p.k) + b * p.k_batch_stride +
+                          j * p.k_row_stride + hk * p.k_head_stride;
+    const int64_t dst = ((static_cast<int64_t>(b) * p.seqlen_k + j) * p.heads_kv + hk) * p.head_dim;
+    uint16_t *rot = static_cast<uint16_t *>(const_cast<void *>(r.k_rot)) + dst;
+    uint16_t *alt = r.k_alt ? static_cast<uint16_t *>(const_cast<void *>(r.k_alt)) + dst : nullptr;
+    rope_key_pair<T>(r, src, rot, alt, f, rope_key_position(r, b, j));
 }
 
 } // namespace lf

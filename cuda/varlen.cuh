@@ -25,10 +25,13 @@ __device__ __forceinline__ int clamped_entry(const int32_t *cu, int i, int lo, i
     return c;
 }
 
-template <class Tr> __device__ __forceinline__ void varlen_fwd(const LfVarlenParams &vp) {
-    const int qt = gridDim.x - 1 - blockIdx.x; // longest rows first under a causal mask
-    const int h = blockIdx.y;
-    const int b = blockIdx.z;
+// Sequence b's rows of a packed batch, clamped into the tensors: queries [q_lo, q_lo + len_q)
+// (at most max_seqlen_q of them) and keys [k_lo, k_lo + len_k). Bad prefix sums set the error
+// flag (once per sequence: by the CTA of its first query tile and head).
+struct VarlenSeq {
+    int q_lo, k_lo, len_q, len_k;
+};
+__device__ __forceinline__ VarlenSeq varlen_sequence(const LfVarlenParams &vp, int b) {
     bool bad = false;
     const int q_lo = clamped_entry(vp.cu_seqlens_q, b, 0, vp.total_q, bad);
     const int q_hi = clamped_entry(vp.cu_seqlens_q, b + 1, q_lo, vp.total_q, bad);
@@ -45,19 +48,31 @@ template <class Tr> __device__ __forceinline__ void varlen_fwd(const LfVarlenPar
                vp.cu_seqlens_k[b] < vp.cu_seqlens_k[b - 1];
     if (bad && vp.error_flag != nullptr && threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0)
         atomicOr(vp.error_flag, 1);
-    const int len_q = min(q_hi - q_lo, max_q);
-    const int len_k = k_hi - k_lo;
-    if (qt * Tr::BR >= len_q) return; // the whole CTA, before any barrier
+    return VarlenSeq{q_lo, k_lo, min(q_hi - q_lo, max_q), k_hi - k_lo};
+}
 
+// The packed tensors' parameters moved to sequence `s` (as batch entry 0 of the dense plan; its
+// batch strides are never used).
+__device__ __forceinline__ LfFwdParams varlen_item_params(const LfVarlenParams &vp,
+                                                         const VarlenSeq &s) {
     LfFwdParams p = vp.fwd;
-    p.q = static_cast<const uint16_t *>(p.q) + static_cast<int64_t>(q_lo) * p.q_row_stride;
-    p.o = static_cast<uint16_t *>(p.o) + static_cast<int64_t>(q_lo) * p.o_row_stride;
-    p.k = static_cast<const uint16_t *>(p.k) + static_cast<int64_t>(k_lo) * p.k_row_stride;
-    p.v = static_cast<const uint16_t *>(p.v) + static_cast<int64_t>(k_lo) * p.v_row_stride;
-    p.mask.seqlen_q = len_q;
-    p.mask.seqlen_k = len_k;
-    // The sequence as batch entry 0 of the dense plan (its batch strides are never used).
-    window_item<Tr>(p, qt, h, 0, VarlenLse{vp.total_q, q_lo});
+    p.q = static_cast<const uint16_t *>(p.q) + static_cast<int64_t>(s.q_lo) * p.q_row_stride;
+    p.o = static_cast<uint16_t *>(p.o) + static_cast<int64_t>(s.q_lo) * p.o_row_stride;
+    p.k = static_cast<const uint16_t *>(p.k) + static_cast<int64_t>(s.k_lo) * p.k_row_stride;
+    p.v = static_cast<const uint16_t *>(p.v) + static_cast<int64_t>(s.k_lo) * p.v_row_stride;
+    p.mask.seqlen_q = s.len_q;
+    p.mask.seqlen_k = s.len_k;
+    return p;
+}
+
+template <class Tr> __device__ __forceinline__ void varlen_fwd(const LfVarlenParams &vp) {
+    const int qt = gridDim.x - 1 - blockIdx.x; // longest rows first under a causal mask
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    const VarlenSeq s = varlen_sequence(vp, b);
+    if (qt * Tr::BR >= s.len_q) return; // the whole CTA, before any barrier
+    const LfFwdParams p = varlen_item_params(vp, s);
+    window_item<Tr>(p, qt, h, 0, VarlenLse{vp.total_q, s.q_lo});
 }
 
 } // namespace lf

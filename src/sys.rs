@@ -777,6 +777,61 @@ impl Default for LfPagedFwdParams {
     }
 }
 #[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfVarlenRopeParams {
+    pub varlen: LfVarlenParams,
+    pub rope: LfRope,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfVarlenRopeParams"][::core::mem::size_of::<LfVarlenRopeParams>() - 336usize];
+    ["Alignment of LfVarlenRopeParams"][::core::mem::align_of::<LfVarlenRopeParams>() - 8usize];
+    ["Offset of field: LfVarlenRopeParams::varlen"]
+        [::core::mem::offset_of!(LfVarlenRopeParams, varlen) - 0usize];
+    ["Offset of field: LfVarlenRopeParams::rope"]
+        [::core::mem::offset_of!(LfVarlenRopeParams, rope) - 272usize];
+};
+impl Default for LfVarlenRopeParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfRopeKeysVarlenParams {
+    pub keys: LfRopeKeysParams,
+    pub cu_seqlens_k: *const i32,
+    pub sequences: i32,
+    pub reserved: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfRopeKeysVarlenParams"][::core::mem::size_of::<LfRopeKeysVarlenParams>() - 128usize];
+    ["Alignment of LfRopeKeysVarlenParams"]
+        [::core::mem::align_of::<LfRopeKeysVarlenParams>() - 8usize];
+    ["Offset of field: LfRopeKeysVarlenParams::keys"]
+        [::core::mem::offset_of!(LfRopeKeysVarlenParams, keys) - 0usize];
+    ["Offset of field: LfRopeKeysVarlenParams::cu_seqlens_k"]
+        [::core::mem::offset_of!(LfRopeKeysVarlenParams, cu_seqlens_k) - 112usize];
+    ["Offset of field: LfRopeKeysVarlenParams::sequences"]
+        [::core::mem::offset_of!(LfRopeKeysVarlenParams, sequences) - 120usize];
+    ["Offset of field: LfRopeKeysVarlenParams::reserved"]
+        [::core::mem::offset_of!(LfRopeKeysVarlenParams, reserved) - 124usize];
+};
+impl Default for LfRopeKeysVarlenParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
 pub struct LfTileRange {
     pub begin: i32,

@@ -28,6 +28,7 @@ pub mod rope;
 mod sm90;
 pub mod sparse;
 pub mod varlen;
+mod varlen_rope;
 
 pub use append::{KvCacheMut, RawAppend};
 pub use decode::{BlockTable, DecodeOptions, DecodePlan, DecodeProblem, KvCache, RawDecode};

@@ -162,6 +162,37 @@ impl Attention {
         error_flag: Option<&mut CudaViewMut<'_, i32>>,
         options: &VarlenOptions,
     ) -> Result<()> {
+        self.varlen_views(
+            stream,
+            [q, k, v],
+            out,
+            (cu_seqlens_q, cu_seqlens_k),
+            error_flag,
+            options,
+            |args| {
+                // SAFETY: varlen_views checked every tensor against its layout and context and
+                // holds the stream-ordering guards while this runs; the prefix sums and the flag
+                // are device arrays of this context of `batch + 1` and at least 1 elements,
+                // guarded for the stream; the kernel clamps whatever the sums hold.
+                unsafe { self.forward_varlen_raw(stream.cu_stream(), args) }
+            },
+        )
+    }
+
+    /// What the safe variable-length entries share: checks the prefix sums and the flag (their
+    /// context and length) and the tensors (through `forward_impl`), lowers the call to a
+    /// [`RawVarlenForward`] and calls `run` with it while every buffer is guarded for `stream`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn varlen_views<T: Element>(
+        &self,
+        stream: &CudaStream,
+        qkv: [Input<'_, '_, T>; 3],
+        out: Output<'_, '_, T>,
+        (cu_seqlens_q, cu_seqlens_k): (&CudaView<'_, i32>, &CudaView<'_, i32>),
+        error_flag: Option<&mut CudaViewMut<'_, i32>>,
+        options: &VarlenOptions,
+        run: impl FnOnce(&RawVarlenForward) -> Result<()>,
+    ) -> Result<()> {
         for (arg, cu) in [
             ("cu_seqlens_q", cu_seqlens_q),
             ("cu_seqlens_k", cu_seqlens_k),
@@ -200,7 +231,7 @@ impl Attention {
                 }
                 None => (0, None),
             };
-            self.forward_impl(stream, [q, k, v], out, fwd_options, None, |raw| {
+            self.forward_impl(stream, qkv, out, fwd_options, None, |raw| {
                 let args = RawVarlenForward {
                     forward: *raw,
                     cu_seqlens_q: cq,
@@ -210,11 +241,7 @@ impl Attention {
                     max_seqlen_k: options.max_seqlen_k,
                     error_flag: fp,
                 };
-                // SAFETY: forward_impl checked every tensor against its layout and context and
-                // holds the stream-ordering guards while this runs; the prefix sums and the flag
-                // are device arrays of this context of `batch + 1` and at least 1 elements,
-                // guarded for the stream; the kernel clamps whatever the sums hold.
-                unsafe { self.forward_varlen_raw(stream.cu_stream(), &args) }
+                run(&args)
             })?;
         }
         Ok(())

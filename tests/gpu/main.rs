@@ -27,3 +27,4 @@ mod narrow;
 mod rope;
 mod sparse;
 mod varlen;
+mod varlen_rope;

@@ -348,6 +348,26 @@ typedef struct LfPagedFwdParams {
     int32_t reserved;
 } LfPagedFwdParams;
 
+/* The variable-length forward with RoPE / ReRoPE / Leaky ReRoPE inside (lf_varlen_rope_*): the
+ * packed batch of LfVarlenParams, with each sequence's positions as in LfRope (key j of sequence
+ * b at position_offsets[b] + j, its queries bottom-right aligned), the mask causal. rope.k_rot
+ * and rope.k_alt are packed like K, [total_k, heads_kv, head_dim] contiguous, written by
+ * lf_rope_keys_varlen_* (LfRopeKeysVarlenParams) first. */
+typedef struct LfVarlenRopeParams {
+    LfVarlenParams varlen;
+    LfRope rope;
+} LfVarlenRopeParams;
+
+/* The key-rotation pass of a packed batch: `keys` describes the packed K as one batch entry
+ * (batch 1, seqlen_k = total_k); each row's sequence is found in cu_seqlens_k (sequences + 1
+ * entries, read clamped: a bad sum moves positions, never memory accesses). */
+typedef struct LfRopeKeysVarlenParams {
+    LfRopeKeysParams keys;
+    const int32_t *cu_seqlens_k;
+    int32_t sequences;
+    int32_t reserved;
+} LfRopeKeysVarlenParams;
+
 #define LF_ASSERT_LAYOUT(cond, name) typedef char lf_layout_assert_##name[(cond) ? 1 : -1]
 LF_ASSERT_LAYOUT(sizeof(LfMask) == 24, mask_size);
 LF_ASSERT_LAYOUT(sizeof(LfBlockSparse) == 56, sparse_size);
@@ -377,6 +397,8 @@ LF_ASSERT_LAYOUT(sizeof(LfDecodeRopeParams) == 320, decode_rope_size);
 LF_ASSERT_LAYOUT(sizeof(LfAppendParams) == 264, append_size);
 LF_ASSERT_LAYOUT(offsetof(LfAppendParams, rope) == 200, append_rope);
 LF_ASSERT_LAYOUT(sizeof(LfPagedFwdParams) == 288, paged_fwd_size);
+LF_ASSERT_LAYOUT(sizeof(LfVarlenRopeParams) == 336, varlen_rope_size);
+LF_ASSERT_LAYOUT(sizeof(LfRopeKeysVarlenParams) == 128, rope_keys_varlen_size);
 LF_ASSERT_LAYOUT(sizeof(LfTensorMap) == 128, tensor_map_size);
 LF_ASSERT_LAYOUT(sizeof(LfFwdSm90Params) == 640, fwd_sm90_size);
 LF_ASSERT_LAYOUT(offsetof(LfFwdSm90Params, tma_q) == 256, fwd_sm90_tma_q);

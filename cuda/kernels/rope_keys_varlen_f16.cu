@@ -1,0 +1,3 @@
+// The key-rotation pass of a packed (variable-length) batch, f16.
+#include "../varlen_rope.cuh"
+LF_DEFINE_ROPE_KEYS_VARLEN_KERNEL(lf_rope_keys_varlen_f16, __half)

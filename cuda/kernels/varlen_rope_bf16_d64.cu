@@ -1,0 +1,3 @@
+// Variable-length forward with RoPE / ReRoPE / Leaky ReRoPE inside, bf16, head dimension 64.
+#include "../varlen_rope.cuh"
+LF_DEFINE_VARLEN_ROPE_KERNEL(lf_varlen_rope_bf16_d64, __nv_bfloat16, 64)
