@@ -121,6 +121,44 @@ __device__ __forceinline__ void turn_keys(const LfRope &r, uint32_t src, uint32_
     constexpr int kPairs = Tr::D / 2;
     const int half = r.rotary_dim / 2;
     const float af = r.attention_factor;
+#if defined(LF_DECODE_ROPE_STEPS) && LF_DECODE_ROPE_STEPS
+    // Built with LF_DECODE_ROPE_STEPS=1: each lane keeps its pairs (f = lane, lane + 32, ...)
+    // for all 16 keys, takes the first key's angle from rope_cos_sin (f64 reduction) and steps
+    // to the next keys by one rotation of the per-key angle (four FMAs; the step's own error,
+    // about 4e-7 rad, adds up to about 6e-6 rad over 15 steps, far below 16-bit rounding). The
+    // default computes every element's angle from scratch.
+    static_assert(kPairs % 32 == 0, "whole pairs per lane");
+#pragma unroll
+    for (int fi = 0; fi < kPairs / 32; ++fi) {
+        const int f = lane + 32 * fi;
+        if (f >= half && src == dst) continue;
+        int xi, yi;
+        rope_pair(r, f, xi, yi);
+        const bool rotary = f < half;
+        float c = 1.f, sn = 0.f, dc = 1.f, ds = 0.f;
+        if (rotary && turn != KeyTurn::FactorOnly) {
+            const double scale = turn == KeyTurn::Rotate ? 1.0 : r.inv_leak;
+            const double freq = r.inv_freq[f];
+            rope_cos_sin(static_cast<double>(pos0) * scale, freq, c, sn);
+            rope_cos_sin(scale, freq, dc, ds);
+        }
+        for (int row = 0; row < Tr::kKeys; ++row) {
+            uint16_t hx, hy;
+            asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(hx) : "r"(src + Tile::offset(row, xi)));
+            asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(hy) : "r"(src + Tile::offset(row, yi)));
+            if (rotary) {
+                const float x = Elem<T>::to_float(hx), y = Elem<T>::to_float(hy);
+                hx = Elem<T>::to_bits(af * (x * c - y * sn));
+                hy = Elem<T>::to_bits(af * (x * sn + y * c));
+                const float cn = c * dc - sn * ds, sn2 = sn * dc + c * ds;
+                c = cn;
+                sn = sn2;
+            }
+            asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(dst + Tile::offset(row, xi)), "h"(hx));
+            asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(dst + Tile::offset(row, yi)), "h"(hy));
+        }
+    }
+#else
     for (int idx = lane; idx < Tr::kKeys * kPairs; idx += 32) {
         const int row = idx / kPairs;
         const int f = idx % kPairs;
@@ -144,6 +182,7 @@ __device__ __forceinline__ void turn_keys(const LfRope &r, uint32_t src, uint32_
         asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(dst + Tile::offset(row, xi)), "h"(hx));
         asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(dst + Tile::offset(row, yi)), "h"(hy));
     }
+#endif
 }
 
 // The two Q variants of a RoPE decoding CTA, in place in its Q tiles: tile 0 R_pos(i) q~ (the

@@ -21,6 +21,8 @@
 #                                one only when asked (LONGFLASH_BENCH_SM90_CTAS=132 for the
 #                                benches, LONGFLASH_TEST_SM90_CTAS=3 for the GPU tests)
 #   -DLF_ROPE_Q_STEPS=1          RoPE's Q preparation by per-row rotation steps
+#   -DLF_DECODE_ROPE_STEPS=1     RoPE decoding turns keys by per-key rotation steps (copy the
+#                                decode_rope_* fatbins too: the script copies only *sm90*)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f scripts/env.sh ] && source scripts/env.sh >/dev/null
@@ -31,5 +33,6 @@ for spec in "$@"; do
   out=$(ls -td "$dir"/release/build/longflash-*/out | head -1)
   mkdir -p ".gpu/variants/$name"
   cp "$out"/*sm90*.fatbin ".gpu/variants/$name/"
+  case $flags in *LF_DECODE_ROPE_STEPS*) cp "$out"/decode_rope_*.fatbin ".gpu/variants/$name/" ;; esac
   echo "$name ($flags): $(ls ".gpu/variants/$name" | wc -l) fatbins in .gpu/variants/$name"
 done
