@@ -27,7 +27,7 @@ __device__ __forceinline__ int clamped_entry(const int32_t *cu, int i, int lo, i
 
 // Sequence b's rows of a packed batch, clamped into the tensors: queries [q_lo, q_lo + len_q)
 // (at most max_seqlen_q of them) and keys [k_lo, k_lo + len_k). Bad prefix sums set the error
-// flag (once per sequence: by the CTA of its first query tile and head).
+// flag (once per sequence: by its CTA with blockIdx.x == 0, the last query tile, and head 0).
 struct VarlenSeq {
     int q_lo, k_lo, len_q, len_k;
 };

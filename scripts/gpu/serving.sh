@@ -17,7 +17,7 @@ for f in varlen:: varlen_rope:: decode:: decode_rope:: append:: narrow::; do
 done
 bin=.gpu/tests/test-gpu
 for t in decode::bad_lengths_and_pages_are_clamped_and_reported append::append_out_of_range_tokens_are_skipped_and_reported \
-         varlen::bad_prefix_sums_are_clamped_and_reported; do
+         varlen::bad_prefix_sums_are_clamped_and_reported varlen_rope::varlen_rope_bad_prefix_sums_are_clamped_and_reported; do
   timeout 150 compute-sanitizer --tool memcheck "$bin" "$t" --exact --test-threads=1 >"$out/memcheck-$t.log" 2>&1
 done
 for t in decode_rope::rope_decode_narrow_head_dims decode::decode_narrow_head_dims decode::chunked_prefill_over_the_cache; do

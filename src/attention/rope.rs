@@ -412,11 +412,11 @@ impl Attention {
             rope: lf_rope,
         };
         let pairs = (k.batch * k.seqlen * k.heads * d / 2) as u64;
-        if pairs.div_ceil(256) > u32::MAX as u64 {
+        if pairs.div_ceil(256) > i32::MAX as u64 {
             return Err(Error::InvalidArgument {
                 arg: "k",
                 value: format!("{pairs} element pairs"),
-                expected: "at most 256 * u32::MAX".into(),
+                expected: "at most 256 * i32::MAX (the launch's grid)".into(),
             });
         }
         // The Hopper kernel, when this value's choice asks for it (checked before any launch).

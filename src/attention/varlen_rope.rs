@@ -7,6 +7,10 @@
 //! The keys are rotated once into two workspaces packed like K (`[total_k, heads_kv,
 //! head_dim]`), each row to its position in its own sequence (found in the prefix sums); each
 //! CTA rotates its query tile, as the RoPE forward does. sm_80 mainloop on every device.
+//!
+//! The inverse frequencies are the configuration's at `max_seqlen_k` plus the largest offset, for
+//! the whole batch: dynamic NTK scaling therefore uses that batch-wide length, not each
+//! sequence's own (the other scalings do not depend on the length).
 
 use std::sync::Arc;
 

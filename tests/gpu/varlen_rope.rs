@@ -30,7 +30,9 @@ fn prefix(lens: impl Iterator<Item = usize>) -> Vec<i32> {
     cu
 }
 
-fn run_t<T: Element>(g: &Gpu, c: &Case) {
+/// Runs `c` (with the device prefix sums `bad` instead of its own when given) and checks it
+/// against the reference; with `bad`, returns the output and the flag without checking.
+fn run_t<T: Element>(g: &Gpu, c: &Case, bad: Option<(&[i32], &[i32])>) -> (Vec<f64>, i32) {
     let cu_q = prefix(c.lens.iter().map(|l| l.0));
     let cu_k = prefix(c.lens.iter().map(|l| l.1));
     let (total_q, total_k) = (
@@ -104,9 +106,10 @@ fn run_t<T: Element>(g: &Gpu, c: &Case) {
         g.stream.clone_htod(&k).unwrap(),
         g.stream.clone_htod(&v).unwrap(),
     );
+    let (hq_cu, hk_cu) = bad.unwrap_or((&cu_q, &cu_k));
     let (dcq, dck) = (
-        g.stream.clone_htod(&cu_q).unwrap(),
-        g.stream.clone_htod(&cu_k).unwrap(),
+        g.stream.clone_htod(hq_cu).unwrap(),
+        g.stream.clone_htod(hk_cu).unwrap(),
     );
     let mut d_o: CudaSlice<T> = g.stream.alloc_zeros(q.len()).unwrap();
     let mut d_lse: CudaSlice<f32> = g.stream.alloc_zeros(hq * total_q).unwrap();
@@ -168,16 +171,19 @@ fn run_t<T: Element>(g: &Gpu, c: &Case) {
         .collect();
     let lse: Vec<f32> = g.stream.clone_dtoh(&d_lse).unwrap();
     let flag = g.stream.clone_dtoh(&d_flag).unwrap()[0];
-    let cmp = compare(&out, Some(&lse), &ref64, &lowp);
-    assert!(cmp.passes, "{c:?}\n  {cmp}");
-    assert_eq!(flag, 0, "{c:?}: valid prefix sums reported");
+    if bad.is_none() {
+        let cmp = compare(&out, Some(&lse), &ref64, &lowp);
+        assert!(cmp.passes, "{c:?}\n  {cmp}");
+        assert_eq!(flag, 0, "{c:?}: valid prefix sums reported");
+    }
+    (out, flag)
 }
 
 fn check(g: &Gpu, c: &Case) {
     match c.dtype {
-        DType::F16 => run_t::<f16>(g, c),
-        DType::Bf16 => run_t::<bf16>(g, c),
-    }
+        DType::F16 => run_t::<f16>(g, c, None),
+        DType::Bf16 => run_t::<bf16>(g, c, None),
+    };
 }
 
 #[test]
@@ -242,6 +248,62 @@ fn varlen_rope_options() {
                 rope,
                 seed: 9,
             },
+        );
+    }
+}
+
+/// A static scaling (YaRN: its ramp and attention factor) with per-sequence offsets.
+#[test]
+fn varlen_rope_yarn() {
+    let g = gpu_or_skip!();
+    let mut rope = RopeOptions::new(RopeConfig::llama(128), PositionMode::ReRope { window: 80 });
+    rope.config.scaling = longflash::rope::RopeScaling::Yarn {
+        factor: 4.0,
+        original_max_position: 256,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        attention_factor: None,
+    };
+    rope.position_offsets = Some(vec![3, 500, 0, 9000]);
+    check(
+        g,
+        &Case {
+            dtype: DType::F16,
+            lens: vec![(90, 300), (1, 1), (0, 0), (200, 200)],
+            heads_q: 4,
+            heads_kv: 4,
+            head_dim: 128,
+            rope,
+            seed: 5,
+        },
+    );
+}
+
+/// Prefix sums that point outside the tensors: the key pass and the attention stay inside them
+/// (memcheck checks that under compute-sanitizer), the flag is set and the output is finite.
+#[test]
+fn varlen_rope_bad_prefix_sums_are_clamped_and_reported() {
+    let g = gpu_or_skip!();
+    let c = Case {
+        dtype: DType::Bf16,
+        lens: vec![(100, 120), (50, 60), (70, 80)],
+        heads_q: 2,
+        heads_kv: 1,
+        head_dim: 64,
+        rope: RopeOptions::new(RopeConfig::llama(64), PositionMode::ReRope { window: 30 }),
+        seed: 3,
+    };
+    let bad: [(&[i32], &[i32]); 3] = [
+        (&[0, 100, 150, 220 + 1000], &[0, 120, 180, 260]),
+        (&[0, 100, 150, 220], &[0, 120, -5, 260]),
+        (&[i32::MIN, i32::MAX, 0, -1], &[i32::MAX, i32::MIN, 7, 3]),
+    ];
+    for (q, k) in bad {
+        let (out, flag) = run_t::<bf16>(g, &c, Some((q, k)));
+        assert_eq!(flag, 1, "{q:?} {k:?}: not reported");
+        assert!(
+            out.iter().all(|x| x.is_finite()),
+            "{q:?} {k:?}: non-finite output"
         );
     }
 }
