@@ -454,3 +454,50 @@ fn many_queries_take_the_prefill_kernel() {
     let (_, p) = many(200, Some(1)).validate(264).unwrap();
     assert!(!p.prefill, "{p:?}");
 }
+
+/// Narrow heads (multiples of 4 below a tile width) decode in padded kernels whose rows need only
+/// be 8-byte aligned; other head dims are refused.
+#[test]
+fn narrow_head_dims_decode() {
+    let with_dim = |d: usize| RawDecode {
+        q_layout: Layout::bshd(2, 1, 8, d),
+        o_layout: Layout::bshd(2, 1, 8, d),
+        k_layout: Layout::bshd(16, 32, 2, d),
+        v_layout: Layout::bshd(16, 32, 2, d),
+        ..base()
+    };
+    for d in [4, 80, 96, 100, 112, 160, 192, 252] {
+        let (p, plan) = with_dim(d)
+            .validate(264)
+            .unwrap_or_else(|e| panic!("{d}: {e}"));
+        assert_eq!(p.head_dim, d as i32);
+        assert!((p.softmax_scale - 1.0 / (d as f32).sqrt()).abs() < 1e-7);
+        assert_eq!(plan.workspace_bytes, 0);
+    }
+    for d in [2, 6, 102, 260] {
+        let e = with_dim(d).validate(264).unwrap_err();
+        assert!(e.to_string().contains("q.head_dim"), "{d}: {e}");
+    }
+    // A 100-element head's rows are 200 bytes: 8-byte aligned pointers and strides suffice.
+    let mut a = with_dim(100);
+    a.q = (1 << 30) + 8;
+    assert!(a.validate(264).is_ok());
+    a.q = (1 << 30) + 4;
+    refused(a, "q.ptr");
+    // Splits lay the partial outputs out at the head's own width.
+    let split = RawDecode {
+        options: DecodeOptions {
+            num_splits: Some(2),
+            ..DecodeOptions::default()
+        },
+        workspace: 7 << 30,
+        workspace_bytes: 1 << 20,
+        ..with_dim(100)
+    };
+    let (p, plan) = split.validate(264).unwrap();
+    assert_eq!(plan.workspace_bytes, 2 * 2 * 8 * (100 + 1) * 4);
+    assert_eq!(
+        p.partial_lse as u64 - p.partial_o as u64,
+        (2 * 2 * 8 * 100 * 4) as u64
+    );
+}
