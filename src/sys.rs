@@ -508,7 +508,7 @@ pub struct LfDecodeParams {
     pub num_pages: i32,
     pub page_size: i32,
     pub page_shift: i32,
-    pub max_pages: i32,
+    pub reserved: i32,
     pub num_splits: i32,
     pub keys_per_split: i32,
     pub softmax_scale: f32,
@@ -576,8 +576,8 @@ const _: () = {
         [::core::mem::offset_of!(LfDecodeParams, page_size) - 228usize];
     ["Offset of field: LfDecodeParams::page_shift"]
         [::core::mem::offset_of!(LfDecodeParams, page_shift) - 232usize];
-    ["Offset of field: LfDecodeParams::max_pages"]
-        [::core::mem::offset_of!(LfDecodeParams, max_pages) - 236usize];
+    ["Offset of field: LfDecodeParams::reserved"]
+        [::core::mem::offset_of!(LfDecodeParams, reserved) - 236usize];
     ["Offset of field: LfDecodeParams::num_splits"]
         [::core::mem::offset_of!(LfDecodeParams, num_splits) - 240usize];
     ["Offset of field: LfDecodeParams::keys_per_split"]

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, CudaViewMut};
 
-use super::decode::{decode_rope_smem_bytes, DecodeOptions, KvCache, RawDecode};
+use super::decode::{decode_rope_smem_bytes, DecodeOptions, DecodePlan, KvCache, RawDecode};
 use super::rope::{RawRope, RopeTables};
 use super::{Attention, Input, Output};
 use crate::dtype::Element;
@@ -32,9 +32,14 @@ use crate::sys::LfDecodeRopeParams;
 
 impl RawDecode {
     /// Checks a RoPE decoding call ([`RawDecode::validate`], a causal mask, the rotation; the
-    /// key workspaces of `rope` are not used and must be 0) and lowers it, for a device that runs
+    /// key workspaces of `rope` are not used and must be 0) and lowers it with its plan (always the
+    /// decoding kernel, never the chunked prefill), for a device that runs
     /// `wave` decoding CTAs at once.
-    pub fn validate_rope(&self, wave: usize, rope: &RawRope) -> Result<LfDecodeRopeParams> {
+    pub fn validate_rope(
+        &self,
+        wave: usize,
+        rope: &RawRope,
+    ) -> Result<(LfDecodeRopeParams, DecodePlan)> {
         if !self.options.mask.causal {
             return Err(Error::InvalidMask {
                 arg: "mask.causal",
@@ -53,11 +58,12 @@ impl RawDecode {
                 });
             }
         }
-        let (base, _) = self.validate_with(wave, true, true)?;
-        Ok(LfDecodeRopeParams {
+        let (base, plan) = self.validate_with(wave, true, true)?;
+        let params = LfDecodeRopeParams {
             base,
             rope: rope.lower_rotation(self.q_layout.head_dim)?,
-        })
+        };
+        Ok((params, plan))
     }
 }
 
@@ -130,8 +136,7 @@ impl Attention {
         rope: &RawRope,
     ) -> Result<()> {
         let d = args.q_layout.head_dim;
-        let mut params = args.validate_rope(self.decode_wave(d), rope)?;
-        let plan = self.decode_rope_plan(args)?;
+        let (mut params, plan) = args.validate_rope(self.decode_wave(d), rope)?;
         let mut combine = params.base;
         // SAFETY: `params` was validated and is the kernel's one by-value parameter
         // (LfDecodeRopeParams from params.h); pointers, tables, workspace and stream are valid

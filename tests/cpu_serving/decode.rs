@@ -382,7 +382,8 @@ fn raw_rope_decode_validation() {
         attention_factor: 1.0,
         log_n_train_len: None,
     };
-    let p = causal.validate_rope(264, &rope).unwrap();
+    let (p, plan) = causal.validate_rope(264, &rope).unwrap();
+    assert!(!plan.prefill);
     assert_eq!(
         (p.rope.mode, p.rope.window, p.rope.rotary_dim),
         (1, 512, 64)

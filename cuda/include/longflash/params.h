@@ -219,8 +219,8 @@ typedef struct LfVarlenParams {
  * the mask aligned bottom-right at that length; sink_tokens is 0.
  *
  * The keys [0, mask.seqlen_k) are cut into num_splits ranges of keys_per_split (a multiple of
- * LF_DECODE_SPLIT_ALIGN); mask.seqlen_k is at most the capacity (max_pages * page_size with a
- * table). One split writes o and lse directly; more write each split's rows, normalized, to
+ * LF_DECODE_SPLIT_ALIGN); mask.seqlen_k is at most the capacity (block_table_stride * page_size
+ * with a table: the table's columns are the pages one sequence may use). One split writes o and lse directly; more write each split's rows, normalized, to
  * partial_o (f32 [num_splits, batch, seqlen_q, heads_q, head_dim]) and partial_lse (f32
  * [num_splits, batch, heads_q, seqlen_q]), and lf_decode_combine_* (same parameters) merges them
  * into o and lse.
@@ -263,7 +263,7 @@ typedef struct LfDecodeParams {
     int32_t num_pages;
     int32_t page_size;
     int32_t page_shift;
-    int32_t max_pages;
+    int32_t reserved; /* 0 */
     int32_t num_splits;
     int32_t keys_per_split;
     float softmax_scale;

@@ -1,0 +1,381 @@
+//! The decoding entry points: the safe ones over cudarc views (`decode`, and what the RoPE
+//! decoding shares with it), the raw one, the plan query and the launches.
+
+use cudarc::driver::{
+    sys, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice, LaunchConfig,
+};
+
+use super::validate::prefill_params;
+use super::{decode_smem_bytes, BlockTable, DecodeOptions, DecodePlan, KvCache, RawDecode};
+use crate::attention::{sized_module, Attention, Input, Output, Scratch};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::sys::{LfDecodeParams, LF_DECODE_WARPS};
+
+impl Attention {
+    /// Decoding CTAs at head dim `d` the device runs at once: its SMs times the CTAs one SM
+    /// holds by shared memory (1 KiB of each CTA's is the system's) and threads.
+    pub(in crate::attention) fn decode_wave(&self, d: usize) -> usize {
+        let per_cta = decode_smem_bytes(d) + 1024;
+        let per_sm = (self.smem_per_sm as usize / per_cta).clamp(1, 2048 / 128);
+        self.sm_count as usize * per_sm
+    }
+
+    /// The split plan [`decode_raw`](Self::decode_raw) would use for `args` on this device (its
+    /// workspace size in particular), after the same validation but for the workspace itself.
+    pub fn decode_plan(&self, args: &RawDecode) -> Result<DecodePlan> {
+        self.plan_for(args, false)
+    }
+
+    /// The plan of [`decode_rope_raw`](Self::decode_rope_raw) for `args` (its workspace size in
+    /// particular): RoPE decoding always runs the decoding kernel.
+    pub fn decode_rope_plan(&self, args: &RawDecode) -> Result<DecodePlan> {
+        self.plan_for(args, true)
+    }
+
+    fn plan_for(&self, args: &RawDecode, rope: bool) -> Result<DecodePlan> {
+        args.validate_with(self.decode_wave(args.q_layout.head_dim), false, rope)
+            .map(|(_, plan)| plan)
+    }
+
+    /// The decoding forward on the caller's stream (see the [module](self) docs): `q` the new
+    /// query tokens, `cache` the keys and values to attend, `out` O and optionally the
+    /// log-sum-exp. Validated before launch like [`forward`](Self::forward); the workspace of a
+    /// split plan is allocated on `stream` and freed after the launch (stream-ordered). The
+    /// kernel clamps cache lengths and table entries and, when `error_flag` is given, ORs 1 into
+    /// it if it had to. The call does not synchronize.
+    pub fn decode<T: Element>(
+        &self,
+        stream: &CudaStream,
+        q: Input<'_, '_, T>,
+        cache: &KvCache<'_, '_, T>,
+        out: Output<'_, '_, T>,
+        error_flag: Option<&mut CudaViewMut<'_, i32>>,
+        options: &DecodeOptions,
+    ) -> Result<()> {
+        self.decode_views(stream, q, cache, out, error_flag, options, false, |args| {
+            // SAFETY: decode_views checked every buffer against what the kernel reads and holds
+            // their stream guards and the workspace while this runs.
+            unsafe { self.decode_raw(stream.cu_stream(), args) }
+        })
+    }
+
+    /// Checks the device arrays a cache call reads besides the tensors: the block table holds
+    /// `batch * max_pages_per_seq` entries, the lengths `batch`, the flag one, all in this
+    /// context.
+    pub(in crate::attention) fn check_cache_indices(
+        &self,
+        batch: usize,
+        block_table: Option<&BlockTable<'_, '_>>,
+        cache_seqlens: Option<&CudaView<'_, i32>>,
+        error_flag: Option<&CudaViewMut<'_, i32>>,
+    ) -> Result<()> {
+        if let Some(bt) = block_table {
+            self.same_context("block_table", bt.table.stream().context().cu_ctx())?;
+            let need = (batch as u128) * (bt.max_pages_per_seq as u128);
+            if need > bt.table.len() as u128 || bt.max_pages_per_seq == 0 {
+                return Err(Error::OutOfBounds {
+                    arg: "block_table",
+                    required: need.max(1),
+                    len: bt.table.len(),
+                });
+            }
+        }
+        if let Some(cs) = cache_seqlens {
+            self.same_context("cache_seqlens", cs.stream().context().cu_ctx())?;
+            if cs.len() < batch {
+                return Err(Error::OutOfBounds {
+                    arg: "cache_seqlens",
+                    required: batch as u128,
+                    len: cs.len(),
+                });
+            }
+        }
+        if let Some(f) = error_flag {
+            self.same_context("error_flag", f.stream().context().cu_ctx())?;
+            if f.is_empty() {
+                return Err(Error::OutOfBounds {
+                    arg: "error_flag",
+                    required: 1,
+                    len: 0,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// What the safe decoding entries share: checks the views (contexts, lengths against the
+    /// layouts, the table's and lengths' sizes), lowers them to a [`RawDecode`] with a
+    /// stream-ordered workspace of the plan's size (the RoPE plan with `rope`), and calls `run`
+    /// with it.
+    ///
+    /// `run` may launch on `stream` with the arguments it gets: every buffer holds what
+    /// [`Attention::decode_raw`] requires, guarded for the stream until `run` returns, and the
+    /// workspace is freed after the work queued on the stream.
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::attention) fn decode_views<T: Element>(
+        &self,
+        stream: &CudaStream,
+        q: Input<'_, '_, T>,
+        cache: &KvCache<'_, '_, T>,
+        out: Output<'_, '_, T>,
+        error_flag: Option<&mut CudaViewMut<'_, i32>>,
+        options: &DecodeOptions,
+        rope: bool,
+        run: impl FnOnce(&RawDecode) -> Result<()>,
+    ) -> Result<()> {
+        self.same_context("stream", stream.context().cu_ctx())?;
+        let mut checks = vec![
+            (
+                "q",
+                q.data.stream().context().cu_ctx(),
+                q.layout,
+                q.data.len(),
+            ),
+            (
+                "k",
+                cache.k.data.stream().context().cu_ctx(),
+                cache.k.layout,
+                cache.k.data.len(),
+            ),
+            (
+                "v",
+                cache.v.data.stream().context().cu_ctx(),
+                cache.v.layout,
+                cache.v.data.len(),
+            ),
+        ];
+        checks.push((
+            "o",
+            out.data.stream().context().cu_ctx(),
+            out.layout,
+            out.data.len(),
+        ));
+        for (arg, ctx, layout, len) in checks {
+            self.same_context(arg, ctx)?;
+            let required = layout.required_len(arg)?;
+            if required > len as u128 {
+                return Err(Error::OutOfBounds { arg, required, len });
+            }
+        }
+        let batch = q.layout.batch;
+        if let Some(lse) = &out.lse {
+            self.same_context("lse", lse.stream().context().cu_ctx())?;
+            let need = (batch as u128) * (q.layout.heads as u128) * (q.layout.seqlen as u128);
+            if need > lse.len() as u128 {
+                return Err(Error::OutOfBounds {
+                    arg: "lse",
+                    required: need,
+                    len: lse.len(),
+                });
+            }
+        }
+        self.check_cache_indices(
+            batch,
+            cache.block_table.as_ref(),
+            cache.cache_seqlens,
+            error_flag.as_deref(),
+        )?;
+
+        let (qp, _gq) = q.data.device_ptr(stream);
+        let (kp, _gk) = cache.k.data.device_ptr(stream);
+        let (vp, _gv) = cache.v.data.device_ptr(stream);
+        let (op, _go) = out.data.device_ptr_mut(stream);
+        let (lp, _gl) = match out.lse {
+            Some(l) => {
+                let (p, g) = l.device_ptr_mut(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (bp, _gb) = match &cache.block_table {
+            Some(bt) => {
+                let (p, g) = bt.table.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (cp, _gc) = match &cache.cache_seqlens {
+            Some(cs) => {
+                let (p, g) = cs.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (fp, _gf) = match error_flag {
+            Some(f) => {
+                let (p, g) = f.device_ptr_mut(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let mut args = RawDecode {
+            dtype: T::DTYPE,
+            q: qp,
+            k: kp,
+            v: vp,
+            o: op,
+            lse: lp,
+            q_layout: q.layout,
+            k_layout: cache.k.layout,
+            v_layout: cache.v.layout,
+            o_layout: out.layout,
+            block_table: bp,
+            max_pages_per_seq: cache.block_table.map_or(0, |bt| bt.max_pages_per_seq),
+            cache_seqlens: cp,
+            error_flag: fp,
+            options: *options,
+            workspace: 0,
+            workspace_bytes: 0,
+        };
+        let plan = self.plan_for(&args, rope)?;
+        let workspace = if plan.workspace_bytes > 0 {
+            // SAFETY: a stream of this value's context (checked above); the scratch is freed on
+            // the same stream after the launches that use it.
+            Some(unsafe { Scratch::new(self.ctx, stream.cu_stream(), plan.workspace_bytes) }?)
+        } else {
+            None
+        };
+        if let Some(w) = &workspace {
+            args.workspace = w.ptr;
+            args.workspace_bytes = w.bytes;
+        }
+        // Every buffer was checked against its layout (or the lengths the kernel reads: batch
+        // cache lengths, batch * max_pages_per_seq table entries, one flag) and context, and is
+        // guarded for the stream while `run` runs; the workspace is a stream-ordered allocation
+        // of the plan's size on this stream, freed after the launches.
+        run(&args)
+    }
+
+    /// The decoding forward from raw pointers. Validates everything [`RawDecode::validate`] can
+    /// before launch; runs on every device of compute capability 8.0 or newer.
+    ///
+    /// # Safety
+    /// - `stream` is a stream of this value's context (or null for its legacy default stream).
+    /// - Every pointer in `args` is device memory of that context that holds every element its
+    ///   layout addresses (`lse`, when not 0, `batch * heads_q * seqlen_q` f32 values; the block
+    ///   table, when not 0, `batch * max_pages_per_seq` i32; `cache_seqlens`, when not 0, `batch`
+    ///   i32; `error_flag`, when not 0, one i32; `workspace` its `workspace_bytes`), and stays
+    ///   allocated until the kernels have finished. The device values (lengths, table entries)
+    ///   may be anything: the kernel clamps them.
+    /// - Nothing else writes those inputs, or reads or writes the outputs and the workspace,
+    ///   until the kernels have finished (order other streams with events).
+    pub unsafe fn decode_raw(&self, stream: sys::CUstream, args: &RawDecode) -> Result<()> {
+        let (mut params, plan) = args.validate(self.decode_wave(args.q_layout.head_dim))?;
+        let d = args.q_layout.head_dim;
+        if plan.prefill {
+            let mut paged = prefill_params(&params);
+            let tiles = self.sm80_tiles(d, 1, "chunked-prefill kernel")?;
+            // SAFETY: `paged` is the validated call's LfPagedFwdParams (params.h), the kernel's
+            // one by-value parameter; pointers and stream per this fn's contract; the grid covers
+            // every (query tile, head, sequence) once.
+            return unsafe {
+                self.launch_sm80(
+                    stream,
+                    &sized_module("paged_fwd", args.dtype.name(), d),
+                    tiles,
+                    (
+                        args.q_layout.seqlen,
+                        args.q_layout.heads,
+                        args.q_layout.batch,
+                    ),
+                    &mut paged,
+                    "launching the chunked-prefill kernel",
+                )
+            };
+        }
+        let mut combine = params;
+        // SAFETY: `params` was validated and is the kernel's one by-value parameter
+        // (LfDecodeParams from params.h); pointers, workspace and stream are valid per this fn's
+        // contract.
+        unsafe {
+            self.launch_decode(
+                stream,
+                args,
+                &plan,
+                ("decode", decode_smem_bytes(d)),
+                &mut params,
+                &mut combine,
+            )
+        }
+    }
+
+    /// Launches the decoding kernel `lf_{kind}_{dtype}_d{d}` with `params`, one CTA per (split,
+    /// row block, sequence and KV head) of `plan`, then, with several splits, the split merge
+    /// with `combine` (the same call's LfDecodeParams).
+    ///
+    /// # Safety
+    /// As [`Attention::launch`]: `params` is the kernel's parameter struct made from `args`
+    /// validated with `plan`, and every pointer in it satisfies [`decode_raw`](Self::decode_raw)'s
+    /// contract.
+    pub(in crate::attention) unsafe fn launch_decode<P>(
+        &self,
+        stream: sys::CUstream,
+        args: &RawDecode,
+        plan: &DecodePlan,
+        (kind, smem): (&str, usize),
+        params: &mut P,
+        combine: &mut LfDecodeParams,
+    ) -> Result<()> {
+        let d = args.q_layout.head_dim;
+        let smem = smem as u32;
+        if smem > self.max_smem_optin {
+            return Err(Error::InvalidArgument {
+                arg: "q.head_dim",
+                value: d.to_string(),
+                expected: format!(
+                    "a head dim whose {kind} kernel fits the device's {} bytes of shared memory \
+                     per block (needs {smem})",
+                    self.max_smem_optin
+                ),
+            });
+        }
+        let dtype = args.dtype.name();
+        let module = sized_module(kind, dtype, d);
+        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
+        let kernel = unsafe { self.cache.kernel(&module, &format!("lf_{module}"), smem) }?;
+        let config = LaunchConfig {
+            grid_dim: (
+                plan.num_splits as u32,
+                plan.row_blocks as u32,
+                (args.q_layout.batch * args.k_layout.heads) as u32,
+            ),
+            block_dim: (LF_DECODE_WARPS * 32, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: this fn's contract; the grid covers every (split, row block, sequence and KV
+        // head) once.
+        unsafe {
+            self.launch(
+                &kernel,
+                config,
+                stream,
+                params,
+                "launching the decoding kernel",
+            )
+        }?;
+        if plan.num_splits > 1 {
+            let module = format!("decode_combine_{dtype}");
+            // SAFETY: as above.
+            let kernel = unsafe { self.cache.kernel(&module, &format!("lf_{module}"), 0) }?;
+            let rows = args.q_layout.batch * args.q_layout.seqlen * args.q_layout.heads;
+            let config = LaunchConfig {
+                grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the call's validated parameters; one warp per (sequence, token, head) row
+            // reads the splits the first kernel wrote earlier on the same stream.
+            unsafe {
+                self.launch(
+                    &kernel,
+                    config,
+                    stream,
+                    combine,
+                    "launching the decoding split merge",
+                )
+            }?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,338 @@
+//! Checks and lowering of the raw decoding arguments ([`RawDecode::validate`]), and the
+//! chunked-prefill kernel's parameters made from them.
+
+use super::{cache_capacity, DecodePlan, DecodeProblem, RawDecode};
+use crate::check::{
+    aligned, attention_memory, attention_shapes, byte_range, overlaps, softmax_scale,
+};
+use crate::error::{Error, Result};
+use crate::sys::{
+    LfDecodeParams, LfFwdParams, LfPagedFwdParams, LF_DECODE_KEYS, LF_DECODE_PREFILL_QUERIES,
+    LF_DECODE_SPLIT_ALIGN,
+};
+
+impl RawDecode {
+    /// Checks everything that can be checked without reading device values or knowing buffer
+    /// sizes (shapes, head dims, page size, strides and pointers, aliasing, mask, scale, the
+    /// workspace against the plan), plans the splits for a device that runs `wave` decoding CTAs
+    /// at once ([`DecodeProblem::plan`]), and lowers the call to the kernel's parameters.
+    pub fn validate(&self, wave: usize) -> Result<(LfDecodeParams, DecodePlan)> {
+        self.validate_with(wave, true, false)
+    }
+
+    /// Whether the plain (not RoPE) decoding call runs the chunked-prefill kernel: at least
+    /// LF_DECODE_PREFILL_QUERIES query tokens per sequence and no fixed split count.
+    fn runs_prefill(&self, rope: bool) -> bool {
+        !rope
+            && self.options.num_splits.is_none()
+            && self.q_layout.seqlen >= LF_DECODE_PREFILL_QUERIES as usize
+    }
+
+    /// [`validate`](Self::validate), with or without checking the workspace (the plan says how
+    /// big it must be).
+    pub(in crate::attention) fn validate_with(
+        &self,
+        wave: usize,
+        check_workspace: bool,
+        rope: bool,
+    ) -> Result<(LfDecodeParams, DecodePlan)> {
+        let (q, k, v, o) = (
+            &self.q_layout,
+            &self.k_layout,
+            &self.v_layout,
+            &self.o_layout,
+        );
+        attention_shapes([q, k, v, o], self.block_table == 0, true)?;
+        let paged = self.block_table != 0;
+        let capacity = cache_capacity(k, paged, self.max_pages_per_seq, LF_DECODE_KEYS as usize)?;
+        let max_keys = self.options.max_seqlen_k.unwrap_or(capacity);
+        if max_keys == 0 || max_keys > capacity {
+            return Err(Error::InvalidArgument {
+                arg: "options.max_seqlen_k",
+                value: max_keys.to_string(),
+                expected: format!("1 to the cache's capacity {capacity}"),
+            });
+        }
+        if let Some(0) = self.options.num_splits {
+            return Err(Error::InvalidArgument {
+                arg: "options.num_splits",
+                value: "Some(0)".into(),
+                expected: "at least 1 split (or None)".into(),
+            });
+        }
+        let plan = DecodeProblem {
+            batch: q.batch,
+            seqlen_q: q.seqlen,
+            heads_q: q.heads,
+            heads_kv: k.heads,
+            head_dim: q.head_dim,
+            max_seqlen_k: max_keys,
+        }
+        .plan(wave, self.options.num_splits);
+        let plan = if self.runs_prefill(rope) {
+            DecodePlan {
+                num_splits: 1,
+                keys_per_split: max_keys.next_multiple_of(LF_DECODE_SPLIT_ALIGN as usize),
+                workspace_bytes: 0,
+                prefill: true,
+                ..plan
+            }
+        } else {
+            plan
+        };
+        // The splits' bounds and the rows the split merge covers are 32-bit in the kernels.
+        if plan.num_splits.saturating_mul(plan.keys_per_split) > i32::MAX as usize {
+            return Err(Error::InvalidArgument {
+                arg: "options.num_splits",
+                value: format!("{} splits of {} keys", plan.num_splits, plan.keys_per_split),
+                expected: format!("splits that cover at most {} keys", i32::MAX),
+            });
+        }
+        let rows_total = (q.batch as u128) * (q.seqlen as u128) * (q.heads as u128);
+        if q.heads > 65535 || rows_total > i32::MAX as u128 {
+            return Err(Error::InvalidArgument {
+                arg: "q.heads",
+                value: format!(
+                    "{} heads of {} sequences of {} tokens",
+                    q.heads, q.batch, q.seqlen
+                ),
+                expected: "at most 65535 heads and i32::MAX (sequence, token, head) rows".into(),
+            });
+        }
+        // Grid: splits on x, row blocks on y, (sequence, KV head) on z; for the prefill kernel
+        // query tiles on x, query heads on y, sequences on z.
+        let (y_arg, y) = if plan.prefill {
+            ("q.heads", q.heads)
+        } else {
+            ("q.seqlen", plan.row_blocks)
+        };
+        let (z_arg, z) = if plan.prefill {
+            ("q.batch", q.batch)
+        } else {
+            ("q.batch", q.batch.saturating_mul(k.heads))
+        };
+        for (arg, value, limit) in [(y_arg, y, 65535), (z_arg, z, 65535)] {
+            if value > limit {
+                return Err(Error::InvalidArgument {
+                    arg,
+                    value: value.to_string(),
+                    expected: format!(
+                        "at most {limit} {}",
+                        match arg {
+                            "q.batch" if plan.prefill => "sequences",
+                            "q.batch" => "(sequence, KV head) pairs",
+                            "q.heads" => "query heads",
+                            _ => "tiles of 16 (query token, head) rows per KV head",
+                        }
+                    ),
+                });
+            }
+        }
+        let mask = self.options.mask.resolve(q.seqlen, max_keys)?;
+        if mask.sink_tokens != 0 {
+            return Err(Error::InvalidMask {
+                arg: "mask.sink_tokens",
+                value: mask.sink_tokens.to_string(),
+                expected: "0: the decoding forward has no attention sinks",
+            });
+        }
+
+        let lse_range = attention_memory([q, k, v, o], [self.q, self.k, self.v, self.o], self.lse)?;
+        aligned("workspace.ptr", self.workspace, 16, false)?;
+        for (arg, ptr) in [
+            ("block_table.ptr", self.block_table),
+            ("cache_seqlens.ptr", self.cache_seqlens),
+            ("error_flag.ptr", self.error_flag),
+        ] {
+            aligned(arg, ptr, 4, false)?;
+        }
+        if check_workspace && plan.workspace_bytes > 0 {
+            if self.workspace == 0 || self.workspace_bytes < plan.workspace_bytes {
+                return Err(Error::InvalidArgument {
+                    arg: "workspace_bytes",
+                    value: if self.workspace == 0 {
+                        "no workspace".into()
+                    } else {
+                        self.workspace_bytes.to_string()
+                    },
+                    expected: format!(
+                        "a workspace of at least {} bytes for {} splits (Attention::decode_plan)",
+                        plan.workspace_bytes, plan.num_splits
+                    ),
+                });
+            }
+            let ws_range = (
+                self.workspace as i128,
+                self.workspace as i128 + plan.workspace_bytes as i128,
+            );
+            for (other, ptr, l) in [
+                ("q", self.q, q),
+                ("k", self.k, k),
+                ("v", self.v, v),
+                ("o", self.o, o),
+            ] {
+                if overlaps(ws_range, byte_range(ptr, l, 2)) {
+                    return Err(Error::Aliasing {
+                        output: "workspace",
+                        other,
+                    });
+                }
+            }
+            if self.lse != 0 && overlaps(lse_range, ws_range) {
+                return Err(Error::Aliasing {
+                    output: "workspace",
+                    other: "lse",
+                });
+            }
+        }
+
+        let scale = softmax_scale(self.options.softmax_scale, q.head_dim)?;
+        // The outputs (and the workspace) must not overlap the device indices the kernels read.
+        let index_ranges = [
+            (
+                "block_table",
+                self.block_table,
+                q.batch
+                    .saturating_mul(self.max_pages_per_seq)
+                    .saturating_mul(4),
+            ),
+            (
+                "cache_seqlens",
+                self.cache_seqlens,
+                q.batch.saturating_mul(4),
+            ),
+            ("error_flag", self.error_flag, 4),
+        ];
+        let workspace_used = if check_workspace {
+            plan.workspace_bytes
+        } else {
+            0
+        };
+        for (output, range) in [
+            ("o", byte_range(self.o, o, 2)),
+            ("lse", if self.lse != 0 { lse_range } else { (0, 0) }),
+            (
+                "workspace",
+                (
+                    self.workspace as i128,
+                    self.workspace as i128 + workspace_used as i128,
+                ),
+            ),
+        ] {
+            for (other, ptr, bytes) in index_ranges {
+                if ptr != 0
+                    && range.1 > range.0
+                    && overlaps(range, (ptr as i128, ptr as i128 + bytes as i128))
+                {
+                    return Err(Error::Aliasing { output, other });
+                }
+            }
+        }
+        let partial_rows = plan
+            .num_splits
+            .saturating_mul(q.batch)
+            .saturating_mul(q.seqlen)
+            .saturating_mul(q.heads);
+        let (partial_o, partial_lse) = if plan.workspace_bytes > 0 {
+            let lse_at =
+                self.workspace + partial_rows.saturating_mul(q.head_dim).saturating_mul(4) as u64;
+            (self.workspace as *mut f32, lse_at as *mut f32)
+        } else {
+            (std::ptr::null_mut(), std::ptr::null_mut())
+        };
+        let (page_stride_k, page_stride_v) = (k.batch_stride, v.batch_stride);
+        let params = LfDecodeParams {
+            q: self.q as *const _,
+            k: self.k as *const _,
+            v: self.v as *const _,
+            o: self.o as *mut _,
+            lse: self.lse as *mut f32,
+            partial_o,
+            partial_lse,
+            block_table: self.block_table as *const i32,
+            cache_seqlens: self.cache_seqlens as *const i32,
+            error_flag: self.error_flag as *mut i32,
+            q_batch_stride: q.batch_stride,
+            q_row_stride: q.seq_stride,
+            q_head_stride: q.head_stride,
+            k_page_stride: page_stride_k,
+            k_row_stride: k.seq_stride,
+            k_head_stride: k.head_stride,
+            v_page_stride: page_stride_v,
+            v_row_stride: v.seq_stride,
+            v_head_stride: v.head_stride,
+            o_batch_stride: o.batch_stride,
+            o_row_stride: o.seq_stride,
+            o_head_stride: o.head_stride,
+            block_table_stride: if paged {
+                self.max_pages_per_seq as i64
+            } else {
+                0
+            },
+            mask,
+            batch: q.batch as i32,
+            heads_q: q.heads as i32,
+            heads_kv: k.heads as i32,
+            head_dim: q.head_dim as i32,
+            num_pages: if paged { k.batch as i32 } else { 0 },
+            page_size: if paged {
+                k.seqlen as i32
+            } else {
+                capacity as i32
+            },
+            page_shift: if paged {
+                k.seqlen.trailing_zeros() as i32
+            } else {
+                0
+            },
+            reserved: 0,
+            num_splits: plan.num_splits as i32,
+            keys_per_split: plan.keys_per_split as i32,
+            softmax_scale: scale,
+            softmax_scale_log2: scale * std::f32::consts::LOG2_E,
+        };
+        Ok((params, plan))
+    }
+}
+
+/// The chunked-prefill kernel's parameters for a validated decoding call: the same tensors as an
+/// exact forward (the caches' page strides as their batch strides) and the same cache indices.
+pub(super) fn prefill_params(d: &LfDecodeParams) -> LfPagedFwdParams {
+    LfPagedFwdParams {
+        fwd: LfFwdParams {
+            q: d.q,
+            k: d.k,
+            v: d.v,
+            o: d.o,
+            lse: d.lse,
+            q_batch_stride: d.q_batch_stride,
+            q_head_stride: d.q_head_stride,
+            q_row_stride: d.q_row_stride,
+            k_batch_stride: d.k_page_stride,
+            k_head_stride: d.k_head_stride,
+            k_row_stride: d.k_row_stride,
+            v_batch_stride: d.v_page_stride,
+            v_head_stride: d.v_head_stride,
+            v_row_stride: d.v_row_stride,
+            o_batch_stride: d.o_batch_stride,
+            o_head_stride: d.o_head_stride,
+            o_row_stride: d.o_row_stride,
+            mask: d.mask,
+            batch: d.batch,
+            heads_q: d.heads_q,
+            heads_kv: d.heads_kv,
+            head_dim: d.head_dim,
+            softmax_scale: d.softmax_scale,
+            softmax_scale_log2: d.softmax_scale_log2,
+            sparse: Default::default(),
+        },
+        block_table: d.block_table,
+        cache_seqlens: d.cache_seqlens,
+        error_flag: d.error_flag,
+        block_table_stride: d.block_table_stride,
+        num_pages: d.num_pages,
+        page_size: d.page_size,
+        page_shift: d.page_shift,
+        reserved: 0,
+    }
+}
