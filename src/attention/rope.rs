@@ -399,53 +399,16 @@ impl Attention {
         // Two Q tiles: the rotated query and its outside-window variant.
         let tiles = self.sm80_tiles(d, 2, "RoPE kernel")?;
         let dt = fwd.dtype.name();
-        let k = &fwd.k_layout;
-        let mut keys = crate::sys::LfRopeKeysParams {
-            k: fwd.k as *const _,
-            k_batch_stride: k.batch_stride,
-            k_head_stride: k.head_stride,
-            k_row_stride: k.seq_stride,
-            batch: k.batch as i32,
-            seqlen_k: k.seqlen as i32,
-            heads_kv: k.heads as i32,
-            head_dim: d as i32,
-            rope: lf_rope,
-        };
-        let pairs = (k.batch * k.seqlen * k.heads * d / 2) as u64;
-        if pairs.div_ceil(256) > i32::MAX as u64 {
-            return Err(Error::InvalidArgument {
-                arg: "k",
-                value: format!("{pairs} element pairs"),
-                expected: "at most 256 * i32::MAX (the launch's grid)".into(),
-            });
-        }
+        let (mut keys, pairs) = rope_keys_params(fwd, lf_rope)?;
         // The Hopper kernel, when this value's choice asks for it (checked before any launch).
         let mut hopper = self.rope_sm90_plan(fwd, base, lf_rope, rope)?;
-        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
-        let keys_kernel = unsafe {
-            self.cache
-                .kernel(&format!("rope_keys_{dt}"), &format!("lf_rope_keys_{dt}"), 0)
-        }?;
         let mut params = crate::sys::LfRopeFwdParams {
             fwd: base,
             rope: lf_rope,
         };
-        // SAFETY: validated parameters; one thread per (batch, key, head, pair), covered once; the
-        // workspaces are disjoint from every input and each other (validated) and sized per the
-        // contract.
-        unsafe {
-            self.launch(
-                &keys_kernel,
-                LaunchConfig {
-                    grid_dim: (pairs.div_ceil(256) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                },
-                stream,
-                &mut keys,
-                "launching the key-rotation kernel",
-            )
-        }?;
+        // SAFETY: validated parameters; the workspaces are disjoint from every input and each
+        // other (validated) and sized per the contract.
+        unsafe { self.launch_rope_keys(stream, &format!("rope_keys_{dt}"), pairs, &mut keys) }?;
         if let Some(plan) = hopper.as_mut() {
             // SAFETY: this fn's contract; the plan was made from the validated arguments and the
             // key pass above wrote its workspaces on the same stream.
@@ -467,6 +430,70 @@ impl Attention {
                 (l.seqlen, l.heads, l.batch),
                 &mut params,
                 "launching the RoPE forward kernel",
+            )
+        }
+    }
+}
+
+/// The key pass's parameters for the keys of `fwd` as its layout gives them (a packed batch is
+/// one entry of `total_k` rows) with the rotation `lf_rope`, and the element pairs it covers (one
+/// thread each), checked against the launch's grid.
+pub(super) fn rope_keys_params(
+    fwd: &RawForward,
+    lf_rope: crate::sys::LfRope,
+) -> Result<(crate::sys::LfRopeKeysParams, u64)> {
+    let k = &fwd.k_layout;
+    let d = k.head_dim;
+    let pairs = (k.batch * k.seqlen * k.heads * d / 2) as u64;
+    if pairs.div_ceil(256) > i32::MAX as u64 {
+        return Err(Error::InvalidArgument {
+            arg: "k",
+            value: format!("{pairs} element pairs"),
+            expected: "at most 256 * i32::MAX (the launch's grid)".into(),
+        });
+    }
+    let params = crate::sys::LfRopeKeysParams {
+        k: fwd.k as *const _,
+        k_batch_stride: k.batch_stride,
+        k_head_stride: k.head_stride,
+        k_row_stride: k.seq_stride,
+        batch: k.batch as i32,
+        seqlen_k: k.seqlen as i32,
+        heads_kv: k.heads as i32,
+        head_dim: d as i32,
+        rope: lf_rope,
+    };
+    Ok((params, pairs))
+}
+
+impl Attention {
+    /// Launches the key-rotation kernel `lf_{module}` with one thread per element pair.
+    ///
+    /// # Safety
+    /// As [`Attention::launch`]: `params` is the kernel's parameter struct (LfRopeKeysParams or
+    /// one that starts with it) made from validated arguments covering `pairs` pairs, whose
+    /// workspaces and stream are valid for the launch.
+    pub(super) unsafe fn launch_rope_keys<P>(
+        &self,
+        stream: sys::CUstream,
+        module: &str,
+        pairs: u64,
+        params: &mut P,
+    ) -> Result<()> {
+        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
+        let kernel = unsafe { self.cache.kernel(module, &format!("lf_{module}"), 0) }?;
+        // SAFETY: this fn's contract; one thread per pair, covered once.
+        unsafe {
+            self.launch(
+                &kernel,
+                LaunchConfig {
+                    grid_dim: (pairs.div_ceil(256) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                stream,
+                params,
+                "launching the key-rotation kernel",
             )
         }
     }

@@ -14,14 +14,14 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, LaunchConfig};
+use cudarc::driver::{sys, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 
-use super::rope::{RawRope, RopeTables};
+use super::rope::{rope_keys_params, RawRope, RopeTables};
 use super::{Attention, Input, MainloopChoice, Output, RawVarlenForward, VarlenOptions};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::rope::{PositionMode, RopeOptions};
-use crate::sys::{LfRopeKeysParams, LfRopeKeysVarlenParams, LfVarlenRopeParams};
+use crate::sys::{LfRopeKeysVarlenParams, LfVarlenRopeParams};
 
 impl Attention {
     /// The variable-length forward with rotary positions applied inside (see the
@@ -137,54 +137,19 @@ impl Attention {
         let d = f.q_layout.head_dim;
         let tiles = self.sm80_tiles(d, 2, "RoPE kernel")?;
         let dt = f.dtype.name();
-        let k = &f.k_layout;
-        let pairs = (k.seqlen * k.heads * d / 2) as u64;
-        if pairs.div_ceil(256) > i32::MAX as u64 {
-            return Err(Error::InvalidArgument {
-                arg: "k",
-                value: format!("{pairs} element pairs"),
-                expected: "at most 256 * i32::MAX".into(),
-            });
-        }
+        // The packed keys are one batch entry of total_k rows; each row's sequence comes from
+        // the prefix sums.
+        let (keys, pairs) = rope_keys_params(f, lf_rope)?;
         let mut keys = LfRopeKeysVarlenParams {
-            keys: LfRopeKeysParams {
-                k: f.k as *const _,
-                k_batch_stride: k.batch_stride,
-                k_head_stride: k.head_stride,
-                k_row_stride: k.seq_stride,
-                batch: 1,
-                seqlen_k: k.seqlen as i32,
-                heads_kv: k.heads as i32,
-                head_dim: d as i32,
-                rope: lf_rope,
-            },
+            keys,
             cu_seqlens_k: args.cu_seqlens_k as *const i32,
             sequences: args.batch as i32,
             reserved: 0,
         };
-        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
-        let keys_kernel = unsafe {
-            self.cache.kernel(
-                &format!("rope_keys_varlen_{dt}"),
-                &format!("lf_rope_keys_varlen_{dt}"),
-                0,
-            )
-        }?;
-        // SAFETY: validated parameters; one thread per (packed row, head, pair), covered once;
-        // the workspaces are disjoint from every input and each other (validated) and sized per
-        // the contract; the prefix sums are read clamped.
+        // SAFETY: validated parameters; the workspaces are disjoint from every input and each
+        // other (validated) and sized per the contract; the prefix sums are read clamped.
         unsafe {
-            self.launch(
-                &keys_kernel,
-                LaunchConfig {
-                    grid_dim: (pairs.div_ceil(256) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                },
-                stream,
-                &mut keys,
-                "launching the packed key-rotation kernel",
-            )
+            self.launch_rope_keys(stream, &format!("rope_keys_varlen_{dt}"), pairs, &mut keys)
         }?;
         let mut params = LfVarlenRopeParams {
             varlen,
