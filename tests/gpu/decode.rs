@@ -5,7 +5,7 @@
 //! and cache lengths and block-table entries that point outside the cache: clamped, reported
 //! through the error flag, never read out of bounds (run under compute-sanitizer memcheck).
 
-use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr};
 use half::{bf16, f16};
 use longflash::reference::{
     compare, paged_attention_f64, paged_attention_lowp, Comparison, PagedLayout, PagedShape,
@@ -46,7 +46,7 @@ struct DecodeRun {
 
 /// Device values to use instead of the case's own (for the clamping tests).
 #[derive(Default)]
-struct Overrides<'a> {
+pub(crate) struct Overrides<'a> {
     cache_seqlens: Option<&'a [i32]>,
     block_table: Option<&'a [i32]>,
 }
@@ -97,31 +97,52 @@ pub(crate) fn cache_shape(c: &DecodeCase, rng: &mut Rng) -> (PagedShape, Layout)
     (shape, layout)
 }
 
-fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &DecodeCase, ov: &Overrides) -> DecodeRun {
+/// A case's host data: its cache description and layout, and Q, K and V drawn from its seed.
+pub(crate) struct CaseData<T> {
+    pub(crate) shape: PagedShape,
+    pub(crate) layout: Layout,
+    pub(crate) q: Vec<T>,
+    pub(crate) k: Vec<T>,
+    pub(crate) v: Vec<T>,
+}
+
+pub(crate) fn case_data<T: Element>(c: &DecodeCase) -> CaseData<T> {
     let mut rng = Rng(c.seed);
-    let (shape, cache_layout) = cache_shape(c, &mut rng);
+    let (shape, layout) = cache_shape(c, &mut rng);
     let mut gen =
         |n: usize| -> Vec<T> { (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect() };
     let cache_len = shape.cache_len().unwrap();
     let (q, k, v) = (gen(shape.q_len().unwrap()), gen(cache_len), gen(cache_len));
-    let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
-    let scale = 1.0 / (c.head_dim as f32).sqrt();
-    let ref64 = paged_attention_f64(
-        &shape,
-        &wide(&q),
-        &wide(&k),
-        &wide(&v),
-        &c.mask,
-        scale as f64,
-    )
-    .unwrap_or_else(|e| panic!("{c:?}: reference: {e}"));
-    let lowp = paged_attention_lowp(&shape, &q, &k, &v, &c.mask, scale).unwrap();
+    CaseData {
+        shape,
+        layout,
+        q,
+        k,
+        v,
+    }
+}
 
+/// The GPU's output for `data`: uploads it (with the device lengths and table of `ov`) and runs
+/// `call` with Q, the cache, the output (O and LSE) and the error flag; returns O widened, the
+/// LSE and the flag.
+pub(crate) fn run_on_gpu<T: Element>(
+    g: &Gpu,
+    c: &DecodeCase,
+    data: &CaseData<T>,
+    ov: &Overrides,
+    call: impl FnOnce(
+        Input<'_, '_, T>,
+        &KvCache<'_, '_, T>,
+        Output<'_, '_, T>,
+        &mut CudaViewMut<'_, i32>,
+    ) -> longflash::Result<()>,
+) -> (Vec<f64>, Vec<f32>, i32) {
+    let shape = &data.shape;
     let ql = Layout::bshd(shape.batch, c.seqlen_q, c.heads_q, c.head_dim);
     let (dq, dk, dv) = (
-        g.stream.clone_htod(&q).unwrap(),
-        g.stream.clone_htod(&k).unwrap(),
-        g.stream.clone_htod(&v).unwrap(),
+        g.stream.clone_htod(&data.q).unwrap(),
+        g.stream.clone_htod(&data.k).unwrap(),
+        g.stream.clone_htod(&data.v).unwrap(),
     );
     let table = ov.block_table.unwrap_or(&shape.block_table);
     let lens = ov.cache_seqlens.unwrap_or(&shape.cache_seqlens);
@@ -129,18 +150,12 @@ fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &DecodeCase, ov: &Overrides) 
         g.stream.clone_htod(table).unwrap(),
         g.stream.clone_htod(lens).unwrap(),
     );
-    let mut d_o: CudaSlice<T> = g.stream.alloc_zeros(q.len()).unwrap();
+    let mut d_o: CudaSlice<T> = g.stream.alloc_zeros(data.q.len()).unwrap();
     let mut d_lse: CudaSlice<f32> = g
         .stream
         .alloc_zeros(shape.batch * c.heads_q * c.seqlen_q)
         .unwrap();
     let mut d_flag: CudaSlice<i32> = g.stream.alloc_zeros(1).unwrap();
-    let opts = DecodeOptions {
-        mask: c.mask,
-        softmax_scale: None,
-        max_seqlen_k: None,
-        num_splits: c.num_splits,
-    };
     {
         let (qv, kv, vv, tv, lv) = (
             dq.as_view(),
@@ -153,11 +168,11 @@ fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &DecodeCase, ov: &Overrides) 
         let cache = KvCache {
             k: Input {
                 data: &kv,
-                layout: cache_layout,
+                layout: data.layout,
             },
             v: Input {
                 data: &vv,
-                layout: cache_layout,
+                layout: data.layout,
             },
             block_table: c.page_size.map(|_| BlockTable {
                 table: &tv,
@@ -165,8 +180,7 @@ fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &DecodeCase, ov: &Overrides) 
             }),
             cache_seqlens: Some(&lv),
         };
-        attn.decode(
-            &g.stream,
+        call(
             Input {
                 data: &qv,
                 layout: ql,
@@ -177,14 +191,46 @@ fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &DecodeCase, ov: &Overrides) 
                 layout: ql,
                 lse: Some(&mut l),
             },
-            Some(&mut f),
-            &opts,
+            &mut f,
         )
         .unwrap_or_else(|e| panic!("{c:?}: {e}"));
     }
-    let out = wide(&g.stream.clone_dtoh(&d_o).unwrap());
+    let out = g
+        .stream
+        .clone_dtoh(&d_o)
+        .unwrap()
+        .iter()
+        .map(|t| t.to_f32() as f64)
+        .collect();
     let lse: Vec<f32> = g.stream.clone_dtoh(&d_lse).unwrap();
     let flag = g.stream.clone_dtoh(&d_flag).unwrap()[0];
+    (out, lse, flag)
+}
+
+fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &DecodeCase, ov: &Overrides) -> DecodeRun {
+    let data = case_data::<T>(c);
+    let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
+    let scale = 1.0 / (c.head_dim as f32).sqrt();
+    let ref64 = paged_attention_f64(
+        &data.shape,
+        &wide(&data.q),
+        &wide(&data.k),
+        &wide(&data.v),
+        &c.mask,
+        scale as f64,
+    )
+    .unwrap_or_else(|e| panic!("{c:?}: reference: {e}"));
+    let lowp =
+        paged_attention_lowp(&data.shape, &data.q, &data.k, &data.v, &c.mask, scale).unwrap();
+    let opts = DecodeOptions {
+        mask: c.mask,
+        softmax_scale: None,
+        max_seqlen_k: None,
+        num_splits: c.num_splits,
+    };
+    let (out, lse, flag) = run_on_gpu(g, c, &data, ov, |q, cache, out, f| {
+        attn.decode(&g.stream, q, cache, out, Some(f), &opts)
+    });
     let cmp = compare(&out, Some(&lse), &ref64, &lowp);
     DecodeRun {
         cmp,
@@ -381,18 +427,13 @@ fn splits_and_raw_workspace() {
         ..case(64, MaskSpec::causal())
     };
     let safe = check(g, &c);
-    let mut rng = Rng(c.seed);
-    let (shape, cl) = cache_shape(&c, &mut rng);
-    let mut gen = |n: usize| -> Vec<bf16> {
-        (0..n)
-            .map(|_| bf16::from_f32(rng.normal() as f32))
-            .collect()
-    };
-    let (q, k, v) = (
-        gen(shape.q_len().unwrap()),
-        gen(shape.cache_len().unwrap()),
-        gen(shape.cache_len().unwrap()),
-    );
+    let CaseData {
+        shape,
+        layout: cl,
+        q,
+        k,
+        v,
+    } = case_data::<bf16>(&c);
     let ql = Layout::bshd(shape.batch, c.seqlen_q, c.heads_q, c.head_dim);
     let (dq, dk, dv) = (
         g.stream.clone_htod(&q).unwrap(),
@@ -473,8 +514,7 @@ fn bad_lengths_and_pages_are_clamped_and_reported() {
         share_first_page: false,
         ..case(64, MaskSpec::causal())
     };
-    let mut rng = Rng(c.seed);
-    let (shape, _) = cache_shape(&c, &mut rng);
+    let shape = case_data::<bf16>(&c).shape;
     let good = check(g, &c);
     let mp = shape.max_pages_per_seq;
     let capacity = (mp * 64) as i32;

@@ -5,20 +5,16 @@
 //! scaling, YaRN's attention factor, position offsets, speculative tokens, GQA packing, page
 //! sizes and split counts.
 
-use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use longflash::reference::{
     compare, paged_gather, rope_attention_f64, rope_attention_lowp, Comparison, RefOutput, RefShape,
 };
 use longflash::rope::{PositionMode, RopeConfig, RopeLayout, RopeOptions, RopeScaling};
-use longflash::{
-    Attention, BlockTable, DType, DecodeOptions, Element, Input, KvCache, Layout, Output,
-};
+use longflash::{Attention, DType, DecodeOptions, Element};
 use proptest::prelude::*;
 
-use crate::common::Rng;
 use crate::common::*;
-use crate::decode::{cache_shape, case, DecodeCase};
+use crate::decode::{case, case_data, run_on_gpu, DecodeCase, Overrides};
 
 /// A decoding case and its rotation (offsets: one per sequence, or none).
 #[derive(Clone, Debug)]
@@ -76,12 +72,8 @@ fn reference_of<T: Element>(
 
 fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &RopeDecodeCase) -> (Comparison, i32) {
     let bc = &c.base;
-    let mut rng = Rng(bc.seed);
-    let (shape, cache_layout) = cache_shape(bc, &mut rng);
-    let mut gen =
-        |n: usize| -> Vec<T> { (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect() };
-    let cache_len = shape.cache_len().unwrap();
-    let (q, k, v) = (gen(shape.q_len().unwrap()), gen(cache_len), gen(cache_len));
+    let data = case_data::<T>(bc);
+    let shape = &data.shape;
     let scale = 1.0 / (bc.head_dim as f32).sqrt();
     // The references, sequence by sequence, joined in the batch's layout.
     let q_seq = bc.seqlen_q * bc.heads_q * bc.head_dim;
@@ -92,8 +84,8 @@ fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &RopeDecodeCase) -> (Comparis
     };
     for b in 0..shape.batch {
         let len = shape.seqlen_k(b);
-        let (kb, vb) = paged_gather(&shape, &k, &v, b).unwrap();
-        let qb = &q[b * q_seq..(b + 1) * q_seq];
+        let (kb, vb) = paged_gather(shape, &data.k, &data.v, b).unwrap();
+        let qb = &data.q[b * q_seq..(b + 1) * q_seq];
         for (acc, low) in [(&mut ref64, false), (&mut lowp, true)] {
             let r = reference_of(c, b, len, qb, &kb, &vb, scale, low);
             acc.out.extend(r.out);
@@ -101,78 +93,14 @@ fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &RopeDecodeCase) -> (Comparis
             acc.unrounded.extend(r.unrounded);
         }
     }
-
-    let ql = Layout::bshd(shape.batch, bc.seqlen_q, bc.heads_q, bc.head_dim);
-    let (dq, dk, dv) = (
-        g.stream.clone_htod(&q).unwrap(),
-        g.stream.clone_htod(&k).unwrap(),
-        g.stream.clone_htod(&v).unwrap(),
-    );
-    let (dt, dl) = (
-        g.stream.clone_htod(&shape.block_table).unwrap(),
-        g.stream.clone_htod(&shape.cache_seqlens).unwrap(),
-    );
-    let mut d_o: CudaSlice<T> = g.stream.alloc_zeros(q.len()).unwrap();
-    let mut d_lse: CudaSlice<f32> = g
-        .stream
-        .alloc_zeros(shape.batch * bc.heads_q * bc.seqlen_q)
-        .unwrap();
-    let mut d_flag: CudaSlice<i32> = g.stream.alloc_zeros(1).unwrap();
-    {
-        let (qv, kv, vv, tv, lv) = (
-            dq.as_view(),
-            dk.as_view(),
-            dv.as_view(),
-            dt.as_view(),
-            dl.as_view(),
-        );
-        let (mut o, mut l, mut f) = (d_o.as_view_mut(), d_lse.as_view_mut(), d_flag.as_view_mut());
-        let cache = KvCache {
-            k: Input {
-                data: &kv,
-                layout: cache_layout,
-            },
-            v: Input {
-                data: &vv,
-                layout: cache_layout,
-            },
-            block_table: bc.page_size.map(|_| BlockTable {
-                table: &tv,
-                max_pages_per_seq: shape.max_pages_per_seq,
-            }),
-            cache_seqlens: Some(&lv),
-        };
-        attn.decode_rope(
-            &g.stream,
-            Input {
-                data: &qv,
-                layout: ql,
-            },
-            &cache,
-            Output {
-                data: &mut o,
-                layout: ql,
-                lse: Some(&mut l),
-            },
-            Some(&mut f),
-            &DecodeOptions {
-                mask: c.rope.mask(),
-                num_splits: bc.num_splits,
-                ..DecodeOptions::default()
-            },
-            &c.rope,
-        )
-        .unwrap_or_else(|e| panic!("{c:?}: {e}"));
-    }
-    let out: Vec<f64> = g
-        .stream
-        .clone_dtoh(&d_o)
-        .unwrap()
-        .iter()
-        .map(|t| t.to_f32() as f64)
-        .collect();
-    let lse: Vec<f32> = g.stream.clone_dtoh(&d_lse).unwrap();
-    let flag = g.stream.clone_dtoh(&d_flag).unwrap()[0];
+    let opts = DecodeOptions {
+        mask: c.rope.mask(),
+        num_splits: bc.num_splits,
+        ..DecodeOptions::default()
+    };
+    let (out, lse, flag) = run_on_gpu(g, bc, &data, &Overrides::default(), |q, cache, out, f| {
+        attn.decode_rope(&g.stream, q, cache, out, Some(f), &opts, &c.rope)
+    });
     (compare(&out, Some(&lse), &ref64, &lowp), flag)
 }
 
