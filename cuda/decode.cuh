@@ -624,9 +624,10 @@ template <typename T> __device__ __forceinline__ void decode_combine(const LfDec
 
 } // namespace lf
 
-// The decoding kernel NAME for element type T and head dimension D.
-#define LF_DEFINE_DECODE_KERNEL(NAME, T, D)                                                       \
-    using NAME##_traits = lf::DecodeTraits<T, D, LF_DECODE_STAGES_D##D>;                          \
+// The decoding kernel NAME for element type T and head dimension D (PADDED: for a head narrower
+// than D, a multiple of 4, in D-wide tiles).
+#define LF_DEFINE_DECODE_KERNEL(NAME, T, D, PADDED)                                               \
+    using NAME##_traits = lf::DecodeTraits<T, D, LF_DECODE_STAGES_D##D, false, PADDED>;           \
     extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
         NAME(const __grid_constant__ LfDecodeParams p) {                                          \
         lf::decode_fwd<NAME##_traits>(p);                                                         \
@@ -639,23 +640,9 @@ template <typename T> __device__ __forceinline__ void decode_combine(const LfDec
     }
 
 // The decoding kernel with rotary positions applied inside (RoPE, ReRoPE, Leaky ReRoPE over an
-// un-rotated cache), for element type T and head dimension D.
-#define LF_DEFINE_DECODE_ROPE_KERNEL(NAME, T, D)                                                  \
-    using NAME##_traits = lf::DecodeTraits<T, D, LF_DECODE_ROPE_STAGES_D##D, true>;               \
-    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
-        NAME(const __grid_constant__ LfDecodeRopeParams p) {                                      \
-        lf::decode_fwd<NAME##_traits>(p.base, &p.rope);                                           \
-    }
-
-// The decoding kernels for a head dim narrower than D (a multiple of 8), in D-wide tiles.
-#define LF_DEFINE_DECODE_PADDED_KERNEL(NAME, T, D)                                                \
-    using NAME##_traits = lf::DecodeTraits<T, D, LF_DECODE_STAGES_D##D, false, true>;             \
-    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
-        NAME(const __grid_constant__ LfDecodeParams p) {                                          \
-        lf::decode_fwd<NAME##_traits>(p);                                                         \
-    }
-#define LF_DEFINE_DECODE_ROPE_PADDED_KERNEL(NAME, T, D)                                           \
-    using NAME##_traits = lf::DecodeTraits<T, D, LF_DECODE_ROPE_STAGES_D##D, true, true>;         \
+// un-rotated cache), for element type T and head dimension D (PADDED as above).
+#define LF_DEFINE_DECODE_ROPE_KERNEL(NAME, T, D, PADDED)                                          \
+    using NAME##_traits = lf::DecodeTraits<T, D, LF_DECODE_ROPE_STAGES_D##D, true, PADDED>;       \
     extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
         NAME(const __grid_constant__ LfDecodeRopeParams p) {                                      \
         lf::decode_fwd<NAME##_traits>(p.base, &p.rope);                                           \

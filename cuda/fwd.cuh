@@ -47,9 +47,12 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdParams
 } // namespace lf
 
 // Defines the extern "C" kernel NAME for element type T and head dimension D, with the tile shape
-// and warp count of tile_plan.h (LF_FWD_BR_D<D> x LF_FWD_BC_D<D>, LF_FWD_WARPS).
-#define LF_DEFINE_FWD_KERNEL(NAME, T, D)                                                          \
-    using NAME##_traits = lf::FwdTraits<T, D, LF_FWD_BR_D##D, LF_FWD_BC_D##D, LF_FWD_WARPS>;     \
+// and warp count of tile_plan.h (LF_FWD_BR_D<D> x LF_FWD_BC_D<D>, LF_FWD_WARPS). PADDED: for a
+// head dim narrower than D (a multiple of 4), its columns past the head zero-filled on load and
+// not stored.
+#define LF_DEFINE_FWD_KERNEL(NAME, T, D, PADDED)                                                  \
+    using NAME##_traits =                                                                         \
+        lf::FwdTraits<T, D, LF_FWD_BR_D##D, LF_FWD_BC_D##D, LF_FWD_WARPS, 1, PADDED>;            \
     extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
         NAME(const __grid_constant__ LfFwdParams p) {                                             \
         lf::window_fwd<NAME##_traits>(p);                                                         \
@@ -63,14 +66,4 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdParams
     extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
         NAME(const __grid_constant__ LfFwdParams p) {                                             \
         lf::sparse_fwd<NAME##_traits>(p);                                                         \
-    }
-
-// The exact forward for a head dim narrower than D (a multiple of 8: 80, 96, 112, 160, 192, ...):
-// the D-wide tiles with the columns past the call's head dim zero-filled and not stored.
-#define LF_DEFINE_FWD_PADDED_KERNEL(NAME, T, D)                                                   \
-    using NAME##_traits =                                                                         \
-        lf::FwdTraits<T, D, LF_FWD_BR_D##D, LF_FWD_BC_D##D, LF_FWD_WARPS, 1, true>;              \
-    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
-        NAME(const __grid_constant__ LfFwdParams p) {                                             \
-        lf::window_fwd<NAME##_traits>(p);                                                         \
     }

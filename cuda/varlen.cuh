@@ -77,18 +77,11 @@ template <class Tr> __device__ __forceinline__ void varlen_fwd(const LfVarlenPar
 
 } // namespace lf
 
-// The varlen kernel NAME for element type T and head dimension D (the dense kernel's tiles).
-#define LF_DEFINE_VARLEN_KERNEL(NAME, T, D)                                                       \
-    using NAME##_traits = lf::FwdTraits<T, D, LF_FWD_BR_D##D, LF_FWD_BC_D##D, LF_FWD_WARPS>;     \
-    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
-        NAME(const __grid_constant__ LfVarlenParams p) {                                          \
-        lf::varlen_fwd<NAME##_traits>(p);                                                         \
-    }
-
-// The varlen kernel for a head dim narrower than D (see LF_DEFINE_FWD_PADDED_KERNEL).
-#define LF_DEFINE_VARLEN_PADDED_KERNEL(NAME, T, D)                                                \
+// The varlen kernel NAME for element type T and head dimension D (the dense kernel's tiles;
+// PADDED for a head narrower than D, as LF_DEFINE_FWD_KERNEL).
+#define LF_DEFINE_VARLEN_KERNEL(NAME, T, D, PADDED)                                               \
     using NAME##_traits =                                                                         \
-        lf::FwdTraits<T, D, LF_FWD_BR_D##D, LF_FWD_BC_D##D, LF_FWD_WARPS, 1, true>;              \
+        lf::FwdTraits<T, D, LF_FWD_BR_D##D, LF_FWD_BC_D##D, LF_FWD_WARPS, 1, PADDED>;            \
     extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
         NAME(const __grid_constant__ LfVarlenParams p) {                                          \
         lf::varlen_fwd<NAME##_traits>(p);                                                         \

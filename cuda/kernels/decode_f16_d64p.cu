@@ -1,3 +1,3 @@
 // Decoding attention over a KV cache, f16, head dims below 64 (multiples of 8) in 64-wide tiles.
 #include "../decode.cuh"
-LF_DEFINE_DECODE_PADDED_KERNEL(lf_decode_f16_d64p, __half, 64)
+LF_DEFINE_DECODE_KERNEL(lf_decode_f16_d64p, __half, 64, true)

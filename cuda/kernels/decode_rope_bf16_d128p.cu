@@ -1,4 +1,4 @@
 // RoPE / ReRoPE / Leaky ReRoPE decoding over an un-rotated KV cache, bf16, head dims below 128
 // (multiples of 8) in 128-wide tiles.
 #include "../decode.cuh"
-LF_DEFINE_DECODE_ROPE_PADDED_KERNEL(lf_decode_rope_bf16_d128p, __nv_bfloat16, 128)
+LF_DEFINE_DECODE_ROPE_KERNEL(lf_decode_rope_bf16_d128p, __nv_bfloat16, 128, true)

@@ -1,4 +1,4 @@
 // RoPE / ReRoPE / Leaky ReRoPE decoding over an un-rotated KV cache, bf16, head dims below 256
 // (multiples of 8) in 256-wide tiles.
 #include "../decode.cuh"
-LF_DEFINE_DECODE_ROPE_PADDED_KERNEL(lf_decode_rope_bf16_d256p, __nv_bfloat16, 256)
+LF_DEFINE_DECODE_ROPE_KERNEL(lf_decode_rope_bf16_d256p, __nv_bfloat16, 256, true)

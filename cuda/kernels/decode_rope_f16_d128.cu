@@ -1,4 +1,4 @@
 // Decoding attention with RoPE / ReRoPE / Leaky ReRoPE over an un-rotated KV cache, f16,
 // head dimension 128.
 #include "../decode.cuh"
-LF_DEFINE_DECODE_ROPE_KERNEL(lf_decode_rope_f16_d128, __half, 128)
+LF_DEFINE_DECODE_ROPE_KERNEL(lf_decode_rope_f16_d128, __half, 128, false)

@@ -1,4 +1,4 @@
 // RoPE / ReRoPE / Leaky ReRoPE decoding over an un-rotated KV cache, f16, head dims below 256
 // (multiples of 8) in 256-wide tiles.
 #include "../decode.cuh"
-LF_DEFINE_DECODE_ROPE_PADDED_KERNEL(lf_decode_rope_f16_d256p, __half, 256)
+LF_DEFINE_DECODE_ROPE_KERNEL(lf_decode_rope_f16_d256p, __half, 256, true)
