@@ -108,14 +108,28 @@ impl Attention {
             max_keys + rope.max_offset() as usize,
         )?;
         let (raw_rope, _g1, _g2) = tables.raw(stream, rope, (0, 0));
-        self.decode_views(stream, q, cache, out, error_flag, options, true, |args| {
-            // SAFETY: decode_views checked every buffer against what the kernel reads and holds
-            // their guards and the workspace while this runs; the table and the offsets were
-            // copied above on this stream, hold rotary_dim / 2 f64 and batch i32 (validated
-            // against the call), and live until the call returns (their frees are ordered after
-            // the kernels on this stream).
-            unsafe { self.decode_rope_raw(stream.cu_stream(), args, &raw_rope) }
-        })
+        self.decode_views(
+            stream,
+            q,
+            cache,
+            out,
+            error_flag,
+            options,
+            true,
+            |args, base, plan| {
+                // The mask is rope.mask(), causal (checked above); the key workspaces are 0.
+                let mut params = LfDecodeRopeParams {
+                    base,
+                    rope: raw_rope.lower_rotation(args.q_layout.head_dim)?,
+                };
+                // SAFETY: decode_views validated the call, checked every buffer and holds their
+                // guards and the workspace while this runs; the table and the offsets were
+                // copied above on this stream, hold rotary_dim / 2 f64 and batch i32 (validated
+                // against the call), and outlive the call (their frees are ordered after the
+                // kernels on this stream).
+                unsafe { self.launch_rope_decode(stream.cu_stream(), args, &mut params, plan) }
+            },
+        )
     }
 
     /// RoPE / ReRoPE / Leaky ReRoPE decoding from raw pointers: as
@@ -137,17 +151,35 @@ impl Attention {
     ) -> Result<()> {
         let d = args.q_layout.head_dim;
         let (mut params, plan) = args.validate_rope(self.decode_wave(d), rope)?;
+        // SAFETY: this fn's contract; `params` and `plan` came from `args.validate_rope`.
+        unsafe { self.launch_rope_decode(stream, args, &mut params, &plan) }
+    }
+
+    /// The launches of a validated RoPE decoding call.
+    ///
+    /// # Safety
+    /// As [`decode_rope_raw`](Self::decode_rope_raw), with `params` and `plan` from validating
+    /// `args` and the rotation.
+    unsafe fn launch_rope_decode(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+        args: &RawDecode,
+        params: &mut LfDecodeRopeParams,
+        plan: &DecodePlan,
+    ) -> Result<()> {
         let mut combine = params.base;
-        // SAFETY: `params` was validated and is the kernel's one by-value parameter
-        // (LfDecodeRopeParams from params.h); pointers, tables, workspace and stream are valid
-        // per this fn's contract.
+        // SAFETY: `params` is the kernel's one by-value parameter (LfDecodeRopeParams from
+        // params.h), validated; pointers, tables, workspace and stream per this fn's contract.
         unsafe {
             self.launch_decode(
                 stream,
                 args,
-                &plan,
-                ("decode_rope", decode_rope_smem_bytes(d)),
-                &mut params,
+                plan,
+                (
+                    "decode_rope",
+                    decode_rope_smem_bytes(args.q_layout.head_dim),
+                ),
+                params,
                 &mut combine,
             )
         }

@@ -5,7 +5,7 @@ use cudarc::driver::{
     sys, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice, LaunchConfig,
 };
 
-use super::validate::prefill_params;
+use super::validate::{place_workspace, prefill_params};
 use super::{decode_smem_bytes, BlockTable, DecodeOptions, DecodePlan, KvCache, RawDecode};
 use crate::attention::{sized_module, Attention, Input, Output, Scratch};
 use crate::dtype::Element;
@@ -53,11 +53,20 @@ impl Attention {
         error_flag: Option<&mut CudaViewMut<'_, i32>>,
         options: &DecodeOptions,
     ) -> Result<()> {
-        self.decode_views(stream, q, cache, out, error_flag, options, false, |args| {
-            // SAFETY: decode_views checked every buffer against what the kernel reads and holds
-            // their stream guards and the workspace while this runs.
-            unsafe { self.decode_raw(stream.cu_stream(), args) }
-        })
+        self.decode_views(
+            stream,
+            q,
+            cache,
+            out,
+            error_flag,
+            options,
+            false,
+            |args, params, plan| {
+                // SAFETY: decode_views validated the call, checked every buffer against what the
+                // kernel reads and holds their stream guards and the workspace while this runs.
+                unsafe { self.launch_validated(stream.cu_stream(), args, params, plan) }
+            },
+        )
     }
 
     /// Checks the device arrays a cache call reads besides the tensors: the block table holds
@@ -105,9 +114,9 @@ impl Attention {
     }
 
     /// What the safe decoding entries share: checks the views (contexts, lengths against the
-    /// layouts, the table's and lengths' sizes), lowers them to a [`RawDecode`] with a
-    /// stream-ordered workspace of the plan's size (the RoPE plan with `rope`), and calls `run`
-    /// with it.
+    /// layouts, the table's and lengths' sizes), lowers them to a [`RawDecode`], validates it once
+    /// (the RoPE plan with `rope`), places the split partials in a stream-ordered workspace of the
+    /// plan's size, and calls `run` with the arguments, the kernel's parameters and the plan.
     ///
     /// `run` may launch on `stream` with the arguments it gets: every buffer holds what
     /// [`Attention::decode_raw`] requires, guarded for the stream until `run` returns, and the
@@ -122,7 +131,7 @@ impl Attention {
         error_flag: Option<&mut CudaViewMut<'_, i32>>,
         options: &DecodeOptions,
         rope: bool,
-        run: impl FnOnce(&RawDecode) -> Result<()>,
+        run: impl FnOnce(&RawDecode, LfDecodeParams, &DecodePlan) -> Result<()>,
     ) -> Result<()> {
         self.same_context("stream", stream.context().cu_ctx())?;
         let mut checks = vec![
@@ -228,7 +237,8 @@ impl Attention {
             workspace: 0,
             workspace_bytes: 0,
         };
-        let plan = self.plan_for(&args, rope)?;
+        let (mut params, plan) =
+            args.validate_with(self.decode_wave(args.q_layout.head_dim), false, rope)?;
         let workspace = if plan.workspace_bytes > 0 {
             // SAFETY: a stream of this value's context (checked above); the scratch is freed on
             // the same stream after the launches that use it.
@@ -239,12 +249,14 @@ impl Attention {
         if let Some(w) = &workspace {
             args.workspace = w.ptr;
             args.workspace_bytes = w.bytes;
+            // A fresh allocation of the plan's size: it overlaps none of the call's buffers.
+            place_workspace(&mut params, w.ptr);
         }
         // Every buffer was checked against its layout (or the lengths the kernel reads: batch
         // cache lengths, batch * max_pages_per_seq table entries, one flag) and context, and is
         // guarded for the stream while `run` runs; the workspace is a stream-ordered allocation
         // of the plan's size on this stream, freed after the launches.
-        run(&args)
+        run(&args, params, &plan)
     }
 
     /// The decoding forward from raw pointers. Validates everything [`RawDecode::validate`] can
@@ -261,7 +273,24 @@ impl Attention {
     /// - Nothing else writes those inputs, or reads or writes the outputs and the workspace,
     ///   until the kernels have finished (order other streams with events).
     pub unsafe fn decode_raw(&self, stream: sys::CUstream, args: &RawDecode) -> Result<()> {
-        let (mut params, plan) = args.validate(self.decode_wave(args.q_layout.head_dim))?;
+        let (params, plan) = args.validate(self.decode_wave(args.q_layout.head_dim))?;
+        // SAFETY: this fn's contract, and `params` and `plan` came from `args.validate`.
+        unsafe { self.launch_validated(stream, args, params, &plan) }
+    }
+
+    /// The launches of a validated decoding call: the chunked-prefill kernel, or the decoding
+    /// kernel and, with several splits, the split merge.
+    ///
+    /// # Safety
+    /// As [`decode_raw`](Self::decode_raw), with `params` and `plan` from validating `args` (the
+    /// split partials placed in a workspace that holds the plan's bytes).
+    unsafe fn launch_validated(
+        &self,
+        stream: sys::CUstream,
+        args: &RawDecode,
+        mut params: LfDecodeParams,
+        plan: &DecodePlan,
+    ) -> Result<()> {
         let d = args.q_layout.head_dim;
         if plan.prefill {
             let mut paged = prefill_params(&params);
@@ -292,7 +321,7 @@ impl Attention {
             self.launch_decode(
                 stream,
                 args,
-                &plan,
+                plan,
                 ("decode", decode_smem_bytes(d)),
                 &mut params,
                 &mut combine,

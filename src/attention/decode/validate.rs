@@ -228,27 +228,15 @@ impl RawDecode {
                 }
             }
         }
-        let partial_rows = plan
-            .num_splits
-            .saturating_mul(q.batch)
-            .saturating_mul(q.seqlen)
-            .saturating_mul(q.heads);
-        let (partial_o, partial_lse) = if plan.workspace_bytes > 0 {
-            let lse_at =
-                self.workspace + partial_rows.saturating_mul(q.head_dim).saturating_mul(4) as u64;
-            (self.workspace as *mut f32, lse_at as *mut f32)
-        } else {
-            (std::ptr::null_mut(), std::ptr::null_mut())
-        };
         let (page_stride_k, page_stride_v) = (k.batch_stride, v.batch_stride);
-        let params = LfDecodeParams {
+        let mut params = LfDecodeParams {
             q: self.q as *const _,
             k: self.k as *const _,
             v: self.v as *const _,
             o: self.o as *mut _,
             lse: self.lse as *mut f32,
-            partial_o,
-            partial_lse,
+            partial_o: std::ptr::null_mut(),
+            partial_lse: std::ptr::null_mut(),
             block_table: self.block_table as *const i32,
             cache_seqlens: self.cache_seqlens as *const i32,
             error_flag: self.error_flag as *mut i32,
@@ -291,6 +279,9 @@ impl RawDecode {
             softmax_scale: scale,
             softmax_scale_log2: scale * std::f32::consts::LOG2_E,
         };
+        if check_workspace {
+            place_workspace(&mut params, self.workspace);
+        }
         Ok((params, plan))
     }
 }
@@ -334,5 +325,20 @@ pub(super) fn prefill_params(d: &LfDecodeParams) -> LfPagedFwdParams {
         page_size: d.page_size,
         page_shift: d.page_shift,
         reserved: 0,
+    }
+}
+
+/// Points the split partials of `p` (several splits) at `workspace`: the f32 partial outputs
+/// `[num_splits, batch, seqlen_q, heads_q, head_dim]`, then the partial LSEs (LfDecodeParams).
+/// Nothing with one split, or no workspace.
+pub(in crate::attention) fn place_workspace(p: &mut LfDecodeParams, workspace: u64) {
+    if p.num_splits > 1 && workspace != 0 {
+        let rows =
+            p.num_splits as u128 * p.batch as u128 * p.mask.seqlen_q as u128 * p.heads_q as u128;
+        p.partial_o = workspace as *mut f32;
+        p.partial_lse = workspace.wrapping_add((rows * p.head_dim as u128 * 4) as u64) as *mut f32;
+    } else {
+        p.partial_o = std::ptr::null_mut();
+        p.partial_lse = std::ptr::null_mut();
     }
 }
