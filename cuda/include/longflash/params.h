@@ -290,8 +290,9 @@ typedef struct LfDecodeRopeParams {
  * caches that store rotated keys; rope.k_rot, rope.k_alt and rope.mode are unused.
  *
  * Device values are checked, never trusted: a token whose slot falls outside [0, capacity) (a
- * negative length, or past max_pages * page_size, or the contiguous cache's length) or whose page
- * entry falls outside [0, num_pages) is not written, and ORs 1 into *error_flag when not NULL. */
+ * negative length, or past block_table_stride * page_size, or past the contiguous cache's length)
+ * or whose page entry falls outside [0, num_pages) is not written, and ORs 1 into *error_flag
+ * when not NULL. */
 typedef struct LfAppendParams {
     const void *k_new;
     const void *v_new;
