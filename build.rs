@@ -166,11 +166,12 @@ fn compile(
     if !output.status.success() {
         return Err(log);
     }
-    // A spill in the hot loop costs far more than it looks: say so at build time.
-    for line in log
-        .lines()
-        .filter(|l| l.contains("spill stores") && !l.contains(" 0 bytes spill stores"))
-    {
+    // A spill in the hot loop costs far more than it looks, and so do wgmmas that ptxas had to
+    // serialize (C7512 and its kin): say so at build time.
+    for line in log.lines().filter(|l| {
+        (l.contains("spill stores") && !l.contains(" 0 bytes spill stores"))
+            || l.contains("Potential Performance Loss")
+    }) {
         println!("cargo:warning={stem}: {}", line.trim());
     }
     Ok(dst)

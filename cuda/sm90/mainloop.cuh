@@ -378,7 +378,9 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                 fence_regs(sc);
                 release_k(n);
                 const bool rescale = softmax(n, sc, alpha, kLse);
-                wgmma_wait<0>();
+                // Exponentials are never negative (a NaN compares false): the branch inside is
+                // never taken, and the wait stays behind the softmax.
+                wgmma_wait_all_after(sc[Tr::BC / 8 - 1][3] < 0.f);
                 fence_regs(o);
                 fence_regs(pa);
                 release(n - 1);
@@ -406,7 +408,10 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
         const float l = quad_sum(row_sum[r]);
         const float le = quad_sum(exp_sum[r]);
         const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int row = q0 + row0 + r * 8;
+        // This thread's row rebuilt from threadIdx rather than kept through the mainloop: at head
+        // dim 256 keeping it costs a spill.
+        const int row = q0 + (static_cast<int>(threadIdx.x) / 128 - 1) * 64 +
+                        static_cast<int>(threadIdx.x) % 128 / 32 * 16 + lane / 4 + r * 8;
         if (row < p.mask.seqlen_q) {
             uint16_t *dst = o_ptr + static_cast<int64_t>(row) * p.o_row_stride + tq * 2;
 #pragma unroll

@@ -93,6 +93,18 @@ __device__ __forceinline__ void wgmma_commit() {
 template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
+// wgmma_wait<0>, but not before what precedes it in the source. ptxas schedules a wait as early
+// as its basic block allows: in the overlapped schedule it put the wait for P V above the very
+// softmax that was to run while P V did (SASS of 2026-12-02). So this wait sits behind a branch,
+// which ends the block; `never` must be false in every thread, so that all warps of the
+// warpgroup take the same arm, as the wait's .aligned requires. Both arms wait, with different
+// text, so that no pass merges them back above the branch.
+__device__ __forceinline__ void wgmma_wait_all_after(bool never) {
+    if (__any_sync(0xffffffffu, never))
+        asm volatile("{\n wgmma.wait_group.sync.aligned 0;\n}\n" ::: "memory");
+    else
+        wgmma_wait<0>();
+}
 // Keeps the compiler from moving reads or writes of an accumulator across an asynchronous
 // wgmma that owns it.
 template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
