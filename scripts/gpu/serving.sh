@@ -4,12 +4,14 @@
 # time limit (scripts/gpu/each.sh), compute-sanitizer on the tests that feed the kernels bad
 # device values or turn keys in shared memory, the decoding bench with its SDPA peer
 # (scripts/gpu/decode.sh), the varlen bench, and examples/decode.rs when staged as
-# .gpu/examples/decode. Logs under $OUT/serving/; the summary is printed last.
+# .gpu/examples/decode. The logs are packed into $OUT/serving.tgz (a device call returns only a
+# few files); the summary is printed last and is summary.txt inside.
 #
 #   bash scripts/gpu/serving.sh [seconds per test, default 150]
 set -u
 cd "$(dirname "$0")/../.."
-out=${OUT:-.gpu/logs}/serving; mkdir -p "$out"
+dest=${OUT:-.gpu/logs}; mkdir -p "$dest"
+out=$(mktemp -d)
 limit=${1:-150}
 export LONGFLASH_REQUIRE_GPU=1
 for f in varlen:: varlen_rope:: decode:: decode_rope:: append:: narrow::; do
@@ -35,3 +37,4 @@ OUT="$out" bash scripts/gpu/decode.sh >"$out/decode-bench.txt" 2>&1
   grep -c '^RESULT' "$out/varlen-bench.log" 2>/dev/null | sed 's/^/varlen bench rows: /'
   tail -3 "$out/example-decode.log" 2>/dev/null
 } | tee "$out/summary.txt"
+tar czf "$dest/serving.tgz" -C "$out" .
