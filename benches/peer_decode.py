@@ -20,12 +20,13 @@ Usage:
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from peer_timing import median_ms
 
 HEAD_DIM = 128
 HEADS_Q = 32
@@ -34,19 +35,6 @@ MAX_KV_BYTES = 24 << 30
 
 def int_list(text):
     return [int(x) for x in text.replace(" ", "").split(",") if x]
-
-
-def time_ms(fn, reps):
-    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for _ in range(3):
-        fn()
-    for i in range(reps):
-        start[i].record()
-        fn()
-        end[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end))
 
 
 def main():
@@ -77,7 +65,7 @@ def main():
                         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
 
-                    ms = time_ms(call, args.reps)
+                    ms = median_ms(call, 3, args.reps)
                     rec.update(ms=round(ms, 4), tb_per_s=round(kv_bytes / ms / 1e9, 3))
                     del q, k, v
                 except Exception as e:  # a backend that cannot run the shape

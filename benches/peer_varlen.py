@@ -23,12 +23,13 @@ Usage:
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from peer_timing import median_ms
 
 TOKENS = 16384
 HEADS = 16
@@ -47,21 +48,6 @@ def short_error(exc, limit=200):
     text = f"{type(exc).__name__}: {exc}".strip()
     first = next((line.strip() for line in text.splitlines() if line.strip()), text)
     return first if len(first) <= limit else first[: limit - 3] + "..."
-
-
-def median_ms(fn, warmup, reps):
-    """Median milliseconds of fn(), each call timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
 def peers(q, k, v, lens, causal):
