@@ -40,7 +40,7 @@
 #define LF_FWD_SM90_THREADS 384
 /* The Hopper schedule: up to this head dimension the consumer warpgroups overlap S of one tile
  * with P V of the one before and take turns (ping-pong): on an H200 (2026-12-02) 5-7% faster
- * than one tile at a time at head dim 128, and 4-8% at 256. */
+ * than one tile at a time at head dim 128, and 2-8% at 256. */
 #define LF_FWD_SM90_PINGPONG_MAX_D 256
 /* The Hopper block-sparse kernel visits the 64-key blocks of a mask one at a time. */
 #define LF_FWD_SM90_BC_SPARSE 64
