@@ -10,11 +10,14 @@ namespace sm90 {
 
 // Runs item(qt, h, b, pipe) for every query tile, head and batch entry of the call. The default
 // grid is one CTA per item (x: query tiles, last first so that the longest rows under a causal
-// mask start first; y: heads; z: batch). Built with LF_SM90_PERSISTENT=1, a CTA also runs the
-// items gridDim.x * gridDim.y * gridDim.z further on, in the order tiles-last-first across all
-// heads and batch entries, keeping its barriers, registers and K/V ring from one to the next:
-// the host may then launch fewer CTAs than items (a grid sized to the GPU), and a CTA's next Q
-// and keys load while it finishes the previous item.
+// mask start first; y: heads; z: batch): the CTAs resident at one time share a few heads' keys,
+// which stay in L2. Built with LF_SM90_PERSISTENT=1, a CTA also runs the items gridDim.x *
+// gridDim.y * gridDim.z further on, keeping its barriers, registers and K/V ring from one to the
+// next: the host may then launch fewer CTAs than items (a grid sized to the GPU), and a CTA's
+// next Q and keys load while it finishes the previous item. The persistent order keeps the same
+// locality: (head, batch) pairs in groups whose keys and values fit a share of L2
+// (kL2GroupBytes), a group's items tiles-last-first across its heads, one group after the other.
+constexpr int64_t kL2GroupBytes = 32ll << 20;
 template <class Tr, class Item>
 __device__ __forceinline__ void for_each_item(const LfFwdParams &p, const Item &item) {
 #if defined(LF_SM90_PERSISTENT) && LF_SM90_PERSISTENT
@@ -23,6 +26,10 @@ __device__ __forceinline__ void for_each_item(const LfFwdParams &p, const Item &
     const int n_qt = (p.mask.seqlen_q + Tr::BR - 1) / Tr::BR;
     const int64_t hb = static_cast<int64_t>(p.heads_q) * p.batch;
     const int64_t total = n_qt * hb;
+    const int64_t kv_bytes = static_cast<int64_t>(p.mask.seqlen_k) * Tr::D * 2 * 2;
+    int64_t group = kL2GroupBytes / (kv_bytes > 0 ? kv_bytes : 1);
+    group = group < 1 ? 1 : (group > hb ? hb : group);
+    const int64_t group_items = n_qt * group;
     const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z;
     const int64_t first =
         blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
@@ -31,9 +38,13 @@ __device__ __forceinline__ void for_each_item(const LfFwdParams &p, const Item &
     auto each = [&](auto role) {
         Pipe pipe;
         for (int64_t i = first; i < total; i += ctas) {
-            const int qt = n_qt - 1 - static_cast<int>(i / hb);
-            const int h = static_cast<int>(i % hb % p.heads_q);
-            const int b = static_cast<int>(i % hb / p.heads_q);
+            // Group g holds pairs [g * group, g * group + size); the last may be smaller.
+            const int64_t g = i / group_items, r = i % group_items;
+            const int64_t size = hb - g * group < group ? hb - g * group : group;
+            const int qt = n_qt - 1 - static_cast<int>(r / size);
+            const int64_t pair = g * group + r % size;
+            const int h = static_cast<int>(pair % p.heads_q);
+            const int b = static_cast<int>(pair / p.heads_q);
             item(qt, h, b, pipe, role);
         }
     };
