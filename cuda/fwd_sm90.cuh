@@ -20,7 +20,7 @@ template <class Tr> __device__ __forceinline__ void window_fwd(const LfFwdSm90Pa
         const int hk = h / (p.heads_q / p.heads_kv);
         TmaKeys keys{&pp.tma_k, &pp.tma_k, hk, b};
         attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b,
-                               pipe, role);
+                               DensePlace{b}, pipe, role);
     });
 }
 
@@ -36,7 +36,7 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Pa
         const int hk = h / (p.heads_q / p.heads_kv);
         TmaKeys keys{&pp.tma_k, &pp.tma_k, hk, b};
         attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b,
-                               pipe, role);
+                               DensePlace{b}, pipe, role);
     });
 }
 

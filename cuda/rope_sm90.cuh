@@ -29,7 +29,7 @@ __device__ __forceinline__ void rope_fwd(const LfRopeFwdSm90Params &pr) {
         TmaKeys keys{&pr.base.tma_k, &pr.tma_k_alt, hk, b};
         RopeQPrep<Tr> prep{&pr.rope, p.mask.seqlen_q, p.mask.seqlen_k, b};
         attention_fwd_tile<Tr>(p, pr.base.tma_q, pr.base.tma_v, iter, mask, keys, prep, qt, h,
-                               b, pipe, role);
+                               b, DensePlace{b}, pipe, role);
     });
 }
 

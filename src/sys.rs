@@ -475,6 +475,38 @@ impl Default for LfVarlenParams {
     }
 }
 #[repr(C)]
+#[repr(align(128))]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfVarlenSm90Params {
+    pub vp: LfVarlenParams,
+    pub __bindgen_padding_0: [u64; 14usize],
+    pub tma_q: LfTensorMap,
+    pub tma_k: LfTensorMap,
+    pub tma_v: LfTensorMap,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfVarlenSm90Params"][::core::mem::size_of::<LfVarlenSm90Params>() - 768usize];
+    ["Alignment of LfVarlenSm90Params"][::core::mem::align_of::<LfVarlenSm90Params>() - 128usize];
+    ["Offset of field: LfVarlenSm90Params::vp"]
+        [::core::mem::offset_of!(LfVarlenSm90Params, vp) - 0usize];
+    ["Offset of field: LfVarlenSm90Params::tma_q"]
+        [::core::mem::offset_of!(LfVarlenSm90Params, tma_q) - 384usize];
+    ["Offset of field: LfVarlenSm90Params::tma_k"]
+        [::core::mem::offset_of!(LfVarlenSm90Params, tma_k) - 512usize];
+    ["Offset of field: LfVarlenSm90Params::tma_v"]
+        [::core::mem::offset_of!(LfVarlenSm90Params, tma_v) - 640usize];
+};
+impl Default for LfVarlenSm90Params {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq)]
 pub struct LfDecodeParams {
     pub q: *const ::core::ffi::c_void,

@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "../common.cuh"
+#include "../sm80/primitives.cuh"
 #include "../softmax.cuh"
 #include "longflash/params.h"
 #include "longflash/tile_plan.h"
@@ -73,6 +74,14 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1> struct Sm90Traits {
     static constexpr bool kSplitRelease = kDefaultOverlap;
 #endif
     static constexpr int kConsumerRegs = 240;
+    // Q as wgmma A fragments in registers (loaded once per item with ldmatrix) rather than read
+    // from shared memory by every S: S then reads only K from shared memory. One Q variant and
+    // head dims up to 128 (the registers it takes); build option LF_SM90_Q_REGS=1.
+#ifdef LF_SM90_Q_REGS
+    static constexpr bool kQRegs = LF_SM90_Q_REGS != 0 && QVARIANTS_ == 1 && D_ <= 128;
+#else
+    static constexpr bool kQRegs = false;
+#endif
     using Tile = Sw128Tile<BR, D>;
     static_assert(BC % 16 == 0 && BC <= 256 && (BC == 64 || BC == 128), "S = Q K^T is m64n<BC>");
     static_assert(D == 64 || D == 128 || D == 256, "O += P V is m64n<D>");
@@ -80,14 +89,35 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1> struct Sm90Traits {
 };
 
 // Key tiles from tensor maps: variant 0 from map 0, variant 1 from map 1 (RoPE's outside-window
-// keys), at key-value head hk of batch entry b.
+// keys), at key-value head hk of batch entry b, the item's keys starting at row `row0` (0 but for
+// a packed sequence).
 struct TmaKeys {
     const LfTensorMap *map0, *map1;
     int hk, b;
+    int row0 = 0;
     template <class Tr>
     __device__ __forceinline__ void load(int v, int kt, uint32_t dst, uint32_t bar) const {
         const LfTensorMap *map = v ? map1 : map0; // a select, not an indexed (local) array
-        tma_load_tile<Tr::BC, Tr::D>(dst, map, bar, kt * Tr::BC, hk, b);
+        tma_load_tile<Tr::BC, Tr::D>(dst, map, bar, row0 + kt * Tr::BC, hk, b);
+    }
+};
+
+// Where an item's rows are (a Place policy): the tensor-map coordinates of its first query row
+// and first key (rows q_row0() and k_row0() of batch entry tma_b()), and where its outputs go:
+// O from p.o + o_offset(p) (then head h's stride and the rows), the LSE from index
+// lse_row0(p, h). An item (qt, h, b) of the dense plan starts at row 0 of entry b (DensePlace);
+// a sequence of a packed batch at its prefix sums in entry 0 (cuda/varlen_sm90.cuh). Places
+// compute on demand, so that nothing they give stays in a register through the mainloop.
+struct DensePlace {
+    int b;
+    __device__ __forceinline__ int q_row0() const { return 0; }
+    __device__ __forceinline__ int k_row0() const { return 0; }
+    __device__ __forceinline__ int tma_b() const { return b; }
+    __device__ __forceinline__ int64_t o_offset(const LfFwdParams &p) const {
+        return static_cast<int64_t>(b) * p.o_batch_stride;
+    }
+    __device__ __forceinline__ int64_t lse_row0(const LfFwdParams &p, int h) const {
+        return (static_cast<int64_t>(b) * p.heads_q + h) * p.mask.seqlen_q;
     }
 };
 
@@ -151,15 +181,17 @@ template <class Tr> __device__ __forceinline__ void init_barriers() {
     __syncthreads();
 }
 
-// One work item: the key tiles `iter` lists for query tile qt of head h, batch b. With OnePipe
-// it initializes the barriers and moves registers itself; with Pipe the kernel did both once.
-template <class Tr, class Iter, class Mask, class Keys, class QPrep, class PipeT = OnePipe,
-          class Role = BothRoles>
+// One work item: the key tiles `iter` lists for query tile qt of head h, batch b, its rows and
+// outputs where `at` says (Keys loads the keys from there too). With OnePipe it
+// initializes the barriers and moves registers itself; with Pipe the kernel did both once.
+template <class Tr, class Iter, class Mask, class Keys, class QPrep, class Place,
+          class PipeT = OnePipe, class Role = BothRoles>
 __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const LfTensorMap &tma_q,
                                                    const LfTensorMap &tma_v, const Iter &iter,
                                                    const Mask &mask, const Keys &keys,
                                                    const QPrep &q_prep, int qt, int h, int b,
-                                                   PipeT &&pipe = OnePipe{}, Role = Role{}) {
+                                                   const Place &at, PipeT &&pipe = OnePipe{},
+                                                   Role = Role{}) {
     using PipeKind = typename std::remove_reference<PipeT>::type;
     using T = typename Tr::T;
     using Elt = Elem<T>;
@@ -196,7 +228,8 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                 mbar_expect_tx(bar_q, Tr::kQVariants * Tr::kQBytes);
 #pragma unroll
                 for (int v = 0; v < Tr::kQVariants; ++v)
-                    tma_load_tile<Tr::BR, Tr::D>(sQ + v * Tr::kQBytes, &tma_q, bar_q, q0, h, b);
+                    tma_load_tile<Tr::BR, Tr::D>(sQ + v * Tr::kQBytes, &tma_q, bar_q,
+                                                 at.q_row0() + q0, h, at.tma_b());
                 for (int n = 0; n < n_tiles; ++n) {
                     const int s = stage(n);
                     mbar_wait(empty(s), phase(n) ^ 1);
@@ -205,7 +238,8 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                     keys.template load<Tr>(iter.variant(n), kt, sK(s), full_k(s));
                     if constexpr (Tr::kSplitRelease) mbar_wait(empty_v(s), phase(n) ^ 1);
                     mbar_expect_tx(full_v(s), Tr::kKVBytes);
-                    tma_load_tile<Tr::BC, Tr::D>(sV(s), &tma_v, full_v(s), kt * Tr::BC, hk, b);
+                    tma_load_tile<Tr::BC, Tr::D>(sV(s), &tma_v, full_v(s),
+                                                 at.k_row0() + kt * Tr::BC, hk, at.tma_b());
                 }
             }
             pipe.advance(n_tiles);
@@ -240,6 +274,9 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     const uint64_t desc_k = sw128_desc(sK(0), 16, 1024);
     const uint64_t desc_v = sw128_desc(sV(0), Tr::BC * 128, 1024);
 
+    // This warp's 16 Q rows as the A fragments of S's k16 steps (kQRegs).
+    uint32_t qa[Tr::kQRegs ? Tr::D / 16 : 1][4];
+
     // The steps of one key tile; the schedules below order them.
     // Issues S = Q K^T of item n into sc (after its K stage has landed); commit follows.
     auto issue_s = [&](int n, float (&sc)[Tr::BC / 8][4]) {
@@ -249,11 +286,17 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
         const uint64_t dk = desc_add(desc_k, s * Tr::kKVBytes);
         wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < Tr::D / 16; ++ks)
-            Wgmma<T>::template ss<Tr::BC>(
-                reinterpret_cast<float(&)[Tr::BC / 2]>(sc),
-                desc_add(dq, (ks >> 2) * Tr::BR * 128 + (ks & 3) * 32),
-                desc_add(dk, (ks >> 2) * Tr::BC * 128 + (ks & 3) * 32), ks > 0);
+        for (int ks = 0; ks < Tr::D / 16; ++ks) {
+            if constexpr (Tr::kQRegs)
+                Wgmma<T>::template rk<Tr::BC>(reinterpret_cast<float(&)[Tr::BC / 2]>(sc), qa[ks],
+                                              desc_add(dk, (ks >> 2) * Tr::BC * 128 + (ks & 3) * 32),
+                                              ks > 0);
+            else
+                Wgmma<T>::template ss<Tr::BC>(
+                    reinterpret_cast<float(&)[Tr::BC / 2]>(sc),
+                    desc_add(dq, (ks >> 2) * Tr::BR * 128 + (ks & 3) * 32),
+                    desc_add(dk, (ks >> 2) * Tr::BC * 128 + (ks & 3) * 32), ks > 0);
+        }
         wgmma_commit();
     };
     // Masks item n's partial tile, moves the exponent base, turns sc into P (exponentials) and
@@ -329,6 +372,14 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             fence_proxy_async();
             named_barrier(1 + cw, 128);
         }
+        if constexpr (Tr::kQRegs) {
+            // ldmatrix x4: lanes 0-15 address rows 0-15 at the step's first 8 columns, lanes
+            // 16-31 the same rows 8 columns on; the four matrices are the A fragment's a0..a3.
+            const int r = cw * 64 + warp * 16 + (lane & 15);
+#pragma unroll
+            for (int ks = 0; ks < Tr::D / 16; ++ks)
+                ldmatrix_x4(qa[ks], sQ + Tr::Tile::offset(r, ks * 16 + (lane >> 4) * 8));
+        }
     }
 
     float sc[Tr::BC / 8][4];
@@ -402,7 +453,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     // Epilogue: O / l and LSE = base * ln(2) + ln(l), straight from registers; a row that saw
     // no key gives 0 and -inf.
     constexpr float kLn2 = 0.693147180559945309f;
-    uint16_t *o_ptr = static_cast<uint16_t *>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+    uint16_t *o_ptr = static_cast<uint16_t *>(p.o) + at.o_offset(p) + h * p.o_head_stride;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const float l = quad_sum(row_sum[r]);
@@ -421,7 +472,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             }
             if (p.lse != nullptr && tq == 0) {
                 const float lse = le > 0.f ? fmaf(row_base[r], kLn2, logf(le)) : -INFINITY;
-                p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * p.mask.seqlen_q + row] = lse;
+                p.lse[at.lse_row0(p, h) + row] = lse;
             }
         }
     }

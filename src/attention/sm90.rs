@@ -3,15 +3,15 @@
 
 use cudarc::driver::{sys, LaunchConfig};
 
-use super::{Attention, Mainloop, MainloopChoice, RawForward, RawRope};
+use super::{Attention, Mainloop, MainloopChoice, RawForward, RawRope, RawVarlenForward};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::loader::{CtxGuard, ModuleCache};
 use crate::sys::{
-    LfFwdParams, LfFwdSm90Params, LfRope, LfRopeFwdSm90Params, LfTensorMap, LF_FWD_SM90_BC_D128,
-    LF_FWD_SM90_BC_D256, LF_FWD_SM90_BC_D64, LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BR,
-    LF_FWD_SM90_STAGES, LF_FWD_SM90_THREADS,
+    LfFwdParams, LfFwdSm90Params, LfRope, LfRopeFwdSm90Params, LfTensorMap, LfVarlenParams,
+    LfVarlenSm90Params, LF_FWD_SM90_BC_D128, LF_FWD_SM90_BC_D256, LF_FWD_SM90_BC_D64,
+    LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BR, LF_FWD_SM90_STAGES, LF_FWD_SM90_THREADS,
 };
 
 /// Key tile of the Hopper kernel for a head dim.
@@ -140,6 +140,16 @@ impl Attention {
     pub fn mainloop_for(&self, args: &RawForward) -> Result<Mainloop> {
         let params = args.validate()?;
         Ok(match self.sm90_plan(args, params)? {
+            Some(_) => Mainloop::Sm90,
+            None => Mainloop::Sm80,
+        })
+    }
+
+    /// The mainloop a variable-length call with these arguments runs on this device under this
+    /// value's [`MainloopChoice`] (validating the arguments first), as [`Self::mainloop_for`].
+    pub fn varlen_mainloop_for(&self, args: &RawVarlenForward) -> Result<Mainloop> {
+        let vp = args.validate()?;
+        Ok(match self.varlen_sm90_plan(args, vp)? {
             Some(_) => Mainloop::Sm90,
             None => Mainloop::Sm80,
         })
@@ -328,6 +338,84 @@ impl Attention {
         };
         // SAFETY: this fn's contract; the plan was made from the validated arguments.
         unsafe { self.launch_plan(stream, args, &mut plan) }?;
+        Ok(true)
+    }
+
+    /// The Hopper launch of a validated variable-length call (`vp` its validated parameters), or
+    /// `None` for the sm_80 mainloop: the dense Hopper kernel's tiles, with tensor maps over the
+    /// packed tensors as batch 1.
+    pub(super) fn varlen_sm90_plan(
+        &self,
+        args: &RawVarlenForward,
+        vp: LfVarlenParams,
+    ) -> Result<Option<Plan<LfVarlenSm90Params>>> {
+        self.or_sm80(|| {
+            let f = &args.forward;
+            let Some((_, bc, smem)) = self.hopper_module(f, false)? else {
+                return Ok(None);
+            };
+            let module = format!("varlen_sm90_{}_d{}", f.dtype.name(), f.q_layout.head_dim);
+            if !ModuleCache::has_module(&module) {
+                return Err(unsupported(format!("{module} in this build")));
+            }
+            // SAFETY: as in `sm90_plan`: a current context for the encoding.
+            let _g = unsafe { CtxGuard::bind(self.ctx) }?;
+            let maps = hopper_params(f, vp.fwd, bc, f.k, &f.k_layout)?;
+            Ok(Some(Plan {
+                kernel: format!("lf_{module}"),
+                module,
+                smem,
+                params: LfVarlenSm90Params {
+                    vp,
+                    tma_q: maps.tma_q,
+                    tma_k: maps.tma_k,
+                    tma_v: maps.tma_v,
+                    ..LfVarlenSm90Params::default()
+                },
+            }))
+        })
+    }
+
+    /// Runs a validated variable-length call on the Hopper mainloop when this value's choice and
+    /// the call allow it (one CTA per query tile of `max_seqlen_q` rows, head and sequence);
+    /// `Ok(false)` leaves it to the sm_80 mainloop.
+    ///
+    /// # Safety
+    /// As [`Attention::forward_varlen_raw`], with `vp` the result of `args.validate()`.
+    pub(super) unsafe fn try_varlen_sm90(
+        &self,
+        stream: sys::CUstream,
+        args: &RawVarlenForward,
+        vp: LfVarlenParams,
+    ) -> Result<bool> {
+        let Some(mut plan) = self.varlen_sm90_plan(args, vp)? else {
+            return Ok(false);
+        };
+        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
+        let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel, plan.smem) }?;
+        let tiles = args.max_seqlen_q.div_ceil(LF_FWD_SM90_BR as usize);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                tiles as u32,
+                args.forward.q_layout.heads as u32,
+                args.batch as u32,
+            ),
+            block_dim: (LF_FWD_SM90_THREADS, 1, 1),
+            shared_mem_bytes: plan.smem,
+        };
+        // SAFETY: the parameters were validated and their tensor maps describe exactly the
+        // packed layouts, whose buffers the caller guarantees (and the prefix sums and flag);
+        // the kernel clamps every sequence's rows into the packed tensors; the grid covers
+        // max_seqlen_q rows of every (head, sequence), the validated batch at most 65535.
+        unsafe {
+            self.launch(
+                &kernel,
+                cfg,
+                stream,
+                &mut plan.params,
+                "launching the Hopper variable-length forward kernel",
+            )
+        }?;
         Ok(true)
     }
 }

@@ -21,7 +21,7 @@ use cudarc::driver::{
     sys, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice,
 };
 
-use super::{sized_module, Attention, Input, MainloopChoice, Output, RawForward};
+use super::{sized_module, Attention, Input, Output, RawForward};
 use crate::check::aligned;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -248,8 +248,10 @@ impl Attention {
     }
 
     /// The variable-length forward from raw pointers. Validates everything
-    /// [`RawVarlenForward::validate`] can before launch; runs on the sm_80 mainloop on every
-    /// device (under [`MainloopChoice::Sm90`] it is an error).
+    /// [`RawVarlenForward::validate`] can before launch. On an H100/H200 it runs on the Hopper
+    /// mainloop (head dims 64, 128 and 256, layouts a tensor map describes), elsewhere and for
+    /// other calls on the sm_80 one, as the dense forward chooses
+    /// ([`Attention::varlen_mainloop_for`] says which).
     ///
     /// # Safety
     /// As [`forward_raw`](Self::forward_raw) for `args.forward` (the packed tensors, and `lse`,
@@ -263,13 +265,9 @@ impl Attention {
         args: &RawVarlenForward,
     ) -> Result<()> {
         let mut params = args.validate()?;
-        if self.mainloop == MainloopChoice::Sm90 {
-            return Err(Error::InvalidArgument {
-                arg: "mainloop",
-                value: "MainloopChoice::Sm90".into(),
-                expected: "Auto or Sm80: the variable-length forward runs on the sm_80 mainloop"
-                    .into(),
-            });
+        // SAFETY: this fn's contract; `params` is the validated call.
+        if unsafe { self.try_varlen_sm90(stream, args, params) }? {
+            return Ok(());
         }
         let f = &args.forward;
         let d = f.q_layout.head_dim;

@@ -1,6 +1,6 @@
 //! The variable-length (packed) forward against the CPU reference (the dense reference one
-//! sequence at a time, `reference::varlen_attention_*`), bit for bit against the sm_80 dense
-//! kernel when every sequence has the same length, and with prefix sums that would point outside
+//! sequence at a time, `reference::varlen_attention_*`), bit for bit against the dense kernel of
+//! the same mainloop (sm_80, and Hopper on an H100/H200) when every sequence has the same length, and with prefix sums that would point outside
 //! the tensors: clamped, reported through the error flag, never read or written out of bounds
 //! (run under compute-sanitizer memcheck).
 
@@ -10,7 +10,8 @@ use longflash::reference::{
     compare, varlen_attention_f64, varlen_attention_lowp, Comparison, VarlenShape,
 };
 use longflash::{
-    Attention, DType, Element, ForwardOptions, Input, Layout, MaskSpec, Output, VarlenOptions,
+    Attention, DType, Element, ForwardOptions, Input, Layout, Mainloop, MaskSpec, Output,
+    RawForward, RawVarlenForward, VarlenOptions,
 };
 use proptest::prelude::*;
 
@@ -223,11 +224,20 @@ fn varlen_narrow_head_dims() {
 }
 
 /// Every sequence the same length: the packed tensors are the batch's `[b, s, h, d]` tensors, and
-/// the result is the sm_80 dense kernel's bit for bit (the same mainloop and tiles, the sequence
-/// found from the prefix sums instead of the batch stride), LSE included.
+/// the result is the dense kernel's bit for bit on the same mainloop (the same tiles, the
+/// sequence found from the prefix sums instead of the batch stride), LSE included: the sm_80
+/// mainloop always, the Hopper one too on an H100/H200 (where the test asserts that both calls
+/// ran on it).
 #[test]
 fn equal_lengths_equal_the_dense_kernel_bit_for_bit() {
     let g = gpu_or_skip!();
+    equal_lengths_bit_for_bit(g, &g.sm80, Mainloop::Sm80);
+    if let Some(hopper) = &g.hopper {
+        equal_lengths_bit_for_bit(g, hopper, Mainloop::Sm90);
+    }
+}
+
+fn equal_lengths_bit_for_bit(g: &Gpu, attn: &Attention, expected: Mainloop) {
     let (b, sq, sk, hq, hk) = (3usize, 200usize, 333usize, 4usize, 1usize);
     for d in DIMS {
         for mask in [
@@ -259,32 +269,31 @@ fn equal_lengths_equal_the_dense_kernel_bit_for_bit() {
             let (ql, kl) = (Layout::bshd(b, sq, hq, d), Layout::bshd(b, sk, hk, d));
             {
                 let (mut ov, mut lv) = (o1.as_view_mut(), l1.as_view_mut());
-                g.sm80
-                    .forward(
-                        &g.stream,
-                        Input {
-                            data: &qv,
-                            layout: ql,
-                        },
-                        Input {
-                            data: &kv,
-                            layout: kl,
-                        },
-                        Input {
-                            data: &vv,
-                            layout: kl,
-                        },
-                        Output {
-                            data: &mut ov,
-                            layout: ql,
-                            lse: Some(&mut lv),
-                        },
-                        &ForwardOptions {
-                            mask,
-                            softmax_scale: None,
-                        },
-                    )
-                    .unwrap();
+                attn.forward(
+                    &g.stream,
+                    Input {
+                        data: &qv,
+                        layout: ql,
+                    },
+                    Input {
+                        data: &kv,
+                        layout: kl,
+                    },
+                    Input {
+                        data: &vv,
+                        layout: kl,
+                    },
+                    Output {
+                        data: &mut ov,
+                        layout: ql,
+                        lse: Some(&mut lv),
+                    },
+                    &ForwardOptions {
+                        mask,
+                        softmax_scale: None,
+                    },
+                )
+                .unwrap();
             }
             let cu_q = prefix(std::iter::repeat_n(sq, b));
             let cu_k = prefix(std::iter::repeat_n(sk, b));
@@ -296,40 +305,80 @@ fn equal_lengths_equal_the_dense_kernel_bit_for_bit() {
                 Layout::bshd(1, b * sq, hq, d),
                 Layout::bshd(1, b * sk, hk, d),
             );
+            // Both calls run on the mainloop under test (placeholder addresses: the choice
+            // depends on the shapes and layouts only).
+            let packed = RawForward {
+                dtype: DType::Bf16,
+                q: 1 << 30,
+                k: 2 << 30,
+                v: 3 << 30,
+                o: 4 << 30,
+                lse: 0,
+                q_layout: pq,
+                k_layout: pk,
+                v_layout: pk,
+                o_layout: pq,
+                options: ForwardOptions {
+                    mask,
+                    softmax_scale: None,
+                },
+                block_mask: None,
+            };
+            let dense = RawForward {
+                q_layout: ql,
+                k_layout: kl,
+                v_layout: kl,
+                o_layout: ql,
+                ..packed
+            };
+            assert_eq!(attn.mainloop_for(&dense).unwrap(), expected, "d {d}: dense");
+            let varlen = RawVarlenForward {
+                forward: packed,
+                cu_seqlens_q: 5 << 20,
+                cu_seqlens_k: 6 << 20,
+                batch: b,
+                max_seqlen_q: sq,
+                max_seqlen_k: sk,
+                error_flag: 0,
+            };
+            assert_eq!(
+                attn.varlen_mainloop_for(&varlen).unwrap(),
+                expected,
+                "d {d}: varlen"
+            );
             {
                 let (cqv, ckv) = (dcq.as_view(), dck.as_view());
                 let (mut ov, mut lv) = (o2.as_view_mut(), l2.as_view_mut());
-                g.sm80
-                    .forward_varlen(
-                        &g.stream,
-                        Input {
-                            data: &qv,
-                            layout: pq,
-                        },
-                        Input {
-                            data: &kv,
-                            layout: pk,
-                        },
-                        Input {
-                            data: &vv,
-                            layout: pk,
-                        },
-                        Output {
-                            data: &mut ov,
-                            layout: pq,
-                            lse: Some(&mut lv),
-                        },
-                        &cqv,
-                        &ckv,
-                        None,
-                        &VarlenOptions {
-                            mask,
-                            softmax_scale: None,
-                            max_seqlen_q: sq,
-                            max_seqlen_k: sk,
-                        },
-                    )
-                    .unwrap();
+                attn.forward_varlen(
+                    &g.stream,
+                    Input {
+                        data: &qv,
+                        layout: pq,
+                    },
+                    Input {
+                        data: &kv,
+                        layout: pk,
+                    },
+                    Input {
+                        data: &vv,
+                        layout: pk,
+                    },
+                    Output {
+                        data: &mut ov,
+                        layout: pq,
+                        lse: Some(&mut lv),
+                    },
+                    &cqv,
+                    &ckv,
+                    None,
+                    &VarlenOptions {
+                        mask,
+                        softmax_scale: None,
+                        max_seqlen_q: sq,
+                        max_seqlen_k: sk,
+                    },
+                )
+                .unwrap();
             }
             let bits = |x: Vec<bf16>| x.iter().map(|t| t.to_bits()).collect::<Vec<_>>();
             assert!(

@@ -205,6 +205,16 @@ typedef struct LfVarlenParams {
     int32_t total_k;
 } LfVarlenParams;
 
+/* The variable-length forward on Hopper: LfVarlenParams plus tensor maps of the packed Q, K and V
+ * as batch 1 (head_dim, total, heads, 1), boxes and swizzle as in LfFwdSm90Params; a sequence's
+ * tiles are read from its prefix-sum offsets on. */
+typedef struct LfVarlenSm90Params {
+    LfVarlenParams vp;
+    LfTensorMap tma_q;
+    LfTensorMap tma_k;
+    LfTensorMap tma_v;
+} LfVarlenSm90Params;
+
 /* Attention of a few query tokens per sequence over a KV cache (flash_attn_with_kvcache), paged
  * or contiguous: the decoding kernels lf_decode_* and their split merge lf_decode_combine_*.
  *
