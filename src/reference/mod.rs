@@ -10,6 +10,10 @@
 //!   rounded to the input type (see [`attention_lowp`] for the exact rounding points). Its
 //!   distance from the f64 answer is the error budget a kernel is allowed.
 //!
+//! [`attention_backward_f64`] gives the gradients of [`attention_f64`] with respect to q, k and v
+//! for an upstream gradient of the output, analytically in f64 (checked against finite
+//! differences in `tests/cpu_backward.rs`).
+//!
 //! [`compare`] applies the correctness rule: a kernel output element passes when it is within
 //! twice the naive implementation's error (before the naive's final rounding to the output type)
 //! plus half a unit in the last place of the output type, plus `1e-5`, of the f64 answer; nothing
@@ -28,11 +32,13 @@ use crate::error::{Error, Result};
 use crate::mask::MaskSpec;
 use crate::sparse::BlockMask;
 
+mod backward;
 mod compare;
 mod dense;
 mod rope;
 mod serving;
 
+pub use backward::{attention_backward_f64, RefGrads};
 pub use compare::{compare, half_ulp, Comparison, LSE_REL_TOL, OUT_ABS_TOL};
 pub use dense::{attention_f64, attention_lowp};
 pub use rope::{

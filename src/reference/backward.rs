@@ -1,0 +1,120 @@
+//! The gradients of plain attention in f64 (the yardstick of a backward pass).
+//!
+//! For one query row `i` (batch entry `b`, query head `h`, key/value head `hk`) with visible keys
+//! `j`, the forward is `s_j = scale * q_i . k_j`, `p_j = softmax(s)_j` and `o_i = sum_j p_j v_j`.
+//! Given the gradient `do_i` of a loss with respect to `o_i`:
+//!
+//! - `dv_j += p_j do_i`
+//! - `dp_j = do_i . v_j`, `D_i = sum_j p_j dp_j` (which equals `do_i . o_i`)
+//! - `ds_j = p_j (dp_j - D_i)`
+//! - `dq_i = scale * sum_j ds_j k_j` and `dk_j += scale * ds_j q_i`
+//!
+//! Key/value gradients add up over every query head of a group (grouped-query and multi-query
+//! attention) and every query row that sees the key. A row that sees no key contributes nothing
+//! and gets `dq_i = 0`. `tests/cpu_backward.rs` checks these against finite differences of
+//! [`attention_f64`](super::attention_f64).
+
+use super::{for_each_row, RefShape, Visibility};
+use crate::error::{Error, Result};
+
+/// Gradients with respect to the inputs of an attention call, widened to f64, in the inputs'
+/// layouts: `dq` like `q` (`[batch, seqlen_q, heads_q, head_dim]`), `dk` and `dv` like `k` and
+/// `v` (`[batch, seqlen_k, heads_kv, head_dim]`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RefGrads {
+    /// Gradient with respect to `q`.
+    pub dq: Vec<f64>,
+    /// Gradient with respect to `k`.
+    pub dk: Vec<f64>,
+    /// Gradient with respect to `v`.
+    pub dv: Vec<f64>,
+}
+
+/// The gradients of [`attention_f64`](super::attention_f64)'s output with respect to `q`, `k` and
+/// `v`, for the upstream gradient `dout` (shaped like the output), analytically in f64.
+///
+/// # Errors
+///
+/// As [`attention_f64`](super::attention_f64), and
+/// [`Error::InvalidArgument`] when `dout` is not shaped like `q`.
+pub fn attention_backward_f64(
+    shape: &RefShape,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dout: &[f64],
+    mask: &(impl Visibility + ?Sized),
+    scale: f64,
+) -> Result<RefGrads> {
+    shape.check(q.len(), k.len(), v.len())?;
+    if dout.len() != q.len() {
+        return Err(Error::InvalidArgument {
+            arg: "dout.len",
+            value: dout.len().to_string(),
+            expected: format!("{} elements, the output's (like q)", q.len()),
+        });
+    }
+    let d = shape.head_dim;
+    let sk = shape.seqlen_k;
+    let mut g = RefGrads {
+        dq: vec![0.0; q.len()],
+        dk: vec![0.0; k.len()],
+        dv: vec![0.0; v.len()],
+    };
+    // One row's visible keys and their probabilities, then their dp_j.
+    let mut keys: Vec<usize> = Vec::with_capacity(sk);
+    let mut p: Vec<f64> = Vec::with_capacity(sk);
+    let mut dp: Vec<f64> = Vec::with_capacity(sk);
+
+    for_each_row(shape, |b, h, hk, i| {
+        let qo = shape.q_offset(b, i, h);
+        let (qi, doi) = (&q[qo..qo + d], &dout[qo..qo + d]);
+        keys.clear();
+        p.clear();
+        for j in 0..sk {
+            if mask.visible(shape, b, h, i, j) {
+                let ko = shape.kv_offset(b, j, hk);
+                p.push(scale * dot(qi, &k[ko..ko + d]));
+                keys.push(j);
+            }
+        }
+        if keys.is_empty() {
+            return;
+        }
+        let m = p.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let mut l = 0.0;
+        for s in p.iter_mut() {
+            *s = (*s - m).exp();
+            l += *s;
+        }
+        for s in p.iter_mut() {
+            *s /= l;
+        }
+        dp.clear();
+        let mut big_d = 0.0;
+        for (&j, &pj) in keys.iter().zip(&p) {
+            let vo = shape.kv_offset(b, j, hk);
+            let x = dot(doi, &v[vo..vo + d]);
+            dp.push(x);
+            big_d += pj * x;
+            for (a, &y) in g.dv[vo..vo + d].iter_mut().zip(doi) {
+                *a += pj * y;
+            }
+        }
+        for ((&j, &pj), &dpj) in keys.iter().zip(&p).zip(&dp) {
+            let ds = scale * pj * (dpj - big_d);
+            let ko = shape.kv_offset(b, j, hk);
+            for (a, &y) in g.dq[qo..qo + d].iter_mut().zip(&k[ko..ko + d]) {
+                *a += ds * y;
+            }
+            for (a, &y) in g.dk[ko..ko + d].iter_mut().zip(qi) {
+                *a += ds * y;
+            }
+        }
+    });
+    Ok(g)
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
