@@ -14,7 +14,10 @@
 //! share the pattern across batch entries or heads. Heads are query heads (GQA kernels map
 //! them to key/value heads themselves).
 
+mod key_major;
 pub mod patterns;
+
+pub use key_major::KeyMajorMask;
 
 use std::sync::Arc;
 

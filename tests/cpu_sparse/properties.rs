@@ -213,4 +213,39 @@ proptest! {
         prop_assert_eq!(&u.union(&all).unwrap(), &all);
         prop_assert_eq!(&u.intersection(&all).unwrap(), &u);
     }
+
+    /// The key-major view lists exactly the row-major mask's blocks, each once, with its flag,
+    /// query blocks ascending in every column.
+    #[test]
+    fn key_major_view_is_the_transpose(s in shapes(2, 3), keep in any::<u64>(), window in 0..=700u32) {
+        let m = BlockMask::from_fn(s, MaskSpec::causal_window(window), |b, h, qb, kb| {
+            (keep >> ((b * 7 + h * 5 + qb * 3 + kb) % 64)) & 1 == 1
+        })
+        .unwrap();
+        let t = m.key_major();
+        prop_assert_eq!(t.shape(), s);
+        prop_assert_eq!(t.row_indices().len(), m.nnz());
+        prop_assert_eq!(t.col_offsets().len(), s.batch * s.heads * s.num_k_blocks() + 1);
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                for kb in 0..s.num_k_blocks() {
+                    let (rows, flags) = t.column(b, h, kb);
+                    prop_assert!(rows.windows(2).all(|w| w[0] < w[1]), "column {:?}", rows);
+                    let want: Vec<i32> = (0..s.num_q_blocks())
+                        .filter(|&qb| m.contains(b, h, qb, kb))
+                        .map(|qb| qb as i32)
+                        .collect();
+                    prop_assert_eq!(rows, &want[..]);
+                    for (&qb, &f) in rows.iter().zip(flags) {
+                        let row = m.row(b, h, qb as usize);
+                        let e = row.binary_search(&(kb as i32)).unwrap();
+                        let r = (b * s.heads + h) * s.num_q_blocks() + qb as usize;
+                        let flag = m.full_flags()[m.row_offsets()[r] as usize + e];
+                        prop_assert_eq!(f, flag);
+                    }
+                }
+            }
+        }
+        prop_assert_eq!(t.column(0, 0, s.num_k_blocks()), (&[][..], &[][..]));
+    }
 }
