@@ -229,3 +229,53 @@ proptest! {
         check_against_finite_differences(shape(sq, sk, hq, hk, d), mask, scale, seed);
     }
 }
+
+/// The low-precision backward approximates the f64 one: its error is small against the
+/// gradients' size (a loose bound, a few percent in bf16), and it is not exact (it does round).
+#[test]
+fn lowp_backward_is_close_to_f64_and_rounds() {
+    use half::bf16;
+    use longflash::reference::attention_backward_lowp;
+    let s = shape(17, 23, 4, 2, 8);
+    let mut rng = Rng(3);
+    let (nq, nkv) = (s.q_len().unwrap(), s.kv_len().unwrap());
+    let to_t = |x: Vec<f64>| -> Vec<bf16> { x.into_iter().map(bf16::from_f64).collect() };
+    let (q, k, v, dout) = (
+        to_t(rng.vec(nq)),
+        to_t(rng.vec(nkv)),
+        to_t(rng.vec(nkv)),
+        to_t(rng.vec(nq)),
+    );
+    let wide = |x: &[bf16]| -> Vec<f64> { x.iter().map(|t| t.to_f64()).collect() };
+    for mask in [MaskSpec::none(), MaskSpec::causal()] {
+        let exact = attention_backward_f64(
+            &s,
+            &wide(&q),
+            &wide(&k),
+            &wide(&v),
+            &wide(&dout),
+            &mask,
+            0.5,
+        )
+        .unwrap();
+        let low = attention_backward_lowp(&s, &q, &k, &v, &dout, &mask, 0.5).unwrap();
+        for (name, a, b) in [
+            ("dq", &low.dq, &exact.dq),
+            ("dk", &low.dk, &exact.dk),
+            ("dv", &low.dv, &exact.dv),
+        ] {
+            let err = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max);
+            let size = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
+            assert!(size > 0.0, "{name}: zero gradient");
+            assert!(
+                err <= 0.05 * size,
+                "{mask:?} {name}: error {err}, gradients up to {size}"
+            );
+            assert!(err > 0.0, "{mask:?} {name}: no rounding at all");
+        }
+    }
+}

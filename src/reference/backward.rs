@@ -15,6 +15,7 @@
 //! [`attention_f64`](super::attention_f64).
 
 use super::{for_each_row, RefShape, Visibility};
+use crate::dtype::Element;
 use crate::error::{Error, Result};
 
 /// Gradients with respect to the inputs of an attention call, widened to f64, in the inputs'
@@ -113,6 +114,117 @@ pub fn attention_backward_f64(
         }
     });
     Ok(g)
+}
+
+/// The gradients computed the way a plain low-precision backward would, widened to f64: its
+/// distance from [`attention_backward_f64`] is the error budget a backward kernel is allowed.
+///
+/// Inputs (q, k, v and `dout`) are in `T`; arithmetic in f32. Per row: the scores and the
+/// softmax as the forward computes them in f32 (`p_j = exp(s_j - m) / l`), the output
+/// `o_i = sum_j p_j v_j` rounded to `T`, `D_i = do_i . o_i`, then `dp_j = do_i . v_j` and
+/// `ds_j = p_j (dp_j - D_i)`; `p_j` and `ds_j` are rounded to `T` before they multiply (as the
+/// operands of a backward's matrix products), every sum is in f32, and dq, dk and dv are rounded
+/// to `T` at the end. A row that sees no key contributes nothing.
+///
+/// # Errors
+///
+/// As [`attention_backward_f64`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_lowp<T: Element>(
+    shape: &RefShape,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dout: &[T],
+    mask: &(impl Visibility + ?Sized),
+    scale: f32,
+) -> Result<RefGrads> {
+    shape.check(q.len(), k.len(), v.len())?;
+    if dout.len() != q.len() {
+        return Err(Error::InvalidArgument {
+            arg: "dout.len",
+            value: dout.len().to_string(),
+            expected: format!("{} elements, the output's (like q)", q.len()),
+        });
+    }
+    let widen = |x: &[T]| -> Vec<f32> { x.iter().map(|t| t.to_f32()).collect() };
+    let (qf, kf, vf, df) = (widen(q), widen(k), widen(v), widen(dout));
+    let round = |x: f32| T::from_f32(x).to_f32();
+    let d = shape.head_dim;
+    let sk = shape.seqlen_k;
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0f32; q.len()],
+        vec![0.0f32; k.len()],
+        vec![0.0f32; v.len()],
+    );
+    let dot32 = |a: &[f32], b: &[f32]| -> f32 {
+        let mut s = 0.0f32;
+        for (x, y) in a.iter().zip(b) {
+            s += x * y;
+        }
+        s
+    };
+    let mut keys: Vec<usize> = Vec::with_capacity(sk);
+    let mut p: Vec<f32> = Vec::with_capacity(sk);
+    let mut o = vec![0.0f32; d];
+
+    for_each_row(shape, |b, h, hk, i| {
+        let qo = shape.q_offset(b, i, h);
+        let (qi, doi) = (&qf[qo..qo + d], &df[qo..qo + d]);
+        keys.clear();
+        p.clear();
+        for j in 0..sk {
+            if mask.visible(shape, b, h, i, j) {
+                let ko = shape.kv_offset(b, j, hk);
+                p.push(scale * dot32(qi, &kf[ko..ko + d]));
+                keys.push(j);
+            }
+        }
+        if keys.is_empty() {
+            return;
+        }
+        let m = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut l = 0.0f32;
+        for s in p.iter_mut() {
+            *s = (*s - m).exp();
+            l += *s;
+        }
+        o.fill(0.0);
+        for (s, &j) in p.iter_mut().zip(&keys) {
+            *s /= l;
+            let vo = shape.kv_offset(b, j, hk);
+            for (a, &x) in o.iter_mut().zip(&vf[vo..vo + d]) {
+                *a += *s * x;
+            }
+        }
+        let o_t: Vec<f32> = o.iter().map(|&x| round(x)).collect();
+        let big_d = dot32(doi, &o_t);
+        for (&j, &pj) in keys.iter().zip(&p) {
+            // K and V share their layout.
+            let (ko, vo) = (shape.kv_offset(b, j, hk), shape.kv_offset(b, j, hk));
+            let ds = round(pj * (dot32(doi, &vf[vo..vo + d]) - big_d));
+            let pt = round(pj);
+            for (a, &y) in dv[vo..vo + d].iter_mut().zip(doi) {
+                *a += pt * y;
+            }
+            for (a, &y) in dq[qo..qo + d].iter_mut().zip(&kf[ko..ko + d]) {
+                *a += ds * y;
+            }
+            for (a, &y) in dk[ko..ko + d].iter_mut().zip(qi) {
+                *a += ds * y;
+            }
+        }
+    });
+    let finish = |x: Vec<f32>, s: f32| -> Vec<f64> {
+        x.into_iter()
+            .map(|a| f64::from(T::from_f32(a * s).to_f32()))
+            .collect()
+    };
+    Ok(RefGrads {
+        dq: finish(dq, scale),
+        dk: finish(dk, scale),
+        dv: finish(dv, 1.0),
+    })
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {

@@ -12,7 +12,8 @@
 //!
 //! [`attention_backward_f64`] gives the gradients of [`attention_f64`] with respect to q, k and v
 //! for an upstream gradient of the output, analytically in f64 (checked against finite
-//! differences in `tests/cpu_backward.rs`).
+//! differences in `tests/cpu_backward.rs`); [`attention_backward_lowp`] the same the way a plain
+//! low-precision backward computes them, whose error is a backward kernel's budget.
 //!
 //! [`compare`] applies the correctness rule: a kernel output element passes when it is within
 //! twice the naive implementation's error (before the naive's final rounding to the output type)
@@ -38,7 +39,7 @@ mod dense;
 mod rope;
 mod serving;
 
-pub use backward::{attention_backward_f64, RefGrads};
+pub use backward::{attention_backward_f64, attention_backward_lowp, RefGrads};
 pub use compare::{compare, half_ulp, Comparison, LSE_REL_TOL, OUT_ABS_TOL};
 pub use dense::{attention_f64, attention_lowp};
 pub use rope::{
