@@ -279,3 +279,106 @@ fn lowp_backward_is_close_to_f64_and_rounds() {
         }
     }
 }
+
+mod rope {
+    use super::Rng;
+    use longflash::reference::{rope_attention_backward_f64, rope_attention_f64, RefShape};
+    use longflash::rope::{PositionMode, RopeConfig, RopeLayout, RopeOptions, RopeScaling};
+    use proptest::prelude::*;
+
+    /// Central differences of `sum(dout * rope_attention(q, k, v))` against the analytic
+    /// gradients of the un-rotated inputs.
+    fn check(shape: RefShape, rope: &RopeOptions, scale: f64, seed: u64) {
+        let mut rng = Rng(seed | 1);
+        let (nq, nkv) = (shape.q_len().unwrap(), shape.kv_len().unwrap());
+        let (q, k, v, dout) = (rng.vec(nq), rng.vec(nkv), rng.vec(nkv), rng.vec(nq));
+        let g = rope_attention_backward_f64(&shape, &q, &k, &v, &dout, rope, scale).unwrap();
+        let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+            let o = rope_attention_f64(&shape, q, k, v, rope, scale).unwrap();
+            o.out.iter().zip(&dout).map(|(a, b)| a * b).sum()
+        };
+        let eps = 1e-5;
+        let inputs = [(&q, &g.dq, "dq"), (&k, &g.dk, "dk"), (&v, &g.dv, "dv")];
+        for (which, (x, grad, name)) in inputs.into_iter().enumerate() {
+            for e in 0..x.len() {
+                let at = |delta: f64| {
+                    let mut xs = [q.clone(), k.clone(), v.clone()];
+                    xs[which][e] += delta;
+                    loss(&xs[0], &xs[1], &xs[2])
+                };
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+                let tol = 1e-6 * fd.abs().max(1.0);
+                assert!(
+                    (grad[e] - fd).abs() <= tol,
+                    "{shape:?} {rope:?} seed {seed}: {name}[{e}] = {}, finite difference {fd}",
+                    grad[e]
+                );
+            }
+        }
+    }
+
+    fn arb_rope() -> impl Strategy<Value = RopeOptions> {
+        let mode = prop_oneof![
+            Just(PositionMode::Rope),
+            (1u32..4).prop_map(|window| PositionMode::ReRope { window }),
+            (1u32..4, 1.5f64..8.0)
+                .prop_map(|(window, leak)| PositionMode::LeakyReRope { window, leak }),
+        ];
+        let scaling = prop_oneof![
+            Just(RopeScaling::None),
+            Just(RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_position: 2,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                attention_factor: None,
+            }),
+        ];
+        let layout = prop_oneof![Just(RopeLayout::HalfSplit), Just(RopeLayout::Interleaved)];
+        (
+            mode,
+            scaling,
+            layout,
+            any::<bool>(),
+            prop::option::of(0u32..3),
+            prop::option::of(1u32..4),
+        )
+            .prop_map(|(mode, scaling, layout, partial, log_n, window_left)| {
+                let config = RopeConfig {
+                    base: 100.0,
+                    // Head dim 6: all of it rotated, or the first 4.
+                    rotary_dim: if partial { 4 } else { 6 },
+                    layout,
+                    scaling,
+                };
+                let mut r = RopeOptions::new(config, mode);
+                r.log_n_train_len = log_n.map(|n| n as usize + 2);
+                r.window_left = window_left;
+                r.position_offsets = Some(vec![0, 3]);
+                r
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn rope_gradients_match_finite_differences(
+            sq in 1usize..5,
+            extra in 0usize..3,
+            (hq, hk) in prop_oneof![Just((1usize, 1usize)), Just((2, 1)), Just((2, 2))],
+            rope in arb_rope(),
+            scale in 0.1f64..1.0,
+            seed in any::<u64>(),
+        ) {
+            let shape = RefShape {
+                batch: 2,
+                seqlen_q: sq,
+                seqlen_k: sq + extra,
+                heads_q: hq,
+                heads_kv: hk,
+                head_dim: 6,
+            };
+            check(shape, &rope, scale, seed);
+        }
+    }
+}

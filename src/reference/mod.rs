@@ -37,6 +37,7 @@ mod backward;
 mod compare;
 mod dense;
 mod rope;
+mod rope_backward;
 mod serving;
 
 pub use backward::{attention_backward_f64, attention_backward_lowp, RefGrads};
@@ -46,6 +47,7 @@ pub use rope::{
     rope_attention_f64, rope_attention_f64_sparse, rope_attention_lowp, rope_attention_lowp_sparse,
     rope_rotate_k, rope_rotate_q,
 };
+pub use rope_backward::{rope_attention_backward_f64, rope_attention_backward_f64_sparse};
 pub use serving::{
     paged_attention_f64, paged_attention_lowp, paged_gather, varlen_attention_f64,
     varlen_attention_lowp, PagedLayout, PagedShape, VarlenShape,

@@ -12,7 +12,7 @@ use crate::sparse::BlockMask;
 ///
 /// The table is `rope.config.inv_freq(head_dim, seqlen_k + max offset)`: the current sequence
 /// length is the largest key position plus one, over all batch entries.
-fn rope_tables(shape: &RefShape, rope: &RopeOptions) -> Result<(Vec<f64>, f64)> {
+pub(super) fn rope_tables(shape: &RefShape, rope: &RopeOptions) -> Result<(Vec<f64>, f64)> {
     rope.validate(shape.head_dim, shape.batch, shape.seqlen_q, shape.seqlen_k)?;
     let seq_len = shape
         .seqlen_k
@@ -28,7 +28,7 @@ fn rope_tables(shape: &RefShape, rope: &RopeOptions) -> Result<(Vec<f64>, f64)> 
 
 /// Where a query at position `p` is rotated to for a pair outside the window: `w` for ReRoPE,
 /// `p / k + w - w / k` for Leaky ReRoPE (`p` for plain RoPE, which has no outside).
-fn rope_outside_q_position(mode: &PositionMode, p: i64) -> f64 {
+pub(super) fn rope_outside_q_position(mode: &PositionMode, p: i64) -> f64 {
     match *mode {
         PositionMode::Rope => p as f64,
         PositionMode::ReRope { window } => f64::from(window),
@@ -41,7 +41,7 @@ fn rope_outside_q_position(mode: &PositionMode, p: i64) -> f64 {
 
 /// Where a key at position `p` is rotated to for a pair outside the window: 0 (not rotated)
 /// for ReRoPE, `p / k` for Leaky ReRoPE (`p` for plain RoPE).
-fn rope_outside_k_position(mode: &PositionMode, p: i64) -> f64 {
+pub(super) fn rope_outside_k_position(mode: &PositionMode, p: i64) -> f64 {
     match *mode {
         PositionMode::Rope => p as f64,
         PositionMode::ReRope { .. } => 0.0,
@@ -50,7 +50,7 @@ fn rope_outside_k_position(mode: &PositionMode, p: i64) -> f64 {
 }
 
 /// Whether a pair at relative position `rel = p_i - p_j` takes the inside (plain RoPE) score.
-fn rope_inside(mode: &PositionMode, rel: i64) -> bool {
+pub(super) fn rope_inside(mode: &PositionMode, rel: i64) -> bool {
     match *mode {
         PositionMode::Rope => true,
         PositionMode::ReRope { window } | PositionMode::LeakyReRope { window, .. } => {

@@ -1,0 +1,198 @@
+//! The gradients of the RoPE / ReRoPE / Leaky ReRoPE reference in f64: the yardstick of a
+//! backward that takes un-rotated Q and K.
+//!
+//! Every score of [`rope_attention_f64`](super::rope_attention_f64) is `scale * (A_a (m_i q_i)) .
+//! (A_c k_j)`, with `m_i` the query's log-n factor and `A_x` the rotation to position `x` whose
+//! rotated part is scaled by the attention factor (the inside branch takes `a = p_i`, `c = p_j`;
+//! the outside one the window's positions). `A_x` is linear with transpose `A_{-x}`, so a score's
+//! gradient reaches the un-rotated inputs as `dq_i += m_i A_{-a} (ds k~_j)` and
+//! `dk_j += A_{-c} (ds q~_i)`, where `q~` and `k~` are the rotated vectors of the pair's branch:
+//! the gradients are summed per branch in the rotated frames, then turned back once per row.
+
+use super::backward::RefGrads;
+use super::rope::{rope_inside, rope_outside_k_position, rope_outside_q_position, rope_tables};
+use super::RefShape;
+use crate::error::{Error, Result};
+use crate::rope::{rotate, PositionMode, RopeOptions};
+use crate::sparse::BlockMask;
+
+/// The gradients of [`rope_attention_f64`](super::rope_attention_f64)'s output with respect to
+/// the un-rotated `q`, `k` and `v`, for the upstream gradient `dout`, analytically in f64 (through
+/// both branches of ReRoPE and Leaky ReRoPE, log-n scaling and the attention factor included).
+///
+/// # Errors
+///
+/// As [`rope_attention_f64`](super::rope_attention_f64), and [`Error::InvalidArgument`] when
+/// `dout` is not shaped like `q`.
+pub fn rope_attention_backward_f64(
+    shape: &RefShape,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dout: &[f64],
+    rope: &RopeOptions,
+    scale: f64,
+) -> Result<RefGrads> {
+    rope_backward_impl(shape, (q, k, v, dout), rope, None, scale)
+}
+
+/// [`rope_attention_backward_f64`] restricted to the blocks a block mask lists, as
+/// [`rope_attention_f64_sparse`](super::rope_attention_f64_sparse).
+pub fn rope_attention_backward_f64_sparse(
+    shape: &RefShape,
+    (q, k, v, dout): (&[f64], &[f64], &[f64], &[f64]),
+    rope: &RopeOptions,
+    blocks: &BlockMask,
+    scale: f64,
+) -> Result<RefGrads> {
+    rope_backward_impl(shape, (q, k, v, dout), rope, Some(blocks), scale)
+}
+
+fn rope_backward_impl(
+    shape: &RefShape,
+    (q, k, v, dout): (&[f64], &[f64], &[f64], &[f64]),
+    rope: &RopeOptions,
+    blocks: Option<&BlockMask>,
+    scale: f64,
+) -> Result<RefGrads> {
+    shape.check(q.len(), k.len(), v.len())?;
+    if dout.len() != q.len() {
+        return Err(Error::InvalidArgument {
+            arg: "dout.len",
+            value: dout.len().to_string(),
+            expected: format!("{} elements, the output's (like q)", q.len()),
+        });
+    }
+    let (inv_freq, af) = rope_tables(shape, rope)?;
+    let layout = rope.config.layout;
+    let mode = &rope.mode;
+    let two = !matches!(mode, PositionMode::Rope);
+    let d = shape.head_dim;
+    let (sq, sk) = (shape.seqlen_q, shape.seqlen_k);
+    let group = shape.heads_q / shape.heads_kv;
+    let mask = rope.mask();
+    let mut g = RefGrads {
+        dq: vec![0.0; q.len()],
+        dk: vec![0.0; k.len()],
+        dv: vec![0.0; v.len()],
+    };
+    // A_position (mul x), and its transpose A_-position y.
+    let rotated = |x: &[f64], mul: f64, position: f64| -> Vec<f64> {
+        let mut y: Vec<f64> = x.iter().map(|a| a * mul).collect();
+        rotate(&mut y, position, &inv_freq, layout, af);
+        y
+    };
+    let dot = |a: &[f64], b: &[f64]| -> f64 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
+    let add_scaled = |acc: &mut [f64], s: f64, x: &[f64]| {
+        for (a, &y) in acc.iter_mut().zip(x) {
+            *a += s * y;
+        }
+    };
+
+    for b in 0..shape.batch {
+        let pq: Vec<i64> = (0..sq).map(|i| rope.query_position(b, i, sq, sk)).collect();
+        let pk: Vec<i64> = (0..sk).map(|j| rope.key_position(b, j)).collect();
+        let q_at = |i: usize| rope_outside_q_position(mode, pq[i]);
+        let k_at = |j: usize| rope_outside_k_position(mode, pk[j]);
+        for h in 0..shape.heads_q {
+            let hk = h / group;
+            let qv = |i: usize| &q[shape.q_offset(b, i, h)..shape.q_offset(b, i, h) + d];
+            let kv = |j: usize| &k[shape.kv_offset(b, j, hk)..shape.kv_offset(b, j, hk) + d];
+            let logn: Vec<f64> = (0..sq).map(|i| rope.log_n_scale(pq[i])).collect();
+            let q_in: Vec<Vec<f64>> = (0..sq)
+                .map(|i| rotated(qv(i), logn[i], pq[i] as f64))
+                .collect();
+            let k_in: Vec<Vec<f64>> = (0..sk).map(|j| rotated(kv(j), 1.0, pk[j] as f64)).collect();
+            let (q_out, k_out): (Vec<Vec<f64>>, Vec<Vec<f64>>) = if two {
+                (
+                    (0..sq).map(|i| rotated(qv(i), logn[i], q_at(i))).collect(),
+                    (0..sk).map(|j| rotated(kv(j), 1.0, k_at(j))).collect(),
+                )
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            // Gradients with respect to the rotated vectors, per branch.
+            let mut gq_in = vec![vec![0.0f64; d]; sq];
+            let mut gq_out = vec![vec![0.0f64; d]; if two { sq } else { 0 }];
+            let mut gk_in = vec![vec![0.0f64; d]; sk];
+            let mut gk_out = vec![vec![0.0f64; d]; if two { sk } else { 0 }];
+
+            for i in 0..sq {
+                let qo = shape.q_offset(b, i, h);
+                let doi = &dout[qo..qo + d];
+                // (key, inside, score) of the row's visible keys, then their probabilities.
+                let mut row: Vec<(usize, bool, f64)> = (0..sk)
+                    .filter(|&j| {
+                        mask.is_visible(sq, sk, i, j)
+                            && blocks.is_none_or(|bm| bm.is_visible(b, h, i, j))
+                    })
+                    .map(|j| {
+                        let inside = rope_inside(mode, pq[i] - pk[j]);
+                        let s = if inside {
+                            dot(&q_in[i], &k_in[j])
+                        } else {
+                            dot(&q_out[i], &k_out[j])
+                        };
+                        (j, inside, scale * s)
+                    })
+                    .collect();
+                if row.is_empty() {
+                    continue;
+                }
+                let m = row.iter().map(|r| r.2).fold(f64::NEG_INFINITY, f64::max);
+                let mut l = 0.0;
+                for r in row.iter_mut() {
+                    r.2 = (r.2 - m).exp();
+                    l += r.2;
+                }
+                let mut dp = Vec::with_capacity(row.len());
+                let mut big_d = 0.0;
+                for r in row.iter_mut() {
+                    r.2 /= l;
+                    let vo = shape.kv_offset(b, r.0, hk);
+                    let x = dot(doi, &v[vo..vo + d]);
+                    big_d += r.2 * x;
+                    dp.push(x);
+                    add_scaled(&mut g.dv[vo..vo + d], r.2, doi);
+                }
+                for (&(j, inside, p), &dpj) in row.iter().zip(&dp) {
+                    let ds = scale * p * (dpj - big_d);
+                    if inside {
+                        add_scaled(&mut gq_in[i], ds, &k_in[j]);
+                        add_scaled(&mut gk_in[j], ds, &q_in[i]);
+                    } else {
+                        add_scaled(&mut gq_out[i], ds, &k_out[j]);
+                        add_scaled(&mut gk_out[j], ds, &q_out[i]);
+                    }
+                }
+            }
+            // Back through the rotations (and the log-n factor) to the un-rotated inputs.
+            for i in 0..sq {
+                let qo = shape.q_offset(b, i, h);
+                let mut x = rotated(&gq_in[i], logn[i], -(pq[i] as f64));
+                if two {
+                    for (a, y) in x.iter_mut().zip(rotated(&gq_out[i], logn[i], -q_at(i))) {
+                        *a += y;
+                    }
+                }
+                add_scaled(&mut g.dq[qo..qo + d], 1.0, &x);
+            }
+            for j in 0..sk {
+                let ko = shape.kv_offset(b, j, hk);
+                add_scaled(
+                    &mut g.dk[ko..ko + d],
+                    1.0,
+                    &rotated(&gk_in[j], 1.0, -(pk[j] as f64)),
+                );
+                if two {
+                    add_scaled(
+                        &mut g.dk[ko..ko + d],
+                        1.0,
+                        &rotated(&gk_out[j], 1.0, -k_at(j)),
+                    );
+                }
+            }
+        }
+    }
+    Ok(g)
+}
