@@ -162,7 +162,7 @@ fn shapes(what: &str, q: &Layout, k: &Layout, v: &Layout, dims: HeadDims) -> Res
 }
 
 /// Every tensor on one CUDA device (candle's notion: the same `CudaDevice`, hence one stream).
-fn devices(what: &str, q: &Tensor, others: &[(&str, &Tensor)]) -> Result<()> {
+pub(crate) fn devices(what: &str, q: &Tensor, others: &[(&str, &Tensor)]) -> Result<()> {
     if !q.device().is_cuda() {
         bail!(
             "{what}: longflash needs CUDA tensors, `q` is on {:?}",
@@ -183,7 +183,7 @@ fn devices(what: &str, q: &Tensor, others: &[(&str, &Tensor)]) -> Result<()> {
 
 /// Checks q, k, v of a dense call: `(batch, seqlen, heads, head_dim)` each, f16 or bf16, k and v
 /// of one shape, query heads a multiple of the key/value heads, a supported head dim, the last
-/// dim contiguous, one CUDA device.
+/// dim contiguous. The caller checks the devices ([`devices`]) after its own checks.
 pub(crate) fn dense(
     what: &str,
     q: &Tensor,
@@ -202,7 +202,6 @@ pub(crate) fn dense(
         layout_of(what, "v", v)?,
     );
     shapes(what, &ql, &kl, &vl, dims)?;
-    devices(what, q, &[("k", k), ("v", v)])?;
     Ok(Dense {
         dtype,
         q: ql,

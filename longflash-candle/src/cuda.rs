@@ -15,7 +15,10 @@ use candle_core::{bail, CudaDevice, CudaStorage, DType, Result, Shape, Storage, 
 use half::{bf16, f16};
 use longflash::attention::ForwardOptions;
 use longflash::rope::RopeOptions;
-use longflash::{Attention, Element, Input, Layout, MaskSpec, Output, RopeForward, VarlenOptions};
+use longflash::{
+    Attention, BlockMask, Element, Input, Layout, MaskSpec, Output, RopeForward, SparseOptions,
+    VarlenOptions,
+};
 
 use crate::args::{Dense, Varlen};
 
@@ -137,10 +140,11 @@ fn forward_outputs<T: Half>(
     Ok((o, lse))
 }
 
-/// What the dense and RoPE forwards run: `(stream, attention, q, k, v, out)`.
+/// Which forward to run: the exact one with a mask, or the RoPE one with its options.
 enum Kind<'r> {
     Dense(MaskSpec),
     Rope(&'r RopeOptions),
+    Sparse(&'r BlockMask),
 }
 
 fn forward_t<T: Half>(
@@ -193,6 +197,17 @@ fn forward_t<T: Half>(
                 };
                 attn.forward(&stream, qi, ki, vi, out, &options)
             }
+            Kind::Sparse(mask) => {
+                // Copied on the stream like any host-to-device copy: nothing waits for it.
+                let mask = mask
+                    .to_device(&stream)
+                    .map_err(lf("copying the block mask to the device"))?;
+                let options = SparseOptions {
+                    mask: &mask,
+                    softmax_scale: Some(softmax_scale),
+                };
+                attn.forward_sparse(&stream, qi, ki, vi, out, &options)
+            }
             Kind::Rope(rope) => {
                 let options = RopeForward {
                     rope,
@@ -209,19 +224,21 @@ fn forward_t<T: Half>(
     Ok((out, lse))
 }
 
-/// The dense forward (`mask`) or the RoPE forward (`rope`) over checked arguments.
+/// The exact forward (with `mask`), or the RoPE or block-sparse one as `special` says, over
+/// checked arguments.
 pub(crate) fn forward(
     what: &'static str,
     args: &Dense,
     qkv: [&Tensor; 3],
     softmax_scale: f32,
     mask: MaskSpec,
-    rope: Option<&RopeOptions>,
+    special: crate::Special<'_>,
     with_lse: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let kind = match rope {
-        Some(r) => Kind::Rope(r),
-        None => Kind::Dense(mask),
+    let kind = match special {
+        crate::Special::Rope(r) => Kind::Rope(r),
+        crate::Special::Sparse(m) => Kind::Sparse(m),
+        crate::Special::None => Kind::Dense(mask),
     };
     match args.dtype {
         DType::F16 => forward_t::<f16>(what, args, qkv, softmax_scale, kind, with_lse),

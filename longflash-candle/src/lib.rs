@@ -9,7 +9,8 @@
 //! - longflash's own: [`flash_attn_lse`] (the output and its log-sum-exp), [`merge_lse`] (two
 //!   results over different keys combined by their LSEs), and [`flash_attn_rope`] /
 //!   [`flash_attn_rope_lse`] (RoPE, ReRoPE or Leaky ReRoPE applied inside the kernel to
-//!   un-rotated q and k, half-split or interleaved pairs, see [`RopeOptions`]).
+//!   un-rotated q and k, half-split or interleaved pairs, see [`RopeOptions`]), and
+//!   [`flash_attn_block_sparse_lse`] (only the key blocks a [`BlockMask`] lists).
 //!
 //! Every call runs on the stream of the tensors' candle device and does not synchronize; its
 //! outputs are ordinary candle tensors allocated on that device. One [`longflash::Attention`]
@@ -30,7 +31,8 @@ mod cuda;
 use candle_core::{Result, Tensor};
 
 pub use longflash::rope::{PositionMode, RopeConfig, RopeLayout, RopeOptions, RopeScaling};
-pub use longflash::MaskSpec;
+pub use longflash::sparse::patterns;
+pub use longflash::{BlockMask, MaskShape, MaskSpec};
 
 #[cfg(feature = "cuda")]
 pub use cuda::attention_for;
@@ -42,26 +44,41 @@ fn no_cuda<T>(what: &str) -> Result<T> {
     candle_core::bail!("{what}: longflash-candle was built without its `cuda` feature")
 }
 
-/// The dense forward behind every 4-D entry point: checks, then runs on the device.
+/// The kernels beyond the exact forward that the 4-D entry points reach.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+enum Special<'a> {
+    None,
+    Rope(&'a RopeOptions),
+    Sparse(&'a BlockMask),
+}
+
+/// The forward behind every 4-D entry point: checks, then runs on the device.
 fn dense(
     what: &'static str,
     [q, k, v]: [&Tensor; 3],
     softmax_scale: f32,
     mask: impl FnOnce(usize) -> MaskSpec,
-    rope: Option<&RopeOptions>,
+    special: Special<'_>,
     with_lse: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let dims = if rope.is_some() {
-        HeadDims::Native
-    } else {
-        HeadDims::Padded
+    // The RoPE and block-sparse kernels have no padded head dims.
+    let dims = match special {
+        Special::None => HeadDims::Padded,
+        Special::Rope(_) | Special::Sparse(_) => HeadDims::Native,
     };
     let scale = args::scale(what, softmax_scale)?;
     let checked = args::dense(what, q, k, v, dims)?;
+    if let Special::Sparse(m) = special {
+        let (ql, kl) = (&checked.q, &checked.k);
+        m.check_for(ql.batch, ql.heads, ql.seqlen, kl.seqlen)
+            .map_err(|e| candle_core::Error::msg(format!("{what}: {e}")))?;
+    }
+    args::devices(what, q, &[("k", k), ("v", v)])?;
     let mask = mask(checked.k.seqlen);
     #[cfg(feature = "cuda")]
     {
-        cuda::forward(what, &checked, [q, k, v], scale, mask, rope, with_lse)
+        cuda::forward(what, &checked, [q, k, v], scale, mask, special, with_lse)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -93,7 +110,15 @@ pub fn flash_attn(
             MaskSpec::none()
         }
     };
-    Ok(dense("flash_attn", [q, k, v], softmax_scale, mask, None, false)?.0)
+    Ok(dense(
+        "flash_attn",
+        [q, k, v],
+        softmax_scale,
+        mask,
+        Special::None,
+        false,
+    )?
+    .0)
 }
 
 /// [`flash_attn`] with a sliding window, as candle-flash-attn's `flash_attn_windowed`: query `i`
@@ -113,7 +138,7 @@ pub fn flash_attn_windowed(
         [q, k, v],
         softmax_scale,
         mask,
-        None,
+        Special::None,
         false,
     )?
     .0)
@@ -236,7 +261,7 @@ pub fn flash_attn_lse(
         [q, k, v],
         softmax_scale,
         move |_| mask,
-        None,
+        Special::None,
         true,
     )?;
     with_lse("flash_attn_lse", o, lse)
@@ -297,7 +322,7 @@ pub fn flash_attn_rope(
         [q, k, v],
         softmax_scale,
         |_| rope.mask(),
-        Some(rope),
+        Special::Rope(rope),
         false,
     )?
     .0)
@@ -317,8 +342,34 @@ pub fn flash_attn_rope_lse(
         [q, k, v],
         softmax_scale,
         |_| rope.mask(),
-        Some(rope),
+        Special::Rope(rope),
         true,
     )?;
     with_lse("flash_attn_rope_lse", o, lse)
+}
+
+/// Block-sparse attention: only the key blocks `mask` lists for each query block are computed,
+/// with its element mask (causal, window, sinks) inside partial blocks; see [`BlockMask`] and
+/// the builders in [`patterns`] (sliding window, sinks, strided, dilated, BigBird, Longformer,
+/// ...). Returns the output `(batch, seqlen_q, heads_q, head_dim)` and the f32 LSE
+/// `(batch, heads_q, seqlen_q)` (`-inf` for rows with no block), which [`merge_lse`] combines
+/// across passes. Shapes as [`flash_attn`], head dim 64, 128 or 256; the mask must be built for
+/// the call's sequence lengths, with batch and heads 1 (shared) or the call's. The mask is
+/// copied to the device on each call, on the stream, without waiting.
+pub fn flash_attn_block_sparse_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax_scale: f32,
+    mask: &BlockMask,
+) -> Result<(Tensor, Tensor)> {
+    let (o, lse) = dense(
+        "flash_attn_block_sparse_lse",
+        [q, k, v],
+        softmax_scale,
+        |_| mask.element_mask(),
+        Special::Sparse(mask),
+        true,
+    )?;
+    with_lse("flash_attn_block_sparse_lse", o, lse)
 }

@@ -4,8 +4,9 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use longflash_candle::{
-    flash_attn, flash_attn_lse, flash_attn_rope, flash_attn_varlen, flash_attn_varlen_windowed,
-    flash_attn_windowed, merge_lse, MaskSpec, PositionMode, RopeConfig, RopeOptions,
+    flash_attn, flash_attn_block_sparse_lse, flash_attn_lse, flash_attn_rope, flash_attn_varlen,
+    flash_attn_varlen_windowed, flash_attn_windowed, merge_lse, patterns, MaskShape, MaskSpec,
+    PositionMode, RopeConfig, RopeOptions,
 };
 
 fn t(dims: &[usize], dtype: DType) -> Tensor {
@@ -221,4 +222,37 @@ fn rope() {
     let rope = RopeOptions::new(RopeConfig::llama(64), PositionMode::Rope);
     let q32 = q.to_dtype(DType::F32).unwrap();
     fails_with(flash_attn_rope(&q32, &k, &v, 0.125, &rope), &["F32"]);
+}
+
+#[test]
+fn block_sparse() {
+    let (q, k, v) = qkv(DType::F16);
+    let shape = |seqlen_q, seqlen_k, heads| MaskShape {
+        batch: 1,
+        heads,
+        seqlen_q,
+        seqlen_k,
+    };
+    let mask = patterns::causal(shape(16, 32, 1)).unwrap();
+    let e = flash_attn_block_sparse_lse(&q, &k, &v, 0.125, &mask)
+        .unwrap_err()
+        .to_string();
+    assert!(e.to_lowercase().contains("cuda"), "{e}");
+    // A mask built for other lengths or another head count.
+    let other = patterns::causal(shape(16, 64, 1)).unwrap();
+    fails_with(
+        flash_attn_block_sparse_lse(&q, &k, &v, 0.125, &other),
+        &["mask.seqlen_k"],
+    );
+    let heads = patterns::causal(shape(16, 32, 3)).unwrap();
+    fails_with(
+        flash_attn_block_sparse_lse(&q, &k, &v, 0.125, &heads),
+        &["mask.heads"],
+    );
+    // No padded head dims in the block-sparse kernels.
+    let q80 = t(&[1, 16, 2, 80], DType::F16);
+    fails_with(
+        flash_attn_block_sparse_lse(&q80, &q80, &q80, 0.125, &mask),
+        &["head dim 80"],
+    );
 }

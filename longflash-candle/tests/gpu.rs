@@ -19,9 +19,9 @@ mod gpu {
     use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
     use longflash::rope::RopeLayout;
     use longflash_candle::{
-        flash_attn, flash_attn_lse, flash_attn_rope, flash_attn_rope_lse, flash_attn_varlen,
-        flash_attn_varlen_windowed, flash_attn_windowed, merge_lse, MaskSpec, PositionMode,
-        RopeConfig, RopeOptions,
+        flash_attn, flash_attn_block_sparse_lse, flash_attn_lse, flash_attn_rope,
+        flash_attn_rope_lse, flash_attn_varlen, flash_attn_varlen_windowed, flash_attn_windowed,
+        merge_lse, patterns, BlockMask, MaskShape, MaskSpec, PositionMode, RopeConfig, RopeOptions,
     };
 
     /// CUDA device 0, or a printed skip (a failure under LONGFLASH_REQUIRE_GPU=1).
@@ -278,13 +278,16 @@ mod gpu {
         let (k2, v2) = (k.narrow(1, half, half)?, v.narrow(1, half, half)?);
         let (o1, l1) = flash_attn_lse(&q, &k1, &v1, scale, MaskSpec::none())?;
         let (o2, l2) = flash_attn_lse(&q, &k2, &v2, scale, MaskSpec::none())?;
+        let (o1_before, l1_before) = (o1.copy()?, l1.copy()?);
         let (om, lm) = merge_lse(&o1, &l1, &o2, &l2)?;
         let diff = max_diff(&om, &want_o)?;
         assert!(diff <= tol(DType::F16), "merged output: max diff {diff}");
         let lse_diff = max_diff(&lm, &want_lse)?;
         assert!(lse_diff <= 1e-3, "merged LSE: max diff {lse_diff}");
-        // The inputs are left as they were.
-        assert!(max_diff(&o1, &o2)? > 1e-2);
+        // The inputs are left as they were, and the merge did change something.
+        assert_eq!(max_diff(&o1, &o1_before)?, 0.0);
+        assert_eq!(max_diff(&l1, &l1_before)?, 0.0);
+        assert!(max_diff(&om, &o1)? > 1e-2);
         Ok(())
     }
 
@@ -463,6 +466,55 @@ mod gpu {
                 }
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn block_sparse() -> Result<()> {
+        let dev = gpu_or_skip!("block_sparse");
+        let (b, s, hq, hk, d) = (2, 512, 4, 2, 64);
+        let q = randn(&[b, s, hq, d], DType::BF16, &dev)?;
+        let k = randn(&[b, s, hk, d], DType::BF16, &dev)?;
+        let v = randn(&[b, s, hk, d], DType::BF16, &dev)?;
+        let shape = MaskShape {
+            batch: 1,
+            heads: hq,
+            seqlen_q: s,
+            seqlen_k: s,
+        };
+        let mask: BlockMask = patterns::strided(shape, 2, 3).map_err(candle_core::Error::wrap)?;
+        let (got, lse) = flash_attn_block_sparse_lse(&q, &k, &v, 0.125, &mask)?;
+        assert_eq!(lse.dims(), [b, hq, s]);
+        // Reference: a per-head bias from the mask's own visibility rule.
+        let bias: Vec<f32> = (0..hq)
+            .flat_map(|h| {
+                let mask = &mask;
+                (0..s).flat_map(move |i| {
+                    (0..s).map(move |j| {
+                        if mask.is_visible(0, h, i, j) {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+            })
+            .collect();
+        let bias = Tensor::from_vec(bias, (1, hq, s, s), &dev)?;
+        let f = |x: &Tensor| x.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous();
+        let (qf, kf, vf) = (f(&q)?, repeat_kv(&f(&k)?, hq)?, repeat_kv(&f(&v)?, hq)?);
+        let scores = (qf.matmul(&kf.t()?)? * 0.125)?.broadcast_add(&bias)?;
+        let (want, want_lse) = softmax_attend(&scores, &vf)?;
+        let diff = max_diff(&got, &want.transpose(1, 2)?)?;
+        assert!(
+            diff <= tol(DType::BF16),
+            "strided block mask: max diff {diff}"
+        );
+        let lse_diff = max_diff(&lse, &want_lse)?;
+        assert!(
+            lse_diff <= 1e-2,
+            "strided block mask: LSE max diff {lse_diff}"
+        );
         Ok(())
     }
 
