@@ -1,7 +1,9 @@
 //! GPU tests: every entry point against attention written with candle's own ops (matmul,
-//! softmax, explicit rotations) in f32 on the same device, on random inputs. Without a GPU each
-//! test prints that it skipped; with LONGFLASH_REQUIRE_GPU=1 a missing GPU (or a build without
-//! the `cuda` feature) fails.
+//! softmax, explicit rotations) in f32, on random inputs. Inputs are drawn and references
+//! computed on the CPU, so that the GPU side runs only longflash's kernels and candle's own
+//! casts and copies (no cuBLAS or cuRAND call: the binary runs where only the driver is). Without
+//! a GPU each test prints that it skipped; with LONGFLASH_REQUIRE_GPU=1 a missing GPU (or a
+//! build without the `cuda` feature) fails.
 
 #[cfg(not(feature = "cuda"))]
 #[test]
@@ -49,7 +51,9 @@ mod gpu {
     }
 
     fn randn(dims: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
-        Tensor::randn(0f32, 1.0, dims, dev)?.to_dtype(dtype)
+        Tensor::randn(0f32, 1.0, dims, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(dev)
     }
 
     /// `(sq, sk)` of 0 (visible) and -inf (hidden) for `mask`.
@@ -98,7 +102,12 @@ mod gpu {
     ) -> Result<(Tensor, Tensor)> {
         let (_, sq, hq, _) = q.dims4()?;
         let sk = k.dim(1)?;
-        let f = |x: &Tensor| x.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous();
+        let f = |x: &Tensor| {
+            x.to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
         let (q, k, v) = (f(q)?, f(k)?, f(v)?);
         let (k, v) = (repeat_kv(&k, hq)?, repeat_kv(&v, hq)?);
         let scores = (q.matmul(&k.t()?)? * scale as f64)?;
@@ -109,7 +118,8 @@ mod gpu {
 
     /// Largest absolute difference.
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?;
+        let cpu = |x: &Tensor| x.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+        let d = (cpu(a)? - cpu(b)?)?.abs()?;
         d.flatten_all()?.max(0)?.to_scalar::<f32>()
     }
 
@@ -362,8 +372,9 @@ mod gpu {
     ) -> Result<(Tensor, Tensor)> {
         let (b, sq, hq, _) = q.dims4()?;
         let sk = k.dim(1)?;
-        let dev = q.device();
-        let (q, k) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?);
+        let dev = &Device::Cpu;
+        let cpu = |x: &Tensor| x.to_device(dev)?.to_dtype(DType::F32);
+        let (q, k, v) = (cpu(q)?, cpu(k)?, cpu(v)?);
         let seq_len = sk + rope.max_offset() as usize;
         let qpos: Vec<Vec<f64>> = (0..b)
             .map(|bi| {
@@ -422,7 +433,7 @@ mod gpu {
             }
         };
         let scores = scores.broadcast_add(&mask_bias(&rope.mask(), sq, sk, dev)?)?;
-        let (o, lse) = softmax_attend(&scores, &kv(&v.to_dtype(DType::F32)?)?)?;
+        let (o, lse) = softmax_attend(&scores, &kv(&v)?)?;
         Ok((o.transpose(1, 2)?, lse))
     }
 
@@ -500,8 +511,13 @@ mod gpu {
                 })
             })
             .collect();
-        let bias = Tensor::from_vec(bias, (1, hq, s, s), &dev)?;
-        let f = |x: &Tensor| x.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous();
+        let bias = Tensor::from_vec(bias, (1, hq, s, s), &Device::Cpu)?;
+        let f = |x: &Tensor| {
+            x.to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
         let (qf, kf, vf) = (f(&q)?, repeat_kv(&f(&k)?, hq)?, repeat_kv(&f(&v)?, hq)?);
         let scores = (qf.matmul(&kf.t()?)? * 0.125)?.broadcast_add(&bias)?;
         let (want, want_lse) = softmax_attend(&scores, &vf)?;
