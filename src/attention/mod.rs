@@ -68,11 +68,41 @@ pub(crate) fn sized_module(family: &str, dtype: &str, d: usize) -> String {
     }
 }
 
+/// File names the CUDA driver library may have: the names cudarc's loader tries for it (CUDA
+/// 13.0 on a 64-bit target), so that a `true` here means the loader will find one of them.
+fn driver_library_names() -> Vec<String> {
+    use std::env::consts::{DLL_PREFIX as P, DLL_SUFFIX as S};
+    let mut names = Vec::new();
+    for lib in ["cuda", "nvcuda"] {
+        for stem in [
+            "", "64", "64_13", "64_130", "64_130_0", "64_10", "64_11", "64_12", "64_9",
+        ] {
+            names.push(format!("{P}{lib}{stem}{S}"));
+        }
+        for version in ["13", "12", "11", "10", "9", "1"] {
+            names.push(format!("{P}{lib}{S}.{version}"));
+        }
+    }
+    names
+}
+
+/// Whether the CUDA driver library can be loaded. Works the same whichever way cudarc reaches
+/// the driver: loaded at run time (cudarc's `dynamic-loading`, the default here, where a missing
+/// library would panic inside cudarc) or linked at build time (`dynamic-linking`, which
+/// candle-core turns on; the process then only starts with the library present, so this is
+/// `true`).
+fn driver_library_present() -> bool {
+    driver_library_names().into_iter().any(|name| {
+        // SAFETY: loading the driver library runs its initializers, which have no
+        // preconditions; the handle is dropped (unloaded) at once and no symbol is used.
+        unsafe { libloading::Library::new(name) }.is_ok()
+    })
+}
+
 /// Checks that a CUDA driver can be loaded, then opens device `ordinal`. Unlike calling cudarc
 /// directly, a machine without a driver gets [`Error::NoDriver`] instead of a panic.
 pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
-    // SAFETY: only tries to dlopen the driver library; no driver call is made.
-    if !unsafe { sys::is_culib_present() } {
+    if !driver_library_present() {
         return Err(Error::NoDriver);
     }
     let count = CudaContext::device_count().map_err(Error::driver("counting devices"))?;
