@@ -22,12 +22,25 @@ __device__ __forceinline__ void mask_row(float (&s)[NT][4], int r, int tq, const
             if (!keys.visible(j * 8 + tq * 2 + c)) s[j][2 * r + c] = -INFINITY;
 }
 
-// The largest score of row r in the tile (over the quad's four threads).
+// The largest score of row r in the tile (over the quad's four threads). Built with
+// LF_ROW_MAX_TREE=1 (an experiment), the thread's 2 * NT values are reduced as a tree, log2
+// steps deep, rather than as one chain of dependent maxima.
 template <int NT> __device__ __forceinline__ float row_max(const float (&s)[NT][4], int r) {
+#if defined(LF_ROW_MAX_TREE) && LF_ROW_MAX_TREE
+    float m[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) m[j] = fmaxf(s[j][2 * r], s[j][2 * r + 1]);
+#pragma unroll
+    for (int w = 1; w < NT; w *= 2)
+#pragma unroll
+        for (int j = 0; j + w < NT; j += 2 * w) m[j] = fmaxf(m[j], m[j + w]);
+    return quad_max(m[0]);
+#else
     float mx = -INFINITY;
 #pragma unroll
     for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
     return quad_max(mx);
+#endif
 }
 
 // Moves row r's exponent base for a tile whose largest score is mx (softmax_base): returns the
