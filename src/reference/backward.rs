@@ -48,13 +48,7 @@ pub fn attention_backward_f64(
     scale: f64,
 ) -> Result<RefGrads> {
     shape.check(q.len(), k.len(), v.len())?;
-    if dout.len() != q.len() {
-        return Err(Error::InvalidArgument {
-            arg: "dout.len",
-            value: dout.len().to_string(),
-            expected: format!("{} elements, the output's (like q)", q.len()),
-        });
-    }
+    check_dout(q.len(), dout.len())?;
     let d = shape.head_dim;
     let sk = shape.seqlen_k;
     let mut g = RefGrads {
@@ -140,13 +134,7 @@ pub fn attention_backward_lowp<T: Element>(
     scale: f32,
 ) -> Result<RefGrads> {
     shape.check(q.len(), k.len(), v.len())?;
-    if dout.len() != q.len() {
-        return Err(Error::InvalidArgument {
-            arg: "dout.len",
-            value: dout.len().to_string(),
-            expected: format!("{} elements, the output's (like q)", q.len()),
-        });
-    }
+    check_dout(q.len(), dout.len())?;
     let widen = |x: &[T]| -> Vec<f32> { x.iter().map(|t| t.to_f32()).collect() };
     let (qf, kf, vf, df) = (widen(q), widen(k), widen(v), widen(dout));
     let round = |x: f32| T::from_f32(x).to_f32();
@@ -201,7 +189,8 @@ pub fn attention_backward_lowp<T: Element>(
         let big_d = dot32(doi, &o_t);
         for (&j, &pj) in keys.iter().zip(&p) {
             // K and V share their layout.
-            let (ko, vo) = (shape.kv_offset(b, j, hk), shape.kv_offset(b, j, hk));
+            let ko = shape.kv_offset(b, j, hk);
+            let vo = ko;
             let ds = round(pj * (dot32(doi, &vf[vo..vo + d]) - big_d));
             let pt = round(pj);
             for (a, &y) in dv[vo..vo + d].iter_mut().zip(doi) {
@@ -225,6 +214,18 @@ pub fn attention_backward_lowp<T: Element>(
         dk: finish(dk, scale),
         dv: finish(dv, 1.0),
     })
+}
+
+/// The upstream gradient must be shaped like the output (like q).
+pub(super) fn check_dout(q_len: usize, dout_len: usize) -> Result<()> {
+    if dout_len != q_len {
+        return Err(Error::InvalidArgument {
+            arg: "dout.len",
+            value: dout_len.to_string(),
+            expected: format!("{q_len} elements, the output's (like q)"),
+        });
+    }
+    Ok(())
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {

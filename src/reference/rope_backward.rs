@@ -9,10 +9,10 @@
 //! `dk_j += A_{-c} (ds q~_i)`, where `q~` and `k~` are the rotated vectors of the pair's branch:
 //! the gradients are summed per branch in the rotated frames, then turned back once per row.
 
-use super::backward::RefGrads;
+use super::backward::{check_dout, RefGrads};
 use super::rope::{rope_inside, rope_outside_k_position, rope_outside_q_position, rope_tables};
 use super::RefShape;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::rope::{rotate, PositionMode, RopeOptions};
 use crate::sparse::BlockMask;
 
@@ -56,13 +56,7 @@ fn rope_backward_impl(
     scale: f64,
 ) -> Result<RefGrads> {
     shape.check(q.len(), k.len(), v.len())?;
-    if dout.len() != q.len() {
-        return Err(Error::InvalidArgument {
-            arg: "dout.len",
-            value: dout.len().to_string(),
-            expected: format!("{} elements, the output's (like q)", q.len()),
-        });
-    }
+    check_dout(q.len(), dout.len())?;
     let (inv_freq, af) = rope_tables(shape, rope)?;
     let layout = rope.config.layout;
     let mode = &rope.mode;

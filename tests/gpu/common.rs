@@ -147,24 +147,31 @@ pub(crate) fn with_raw_case<R>(g: &Gpu, c: &Case, f: impl FnOnce(&RawForward) ->
     f(&raw)
 }
 
-/// A causal ReRoPE call at head dim `d` (1 x 256 tokens, 2 heads) at placeholder addresses: for
-/// asking which mainloop such a call runs (nothing is launched).
-pub(crate) fn raw_rope_placeholder(d: usize) -> (RawForward, RawRope) {
-    let l = Layout::bshd(1, 256, 2, d);
-    let fwd = RawForward {
+/// A bf16 call with Q and O laid out as `q`, K and V as `k`, at placeholder addresses: for
+/// asking which mainloop such a call runs (nothing is launched; the choice depends on the shapes,
+/// layouts and options only).
+pub(crate) fn raw_placeholder(q: Layout, k: Layout, options: ForwardOptions) -> RawForward {
+    RawForward {
         dtype: DType::Bf16,
         q: 1 << 30,
         k: 2 << 30,
         v: 3 << 30,
         o: 4 << 30,
         lse: 0,
-        q_layout: l,
-        k_layout: l,
-        v_layout: l,
-        o_layout: l,
-        options: ForwardOptions::causal(),
+        q_layout: q,
+        k_layout: k,
+        v_layout: k,
+        o_layout: q,
+        options,
         block_mask: None,
-    };
+    }
+}
+
+/// A causal ReRoPE call at head dim `d` (1 x 256 tokens, 2 heads) at placeholder addresses: for
+/// asking which mainloop such a call runs (nothing is launched).
+pub(crate) fn raw_rope_placeholder(d: usize) -> (RawForward, RawRope) {
+    let l = Layout::bshd(1, 256, 2, d);
+    let fwd = raw_placeholder(l, l, ForwardOptions::causal());
     let rope = RawRope {
         inv_freq: 5 << 30,
         position_offsets: 0,

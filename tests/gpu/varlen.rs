@@ -11,7 +11,7 @@ use longflash::reference::{
 };
 use longflash::{
     Attention, DType, Element, ForwardOptions, Input, Layout, Mainloop, MaskSpec, Output,
-    RawForward, RawVarlenForward, VarlenOptions,
+    RawVarlenForward, VarlenOptions,
 };
 use proptest::prelude::*;
 
@@ -305,32 +305,13 @@ fn equal_lengths_bit_for_bit(g: &Gpu, attn: &Attention, expected: Mainloop) {
                 Layout::bshd(1, b * sq, hq, d),
                 Layout::bshd(1, b * sk, hk, d),
             );
-            // Both calls run on the mainloop under test (placeholder addresses: the choice
-            // depends on the shapes and layouts only).
-            let packed = RawForward {
-                dtype: DType::Bf16,
-                q: 1 << 30,
-                k: 2 << 30,
-                v: 3 << 30,
-                o: 4 << 30,
-                lse: 0,
-                q_layout: pq,
-                k_layout: pk,
-                v_layout: pk,
-                o_layout: pq,
-                options: ForwardOptions {
-                    mask,
-                    softmax_scale: None,
-                },
-                block_mask: None,
+            // Both calls run on the mainloop under test.
+            let options = ForwardOptions {
+                mask,
+                softmax_scale: None,
             };
-            let dense = RawForward {
-                q_layout: ql,
-                k_layout: kl,
-                v_layout: kl,
-                o_layout: ql,
-                ..packed
-            };
+            let packed = raw_placeholder(pq, pk, options);
+            let dense = raw_placeholder(ql, kl, options);
             assert_eq!(attn.mainloop_for(&dense).unwrap(), expected, "d {d}: dense");
             let varlen = RawVarlenForward {
                 forward: packed,
