@@ -59,6 +59,9 @@ __device__ __forceinline__ float move_base(float &base, float &sum, float &exp_s
 
 // P = exp2(S * scale * log2(e) - base) for row r, in place; adds the exact values to exp_sum
 // (which only the LSE reads: kSum = false skips the sums of a call that asked for none).
+// Built with LF_EXP2_POLY=n (an experiment, 0 < n < 8), n of every 8 column blocks take their
+// exponentials from poly_exp2 on the FMA pipe, the rest from the special-function unit, which
+// is otherwise the busiest pipe after the tensor cores at head dim 64.
 template <int NT, bool kSum = true>
 __device__ __forceinline__ void exp_row(float (&s)[NT][4], int r, float scale_log2, float base,
                                         float &exp_sum) {
@@ -66,7 +69,12 @@ __device__ __forceinline__ void exp_row(float (&s)[NT][4], int r, float scale_lo
     for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-            const float e = fast_exp2(fmaf(s[j][2 * r + c], scale_log2, -base));
+            const float x = fmaf(s[j][2 * r + c], scale_log2, -base);
+#if defined(LF_EXP2_POLY) && LF_EXP2_POLY
+            const float e = (j & 7) >= 8 - LF_EXP2_POLY ? poly_exp2(x) : fast_exp2(x);
+#else
+            const float e = fast_exp2(x);
+#endif
             s[j][2 * r + c] = e;
             if constexpr (kSum) exp_sum += e;
         }
