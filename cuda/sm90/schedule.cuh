@@ -37,7 +37,16 @@ __device__ __forceinline__ void for_each_item(const LfFwdParams &p, const Item &
     // allocated for that role's budget.
     auto each = [&](auto role) {
         Pipe pipe;
+#if defined(LF_SM90_SNAKE) && LF_SM90_SNAKE
+        // Round k runs items [k * ctas, (k + 1) * ctas), CTA c the c-th of them in even rounds
+        // and the c-th from the end in odd ones: under a causal mask items shrink along the
+        // order, and a CTA that took a long one takes a short one next (an experiment).
+        for (int64_t k = 0; k * ctas < total; ++k) {
+            const int64_t i = k * ctas + ((k & 1) ? ctas - 1 - first : first);
+            if (i >= total) continue;
+#else
         for (int64_t i = first; i < total; i += ctas) {
+#endif
             // Group g holds pairs [g * group, g * group + size); the last may be smaller.
             const int64_t g = i / group_items, r = i % group_items;
             const int64_t size = hb - g * group < group ? hb - g * group : group;
