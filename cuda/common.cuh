@@ -61,19 +61,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-// 2^x on the FMA pipe instead of the special-function unit (an experiment, build option
-// LF_EXP2_POLY; see exp_row): x = j + f with j the nearest integer (the 1.5 * 2^23 rounding
-// trick) and f in [-1/2, 1/2], 2^f from a degree-3 polynomial fitted for relative error (at most
-// 1.02e-4; p(0) = 1 exactly), and j added to the exponent bits. x is clamped to -127, which gives
-// exactly +0 (-inf included), like ex2.approx.ftz for such x.
-__device__ __forceinline__ float poly_exp2(float x) {
-    x = fmaxf(x, -127.f);
-    const float t = x + 12582912.f; // j in the low mantissa bits
-    const float f = x - (t - 12582912.f);
-    const float p = fmaf(fmaf(fmaf(0.05500893f, f, 0.24221098f), f, 0.6932829f), f, 1.f);
-    return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
 // The exponent base of P for a row whose largest score so far is mx: ceil(mx * scale * log2(e)),
 // an integer, so that P = exp2(S' - base) has its largest element in (1/2, 1]. Because every base
 // is an integer, moving to a new base rescales what was accumulated by an exact power of two:

@@ -76,11 +76,11 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1> struct Sm90Traits {
     static constexpr int kConsumerRegs = 240;
     // Q as wgmma A fragments in registers (loaded once per item with ldmatrix) rather than read
     // from shared memory by every S: S then reads only K from shared memory. One Q variant and
-    // head dims up to 128 (the registers it takes); build option LF_SM90_Q_REGS=1.
-#ifdef LF_SM90_Q_REGS
-    static constexpr bool kQRegs = LF_SM90_Q_REGS != 0 && QVARIANTS_ == 1 && D_ <= 128;
-#else
+    // head dims up to 128 (the registers it takes); LF_SM90_Q_REGS=0 at build time turns it off.
+#if defined(LF_SM90_Q_REGS) && !LF_SM90_Q_REGS
     static constexpr bool kQRegs = false;
+#else
+    static constexpr bool kQRegs = QVARIANTS_ == 1 && D_ <= 128;
 #endif
     using Tile = Sw128Tile<BR, D>;
     static_assert(BC % 16 == 0 && BC <= 256 && (BC == 64 || BC == 128), "S = Q K^T is m64n<BC>");
@@ -95,6 +95,10 @@ struct TmaKeys {
     const LfTensorMap *map0, *map1;
     int hk, b;
     int row0 = 0;
+    __device__ __forceinline__ void prefetch() const {
+        prefetch_tmap(map0);
+        if (map1 != map0) prefetch_tmap(map1);
+    }
     template <class Tr>
     __device__ __forceinline__ void load(int v, int kt, uint32_t dst, uint32_t bar) const {
         const LfTensorMap *map = v ? map1 : map0; // a select, not an indexed (local) array
@@ -215,7 +219,15 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     const int hk = h / (p.heads_q / p.heads_kv);
     const int n_tiles = iter.count();
 
-    if constexpr (!PipeKind::kPersistent) init_barriers<Tr>();
+    if constexpr (!PipeKind::kPersistent) {
+        // The tensor maps' fetches overlap the barriers' set-up.
+        if (threadIdx.x == 0) {
+            prefetch_tmap(&tma_q);
+            prefetch_tmap(&tma_v);
+            keys.prefetch();
+        }
+        init_barriers<Tr>();
+    }
 
     if constexpr (Role::kProducer) {
         if (!Role::kConsumer || warpgroup == 0) {

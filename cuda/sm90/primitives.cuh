@@ -63,6 +63,12 @@ __device__ __forceinline__ void tma_load_tile(uint32_t dst, const void *tmap, ui
     for (int c = 0; c < D / 64; ++c) tma_load_4d(dst + c * ROWS * 128, tmap, bar, c * 64, row, head, b);
 }
 
+// Fetches the tensor map at generic address `tmap` (a __grid_constant__ parameter) into the
+// descriptor cache, so that the first TMA load through it does not wait for the fetch.
+__device__ __forceinline__ void prefetch_tmap(const void *tmap) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
+}
+
 // Orders this thread's ordinary shared-memory writes before later reads by the async proxy
 // (wgmma operands, TMA).
 __device__ __forceinline__ void fence_proxy_async() {

@@ -17,7 +17,11 @@ namespace sm90 {
 // next Q and keys load while it finishes the previous item. The persistent order keeps the same
 // locality: (head, batch) pairs in groups whose keys and values fit a share of L2
 // (kL2GroupBytes), a group's items tiles-last-first across its heads, one group after the other.
+#ifdef LF_SM90_L2_GROUP_BYTES
+constexpr int64_t kL2GroupBytes = LF_SM90_L2_GROUP_BYTES;
+#else
 constexpr int64_t kL2GroupBytes = 32ll << 20;
+#endif
 template <class Tr, class Item>
 __device__ __forceinline__ void for_each_item(const LfFwdParams &p, const Item &item) {
 #if defined(LF_SM90_PERSISTENT) && LF_SM90_PERSISTENT
@@ -37,16 +41,7 @@ __device__ __forceinline__ void for_each_item(const LfFwdParams &p, const Item &
     // allocated for that role's budget.
     auto each = [&](auto role) {
         Pipe pipe;
-#if defined(LF_SM90_SNAKE) && LF_SM90_SNAKE
-        // Round k runs items [k * ctas, (k + 1) * ctas), CTA c the c-th of them in even rounds
-        // and the c-th from the end in odd ones: under a causal mask items shrink along the
-        // order, and a CTA that took a long one takes a short one next (an experiment).
-        for (int64_t k = 0; k * ctas < total; ++k) {
-            const int64_t i = k * ctas + ((k & 1) ? ctas - 1 - first : first);
-            if (i >= total) continue;
-#else
         for (int64_t i = first; i < total; i += ctas) {
-#endif
             // Group g holds pairs [g * group, g * group + size); the last may be smaller.
             const int64_t g = i / group_items, r = i % group_items;
             const int64_t size = hb - g * group < group ? hb - g * group : group;
