@@ -19,6 +19,11 @@ const DK: u64 = 0x800 * MIB;
 const DV: u64 = 0x900 * MIB;
 const WS: u64 = 0xa00 * MIB;
 
+/// Edits one field of the arguments (a table of cases below).
+type SetShape = fn(&mut RawBackward, Layout, Layout);
+type PtrField = fn(&mut RawBackward) -> &mut u64;
+type LayoutField = fn(&mut RawBackward) -> &mut Layout;
+
 fn ok_args() -> RawBackward {
     let l = Layout::bshd(2, 100, 4, 64);
     let kv = Layout::bshd(2, 120, 2, 64);
@@ -174,7 +179,7 @@ fn head_dims_are_64_128_256() {
 fn gradient_and_dout_shapes_must_match() {
     let bad = Layout::bshd(2, 99, 4, 64);
     let bad_kv = Layout::bshd(2, 120, 1, 64);
-    let cases: [(fn(&mut RawBackward, Layout, Layout), &str); 4] = [
+    let cases: [(SetShape, &str); 4] = [
         (|a, l, _| a.dout_layout = l, "dout.seqlen"),
         (|a, l, _| a.dq_layout = l, "dq.seqlen"),
         (|a, _, kv| a.dk_layout = kv, "dk.heads"),
@@ -267,7 +272,7 @@ fn masks_and_scale() {
 
 #[test]
 fn pointers_and_strides_must_be_aligned() {
-    let ptrs: [(fn(&mut RawBackward) -> &mut u64, &str); 8] = [
+    let ptrs: [(PtrField, &str); 8] = [
         (|a| &mut a.q, "q.ptr"),
         (|a| &mut a.k, "k.ptr"),
         (|a| &mut a.v, "v.ptr"),
@@ -324,7 +329,7 @@ fn pointers_and_strides_must_be_aligned() {
         "{e}"
     );
     // Strides of every tensor: multiples of 8 elements.
-    let strides: [(fn(&mut RawBackward) -> &mut Layout, &str); 4] = [
+    let strides: [(LayoutField, &str); 4] = [
         (|a| &mut a.dout_layout, "dout.seq_stride"),
         (|a| &mut a.dq_layout, "dq.seq_stride"),
         (|a| &mut a.dk_layout, "dk.seq_stride"),

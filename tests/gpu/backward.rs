@@ -631,7 +631,6 @@ fn backward_safe_api_rejects_bad_buffers_before_launch() {
     let e = call(&xv, &slv, n - 8).unwrap_err();
     assert!(matches!(e, Error::OutOfBounds { arg: "dv", .. }), "{e}");
     // With dv long enough, the short LSE is what is wrong.
-    drop(call);
     let mut dv_full: CudaSlice<f16> = g.stream.alloc_zeros(n).unwrap();
     let (mut dqv, mut dkv, mut dvv) = (dq.as_view_mut(), dk.as_view_mut(), dv_full.as_view_mut());
     let e = g
