@@ -164,6 +164,17 @@ __device__ __forceinline__ void store_tile(uint16_t *gmem, int64_t row_stride, u
     }
 }
 
+// Adds a and b to the f32 values at p and p + 1 in global memory (p 8-byte aligned): one vector
+// reduction on sm_90 and newer, two scalar ones before.
+__device__ __forceinline__ void red_add_f32x2(float *p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
 // ---- the dK / dV mainloop --------------------------------------------------------------------
 
 // Tile shape and warp layout of attention_bwd_kv: BC keys per CTA, BR query rows per step, and for
@@ -370,9 +381,8 @@ __device__ __forceinline__ void attention_bwd_kv(const LfBwdParams &p, int kt, i
                     if (q0 + row < seqlen_q) {
 #pragma unroll
                         for (int nt = 0; nt < Tr::kNT3; ++nt) {
-                            float *dst = acc + row * D + n0 + nt * 8 + 2 * tq;
-                            atomicAdd(dst, dq[mt][nt][2 * r]);
-                            atomicAdd(dst + 1, dq[mt][nt][2 * r + 1]);
+                            red_add_f32x2(acc + row * D + n0 + nt * 8 + 2 * tq,
+                                          dq[mt][nt][2 * r], dq[mt][nt][2 * r + 1]);
                         }
                     }
                 }
