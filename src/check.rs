@@ -90,14 +90,18 @@ fn strides_multiple_of(tensor: &str, l: &Layout, elems: i64) -> Result<()> {
 /// The error label of a stride: `"{tensor}.{field}"` as a `&'static str`.
 fn stride_name(tensor: &str, field: &str) -> &'static str {
     // A fixed table, so error labels stay `&'static str`.
-    const TENSORS: [&str; 6] = ["q", "k", "v", "o", "acc", "part"];
-    const NAMES: [[&str; 3]; 6] = [
+    const TENSORS: [&str; 10] = ["q", "k", "v", "o", "acc", "part", "dout", "dq", "dk", "dv"];
+    const NAMES: [[&str; 3]; 10] = [
         ["q.batch_stride", "q.seq_stride", "q.head_stride"],
         ["k.batch_stride", "k.seq_stride", "k.head_stride"],
         ["v.batch_stride", "v.seq_stride", "v.head_stride"],
         ["o.batch_stride", "o.seq_stride", "o.head_stride"],
         ["acc.batch_stride", "acc.seq_stride", "acc.head_stride"],
         ["part.batch_stride", "part.seq_stride", "part.head_stride"],
+        ["dout.batch_stride", "dout.seq_stride", "dout.head_stride"],
+        ["dq.batch_stride", "dq.seq_stride", "dq.head_stride"],
+        ["dk.batch_stride", "dk.seq_stride", "dk.head_stride"],
+        ["dv.batch_stride", "dv.seq_stride", "dv.head_stride"],
     ];
     let t = TENSORS.iter().position(|x| *x == tensor).unwrap_or(0);
     let f = ["batch_stride", "seq_stride", "head_stride"]

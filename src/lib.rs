@@ -16,10 +16,11 @@ pub mod sys;
 pub mod sparse;
 
 pub use attention::{
-    open_device, Attention, BlockTable, DecodeOptions, DecodePlan, DecodeProblem, ForwardOptions,
-    Input, KvCache, KvCacheMut, Mainloop, MainloopChoice, Output, RawAppend, RawBlockMask,
-    RawDecode, RawForward, RawMerge, RawRope, RawRopeMode, RawVarlenForward, RopeForward,
-    SparseOptions, VarlenOptions, SUPPORTED_HEAD_DIMS,
+    backward_workspace_bytes, open_device, Attention, BackwardInputs, BackwardOptions, BlockTable,
+    DecodeOptions, DecodePlan, DecodeProblem, ForwardOptions, Gradient, Gradients, Input, KvCache,
+    KvCacheMut, Mainloop, MainloopChoice, Output, RawAppend, RawBackward, RawBlockMask, RawDecode,
+    RawForward, RawMerge, RawRope, RawRopeMode, RawVarlenForward, RopeForward, SparseOptions,
+    VarlenOptions, SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

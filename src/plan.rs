@@ -19,6 +19,7 @@ extern "C" {
     fn lf_host_key_tile_range(m: LfMask, qt: i32, br: i32, bc: i32) -> LfTileRange;
     fn lf_host_tile_is_full(m: LfMask, qt: i32, t: i32, br: i32, bc: i32) -> c_int;
     fn lf_host_row_key_bounds(m: LfMask, i: i64, lo: *mut i64, hi: *mut i64, sink_hi: *mut i64);
+    fn lf_host_query_tile_range(m: LfMask, kt: i32, br: i32, bc: i32) -> LfTileRange;
 }
 
 /// The keys one query row sees, as two ranges (see [`Plan::row_keys`]).
@@ -57,6 +58,37 @@ pub fn forward_tile_shape(head_dim: usize) -> Option<TileShape> {
     };
     Some(TileShape {
         br: br as usize,
+        bc: bc as usize,
+    })
+}
+
+/// The backward kernel's tile shape for a head dimension (64, 128 or 256): `bc` keys per CTA
+/// (held in shared memory, their dK and dV in registers) and `br` query rows per step of its loop
+/// over the query tiles that see them; `None` for a head dimension without a backward kernel.
+pub fn backward_tile_shape(head_dim: usize) -> Option<TileShape> {
+    let (br, bc) = match head_dim {
+        64 => (sys::LF_BWD_BR_D64, sys::LF_BWD_BC_D64),
+        128 => (sys::LF_BWD_BR_D128, sys::LF_BWD_BC_D128),
+        256 => (sys::LF_BWD_BR_D256, sys::LF_BWD_BC_D256),
+        _ => return None,
+    };
+    Some(TileShape {
+        br: br as usize,
+        bc: bc as usize,
+    })
+}
+
+/// The tile shape of the deterministic backward's dQ pass for a head dimension (64, 128 or 256):
+/// `br` query rows per CTA, `bc` keys per step of its loop over the forward's plan.
+pub fn backward_dq_tile_shape(head_dim: usize) -> Option<TileShape> {
+    let bc = match head_dim {
+        64 => sys::LF_BWD_DQ_BC_D64,
+        128 => sys::LF_BWD_DQ_BC_D128,
+        256 => sys::LF_BWD_DQ_BC_D256,
+        _ => return None,
+    };
+    Some(TileShape {
+        br: sys::LF_BWD_DQ_BR as usize,
         bc: bc as usize,
     })
 }
@@ -229,6 +261,25 @@ impl Plan {
         };
         // SAFETY: pure function of by-value integers and a `#[repr(C)]` mirror of `LfMask`.
         unsafe { lf_host_tile_is_full(self.mask, qt, t, self.br, self.bc) != 0 }
+    }
+
+    /// The query-tile range `[begin, end)` the backward walks for `key_tile` (the transpose of
+    /// [`key_tile_range`](Self::key_tile_range): every query tile that holds a row seeing a key
+    /// of the tile), as the C plan computes it. Empty for a key tile past the end.
+    pub fn query_tile_range(&self, key_tile: usize) -> std::ops::Range<i64> {
+        if key_tile >= self.num_key_tiles() {
+            return 0..0;
+        }
+        let Ok(kt) = i32::try_from(key_tile) else {
+            return 0..0;
+        };
+        // SAFETY: pure function of by-value integers and a `#[repr(C)]` mirror of `LfMask`;
+        // it returns a `#[repr(C)]` mirror of `LfTileRange` by value and touches no memory.
+        let r = unsafe { lf_host_query_tile_range(self.mask, kt, self.br, self.bc) };
+        if r.begin >= r.end {
+            return 0..0;
+        }
+        i64::from(r.begin)..i64::from(r.end)
     }
 
     /// Total number of (query tile, key tile) pairs visited.

@@ -21,6 +21,20 @@ pub const LF_FWD_SM90_PINGPONG_MAX_D: u32 = 256;
 pub const LF_FWD_SM90_BC_SPARSE: u32 = 64;
 pub const LF_SPARSE_Q_BLOCK: u32 = 128;
 pub const LF_SPARSE_K_BLOCK: u32 = 64;
+pub const LF_BWD_WARPS: u32 = 8;
+pub const LF_BWD_BC_D64: u32 = 128;
+pub const LF_BWD_BR_D64: u32 = 64;
+pub const LF_BWD_BC_D128: u32 = 64;
+pub const LF_BWD_BR_D128: u32 = 64;
+pub const LF_BWD_BC_D256: u32 = 64;
+pub const LF_BWD_BR_D256: u32 = 32;
+pub const LF_BWD_DQ_WARPS: u32 = 4;
+pub const LF_BWD_DQ_BR: u32 = 64;
+pub const LF_BWD_DQ_BC_D64: u32 = 64;
+pub const LF_BWD_DQ_BC_D128: u32 = 64;
+pub const LF_BWD_DQ_BC_D256: u32 = 32;
+pub const LF_BWD_ROW_PAD: u32 = 64;
+pub const LF_BWD_AUX_THREADS: u32 = 256;
 pub const LF_DECODE_WARPS: u32 = 4;
 pub const LF_DECODE_ROWS: u32 = 16;
 pub const LF_DECODE_KEYS: u32 = 16;
@@ -855,6 +869,147 @@ const _: () = {
         [::core::mem::offset_of!(LfRopeKeysVarlenParams, reserved) - 124usize];
 };
 impl Default for LfRopeKeysVarlenParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfBwdParams {
+    pub q: *const ::core::ffi::c_void,
+    pub k: *const ::core::ffi::c_void,
+    pub v: *const ::core::ffi::c_void,
+    pub o: *const ::core::ffi::c_void,
+    pub dout: *const ::core::ffi::c_void,
+    pub lse: *const f32,
+    pub dq: *mut ::core::ffi::c_void,
+    pub dk: *mut ::core::ffi::c_void,
+    pub dv: *mut ::core::ffi::c_void,
+    pub dq_accum: *mut f32,
+    pub dsum: *mut f32,
+    pub lse_log2: *mut f32,
+    pub q_batch_stride: i64,
+    pub q_head_stride: i64,
+    pub q_row_stride: i64,
+    pub k_batch_stride: i64,
+    pub k_head_stride: i64,
+    pub k_row_stride: i64,
+    pub v_batch_stride: i64,
+    pub v_head_stride: i64,
+    pub v_row_stride: i64,
+    pub o_batch_stride: i64,
+    pub o_head_stride: i64,
+    pub o_row_stride: i64,
+    pub do_batch_stride: i64,
+    pub do_head_stride: i64,
+    pub do_row_stride: i64,
+    pub dq_batch_stride: i64,
+    pub dq_head_stride: i64,
+    pub dq_row_stride: i64,
+    pub dk_batch_stride: i64,
+    pub dk_head_stride: i64,
+    pub dk_row_stride: i64,
+    pub dv_batch_stride: i64,
+    pub dv_head_stride: i64,
+    pub dv_row_stride: i64,
+    pub mask: LfMask,
+    pub batch: i32,
+    pub heads_q: i32,
+    pub heads_kv: i32,
+    pub head_dim: i32,
+    pub rows_pad: i32,
+    pub softmax_scale: f32,
+    pub softmax_scale_log2: f32,
+    pub reserved: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfBwdParams"][::core::mem::size_of::<LfBwdParams>() - 344usize];
+    ["Alignment of LfBwdParams"][::core::mem::align_of::<LfBwdParams>() - 8usize];
+    ["Offset of field: LfBwdParams::q"][::core::mem::offset_of!(LfBwdParams, q) - 0usize];
+    ["Offset of field: LfBwdParams::k"][::core::mem::offset_of!(LfBwdParams, k) - 8usize];
+    ["Offset of field: LfBwdParams::v"][::core::mem::offset_of!(LfBwdParams, v) - 16usize];
+    ["Offset of field: LfBwdParams::o"][::core::mem::offset_of!(LfBwdParams, o) - 24usize];
+    ["Offset of field: LfBwdParams::dout"][::core::mem::offset_of!(LfBwdParams, dout) - 32usize];
+    ["Offset of field: LfBwdParams::lse"][::core::mem::offset_of!(LfBwdParams, lse) - 40usize];
+    ["Offset of field: LfBwdParams::dq"][::core::mem::offset_of!(LfBwdParams, dq) - 48usize];
+    ["Offset of field: LfBwdParams::dk"][::core::mem::offset_of!(LfBwdParams, dk) - 56usize];
+    ["Offset of field: LfBwdParams::dv"][::core::mem::offset_of!(LfBwdParams, dv) - 64usize];
+    ["Offset of field: LfBwdParams::dq_accum"]
+        [::core::mem::offset_of!(LfBwdParams, dq_accum) - 72usize];
+    ["Offset of field: LfBwdParams::dsum"][::core::mem::offset_of!(LfBwdParams, dsum) - 80usize];
+    ["Offset of field: LfBwdParams::lse_log2"]
+        [::core::mem::offset_of!(LfBwdParams, lse_log2) - 88usize];
+    ["Offset of field: LfBwdParams::q_batch_stride"]
+        [::core::mem::offset_of!(LfBwdParams, q_batch_stride) - 96usize];
+    ["Offset of field: LfBwdParams::q_head_stride"]
+        [::core::mem::offset_of!(LfBwdParams, q_head_stride) - 104usize];
+    ["Offset of field: LfBwdParams::q_row_stride"]
+        [::core::mem::offset_of!(LfBwdParams, q_row_stride) - 112usize];
+    ["Offset of field: LfBwdParams::k_batch_stride"]
+        [::core::mem::offset_of!(LfBwdParams, k_batch_stride) - 120usize];
+    ["Offset of field: LfBwdParams::k_head_stride"]
+        [::core::mem::offset_of!(LfBwdParams, k_head_stride) - 128usize];
+    ["Offset of field: LfBwdParams::k_row_stride"]
+        [::core::mem::offset_of!(LfBwdParams, k_row_stride) - 136usize];
+    ["Offset of field: LfBwdParams::v_batch_stride"]
+        [::core::mem::offset_of!(LfBwdParams, v_batch_stride) - 144usize];
+    ["Offset of field: LfBwdParams::v_head_stride"]
+        [::core::mem::offset_of!(LfBwdParams, v_head_stride) - 152usize];
+    ["Offset of field: LfBwdParams::v_row_stride"]
+        [::core::mem::offset_of!(LfBwdParams, v_row_stride) - 160usize];
+    ["Offset of field: LfBwdParams::o_batch_stride"]
+        [::core::mem::offset_of!(LfBwdParams, o_batch_stride) - 168usize];
+    ["Offset of field: LfBwdParams::o_head_stride"]
+        [::core::mem::offset_of!(LfBwdParams, o_head_stride) - 176usize];
+    ["Offset of field: LfBwdParams::o_row_stride"]
+        [::core::mem::offset_of!(LfBwdParams, o_row_stride) - 184usize];
+    ["Offset of field: LfBwdParams::do_batch_stride"]
+        [::core::mem::offset_of!(LfBwdParams, do_batch_stride) - 192usize];
+    ["Offset of field: LfBwdParams::do_head_stride"]
+        [::core::mem::offset_of!(LfBwdParams, do_head_stride) - 200usize];
+    ["Offset of field: LfBwdParams::do_row_stride"]
+        [::core::mem::offset_of!(LfBwdParams, do_row_stride) - 208usize];
+    ["Offset of field: LfBwdParams::dq_batch_stride"]
+        [::core::mem::offset_of!(LfBwdParams, dq_batch_stride) - 216usize];
+    ["Offset of field: LfBwdParams::dq_head_stride"]
+        [::core::mem::offset_of!(LfBwdParams, dq_head_stride) - 224usize];
+    ["Offset of field: LfBwdParams::dq_row_stride"]
+        [::core::mem::offset_of!(LfBwdParams, dq_row_stride) - 232usize];
+    ["Offset of field: LfBwdParams::dk_batch_stride"]
+        [::core::mem::offset_of!(LfBwdParams, dk_batch_stride) - 240usize];
+    ["Offset of field: LfBwdParams::dk_head_stride"]
+        [::core::mem::offset_of!(LfBwdParams, dk_head_stride) - 248usize];
+    ["Offset of field: LfBwdParams::dk_row_stride"]
+        [::core::mem::offset_of!(LfBwdParams, dk_row_stride) - 256usize];
+    ["Offset of field: LfBwdParams::dv_batch_stride"]
+        [::core::mem::offset_of!(LfBwdParams, dv_batch_stride) - 264usize];
+    ["Offset of field: LfBwdParams::dv_head_stride"]
+        [::core::mem::offset_of!(LfBwdParams, dv_head_stride) - 272usize];
+    ["Offset of field: LfBwdParams::dv_row_stride"]
+        [::core::mem::offset_of!(LfBwdParams, dv_row_stride) - 280usize];
+    ["Offset of field: LfBwdParams::mask"][::core::mem::offset_of!(LfBwdParams, mask) - 288usize];
+    ["Offset of field: LfBwdParams::batch"][::core::mem::offset_of!(LfBwdParams, batch) - 312usize];
+    ["Offset of field: LfBwdParams::heads_q"]
+        [::core::mem::offset_of!(LfBwdParams, heads_q) - 316usize];
+    ["Offset of field: LfBwdParams::heads_kv"]
+        [::core::mem::offset_of!(LfBwdParams, heads_kv) - 320usize];
+    ["Offset of field: LfBwdParams::head_dim"]
+        [::core::mem::offset_of!(LfBwdParams, head_dim) - 324usize];
+    ["Offset of field: LfBwdParams::rows_pad"]
+        [::core::mem::offset_of!(LfBwdParams, rows_pad) - 328usize];
+    ["Offset of field: LfBwdParams::softmax_scale"]
+        [::core::mem::offset_of!(LfBwdParams, softmax_scale) - 332usize];
+    ["Offset of field: LfBwdParams::softmax_scale_log2"]
+        [::core::mem::offset_of!(LfBwdParams, softmax_scale_log2) - 336usize];
+    ["Offset of field: LfBwdParams::reserved"]
+        [::core::mem::offset_of!(LfBwdParams, reserved) - 340usize];
+};
+impl Default for LfBwdParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -280,6 +280,59 @@ fn lowp_backward_is_close_to_f64_and_rounds() {
     }
 }
 
+/// The gradient rule: the naive backward passes against itself; an answer off by more than
+/// twice its error plus the tolerances fails, as does a NaN or a wrong length.
+#[test]
+fn gradient_rule_accepts_the_naive_error_and_rejects_more() {
+    use half::bf16;
+    use longflash::reference::{attention_backward_lowp, compare_gradient, half_ulp, GRAD_ABS_TOL};
+    use longflash::DType;
+    let s = shape(33, 40, 2, 1, 16);
+    let mut rng = Rng(7);
+    let (nq, nkv) = (s.q_len().unwrap(), s.kv_len().unwrap());
+    let to_t = |x: Vec<f64>| -> Vec<bf16> { x.into_iter().map(bf16::from_f64).collect() };
+    let (q, k, v, dout) = (
+        to_t(rng.vec(nq)),
+        to_t(rng.vec(nkv)),
+        to_t(rng.vec(nkv)),
+        to_t(rng.vec(nq)),
+    );
+    let wide = |x: &[bf16]| -> Vec<f64> { x.iter().map(|t| t.to_f64()).collect() };
+    let mask = MaskSpec::causal();
+    let exact = attention_backward_f64(
+        &s,
+        &wide(&q),
+        &wide(&k),
+        &wide(&v),
+        &wide(&dout),
+        &mask,
+        0.25,
+    )
+    .unwrap();
+    let low = attention_backward_lowp(&s, &q, &k, &v, &dout, &mask, 0.25).unwrap();
+    for (name, naive, reference) in [
+        ("dq", &low.dq, &exact.dq),
+        ("dk", &low.dk, &exact.dk),
+        ("dv", &low.dv, &exact.dv),
+    ] {
+        let c = compare_gradient(naive, reference, naive, DType::Bf16);
+        assert!(c.passes, "{name}: {c}");
+        assert!(c.worst_ratio <= 0.5, "{name}: {c}");
+        // One element pushed past its allowance fails, at that element.
+        let i = reference.len() / 3;
+        let mut off = naive.clone();
+        let allowance =
+            2.0 * c.naive_abs_err + GRAD_ABS_TOL + half_ulp(DType::Bf16, reference[i].abs() + 1.0);
+        off[i] = reference[i] + 1.01 * allowance;
+        let c = compare_gradient(&off, reference, naive, DType::Bf16);
+        assert!(!c.passes && c.worst_index == i, "{name}: {c}");
+        let mut nan = naive.clone();
+        nan[i] = f64::NAN;
+        assert!(!compare_gradient(&nan, reference, naive, DType::Bf16).passes);
+        assert!(!compare_gradient(&naive[1..], reference, naive, DType::Bf16).passes);
+    }
+}
+
 mod rope {
     use super::Rng;
     use longflash::reference::{rope_attention_backward_f64, rope_attention_f64, RefShape};

@@ -4,7 +4,10 @@
 
 use longflash::error::Error;
 use longflash::mask::MaskSpec;
-use longflash::plan::{forward_tile_shape, Plan, PlannedTile, TileKind, TileShape};
+use longflash::plan::{
+    backward_dq_tile_shape, backward_tile_shape, forward_tile_shape, Plan, PlannedTile, TileKind,
+    TileShape,
+};
 use longflash::sys;
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -516,5 +519,103 @@ proptest! {
                 prop_assert_eq!(plan.tile_is_full(qb, kb), all, "block ({}, {})", qb, kb);
             }
         }
+    }
+}
+
+/// The backward's tile shapes, from the header.
+#[test]
+fn backward_tile_shapes_come_from_the_header() {
+    for (d, br, bc) in [
+        (64, sys::LF_BWD_BR_D64, sys::LF_BWD_BC_D64),
+        (128, sys::LF_BWD_BR_D128, sys::LF_BWD_BC_D128),
+        (256, sys::LF_BWD_BR_D256, sys::LF_BWD_BC_D256),
+    ] {
+        let shape = backward_tile_shape(d).expect("a backward tile shape");
+        assert_eq!((shape.br, shape.bc), (br as usize, bc as usize));
+        // The workspace pads rows to whole query tiles of both the main kernel and the dQ pass.
+        assert_eq!(sys::LF_BWD_ROW_PAD as usize % shape.br, 0);
+        let dq = backward_dq_tile_shape(d).expect("a dQ pass tile shape");
+        assert_eq!(sys::LF_BWD_ROW_PAD as usize % dq.br, 0);
+    }
+    for d in [0, 32, 96, 100, 512] {
+        assert_eq!(backward_tile_shape(d), None, "head_dim {d}");
+        assert_eq!(backward_dq_tile_shape(d), None, "head_dim {d}");
+    }
+}
+
+#[test]
+fn causal_query_tiles_by_hand() {
+    // 256 x 256 causal, 64 x 64 tiles: key tile t is seen by query tiles t..4.
+    let p = plan(MaskSpec::causal(), 256, 256, 64, 64);
+    for kt in 0..4 {
+        assert_eq!(p.query_tile_range(kt), kt as i64..4);
+    }
+    assert_eq!(p.query_tile_range(4), 0..0);
+    // seqlen_q > seqlen_k, bottom-right: the first 100 queries see no key.
+    let p = plan(MaskSpec::causal(), 300, 200, 64, 64);
+    assert_eq!(p.query_tile_range(0), 1..5);
+    // A left window of 10 over 1000 x 1000: key tile 3 (keys 192..256) is seen by rows 192..266.
+    let p = plan(MaskSpec::causal_window(10), 1000, 1000, 64, 64);
+    assert_eq!(p.query_tile_range(3), 3..5);
+}
+
+/// For every key tile, the backward visits exactly the query tiles that hold a row seeing one of
+/// its keys: the transpose of the forward's plan, checked element by element.
+fn check_query_tiles(
+    m: MaskSpec,
+    sq: usize,
+    sk: usize,
+    br: usize,
+    bc: usize,
+) -> Result<(), TestCaseError> {
+    let p = plan(m, sq, sk, br, bc);
+    for kt in 0..p.num_key_tiles() {
+        let range = p.query_tile_range(kt);
+        prop_assert!(
+            range.start >= 0 && range.end <= p.num_query_tiles() as i64,
+            "kt {}: {:?}",
+            kt,
+            range
+        );
+        let keys = kt * bc..((kt + 1) * bc).min(sk);
+        for qt in 0..p.num_query_tiles() {
+            let rows = qt * br..((qt + 1) * br).min(sq);
+            let sees = rows
+                .clone()
+                .any(|i| keys.clone().any(|j| m.is_visible(sq, sk, i, j)));
+            prop_assert_eq!(
+                range.contains(&(qt as i64)),
+                sees,
+                "mask {:?}, sq {}, sk {}, tiles {}x{}: key tile {} and query tile {}",
+                m,
+                sq,
+                sk,
+                br,
+                bc,
+                kt,
+                qt
+            );
+            // The forward's plan visits the same pairs.
+            prop_assert_eq!(
+                p.key_tile_range(qt).contains(&(kt as i64)),
+                sees,
+                "forward plan, key tile {} query tile {}",
+                kt,
+                qt
+            );
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn backward_visits_exactly_the_query_tiles_with_visible_elements(
+        m in mask(), sq in seqlen(), sk in seqlen(), d in select(vec![64usize, 128, 256]),
+    ) {
+        let shape = backward_tile_shape(d).unwrap();
+        check_query_tiles(m, sq, sk, shape.br, shape.bc)?;
     }
 }

@@ -36,6 +36,26 @@ struct WindowIter {
     }
 };
 
+// The backward's walk: the query tiles that see key tile kt under the dense plan
+// (lf_query_tile_range), first to last, each full or partial by the same test as the forward's
+// (lf_tile_is_full, exact for any pair of tiles). A key-major block mask (KeyMajorMask) is the
+// other walk a backward mainloop takes; both answer count / tile / is_full.
+struct WindowQueryIter {
+    LfMask m;
+    int kt, br, bc;
+    LfTileRange range;
+    __device__ __forceinline__ WindowQueryIter(const LfMask &m_, int kt_, int br_, int bc_)
+        : m(m_), kt(kt_), br(br_), bc(bc_), range(lf_query_tile_range(m_, kt_, br_, bc_)) {}
+    __device__ __forceinline__ int count() const {
+        return range.end > range.begin ? range.end - range.begin : 0;
+    }
+    __device__ __forceinline__ int tile(int n) const { return range.begin + n; }
+    __device__ __forceinline__ bool is_full(int n) const {
+        return lf_tile_is_full(m, tile(n), kt, br, bc);
+    }
+    __device__ __forceinline__ int variant(int) const { return 0; }
+};
+
 // Element mask of causal / window / sink attention (LfMask). Row i sees keys [0, sink) and
 // [lo, hi), given relative to the tile's first key k0 and clamped to [0, span] so they fit in
 

@@ -1,4 +1,5 @@
-//! The attention entry points, one module per kernel family: [`forward`] (exact), [`sparse`]
+//! The attention entry points, one module per kernel family: [`forward`] (exact), [`backward`]
+//! (its gradients), [`sparse`]
 //! (block-sparse), [`rope`] (RoPE / ReRoPE inside the kernel), [`varlen`] (packed sequences),
 //! [`decode`] (a few queries over a paged or contiguous KV cache) and [`merge`] (the LSE merge).
 //! Each family has a safe layer over cudarc views that validates everything and a raw layer over
@@ -20,6 +21,7 @@ use crate::loader::{CtxGuard, Kernel, ModuleCache};
 use crate::sparse::DeviceBlockMask;
 
 pub mod append;
+pub mod backward;
 pub mod decode;
 mod decode_rope;
 pub mod forward;
@@ -31,6 +33,9 @@ pub mod varlen;
 mod varlen_rope;
 
 pub use append::{KvCacheMut, RawAppend};
+pub use backward::{
+    backward_workspace_bytes, BackwardInputs, BackwardOptions, Gradient, Gradients, RawBackward,
+};
 pub use decode::{BlockTable, DecodeOptions, DecodePlan, DecodeProblem, KvCache, RawDecode};
 pub use forward::{ForwardOptions, RawForward};
 pub use merge::RawMerge;

@@ -207,3 +207,96 @@ impl fmt::Display for Comparison {
         )
     }
 }
+
+/// Absolute tolerance added to the bound of a gradient's error (see [`compare_gradient`]).
+///
+/// Larger than [`OUT_ABS_TOL`] for one reason: where a row sees a single key, the naive backward's
+/// `dS = P (dP - D)` is exactly 0 (its `D = dO . O` and `dP = dO . V` are the same f32 dot product
+/// in the same order, and `O = V`), so its error is 0, while a kernel computes `D` in a separate
+/// pass and `dP` on the tensor cores in another order: an f32 difference of a few ulps of
+/// `|dO . V|` (about 1e-6 at head dim 64 to 256 for unit-variance data) per row, which dK adds up
+/// over the hundreds of rows that see the key. 1e-4 leaves room for that and is below a
+/// half-ulp of bf16 and f16 gradients of magnitude 0.05 and 0.2.
+pub const GRAD_ABS_TOL: f64 = 1e-4;
+
+/// Outcome of [`compare_gradient`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradComparison {
+    /// `max|grad - ref64|`; NaN when `grad` holds a NaN, infinite when lengths disagree.
+    pub max_abs_err: f64,
+    /// `max|naive - ref64|`: the naive low-precision backward's error (its gradients rounded to
+    /// the element type, as every implementation's are).
+    pub naive_abs_err: f64,
+    /// The largest allowance of any element: `2 * naive_abs_err + GRAD_ABS_TOL` plus its
+    /// half-ulp.
+    pub bound: f64,
+    /// `max_i |grad_i - ref_i| / allowance_i`: at most 1 passes; NaN when `grad` holds a NaN.
+    pub worst_ratio: f64,
+    /// Index of the element where `worst_ratio` is reached.
+    pub worst_index: usize,
+    /// Whether the gradient passes.
+    pub passes: bool,
+}
+
+/// The correctness rule of a backward pass, per gradient (dQ, dK or dV): every element must
+/// satisfy `|grad_i - ref_i| <= 2 * e_naive + h_i + GRAD_ABS_TOL`, where `ref` is the f64
+/// gradient ([`attention_backward_f64`](super::attention_backward_f64)), `e_naive =
+/// max|naive - ref|` the largest error of the naive low-precision backward
+/// ([`attention_backward_lowp`](super::attention_backward_lowp)) and `h_i` half an ulp of `dtype`
+/// at `max(|grad_i|, |ref_i|)` (the final rounding every implementation pays): the rule
+/// FlashAttention's tests apply to their backward, with the absolute term stated above. Nothing
+/// may be NaN; slices of different lengths fail.
+pub fn compare_gradient(
+    grad: &[f64],
+    ref64: &[f64],
+    naive: &[f64],
+    dtype: DType,
+) -> GradComparison {
+    let max_abs_err = max_abs_diff(grad, ref64);
+    let naive_abs_err = max_abs_diff(naive, ref64);
+    let computed = 2.0 * naive_abs_err + GRAD_ABS_TOL;
+    let (mut worst_ratio, mut worst_index, mut bound) = (0.0f64, 0usize, computed);
+    if grad.len() != ref64.len() || naive_abs_err.is_nan() {
+        worst_ratio = f64::INFINITY;
+    } else {
+        for (i, (&o, &r)) in grad.iter().zip(ref64).enumerate() {
+            let allowed = computed + half_ulp(dtype, o.abs().max(r.abs()));
+            bound = bound.max(allowed);
+            let ratio = (o - r).abs() / allowed;
+            if ratio.is_nan() {
+                worst_ratio = f64::NAN;
+                worst_index = i;
+                break;
+            }
+            if ratio > worst_ratio {
+                worst_ratio = ratio;
+                worst_index = i;
+            }
+        }
+    }
+    GradComparison {
+        max_abs_err,
+        naive_abs_err,
+        bound,
+        worst_ratio,
+        worst_index,
+        passes: !max_abs_err.is_nan() && worst_ratio <= 1.0,
+    }
+}
+
+impl fmt::Display for GradComparison {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: max|grad-ref64| = {:.3e}; worst element {} at {:.3} of its allowance \
+             (2 * naive {:.3e} + half-ulp + {:.0e}; at most {:.3e})",
+            if self.passes { "pass" } else { "FAIL" },
+            self.max_abs_err,
+            self.worst_index,
+            self.worst_ratio,
+            self.naive_abs_err,
+            GRAD_ABS_TOL,
+            self.bound,
+        )
+    }
+}

@@ -41,7 +41,10 @@ mod rope_backward;
 mod serving;
 
 pub use backward::{attention_backward_f64, attention_backward_lowp, RefGrads};
-pub use compare::{compare, half_ulp, Comparison, LSE_REL_TOL, OUT_ABS_TOL};
+pub use compare::{
+    compare, compare_gradient, half_ulp, Comparison, GradComparison, GRAD_ABS_TOL, LSE_REL_TOL,
+    OUT_ABS_TOL,
+};
 pub use dense::{attention_f64, attention_lowp};
 pub use rope::{
     rope_attention_f64, rope_attention_f64_sparse, rope_attention_lowp, rope_attention_lowp_sparse,

@@ -17,6 +17,7 @@ macro_rules! gpu_or_skip {
 }
 
 mod append;
+mod backward;
 mod common;
 mod corner;
 mod decode;

@@ -379,6 +379,74 @@ typedef struct LfRopeKeysVarlenParams {
     int32_t reserved;
 } LfRopeKeysVarlenParams;
 
+/* The backward of the exact forward (dense, causal, sliding window): dQ, dK and dV of
+ * O = softmax(scale * Q K^T + mask) V for the upstream gradient dout, given Q, K, V, the forward's
+ * O and its log-sum-exp (natural log, [batch, heads_q, seqlen_q] contiguous f32, -inf for a row
+ * that sees no key). Q, O, dout, dq share Q's shape, K, V, dk, dv K's; 16-bit elements, last
+ * dimension contiguous, strides in elements; query head h reads key/value head
+ * h / (heads_q / heads_kv), and dk, dv sum over the query heads of a group.
+ *
+ * The f32 workspace holds, per (batch, query head), rows_pad rows (seqlen_q rounded up to
+ * LF_BWD_ROW_PAD; rows past seqlen_q are padding the kernels never let contribute):
+ *   dsum      [batch, heads_q, rows_pad]            D_i = dout_i . o_i (the pre-pass writes it)
+ *   lse_log2  [batch, heads_q, rows_pad]            lse_i * log2(e); +inf for a row that sees no
+ *                                                   key and for padding, so that its P is 0
+ *   dq_accum  [batch, heads_q, rows_pad, head_dim]  dQ / scale in f32, added to atomically by the
+ *                                                   main kernel and cleared by the pre-pass; NULL
+ *                                                   in the deterministic mode, where a separate
+ *                                                   pass over query tiles writes dq itself. */
+typedef struct LfBwdParams {
+    const void *q;
+    const void *k;
+    const void *v;
+    const void *o;
+    const void *dout;
+    const float *lse;
+    void *dq;
+    void *dk;
+    void *dv;
+    float *dq_accum;
+    float *dsum;
+    float *lse_log2;
+
+    int64_t q_batch_stride;
+    int64_t q_head_stride;
+    int64_t q_row_stride;
+    int64_t k_batch_stride;
+    int64_t k_head_stride;
+    int64_t k_row_stride;
+    int64_t v_batch_stride;
+    int64_t v_head_stride;
+    int64_t v_row_stride;
+    int64_t o_batch_stride;
+    int64_t o_head_stride;
+    int64_t o_row_stride;
+    int64_t do_batch_stride;
+    int64_t do_head_stride;
+    int64_t do_row_stride;
+    int64_t dq_batch_stride;
+    int64_t dq_head_stride;
+    int64_t dq_row_stride;
+    int64_t dk_batch_stride;
+    int64_t dk_head_stride;
+    int64_t dk_row_stride;
+    int64_t dv_batch_stride;
+    int64_t dv_head_stride;
+    int64_t dv_row_stride;
+
+    LfMask mask; /* sink_tokens = 0 */
+
+    int32_t batch;
+    int32_t heads_q;
+    int32_t heads_kv;
+    int32_t head_dim;
+    int32_t rows_pad; /* seqlen_q rounded up to a multiple of LF_BWD_ROW_PAD */
+
+    float softmax_scale;
+    float softmax_scale_log2;
+    int32_t reserved; /* 0 */
+} LfBwdParams;
+
 #define LF_ASSERT_LAYOUT(cond, name) typedef char lf_layout_assert_##name[(cond) ? 1 : -1]
 LF_ASSERT_LAYOUT(sizeof(LfMask) == 24, mask_size);
 LF_ASSERT_LAYOUT(sizeof(LfBlockSparse) == 56, sparse_size);
@@ -416,5 +484,9 @@ LF_ASSERT_LAYOUT(offsetof(LfFwdSm90Params, tma_q) == 256, fwd_sm90_tma_q);
 LF_ASSERT_LAYOUT(offsetof(LfRopeFwdSm90Params, tma_k_alt) == 640, rope_sm90_k_alt);
 LF_ASSERT_LAYOUT(offsetof(LfRopeFwdSm90Params, rope) == 768, rope_sm90_rope);
 LF_ASSERT_LAYOUT(sizeof(LfRopeFwdSm90Params) == 896, rope_sm90_size);
+LF_ASSERT_LAYOUT(offsetof(LfBwdParams, q_batch_stride) == 96, bwd_q_batch_stride);
+LF_ASSERT_LAYOUT(offsetof(LfBwdParams, mask) == 288, bwd_mask);
+LF_ASSERT_LAYOUT(offsetof(LfBwdParams, batch) == 312, bwd_batch);
+LF_ASSERT_LAYOUT(sizeof(LfBwdParams) == 344, bwd_size);
 
 #endif

@@ -129,6 +129,65 @@ LF_HD int lf_tile_is_full(LfMask m, int32_t qt, int32_t t, int32_t br, int32_t b
     return 1;
 }
 
+/* The backward (cuda/bwd.cuh, cuda/sm80/backward.cuh). The main kernel runs one CTA of
+ * LF_BWD_WARPS warps per (key tile of LF_BWD_BC_D<D> keys, key/value head, batch entry): K and V
+ * stay in shared memory, dK and dV in registers, while it walks the query tiles of
+ * LF_BWD_BR_D<D> rows that see the key tile (lf_query_tile_range), for every query head of the
+ * group. Shared memory per CTA is 2 bc d + 4 br d (Q and dO, two stages) + 2 bc br (P and dS)
+ * 16-bit elements plus 16 br bytes (LSE and D, two stages): 97 KiB at head dim 64, 113 KiB at
+ * 128, 137 KiB at 256; dK and dV take 2 bc d / (32 warps) f32 registers per thread (64, 64 and
+ * 128).
+ * The deterministic mode's dQ pass runs one CTA of LF_BWD_DQ_WARPS warps per (query tile of
+ * LF_BWD_DQ_BR rows, query head, batch entry) over the forward's plan with key tiles of
+ * LF_BWD_DQ_BC_D<D> keys (double-buffered K and V): 48, 96 and 128 KiB of shared memory.
+ * Workspace rows are padded per (batch, head) to a multiple of LF_BWD_ROW_PAD, which every query
+ * tile divides, so that the kernels read whole tiles of the f32 workspace without bounds checks. */
+#define LF_BWD_WARPS 8
+#define LF_BWD_BC_D64 128
+#define LF_BWD_BR_D64 64
+#define LF_BWD_BC_D128 64
+#define LF_BWD_BR_D128 64
+#define LF_BWD_BC_D256 64
+#define LF_BWD_BR_D256 32
+#define LF_BWD_DQ_WARPS 4
+#define LF_BWD_DQ_BR 64
+#define LF_BWD_DQ_BC_D64 64
+#define LF_BWD_DQ_BC_D128 64
+#define LF_BWD_DQ_BC_D256 32
+#define LF_BWD_ROW_PAD 64
+/* The pre-pass (D and the LSE in log2 units, the dQ accumulator cleared) and the conversion of
+ * the dQ accumulator run LF_BWD_ROW_PAD rows per CTA of 256 threads. */
+#define LF_BWD_AUX_THREADS 256
+/* Dynamic shared memory of the main kernel and of the dQ pass, in bytes, for head dim d and tiles
+ * of br query rows by bc keys (the kernels' traits compute the same and their instantiations check
+ * it; the host sizes its launches with these formulas). */
+#define LF_BWD_SMEM_BYTES(d, br, bc) \
+    ((((2 * (bc)) + 4 * (br)) * (d) + 2 * (bc) * (br)) * 2 + 16 * (br))
+#define LF_BWD_DQ_SMEM_BYTES(d, br, bc) ((2 * (br) + 4 * (bc)) * (d) * 2)
+
+/* Query tiles that see key tile kt (the backward's transpose of the dense plan): the query rows
+ * whose key interval (see lf_key_tile_range) meets the tile's keys [kt * bc, min((kt + 1) * bc,
+ * seqlen_k)) form one interval, [max(0, c0 - off - right), min(seqlen_q, c1 - off + left)) with an
+ * unbounded side dropping its bound, and every query tile that intersects it holds a row that sees a
+ * key of the tile: the backward visits exactly those tiles. Empty for a key tile past seqlen_k. */
+LF_HD LfTileRange lf_query_tile_range(LfMask m, int32_t kt, int32_t br, int32_t bc) {
+    LfTileRange r;
+    int64_t off = lf_diag_offset(m);
+    int64_t c0 = (int64_t)kt * bc;
+    int64_t c1 = lf_min64(c0 + bc, m.seqlen_k); /* keys [c0, c1) */
+    int64_t lo = 0, hi = m.seqlen_q;             /* query rows [lo, hi) */
+    if (m.window_right >= 0) lo = lf_max64(lo, c0 - off - m.window_right);
+    if (m.window_left >= 0) hi = lf_min64(hi, c1 - off + m.window_left);
+    if (c0 >= c1 || lo >= hi) {
+        r.begin = 0;
+        r.end = 0;
+        return r;
+    }
+    r.begin = (int32_t)(lo / br);
+    r.end = (int32_t)((hi + br - 1) / br);
+    return r;
+}
+
 /* The decoding kernel (cuda/decode.cuh): LF_DECODE_WARPS warps per CTA over one tile of
  * LF_DECODE_ROWS packed (query token, head) rows, each warp taking LF_DECODE_KEYS keys per step
  * through its own ring of LF_DECODE_STAGES_D<D> K/V stages; key splits start at multiples of

@@ -1,0 +1,3 @@
+// Backward of exact attention, f16, head dimension 128: pre-pass, dK / dV (and atomic dQ), deterministic dQ, dQ conversion.
+#include "../bwd.cuh"
+LF_DEFINE_BWD_KERNELS(lf_bwd_f16_d128, __half, 128)
