@@ -1,0 +1,541 @@
+//! The command line: sub-commands, position modes, attention back end. Hand-written so that the
+//! example adds no argument-parsing dependency; every mistake is an [`ArgError`] with a message,
+//! never a panic.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// What went wrong on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArgError(pub String);
+
+impl fmt::Display for ArgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ArgError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ArgError> {
+    Err(ArgError(msg.into()))
+}
+
+pub const USAGE: &str = "\
+smollm2: SmolLM2-135M (GGUF) on candle, attention on longflash or on candle's own ops
+
+usage: smollm2 <command> [options]
+
+commands:
+  generate  --prompt TEXT | --prompt-file FILE [--max-new N] [--chat] [--prompt-tokens N]
+            greedy generation; prints the text, prefill and decoding tokens/s
+  ppl       FILE [--max-tokens N] [--json OUT]
+            mean NLL per position bucket (0-1k, 1k-2k, 2k-4k, 4k-8k, 8k-12k, 12k-16k,
+            16k-24k, 24k-32k, then doubling) of the text in FILE
+  passkey   [--lengths 8k,16k,32k] [--depths 0.1,0.3,0.5,0.7,0.9] [--seed N] [--json OUT]
+            the pass key hidden in filler text; retrieved or not for each length and depth
+  compare   --prompt-file FILE [--prompt-tokens 1024] [--max-new 64]
+            longflash against candle's attention in this program: last-row logits of the
+            prompt, greedy tokens (needs a CUDA device)
+
+options of every command:
+  --model PATH       the GGUF file (default: $SMOLLM2_GGUF, else the file in $SMOLLM2_CACHE
+                     or .cache/smollm2/ that scripts/fetch-smollm2.sh writes)
+  --device D         cpu, cuda or cuda:N (default: cuda when built with the `cuda` feature)
+  --attn A           longflash (default on CUDA) or candle (matmul + softmax; plain RoPE and
+                     frequency scalings only; runs on the CPU too)
+  --dtype T          f16, bf16 or f32 for q, k, v and the KV cache (f32: candle only;
+                     default f16 on CUDA, f32 on the CPU)
+  --chunk N          prefill chunk in tokens (default 2048)
+  --quiet            no progress on stderr
+position modes (one of the first three, at most one of the last two):
+  --rope             plain RoPE (the default)
+  --rerope W         ReRoPE: relative positions clamped at the window W
+  --leaky W K        Leaky ReRoPE: beyond the window W, positions grow K times slower
+  --ntk F            static NTK-aware scaling of the RoPE base by the factor F
+  --yarn F           YaRN scaling by the factor F (original context from the GGUF)
+";
+
+/// Where attention runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attn {
+    /// longflash's RoPE-fused forward (CUDA only).
+    Longflash,
+    /// candle's matmul + softmax with a causal mask.
+    Candle,
+}
+
+/// The device to run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda(usize),
+}
+
+/// Element type of q, k, v and the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DTypeArg {
+    F16,
+    Bf16,
+    F32,
+}
+
+/// How positions enter the scores.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ModeArg {
+    Rope,
+    ReRope { window: u32 },
+    Leaky { window: u32, leak: f64 },
+}
+
+/// Frequency scaling of the rotary table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScalingArg {
+    None,
+    Ntk(f64),
+    Yarn(f64),
+}
+
+/// Options every command takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Common {
+    pub model: Option<PathBuf>,
+    pub device: DeviceArg,
+    pub attn: Attn,
+    pub dtype: DTypeArg,
+    pub chunk: usize,
+    pub mode: ModeArg,
+    pub scaling: ScalingArg,
+    pub quiet: bool,
+}
+
+/// Where a prompt comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generate {
+    pub prompt: Prompt,
+    pub max_new: usize,
+    pub chat: bool,
+    /// Keep only the first N tokens of the prompt.
+    pub prompt_tokens: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ppl {
+    pub file: PathBuf,
+    pub max_tokens: usize,
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Passkey {
+    pub lengths: Vec<usize>,
+    pub depths: Vec<f64>,
+    pub seed: u64,
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compare {
+    pub file: PathBuf,
+    pub prompt_tokens: usize,
+    pub max_new: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Help,
+    Generate(Common, Generate),
+    Ppl(Common, Ppl),
+    Passkey(Common, Passkey),
+    Compare(Common, Compare),
+}
+
+/// A token count: digits with an optional `k` (x1024) or `m` (x1024^2) suffix.
+pub fn parse_count(flag: &str, s: &str) -> Result<usize, ArgError> {
+    let t = s.trim();
+    let (digits, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1024usize),
+        Some((i, 'm' | 'M')) => (&t[..i], 1024 * 1024),
+        _ => (t, 1),
+    };
+    match digits.parse::<usize>() {
+        Ok(n) => match n.checked_mul(mult) {
+            Some(v) => Ok(v),
+            None => err(format!("{flag}: `{s}` is too large")),
+        },
+        Err(_) => err(format!(
+            "{flag}: `{s}` is not a count (digits with an optional k or m suffix)"
+        )),
+    }
+}
+
+fn parse_f64(flag: &str, s: &str) -> Result<f64, ArgError> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => err(format!("{flag}: `{s}` is not a finite number")),
+    }
+}
+
+fn parse_window(flag: &str, s: &str) -> Result<u32, ArgError> {
+    let n = parse_count(flag, s)?;
+    match u32::try_from(n) {
+        Ok(w) if w >= 1 => Ok(w),
+        _ => err(format!(
+            "{flag}: the window must be between 1 and {}",
+            u32::MAX
+        )),
+    }
+}
+
+fn parse_factor(flag: &str, s: &str) -> Result<f64, ArgError> {
+    let f = parse_f64(flag, s)?;
+    if f < 1.0 {
+        return err(format!("{flag}: the factor must be at least 1 (got {s})"));
+    }
+    Ok(f)
+}
+
+/// The arguments after the program name.
+struct Cursor {
+    args: Vec<String>,
+    at: usize,
+}
+
+impl Cursor {
+    fn next(&mut self) -> Option<String> {
+        let a = self.args.get(self.at).cloned();
+        self.at += 1;
+        a
+    }
+
+    fn value(&mut self, flag: &str) -> Result<String, ArgError> {
+        match self.next() {
+            Some(v) => Ok(v),
+            None => err(format!("{flag} needs a value")),
+        }
+    }
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(args: &[String]) -> Result<Command, ArgError> {
+    let mut cur = Cursor {
+        args: args.to_vec(),
+        at: 0,
+    };
+    let Some(cmd) = cur.next() else {
+        return err("no command given (generate, ppl, passkey or compare); try --help");
+    };
+    if matches!(cmd.as_str(), "-h" | "--help" | "help") {
+        return Ok(Command::Help);
+    }
+    if !matches!(cmd.as_str(), "generate" | "ppl" | "passkey" | "compare") {
+        return err(format!(
+            "unknown command `{cmd}` (generate, ppl, passkey or compare); try --help"
+        ));
+    }
+
+    let mut model = None;
+    let mut device = None;
+    let mut attn = None;
+    let mut dtype = None;
+    let mut chunk = 2048usize;
+    let mut mode: Option<(ModeArg, &'static str)> = None;
+    let mut scaling: Option<(ScalingArg, &'static str)> = None;
+    let mut quiet = false;
+
+    let mut prompt: Option<Prompt> = None;
+    let mut max_new: Option<usize> = None;
+    let mut chat = false;
+    let mut prompt_tokens: Option<usize> = None;
+    let mut file: Option<PathBuf> = None;
+    let mut max_tokens = 32 * 1024;
+    let mut json = None;
+    let mut lengths = vec![8 * 1024, 16 * 1024, 32 * 1024];
+    let mut depths = vec![0.1, 0.3, 0.5, 0.7, 0.9];
+    let mut seed = 1u64;
+
+    let set_mode =
+        |mode: &mut Option<(ModeArg, &'static str)>, m: ModeArg, flag: &'static str| match mode {
+            Some((_, prev)) => err(format!(
+                "{flag}: a position mode was already given ({prev})"
+            )),
+            None => {
+                *mode = Some((m, flag));
+                Ok(())
+            }
+        };
+    let only = |cmds: &[&str], flag: &str| -> Result<(), ArgError> {
+        if cmds.contains(&cmd.as_str()) {
+            Ok(())
+        } else {
+            err(format!("{flag} is not an option of `{cmd}`"))
+        }
+    };
+
+    while let Some(a) = cur.next() {
+        match a.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "--model" => model = Some(PathBuf::from(cur.value(&a)?)),
+            "--device" => {
+                let v = cur.value(&a)?;
+                device = Some(match v.as_str() {
+                    "cpu" => DeviceArg::Cpu,
+                    "cuda" | "gpu" => DeviceArg::Cuda(0),
+                    other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                        Some(Ok(n)) => DeviceArg::Cuda(n),
+                        _ => return err(format!("--device: `{v}` is not cpu, cuda or cuda:N")),
+                    },
+                })
+            }
+            "--attn" => {
+                let v = cur.value(&a)?;
+                attn = Some(match v.as_str() {
+                    "longflash" => Attn::Longflash,
+                    "candle" => Attn::Candle,
+                    _ => return err(format!("--attn: `{v}` is not longflash or candle")),
+                })
+            }
+            "--dtype" => {
+                let v = cur.value(&a)?;
+                dtype = Some(match v.as_str() {
+                    "f16" => DTypeArg::F16,
+                    "bf16" => DTypeArg::Bf16,
+                    "f32" => DTypeArg::F32,
+                    _ => return err(format!("--dtype: `{v}` is not f16, bf16 or f32")),
+                })
+            }
+            "--chunk" => {
+                chunk = parse_count("--chunk", &cur.value(&a)?)?;
+                if chunk == 0 {
+                    return err("--chunk: a chunk holds at least one token");
+                }
+            }
+            "--quiet" | "-q" => quiet = true,
+            "--rope" => set_mode(&mut mode, ModeArg::Rope, "--rope")?,
+            "--rerope" => {
+                let window = parse_window("--rerope", &cur.value(&a)?)?;
+                set_mode(&mut mode, ModeArg::ReRope { window }, "--rerope")?
+            }
+            "--leaky" => {
+                let window = parse_window("--leaky", &cur.value(&a)?)?;
+                let k = cur.value("--leaky (its leak K)")?;
+                let leak = parse_f64("--leaky", &k)?;
+                if leak <= 1.0 {
+                    return err(format!("--leaky: the leak K must be above 1 (got {k})"));
+                }
+                set_mode(&mut mode, ModeArg::Leaky { window, leak }, "--leaky")?
+            }
+            "--ntk" | "--yarn" => {
+                let f = parse_factor(&a, &cur.value(&a)?)?;
+                let (s, flag) = if a == "--ntk" {
+                    (ScalingArg::Ntk(f), "--ntk")
+                } else {
+                    (ScalingArg::Yarn(f), "--yarn")
+                };
+                if let Some((_, prev)) = scaling {
+                    return err(format!("{flag}: a scaling was already given ({prev})"));
+                }
+                scaling = Some((s, flag));
+            }
+            "--prompt" => {
+                only(&["generate"], &a)?;
+                if prompt.is_some() {
+                    return err("--prompt: a prompt was already given");
+                }
+                prompt = Some(Prompt::Text(cur.value(&a)?));
+            }
+            "--prompt-file" => {
+                only(&["generate", "compare"], &a)?;
+                if prompt.is_some() {
+                    return err("--prompt-file: a prompt was already given");
+                }
+                prompt = Some(Prompt::File(PathBuf::from(cur.value(&a)?)));
+            }
+            "--max-new" => {
+                only(&["generate", "compare"], &a)?;
+                max_new = Some(parse_count(&a, &cur.value(&a)?)?);
+            }
+            "--chat" => {
+                only(&["generate"], &a)?;
+                chat = true;
+            }
+            "--prompt-tokens" => {
+                only(&["generate", "compare"], &a)?;
+                let n = parse_count(&a, &cur.value(&a)?)?;
+                if n == 0 {
+                    return err("--prompt-tokens: keep at least one token");
+                }
+                prompt_tokens = Some(n);
+            }
+            "--max-tokens" => {
+                only(&["ppl"], &a)?;
+                max_tokens = parse_count(&a, &cur.value(&a)?)?;
+                if max_tokens < 2 {
+                    return err("--max-tokens: at least 2 tokens (one prediction)");
+                }
+            }
+            "--json" => {
+                only(&["ppl", "passkey"], &a)?;
+                json = Some(PathBuf::from(cur.value(&a)?));
+            }
+            "--lengths" => {
+                only(&["passkey"], &a)?;
+                lengths = cur
+                    .value(&a)?
+                    .split(',')
+                    .map(|s| parse_count("--lengths", s))
+                    .collect::<Result<_, _>>()?;
+                if lengths.iter().any(|&n| n < 256) {
+                    return err("--lengths: each prompt length must be at least 256 tokens");
+                }
+            }
+            "--depths" => {
+                only(&["passkey"], &a)?;
+                depths = cur
+                    .value(&a)?
+                    .split(',')
+                    .map(|s| parse_f64("--depths", s))
+                    .collect::<Result<_, _>>()?;
+                if depths.iter().any(|d| !(0.0..=1.0).contains(d)) {
+                    return err("--depths: each depth is a fraction between 0 and 1");
+                }
+            }
+            "--seed" => {
+                only(&["passkey"], &a)?;
+                let v = cur.value(&a)?;
+                seed = match v.parse() {
+                    Ok(s) => s,
+                    Err(_) => return err(format!("--seed: `{v}` is not an unsigned integer")),
+                };
+            }
+            other if other.starts_with('-') && other.len() > 1 => {
+                return err(format!("unknown option `{other}`; try --help"))
+            }
+            _ => {
+                if matches!(cmd.as_str(), "ppl") && file.is_none() {
+                    file = Some(PathBuf::from(a));
+                } else {
+                    return err(format!("unexpected argument `{a}`; try --help"));
+                }
+            }
+        }
+    }
+
+    let device = device.unwrap_or(if cfg!(feature = "cuda") {
+        DeviceArg::Cuda(0)
+    } else {
+        DeviceArg::Cpu
+    });
+    let attn = attn.unwrap_or(match device {
+        DeviceArg::Cpu => Attn::Candle,
+        DeviceArg::Cuda(_) => Attn::Longflash,
+    });
+    let dtype = dtype.unwrap_or(match device {
+        DeviceArg::Cpu => DTypeArg::F32,
+        DeviceArg::Cuda(_) => DTypeArg::F16,
+    });
+    let mode = mode.map_or(ModeArg::Rope, |m| m.0);
+    let scaling = scaling.map_or(ScalingArg::None, |s| s.0);
+    let common = Common {
+        model,
+        device,
+        attn,
+        dtype,
+        chunk,
+        mode,
+        scaling,
+        quiet,
+    };
+    check_common(&common)?;
+
+    Ok(match cmd.as_str() {
+        "generate" => {
+            let Some(prompt) = prompt else {
+                return err("generate needs --prompt TEXT or --prompt-file FILE");
+            };
+            Command::Generate(
+                common,
+                Generate {
+                    prompt,
+                    max_new: max_new.unwrap_or(64),
+                    chat,
+                    prompt_tokens,
+                },
+            )
+        }
+        "ppl" => {
+            let Some(file) = file else {
+                return err("ppl needs the text FILE to score");
+            };
+            Command::Ppl(
+                common,
+                Ppl {
+                    file,
+                    max_tokens,
+                    json,
+                },
+            )
+        }
+        "passkey" => Command::Passkey(
+            common,
+            Passkey {
+                lengths,
+                depths,
+                seed,
+                json,
+            },
+        ),
+        _ => {
+            let Some(Prompt::File(file)) = prompt else {
+                return err("compare needs --prompt-file FILE");
+            };
+            Command::Compare(
+                common,
+                Compare {
+                    file,
+                    prompt_tokens: prompt_tokens.unwrap_or(1024),
+                    max_new: max_new.unwrap_or(64),
+                },
+            )
+        }
+    })
+}
+
+/// Combinations that cannot run, found before anything is loaded.
+fn check_common(c: &Common) -> Result<(), ArgError> {
+    match c.attn {
+        Attn::Longflash => {
+            if !cfg!(feature = "cuda") {
+                return err(
+                    "--attn longflash needs the `cuda` feature of longflash-candle (built \
+                     without it); use --attn candle, or build with default features on a CUDA \
+                     machine",
+                );
+            }
+            if c.device == DeviceArg::Cpu {
+                return err("--attn longflash runs on CUDA devices only; use --device cuda or --attn candle");
+            }
+            if c.dtype == DTypeArg::F32 {
+                return err("--dtype f32: longflash takes f16 or bf16");
+            }
+        }
+        Attn::Candle => {
+            if c.mode != ModeArg::Rope {
+                return err(
+                    "--attn candle computes plain RoPE only (with --ntk or --yarn scalings); \
+                     ReRoPE and Leaky ReRoPE run with --attn longflash",
+                );
+            }
+        }
+    }
+    if matches!(c.device, DeviceArg::Cuda(_)) && !cfg!(feature = "cuda") {
+        return err("--device cuda: this build has no CUDA (built without the `cuda` feature); use --device cpu");
+    }
+    Ok(())
+}
