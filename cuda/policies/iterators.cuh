@@ -56,9 +56,6 @@ struct WindowQueryIter {
     __device__ __forceinline__ int variant(int) const { return 0; }
 };
 
-// Element mask of causal / window / sink attention (LfMask). Row i sees keys [0, sink) and
-// [lo, hi), given relative to the tile's first key k0 and clamped to [0, span] so they fit in
-
 // Walks the CSR row of the query block that holds query tile qt (a query block may hold several
 // tiles of a smaller kernel tile), with the full/partial flag of each block.
 struct CsrIter {

@@ -497,6 +497,9 @@ impl Attention {
             lse,
         } = inputs;
         let Gradients { dq, dk, dv } = grads;
+        // The shape rules first (an unsupported head dim is that, whatever the buffers hold),
+        // then every view's context and length, then the rest of RawBackward::validate.
+        attention_shapes([&q.layout, &k.layout, &v.layout, &o.layout], true, false)?;
         for (arg, ctx, layout, len) in [
             (
                 "q",
