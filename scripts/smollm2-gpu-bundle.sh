@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Stages everything the SmolLM2 runs on a GPU machine need, in two folders that two device calls
+# Stages everything the SmolLM2 runs on a GPU machine need, in three folders that device calls
 # carry one after the other (a call carries at most 64 MiB; each folder is kept under 60 MiB):
 #
-#   .gpu-pack/smollm2/call1/  part 1 of the GGUF model, and lfc_gpu.gz (longflash-candle's GPU
-#                             tests, the KV-cache drop-ins included)
+#   .gpu-pack/smollm2/call1/  part 1 of the GGUF model (as much as fits)
 #   .gpu-pack/smollm2/call2/  part 2 of the model, smollm2.gz (the example, `cuda` feature),
-#                             book.txt.gz (the text), the `gguf` wheel for the PyTorch reference,
-#                             libcudart.so.13 and stand-ins for the other CUDA libraries
+#                             book.txt.gz (the text), the `gguf` wheel for the PyTorch reference
+#   .gpu-pack/smollm2/call3/  lfc_gpu.gz (longflash-candle's GPU tests, the KV-cache drop-ins
+#                             included)
+#
+# and in each, libcudart.so.13 and stand-ins for the other CUDA libraries (stubs/).
 #
 # Both hold MANIFEST (sha256 of every file, and of the whole model). On the GPU machine,
 # scripts/gpu/smollm2.sh copies each folder it is given to /tmp/smollm2 (which stays while the
@@ -67,9 +69,9 @@ rm -rf "$out"
 # A fixed folder for the link-time stand-ins: cudarc's build script watches CUDA_ROOT, and a new
 # path each time would rebuild it and everything above it.
 cuda_root=$(pwd)/target/smollm2-cuda-stubs
-mkdir -p "$cuda_root/lib64" "$out/call1" "$out/call2/stubs"
+mkdir -p "$cuda_root/lib64" "$out/call1" "$out/call2/stubs" "$out/call3"
 out=$(cd "$out" && pwd)
-c1=$out/call1 c2=$out/call2
+c1=$out/call1 c2=$out/call2 c3=$out/call3
 lib=$cuda_root/lib64
 stub driver cu libcuda.so.1 "" "$lib/libcuda.so"
 for spec in "cublas cublas libcublas.so.13 libcublas.so.13" \
@@ -103,7 +105,7 @@ grep -q '^gpu ' "$work/exes" || { echo "smollm2-gpu-bundle: the GPU tests were n
 while read -r name exe; do
   case $name in
     smollm2) gzip -9 -c "$exe" >"$c2/smollm2.gz" ;;
-    gpu) gzip -9 -c "$exe" >"$c1/lfc_gpu.gz" ;;
+    gpu) gzip -9 -c "$exe" >"$c3/lfc_gpu.gz" ;;
   esac
 done <"$work/exes"
 
@@ -122,17 +124,21 @@ done | gzip -9 >"$c2/book.txt.gz"
 python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
   --dest "$c2/whl" gguf >&2
 
-# The model, split so that each call stays under the limit: call 1 takes what call 2 leaves.
+# The libraries in every folder, so that whichever call comes first can run its executables.
+for d in "$c1" "$c3"; do
+  cp -r "$c2/stubs" "$c2/libcudart.so.13" "$d/"
+done
+
+# The model, split so that each call stays under the limit: call 1 takes all it can (1 MiB
+# left for the manifest and slack), call 2 the rest.
 size() { du -cb "$@" | tail -n 1 | cut -f 1; }
 msize=$(stat -c %s "$model")
-fixed1=$(size "$c1")
-fixed2=$(size "$c2")
-part1=$(( (msize + fixed2 - fixed1) / 2 ))
-[ "$part1" -gt 0 ] && [ "$part1" -lt "$msize" ] || part1=$((msize / 2))
+part1=$((limit - 1024 * 1024 - $(size "$c1")))
+[ "$part1" -lt "$msize" ] || part1=$((msize / 2))
 head -c "$part1" "$model" >"$c1/model.part1"
 tail -c +$((part1 + 1)) "$model" >"$c2/model.part2"
 sum=$(sha256sum "$model" | cut -d ' ' -f 1)
-for d in "$c1" "$c2"; do
+for d in "$c1" "$c2" "$c3"; do
   (cd "$d" && find . -type f ! -name MANIFEST -printf '%P\n' | sort | xargs sha256sum) >"$d/MANIFEST"
   echo "$sum  model.gguf" >>"$d/MANIFEST"
   total=$(size "$d")
@@ -144,5 +150,5 @@ done
 # The split joins back into the model.
 [ "$(cat "$c1/model.part1" "$c2/model.part2" | sha256sum | cut -d ' ' -f 1)" = "$sum" ] ||
   { echo "smollm2-gpu-bundle: the parts do not join into the model" >&2; exit 1; }
-du -sh "$c1" "$c2"
-ls -la "$c1" "$c2"
+du -sb "$c1" "$c2" "$c3"
+ls -la "$c1" "$c2" "$c3"

@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu/smollm2.sh [PACK_DIR] [STEP ...]
 #
-# PACK_DIR (.gpu-pack/smollm2/call1 or call2, carried by this call) is checked against its
+# PACK_DIR (.gpu-pack/smollm2/call1, call2 or call3, carried by this call) is checked against its
 # MANIFEST and copied to $SMOLLM2_HOME (/tmp/smollm2), which stays while the machine is warm;
 # once both halves of the model are there they are joined into model.gguf and checked against
 # the model's sha256. Later calls carry nothing and name no PACK_DIR.
