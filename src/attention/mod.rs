@@ -29,6 +29,7 @@ pub mod merge;
 pub mod rope;
 mod sm90;
 pub mod sparse;
+pub mod sparse_backward;
 pub mod varlen;
 mod varlen_rope;
 
@@ -41,6 +42,7 @@ pub use forward::{ForwardOptions, RawForward};
 pub use merge::RawMerge;
 pub use rope::{RawRope, RawRopeMode, RopeForward};
 pub use sparse::{RawBlockMask, SparseOptions};
+pub use sparse_backward::SparseBackwardOptions;
 pub use varlen::{RawVarlenForward, VarlenOptions};
 
 /// Head dimensions that have kernels of their own width (every family, and the Hopper path).

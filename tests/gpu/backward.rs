@@ -8,10 +8,13 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::{bf16, f16};
 use longflash::reference::{
     attention_backward_f64, attention_backward_lowp, compare_gradient, GradComparison, RefShape,
+    Visibility,
 };
+use longflash::sparse::patterns;
 use longflash::{
-    backward_workspace_bytes, Attention, BackwardInputs, BackwardOptions, DType, Element, Error,
-    ForwardOptions, Gradient, Gradients, Input, Layout, MaskSpec, Output, RawBackward,
+    backward_workspace_bytes, Attention, BackwardInputs, BackwardOptions, BlockMask, DType,
+    Element, Error, ForwardOptions, Gradient, Gradients, Input, Layout, MaskShape, MaskSpec,
+    Output, RawBackward, SparseBackwardOptions, SparseOptions,
 };
 use proptest::prelude::*;
 
@@ -30,6 +33,9 @@ pub(crate) struct BwdCase {
     /// Run through `backward_raw` with a workspace of the test's own, filled with NaN first
     /// (the kernels must not rely on it being cleared), instead of the safe API.
     pub(crate) raw: bool,
+    /// Run the block-sparse forward and backward over this block mask (its element mask must be
+    /// `c.mask`); `c.sparse` builds a random one instead when this is `None`.
+    pub(crate) block: Option<BlockMask>,
 }
 
 impl BwdCase {
@@ -47,6 +53,7 @@ impl BwdCase {
             dkv_mem: Mem::Bshd,
             deterministic: false,
             raw: false,
+            block: None,
         }
     }
     fn deterministic(self) -> Self {
@@ -121,17 +128,32 @@ fn run_bwd_t<T: Element>(g: &Gpu, attn: &Attention, bc: &BwdCase) -> BwdResult {
     let dout = gen(nq, &mut rng);
     let scale = c.scale.unwrap_or(1.0 / (c.head_dim as f32).sqrt());
     let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
+    let block = bc.block.clone().or_else(|| c.sparse.map(|sp| sp.build(c)));
+    let vis: &dyn Visibility = match &block {
+        Some(b) => b,
+        None => &c.mask,
+    };
     let ref64 = attention_backward_f64(
         &shape,
         &wide(&q),
         &wide(&k),
         &wide(&v),
         &wide(&dout),
-        &c.mask,
+        vis,
         scale as f64,
     )
     .unwrap();
-    let lowp = attention_backward_lowp(&shape, &q, &k, &v, &dout, &c.mask, scale).unwrap();
+    let lowp = attention_backward_lowp(&shape, &q, &k, &v, &dout, vis, scale).unwrap();
+    let device_block = block.as_ref().map(|b| {
+        (
+            b.to_device(&g.stream).unwrap(),
+            b.key_major().to_device(&g.stream).unwrap(),
+        )
+    });
+    assert!(
+        device_block.is_none() || !bc.raw,
+        "the sparse cases run through the safe API"
+    );
 
     let lay = |m: Mem, kv: bool| {
         if kv {
@@ -194,8 +216,21 @@ fn run_bwd_t<T: Element>(g: &Gpu, attn: &Attention, bc: &BwdCase) -> BwdResult {
             layout: ol,
             lse: Some(&mut lv),
         };
-        attn.forward(&g.stream, qi, ki, vi, out, &fwd)
-            .unwrap_or_else(|e| panic!("forward failed on {bc:?}: {e}"));
+        match &device_block {
+            None => attn.forward(&g.stream, qi, ki, vi, out, &fwd),
+            Some((dm, _)) => attn.forward_sparse(
+                &g.stream,
+                qi,
+                ki,
+                vi,
+                out,
+                &SparseOptions {
+                    mask: dm,
+                    softmax_scale: c.scale,
+                },
+            ),
+        }
+        .unwrap_or_else(|e| panic!("forward failed on {bc:?}: {e}"));
     }
     let options = BackwardOptions {
         mask: c.mask,
@@ -275,8 +310,21 @@ fn run_bwd_t<T: Element>(g: &Gpu, attn: &Attention, bc: &BwdCase) -> BwdResult {
                 layout: dkl,
             },
         };
-        attn.backward(&g.stream, inputs, grads, &options)
-            .unwrap_or_else(|e| panic!("backward failed on {bc:?}: {e}"));
+        match &device_block {
+            None => attn.backward(&g.stream, inputs, grads, &options),
+            Some((dm, dkm)) => attn.backward_sparse(
+                &g.stream,
+                inputs,
+                grads,
+                &SparseBackwardOptions {
+                    mask: dm,
+                    key_major: dkm,
+                    softmax_scale: c.scale,
+                    deterministic: bc.deterministic,
+                },
+            ),
+        }
+        .unwrap_or_else(|e| panic!("backward failed on {bc:?}: {e}"));
     }
     g.stream.synchronize().unwrap();
     let dq_host: Vec<T> = g.stream.clone_dtoh(&d_dq).unwrap();
@@ -560,6 +608,88 @@ fn backward_explicit_softmax_scale() {
         bc.c.scale = Some(scale);
         check_bwd(g, &bc);
         check_bwd(g, &bc.deterministic());
+    }
+}
+
+/// The block-sparse backward: the long-context patterns and random block masks (sinks in the
+/// element mask included), every head dim, GQA, both dQ modes, against the f64 gradients over
+/// the same block mask.
+#[test]
+fn backward_sparse_patterns_and_random_masks() {
+    let g = gpu_or_skip!();
+    let (b, s, hq, hkv) = (1, 520, 4, 2);
+    let shape = MaskShape {
+        batch: b,
+        heads: hq,
+        seqlen_q: s,
+        seqlen_k: s,
+    };
+    let blocks: Vec<BlockMask> = vec![
+        patterns::causal(shape).unwrap(),
+        patterns::sliding_window(shape, Some(200), Some(0)).unwrap(),
+        patterns::bigbird(shape, 1, 3, 2, 11, true).unwrap(),
+        patterns::strided(shape, 2, 3).unwrap(),
+    ];
+    for d in [64, 128, 256] {
+        for (i, block) in blocks.iter().enumerate() {
+            // The block mask carries its element mask; the case's is the same.
+            let mask = block.element_mask();
+            let mut bc = BwdCase::new(DType::Bf16, (b, s, s), (hq, hkv), d, mask);
+            bc.block = Some(block.clone());
+            check_bwd(g, &bc);
+            if i == 0 {
+                check_bwd(g, &bc.deterministic());
+            }
+        }
+        let mut bc = BwdCase::new(DType::F16, (2, 333, 517), (4, 1), d, MaskSpec::causal());
+        bc.c.sparse = Some(SparseSpec {
+            density: 0.4,
+            per_head: true,
+            per_batch: true,
+            seed: 5,
+            one_block: false,
+        });
+        check_bwd(g, &bc);
+        check_bwd(g, &bc.deterministic());
+    }
+}
+
+/// A block mask that lists every block the dense plan visits (all of them, or the causal ones)
+/// runs the same tiles in the same order as the dense backward: the deterministic mode's dQ, dK
+/// and dV are the same bits (head dims 128 and 256, where the two use the same key tiles).
+#[test]
+fn backward_sparse_full_block_mask_equals_dense_bit_for_bit() {
+    let g = gpu_or_skip!();
+    for d in [128, 256] {
+        for mask in [MaskSpec::none(), MaskSpec::causal()] {
+            let dense = BwdCase::new(DType::Bf16, (2, 450, 450), (4, 2), d, mask).deterministic();
+            let shape = MaskShape {
+                batch: 1,
+                heads: 1,
+                seqlen_q: 450,
+                seqlen_k: 450,
+            };
+            let full = if mask.causal {
+                patterns::causal(shape).unwrap()
+            } else {
+                patterns::dense(shape).unwrap()
+            };
+            assert_eq!(full.element_mask(), mask);
+            let mut sparse = dense.clone();
+            sparse.block = Some(full);
+            let (a, s) = (check_bwd(g, &dense), check_bwd(g, &sparse));
+            for (what, x, y) in [
+                ("dq", &a.dq, &s.dq),
+                ("dk", &a.dk, &s.dk),
+                ("dv", &a.dv, &s.dv),
+            ] {
+                let same = x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(
+                    same,
+                    "d {d}, {mask:?}: sparse {what} differs from the dense one"
+                );
+            }
+        }
     }
 }
 
@@ -876,6 +1006,7 @@ fn arb_bwd_case() -> impl Strategy<Value = BwdCase> {
             dkv_mem,
             deterministic,
             raw: false,
+            block: None,
         },
     )
 }

@@ -155,6 +155,12 @@ LF_HD int lf_tile_is_full(LfMask m, int32_t qt, int32_t t, int32_t br, int32_t b
 #define LF_BWD_DQ_BC_D128 64
 #define LF_BWD_DQ_BC_D256 32
 #define LF_BWD_ROW_PAD 64
+/* The block-sparse backward's main kernel runs one CTA per key block (LF_SPARSE_K_BLOCK keys)
+ * at every head dim, over query tiles of LF_BWD_BR_D<D> rows of the query blocks that list it: at
+ * head dim 64 a tile of 64 keys instead of the dense kernel's 128 (65 KiB of shared memory); at
+ * 128 and 256 the dense kernel's tiles. Its deterministic dQ pass is the dense one's over the CSR
+ * rows (key blocks split into tiles of LF_BWD_DQ_BC_D<D> keys). */
+#define LF_BWD_SPARSE_BC 64 /* LF_SPARSE_K_BLOCK */
 /* The pre-pass (D and the LSE in log2 units, the dQ accumulator cleared) and the conversion of
  * the dQ accumulator run LF_BWD_ROW_PAD rows per CTA of 256 threads. */
 #define LF_BWD_AUX_THREADS 256
