@@ -528,62 +528,14 @@ impl Attention {
         // The shape rules first (an unsupported head dim is that, whatever the buffers hold),
         // then every view's context and length, then the rest of RawBackward::validate.
         attention_shapes([&q.layout, &k.layout, &v.layout, &o.layout], true, false)?;
-        for (arg, ctx, layout, len) in [
-            (
-                "q",
-                q.data.stream().context().cu_ctx(),
-                q.layout,
-                q.data.len(),
-            ),
-            (
-                "k",
-                k.data.stream().context().cu_ctx(),
-                k.layout,
-                k.data.len(),
-            ),
-            (
-                "v",
-                v.data.stream().context().cu_ctx(),
-                v.layout,
-                v.data.len(),
-            ),
-            (
-                "o",
-                o.data.stream().context().cu_ctx(),
-                o.layout,
-                o.data.len(),
-            ),
-            (
-                "dout",
-                dout.data.stream().context().cu_ctx(),
-                dout.layout,
-                dout.data.len(),
-            ),
-            (
-                "dq",
-                dq.data.stream().context().cu_ctx(),
-                dq.layout,
-                dq.data.len(),
-            ),
-            (
-                "dk",
-                dk.data.stream().context().cu_ctx(),
-                dk.layout,
-                dk.data.len(),
-            ),
-            (
-                "dv",
-                dv.data.stream().context().cu_ctx(),
-                dv.layout,
-                dv.data.len(),
-            ),
-        ] {
-            self.same_context(arg, ctx)?;
-            let required = layout.required_len(arg)?;
-            if required > len as u128 {
-                return Err(Error::OutOfBounds { arg, required, len });
-            }
-        }
+        self.check_view("q", q.data, &q.layout)?;
+        self.check_view("k", k.data, &k.layout)?;
+        self.check_view("v", v.data, &v.layout)?;
+        self.check_view("o", o.data, &o.layout)?;
+        self.check_view("dout", dout.data, &dout.layout)?;
+        self.check_view("dq", &*dq.data, &dq.layout)?;
+        self.check_view("dk", &*dk.data, &dk.layout)?;
+        self.check_view("dv", &*dv.data, &dv.layout)?;
         self.same_context("lse", lse.stream().context().cu_ctx())?;
         let lse_needed =
             (q.layout.batch as u128) * (q.layout.heads as u128) * (q.layout.seqlen as u128);
