@@ -10,16 +10,18 @@ use longflash::reference::{
     attention_backward_f64, attention_backward_lowp, compare_gradient, GradComparison, RefShape,
     Visibility,
 };
-use longflash::sparse::patterns;
 use longflash::{
     backward_workspace_bytes, Attention, BackwardInputs, BackwardOptions, BlockMask, DType,
-    Element, Error, ForwardOptions, Gradient, Gradients, Input, Layout, MaskShape, MaskSpec,
-    Output, RawBackward, SparseBackwardOptions, SparseOptions,
+    Element, Error, ForwardOptions, Gradient, Gradients, Input, Layout, MaskSpec, Output,
+    RawBackward, SparseBackwardOptions, SparseOptions,
 };
 use proptest::prelude::*;
 
 use crate::common::Rng;
 use crate::common::*;
+
+mod sparse;
+mod training;
 
 /// A backward case: the forward's case (shapes, mask, scale, layouts of q, k/v and o) plus the
 /// layouts of the upstream gradient and of the three gradients, and the dQ mode.
@@ -611,88 +613,6 @@ fn backward_explicit_softmax_scale() {
     }
 }
 
-/// The block-sparse backward: the long-context patterns and random block masks (sinks in the
-/// element mask included), every head dim, GQA, both dQ modes, against the f64 gradients over
-/// the same block mask.
-#[test]
-fn backward_sparse_patterns_and_random_masks() {
-    let g = gpu_or_skip!();
-    let (b, s, hq, hkv) = (1, 520, 4, 2);
-    let shape = MaskShape {
-        batch: b,
-        heads: hq,
-        seqlen_q: s,
-        seqlen_k: s,
-    };
-    let blocks: Vec<BlockMask> = vec![
-        patterns::causal(shape).unwrap(),
-        patterns::sliding_window(shape, Some(200), Some(0)).unwrap(),
-        patterns::bigbird(shape, 1, 3, 2, 11, true).unwrap(),
-        patterns::strided(shape, 2, 3).unwrap(),
-    ];
-    for d in [64, 128, 256] {
-        for (i, block) in blocks.iter().enumerate() {
-            // The block mask carries its element mask; the case's is the same.
-            let mask = block.element_mask();
-            let mut bc = BwdCase::new(DType::Bf16, (b, s, s), (hq, hkv), d, mask);
-            bc.block = Some(block.clone());
-            check_bwd(g, &bc);
-            if i == 0 {
-                check_bwd(g, &bc.deterministic());
-            }
-        }
-        let mut bc = BwdCase::new(DType::F16, (2, 333, 517), (4, 1), d, MaskSpec::causal());
-        bc.c.sparse = Some(SparseSpec {
-            density: 0.4,
-            per_head: true,
-            per_batch: true,
-            seed: 5,
-            one_block: false,
-        });
-        check_bwd(g, &bc);
-        check_bwd(g, &bc.deterministic());
-    }
-}
-
-/// A block mask that lists every block the dense plan visits (all of them, or the causal ones)
-/// runs the same tiles in the same order as the dense backward: the deterministic mode's dQ, dK
-/// and dV are the same bits (head dims 128 and 256, where the two use the same key tiles).
-#[test]
-fn backward_sparse_full_block_mask_equals_dense_bit_for_bit() {
-    let g = gpu_or_skip!();
-    for d in [128, 256] {
-        for mask in [MaskSpec::none(), MaskSpec::causal()] {
-            let dense = BwdCase::new(DType::Bf16, (2, 450, 450), (4, 2), d, mask).deterministic();
-            let shape = MaskShape {
-                batch: 1,
-                heads: 1,
-                seqlen_q: 450,
-                seqlen_k: 450,
-            };
-            let full = if mask.causal {
-                patterns::causal(shape).unwrap()
-            } else {
-                patterns::dense(shape).unwrap()
-            };
-            assert_eq!(full.element_mask(), mask);
-            let mut sparse = dense.clone();
-            sparse.block = Some(full);
-            let (a, s) = (check_bwd(g, &dense), check_bwd(g, &sparse));
-            for (what, x, y) in [
-                ("dq", &a.dq, &s.dq),
-                ("dk", &a.dk, &s.dk),
-                ("dv", &a.dv, &s.dv),
-            ] {
-                let same = x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
-                assert!(
-                    same,
-                    "d {d}, {mask:?}: sparse {what} differs from the dense one"
-                );
-            }
-        }
-    }
-}
-
 #[test]
 fn backward_long_sequence() {
     let g = gpu_or_skip!();
@@ -829,172 +749,6 @@ fn backward_safe_api_rejects_bad_buffers_before_launch() {
         matches!(e, Error::UnsupportedHeadDim { value: 100, .. }),
         "{e}"
     );
-}
-
-/// A training loop in miniature: a causal GQA attention layer whose q, k and v (f32 master
-/// weights, bf16 on the device) descend the loss `0.5 * |attention(q, k, v) - target|^2` with
-/// gradients from the GPU backward (upstream gradient `O - target` from the GPU forward). Every
-/// step's gradients pass the rule against the f64 gradients at the same point, and the loss (the
-/// f64 forward of the rounded weights) goes down at every step.
-#[test]
-fn backward_training_steps_decrease_the_loss() {
-    let g = gpu_or_skip!();
-    let shape = RefShape {
-        batch: 1,
-        seqlen_q: 96,
-        seqlen_k: 96,
-        heads_q: 2,
-        heads_kv: 1,
-        head_dim: 64,
-    };
-    let mask = MaskSpec::causal();
-    let scale = 0.125f32;
-    let (ql, kl) = (Layout::bshd(1, 96, 2, 64), Layout::bshd(1, 96, 1, 64));
-    let mut rng = Rng(11);
-    let mut normal =
-        |n: usize, s: f64| -> Vec<f32> { (0..n).map(|_| (s * rng.normal()) as f32).collect() };
-    let (nq, nkv) = (shape.q_len().unwrap(), shape.kv_len().unwrap());
-    let mut w = [normal(nq, 1.0), normal(nkv, 1.0), normal(nkv, 1.0)];
-    let target: Vec<f64> = normal(nq, 0.5).into_iter().map(f64::from).collect();
-    let lr = 0.1f32;
-    let round = |x: &[f32]| -> Vec<bf16> { x.iter().map(|&a| bf16::from_f32(a)).collect() };
-    let wide = |x: &[bf16]| -> Vec<f64> { x.iter().map(|t| t.to_f64()).collect() };
-    let loss = |q: &[bf16], k: &[bf16], v: &[bf16]| -> f64 {
-        let o =
-            longflash::reference::attention_f64(&shape, &wide(q), &wide(k), &wide(v), &mask, 0.125)
-                .unwrap()
-                .out;
-        0.5 * o
-            .iter()
-            .zip(&target)
-            .map(|(a, t)| (a - t) * (a - t))
-            .sum::<f64>()
-    };
-    let mut losses = Vec::new();
-    for step in 0..6 {
-        let (q, k, v) = (round(&w[0]), round(&w[1]), round(&w[2]));
-        losses.push(loss(&q, &k, &v));
-        if step == 5 {
-            break;
-        }
-        let (d_q, d_k, d_v) = (
-            g.stream.clone_htod(&q).unwrap(),
-            g.stream.clone_htod(&k).unwrap(),
-            g.stream.clone_htod(&v).unwrap(),
-        );
-        let mut d_o: CudaSlice<bf16> = g.stream.alloc_zeros(nq).unwrap();
-        let mut d_lse: CudaSlice<f32> = g.stream.alloc_zeros(shape.lse_len().unwrap()).unwrap();
-        let (qv, kv, vv) = (d_q.as_view(), d_k.as_view(), d_v.as_view());
-        let (qi, ki, vi) = (
-            Input {
-                data: &qv,
-                layout: ql,
-            },
-            Input {
-                data: &kv,
-                layout: kl,
-            },
-            Input {
-                data: &vv,
-                layout: kl,
-            },
-        );
-        {
-            let (mut ov, mut lv) = (d_o.as_view_mut(), d_lse.as_view_mut());
-            let out = Output {
-                data: &mut ov,
-                layout: ql,
-                lse: Some(&mut lv),
-            };
-            let opts = ForwardOptions::causal().with_scale(scale);
-            g.attn.forward(&g.stream, qi, ki, vi, out, &opts).unwrap();
-        }
-        let o: Vec<bf16> = g.stream.clone_dtoh(&d_o).unwrap();
-        let dout: Vec<bf16> = o
-            .iter()
-            .zip(&target)
-            .map(|(a, &t)| bf16::from_f64(a.to_f64() - t))
-            .collect();
-        let d_dout = g.stream.clone_htod(&dout).unwrap();
-        let mut grads: [CudaSlice<bf16>; 3] = [
-            g.stream.alloc_zeros(nq).unwrap(),
-            g.stream.alloc_zeros(nkv).unwrap(),
-            g.stream.alloc_zeros(nkv).unwrap(),
-        ];
-        {
-            let (ov, dov, lv) = (d_o.as_view(), d_dout.as_view(), d_lse.as_view());
-            let [gq, gk, gv] = &mut grads;
-            let (mut gqv, mut gkv, mut gvv) =
-                (gq.as_view_mut(), gk.as_view_mut(), gv.as_view_mut());
-            g.attn
-                .backward(
-                    &g.stream,
-                    BackwardInputs {
-                        q: qi,
-                        k: ki,
-                        v: vi,
-                        o: Input {
-                            data: &ov,
-                            layout: ql,
-                        },
-                        dout: Input {
-                            data: &dov,
-                            layout: ql,
-                        },
-                        lse: &lv,
-                    },
-                    Gradients {
-                        dq: Gradient {
-                            data: &mut gqv,
-                            layout: ql,
-                        },
-                        dk: Gradient {
-                            data: &mut gkv,
-                            layout: kl,
-                        },
-                        dv: Gradient {
-                            data: &mut gvv,
-                            layout: kl,
-                        },
-                    },
-                    &BackwardOptions::causal().with_scale(scale),
-                )
-                .unwrap();
-        }
-        g.stream.synchronize().unwrap();
-        let ref64 = attention_backward_f64(
-            &shape,
-            &wide(&q),
-            &wide(&k),
-            &wide(&v),
-            &wide(&dout),
-            &mask,
-            0.125,
-        )
-        .unwrap();
-        let lowp = attention_backward_lowp(&shape, &q, &k, &v, &dout, &mask, scale).unwrap();
-        for (i, (name, r64, naive)) in [
-            ("dq", &ref64.dq, &lowp.dq),
-            ("dk", &ref64.dk, &lowp.dk),
-            ("dv", &ref64.dv, &lowp.dv),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let gr: Vec<bf16> = g.stream.clone_dtoh(&grads[i]).unwrap();
-            let c = compare_gradient(&wide(&gr), r64, naive, DType::Bf16);
-            assert!(c.passes, "step {step} {name}: {c}");
-            for (x, d) in w[i].iter_mut().zip(&gr) {
-                *x -= lr * d.to_f32();
-            }
-        }
-    }
-    for s in 1..losses.len() {
-        assert!(
-            losses[s] < losses[s - 1],
-            "the loss must go down at every step: {losses:?}"
-        );
-    }
 }
 
 fn arb_bwd_case() -> impl Strategy<Value = BwdCase> {
