@@ -19,7 +19,7 @@ template <> struct BwdWarpGrid<64> {
     static constexpr int kWM1 = 8, kWM2 = 4, kWM3 = 4;
 };
 template <> struct BwdWarpGrid<128> {
-    static constexpr int kWM1 = 4, kWM2 = 2, kWM3 = 2;
+    static constexpr int kWM1 = 4, kWM2 = 4, kWM3 = 2;
 };
 template <> struct BwdWarpGrid<256> {
     static constexpr int kWM1 = 4, kWM2 = 2, kWM3 = 2;
@@ -121,10 +121,11 @@ template <class Tr> __device__ __forceinline__ void window_bwd_dq(const LfBwdPar
     attention_bwd_dq<Tr>(p, iter, WindowMask{p.mask}, qt, h, b);
 }
 
-// The block-sparse backward's main kernel tiles: one key block per CTA; at head dim 64 a 64-key
-// variant of the dense kernel's 128-key tile (warp grids as at head dim 128).
-template <int D> struct BwdSparseWarpGrid : BwdWarpGrid<D> {};
-template <> struct BwdSparseWarpGrid<64> : BwdWarpGrid<128> {};
+// The block-sparse backward's main kernel tiles: one key block of 64 keys per CTA, against the
+// dense kernel's 128 at head dims 64 and 128; warp grids for 64-key tiles.
+template <int D> struct BwdSparseWarpGrid {
+    static constexpr int kWM1 = 4, kWM2 = 2, kWM3 = 2;
+};
 
 // dK and dV (and the atomic dQ) of a block mask: one CTA per (key block, key/value head, batch
 // entry), over the query tiles of the query blocks that list the key block (its key-major

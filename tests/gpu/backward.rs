@@ -38,6 +38,10 @@ pub(crate) struct BwdCase {
     /// Run the block-sparse forward and backward over this block mask (its element mask must be
     /// `c.mask`); `c.sparse` builds a random one instead when this is `None`.
     pub(crate) block: Option<BlockMask>,
+    /// With `block` set, still take O and the LSE from the dense forward (only for a block mask
+    /// whose visibility is exactly `c.mask`): the backwards then start from the same bits, which
+    /// the sparse forward need not reproduce (on Hopper the dense forward runs another mainloop).
+    pub(crate) dense_forward: bool,
 }
 
 impl BwdCase {
@@ -56,6 +60,7 @@ impl BwdCase {
             deterministic: false,
             raw: false,
             block: None,
+            dense_forward: false,
         }
     }
     fn deterministic(self) -> Self {
@@ -220,6 +225,7 @@ fn run_bwd_t<T: Element>(g: &Gpu, attn: &Attention, bc: &BwdCase) -> BwdResult {
         };
         match &device_block {
             None => attn.forward(&g.stream, qi, ki, vi, out, &fwd),
+            Some(_) if bc.dense_forward => attn.forward(&g.stream, qi, ki, vi, out, &fwd),
             Some((dm, _)) => attn.forward_sparse(
                 &g.stream,
                 qi,
@@ -761,6 +767,7 @@ fn arb_bwd_case() -> impl Strategy<Value = BwdCase> {
             deterministic,
             raw: false,
             block: None,
+            dense_forward: false,
         },
     )
 }

@@ -51,8 +51,9 @@ fn backward_sparse_patterns_and_random_masks() {
 }
 
 /// A block mask that lists every block the dense plan visits (all of them, or the causal ones)
-/// runs the same tiles in the same order as the dense backward: the deterministic mode's dQ, dK
-/// and dV are the same bits (head dims 128 and 256, where the two use the same key tiles).
+/// runs the same tiles in the same order as the dense backward: from the same O and LSE (the
+/// dense forward's, for both), the deterministic mode's dQ, dK and dV are the same bits (head
+/// dims 128 and 256, where the two use the same key tiles).
 #[test]
 fn backward_sparse_full_block_mask_equals_dense_bit_for_bit() {
     let g = gpu_or_skip!();
@@ -73,6 +74,7 @@ fn backward_sparse_full_block_mask_equals_dense_bit_for_bit() {
             assert_eq!(full.element_mask(), mask);
             let mut sparse = dense.clone();
             sparse.block = Some(full);
+            sparse.dense_forward = true;
             let (a, s) = (check_bwd(g, &dense), check_bwd(g, &sparse));
             for (what, x, y) in [
                 ("dq", &a.dq, &s.dq),
