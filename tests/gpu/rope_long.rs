@@ -46,7 +46,11 @@ fn rope_long_context_chunks_match_the_reference() {
             c.heads_kv = 1;
             c.rope = smollm2_rope(mode);
             let r = run_rope(g, &c);
-            assert!(r.cmp.passes, "{sq} queries over {sk} keys, {mode:?}\n  {}", r.cmp);
+            assert!(
+                r.cmp.passes,
+                "{sq} queries over {sk} keys, {mode:?}\n  {}",
+                r.cmp
+            );
         }
     }
 }
