@@ -8,12 +8,22 @@
 //! causal mask, aligned bottom-right, over the first `seqlen_k - w` keys, so both halves are calls
 //! of the exact backward (a sliding window for the inside one). The gradients come back to the
 //! un-rotated inputs through the transposed rotations `R_{-x}`, and dV is the two halves' sum.
+//!
+//! The second test replays the plan in the element type, roundings where the kernels round
+//! (each half's gradients come out of the exact backward in `T`), and checks it against the
+//! backward's correctness rule with the naive two-matrix backward in `T`
+//! (`rope_attention_backward_lowp`) as the budget.
 
 #[path = "support/rng.rs"]
 mod rng;
 
-use longflash::reference::{rope_attention_backward_f64, rope_attention_f64, RefShape};
+use half::{bf16, f16};
+use longflash::reference::{
+    compare_gradient, rope_attention_backward_f64, rope_attention_backward_lowp,
+    rope_attention_f64, RefShape,
+};
 use longflash::rope::{rotate, PositionMode, RopeConfig, RopeLayout, RopeOptions, RopeScaling};
+use longflash::{DType, Element};
 use rng::Rng;
 
 /// Which pairs a half takes.
@@ -237,6 +247,280 @@ fn rope_backward_is_two_exact_backwards() {
                 check(shape, &rope, seed);
                 seed += 1;
             }
+        }
+    }
+}
+
+/// What the GPU plan computes, rounding included: the rotated inputs of each half in `T` (the
+/// forward's key workspaces and Q variants), the forward's LSE and output (in `T`), then each
+/// half as the exact backward kernel computes it (P and dS rounded to `T` as matrix operands, f32
+/// sums, every gradient rounded to `T` at its end, dK summed over the group first), then one f32
+/// pass that turns the halves' dQ and dK back, adds them (and the halves' dV) and rounds once.
+fn split_plan_lowp<T: Element>(
+    s: &RefShape,
+    (q, k, v, dout): (&[T], &[T], &[T], &[T]),
+    rope: &RopeOptions,
+    scale: f32,
+) -> Grads {
+    let d = s.head_dim;
+    let inv_freq = rope
+        .config
+        .inv_freq(d, s.seqlen_k + rope.max_offset() as usize)
+        .unwrap();
+    let (layout, af) = (rope.config.layout, rope.config.attention_factor());
+    let round = |x: f32| T::from_f32(x).to_f32();
+    let wide = |x: &[T]| -> Vec<f32> { x.iter().map(|t| t.to_f32()).collect() };
+    // m A_pos x in f32 (angles and the rotation in f64, as precise as the kernels' f64
+    // reduction), optionally rounded to T.
+    let turn = |x: &[f32], pos: f64, m: f32| -> Vec<f32> {
+        let mut y: Vec<f64> = x.iter().map(|&a| f64::from(a * m)).collect();
+        rotate(&mut y, pos, &inv_freq, layout, af);
+        y.into_iter().map(|a| a as f32).collect()
+    };
+    let dot = |a: &[f32], b: &[f32]| -> f32 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
+    let (sq, sk) = (s.seqlen_q, s.seqlen_k);
+    let group = s.heads_q / s.heads_kv;
+    let qi = |b: usize, i: usize, h: usize| ((b * sq + i) * s.heads_q + h) * d;
+    let ki = |b: usize, j: usize, h: usize| ((b * sk + j) * s.heads_kv + h) * d;
+    let w = window(rope.mode);
+    let mask = rope.mask();
+    let (vf, df) = (wide(v), wide(dout));
+    let mut g = Grads {
+        dq: vec![0.0; q.len()],
+        dk: vec![0.0; k.len()],
+        dv: vec![0.0; v.len()],
+    };
+    let halves: &[Half] = if w.is_some() {
+        &[Half::Inside, Half::Outside]
+    } else {
+        &[Half::Inside]
+    };
+    for b in 0..s.batch {
+        let pq = |i: usize| rope.query_position(b, i, sq, sk);
+        let pk = |j: usize| rope.key_position(b, j);
+        for hk in 0..s.heads_kv {
+            // Per half: dQ~ (per query head, rounded), dK~ and dV (summed over the group, rounded).
+            let mut dq_h = vec![vec![vec![0.0f32; d]; sq * group]; 2];
+            let mut dk_h = vec![vec![vec![0.0f32; d]; sk]; 2];
+            let mut dv_h = vec![vec![vec![0.0f32; d]; sk]; 2];
+            for &half in halves {
+                let hi = (half == Half::Outside) as usize;
+                let mut dk_acc = vec![vec![0.0f32; d]; sk];
+                let mut dv_acc = vec![vec![0.0f32; d]; sk];
+                for gh in 0..group {
+                    let h = hk * group + gh;
+                    let kr: Vec<Vec<f32>> = (0..sk)
+                        .map(|j| {
+                            let (_, c) = positions(rope.mode, half, pk(j));
+                            let x = turn(&wide(&k[ki(b, j, hk)..][..d]), c, 1.0);
+                            x.into_iter().map(round).collect()
+                        })
+                        .collect();
+                    for i in 0..sq {
+                        let m = rope.log_n_scale(pq(i)) as f32;
+                        let qrow = wide(&q[qi(b, i, h)..][..d]);
+                        // Both variants of the query (the forward needs both for the LSE).
+                        let variant = |hv: Half| -> Vec<f32> {
+                            let (a, _) = positions(rope.mode, hv, pq(i));
+                            turn(&qrow, a, m).into_iter().map(round).collect()
+                        };
+                        let key = |hv: Half, j: usize| -> Vec<f32> {
+                            let (_, c) = positions(rope.mode, hv, pk(j));
+                            let x = turn(&wide(&k[ki(b, j, hk)..][..d]), c, 1.0);
+                            x.into_iter().map(round).collect()
+                        };
+                        let (q_in, q_out) = (variant(Half::Inside), variant(Half::Outside));
+                        // The forward: scores of the row's visible keys, each from its side.
+                        let mut row: Vec<(usize, bool, f32)> = Vec::new();
+                        for j in 0..sk {
+                            if !mask.is_visible(sq, sk, i, j) {
+                                continue;
+                            }
+                            let inside = w.is_none_or(|w| pq(i) - pk(j) < w);
+                            let sc = if inside {
+                                dot(&q_in, &key(Half::Inside, j))
+                            } else {
+                                dot(&q_out, &key(Half::Outside, j))
+                            };
+                            row.push((j, inside, scale * sc));
+                        }
+                        if row.is_empty() {
+                            continue;
+                        }
+                        let mx = row.iter().map(|r| r.2).fold(f32::NEG_INFINITY, f32::max);
+                        let l: f32 = row.iter().map(|r| (r.2 - mx).exp()).sum();
+                        let lse = mx + l.ln();
+                        let mut o = vec![0.0f32; d];
+                        for r in &row {
+                            let p = (r.2 - lse).exp();
+                            for (a, &x) in o.iter_mut().zip(&vf[ki(b, r.0, hk)..][..d]) {
+                                *a += p * x;
+                            }
+                        }
+                        let o: Vec<f32> = o.into_iter().map(round).collect();
+                        let doi = &df[qi(b, i, h)..][..d];
+                        let big_d = dot(doi, &o);
+                        // This half's backward over its own pairs, with the whole row's LSE.
+                        let qh = if half == Half::Inside { &q_in } else { &q_out };
+                        let mut dqr = vec![0.0f32; d];
+                        for &(j, inside, sc) in &row {
+                            if inside != (half == Half::Inside) {
+                                continue;
+                            }
+                            let p = (sc - lse).exp();
+                            let vo = ki(b, j, hk);
+                            let ds = round(p * (dot(doi, &vf[vo..vo + d]) - big_d));
+                            let pt = round(p);
+                            for x in 0..d {
+                                dqr[x] += ds * kr[j][x];
+                                dk_acc[j][x] += ds * qh[x];
+                                dv_acc[j][x] += pt * doi[x];
+                            }
+                        }
+                        dq_h[hi][gh * sq + i] = dqr.iter().map(|&a| round(a * scale)).collect();
+                    }
+                }
+                for j in 0..sk {
+                    dk_h[hi][j] = dk_acc[j].iter().map(|&a| round(a * scale)).collect();
+                    dv_h[hi][j] = dv_acc[j].iter().map(|&a| round(a)).collect();
+                }
+            }
+            // The combining pass: back through each half's rotation, added in f32, rounded once.
+            for gh in 0..group {
+                let h = hk * group + gh;
+                for i in 0..sq {
+                    let m = rope.log_n_scale(pq(i)) as f32;
+                    let mut x = vec![0.0f32; d];
+                    for &half in halves {
+                        let (a, _) = positions(rope.mode, half, pq(i));
+                        let hi = (half == Half::Outside) as usize;
+                        for (t, y) in x.iter_mut().zip(turn(&dq_h[hi][gh * sq + i], -a, m)) {
+                            *t += y;
+                        }
+                    }
+                    let o = qi(b, i, h);
+                    for (t, y) in g.dq[o..o + d].iter_mut().zip(x) {
+                        *t = f64::from(round(y));
+                    }
+                }
+            }
+            for j in 0..sk {
+                let (mut x, mut y) = (vec![0.0f32; d], vec![0.0f32; d]);
+                for &half in halves {
+                    let (_, c) = positions(rope.mode, half, pk(j));
+                    let hi = (half == Half::Outside) as usize;
+                    for (t, u) in x.iter_mut().zip(turn(&dk_h[hi][j], -c, 1.0)) {
+                        *t += u;
+                    }
+                    for (t, u) in y.iter_mut().zip(&dv_h[hi][j]) {
+                        *t += u;
+                    }
+                }
+                let o = ki(b, j, hk);
+                for e in 0..d {
+                    g.dk[o + e] = f64::from(round(x[e]));
+                    g.dv[o + e] = f64::from(round(y[e]));
+                }
+            }
+        }
+    }
+    g
+}
+
+fn check_rounding<T: Element>(s: RefShape, rope: &RopeOptions, dtype: DType, seed: u64) {
+    let mut rng = Rng(seed);
+    let (nq, nkv) = (s.q_len().unwrap(), s.kv_len().unwrap());
+    let to_t = |x: Vec<f64>| -> Vec<T> { x.into_iter().map(|a| T::from_f32(a as f32)).collect() };
+    let (q, k, v, dout) = (
+        to_t(rng.vec(nq, 2.0)),
+        to_t(rng.vec(nkv, 2.0)),
+        to_t(rng.vec(nkv, 1.0)),
+        to_t(rng.vec(nq, 1.0)),
+    );
+    let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| f64::from(t.to_f32())).collect() };
+    let scale = 1.0 / (s.head_dim as f32).sqrt();
+    let want = rope_attention_backward_f64(
+        &s,
+        &wide(&q),
+        &wide(&k),
+        &wide(&v),
+        &wide(&dout),
+        rope,
+        f64::from(scale),
+    )
+    .unwrap();
+    let inputs = (&q[..], &k[..], &v[..], &dout[..]);
+    let naive = rope_attention_backward_lowp(&s, inputs, rope, scale).unwrap();
+    let got = split_plan_lowp(&s, inputs, rope, scale);
+    for (name, x, w, n) in [
+        ("dq", &got.dq, &want.dq, &naive.dq),
+        ("dk", &got.dk, &want.dk, &naive.dk),
+        ("dv", &got.dv, &want.dv, &naive.dv),
+    ] {
+        let c = compare_gradient(x, w, n, dtype);
+        assert!(
+            c.passes,
+            "{dtype:?} {s:?} {rope:?} seed {seed}: {name}: {c}"
+        );
+        // The budget is the low-precision backward's own error, not something far off: within
+        // four units in the last place of the largest gradient.
+        let big = w.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+        let ulp = match dtype {
+            DType::Bf16 => 2f64.powi(-7),
+            DType::F16 => 2f64.powi(-10),
+        };
+        assert!(
+            c.naive_abs_err <= 4.0 * ulp * big,
+            "{dtype:?} {name}: the naive backward is {:.2e} off, the largest gradient {big:.2e}",
+            c.naive_abs_err
+        );
+    }
+}
+
+/// The plan's extra roundings (each half's gradients in the element type, dV added from two
+/// rounded halves) stay inside the backward's correctness rule against the naive two-matrix
+/// backward in the same type, over positions, offsets, log-n scaling and grouped heads.
+#[test]
+fn rope_backward_plan_rounding_meets_the_rule() {
+    let modes = [
+        PositionMode::Rope,
+        PositionMode::ReRope { window: 7 },
+        PositionMode::ReRope { window: 30 },
+        PositionMode::LeakyReRope {
+            window: 12,
+            leak: 16.0,
+        },
+    ];
+    let mut seed = 100;
+    for mode in modes {
+        for (sq, sk, offsets, log_n, window_left) in [
+            (40, 40, None, None, None),
+            (17, 90, Some(vec![0, 1000]), Some(8), None),
+            (64, 70, None, None, Some(50)),
+        ] {
+            let shape = RefShape {
+                batch: 2,
+                seqlen_q: sq,
+                seqlen_k: sk,
+                heads_q: 4,
+                heads_kv: 2,
+                head_dim: 64,
+            };
+            let mut rope = RopeOptions::new(
+                RopeConfig {
+                    base: 10000.0,
+                    rotary_dim: 64,
+                    layout: RopeLayout::HalfSplit,
+                    scaling: RopeScaling::None,
+                },
+                mode,
+            );
+            rope.log_n_train_len = log_n;
+            rope.position_offsets = offsets;
+            rope.window_left = window_left;
+            check_rounding::<bf16>(shape, &rope, DType::Bf16, seed);
+            check_rounding::<f16>(shape, &rope, DType::F16, seed + 1);
+            seed += 2;
         }
     }
 }

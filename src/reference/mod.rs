@@ -50,7 +50,9 @@ pub use rope::{
     rope_attention_f64, rope_attention_f64_sparse, rope_attention_lowp, rope_attention_lowp_sparse,
     rope_rotate_k, rope_rotate_q,
 };
-pub use rope_backward::{rope_attention_backward_f64, rope_attention_backward_f64_sparse};
+pub use rope_backward::{
+    rope_attention_backward_f64, rope_attention_backward_f64_sparse, rope_attention_backward_lowp,
+};
 pub use serving::{
     paged_attention_f64, paged_attention_lowp, paged_gather, varlen_attention_f64,
     varlen_attention_lowp, PagedLayout, PagedShape, VarlenShape,

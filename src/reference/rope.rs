@@ -242,7 +242,13 @@ fn rope_attention_f64_impl(
 
 /// Rotates the first `2 * inv_freq.len()` elements of `x` in f32, with `a cos` and `a sin` of
 /// the angle `position * inv_freq[f]` (computed in f64, `a` the attention factor) rounded to f32.
-fn rope_rotate_f32(x: &mut [f32], position: f64, inv_freq: &[f64], layout: RopeLayout, af: f64) {
+pub(super) fn rope_rotate_f32(
+    x: &mut [f32],
+    position: f64,
+    inv_freq: &[f64],
+    layout: RopeLayout,
+    af: f64,
+) {
     let half = inv_freq.len();
     for (f, &w) in inv_freq.iter().enumerate() {
         let (a, b) = match layout {

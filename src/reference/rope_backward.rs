@@ -10,8 +10,11 @@
 //! the gradients are summed per branch in the rotated frames, then turned back once per row.
 
 use super::backward::{check_dout, RefGrads};
-use super::rope::{rope_inside, rope_outside_k_position, rope_outside_q_position, rope_tables};
+use super::rope::{
+    rope_inside, rope_outside_k_position, rope_outside_q_position, rope_rotate_f32, rope_tables,
+};
 use super::RefShape;
+use crate::dtype::Element;
 use crate::error::Result;
 use crate::rope::{rotate, PositionMode, RopeOptions};
 use crate::sparse::BlockMask;
@@ -189,4 +192,180 @@ fn rope_backward_impl(
         }
     }
     Ok(g)
+}
+
+/// [`rope_attention_backward_f64`] computed the way a plain low-precision two-matrix
+/// implementation would, widened to f64: its distance from the f64 gradients is the error budget
+/// a RoPE backward kernel is allowed
+/// ([`compare_gradient`](super::compare_gradient)).
+///
+/// Inputs are in `T`; arithmetic in f32. The rotated queries and keys of each branch are
+/// computed and rounded to `T` as in [`rope_attention_lowp`](super::rope_attention_lowp); each
+/// row's scores pick the inside or outside branch, and from there the row is computed as in
+/// [`attention_backward_lowp`](super::attention_backward_lowp) (`p` and `ds` rounded to `T`
+/// before they multiply, sums in f32, dv rounded once). The gradients with respect to the rotated
+/// vectors are rounded to `T` per branch (times the scale); each is turned back through its
+/// transposed rotation (and the log-n factor) in f32 and rounded to `T`, and the branches'
+/// results are added in f32 and rounded to `T`: what automatic differentiation of the two-matrix
+/// form stored in `T` does.
+///
+/// # Errors
+///
+/// As [`rope_attention_backward_f64`].
+pub fn rope_attention_backward_lowp<T: Element>(
+    shape: &RefShape,
+    (q, k, v, dout): (&[T], &[T], &[T], &[T]),
+    rope: &RopeOptions,
+    scale: f32,
+) -> Result<RefGrads> {
+    shape.check(q.len(), k.len(), v.len())?;
+    check_dout(q.len(), dout.len())?;
+    let (inv_freq, af) = rope_tables(shape, rope)?;
+    let layout = rope.config.layout;
+    let mode = &rope.mode;
+    let two = !matches!(mode, PositionMode::Rope);
+    let d = shape.head_dim;
+    let (sq, sk) = (shape.seqlen_q, shape.seqlen_k);
+    let group = shape.heads_q / shape.heads_kv;
+    let mask = rope.mask();
+    let round = |x: f32| T::from_f32(x).to_f32();
+    let widen = |x: &[T]| -> Vec<f32> { x.iter().map(|t| t.to_f32()).collect() };
+    let (vf, df) = (widen(v), widen(dout));
+    // Multiplied, rotated (A_position, or its transpose for a negated position) in f32, rounded.
+    let turn = |x: &[f32], mul: f32, position: f64| -> Vec<f32> {
+        let mut y: Vec<f32> = x.iter().map(|a| a * mul).collect();
+        rope_rotate_f32(&mut y, position, &inv_freq, layout, af);
+        y.into_iter().map(round).collect()
+    };
+    let dot32 = |a: &[f32], b: &[f32]| -> f32 {
+        let mut s = 0.0f32;
+        for (x, y) in a.iter().zip(b) {
+            s += x * y;
+        }
+        s
+    };
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0f32; q.len()],
+        vec![0.0f32; k.len()],
+        vec![0.0f32; v.len()],
+    );
+    let mut row: Vec<(usize, bool, f32)> = Vec::with_capacity(sk);
+    let mut o = vec![0.0f32; d];
+    for b in 0..shape.batch {
+        let pq: Vec<i64> = (0..sq).map(|i| rope.query_position(b, i, sq, sk)).collect();
+        let pk: Vec<i64> = (0..sk).map(|j| rope.key_position(b, j)).collect();
+        let q_at = |i: usize| rope_outside_q_position(mode, pq[i]);
+        let k_at = |j: usize| rope_outside_k_position(mode, pk[j]);
+        for h in 0..shape.heads_q {
+            let hk = h / group;
+            let qv = |i: usize| widen(&q[shape.q_offset(b, i, h)..][..d]);
+            let kv = |j: usize| widen(&k[shape.kv_offset(b, j, hk)..][..d]);
+            let logn: Vec<f32> = (0..sq).map(|i| rope.log_n_scale(pq[i]) as f32).collect();
+            let q_in: Vec<Vec<f32>> = (0..sq)
+                .map(|i| turn(&qv(i), logn[i], pq[i] as f64))
+                .collect();
+            let k_in: Vec<Vec<f32>> = (0..sk).map(|j| turn(&kv(j), 1.0, pk[j] as f64)).collect();
+            let (q_out, k_out): (Vec<Vec<f32>>, Vec<Vec<f32>>) = if two {
+                (
+                    (0..sq).map(|i| turn(&qv(i), logn[i], q_at(i))).collect(),
+                    (0..sk).map(|j| turn(&kv(j), 1.0, k_at(j))).collect(),
+                )
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            // Gradients with respect to the rotated vectors, per branch, in f32.
+            let mut gq = [vec![vec![0.0f32; d]; sq], vec![vec![0.0f32; d]; sq]];
+            let mut gk = [vec![vec![0.0f32; d]; sk], vec![vec![0.0f32; d]; sk]];
+            for i in 0..sq {
+                let qo = shape.q_offset(b, i, h);
+                let doi = &df[qo..qo + d];
+                row.clear();
+                for j in 0..sk {
+                    if mask.is_visible(sq, sk, i, j) {
+                        let inside = rope_inside(mode, pq[i] - pk[j]);
+                        let s = if inside {
+                            dot32(&q_in[i], &k_in[j])
+                        } else {
+                            dot32(&q_out[i], &k_out[j])
+                        };
+                        row.push((j, inside, scale * s));
+                    }
+                }
+                if row.is_empty() {
+                    continue;
+                }
+                let m = row.iter().map(|r| r.2).fold(f32::NEG_INFINITY, f32::max);
+                let mut l = 0.0f32;
+                for r in row.iter_mut() {
+                    r.2 = (r.2 - m).exp();
+                    l += r.2;
+                }
+                o.fill(0.0);
+                for r in row.iter_mut() {
+                    r.2 /= l;
+                    let vo = shape.kv_offset(b, r.0, hk);
+                    for (a, &x) in o.iter_mut().zip(&vf[vo..vo + d]) {
+                        *a += r.2 * x;
+                    }
+                }
+                let o_t: Vec<f32> = o.iter().map(|&x| round(x)).collect();
+                let big_d = dot32(doi, &o_t);
+                for &(j, inside, pj) in &row {
+                    let vo = shape.kv_offset(b, j, hk);
+                    let ds = round(pj * (dot32(doi, &vf[vo..vo + d]) - big_d));
+                    let pt = round(pj);
+                    for (a, &y) in dv[vo..vo + d].iter_mut().zip(doi) {
+                        *a += pt * y;
+                    }
+                    let (br, qr, kr) = if inside {
+                        (0, &q_in[i], &k_in[j])
+                    } else {
+                        (1, &q_out[i], &k_out[j])
+                    };
+                    for (a, &y) in gq[br][i].iter_mut().zip(kr) {
+                        *a += ds * y;
+                    }
+                    for (a, &y) in gk[br][j].iter_mut().zip(qr) {
+                        *a += ds * y;
+                    }
+                }
+            }
+            // Each branch's gradient in T, turned back and rounded, the branches added.
+            let back = |g: &[f32], mul: f32, position: f64| -> Vec<f32> {
+                let g: Vec<f32> = g.iter().map(|&a| round(a * scale)).collect();
+                turn(&g, mul, -position)
+            };
+            for i in 0..sq {
+                let qo = shape.q_offset(b, i, h);
+                let mut x = back(&gq[0][i], logn[i], pq[i] as f64);
+                if two {
+                    for (a, y) in x.iter_mut().zip(back(&gq[1][i], logn[i], q_at(i))) {
+                        *a = round(*a + y);
+                    }
+                }
+                for (a, y) in dq[qo..qo + d].iter_mut().zip(x) {
+                    *a += y;
+                }
+            }
+            for j in 0..sk {
+                let ko = shape.kv_offset(b, j, hk);
+                let mut x = back(&gk[0][j], 1.0, pk[j] as f64);
+                if two {
+                    for (a, y) in x.iter_mut().zip(back(&gk[1][j], 1.0, k_at(j))) {
+                        *a = round(*a + y);
+                    }
+                }
+                // The query heads of a group add up in f32.
+                for (a, y) in dk[ko..ko + d].iter_mut().zip(x) {
+                    *a += y;
+                }
+            }
+        }
+    }
+    let finish = |x: Vec<f32>| -> Vec<f64> { x.into_iter().map(|a| f64::from(round(a))).collect() };
+    Ok(RefGrads {
+        dq: finish(dq),
+        dk: finish(dk),
+        dv: finish(dv),
+    })
 }
