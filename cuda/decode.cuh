@@ -609,7 +609,11 @@ template <typename T> __device__ __forceinline__ void decode_combine(const LfDec
     const float *po = p.partial_o + row * p.head_dim;
     uint16_t *out = static_cast<uint16_t *>(p.o) + b * p.o_batch_stride + t * p.o_row_stride +
                     h * p.o_head_stride;
-    for (int c = lane * 4; c < p.head_dim; c += 128) {
+    // Every lane runs every pass (the shuffles need the whole warp); a lane past the head's
+    // last element in a pass loads and stores nothing.
+    for (int c0 = 0; c0 < p.head_dim; c0 += 128) {
+        const int c = c0 + lane * 4;
+        const bool active = c < p.head_dim;
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int s0 = 0; s0 < splits; s0 += 32) {
             // This lane's split of the group: its weight, or -1 for a split that saw no key of
@@ -624,12 +628,12 @@ template <typename T> __device__ __forceinline__ void decode_combine(const LfDec
 #pragma unroll
                 for (int u = 0; u < kBatch; ++u) {
                     w[u] = __shfl_sync(0xffffffffu, wl, (i + u) & 31);
-                    if (i + u < n && w[u] != -1.f)
+                    if (active && i + u < n && w[u] != -1.f)
                         x[u] = *reinterpret_cast<const float4 *>(po + (s0 + i + u) * o_split + c);
                 }
 #pragma unroll
                 for (int u = 0; u < kBatch; ++u) {
-                    if (i + u < n && w[u] != -1.f) {
+                    if (active && i + u < n && w[u] != -1.f) {
                         acc.x += w[u] * x[u].x;
                         acc.y += w[u] * x[u].y;
                         acc.z += w[u] * x[u].z;
@@ -638,8 +642,9 @@ template <typename T> __device__ __forceinline__ void decode_combine(const LfDec
                 }
             }
         }
-        *reinterpret_cast<uint2 *>(out + c) =
-            make_uint2(Elt::pack(acc.x, acc.y), Elt::pack(acc.z, acc.w));
+        if (active)
+            *reinterpret_cast<uint2 *>(out + c) =
+                make_uint2(Elt::pack(acc.x, acc.y), Elt::pack(acc.z, acc.w));
     }
 }
 
