@@ -19,7 +19,7 @@ template <> struct BwdWarpGrid<64> {
     static constexpr int kWM1 = 8, kWM2 = 4, kWM3 = 4;
 };
 template <> struct BwdWarpGrid<128> {
-    static constexpr int kWM1 = 4, kWM2 = 2, kWM3 = 2;
+    static constexpr int kWM1 = 4, kWM2 = 4, kWM3 = 2;
 };
 template <> struct BwdWarpGrid<256> {
     static constexpr int kWM1 = 4, kWM2 = 2, kWM3 = 2;
@@ -121,6 +121,33 @@ template <class Tr> __device__ __forceinline__ void window_bwd_dq(const LfBwdPar
     attention_bwd_dq<Tr>(p, iter, WindowMask{p.mask}, qt, h, b);
 }
 
+// The block-sparse backward's main kernel tiles: one key block of 64 keys per CTA, against the
+// dense kernel's 128 at head dims 64 and 128; warp grids for 64-key tiles.
+template <int D> struct BwdSparseWarpGrid {
+    static constexpr int kWM1 = 4, kWM2 = 2, kWM3 = 2;
+};
+
+// dK and dV (and the atomic dQ) of a block mask: one CTA per (key block, key/value head, batch
+// entry), over the query tiles of the query blocks that list the key block (its key-major
+// column), for each query head of the group.
+template <class Tr> __device__ __forceinline__ void sparse_bwd(const LfBwdSparseParams &p) {
+    static_assert(Tr::BC == LF_SPARSE_K_BLOCK, "one key block per CTA");
+    const int kb = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const WindowMask mask{p.bwd.mask};
+    const int seqlen_q = p.bwd.mask.seqlen_q;
+    attention_bwd_kv<Tr>(p.bwd, kb, hk, b, mask, [&](int h) {
+        return CscQueryIter<Tr::BR>(p.cols, kb, b, h, seqlen_q);
+    });
+}
+
+// The deterministic mode's dQ over a block mask's CSR rows (key tiles last to first, as the
+// sparse forward visits them), one CTA per (query tile, query head, batch entry).
+template <class Tr> __device__ __forceinline__ void sparse_bwd_dq(const LfBwdSparseParams &p) {
+    const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const CsrTileIter<Tr::BC> iter(p.rows, qt, Tr::BR, b, h, p.bwd.mask.seqlen_k);
+    attention_bwd_dq<Tr>(p.bwd, iter, WindowMask{p.bwd.mask}, qt, h, b);
+}
+
 } // namespace lf
 
 // Defines the backward kernels of element type T at head dim D (64, 128 or 256):
@@ -156,4 +183,33 @@ template <class Tr> __device__ __forceinline__ void window_bwd_dq(const LfBwdPar
     extern "C" __global__ void __launch_bounds__(LF_BWD_AUX_THREADS)                              \
         NAME##_convert(const __grid_constant__ LfBwdParams p) {                                   \
         lf::bwd_convert<T>(p);                                                                    \
+    }
+
+// Defines the block-sparse backward's kernels of element type T at head dim D; the pre-pass and
+// the conversion are the exact backward's (NAME_pre, NAME_convert of LF_DEFINE_BWD_KERNELS, run
+// on p.bwd):
+//   NAME     dK, dV and the atomic dQ (grid: key blocks, heads_kv, batch; LF_BWD_WARPS warps)
+//   NAME_dq  deterministic dQ (grid: query tiles of LF_BWD_DQ_BR, heads_q, batch;
+//            LF_BWD_DQ_WARPS warps)
+#define LF_DEFINE_BWD_SPARSE_KERNELS(NAME, T, D)                                                  \
+    using NAME##_traits =                                                                         \
+        lf::BwdTraits<T, D, LF_BWD_SPARSE_BC, LF_BWD_BR_D##D, LF_BWD_WARPS,                       \
+                      lf::BwdSparseWarpGrid<D>::kWM1, lf::BwdSparseWarpGrid<D>::kWM2,             \
+                      lf::BwdSparseWarpGrid<D>::kWM3>;                                            \
+    using NAME##_dq_traits = lf::FwdTraits<T, D, LF_BWD_DQ_BR, LF_BWD_DQ_BC_D##D, LF_BWD_DQ_WARPS>; \
+    static_assert(LF_BWD_SPARSE_BC == LF_SPARSE_K_BLOCK &&                                        \
+                      LF_SPARSE_Q_BLOCK % LF_BWD_BR_D##D == 0 &&                                  \
+                      LF_SPARSE_Q_BLOCK % LF_BWD_DQ_BR == 0 &&                                    \
+                      LF_SPARSE_K_BLOCK % LF_BWD_DQ_BC_D##D == 0,                                 \
+                  "sparse blocks are whole kernel tiles");                                        \
+    static_assert(NAME##_traits::kSmemBytes ==                                                    \
+                      LF_BWD_SMEM_BYTES(D, LF_BWD_BR_D##D, LF_BWD_SPARSE_BC),                     \
+                  "shared memory as the host sizes it (tile_plan.h)");                           \
+    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads, 1)                      \
+        NAME(const __grid_constant__ LfBwdSparseParams p) {                                       \
+        lf::sparse_bwd<NAME##_traits>(p);                                                         \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(NAME##_dq_traits::kThreads)                      \
+        NAME##_dq(const __grid_constant__ LfBwdSparseParams p) {                                  \
+        lf::sparse_bwd_dq<NAME##_dq_traits>(p);                                                   \
     }

@@ -19,12 +19,12 @@ pub use attention::{
     backward_workspace_bytes, open_device, Attention, BackwardInputs, BackwardOptions, BlockTable,
     DecodeOptions, DecodePlan, DecodeProblem, ForwardOptions, Gradient, Gradients, Input, KvCache,
     KvCacheMut, Mainloop, MainloopChoice, Output, RawAppend, RawBackward, RawBlockMask, RawDecode,
-    RawForward, RawMerge, RawRope, RawRopeMode, RawVarlenForward, RopeForward, SparseOptions,
-    VarlenOptions, SUPPORTED_HEAD_DIMS,
+    RawForward, RawMerge, RawRope, RawRopeMode, RawVarlenForward, RopeForward,
+    SparseBackwardOptions, SparseOptions, VarlenOptions, SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use layout::Layout;
 pub use loader::COMPILED_ARCHS;
 pub use mask::MaskSpec;
-pub use sparse::{BlockMask, DeviceBlockMask, MaskShape};
+pub use sparse::{BlockMask, DeviceBlockMask, DeviceKeyMajorMask, KeyMajorMask, MaskShape};

@@ -17,7 +17,7 @@
 mod key_major;
 pub mod patterns;
 
-pub use key_major::KeyMajorMask;
+pub use key_major::{DeviceKeyMajorMask, KeyMajorMask};
 
 use std::sync::Arc;
 

@@ -24,7 +24,7 @@ pub const LF_SPARSE_K_BLOCK: u32 = 64;
 pub const LF_BWD_WARPS: u32 = 8;
 pub const LF_BWD_BC_D64: u32 = 128;
 pub const LF_BWD_BR_D64: u32 = 64;
-pub const LF_BWD_BC_D128: u32 = 64;
+pub const LF_BWD_BC_D128: u32 = 128;
 pub const LF_BWD_BR_D128: u32 = 64;
 pub const LF_BWD_BC_D256: u32 = 64;
 pub const LF_BWD_BR_D256: u32 = 32;
@@ -34,6 +34,7 @@ pub const LF_BWD_DQ_BC_D64: u32 = 64;
 pub const LF_BWD_DQ_BC_D128: u32 = 64;
 pub const LF_BWD_DQ_BC_D256: u32 = 32;
 pub const LF_BWD_ROW_PAD: u32 = 64;
+pub const LF_BWD_SPARSE_BC: u32 = 64;
 pub const LF_BWD_AUX_THREADS: u32 = 256;
 pub const LF_DECODE_WARPS: u32 = 4;
 pub const LF_DECODE_ROWS: u32 = 16;
@@ -1010,6 +1011,33 @@ const _: () = {
         [::core::mem::offset_of!(LfBwdParams, reserved) - 340usize];
 };
 impl Default for LfBwdParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfBwdSparseParams {
+    pub bwd: LfBwdParams,
+    pub rows: LfBlockSparse,
+    pub cols: LfBlockSparse,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfBwdSparseParams"][::core::mem::size_of::<LfBwdSparseParams>() - 456usize];
+    ["Alignment of LfBwdSparseParams"][::core::mem::align_of::<LfBwdSparseParams>() - 8usize];
+    ["Offset of field: LfBwdSparseParams::bwd"]
+        [::core::mem::offset_of!(LfBwdSparseParams, bwd) - 0usize];
+    ["Offset of field: LfBwdSparseParams::rows"]
+        [::core::mem::offset_of!(LfBwdSparseParams, rows) - 344usize];
+    ["Offset of field: LfBwdSparseParams::cols"]
+        [::core::mem::offset_of!(LfBwdSparseParams, cols) - 400usize];
+};
+impl Default for LfBwdSparseParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -56,9 +56,6 @@ struct WindowQueryIter {
     __device__ __forceinline__ int variant(int) const { return 0; }
 };
 
-// Element mask of causal / window / sink attention (LfMask). Row i sees keys [0, sink) and
-// [lo, hi), given relative to the tile's first key k0 and clamped to [0, span] so they fit in
-
 // Walks the CSR row of the query block that holds query tile qt (a query block may hold several
 // tiles of a smaller kernel tile), with the full/partial flag of each block.
 struct CsrIter {
@@ -91,6 +88,63 @@ struct CsrIter {
         }
         return n - lo;
     }
+};
+
+// CsrIter over key tiles of BC keys, a divisor of the key block: each listed block gives
+// LF_SPARSE_K_BLOCK / BC tiles, visited last to first like the blocks, less the tiles of the last
+// block that start at or past seqlen_k (so a block mask listing the dense plan's blocks visits the
+// dense plan's tiles in the same order).
+template <int BC> struct CsrTileIter {
+    static_assert(LF_SPARSE_K_BLOCK % BC == 0, "key tiles divide the key block");
+    static constexpr int kPer = LF_SPARSE_K_BLOCK / BC;
+    CsrIter csr;
+    int skip, n;
+    __device__ __forceinline__ CsrTileIter(const LfBlockSparse &s, int qt, int br, int b, int h,
+                                           int seqlen_k)
+        : csr(s, qt, br, b, h), skip(0) {
+        if (kPer > 1 && csr.count() > 0) {
+            const int tiles = (seqlen_k + BC - 1) / BC;
+            const int top = (csr.tile(0) + 1) * kPer;
+            if (top > tiles) skip = top - tiles;
+        }
+        n = csr.count() * kPer - skip;
+    }
+    __device__ __forceinline__ int count() const { return n; }
+    __device__ __forceinline__ int tile(int i) const {
+        const int j = i + skip;
+        return csr.tile(j / kPer) * kPer + (kPer - 1 - j % kPer);
+    }
+    __device__ __forceinline__ bool is_full(int i) const { return csr.is_full((i + skip) / kPer); }
+    __device__ __forceinline__ int variant(int) const { return 0; }
+};
+
+// The block-sparse backward's walk (KeyMajorMask, LfBwdSparseParams::cols): the query tiles of BR
+// rows of the query blocks that list key block kb of (b, query head h), first to last, each with
+// its block's flag; tiles that start at or past seqlen_q are left out.
+template <int BR> struct CscQueryIter {
+    static_assert(LF_SPARSE_Q_BLOCK % BR == 0, "query tiles divide the query block");
+    static constexpr int kPer = LF_SPARSE_Q_BLOCK / BR;
+    const int32_t *rows;
+    const uint8_t *full;
+    int n;
+    __device__ __forceinline__ CscQueryIter(const LfBlockSparse &s, int kb, int b, int h,
+                                            int seqlen_q) {
+        const int64_t col = b * s.batch_stride + h * s.head_stride + kb;
+        const int begin = s.row_offsets[col];
+        const int listed = s.row_offsets[col + 1] - begin;
+        rows = s.col_indices + begin;
+        full = s.full + begin;
+        n = listed * kPer;
+        if (listed > 0) {
+            const int tiles = (seqlen_q + BR - 1) / BR;
+            const int top = (rows[listed - 1] + 1) * kPer;
+            if (top > tiles) n -= top - tiles;
+        }
+    }
+    __device__ __forceinline__ int count() const { return n; }
+    __device__ __forceinline__ int tile(int i) const { return rows[i / kPer] * kPer + i % kPer; }
+    __device__ __forceinline__ bool is_full(int i) const { return full[i / kPer] != 0; }
+    __device__ __forceinline__ int variant(int) const { return 0; }
 };
 
 } // namespace lf

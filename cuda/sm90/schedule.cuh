@@ -41,6 +41,30 @@ __device__ __forceinline__ void for_each_item(const LfFwdParams &p, const Item &
     // allocated for that role's budget.
     auto each = [&](auto role) {
         Pipe pipe;
+#if defined(LF_SM90_ZIGZAG) && LF_SM90_ZIGZAG
+        // An experiment: slots of two items of one (head, batch) pair, query tiles n_qt - 1 - k
+        // and k (one tile for the middle of an odd count), pair-major, the slots dealt round-robin.
+        // Under a causal mask a slot's two items hold n_qt + 1 key tiles together (bottom-right
+        // alignment adds the same to both), so every CTA's rounds weigh the same, and the CTAs
+        // running at one time share a few pairs' keys, as in the one-item grid. One call site of
+        // the item, so that its body is inlined once.
+        (void)group_items;
+        (void)total;
+        const int half = (n_qt + 1) / 2;
+        const int64_t slots = hb * half;
+        // Flat index i = r * ctas + c: CTA c's round r runs half r % 2 of slot (r / 2) * ctas + c.
+        for (int64_t i = first; i < 2 * slots + ctas; i += ctas) {
+            const int64_t r = i / ctas;
+            const int64_t slot = (r >> 1) * ctas + (i - r * ctas);
+            if (slot >= slots) continue;
+            const int k = static_cast<int>(slot % half);
+            const int qt = (r & 1) ? k : n_qt - 1 - k;
+            if ((r & 1) && qt == n_qt - 1 - k) continue; // the middle tile of an odd count
+            const int64_t pair = slot / half;
+            item(qt, static_cast<int>(pair % p.heads_q), static_cast<int>(pair / p.heads_q), pipe,
+                 role);
+        }
+#else
         for (int64_t i = first; i < total; i += ctas) {
             // Group g holds pairs [g * group, g * group + size); the last may be smaller.
             const int64_t g = i / group_items, r = i % group_items;
@@ -51,6 +75,7 @@ __device__ __forceinline__ void for_each_item(const LfFwdParams &p, const Item &
             const int b = static_cast<int>(pair / p.heads_q);
             item(qt, h, b, pipe, role);
         }
+#endif
     };
     if (threadIdx.x < 128) {
         regs_dec<Tr::kProducerRegs>();

@@ -287,6 +287,285 @@ pub(crate) fn varlen(
     })
 }
 
+/// A checked KV cache (see [`crate::KvCache`]): the layouts of its keys and values, the block
+/// table's width for a paged cache, and how many keys one sequence can hold.
+// Read by the CUDA path only.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Cache {
+    pub(crate) k: Layout,
+    pub(crate) v: Layout,
+    /// Columns of the block table (`Some` for a paged cache).
+    pub(crate) max_pages: Option<usize>,
+    pub(crate) capacity: usize,
+}
+
+/// A checked call on a KV cache: the element type, the layout of the new rows (q for a decoding
+/// call, the new keys for an append; the new values' too) and the cache.
+// Read by the CUDA path only.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CacheCall {
+    pub(crate) dtype: DType,
+    pub(crate) q: Layout,
+    pub(crate) v_new: Option<Layout>,
+    pub(crate) cache: Cache,
+}
+
+/// An i32 index vector or table: rank `dims.len()`, the given dims, contiguous.
+fn index_tensor(what: &str, name: &str, t: &Tensor, dims: &[usize], names: &str) -> Result<()> {
+    rank(what, name, t, dims.len(), names)?;
+    if t.dtype() != DType::I32 {
+        bail!("{what}: `{name}` has dtype {:?}; expected I32", t.dtype())
+    }
+    if t.dims() != dims {
+        bail!(
+            "{what}: `{name}` has shape {:?}; expected {names} = {dims:?}",
+            t.dims()
+        )
+    }
+    if !t.is_contiguous() {
+        bail!("{what}: `{name}` must be contiguous")
+    }
+    Ok(())
+}
+
+/// Checks a KV cache for `batch` sequences of rows of `dtype`, `head_dim`: k and v caches of one
+/// shape and dtype (the head dim contiguous), `(batch, capacity, heads_kv, head_dim)` without a
+/// block table, pages `(num_pages, page_size, heads_kv, head_dim)` with one (a power of two of
+/// at least `min_page` rows; the table `(batch, max_pages)` i32), and `cache_seqlens` `(batch,)`
+/// i32.
+pub(crate) fn cache(
+    what: &str,
+    c: &crate::KvCache<'_>,
+    batch: usize,
+    dtype: DType,
+    head_dim: usize,
+    min_page: usize,
+) -> Result<Cache> {
+    const DIMS: &str = "(batch or pages, seqlen, heads_kv, head_dim)";
+    rank(what, "k_cache", c.k_cache, 4, DIMS)?;
+    rank(what, "v_cache", c.v_cache, 4, DIMS)?;
+    for (name, t) in [("k_cache", c.k_cache), ("v_cache", c.v_cache)] {
+        if t.dtype() != dtype {
+            bail!(
+                "{what}: `{name}` has dtype {:?} but the new rows have {dtype:?}; they must match",
+                t.dtype()
+            )
+        }
+    }
+    let (k, v) = (
+        layout_of(what, "k_cache", c.k_cache)?,
+        layout_of(what, "v_cache", c.v_cache)?,
+    );
+    if c.k_cache.dims() != c.v_cache.dims() {
+        bail!(
+            "{what}: `k_cache` and `v_cache` must have the same shape, got {:?} and {:?}",
+            c.k_cache.dims(),
+            c.v_cache.dims()
+        )
+    }
+    if k.batch == 0 || k.seqlen == 0 || k.heads == 0 || k.head_dim == 0 {
+        bail!("{what}: `k_cache` has a zero dimension; every dimension must be at least 1")
+    }
+    if k.head_dim != head_dim {
+        bail!(
+            "{what}: the cache has head dim {} but the new rows have {head_dim}; they must match",
+            k.head_dim
+        )
+    }
+    index_tensor(what, "cache_seqlens", c.cache_seqlens, &[batch], "(batch,)")?;
+    let (max_pages, capacity) = match c.block_table {
+        Some(table) => {
+            rank(what, "block_table", table, 2, "(batch, max_pages)")?;
+            let pages = table.dim(1)?;
+            if pages == 0 {
+                bail!("{what}: `block_table` has no column; each sequence needs at least one page")
+            }
+            index_tensor(
+                what,
+                "block_table",
+                table,
+                &[batch, pages],
+                "(batch, max_pages)",
+            )?;
+            let page = k.seqlen;
+            if !page.is_power_of_two() || page < min_page {
+                bail!(
+                    "{what}: page size {page} (dim 1 of `k_cache`): expected a power of two of at least {min_page}"
+                )
+            }
+            (Some(pages), pages.saturating_mul(page))
+        }
+        None => {
+            if k.batch != batch {
+                bail!(
+                    "{what}: the contiguous cache has batch {} but the new rows have {batch}; they must match (or pass a block table)",
+                    k.batch
+                )
+            }
+            (None, k.seqlen)
+        }
+    };
+    if capacity > longflash::attention::decode::MAX_CACHE_KEYS {
+        bail!(
+            "{what}: a cache of {capacity} keys per sequence; at most {} are supported",
+            longflash::attention::decode::MAX_CACHE_KEYS
+        )
+    }
+    Ok(Cache {
+        k,
+        v,
+        max_pages,
+        capacity,
+    })
+}
+
+/// Every tensor of a cache call on the CUDA device of `first`.
+pub(crate) fn cache_devices(
+    what: &str,
+    first: (&str, &Tensor),
+    rest: &[(&str, &Tensor)],
+    c: &crate::KvCache<'_>,
+) -> Result<()> {
+    let mut others: Vec<(&str, &Tensor)> = rest.to_vec();
+    others.extend([
+        ("k_cache", c.k_cache),
+        ("v_cache", c.v_cache),
+        ("cache_seqlens", c.cache_seqlens),
+    ]);
+    if let Some(t) = c.block_table {
+        others.push(("block_table", t));
+    }
+    if !first.1.device().is_cuda() {
+        bail!(
+            "{what}: longflash needs CUDA tensors, `{}` is on {:?}",
+            first.0,
+            first.1.device().location()
+        )
+    }
+    for (name, t) in others {
+        if !t.device().same_device(first.1.device()) {
+            bail!(
+                "{what}: `{name}` is on {:?} but `{}` is on {:?}; they must be on the same device",
+                t.device().location(),
+                first.0,
+                first.1.device().location()
+            )
+        }
+    }
+    Ok(())
+}
+
+/// Checks a decoding (or chunked-prefill) call: q `(batch, seqlen_q, heads_q, head_dim)` f16 or
+/// bf16 with a supported head dim, the cache as [`cache`] checks it for decoding (pages of at
+/// least 16 rows), query heads a multiple of the cache's. The caller checks the RoPE options
+/// ([`rope_ok`]) and then the devices ([`cache_devices`]).
+pub(crate) fn decode(what: &str, q: &Tensor, c: &crate::KvCache<'_>) -> Result<CacheCall> {
+    rank(what, "q", q, 4, "(batch, seqlen_q, heads_q, head_dim)")?;
+    let dtype = half_dtype(what, q, &[])?;
+    let ql = layout_of(what, "q", q)?;
+    if ql.batch == 0 || ql.seqlen == 0 || ql.heads == 0 || ql.head_dim == 0 {
+        bail!("{what}: `q` has a zero dimension; every dimension must be at least 1")
+    }
+    let cache = cache(what, c, ql.batch, dtype, ql.head_dim, DECODE_MIN_PAGE)?;
+    if ql.heads % cache.k.heads != 0 {
+        bail!(
+            "{what}: the {} query heads are not a multiple of the cache's {} key/value heads",
+            ql.heads,
+            cache.k.heads
+        )
+    }
+    head_dim_ok(what, ql.head_dim, HeadDims::Padded)?;
+    Ok(CacheCall {
+        dtype,
+        q: ql,
+        v_new: None,
+        cache,
+    })
+}
+
+/// The RoPE options for a call of `batch` sequences, `seqlen_q` new rows, caches of `capacity`
+/// keys and heads of `head_dim` (rotary dim, mode, offsets, positions within i32), as the kernels'
+/// own validation checks them.
+pub(crate) fn rope_ok(
+    what: &str,
+    rope: &longflash::rope::RopeOptions,
+    head_dim: usize,
+    batch: usize,
+    seqlen_q: usize,
+    capacity: usize,
+) -> Result<()> {
+    rope.validate(head_dim, batch, seqlen_q, capacity.max(1))
+        .map_err(|e| candle_core::Error::msg(format!("{what}: {e}")))
+}
+
+/// The smallest page the decoding kernels read (a step of 16 keys stays in one page).
+pub(crate) const DECODE_MIN_PAGE: usize = 16;
+
+/// Checks a KV append: `k_new`, `v_new` `(batch, seqlen_new, heads_kv, head_dim)` of one shape
+/// and dtype (f16 or bf16, an even head dim up to 256), the cache as [`cache`] checks it (pages
+/// of any power of two), with the new rows' KV heads, and `rope` when given. The caller checks
+/// the devices ([`cache_devices`]).
+pub(crate) fn append(
+    what: &str,
+    k_new: &Tensor,
+    v_new: &Tensor,
+    c: &crate::KvCache<'_>,
+    rope: Option<&longflash::rope::RopeOptions>,
+) -> Result<CacheCall> {
+    const DIMS: &str = "(batch, seqlen_new, heads_kv, head_dim)";
+    rank(what, "k_new", k_new, 4, DIMS)?;
+    rank(what, "v_new", v_new, 4, DIMS)?;
+    let dtype = match k_new.dtype() {
+        d @ (DType::F16 | DType::BF16) => d,
+        d => bail!("{what}: `k_new` has dtype {d:?}; longflash runs f16 and bf16 only"),
+    };
+    if v_new.dtype() != dtype {
+        bail!(
+            "{what}: `v_new` has dtype {:?} but `k_new` has {dtype:?}; they must match",
+            v_new.dtype()
+        )
+    }
+    let (kn, vn) = (
+        layout_of(what, "k_new", k_new)?,
+        layout_of(what, "v_new", v_new)?,
+    );
+    if k_new.dims() != v_new.dims() {
+        bail!(
+            "{what}: `k_new` and `v_new` must have the same shape, got {:?} and {:?}",
+            k_new.dims(),
+            v_new.dims()
+        )
+    }
+    if kn.batch == 0 || kn.seqlen == 0 || kn.heads == 0 || kn.head_dim == 0 {
+        bail!("{what}: `k_new` has a zero dimension; every dimension must be at least 1")
+    }
+    if kn.head_dim % 2 != 0 || kn.head_dim > 256 {
+        bail!(
+            "{what}: head dim {} is not supported: expected an even head dim up to 256",
+            kn.head_dim
+        )
+    }
+    let cache = cache(what, c, kn.batch, dtype, kn.head_dim, 1)?;
+    if cache.k.heads != kn.heads {
+        bail!(
+            "{what}: `k_new` has {} key/value heads but the cache has {}; they must match",
+            kn.heads,
+            cache.k.heads
+        )
+    }
+    if let Some(r) = rope {
+        rope_ok(what, r, kn.head_dim, kn.batch, 1, cache.capacity)?;
+    }
+    Ok(CacheCall {
+        dtype,
+        q: kn,
+        v_new: Some(vn),
+        cache,
+    })
+}
+
 /// Checks the two results of an LSE merge: outputs `(batch, seqlen, heads, head_dim)` of one
 /// shape and dtype (f16/bf16, head dim a multiple of 8 up to 256), LSEs f32
 /// `(batch, heads, seqlen)`, everything on one CUDA device. Returns the outputs' dtype and

@@ -5,22 +5,26 @@
 //! device's stream (and record the events cudarc uses across streams when candle tracks them);
 //! outputs are allocated on that stream and returned without waiting for the kernels.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
-use candle_core::{bail, CudaDevice, CudaStorage, DType, Result, Shape, Storage, Tensor};
+use candle_core::{
+    bail, CpuStorage, CudaDevice, CudaStorage, DType, InplaceOp1, Result, Shape, Storage, Tensor,
+};
 use half::{bf16, f16};
-use longflash::attention::ForwardOptions;
+use longflash::attention::{BlockTable, DecodeOptions, ForwardOptions, KvCacheMut};
 use longflash::rope::RopeOptions;
 use longflash::{
     Attention, BlockMask, Element, Input, Layout, MaskSpec, Output, RopeForward, SparseOptions,
     VarlenOptions,
 };
 
-use crate::args::{Dense, Varlen};
+use crate::args::{CacheCall, Dense, Varlen};
+use crate::{CacheScores, KvCache};
 
 /// A longflash error as a candle error, naming the call.
 fn lf(what: &'static str) -> impl FnOnce(longflash::Error) -> candle_core::Error {
@@ -411,6 +415,253 @@ pub(crate) fn merge(
     match dtype {
         DType::F16 => merge_t::<f16>(what, acc_layout, tensors),
         DType::BF16 => merge_t::<bf16>(what, acc_layout, tensors),
+        other => bail!("{what}: dtype {other:?} is not supported"),
+    }
+}
+
+/// Runs `f` on the CUDA storage of `t` with the tensor's storage locked for writing (candle's
+/// in-place op), so that nothing else reads or writes it meanwhile.
+fn with_storage_mut<F>(t: &Tensor, what: &'static str, f: F) -> Result<()>
+where
+    F: FnOnce(&mut CudaStorage, &candle_core::Layout) -> Result<()>,
+{
+    struct Op<F>(Cell<Option<F>>, &'static str);
+    impl<F> InplaceOp1 for Op<F>
+    where
+        F: FnOnce(&mut CudaStorage, &candle_core::Layout) -> Result<()>,
+    {
+        fn name(&self) -> &'static str {
+            self.1
+        }
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &candle_core::Layout) -> Result<()> {
+            bail!("{}: longflash needs CUDA tensors", self.1)
+        }
+        fn cuda_fwd(&self, s: &mut CudaStorage, l: &candle_core::Layout) -> Result<()> {
+            match self.0.take() {
+                Some(f) => f(s, l),
+                None => bail!("{}: the in-place write ran twice", self.1),
+            }
+        }
+    }
+    t.inplace_op1(&Op(Cell::new(Some(f)), what))
+}
+
+/// An address that identifies the storage (the buffer) behind a tensor: two tensors share a
+/// buffer exactly when they share the storage.
+fn storage_id(t: &Tensor) -> usize {
+    let (s, _) = t.storage_and_layout();
+    &*s as *const Storage as usize
+}
+
+/// The block table's view and width, for a paged cache.
+fn table_view<'a>(
+    what: &str,
+    table: Option<(&'a Storage, usize)>,
+    max_pages: Option<usize>,
+    batch: usize,
+) -> Result<Option<(CudaView<'a, i32>, usize)>> {
+    match (table, max_pages) {
+        (Some((s, start)), Some(p)) => {
+            let v = view_n::<i32>(what, "block_table", s, start, batch * p)?;
+            Ok(Some((v, p)))
+        }
+        (None, None) => Ok(None),
+        _ => bail!("{what}: the block table and the checked cache disagree"),
+    }
+}
+
+fn kvcache_t<T: Half>(
+    what: &'static str,
+    args: &CacheCall,
+    q: &Tensor,
+    cache: &KvCache<'_>,
+    softmax_scale: f32,
+    scores: CacheScores<'_>,
+    with_lse: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let dev = device_of(q)?;
+    let stream = dev.cuda_stream();
+    let attn = attention_for(dev)?;
+    let (q_s, q_l) = q.storage_and_layout();
+    let (k_s, k_l) = cache.k_cache.storage_and_layout();
+    let (v_s, v_l) = cache.v_cache.storage_and_layout();
+    let (sl_s, sl_l) = cache.cache_seqlens.storage_and_layout();
+    let table = cache.block_table.map(|t| t.storage_and_layout());
+    let ql = args.q;
+    let qv = view::<T>(what, "q", &q_s, q_l.start_offset())?;
+    let kv = view::<T>(what, "k_cache", &k_s, k_l.start_offset())?;
+    let vv = view::<T>(what, "v_cache", &v_s, v_l.start_offset())?;
+    let slv = view_n::<i32>(what, "cache_seqlens", &sl_s, sl_l.start_offset(), ql.batch)?;
+    let tv = table_view(
+        what,
+        table.as_ref().map(|(s, l)| (&**s, l.start_offset())),
+        args.cache.max_pages,
+        ql.batch,
+    )?;
+    let lf_cache = longflash::attention::KvCache {
+        k: Input {
+            data: &kv,
+            layout: args.cache.k,
+        },
+        v: Input {
+            data: &vv,
+            layout: args.cache.v,
+        },
+        block_table: tv.as_ref().map(|(t, p)| BlockTable {
+            table: t,
+            max_pages_per_seq: *p,
+        }),
+        cache_seqlens: Some(&slv),
+    };
+    // Zeroed rather than left uninitialized: nothing here relies on which rows the kernels of
+    // a clamped sequence write.
+    let mut o = dev.alloc_zeros::<T>(ql.numel())?;
+    let mut lse = if with_lse {
+        Some(dev.alloc_zeros::<f32>(ql.batch * ql.heads * ql.seqlen)?)
+    } else {
+        None
+    };
+    {
+        let mut ov = o.slice_mut(..);
+        let mut lv = lse.as_mut().map(|l| l.slice_mut(..));
+        let out = Output {
+            data: &mut ov,
+            layout: Layout::bshd(ql.batch, ql.seqlen, ql.heads, ql.head_dim),
+            lse: lv.as_mut(),
+        };
+        let qi = Input {
+            data: &qv,
+            layout: ql,
+        };
+        match scores {
+            CacheScores::Mask(mask) => {
+                let options = DecodeOptions {
+                    mask,
+                    softmax_scale: Some(softmax_scale),
+                    max_seqlen_k: None,
+                    num_splits: None,
+                };
+                attn.decode(&stream, qi, &lf_cache, out, None, &options)
+            }
+            CacheScores::Rope(rope) => {
+                let options = DecodeOptions {
+                    mask: rope.mask(),
+                    softmax_scale: Some(softmax_scale),
+                    max_seqlen_k: None,
+                    num_splits: None,
+                };
+                attn.decode_rope(&stream, qi, &lf_cache, out, None, &options, rope)
+            }
+        }
+        .map_err(lf(what))?;
+    }
+    let out = tensor(o, dev, (ql.batch, ql.seqlen, ql.heads, ql.head_dim));
+    let lse = lse.map(|l| tensor(l, dev, (ql.batch, ql.heads, ql.seqlen)));
+    Ok((out, lse))
+}
+
+/// Attention over a KV cache (plain or with RoPE) over checked arguments.
+pub(crate) fn kvcache(
+    what: &'static str,
+    args: &CacheCall,
+    q: &Tensor,
+    cache: &KvCache<'_>,
+    softmax_scale: f32,
+    scores: CacheScores<'_>,
+    with_lse: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    match args.dtype {
+        DType::F16 => kvcache_t::<f16>(what, args, q, cache, softmax_scale, scores, with_lse),
+        DType::BF16 => kvcache_t::<bf16>(what, args, q, cache, softmax_scale, scores, with_lse),
+        other => bail!("{what}: dtype {other:?} is not supported"),
+    }
+}
+
+fn append_t<T: Half>(
+    what: &'static str,
+    args: &CacheCall,
+    [k_new, v_new]: [&Tensor; 2],
+    cache: &KvCache<'_>,
+    rope: Option<&RopeOptions>,
+) -> Result<()> {
+    let Some(vn_layout) = args.v_new else {
+        bail!("{what}: the new values were not checked")
+    };
+    let dev = device_of(k_new)?;
+    let stream = dev.cuda_stream();
+    let attn = attention_for(dev)?;
+    // The caches are locked for writing below, one inside the other, and the new rows read
+    // inside both: a buffer shared between them would wait on itself.
+    let (kc, vc) = (storage_id(cache.k_cache), storage_id(cache.v_cache));
+    if kc == vc {
+        bail!("{what}: `k_cache` and `v_cache` share one buffer; pass them as separate tensors")
+    }
+    for (name, t) in [("k_new", k_new), ("v_new", v_new)] {
+        let id = storage_id(t);
+        if id == kc || id == vc {
+            bail!("{what}: `{name}` shares its buffer with the cache it is written into")
+        }
+    }
+    let batch = args.q.batch;
+    with_storage_mut(cache.k_cache, what, |k_store, k_l| {
+        with_storage_mut(cache.v_cache, what, |v_store, v_l| {
+            let (kn_s, kn_l) = k_new.storage_and_layout();
+            let (vn_s, vn_l) = v_new.storage_and_layout();
+            let (sl_s, sl_l) = cache.cache_seqlens.storage_and_layout();
+            let table = cache.block_table.map(|t| t.storage_and_layout());
+            let knv = view::<T>(what, "k_new", &kn_s, kn_l.start_offset())?;
+            let vnv = view::<T>(what, "v_new", &vn_s, vn_l.start_offset())?;
+            let slv = view_n::<i32>(what, "cache_seqlens", &sl_s, sl_l.start_offset(), batch)?;
+            let tv = table_view(
+                what,
+                table.as_ref().map(|(s, l)| (&**s, l.start_offset())),
+                args.cache.max_pages,
+                batch,
+            )?;
+            let Some(mut kcv) = k_store
+                .as_cuda_slice_mut::<T>()?
+                .try_slice_mut(k_l.start_offset()..)
+            else {
+                bail!("{what}: `k_cache` starts past its buffer")
+            };
+            let Some(mut vcv) = v_store
+                .as_cuda_slice_mut::<T>()?
+                .try_slice_mut(v_l.start_offset()..)
+            else {
+                bail!("{what}: `v_cache` starts past its buffer")
+            };
+            let mut target = KvCacheMut {
+                k: &mut kcv,
+                k_layout: args.cache.k,
+                v: &mut vcv,
+                v_layout: args.cache.v,
+                block_table: tv.as_ref().map(|(t, p)| BlockTable {
+                    table: t,
+                    max_pages_per_seq: *p,
+                }),
+                cache_seqlens: &slv,
+            };
+            let (kn, vn) = ((&knv, args.q), (&vnv, vn_layout));
+            match rope {
+                None => attn.append_kv(&stream, kn, vn, &mut target, None),
+                Some(r) => attn.append_kv_rope(&stream, kn, vn, &mut target, None, r),
+            }
+            .map_err(lf(what))
+        })
+    })
+}
+
+/// The KV append (keys as they are, or rotated with `rope`) over checked arguments.
+pub(crate) fn append(
+    what: &'static str,
+    args: &CacheCall,
+    new: [&Tensor; 2],
+    cache: &KvCache<'_>,
+    rope: Option<&RopeOptions>,
+) -> Result<()> {
+    match args.dtype {
+        DType::F16 => append_t::<f16>(what, args, new, cache, rope),
+        DType::BF16 => append_t::<bf16>(what, args, new, cache, rope),
         other => bail!("{what}: dtype {other:?} is not supported"),
     }
 }

@@ -11,6 +11,11 @@
 //!   [`flash_attn_rope_lse`] (RoPE, ReRoPE or Leaky ReRoPE applied inside the kernel to
 //!   un-rotated q and k, half-split or interleaved pairs, see [`RopeOptions`]), and
 //!   [`flash_attn_block_sparse_lse`] (only the key blocks a [`BlockMask`] lists).
+//! - The serving path, over a contiguous or paged [`KvCache`] with the lengths on the device:
+//!   [`flash_attn_with_kvcache`] (decoding and chunked prefill, FlashAttention's
+//!   `flash_attn_with_kvcache`; `_windowed`, `_lse`), [`flash_attn_with_kvcache_rope`] (RoPE,
+//!   ReRoPE or Leaky ReRoPE over a cache of un-rotated keys), and [`append_kv`] /
+//!   [`append_kv_rope`] (new tokens' keys and values written into the cache in place).
 //!
 //! Every call runs on the stream of the tensors' candle device and does not synchronize; its
 //! outputs are ordinary candle tensors allocated on that device. One [`longflash::Attention`]
@@ -372,4 +377,271 @@ pub fn flash_attn_block_sparse_lse(
         true,
     )?;
     with_lse("flash_attn_block_sparse_lse", o, lse)
+}
+
+/// A KV cache of candle tensors, as FlashAttention's `flash_attn_with_kvcache` takes it, for
+/// [`flash_attn_with_kvcache`], [`flash_attn_with_kvcache_rope`] and [`append_kv`].
+///
+/// - contiguous (no `block_table`): `k_cache` and `v_cache` are `(batch, capacity, heads_kv,
+///   head_dim)`; key `j` of sequence `b` is row `(b, j)`;
+/// - paged: `k_cache` and `v_cache` are `(num_pages, page_size, heads_kv, head_dim)` and
+///   `block_table` `(batch, max_pages)` i32 page indices: key `j` of sequence `b` is row
+///   `j % page_size` of page `block_table[b][j / page_size]`. The page size is a power of two, at
+///   least 16 for attention (any for [`append_kv`]); pages may come in any order and be shared.
+///
+/// `cache_seqlens` `(batch,)` i32 holds the keys of each sequence: for attention, every key the
+/// new queries see (the new tokens' included), for [`append_kv`] the keys before the append
+/// (where the new ones go). Both stay on the device and are never read back: an entry outside
+/// the cache (a length past the capacity, a page index past the pages) is clamped by the kernel,
+/// which then reads and writes only inside the tensors, but leaves that sequence's result
+/// unspecified. k and v must be separate buffers; the head dim must be contiguous, other strides
+/// are free.
+#[derive(Clone, Copy, Debug)]
+pub struct KvCache<'a> {
+    /// Cached keys.
+    pub k_cache: &'a Tensor,
+    /// Cached values, the keys' shape and dtype.
+    pub v_cache: &'a Tensor,
+    /// Keys held by each sequence, `(batch,)` i32.
+    pub cache_seqlens: &'a Tensor,
+    /// `(batch, max_pages)` i32 page indices of a paged cache; `None` for a contiguous one.
+    pub block_table: Option<&'a Tensor>,
+}
+
+impl<'a> KvCache<'a> {
+    /// A contiguous cache: `k_cache`, `v_cache` `(batch, capacity, heads_kv, head_dim)`.
+    pub fn contiguous(k_cache: &'a Tensor, v_cache: &'a Tensor, cache_seqlens: &'a Tensor) -> Self {
+        KvCache {
+            k_cache,
+            v_cache,
+            cache_seqlens,
+            block_table: None,
+        }
+    }
+
+    /// A paged cache: pages `(num_pages, page_size, heads_kv, head_dim)` and a `(batch,
+    /// max_pages)` block table.
+    pub fn paged(
+        k_cache: &'a Tensor,
+        v_cache: &'a Tensor,
+        block_table: &'a Tensor,
+        cache_seqlens: &'a Tensor,
+    ) -> Self {
+        KvCache {
+            k_cache,
+            v_cache,
+            cache_seqlens,
+            block_table: Some(block_table),
+        }
+    }
+}
+
+/// What a KV-cache attention call computes besides the cached keys.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+enum CacheScores<'a> {
+    /// Plain scores with a mask (causal and windows aligned bottom-right at each sequence's
+    /// length).
+    Mask(MaskSpec),
+    /// RoPE / ReRoPE / Leaky ReRoPE over un-rotated keys.
+    Rope(&'a RopeOptions),
+}
+
+/// The KV-cache attention behind every entry point: checks, then runs on the device; `scores`
+/// gets the cache's capacity (per sequence).
+fn kvcache<'r>(
+    what: &'static str,
+    q: &Tensor,
+    cache: &KvCache<'_>,
+    softmax_scale: f32,
+    scores: impl FnOnce(usize) -> CacheScores<'r>,
+    with_lse: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let scale = args::scale(what, softmax_scale)?;
+    let checked = args::decode(what, q, cache)?;
+    let scores = scores(checked.cache.capacity);
+    if let CacheScores::Rope(r) = scores {
+        let (l, capacity) = (&checked.q, checked.cache.capacity);
+        args::rope_ok(what, r, l.head_dim, l.batch, l.seqlen, capacity)?;
+    }
+    args::cache_devices(what, ("q", q), &[], cache)?;
+    #[cfg(feature = "cuda")]
+    {
+        cuda::kvcache(what, &checked, q, cache, scale, scores, with_lse)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (checked, scale, scores, with_lse);
+        no_cuda(what)
+    }
+}
+
+/// Attention of new queries over a KV cache, FlashAttention's `flash_attn_with_kvcache` (the
+/// cache already holding the new tokens' keys and values: write them first with [`append_kv`]):
+/// decoding (one query token per sequence, or a few for speculative decoding) and chunked
+/// prefill (many), over a contiguous or paged cache (see [`KvCache`]).
+///
+/// `q` is `(batch, seqlen_q, heads_q, head_dim)`, f16 or bf16 like the cache, `heads_q` a
+/// multiple of the cache's KV heads (grouped-query heads share one tile, no `repeat_kv`), the
+/// head dim a multiple of 4 up to 256. Query `i` of sequence `b` sits at key position
+/// `cache_seqlens[b] - seqlen_q + i`: with `causal` it sees keys up to there (bottom-right
+/// alignment), without, every key the sequence holds. A sequence of 0 keys gets zeros. Long
+/// caches are split across thread blocks and the parts merged by log-sum-exp; nothing waits for
+/// the device. Returns `(batch, seqlen_q, heads_q, head_dim)`.
+pub fn flash_attn_with_kvcache(
+    q: &Tensor,
+    cache: &KvCache<'_>,
+    softmax_scale: f32,
+    causal: bool,
+) -> Result<Tensor> {
+    let mask = if causal {
+        MaskSpec::causal()
+    } else {
+        MaskSpec::none()
+    };
+    Ok(kvcache(
+        "flash_attn_with_kvcache",
+        q,
+        cache,
+        softmax_scale,
+        move |_| CacheScores::Mask(mask),
+        false,
+    )?
+    .0)
+}
+
+/// [`flash_attn_with_kvcache`] with a sliding window, as [`flash_attn_windowed`]: query `i`
+/// sees key `j` when `d - left <= j <= d + right`, `d = cache_seqlens[b] - seqlen_q + i`; a side
+/// of `None` is unbounded, and so is a side that reaches the cache's capacity.
+pub fn flash_attn_with_kvcache_windowed(
+    q: &Tensor,
+    cache: &KvCache<'_>,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+) -> Result<Tensor> {
+    let scores = move |capacity| {
+        CacheScores::Mask(args::window_mask(
+            window_size_left,
+            window_size_right,
+            capacity,
+        ))
+    };
+    Ok(kvcache(
+        "flash_attn_with_kvcache_windowed",
+        q,
+        cache,
+        softmax_scale,
+        scores,
+        false,
+    )?
+    .0)
+}
+
+/// [`flash_attn_with_kvcache`] with any longflash mask (dense, causal, sliding window; no
+/// attention sinks), returning the output and the natural-log log-sum-exp of each query row,
+/// f32 `(batch, heads_q, seqlen_q)` (`-inf` for a row that sees no key), as [`flash_attn_lse`]
+/// does; [`merge_lse`] combines it with another pass.
+pub fn flash_attn_with_kvcache_lse(
+    q: &Tensor,
+    cache: &KvCache<'_>,
+    softmax_scale: f32,
+    mask: MaskSpec,
+) -> Result<(Tensor, Tensor)> {
+    const WHAT: &str = "flash_attn_with_kvcache_lse";
+    let scores = move |_| CacheScores::Mask(mask);
+    let (o, lse) = kvcache(WHAT, q, cache, softmax_scale, scores, true)?;
+    with_lse(WHAT, o, lse)
+}
+
+/// Decoding with RoPE, ReRoPE or Leaky ReRoPE over a cache of **un-rotated** keys (longflash's
+/// `decode_rope`): [`flash_attn_with_kvcache`], causal, with positions and scores as
+/// [`flash_attn_rope`] computes them. Key `j` of sequence `b` sits at position `off_b + j`, query
+/// `i` at `off_b + cache_seqlens[b] - seqlen_q + i` (`off_b` from `rope.position_offsets`); the
+/// queries are rotated once per call and each step of cached keys is turned in shared memory by
+/// the side of the window it is on, so the cache can be read with any position mode, window or
+/// scaling, and ReRoPE needs no second copy of it. The frequency table and offsets are copied to
+/// the device on the stream, without waiting. Returns `(batch, seqlen_q, heads_q, head_dim)`.
+pub fn flash_attn_with_kvcache_rope(
+    q: &Tensor,
+    cache: &KvCache<'_>,
+    softmax_scale: f32,
+    rope: &RopeOptions,
+) -> Result<Tensor> {
+    Ok(kvcache(
+        "flash_attn_with_kvcache_rope",
+        q,
+        cache,
+        softmax_scale,
+        |_| CacheScores::Rope(rope),
+        false,
+    )?
+    .0)
+}
+
+/// [`flash_attn_with_kvcache_rope`] that also returns the log-sum-exp, f32 `(batch, heads_q,
+/// seqlen_q)`.
+pub fn flash_attn_with_kvcache_rope_lse(
+    q: &Tensor,
+    cache: &KvCache<'_>,
+    softmax_scale: f32,
+    rope: &RopeOptions,
+) -> Result<(Tensor, Tensor)> {
+    const WHAT: &str = "flash_attn_with_kvcache_rope_lse";
+    let (o, lse) = kvcache(
+        WHAT,
+        q,
+        cache,
+        softmax_scale,
+        |_| CacheScores::Rope(rope),
+        true,
+    )?;
+    with_lse(WHAT, o, lse)
+}
+
+fn append(
+    what: &'static str,
+    k_new: &Tensor,
+    v_new: &Tensor,
+    cache: &KvCache<'_>,
+    rope: Option<&RopeOptions>,
+) -> Result<()> {
+    let checked = args::append(what, k_new, v_new, cache, rope)?;
+    args::cache_devices(what, ("k_new", k_new), &[("v_new", v_new)], cache)?;
+    #[cfg(feature = "cuda")]
+    {
+        cuda::append(what, &checked, [k_new, v_new], cache, rope)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (checked, rope);
+        no_cuda(what)
+    }
+}
+
+/// Writes new tokens' keys and values into a KV cache in place (the KV append of
+/// `flash_attn_with_kvcache`): token `t` of sequence `b` goes to key slot `cache_seqlens[b] + t`
+/// of `cache` (see [`KvCache`]; here `cache_seqlens` holds the lengths *before* the append, and
+/// is not updated: the caller advances it). `k_new` and `v_new` are `(batch, seqlen_new,
+/// heads_kv, head_dim)`, the cache's dtype and KV heads, an even head dim up to 256. The keys
+/// are stored as they are, as [`flash_attn_with_kvcache_rope`] reads them.
+///
+/// A token whose slot falls outside its sequence's capacity (or whose page index is not a page
+/// of the cache) is not written. The cache tensors must not share a buffer with each other or
+/// with the new tokens. The write is queued on the device's stream; nothing waits for it.
+pub fn append_kv(k_new: &Tensor, v_new: &Tensor, cache: &KvCache<'_>) -> Result<()> {
+    append("append_kv", k_new, v_new, cache, None)
+}
+
+/// [`append_kv`] with the keys rotated to their positions on the way (`rope`'s rotary
+/// configuration and position offsets: slot `s` of sequence `b` at position `off_b + s`; its
+/// mode and window are not used), for caches that store rotated keys and are read by
+/// [`flash_attn_with_kvcache`].
+pub fn append_kv_rope(
+    k_new: &Tensor,
+    v_new: &Tensor,
+    cache: &KvCache<'_>,
+    rope: &RopeOptions,
+) -> Result<()> {
+    append("append_kv_rope", k_new, v_new, cache, Some(rope))
 }

@@ -13,7 +13,7 @@
 #   mkdir -p .gpu/overlap && cp /tmp/ov/release/build/longflash-*/out/fwd_sm90_*.fatbin .gpu/overlap/
 set -u
 cd "$(dirname "$0")/../.."
-out=${OUT:-.gpu/logs}; mkdir -p "$out"
+source scripts/gpu/logs.sh
 what=${1:-all}; filter=${2:-hopper::}
 bin=.gpu/tests/test-gpu
 export LONGFLASH_REQUIRE_GPU=1 LONGFLASH_REQUIRE_HOPPER=1 RUST_BACKTRACE=1
@@ -29,7 +29,10 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = sanitize ] || [ "$what" = all ]; then
   for tool in memcheck racecheck synccheck; do
-    PROPTEST_CASES=2 timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 "$bin" "$filter" \
+    # --report-api-errors no: hopper_persistent_grid_runs_every_item_or_is_refused provokes a
+    # CUDA_ERROR_NOT_FOUND on purpose (a one-item build has no persistent marker), which memcheck
+    # would otherwise count as an error.
+    PROPTEST_CASES=2 timeout 240 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 "$bin" "$filter" \
       --test-threads=1 >"$out/hopper-$tool.log" 2>&1; echo "exit $?" >>"$out/hopper-$tool.log"
     echo "== $tool"; summary "$out/hopper-$tool.log"
   done

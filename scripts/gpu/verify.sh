@@ -14,7 +14,7 @@
 # Prints one summary line per process; the full output is in $OUT/verify-*.log.
 set -u
 cd "$(dirname "$0")/../.."
-out=${OUT:-.gpu/logs}; mkdir -p "$out"
+source scripts/gpu/logs.sh
 bin=.gpu/tests/test-gpu
 cases=${1:-3000}; slices=${2:-4}; seeds=${3:-11 22 33}; sanitize=${4:-}
 limit=${VERIFY_TIMEOUT:-540}
@@ -41,8 +41,8 @@ for seed in $seeds; do run "full-seed$seed" PROPTEST_RNG_SEED=$seed "$bin"; done
 run report "$bin" --exact corner::single_row_sparse_case_of_the_report --nocapture
 for tool in $sanitize; do
   case $tool in
-    racecheck) run "$tool" PROPTEST_CASES=4 compute-sanitizer --tool "$tool" --error-exitcode 9 "$bin" --test-threads=1 ;;
-    *) run "$tool" PROPTEST_CASES=8 compute-sanitizer --tool "$tool" --error-exitcode 9 "$bin" --test-threads=4 ;;
+    racecheck) run "$tool" PROPTEST_CASES=4 compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 "$bin" --test-threads=1 ;;
+    *) run "$tool" PROPTEST_CASES=8 compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 "$bin" --test-threads=4 ;;
   esac
 done
 for p in "${pids[@]}"; do wait "$p"; done

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    sys, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice, LaunchConfig,
+    sys, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig,
 };
 
 use super::decode::{cache_capacity, BlockTable};
@@ -261,28 +261,10 @@ impl Attention {
         rope: Option<&RopeOptions>,
     ) -> Result<()> {
         self.same_context("stream", stream.context().cu_ctx())?;
-        for (arg, ctx, layout, len) in [
-            ("k_new", kn.stream().context().cu_ctx(), kn_layout, kn.len()),
-            ("v_new", vn.stream().context().cu_ctx(), vn_layout, vn.len()),
-            (
-                "k",
-                cache.k.stream().context().cu_ctx(),
-                cache.k_layout,
-                cache.k.len(),
-            ),
-            (
-                "v",
-                cache.v.stream().context().cu_ctx(),
-                cache.v_layout,
-                cache.v.len(),
-            ),
-        ] {
-            self.same_context(arg, ctx)?;
-            let required = layout.required_len(arg)?;
-            if required > len as u128 {
-                return Err(Error::OutOfBounds { arg, required, len });
-            }
-        }
+        self.check_view("k_new", kn, &kn_layout)?;
+        self.check_view("v_new", vn, &vn_layout)?;
+        self.check_view("k", &*cache.k, &cache.k_layout)?;
+        self.check_view("v", &*cache.v, &cache.v_layout)?;
         let batch = kn_layout.batch;
         self.check_cache_indices(
             batch,

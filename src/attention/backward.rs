@@ -33,7 +33,8 @@ use crate::layout::Layout;
 use crate::mask::MaskSpec;
 use crate::plan::{backward_dq_tile_shape, backward_tile_shape};
 use crate::sys::{
-    LfBwdParams, LF_BWD_AUX_THREADS, LF_BWD_DQ_BR, LF_BWD_DQ_WARPS, LF_BWD_ROW_PAD, LF_BWD_WARPS,
+    LfBlockSparse, LfBwdParams, LfBwdSparseParams, LF_BWD_AUX_THREADS, LF_BWD_DQ_BR,
+    LF_BWD_DQ_WARPS, LF_BWD_ROW_PAD, LF_BWD_SPARSE_BC, LF_BWD_WARPS,
 };
 
 /// Options of a backward call: the forward's mask and scale, and whether dQ must come out the
@@ -244,6 +245,12 @@ impl RawBackward {
     /// 16-byte aligned workspace of at least [`backward_workspace_bytes`], no gradient overlapping
     /// itself, another gradient, an input or the workspace, and no workspace overlapping an input.
     pub fn validate(&self) -> Result<LfBwdParams> {
+        self.validate_with(false)
+    }
+
+    /// [`validate`](Self::validate), with sink tokens in the mask allowed when `sinks` (the
+    /// block-sparse backward, whose block masks list the sink blocks).
+    pub(super) fn validate_with(&self, sinks: bool) -> Result<LfBwdParams> {
         let (q, k, v, o) = (
             &self.q_layout,
             &self.k_layout,
@@ -290,7 +297,7 @@ impl RawBackward {
             }
         }
         let mask = self.options.mask.resolve(q.seqlen, k.seqlen)?;
-        if mask.sink_tokens != 0 {
+        if mask.sink_tokens != 0 && !sinks {
             return Err(Error::InvalidMask {
                 arg: "mask.sink_tokens",
                 value: mask.sink_tokens.to_string(),
@@ -461,10 +468,12 @@ pub struct Gradients<'a, 'b, T> {
     pub dv: Gradient<'a, 'b, T>,
 }
 
-/// Dynamic shared memory of the main kernel at head dim `d` (tile_plan.h's LF_BWD_SMEM_BYTES).
-fn main_smem(d: usize) -> Option<u32> {
+/// Dynamic shared memory of the main kernel at head dim `d` (tile_plan.h's LF_BWD_SMEM_BYTES),
+/// with key tiles of `bc` keys when given (the block-sparse kernel's), else the dense kernel's.
+fn main_smem(d: usize, bc: Option<usize>) -> Option<u32> {
     let t = backward_tile_shape(d)?;
-    Some((((2 * t.bc + 4 * t.br) * d + 2 * t.bc * t.br) * 2 + 16 * t.br) as u32)
+    let bc = bc.unwrap_or(t.bc);
+    Some((((2 * bc + 4 * t.br) * d + 2 * bc * t.br) * 2 + 16 * t.br) as u32)
 }
 
 /// Dynamic shared memory of the deterministic dQ pass at head dim `d` (LF_BWD_DQ_SMEM_BYTES).
@@ -487,6 +496,25 @@ impl Attention {
         grads: Gradients<'_, '_, T>,
         options: &BackwardOptions,
     ) -> Result<()> {
+        self.backward_impl(stream, inputs, grads, options, |raw| {
+            // SAFETY: every buffer was checked against its layout and context, the guards keep
+            // the stream ordering until the launches are queued, and the workspace is a fresh
+            // allocation of the size the call needs, freed in stream order after it.
+            unsafe { self.backward_raw(stream.cu_stream(), raw) }
+        })
+    }
+
+    /// The safe backward's checks and buffers: checks every view's context and length,
+    /// allocates the workspace in stream order and hands the raw arguments to `run`, which
+    /// launches (`backward_raw` or its block-sparse variant).
+    pub(super) fn backward_impl<T: Element>(
+        &self,
+        stream: &CudaStream,
+        inputs: BackwardInputs<'_, '_, T>,
+        grads: Gradients<'_, '_, T>,
+        options: &BackwardOptions,
+        run: impl FnOnce(&RawBackward) -> Result<()>,
+    ) -> Result<()> {
         self.same_context("stream", stream.context().cu_ctx())?;
         let BackwardInputs {
             q,
@@ -497,62 +525,17 @@ impl Attention {
             lse,
         } = inputs;
         let Gradients { dq, dk, dv } = grads;
-        for (arg, ctx, layout, len) in [
-            (
-                "q",
-                q.data.stream().context().cu_ctx(),
-                q.layout,
-                q.data.len(),
-            ),
-            (
-                "k",
-                k.data.stream().context().cu_ctx(),
-                k.layout,
-                k.data.len(),
-            ),
-            (
-                "v",
-                v.data.stream().context().cu_ctx(),
-                v.layout,
-                v.data.len(),
-            ),
-            (
-                "o",
-                o.data.stream().context().cu_ctx(),
-                o.layout,
-                o.data.len(),
-            ),
-            (
-                "dout",
-                dout.data.stream().context().cu_ctx(),
-                dout.layout,
-                dout.data.len(),
-            ),
-            (
-                "dq",
-                dq.data.stream().context().cu_ctx(),
-                dq.layout,
-                dq.data.len(),
-            ),
-            (
-                "dk",
-                dk.data.stream().context().cu_ctx(),
-                dk.layout,
-                dk.data.len(),
-            ),
-            (
-                "dv",
-                dv.data.stream().context().cu_ctx(),
-                dv.layout,
-                dv.data.len(),
-            ),
-        ] {
-            self.same_context(arg, ctx)?;
-            let required = layout.required_len(arg)?;
-            if required > len as u128 {
-                return Err(Error::OutOfBounds { arg, required, len });
-            }
-        }
+        // The shape rules first (an unsupported head dim is that, whatever the buffers hold),
+        // then every view's context and length, then the rest of RawBackward::validate.
+        attention_shapes([&q.layout, &k.layout, &v.layout, &o.layout], true, false)?;
+        self.check_view("q", q.data, &q.layout)?;
+        self.check_view("k", k.data, &k.layout)?;
+        self.check_view("v", v.data, &v.layout)?;
+        self.check_view("o", o.data, &o.layout)?;
+        self.check_view("dout", dout.data, &dout.layout)?;
+        self.check_view("dq", &*dq.data, &dq.layout)?;
+        self.check_view("dk", &*dk.data, &dk.layout)?;
+        self.check_view("dv", &*dv.data, &dv.layout)?;
         self.same_context("lse", lse.stream().context().cu_ctx())?;
         let lse_needed =
             (q.layout.batch as u128) * (q.layout.heads as u128) * (q.layout.seqlen as u128);
@@ -599,10 +582,7 @@ impl Attention {
             dv_layout: dv.layout,
             options: *options,
         };
-        // SAFETY: every buffer was checked against its layout and context above, the guards keep
-        // the stream ordering until the launches are queued, and the workspace is a fresh
-        // allocation of the size the call needs, freed in stream order after it.
-        unsafe { self.backward_raw(stream.cu_stream(), &raw) }
+        run(&raw)
     }
 
     /// The raw backward: device pointers and the caller's workspace; allocates nothing. Launches
@@ -622,16 +602,36 @@ impl Attention {
     /// - Nothing else writes the inputs, or reads or writes the gradients or the workspace, until
     ///   the kernels have finished (order other streams with events).
     pub unsafe fn backward_raw(&self, stream: sys::CUstream, args: &RawBackward) -> Result<()> {
-        let mut params = args.validate()?;
+        let params = args.validate()?;
+        // SAFETY: per this fn's contract; `params` came from `args.validate()`.
+        unsafe { self.launch_backward(stream, args, params, None) }
+    }
+
+    /// Launches the backward's kernels for validated `params` (of `args`): the dense plan's, or
+    /// with `sparse` (the block mask's CSR rows and key-major columns, lowered for this call) the
+    /// block-sparse main kernel and dQ pass.
+    ///
+    /// # Safety
+    /// As [`backward_raw`](Self::backward_raw), with `params` from `args`'s validation, and the
+    /// arrays of `sparse` a well-formed block mask and its key-major view for this call's shape.
+    pub(super) unsafe fn launch_backward(
+        &self,
+        stream: sys::CUstream,
+        args: &RawBackward,
+        mut params: LfBwdParams,
+        sparse: Option<(LfBlockSparse, LfBlockSparse)>,
+    ) -> Result<()> {
         let d = args.q_layout.head_dim;
         let unsupported = Error::UnsupportedHeadDim {
             arg: "q.head_dim",
             value: d,
             supported: SUPPORTED_HEAD_DIMS,
         };
-        let (Some(shape), Some(smem), Some(smem_dq)) =
-            (backward_tile_shape(d), main_smem(d), dq_smem(d))
-        else {
+        let (Some(shape), Some(smem), Some(smem_dq)) = (
+            backward_tile_shape(d),
+            main_smem(d, sparse.map(|_| LF_BWD_SPARSE_BC as usize)),
+            dq_smem(d),
+        ) else {
             return Err(unsupported);
         };
         let deterministic = args.options.deterministic;
@@ -683,33 +683,49 @@ impl Attention {
             )
         }?;
 
+        // The block-sparse kernels take the dense parameters and the mask in both orders.
+        let main_module = match sparse {
+            Some(_) => format!("bwd_sparse_{}_d{d}", args.dtype.name()),
+            None => module.clone(),
+        };
+        let mut sparse_params = sparse.map(|(rows, cols)| LfBwdSparseParams {
+            bwd: params,
+            rows,
+            cols,
+        });
+        // SAFETY: as above (LfBwdSparseParams of params.h for the block-sparse kernels).
+        let mut run = |kernel: &_, cfg, params: &mut LfBwdParams, what| unsafe {
+            match sparse_params.as_mut() {
+                Some(sp) => self.launch(kernel, cfg, stream, sp, what),
+                None => self.launch(kernel, cfg, stream, params, what),
+            }
+        };
+        let key_tiles = match sparse {
+            Some(_) => k.seqlen.div_ceil(LF_BWD_SPARSE_BC as usize),
+            None => k.seqlen.div_ceil(shape.bc),
+        };
         // SAFETY: as above.
-        let main = unsafe { self.cache.kernel(&module, &format!("lf_{module}"), smem) }?;
+        let main = unsafe {
+            self.cache
+                .kernel(&main_module, &format!("lf_{main_module}"), smem)
+        }?;
         let main_cfg = LaunchConfig {
-            grid_dim: (
-                k.seqlen.div_ceil(shape.bc) as u32,
-                k.heads as u32,
-                q.batch as u32,
-            ),
+            grid_dim: (key_tiles as u32, k.heads as u32, q.batch as u32),
             block_dim: (LF_BWD_WARPS * 32, 1, 1),
             shared_mem_bytes: smem,
         };
-        // SAFETY: as above.
-        unsafe {
-            self.launch(
-                &main,
-                main_cfg,
-                stream,
-                &mut params,
-                "launching the backward kernel",
-            )
-        }?;
+        run(
+            &main,
+            main_cfg,
+            &mut params,
+            "launching the backward kernel",
+        )?;
 
         if deterministic {
             // SAFETY: as above.
             let dq = unsafe {
                 self.cache
-                    .kernel(&module, &format!("lf_{module}_dq"), smem_dq)
+                    .kernel(&main_module, &format!("lf_{main_module}_dq"), smem_dq)
             }?;
             let dq_cfg = LaunchConfig {
                 grid_dim: (
@@ -720,16 +736,7 @@ impl Attention {
                 block_dim: (LF_BWD_DQ_WARPS * 32, 1, 1),
                 shared_mem_bytes: smem_dq,
             };
-            // SAFETY: as above.
-            unsafe {
-                self.launch(
-                    &dq,
-                    dq_cfg,
-                    stream,
-                    &mut params,
-                    "launching the backward dQ pass",
-                )
-            }
+            run(&dq, dq_cfg, &mut params, "launching the backward dQ pass")
         } else {
             let (convert, cfg) = aux("_convert")?;
             // SAFETY: as above; the main kernel, queued before on the same stream, has filled

@@ -29,6 +29,7 @@ pub mod merge;
 pub mod rope;
 mod sm90;
 pub mod sparse;
+pub mod sparse_backward;
 pub mod varlen;
 mod varlen_rope;
 
@@ -41,6 +42,7 @@ pub use forward::{ForwardOptions, RawForward};
 pub use merge::RawMerge;
 pub use rope::{RawRope, RawRopeMode, RopeForward};
 pub use sparse::{RawBlockMask, SparseOptions};
+pub use sparse_backward::SparseBackwardOptions;
 pub use varlen::{RawVarlenForward, VarlenOptions};
 
 /// Head dimensions that have kernels of their own width (every family, and the Hopper path).
@@ -325,6 +327,23 @@ impl Attention {
         }
     }
 
+    /// `arg`'s device memory belongs to this value's context and holds every element `layout`
+    /// addresses (the safe entries' check of each view before anything is lowered).
+    fn check_view<T>(
+        &self,
+        arg: &'static str,
+        data: &impl DeviceSlice<T>,
+        layout: &Layout,
+    ) -> Result<()> {
+        self.same_context(arg, data.stream().context().cu_ctx())?;
+        let required = layout.required_len(arg)?;
+        let len = data.len();
+        if required > len as u128 {
+            return Err(Error::OutOfBounds { arg, required, len });
+        }
+        Ok(())
+    }
+
     fn forward_impl<T: Element>(
         &self,
         stream: &CudaStream,
@@ -335,38 +354,10 @@ impl Attention {
         launch: impl FnOnce(&RawForward) -> Result<()>,
     ) -> Result<()> {
         self.same_context("stream", stream.context().cu_ctx())?;
-        for (arg, ctx, layout, len) in [
-            (
-                "q",
-                q.data.stream().context().cu_ctx(),
-                q.layout,
-                q.data.len(),
-            ),
-            (
-                "k",
-                k.data.stream().context().cu_ctx(),
-                k.layout,
-                k.data.len(),
-            ),
-            (
-                "v",
-                v.data.stream().context().cu_ctx(),
-                v.layout,
-                v.data.len(),
-            ),
-            (
-                "o",
-                out.data.stream().context().cu_ctx(),
-                out.layout,
-                out.data.len(),
-            ),
-        ] {
-            self.same_context(arg, ctx)?;
-            let required = layout.required_len(arg)?;
-            if required > len as u128 {
-                return Err(Error::OutOfBounds { arg, required, len });
-            }
-        }
+        self.check_view("q", q.data, &q.layout)?;
+        self.check_view("k", k.data, &k.layout)?;
+        self.check_view("v", v.data, &v.layout)?;
+        self.check_view("o", &*out.data, &out.layout)?;
         let lse_needed =
             (q.layout.batch as u128) * (q.layout.heads as u128) * (q.layout.seqlen as u128);
         if let Some(lse) = &out.lse {

@@ -2,7 +2,12 @@
 //! whose rows list it, with the same full/partial flags. A backward pass that accumulates dK and
 //! dV per key block walks this view, so that it visits exactly the blocks the forward computed.
 
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream};
+
 use super::{BlockMask, MaskShape};
+use crate::error::{Error, Result};
 
 /// A [`BlockMask`] transposed: CSC by key block (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +100,74 @@ impl KeyMajorMask {
             self.col_offsets[c + 1] as usize,
         );
         (&self.row_indices[lo..hi], &self.full[lo..hi])
+    }
+}
+
+impl KeyMajorMask {
+    /// Checks that this is the key-major view of `mask` as far as it can be checked without
+    /// rebuilding it: the same problem and the same number of listed blocks.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming `"key_major"` otherwise.
+    pub fn check_view_of(&self, mask: &BlockMask) -> Result<()> {
+        if self.shape != mask.shape() || self.row_indices.len() != mask.nnz() {
+            return Err(Error::InvalidArgument {
+                arg: "key_major",
+                value: format!("{:?} with {} blocks", self.shape, self.row_indices.len()),
+                expected: format!(
+                    "the key-major view of the block mask ({:?} with {} blocks): \
+                     BlockMask::key_major",
+                    mask.shape(),
+                    mask.nnz()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies the view to the device (with `stream`, in its context) for the block-sparse
+    /// backward.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Driver`] when a copy fails.
+    pub fn to_device(&self, stream: &Arc<CudaStream>) -> Result<DeviceKeyMajorMask> {
+        let up_i32 = |v: &[i32]| -> Result<CudaSlice<i32>> {
+            // An empty list still gets a (never read) element, so the pointer is real.
+            let v: Vec<i32> = if v.is_empty() { vec![0] } else { v.to_vec() };
+            stream
+                .clone_htod(&v)
+                .map_err(Error::driver("copying the key-major mask to the device"))
+        };
+        let full: Vec<u8> = if self.full.is_empty() {
+            vec![0]
+        } else {
+            self.full.clone()
+        };
+        Ok(DeviceKeyMajorMask {
+            mask: self.clone(),
+            col_offsets: up_i32(&self.col_offsets)?,
+            row_indices: up_i32(&self.row_indices)?,
+            full: stream
+                .clone_htod(&full)
+                .map_err(Error::driver("copying the key-major mask to the device"))?,
+        })
+    }
+}
+
+/// A [`KeyMajorMask`] in device memory, with the host copy it was made from.
+pub struct DeviceKeyMajorMask {
+    pub(crate) mask: KeyMajorMask,
+    pub(crate) col_offsets: CudaSlice<i32>,
+    pub(crate) row_indices: CudaSlice<i32>,
+    pub(crate) full: CudaSlice<u8>,
+}
+
+impl DeviceKeyMajorMask {
+    /// The host view this was made from.
+    pub fn host(&self) -> &KeyMajorMask {
+        &self.mask
     }
 }
 

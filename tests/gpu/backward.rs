@@ -8,15 +8,20 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::{bf16, f16};
 use longflash::reference::{
     attention_backward_f64, attention_backward_lowp, compare_gradient, GradComparison, RefShape,
+    Visibility,
 };
 use longflash::{
-    backward_workspace_bytes, Attention, BackwardInputs, BackwardOptions, DType, Element, Error,
-    ForwardOptions, Gradient, Gradients, Input, Layout, MaskSpec, Output, RawBackward,
+    backward_workspace_bytes, Attention, BackwardInputs, BackwardOptions, BlockMask, DType,
+    Element, Error, ForwardOptions, Gradient, Gradients, Input, Layout, MaskSpec, Output,
+    RawBackward, SparseBackwardOptions, SparseOptions,
 };
 use proptest::prelude::*;
 
 use crate::common::Rng;
 use crate::common::*;
+
+mod sparse;
+mod training;
 
 /// A backward case: the forward's case (shapes, mask, scale, layouts of q, k/v and o) plus the
 /// layouts of the upstream gradient and of the three gradients, and the dQ mode.
@@ -30,6 +35,13 @@ pub(crate) struct BwdCase {
     /// Run through `backward_raw` with a workspace of the test's own, filled with NaN first
     /// (the kernels must not rely on it being cleared), instead of the safe API.
     pub(crate) raw: bool,
+    /// Run the block-sparse forward and backward over this block mask (its element mask must be
+    /// `c.mask`); `c.sparse` builds a random one instead when this is `None`.
+    pub(crate) block: Option<BlockMask>,
+    /// With `block` set, still take O and the LSE from the dense forward (only for a block mask
+    /// whose visibility is exactly `c.mask`): the backwards then start from the same bits, which
+    /// the sparse forward need not reproduce (on Hopper the dense forward runs another mainloop).
+    pub(crate) dense_forward: bool,
 }
 
 impl BwdCase {
@@ -47,6 +59,8 @@ impl BwdCase {
             dkv_mem: Mem::Bshd,
             deterministic: false,
             raw: false,
+            block: None,
+            dense_forward: false,
         }
     }
     fn deterministic(self) -> Self {
@@ -121,17 +135,32 @@ fn run_bwd_t<T: Element>(g: &Gpu, attn: &Attention, bc: &BwdCase) -> BwdResult {
     let dout = gen(nq, &mut rng);
     let scale = c.scale.unwrap_or(1.0 / (c.head_dim as f32).sqrt());
     let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
+    let block = bc.block.clone().or_else(|| c.sparse.map(|sp| sp.build(c)));
+    let vis: &dyn Visibility = match &block {
+        Some(b) => b,
+        None => &c.mask,
+    };
     let ref64 = attention_backward_f64(
         &shape,
         &wide(&q),
         &wide(&k),
         &wide(&v),
         &wide(&dout),
-        &c.mask,
+        vis,
         scale as f64,
     )
     .unwrap();
-    let lowp = attention_backward_lowp(&shape, &q, &k, &v, &dout, &c.mask, scale).unwrap();
+    let lowp = attention_backward_lowp(&shape, &q, &k, &v, &dout, vis, scale).unwrap();
+    let device_block = block.as_ref().map(|b| {
+        (
+            b.to_device(&g.stream).unwrap(),
+            b.key_major().to_device(&g.stream).unwrap(),
+        )
+    });
+    assert!(
+        device_block.is_none() || !bc.raw,
+        "the sparse cases run through the safe API"
+    );
 
     let lay = |m: Mem, kv: bool| {
         if kv {
@@ -194,8 +223,22 @@ fn run_bwd_t<T: Element>(g: &Gpu, attn: &Attention, bc: &BwdCase) -> BwdResult {
             layout: ol,
             lse: Some(&mut lv),
         };
-        attn.forward(&g.stream, qi, ki, vi, out, &fwd)
-            .unwrap_or_else(|e| panic!("forward failed on {bc:?}: {e}"));
+        match &device_block {
+            None => attn.forward(&g.stream, qi, ki, vi, out, &fwd),
+            Some(_) if bc.dense_forward => attn.forward(&g.stream, qi, ki, vi, out, &fwd),
+            Some((dm, _)) => attn.forward_sparse(
+                &g.stream,
+                qi,
+                ki,
+                vi,
+                out,
+                &SparseOptions {
+                    mask: dm,
+                    softmax_scale: c.scale,
+                },
+            ),
+        }
+        .unwrap_or_else(|e| panic!("forward failed on {bc:?}: {e}"));
     }
     let options = BackwardOptions {
         mask: c.mask,
@@ -275,8 +318,21 @@ fn run_bwd_t<T: Element>(g: &Gpu, attn: &Attention, bc: &BwdCase) -> BwdResult {
                 layout: dkl,
             },
         };
-        attn.backward(&g.stream, inputs, grads, &options)
-            .unwrap_or_else(|e| panic!("backward failed on {bc:?}: {e}"));
+        match &device_block {
+            None => attn.backward(&g.stream, inputs, grads, &options),
+            Some((dm, dkm)) => attn.backward_sparse(
+                &g.stream,
+                inputs,
+                grads,
+                &SparseBackwardOptions {
+                    mask: dm,
+                    key_major: dkm,
+                    softmax_scale: c.scale,
+                    deterministic: bc.deterministic,
+                },
+            ),
+        }
+        .unwrap_or_else(|e| panic!("backward failed on {bc:?}: {e}"));
     }
     g.stream.synchronize().unwrap();
     let dq_host: Vec<T> = g.stream.clone_dtoh(&d_dq).unwrap();
@@ -701,172 +757,6 @@ fn backward_safe_api_rejects_bad_buffers_before_launch() {
     );
 }
 
-/// A training loop in miniature: a causal GQA attention layer whose q, k and v (f32 master
-/// weights, bf16 on the device) descend the loss `0.5 * |attention(q, k, v) - target|^2` with
-/// gradients from the GPU backward (upstream gradient `O - target` from the GPU forward). Every
-/// step's gradients pass the rule against the f64 gradients at the same point, and the loss (the
-/// f64 forward of the rounded weights) goes down at every step.
-#[test]
-fn backward_training_steps_decrease_the_loss() {
-    let g = gpu_or_skip!();
-    let shape = RefShape {
-        batch: 1,
-        seqlen_q: 96,
-        seqlen_k: 96,
-        heads_q: 2,
-        heads_kv: 1,
-        head_dim: 64,
-    };
-    let mask = MaskSpec::causal();
-    let scale = 0.125f32;
-    let (ql, kl) = (Layout::bshd(1, 96, 2, 64), Layout::bshd(1, 96, 1, 64));
-    let mut rng = Rng(11);
-    let mut normal =
-        |n: usize, s: f64| -> Vec<f32> { (0..n).map(|_| (s * rng.normal()) as f32).collect() };
-    let (nq, nkv) = (shape.q_len().unwrap(), shape.kv_len().unwrap());
-    let mut w = [normal(nq, 1.0), normal(nkv, 1.0), normal(nkv, 1.0)];
-    let target: Vec<f64> = normal(nq, 0.5).into_iter().map(f64::from).collect();
-    let lr = 0.1f32;
-    let round = |x: &[f32]| -> Vec<bf16> { x.iter().map(|&a| bf16::from_f32(a)).collect() };
-    let wide = |x: &[bf16]| -> Vec<f64> { x.iter().map(|t| t.to_f64()).collect() };
-    let loss = |q: &[bf16], k: &[bf16], v: &[bf16]| -> f64 {
-        let o =
-            longflash::reference::attention_f64(&shape, &wide(q), &wide(k), &wide(v), &mask, 0.125)
-                .unwrap()
-                .out;
-        0.5 * o
-            .iter()
-            .zip(&target)
-            .map(|(a, t)| (a - t) * (a - t))
-            .sum::<f64>()
-    };
-    let mut losses = Vec::new();
-    for step in 0..6 {
-        let (q, k, v) = (round(&w[0]), round(&w[1]), round(&w[2]));
-        losses.push(loss(&q, &k, &v));
-        if step == 5 {
-            break;
-        }
-        let (d_q, d_k, d_v) = (
-            g.stream.clone_htod(&q).unwrap(),
-            g.stream.clone_htod(&k).unwrap(),
-            g.stream.clone_htod(&v).unwrap(),
-        );
-        let mut d_o: CudaSlice<bf16> = g.stream.alloc_zeros(nq).unwrap();
-        let mut d_lse: CudaSlice<f32> = g.stream.alloc_zeros(shape.lse_len().unwrap()).unwrap();
-        let (qv, kv, vv) = (d_q.as_view(), d_k.as_view(), d_v.as_view());
-        let (qi, ki, vi) = (
-            Input {
-                data: &qv,
-                layout: ql,
-            },
-            Input {
-                data: &kv,
-                layout: kl,
-            },
-            Input {
-                data: &vv,
-                layout: kl,
-            },
-        );
-        {
-            let (mut ov, mut lv) = (d_o.as_view_mut(), d_lse.as_view_mut());
-            let out = Output {
-                data: &mut ov,
-                layout: ql,
-                lse: Some(&mut lv),
-            };
-            let opts = ForwardOptions::causal().with_scale(scale);
-            g.attn.forward(&g.stream, qi, ki, vi, out, &opts).unwrap();
-        }
-        let o: Vec<bf16> = g.stream.clone_dtoh(&d_o).unwrap();
-        let dout: Vec<bf16> = o
-            .iter()
-            .zip(&target)
-            .map(|(a, &t)| bf16::from_f64(a.to_f64() - t))
-            .collect();
-        let d_dout = g.stream.clone_htod(&dout).unwrap();
-        let mut grads: [CudaSlice<bf16>; 3] = [
-            g.stream.alloc_zeros(nq).unwrap(),
-            g.stream.alloc_zeros(nkv).unwrap(),
-            g.stream.alloc_zeros(nkv).unwrap(),
-        ];
-        {
-            let (ov, dov, lv) = (d_o.as_view(), d_dout.as_view(), d_lse.as_view());
-            let [gq, gk, gv] = &mut grads;
-            let (mut gqv, mut gkv, mut gvv) =
-                (gq.as_view_mut(), gk.as_view_mut(), gv.as_view_mut());
-            g.attn
-                .backward(
-                    &g.stream,
-                    BackwardInputs {
-                        q: qi,
-                        k: ki,
-                        v: vi,
-                        o: Input {
-                            data: &ov,
-                            layout: ql,
-                        },
-                        dout: Input {
-                            data: &dov,
-                            layout: ql,
-                        },
-                        lse: &lv,
-                    },
-                    Gradients {
-                        dq: Gradient {
-                            data: &mut gqv,
-                            layout: ql,
-                        },
-                        dk: Gradient {
-                            data: &mut gkv,
-                            layout: kl,
-                        },
-                        dv: Gradient {
-                            data: &mut gvv,
-                            layout: kl,
-                        },
-                    },
-                    &BackwardOptions::causal().with_scale(scale),
-                )
-                .unwrap();
-        }
-        g.stream.synchronize().unwrap();
-        let ref64 = attention_backward_f64(
-            &shape,
-            &wide(&q),
-            &wide(&k),
-            &wide(&v),
-            &wide(&dout),
-            &mask,
-            0.125,
-        )
-        .unwrap();
-        let lowp = attention_backward_lowp(&shape, &q, &k, &v, &dout, &mask, scale).unwrap();
-        for (i, (name, r64, naive)) in [
-            ("dq", &ref64.dq, &lowp.dq),
-            ("dk", &ref64.dk, &lowp.dk),
-            ("dv", &ref64.dv, &lowp.dv),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let gr: Vec<bf16> = g.stream.clone_dtoh(&grads[i]).unwrap();
-            let c = compare_gradient(&wide(&gr), r64, naive, DType::Bf16);
-            assert!(c.passes, "step {step} {name}: {c}");
-            for (x, d) in w[i].iter_mut().zip(&gr) {
-                *x -= lr * d.to_f32();
-            }
-        }
-    }
-    for s in 1..losses.len() {
-        assert!(
-            losses[s] < losses[s - 1],
-            "the loss must go down at every step: {losses:?}"
-        );
-    }
-}
-
 fn arb_bwd_case() -> impl Strategy<Value = BwdCase> {
     (arb_case(), (arb_mem(), arb_mem(), arb_mem()), any::<bool>()).prop_map(
         |(c, (dout_mem, dq_mem, dkv_mem), deterministic)| BwdCase {
@@ -876,6 +766,8 @@ fn arb_bwd_case() -> impl Strategy<Value = BwdCase> {
             dkv_mem,
             deterministic,
             raw: false,
+            block: None,
+            dense_forward: false,
         },
     )
 }

@@ -152,6 +152,40 @@ fn rope_decode_by_hand() {
     }
 }
 
+/// Decoding over caches of tens of thousands of un-rotated keys with SmolLM2's rotation (base
+/// 100000, interleaved pairs, head dim 64, f16, 9 query heads over 3), one and four new tokens,
+/// as an engine's decoding steps after a long prefill.
+#[test]
+fn rope_decode_long_caches() {
+    let g = gpu_or_skip!();
+    for mode in [
+        PositionMode::ReRope { window: 4096 },
+        PositionMode::LeakyReRope {
+            window: 2048,
+            leak: 16.0,
+        },
+        PositionMode::Rope,
+    ] {
+        for seqlen_q in [1, 4] {
+            let rope = crate::rope_long::smollm2_rope(mode);
+            let c = RopeDecodeCase {
+                base: DecodeCase {
+                    dtype: DType::F16,
+                    lens: vec![32752 + seqlen_q, 32768 + seqlen_q, 65536 + seqlen_q],
+                    seqlen_q,
+                    heads_q: 9,
+                    heads_kv: 3,
+                    page_size: None,
+                    mask: rope.mask(),
+                    ..case(64, rope.mask())
+                },
+                rope,
+            };
+            check(g, &c);
+        }
+    }
+}
+
 /// Head dims narrower than the tile widths (padded kernels), every mode, partial rotary dims.
 #[test]
 fn rope_decode_narrow_head_dims() {

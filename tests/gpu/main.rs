@@ -26,6 +26,7 @@ mod dense;
 mod hopper;
 mod narrow;
 mod rope;
+mod rope_long;
 mod sparse;
 mod varlen;
 mod varlen_rope;

@@ -128,7 +128,7 @@ fn run_rope_t<T: Element>(
     }
 }
 
-fn run_rope(g: &Gpu, c: &RopeCase) -> RunResult {
+pub(crate) fn run_rope(g: &Gpu, c: &RopeCase) -> RunResult {
     run_rope_masked(g, c, None)
 }
 

@@ -447,6 +447,20 @@ typedef struct LfBwdParams {
     int32_t reserved; /* 0 */
 } LfBwdParams;
 
+/* The block-sparse backward: the exact backward's parameters (bwd.mask is the block mask's
+ * element mask, sinks included) and the block mask in both orders. `rows` is the forward's CSR
+ * form (LfBlockSparse: per (batch, query head, query block) the key blocks, last to first in the
+ * deterministic dQ pass); `cols` is its key-major transpose in the same struct: per (batch, query
+ * head, key block) c = b * cols.batch_stride + h * cols.head_stride + kb, the query blocks that
+ * list key block kb, ascending, at cols.col_indices[cols.row_offsets[c] .. cols.row_offsets[c + 1]]
+ * with the same flags in cols.full. Both come from one validated mask (BlockMask::key_major); the
+ * kernels read them as given, as the sparse forward reads its CSR. */
+typedef struct LfBwdSparseParams {
+    LfBwdParams bwd;
+    LfBlockSparse rows;
+    LfBlockSparse cols;
+} LfBwdSparseParams;
+
 #define LF_ASSERT_LAYOUT(cond, name) typedef char lf_layout_assert_##name[(cond) ? 1 : -1]
 LF_ASSERT_LAYOUT(sizeof(LfMask) == 24, mask_size);
 LF_ASSERT_LAYOUT(sizeof(LfBlockSparse) == 56, sparse_size);
@@ -488,5 +502,7 @@ LF_ASSERT_LAYOUT(offsetof(LfBwdParams, q_batch_stride) == 96, bwd_q_batch_stride
 LF_ASSERT_LAYOUT(offsetof(LfBwdParams, mask) == 288, bwd_mask);
 LF_ASSERT_LAYOUT(offsetof(LfBwdParams, batch) == 312, bwd_batch);
 LF_ASSERT_LAYOUT(sizeof(LfBwdParams) == 344, bwd_size);
+LF_ASSERT_LAYOUT(sizeof(LfBwdSparseParams) == 456, bwd_sparse_size);
+LF_ASSERT_LAYOUT(offsetof(LfBwdSparseParams, cols) == 400, bwd_sparse_cols);
 
 #endif

@@ -1,10 +1,14 @@
 //! Attention of one layer over the KV cache, on one of two back ends:
 //!
-//! - longflash: q and the keys stay un-rotated (the cache holds un-rotated keys); every call,
-//!   prefill chunk or one decoding row, is `flash_attn_rope` of the new queries over the whole
-//!   cache, causal and aligned bottom-right, so query `i` of a chunk of `t` after `L` cached
-//!   tokens sits at position `L + i` and key `j` at `j`. RoPE, ReRoPE and Leaky ReRoPE are the
-//!   kernel's.
+//! - longflash: q and the keys stay un-rotated (the cache holds un-rotated keys), and the new
+//!   tokens' k and v are written into the cache by `append_kv` at the cache's length. A prefill
+//!   chunk is `flash_attn_rope` of its queries over the cache so far, causal and aligned
+//!   bottom-right, so query `i` of a chunk of `t` after `L` cached tokens sits at position
+//!   `L + i` and key `j` at `j`. A decoding step (at most [`DECODE_MAX_QUERIES`] new tokens) is
+//!   `flash_attn_with_kvcache_rope` over the whole cache buffer with the cache length on the
+//!   device: the decoding kernel (split over the keys, grouped heads in one tile) turns the
+//!   cached keys by their relative position in shared memory, so nothing is rotated into a
+//!   workspace per step. RoPE, ReRoPE and Leaky ReRoPE are the kernels'.
 //! - candle: the in-engine peer. q and k are rotated with candle ops at their positions (the
 //!   cache holds rotated keys, as engines keep them), then `softmax(q k^T * scale + causal) v` by
 //!   matmul, the softmax in f32, grouped-query heads without copying keys. Plain RoPE with any
@@ -12,6 +16,10 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 use longflash_candle::{PositionMode, RopeLayout, RopeOptions};
+
+/// The most new tokens per call that go through the decoding kernel; longer calls (prefill
+/// chunks) go through the RoPE forward.
+pub const DECODE_MAX_QUERIES: usize = 16;
 
 use crate::model::Config;
 
@@ -29,6 +37,9 @@ pub struct KvCache {
     v: Vec<Tensor>,
     len: usize,
     capacity: usize,
+    /// The cache length before and after the tokens of the current forward, `(2,)` i32 on the
+    /// device, for the longflash calls: made once per forward and shared by every layer.
+    lengths: Option<(usize, usize, Tensor)>,
 }
 
 impl KvCache {
@@ -56,6 +67,21 @@ impl KvCache {
     /// Counts `t` more tokens as held (after every layer has written them).
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;
+    }
+
+    /// `[past, n]` as a `(2,)` i32 tensor on `device` (kept while the pair stays the same).
+    fn lengths(&mut self, past: usize, n: usize, device: &Device) -> Result<Tensor> {
+        if let Some((p, m, t)) = &self.lengths {
+            if (*p, *m) == (past, n) {
+                return Ok(t.clone());
+            }
+        }
+        let (Ok(a), Ok(b)) = (i32::try_from(past), i32::try_from(n)) else {
+            bail!("attention: {n} tokens do not fit the kernels' 32-bit cache lengths");
+        };
+        let t = Tensor::new(&[a, b], device)?;
+        self.lengths = Some((past, n, t.clone()));
+        Ok(t)
     }
 
     /// Layer `l`'s keys and values so far.
@@ -161,6 +187,7 @@ impl Attention {
             v,
             len: 0,
             capacity,
+            lengths: None,
         })
     }
 
@@ -203,13 +230,27 @@ impl Attention {
         }
         match self.backend {
             Backend::Longflash => {
+                use longflash_candle::KvCache as Cache;
                 let q = q.to_dtype(self.dtype)?;
-                cache.k[l].slice_set(&k.to_dtype(self.dtype)?, 1, past)?;
-                cache.v[l].slice_set(&v.to_dtype(self.dtype)?, 1, past)?;
-                let keys = cache.k[l].narrow(1, 0, n)?;
-                let values = cache.v[l].narrow(1, 0, n)?;
-                longflash_candle::flash_attn_rope(&q, &keys, &values, self.scale, &self.rope)?
-                    .to_dtype(DType::F32)
+                let lengths = cache.lengths(past, n, q.device())?;
+                let (before, after) = (lengths.narrow(0, 0, 1)?, lengths.narrow(0, 1, 1)?);
+                let (kc, vc) = (&cache.k[l], &cache.v[l]);
+                longflash_candle::append_kv(
+                    &k.to_dtype(self.dtype)?,
+                    &v.to_dtype(self.dtype)?,
+                    &Cache::contiguous(kc, vc, &before),
+                )?;
+                let o = if t <= DECODE_MAX_QUERIES {
+                    let cache = Cache::contiguous(kc, vc, &after);
+                    longflash_candle::flash_attn_with_kvcache_rope(
+                        &q, &cache, self.scale, &self.rope,
+                    )?
+                } else {
+                    let keys = kc.narrow(1, 0, n)?;
+                    let values = vc.narrow(1, 0, n)?;
+                    longflash_candle::flash_attn_rope(&q, &keys, &values, self.scale, &self.rope)?
+                };
+                o.to_dtype(DType::F32)
             }
             Backend::Candle => {
                 let (cos, sin) = self.table(past, t, q.device())?;

@@ -134,39 +134,10 @@ impl Attention {
         run: impl FnOnce(&RawDecode, LfDecodeParams, &DecodePlan) -> Result<()>,
     ) -> Result<()> {
         self.same_context("stream", stream.context().cu_ctx())?;
-        let mut checks = vec![
-            (
-                "q",
-                q.data.stream().context().cu_ctx(),
-                q.layout,
-                q.data.len(),
-            ),
-            (
-                "k",
-                cache.k.data.stream().context().cu_ctx(),
-                cache.k.layout,
-                cache.k.data.len(),
-            ),
-            (
-                "v",
-                cache.v.data.stream().context().cu_ctx(),
-                cache.v.layout,
-                cache.v.data.len(),
-            ),
-        ];
-        checks.push((
-            "o",
-            out.data.stream().context().cu_ctx(),
-            out.layout,
-            out.data.len(),
-        ));
-        for (arg, ctx, layout, len) in checks {
-            self.same_context(arg, ctx)?;
-            let required = layout.required_len(arg)?;
-            if required > len as u128 {
-                return Err(Error::OutOfBounds { arg, required, len });
-            }
-        }
+        self.check_view("q", q.data, &q.layout)?;
+        self.check_view("k", cache.k.data, &cache.k.layout)?;
+        self.check_view("v", cache.v.data, &cache.v.layout)?;
+        self.check_view("o", &*out.data, &out.layout)?;
         let batch = q.layout.batch;
         if let Some(lse) = &out.lse {
             self.same_context("lse", lse.stream().context().cu_ctx())?;
