@@ -8,7 +8,7 @@
 #   bash scripts/gpu/backward.sh [tests|sanitize|bench|all] [seconds per test, default 300]
 set -u
 cd "$(dirname "$0")/../.."
-out=${OUT:-.gpu/logs}; mkdir -p "$out"
+source scripts/gpu/logs.sh
 what=${1:-all}; limit=${2:-300}
 bin=.gpu/tests/test-gpu
 export LONGFLASH_REQUIRE_GPU=1 RUST_BACKTRACE=1

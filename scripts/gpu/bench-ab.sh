@@ -11,7 +11,7 @@
 # With no variant, one run of the built kernels, named "new".
 set -u
 cd "$(dirname "$0")/../.."
-out=${OUT:-.gpu/logs}; mkdir -p "$out"
+source scripts/gpu/logs.sh
 export LONGFLASH_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/bench-gpu.txt"
 [ $# -gt 0 ] || set -- new

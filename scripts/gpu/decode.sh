@@ -8,7 +8,7 @@
 #   bash scripts/gpu/decode.sh
 set -u
 cd "$(dirname "$0")/../.."
-out=${OUT:-.gpu/logs}; mkdir -p "$out"
+source scripts/gpu/logs.sh
 export LONGFLASH_REQUIRE_GPU=1
 timeout 300 .gpu/bench/decode --bench >"$out/decode.log" 2>&1
 grep '^RESULT' "$out/decode.log" | sed 's/^RESULT //' >"$out/decode.jsonl"

@@ -8,7 +8,8 @@
 # output in $OUT/each/<test>.log.
 set -u
 cd "$(dirname "$0")/../.."
-out=${OUT:-.gpu/logs}; mkdir -p "$out/each"
+source scripts/gpu/logs.sh
+mkdir -p "$out/each"
 filter=${1:-hopper::}; limit=${2:-60}
 bin=.gpu/tests/test-gpu
 export LONGFLASH_REQUIRE_GPU=1 RUST_BACKTRACE=1

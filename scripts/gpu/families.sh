@@ -7,7 +7,7 @@
 #   bash scripts/gpu/families.sh sparse|rope [mainloops, default "sm90 sm80"]
 set -u
 cd "$(dirname "$0")/../.."
-out=${OUT:-.gpu/logs}; mkdir -p "$out"
+source scripts/gpu/logs.sh
 fam=$1; loops=${2:-sm90 sm80}
 export LONGFLASH_REQUIRE_GPU=1
 masks=$(mktemp -d)

@@ -13,7 +13,7 @@
 #   mkdir -p .gpu/overlap && cp /tmp/ov/release/build/longflash-*/out/fwd_sm90_*.fatbin .gpu/overlap/
 set -u
 cd "$(dirname "$0")/../.."
-out=${OUT:-.gpu/logs}; mkdir -p "$out"
+source scripts/gpu/logs.sh
 what=${1:-all}; filter=${2:-hopper::}
 bin=.gpu/tests/test-gpu
 export LONGFLASH_REQUIRE_GPU=1 LONGFLASH_REQUIRE_HOPPER=1 RUST_BACKTRACE=1

@@ -8,7 +8,7 @@
 # summary $OUT/ncu-<name>.txt (speed of light, occupancy, warp states).
 set -u
 cd "$(dirname "$0")/../.."
-out=${OUT:-.gpu/logs}; mkdir -p "$out"
+source scripts/gpu/logs.sh
 re=$1; d=$2; s=$3; name=${4:-$re-d$d-s$s}; shift 4 2>/dev/null || shift $#
 env "$@" LONGFLASH_BENCH_HEAD_DIMS="$d" LONGFLASH_BENCH_SEQLENS="$s" timeout 240 \
   ncu --set full --kernel-name "regex:$re" --launch-skip 3 --launch-count 1 -f -o "$out/ncu-$name" \

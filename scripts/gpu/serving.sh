@@ -12,6 +12,8 @@
 set -u
 cd "$(dirname "$0")/../.."
 dest=${OUT:-.gpu/logs}; mkdir -p "$dest"
+# This script packs its own logs (serving.tgz): the scripts it runs must not pack theirs.
+export LF_LOGS_TOP=$$
 out=$(mktemp -d)
 limit=${1:-150}
 export LONGFLASH_REQUIRE_GPU=1

@@ -13,8 +13,9 @@
 # an earlier call (results/NAME.done) and those whose inputs are not there yet, and stopping
 # before a step whose limit would pass the call's budget ($SMOLLM2_BUDGET seconds from the
 # start, 560 by default). STEP arguments run just those, in the order given, done or not.
-# After each step the results so far (logs, JSON, results/summary.json) are copied under $OUT
-# and tarred into $OUT/smollm2-results.tgz.
+# After each step the results so far (logs, JSON, results/summary.json) are tarred into
+# $OUT/smollm2-results.tgz, with summary.json and steps.log beside it: a call brings back only a
+# few files (8 on the device tool), so the logs travel in the tarball.
 #
 #   tests      longflash-candle's GPU tests (LONGFLASH_REQUIRE_GPU=1): the KV-cache drop-ins
 #   compare    longflash against candle's attention in the program: 1k-token prompt's logits,
@@ -22,6 +23,7 @@
 #   decode     decoding tokens/s at a 32k context: longflash (RoPE, ReRoPE) and candle
 #   prefill    prefill tokens/s at 32k: ReRoPE 4096 against plain causal RoPE (two runs each)
 #   passkey    passkey with ReRoPE 4096 at 32k, 64k, 128k, five depths
+#   passkey4k  the same at 32k and 64k in prefill chunks of 4096 tokens
 #   ppl32      NLL per bucket at 32k for RoPE, NTK x4, ReRoPE 4096, Leaky ReRoPE 2048/16
 #   ppl128     NLL per bucket up to 128k with ReRoPE 4096
 #   peer       the PyTorch reference (benches/peer_smollm2.py) at 32k: NLL buckets of RoPE,
@@ -147,7 +149,7 @@ PY
 }
 publish() {
   summarize
-  cp -r "$res"/. "$out"/ 2>/dev/null
+  cp "$res/summary.json" "$res/steps.log" "$out"/ 2>/dev/null
   tar czf "$out/smollm2-results.tgz.tmp" -C "$home" results && mv "$out/smollm2-results.tgz.tmp" "$out/smollm2-results.tgz"
 }
 
@@ -193,6 +195,14 @@ step_passkey() {
     --depths 0.1,0.3,0.5,0.7,0.9 --rerope 4096 --json "$res/passkey-rerope.json" \
     >"$res/passkey.log" 2>&1
 }
+# The same passkey prompts in chunks of 4096: the 32k and 128k prompts then end in a chunk of
+# 4080 queries instead of 2032 (the 2026-12-05 run answered both wrongly from the prefill).
+step_passkey4k() {
+  need_model || return 3
+  timeout "$1" "$home/smollm2" passkey --model "$model" --quiet --lengths 32k,64k \
+    --depths 0.1,0.3,0.5,0.7,0.9 --rerope 4096 --chunk 4096 \
+    --json "$res/passkey4k-rerope.json" >"$res/passkey4k.log" 2>&1
+}
 step_ppl32() {
   need_model || return 3
   local per=$(($1 / 4)) rc=0 mode name
@@ -227,8 +237,8 @@ step_passkey256() {
 }
 
 # name:limit in seconds, most valuable first.
-steps=(tests:240 compare:120 decode:240 prefill:160 passkey:300 ppl32:240 ppl128:300 peer:540
-  passkey256:540)
+steps=(tests:240 compare:120 decode:240 prefill:160 passkey:300 passkey4k:200 ppl32:240
+  ppl128:300 peer:540 passkey256:540)
 limit_of() {
   local s
   for s in "${steps[@]}"; do

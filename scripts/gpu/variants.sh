@@ -9,7 +9,8 @@
 #   bash scripts/gpu/variants.sh [head dims for the bench, default "128"]
 set -u
 cd "$(dirname "$0")/../.."
-out=${OUT:-.gpu/logs}; mkdir -p "$out/variants"
+source scripts/gpu/logs.sh
+mkdir -p "$out/variants"
 dims=${1:-128}
 specs=(sm90:LONGFLASH_BENCH_MAINLOOP=sm90)
 for dir in .gpu/variants/*/; do

@@ -14,7 +14,7 @@
 # Prints one summary line per process; the full output is in $OUT/verify-*.log.
 set -u
 cd "$(dirname "$0")/../.."
-out=${OUT:-.gpu/logs}; mkdir -p "$out"
+source scripts/gpu/logs.sh
 bin=.gpu/tests/test-gpu
 cases=${1:-3000}; slices=${2:-4}; seeds=${3:-11 22 33}; sanitize=${4:-}
 limit=${VERIFY_TIMEOUT:-540}

@@ -26,8 +26,9 @@ pub(crate) fn smollm2_rope(mode: PositionMode) -> RopeOptions {
 fn rope_long_context_chunks_match_the_reference() {
     let g = gpu_or_skip!();
     // (queries, keys, query heads): the last chunk of a 32752-token prompt in chunks of 2048, a
-    // whole chunk at 32k, and a short chunk far out. One KV head keeps the f64 reference short.
-    for (sq, sk, hq) in [(2032, 32752, 1), (2048, 32768, 1), (240, 40000, 3)] {
+    // whole chunk at 32k, and a short chunk far out. One KV head (three query heads over it,
+    // as a SmolLM2 group) keeps the f64 reference short.
+    for (sq, sk, hq) in [(2032, 32752, 3), (2048, 32768, 1), (240, 40000, 3)] {
         for mode in [
             PositionMode::ReRope { window: 4096 },
             PositionMode::LeakyReRope {

@@ -628,17 +628,41 @@ pub fn compare(c: &Common, p: &args::Compare) -> Result<()> {
     }
     model.set_attention(peer)?;
     let (cd_logits, cd_tokens, cd_s) = run(&model)?;
-    let max_abs = lf_logits
-        .iter()
-        .zip(&cd_logits)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    // candle's attention in longflash's element type: how far that rounding alone moves the
+    // logits from the f32 ones, the yardstick for longflash's distance.
+    let peer_lowp = Attention::new(
+        Backend::Candle,
+        dtype(c.dtype),
+        RopeOptions::new(model.attention().rope().config, PositionMode::Rope),
+        model.config.head_dim,
+    )?;
+    model.set_attention(peer_lowp)?;
+    let (lp_logits, lp_tokens, _) = run(&model)?;
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let max_abs = max_diff(&lf_logits, &cd_logits);
+    let lowp_abs = max_diff(&lp_logits, &cd_logits);
+    let lowp_first = lp_tokens.iter().zip(&cd_tokens).position(|(a, b)| a != b);
     let scale = cd_logits.iter().map(|v| v.abs()).fold(0f32, f32::max);
     let same = lf_tokens == cd_tokens;
     let first_diff = lf_tokens.iter().zip(&cd_tokens).position(|(a, b)| a != b);
     println!(
         "prompt {} tokens; last-row logits: max |longflash - candle f32| = {max_abs:.4} (largest |logit| {scale:.2})",
         ids.len()
+    );
+    println!(
+        "candle in {}: max |candle {} - candle f32| = {lowp_abs:.4}; greedy tokens {}",
+        format!("{:?}", c.dtype).to_lowercase(),
+        format!("{:?}", c.dtype).to_lowercase(),
+        match lowp_first {
+            None if lp_tokens == cd_tokens => "identical to candle f32's".to_string(),
+            None => "a prefix of candle f32's (or the other way)".to_string(),
+            Some(i) => format!("first differ from candle f32's at new token {i}"),
+        }
     );
     println!(
         "greedy tokens: {} of longflash, {} of candle, {}",
