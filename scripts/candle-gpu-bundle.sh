@@ -18,45 +18,10 @@ out=${1:-.gpu-pack/candle}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-cudarc=$(cargo metadata --format-version 1 |
-  python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc").rsplit("/",1)[0])')
-
-# stub SOURCE_DIR PREFIX SONAME VERSION_NODE OUTPUT: a shared library exporting every `fn PREFIX*(`
-# that cudarc declares under src/SOURCE_DIR/sys, each returning 0 (a *Create* one first stores a
-# non-null handle through its first argument).
-stub() {
-  local src=$1 prefix=$2 soname=$3 node=$4 output=$5
-  grep -ohE "fn ${prefix}[A-Za-z0-9_]*\(" "$cudarc/src/$src/sys/"*.rs | sed 's/^fn //; s/($//' | sort -u |
-    while read -r f; do
-      case $f in
-        *Create*) echo "int $f(void **h) { if (h) *h = (void *)0x10; return 0; }" ;;
-        *) echo "int $f(void) { return 0; }" ;;
-      esac
-    done >"$work/$soname.c"
-  local flags=(-shared -fPIC -o "$output" "$work/$soname.c" "-Wl,-soname,$soname")
-  if [ -n "$node" ]; then
-    echo "$node { global: *; };" >"$work/$soname.map"
-    flags+=("-Wl,--version-script=$work/$soname.map")
-  fi
-  gcc "${flags[@]}"
-}
-
-mkdir -p "$work/cuda/lib64" "$out"
+source "$(dirname "$0")/cuda-stand-ins.sh"
+mkdir -p "$out"
 out=$(cd "$out" && pwd)
-lib=$work/cuda/lib64
-stub driver cu libcuda.so.1 "" "$lib/libcuda.so"
-for spec in "cublas cublas libcublas.so.13 libcublas.so.13" \
-            "cublaslt cublasLt libcublasLt.so.13 libcublasLt.so.13" \
-            "curand curand libcurand.so.10 libcurand.so.10" \
-            "nvrtc nvrtc libnvrtc.so.13 libnvrtc.so.13"; do
-  set -- $spec
-  stub "$1" "$2" "$3" "$4" "$out/$3"
-  ln -sf "$out/$3" "$lib/${3%.so.*}.so"
-done
-cudart=$(dirname "$NVCC")/../lib/libcudart.so.13
-[ -f "$cudart" ] || cudart=$(find "$(dirname "$NVCC")/.." /usr/local/cuda/lib64 -name 'libcudart.so.13' 2>/dev/null | head -n 1)
-cp -L "$cudart" "$out/libcudart.so.13"
-ln -sf "$out/libcudart.so.13" "$lib/libcudart.so"
+cuda_stand_ins "$work/cuda/lib64" "$out" "$out"
 
 export CUDA_ROOT=$work/cuda CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 cargo test -p longflash-candle --release --no-run --message-format=json-render-diagnostics |

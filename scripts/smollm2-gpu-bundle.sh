@@ -42,28 +42,7 @@ trap 'rm -rf "$work"' EXIT
 model=$(scripts/fetch-smollm2.sh | tail -n 1)
 [ -f "$model" ] || { echo "smollm2-gpu-bundle: no model at $model" >&2; exit 1; }
 
-cudarc=$(cargo metadata --format-version 1 |
-  python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc").rsplit("/",1)[0])')
-
-# stub SOURCE_DIR PREFIX SONAME VERSION_NODE OUTPUT: a shared library exporting every `fn PREFIX*(`
-# that cudarc declares under src/SOURCE_DIR/sys, each returning 0 (a *Create* one first stores a
-# non-null handle through its first argument).
-stub() {
-  local src=$1 prefix=$2 soname=$3 node=$4 output=$5
-  grep -ohE "fn ${prefix}[A-Za-z0-9_]*\(" "$cudarc/src/$src/sys/"*.rs | sed 's/^fn //; s/($//' | sort -u |
-    while read -r f; do
-      case $f in
-        *Create*) echo "int $f(void **h) { if (h) *h = (void *)0x10; return 0; }" ;;
-        *) echo "int $f(void) { return 0; }" ;;
-      esac
-    done >"$work/$soname.c"
-  local flags=(-shared -fPIC -o "$output" "$work/$soname.c" "-Wl,-soname,$soname")
-  if [ -n "$node" ]; then
-    echo "$node { global: *; };" >"$work/$soname.map"
-    flags+=("-Wl,--version-script=$work/$soname.map")
-  fi
-  gcc "${flags[@]}"
-}
+source "$(dirname "$0")/cuda-stand-ins.sh"
 
 rm -rf "$out"
 # A fixed folder for the link-time stand-ins: cudarc's build script watches CUDA_ROOT, and a new
@@ -72,20 +51,7 @@ cuda_root=$(pwd)/target/smollm2-cuda-stubs
 mkdir -p "$cuda_root/lib64" "$out/call1" "$out/call2/stubs" "$out/call3"
 out=$(cd "$out" && pwd)
 c1=$out/call1 c2=$out/call2 c3=$out/call3
-lib=$cuda_root/lib64
-stub driver cu libcuda.so.1 "" "$lib/libcuda.so"
-for spec in "cublas cublas libcublas.so.13 libcublas.so.13" \
-            "cublaslt cublasLt libcublasLt.so.13 libcublasLt.so.13" \
-            "curand curand libcurand.so.10 libcurand.so.10" \
-            "nvrtc nvrtc libnvrtc.so.13 libnvrtc.so.13"; do
-  set -- $spec
-  stub "$1" "$2" "$3" "$4" "$c2/stubs/$3"
-  ln -sf "$c2/stubs/$3" "$lib/${3%.so.*}.so"
-done
-cudart=$(dirname "$NVCC")/../lib/libcudart.so.13
-[ -f "$cudart" ] || cudart=$(find "$(dirname "$NVCC")/.." /usr/local/cuda/lib64 -name 'libcudart.so.13' 2>/dev/null | head -n 1)
-cp -L "$cudart" "$c2/libcudart.so.13"
-ln -sf "$c2/libcudart.so.13" "$lib/libcudart.so"
+cuda_stand_ins "$cuda_root/lib64" "$c2/stubs" "$c2"
 
 export CUDA_ROOT=$cuda_root CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export LONGFLASH_CUDA_ARCHS=${LONGFLASH_CUDA_ARCHS:-90a}

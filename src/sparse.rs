@@ -371,25 +371,12 @@ impl BlockMask {
 
     /// Copies the mask to the device for [`crate::Attention::forward_sparse`].
     pub fn to_device(&self, stream: &Arc<CudaStream>) -> Result<DeviceBlockMask> {
-        let up_i32 = |v: &[i32]| -> Result<CudaSlice<i32>> {
-            // An empty list still gets a (never read) element, so the pointer is real.
-            let v: Vec<i32> = if v.is_empty() { vec![0] } else { v.to_vec() };
-            stream
-                .clone_htod(&v)
-                .map_err(Error::driver("copying the block mask to the device"))
-        };
-        let full: Vec<u8> = if self.full.is_empty() {
-            vec![0]
-        } else {
-            self.full.clone()
-        };
+        const WHAT: &str = "copying the block mask to the device";
         Ok(DeviceBlockMask {
             mask: self.clone(),
-            row_offsets: up_i32(&self.row_offsets)?,
-            col_indices: up_i32(&self.col_indices)?,
-            full: stream
-                .clone_htod(&full)
-                .map_err(Error::driver("copying the block mask to the device"))?,
+            row_offsets: upload_list(stream, &self.row_offsets, WHAT)?,
+            col_indices: upload_list(stream, &self.col_indices, WHAT)?,
+            full: upload_list(stream, &self.full, WHAT)?,
         })
     }
 
@@ -563,4 +550,17 @@ fn block_has_visible(plan: &Plan, shape: &MaskShape, qb: usize, kb: usize) -> bo
     let last_row = ((qb + 1) * Q_BLOCK).min(shape.seqlen_q) - 1;
     plan.key_tile_range(qb).contains(&(kb as i64))
         || ((kb * K_BLOCK) as i64) < plan.row_keys(last_row).sinks.end
+}
+
+/// One of a mask's lists in device memory; an empty list still gets one (never read) element, so
+/// that its pointer is a real one.
+pub(crate) fn upload_list<T: cudarc::driver::DeviceRepr + Copy + Default>(
+    stream: &Arc<CudaStream>,
+    list: &[T],
+    what: &'static str,
+) -> Result<CudaSlice<T>> {
+    let one = [T::default()];
+    stream
+        .clone_htod(if list.is_empty() { &one[..] } else { list })
+        .map_err(Error::driver(what))
 }

@@ -144,6 +144,18 @@ fn forward_outputs<T: Half>(
     Ok((o, lse))
 }
 
+/// O and the LSE of [`forward_outputs`]' shapes as candle tensors.
+fn output_tensors<T: Half>(
+    o: CudaSlice<T>,
+    lse: Option<CudaSlice<f32>>,
+    dev: &CudaDevice,
+    ql: &Layout,
+) -> (Tensor, Option<Tensor>) {
+    let out = tensor(o, dev, (ql.batch, ql.seqlen, ql.heads, ql.head_dim));
+    let lse = lse.map(|l| tensor(l, dev, (ql.batch, ql.heads, ql.seqlen)));
+    (out, lse)
+}
+
 /// Which forward to run: the exact one with a mask, or the RoPE one with its options.
 enum Kind<'r> {
     Dense(MaskSpec),
@@ -223,9 +235,7 @@ fn forward_t<T: Half>(
         }
         .map_err(lf(what))?;
     }
-    let out = tensor(o, dev, (ql.batch, ql.seqlen, ql.heads, ql.head_dim));
-    let lse = lse.map(|l| tensor(l, dev, (ql.batch, ql.heads, ql.seqlen)));
-    Ok((out, lse))
+    Ok(output_tensors(o, lse, dev, &ql))
 }
 
 /// The exact forward (with `mask`), or the RoPE or block-sparse one as `special` says, over
@@ -555,9 +565,7 @@ fn kvcache_t<T: Half>(
         }
         .map_err(lf(what))?;
     }
-    let out = tensor(o, dev, (ql.batch, ql.seqlen, ql.heads, ql.head_dim));
-    let lse = lse.map(|l| tensor(l, dev, (ql.batch, ql.heads, ql.seqlen)));
-    Ok((out, lse))
+    Ok(output_tensors(o, lse, dev, &ql))
 }
 
 /// Attention over a KV cache (plain or with RoPE) over checked arguments.

@@ -44,6 +44,17 @@ impl RawBlockMask {
     /// parameters. The CSR contents live on the device: that they are well formed is the raw
     /// caller's contract (a `DeviceBlockMask` is, by construction).
     pub(crate) fn lower(&self, q: &Layout, k: &Layout) -> Result<LfBlockSparse> {
+        self.lower_lists(q, k, q.seqlen.div_ceil(LF_SPARSE_Q_BLOCK as usize))
+    }
+
+    /// [`lower`](Self::lower) for lists of `lists_per_head` entries per (batch entry, head): query
+    /// blocks for the CSR rows, key blocks for the key-major columns.
+    pub(crate) fn lower_lists(
+        &self,
+        q: &Layout,
+        k: &Layout,
+        lists_per_head: usize,
+    ) -> Result<LfBlockSparse> {
         for (arg, value, call) in [
             ("mask.batch", self.batch, q.batch),
             ("mask.heads", self.heads, q.heads),
@@ -68,9 +79,13 @@ impl RawBlockMask {
             batch_stride: if self.batch == 1 {
                 0
             } else {
-                (self.heads * nqb) as i64
+                (self.heads * lists_per_head) as i64
             },
-            head_stride: if self.heads == 1 { 0 } else { nqb as i64 },
+            head_stride: if self.heads == 1 {
+                0
+            } else {
+                lists_per_head as i64
+            },
             q_block: LF_SPARSE_Q_BLOCK as i32,
             k_block: LF_SPARSE_K_BLOCK as i32,
             num_q_blocks: nqb as i32,

@@ -36,15 +36,7 @@ impl RawBlockMask {
     /// its flags) for a call with query layout `q` and key layout `k`, with the checks of
     /// [`lower`](Self::lower).
     pub(crate) fn lower_key_major(&self, q: &Layout, k: &Layout) -> Result<LfBlockSparse> {
-        let mut s = self.lower(q, k)?;
-        let nkb = k.seqlen.div_ceil(LF_SPARSE_K_BLOCK as usize) as i64;
-        s.batch_stride = if self.batch == 1 {
-            0
-        } else {
-            self.heads as i64 * nkb
-        };
-        s.head_stride = if self.heads == 1 { 0 } else { nkb };
-        Ok(s)
+        self.lower_lists(q, k, k.seqlen.div_ceil(LF_SPARSE_K_BLOCK as usize))
     }
 }
 
@@ -165,5 +157,35 @@ impl Attention {
         // SAFETY: per this fn's contract; `params` came from `args`'s validation and the masks
         // were lowered for this call's shape.
         unsafe { self.launch_backward(stream, args, params, Some((r, c))) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CSR rows step by query blocks per head, the key-major columns by key blocks; a shared
+    /// batch or head dimension steps by nothing.
+    #[test]
+    fn rows_and_columns_step_by_their_own_blocks() {
+        let (q, k) = (Layout::bshd(3, 300, 4, 64), Layout::bshd(3, 700, 2, 64));
+        let (nqb, nkb) = (300usize.div_ceil(128) as i64, 700usize.div_ceil(64) as i64);
+        for (batch, heads) in [(3, 4), (1, 4), (3, 1), (1, 1)] {
+            let m = RawBlockMask {
+                row_offsets: 0x1000,
+                col_indices: 0x2000,
+                full: 0x3000,
+                batch,
+                heads,
+            };
+            let (r, c) = (m.lower(&q, &k).unwrap(), m.lower_key_major(&q, &k).unwrap());
+            for (s, per) in [(r, nqb), (c, nkb)] {
+                let head = if heads == 1 { 0 } else { per };
+                assert_eq!(s.head_stride, head, "{batch} x {heads}");
+                let whole = if batch == 1 { 0 } else { heads as i64 * per };
+                assert_eq!(s.batch_stride, whole, "{batch} x {heads}");
+                assert_eq!((s.num_q_blocks, s.num_k_blocks), (nqb as i32, nkb as i32));
+            }
+        }
     }
 }

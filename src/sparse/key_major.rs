@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 
-use super::{BlockMask, MaskShape};
+use super::{upload_list, BlockMask, MaskShape};
 use crate::error::{Error, Result};
 
 /// A [`BlockMask`] transposed: CSC by key block (see the module docs).
@@ -133,25 +133,12 @@ impl KeyMajorMask {
     ///
     /// [`Error::Driver`] when a copy fails.
     pub fn to_device(&self, stream: &Arc<CudaStream>) -> Result<DeviceKeyMajorMask> {
-        let up_i32 = |v: &[i32]| -> Result<CudaSlice<i32>> {
-            // An empty list still gets a (never read) element, so the pointer is real.
-            let v: Vec<i32> = if v.is_empty() { vec![0] } else { v.to_vec() };
-            stream
-                .clone_htod(&v)
-                .map_err(Error::driver("copying the key-major mask to the device"))
-        };
-        let full: Vec<u8> = if self.full.is_empty() {
-            vec![0]
-        } else {
-            self.full.clone()
-        };
+        const WHAT: &str = "copying the key-major mask to the device";
         Ok(DeviceKeyMajorMask {
             mask: self.clone(),
-            col_offsets: up_i32(&self.col_offsets)?,
-            row_indices: up_i32(&self.row_indices)?,
-            full: stream
-                .clone_htod(&full)
-                .map_err(Error::driver("copying the key-major mask to the device"))?,
+            col_offsets: upload_list(stream, &self.col_offsets, WHAT)?,
+            row_indices: upload_list(stream, &self.row_indices, WHAT)?,
+            full: upload_list(stream, &self.full, WHAT)?,
         })
     }
 }

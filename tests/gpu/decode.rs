@@ -329,6 +329,27 @@ fn decode_narrow_head_dims() {
     }
 }
 
+/// Many splits (17 to 47; one split per 64 keys at most, so caches of 1k to 3k keys), at every
+/// kind of head width: the merge takes the splits 32 at a time across the warp's lanes while
+/// the lanes also cover the head's elements, four each, so heads narrower than 128 leave lanes
+/// without elements that must still take part (the short caches above make at most 11 splits).
+#[test]
+fn decode_many_splits_every_head_dim() {
+    let g = gpu_or_skip!();
+    for d in [64, 80, 100, 128, 256] {
+        for num_splits in [17, 33, 47] {
+            check(
+                g,
+                &DecodeCase {
+                    lens: vec![1, 3000, 0, 1100, 2100],
+                    num_splits: Some(num_splits),
+                    ..case(d, MaskSpec::causal())
+                },
+            );
+        }
+    }
+}
+
 /// Several query tokens per sequence (speculative decoding, chunked prefill) and group sizes
 /// whose packed rows take one, several or a part of a 16-row tile.
 #[test]

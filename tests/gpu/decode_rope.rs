@@ -158,14 +158,7 @@ fn rope_decode_by_hand() {
 #[test]
 fn rope_decode_long_caches() {
     let g = gpu_or_skip!();
-    for mode in [
-        PositionMode::ReRope { window: 4096 },
-        PositionMode::LeakyReRope {
-            window: 2048,
-            leak: 16.0,
-        },
-        PositionMode::Rope,
-    ] {
+    for mode in crate::rope_long::SMOLLM2_MODES {
         for seqlen_q in [1, 4] {
             let rope = crate::rope_long::smollm2_rope(mode);
             let c = RopeDecodeCase {

@@ -22,6 +22,16 @@ pub(crate) fn smollm2_rope(mode: PositionMode) -> RopeOptions {
     )
 }
 
+/// The position modes of the SmolLM2 runs: ReRoPE 4096, Leaky ReRoPE 2048 / 16, plain RoPE.
+pub(crate) const SMOLLM2_MODES: [PositionMode; 3] = [
+    PositionMode::ReRope { window: 4096 },
+    PositionMode::LeakyReRope {
+        window: 2048,
+        leak: 16.0,
+    },
+    PositionMode::Rope,
+];
+
 #[test]
 fn rope_long_context_chunks_match_the_reference() {
     let g = gpu_or_skip!();
@@ -29,15 +39,8 @@ fn rope_long_context_chunks_match_the_reference() {
     // whole chunk at 32k, and a short chunk far out. One KV head (three query heads over it,
     // as a SmolLM2 group) keeps the f64 reference short.
     for (sq, sk, hq) in [(2032, 32752, 3), (2048, 32768, 1), (240, 40000, 3)] {
-        for mode in [
-            PositionMode::ReRope { window: 4096 },
-            PositionMode::LeakyReRope {
-                window: 2048,
-                leak: 16.0,
-            },
-            PositionMode::Rope,
-        ] {
-            if sq > 1000 && mode != (PositionMode::ReRope { window: 4096 }) {
+        for mode in SMOLLM2_MODES {
+            if sq > 1000 && mode != SMOLLM2_MODES[0] {
                 continue; // the reference's cost; the short chunk covers the other modes
             }
             let mut c = rope_case(64, (sq, sk), mode);
