@@ -575,9 +575,14 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
 }
 
 // Merges the splits of every (sequence, token, query head) row by log-sum-exp: one warp per row,
-// lanes over the head dimension, four elements at a time.
+// lanes over the head dimension, four elements at a time. The splits are taken 8 at a time, their
+// loads issued together: a row's splits are few and short, so the time is the loads' latency,
+// and one load in flight per warp (each split's weight read, then its O) made the merge of a
+// batch-1 call as long as the decoding kernel itself. Each lane holds the weight of one split of
+// a group of 32 and hands it over by shuffle; the sums run in split order as one chain, as before.
 template <typename T> __device__ __forceinline__ void decode_combine(const LfDecodeParams &p) {
     using Elt = Elem<T>;
+    constexpr int kBatch = 8;
     const int lane = threadIdx.x & 31;
     const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
     const int64_t rows = static_cast<int64_t>(p.batch) * p.mask.seqlen_q * p.heads_q;
@@ -604,21 +609,42 @@ template <typename T> __device__ __forceinline__ void decode_combine(const LfDec
     const float *po = p.partial_o + row * p.head_dim;
     uint16_t *out = static_cast<uint16_t *>(p.o) + b * p.o_batch_stride + t * p.o_row_stride +
                     h * p.o_head_stride;
-    for (int c = lane * 4; c < p.head_dim; c += 128) {
+    // Every lane runs every pass (the shuffles need the whole warp); a lane past the head's
+    // last element in a pass loads and stores nothing.
+    for (int c0 = 0; c0 < p.head_dim; c0 += 128) {
+        const int c = c0 + lane * 4;
+        const bool active = c < p.head_dim;
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int s = 0; s < splits; ++s) {
-            const float ls = p.partial_lse[s * lse_split + lse_row];
-            // A split that saw no key of the row wrote no O: its weight is 0 and it is not read.
-            if (ls == -INFINITY) continue;
-            const float w = __expf(ls - mx) * inv;
-            const float4 x = *reinterpret_cast<const float4 *>(po + s * o_split + c);
-            acc.x += w * x.x;
-            acc.y += w * x.y;
-            acc.z += w * x.z;
-            acc.w += w * x.w;
+        for (int s0 = 0; s0 < splits; s0 += 32) {
+            // This lane's split of the group: its weight, or -1 for a split that saw no key of
+            // the row (it wrote no O: it is not read and adds nothing).
+            const float ls = s0 + lane < splits ? p.partial_lse[(s0 + lane) * lse_split + lse_row]
+                                                : -INFINITY;
+            const float wl = ls == -INFINITY ? -1.f : __expf(ls - mx) * inv;
+            const int n = min(32, splits - s0);
+            for (int i = 0; i < n; i += kBatch) {
+                float w[kBatch];
+                float4 x[kBatch];
+#pragma unroll
+                for (int u = 0; u < kBatch; ++u) {
+                    w[u] = __shfl_sync(0xffffffffu, wl, (i + u) & 31);
+                    if (active && i + u < n && w[u] != -1.f)
+                        x[u] = *reinterpret_cast<const float4 *>(po + (s0 + i + u) * o_split + c);
+                }
+#pragma unroll
+                for (int u = 0; u < kBatch; ++u) {
+                    if (active && i + u < n && w[u] != -1.f) {
+                        acc.x += w[u] * x[u].x;
+                        acc.y += w[u] * x[u].y;
+                        acc.z += w[u] * x[u].z;
+                        acc.w += w[u] * x[u].w;
+                    }
+                }
+            }
         }
-        *reinterpret_cast<uint2 *>(out + c) =
-            make_uint2(Elt::pack(acc.x, acc.y), Elt::pack(acc.z, acc.w));
+        if (active)
+            *reinterpret_cast<uint2 *>(out + c) =
+                make_uint2(Elt::pack(acc.x, acc.y), Elt::pack(acc.z, acc.w));
     }
 }
 

@@ -547,7 +547,9 @@ __device__ __forceinline__ void attention_bwd_dq(const LfBwdParams &p, const Ite
     }
 
     // Epilogue: dQ * scale in the element type, staged through the warp's own rows of the Q
-    // tile (a query tile without keys writes zeros).
+    // tile (a query tile without keys writes zeros), once every lane of the warp is done
+    // reading them.
+    __syncwarp();
     store_acc<T, D>(sQ, dq, warp_row0, 0, lane, p.softmax_scale);
     __syncthreads();
     store_tile<BR, D, Tr::kThreads>(static_cast<uint16_t *>(p.dq) + b * p.dq_batch_stride +
