@@ -45,8 +45,12 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Pa
 
 // Defines the extern "C" Hopper kernel NAME for element type T and head dimension D, with the tile
 // shape of tile_plan.h (LF_FWD_SM90_BR x LF_FWD_SM90_BC_D<D>).
-#define LF_DEFINE_FWD_SM90_KERNEL(NAME, T, D)                                                     \
-    using NAME##_traits = lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D>;                        \
+#define LF_DEFINE_FWD_SM90_KERNEL(NAME, T, D) LF_DEFINE_FWD_SM90_KERNEL_BC(NAME, T, D, LF_FWD_SM90_BC_D##D)
+
+// The same with key tiles of BC keys (tile_plan.h: LF_FWD_SM90_BC_WIDE_D128 for calls without a
+// mask).
+#define LF_DEFINE_FWD_SM90_KERNEL_BC(NAME, T, D, BC)                                              \
+    using NAME##_traits = lf::sm90::Sm90Traits<T, D, BC>;                                         \
     extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
         NAME(const __grid_constant__ LfFwdSm90Params p) {                                         \
         lf::sm90::window_fwd<NAME##_traits>(p);                                                   \

@@ -11,7 +11,8 @@ use crate::loader::{CtxGuard, ModuleCache};
 use crate::sys::{
     LfFwdParams, LfFwdSm90Params, LfRope, LfRopeFwdSm90Params, LfTensorMap, LfVarlenParams,
     LfVarlenSm90Params, LF_FWD_SM90_BC_D128, LF_FWD_SM90_BC_D256, LF_FWD_SM90_BC_D64,
-    LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BR, LF_FWD_SM90_STAGES, LF_FWD_SM90_THREADS,
+    LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BC_WIDE_D128, LF_FWD_SM90_BR, LF_FWD_SM90_STAGES,
+    LF_FWD_SM90_THREADS,
 };
 
 /// Key tile of the Hopper kernel for a head dim.
@@ -145,6 +146,16 @@ impl Attention {
         })
     }
 
+    /// Development aid, not a stable API: the name of the Hopper kernel a forward call with
+    /// these arguments launches on this device under this value's [`MainloopChoice`], or `None`
+    /// when the call runs on the sm_80 mainloop (validating the arguments first). Tests use it to
+    /// see which tile shape served a call.
+    #[doc(hidden)]
+    pub fn hopper_kernel_for(&self, args: &RawForward) -> Result<Option<String>> {
+        let params = args.validate()?;
+        Ok(self.sm90_plan(args, params)?.map(|plan| plan.kernel))
+    }
+
     /// The mainloop a variable-length call with these arguments runs on this device under this
     /// value's [`MainloopChoice`] (validating the arguments first), as [`Self::mainloop_for`].
     pub fn varlen_mainloop_for(&self, args: &RawVarlenForward) -> Result<Mainloop> {
@@ -195,6 +206,22 @@ impl Attention {
         Ok(Some((module, bc, smem)))
     }
 
+    /// The dense Hopper kernel with wide key tiles (LF_FWD_SM90_BC_WIDE_D128 keys) for a call at head
+    /// dim 128 without a mask or block mask (no causal, no window), when this build has it: fewer
+    /// tiles, so fewer of each tile's fixed costs, and no diagonal for a wide tile to waste.
+    fn wide_tile(&self, args: &RawForward, fwd: &LfFwdParams) -> Option<(String, usize, u32)> {
+        let d = args.q_layout.head_dim;
+        let unmasked = fwd.mask.window_left < 0 && fwd.mask.window_right < 0;
+        if d != 128 || !unmasked || args.block_mask.is_some() {
+            return None;
+        }
+        let module = format!("fwd_wide_sm90_{}_d{d}", args.dtype.name());
+        let bc = LF_FWD_SM90_BC_WIDE_D128 as usize;
+        let smem = smem_bytes(d, bc, 1);
+        (ModuleCache::has_module(&module) && smem <= self.max_smem_optin)
+            .then_some((module, bc, smem))
+    }
+
     /// The Hopper launch of a validated call, or `None` for the sm_80 mainloop.
     fn sm90_plan(
         &self,
@@ -205,6 +232,7 @@ impl Attention {
             let Some((module, bc, smem)) = self.hopper_module(args, false)? else {
                 return Ok(None);
             };
+            let (module, bc, smem) = self.wide_tile(args, &fwd).unwrap_or((module, bc, smem));
             // Encoding a tensor map needs a current context: this thread may never have had one.
             // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
             let _g = unsafe { CtxGuard::bind(self.ctx) }?;

@@ -227,6 +227,66 @@ fn hopper_sliding_windows_gqa_and_layouts() {
     }
 }
 
+/// Head dim 128 without a mask runs the kernel with wide (176-key) tiles, with a mask the one with
+/// 128-key tiles: key counts around the wide tile's multiples, rows that end inside a tile,
+/// grouped heads, the LSE, and a long problem against the sm_80 mainloop.
+#[test]
+fn hopper_wide_key_tiles_without_a_mask() {
+    let g = gpu_or_skip!();
+    let h = hopper_or_skip!(g);
+    let kernel = |c: &Case| {
+        with_raw_case(g, c, |raw| h.hopper_kernel_for(raw))
+            .unwrap_or_else(|e| panic!("{c:?}: {e}"))
+            .expect("a Hopper kernel")
+    };
+    for dtype in DTYPES {
+        let wide = format!("lf_fwd_wide_sm90_{}_d128", dtype.name());
+        for (sq, sk) in [
+            (1, 175),
+            (100, 176),
+            (129, 177),
+            (300, 352),
+            (77, 353),
+            (257, 1000),
+        ] {
+            for (hq, hkv) in [(2, 2), (6, 2)] {
+                let c = Case::new(dtype, (2, sq, sk), (hq, hkv), 128, MaskSpec::none());
+                assert_eq!(kernel(&c), wide, "{c:?}");
+                check_hopper(g, h, &c);
+            }
+        }
+        for mask in [
+            MaskSpec::causal(),
+            MaskSpec::sliding_window(Some(200), None),
+        ] {
+            let c = Case::new(dtype, (1, 400, 400), (2, 1), 128, mask);
+            assert_eq!(
+                kernel(&c),
+                format!("lf_fwd_sm90_{}_d128", dtype.name()),
+                "{c:?}"
+            );
+        }
+    }
+    let c = Case {
+        lse: true,
+        ..Case::new(DType::Bf16, (1, 2000, 2100), (4, 2), 128, MaskSpec::none())
+    };
+    let a = check_hopper(g, h, &c);
+    let b = run_case_with(g, &g.sm80, &c);
+    assert!(b.cmp.passes, "sm80: {}", b.cmp);
+    let diff = a
+        .out
+        .iter()
+        .zip(&b.out)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f64, f64::max);
+    assert!(
+        diff <= a.cmp.bound,
+        "sm80 vs sm90 differ by {diff} (bound {})",
+        a.cmp.bound
+    );
+}
+
 /// The sm_80 and Hopper mainloops on the same long causal problem: both pass the rule, and
 /// they agree to the rule's bound (they round P at the same points; only f32 sums differ).
 #[test]

@@ -36,6 +36,9 @@
 #define LF_FWD_SM90_BC_D64 128
 #define LF_FWD_SM90_BC_D128 128
 #define LF_FWD_SM90_BC_D256 64
+/* Head dim 128 without a mask (no causal, no window): 176-key tiles, fewer per-tile costs (barriers,
+ * waits, row maxima) per key; a causal diagonal would waste more of a wide tile. */
+#define LF_FWD_SM90_BC_WIDE_D128 176
 #define LF_FWD_SM90_STAGES 2
 #define LF_FWD_SM90_THREADS 384
 /* The Hopper schedule: up to this head dimension the consumer warpgroups overlap S of one tile
