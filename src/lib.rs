@@ -16,11 +16,12 @@ pub mod sys;
 pub mod sparse;
 
 pub use attention::{
-    backward_workspace_bytes, open_device, Attention, BackwardInputs, BackwardOptions, BlockTable,
-    DecodeOptions, DecodePlan, DecodeProblem, ForwardOptions, Gradient, Gradients, Input, KvCache,
-    KvCacheMut, Mainloop, MainloopChoice, Output, RawAppend, RawBackward, RawBlockMask, RawDecode,
-    RawForward, RawMerge, RawRope, RawRopeMode, RawVarlenForward, RopeForward,
-    SparseBackwardOptions, SparseOptions, VarlenOptions, SUPPORTED_HEAD_DIMS,
+    backward_workspace_bytes, open_device, rope_backward_workspace_bytes, Attention,
+    BackwardInputs, BackwardOptions, BlockTable, DecodeOptions, DecodePlan, DecodeProblem,
+    ForwardOptions, Gradient, Gradients, Input, KvCache, KvCacheMut, Mainloop, MainloopChoice,
+    Output, RawAppend, RawBackward, RawBlockMask, RawDecode, RawForward, RawMerge, RawRope,
+    RawRopeMode, RawVarlenForward, RopeBackward, RopeForward, SparseBackwardOptions, SparseOptions,
+    VarlenOptions, SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

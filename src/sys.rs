@@ -396,6 +396,138 @@ impl Default for LfRopeKeysParams {
     }
 }
 #[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfRopeQueriesParams {
+    pub q: *const ::core::ffi::c_void,
+    pub q_batch_stride: i64,
+    pub q_head_stride: i64,
+    pub q_row_stride: i64,
+    pub q_in: *mut ::core::ffi::c_void,
+    pub q_out: *mut ::core::ffi::c_void,
+    pub batch: i32,
+    pub seqlen_q: i32,
+    pub seqlen_k: i32,
+    pub heads_q: i32,
+    pub head_dim: i32,
+    pub reserved: i32,
+    pub rope: LfRope,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfRopeQueriesParams"][::core::mem::size_of::<LfRopeQueriesParams>() - 136usize];
+    ["Alignment of LfRopeQueriesParams"][::core::mem::align_of::<LfRopeQueriesParams>() - 8usize];
+    ["Offset of field: LfRopeQueriesParams::q"]
+        [::core::mem::offset_of!(LfRopeQueriesParams, q) - 0usize];
+    ["Offset of field: LfRopeQueriesParams::q_batch_stride"]
+        [::core::mem::offset_of!(LfRopeQueriesParams, q_batch_stride) - 8usize];
+    ["Offset of field: LfRopeQueriesParams::q_head_stride"]
+        [::core::mem::offset_of!(LfRopeQueriesParams, q_head_stride) - 16usize];
+    ["Offset of field: LfRopeQueriesParams::q_row_stride"]
+        [::core::mem::offset_of!(LfRopeQueriesParams, q_row_stride) - 24usize];
+    ["Offset of field: LfRopeQueriesParams::q_in"]
+        [::core::mem::offset_of!(LfRopeQueriesParams, q_in) - 32usize];
+    ["Offset of field: LfRopeQueriesParams::q_out"]
+        [::core::mem::offset_of!(LfRopeQueriesParams, q_out) - 40usize];
+    ["Offset of field: LfRopeQueriesParams::batch"]
+        [::core::mem::offset_of!(LfRopeQueriesParams, batch) - 48usize];
+    ["Offset of field: LfRopeQueriesParams::seqlen_q"]
+        [::core::mem::offset_of!(LfRopeQueriesParams, seqlen_q) - 52usize];
+    ["Offset of field: LfRopeQueriesParams::seqlen_k"]
+        [::core::mem::offset_of!(LfRopeQueriesParams, seqlen_k) - 56usize];
+    ["Offset of field: LfRopeQueriesParams::heads_q"]
+        [::core::mem::offset_of!(LfRopeQueriesParams, heads_q) - 60usize];
+    ["Offset of field: LfRopeQueriesParams::head_dim"]
+        [::core::mem::offset_of!(LfRopeQueriesParams, head_dim) - 64usize];
+    ["Offset of field: LfRopeQueriesParams::reserved"]
+        [::core::mem::offset_of!(LfRopeQueriesParams, reserved) - 68usize];
+    ["Offset of field: LfRopeQueriesParams::rope"]
+        [::core::mem::offset_of!(LfRopeQueriesParams, rope) - 72usize];
+};
+impl Default for LfRopeQueriesParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfRopeGradsParams {
+    pub g: *mut ::core::ffi::c_void,
+    pub g_batch_stride: i64,
+    pub g_head_stride: i64,
+    pub g_row_stride: i64,
+    pub g_out: *const ::core::ffi::c_void,
+    pub dv: *mut ::core::ffi::c_void,
+    pub dv_out: *const ::core::ffi::c_void,
+    pub dv_batch_stride: i64,
+    pub dv_head_stride: i64,
+    pub dv_row_stride: i64,
+    pub batch: i32,
+    pub rows: i32,
+    pub rows_out: i32,
+    pub heads: i32,
+    pub head_dim: i32,
+    pub queries: i32,
+    pub seqlen_q: i32,
+    pub seqlen_k: i32,
+    pub rope: LfRope,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfRopeGradsParams"][::core::mem::size_of::<LfRopeGradsParams>() - 176usize];
+    ["Alignment of LfRopeGradsParams"][::core::mem::align_of::<LfRopeGradsParams>() - 8usize];
+    ["Offset of field: LfRopeGradsParams::g"]
+        [::core::mem::offset_of!(LfRopeGradsParams, g) - 0usize];
+    ["Offset of field: LfRopeGradsParams::g_batch_stride"]
+        [::core::mem::offset_of!(LfRopeGradsParams, g_batch_stride) - 8usize];
+    ["Offset of field: LfRopeGradsParams::g_head_stride"]
+        [::core::mem::offset_of!(LfRopeGradsParams, g_head_stride) - 16usize];
+    ["Offset of field: LfRopeGradsParams::g_row_stride"]
+        [::core::mem::offset_of!(LfRopeGradsParams, g_row_stride) - 24usize];
+    ["Offset of field: LfRopeGradsParams::g_out"]
+        [::core::mem::offset_of!(LfRopeGradsParams, g_out) - 32usize];
+    ["Offset of field: LfRopeGradsParams::dv"]
+        [::core::mem::offset_of!(LfRopeGradsParams, dv) - 40usize];
+    ["Offset of field: LfRopeGradsParams::dv_out"]
+        [::core::mem::offset_of!(LfRopeGradsParams, dv_out) - 48usize];
+    ["Offset of field: LfRopeGradsParams::dv_batch_stride"]
+        [::core::mem::offset_of!(LfRopeGradsParams, dv_batch_stride) - 56usize];
+    ["Offset of field: LfRopeGradsParams::dv_head_stride"]
+        [::core::mem::offset_of!(LfRopeGradsParams, dv_head_stride) - 64usize];
+    ["Offset of field: LfRopeGradsParams::dv_row_stride"]
+        [::core::mem::offset_of!(LfRopeGradsParams, dv_row_stride) - 72usize];
+    ["Offset of field: LfRopeGradsParams::batch"]
+        [::core::mem::offset_of!(LfRopeGradsParams, batch) - 80usize];
+    ["Offset of field: LfRopeGradsParams::rows"]
+        [::core::mem::offset_of!(LfRopeGradsParams, rows) - 84usize];
+    ["Offset of field: LfRopeGradsParams::rows_out"]
+        [::core::mem::offset_of!(LfRopeGradsParams, rows_out) - 88usize];
+    ["Offset of field: LfRopeGradsParams::heads"]
+        [::core::mem::offset_of!(LfRopeGradsParams, heads) - 92usize];
+    ["Offset of field: LfRopeGradsParams::head_dim"]
+        [::core::mem::offset_of!(LfRopeGradsParams, head_dim) - 96usize];
+    ["Offset of field: LfRopeGradsParams::queries"]
+        [::core::mem::offset_of!(LfRopeGradsParams, queries) - 100usize];
+    ["Offset of field: LfRopeGradsParams::seqlen_q"]
+        [::core::mem::offset_of!(LfRopeGradsParams, seqlen_q) - 104usize];
+    ["Offset of field: LfRopeGradsParams::seqlen_k"]
+        [::core::mem::offset_of!(LfRopeGradsParams, seqlen_k) - 108usize];
+    ["Offset of field: LfRopeGradsParams::rope"]
+        [::core::mem::offset_of!(LfRopeGradsParams, rope) - 112usize];
+};
+impl Default for LfRopeGradsParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq, Eq)]
 pub struct LfMergeParams {
     pub acc_o: *mut ::core::ffi::c_void,

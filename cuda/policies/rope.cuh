@@ -41,6 +41,47 @@ __device__ __forceinline__ void rope_pair(const LfRope &r, int f, int &x, int &y
     }
 }
 
+// The log-n factor of a query at `pos` (1 when log-n scaling is off or pos <= 0).
+__device__ __forceinline__ float rope_log_n(const LfRope &r, double pos) {
+    return r.log_n_inv_ln_train > 0.f
+               ? fmaxf(1.f, logf(static_cast<float>(pos) + 1.f) * r.log_n_inv_ln_train)
+               : 1.f;
+}
+
+// Where a query at `pos` is turned to on the outside of the window: w (ReRoPE) or
+// pos / k + w - w / k (Leaky ReRoPE).
+__device__ __forceinline__ double rope_outside_q_pos(const LfRope &r, double pos) {
+    return r.mode == 1 ? static_cast<double>(r.window)
+                       : pos * r.inv_leak + r.window - r.window * r.inv_leak;
+}
+
+// Pair f (elements x, y) of a query at `pos`, as each side of the window sees it: times the log-n
+// factor, then turned to pos (x0, y0) and, unless plain RoPE, to the outside position (x1, y1),
+// the rotated part scaled by the attention factor; a tail pair only takes the log-n factor. The
+// forward's Q preparation and the backward's query pass both compute queries so.
+__device__ __forceinline__ void rope_query_pair(const LfRope &r, int f, double pos, float x,
+                                                float y, float &x0, float &y0, float &x1,
+                                                float &y1) {
+    const float m = rope_log_n(r, pos);
+    x *= m;
+    y *= m;
+    x0 = x1 = x;
+    y0 = y1 = y;
+    if (f < r.rotary_dim / 2) {
+        const double freq = r.inv_freq[f];
+        const float af = r.attention_factor;
+        float c, s;
+        rope_cos_sin(pos, freq, c, s);
+        x0 = af * (x * c - y * s);
+        y0 = af * (x * s + y * c);
+        if (r.mode != 0) {
+            rope_cos_sin(rope_outside_q_pos(r, pos), freq, c, s);
+            x1 = af * (x * c - y * s);
+            y1 = af * (x * s + y * c);
+        }
+    }
+}
+
 // ---- tile iterator ------------------------------------------------------------------------------
 
 template <class Base>
@@ -243,28 +284,8 @@ template <class Tr> struct RopeQPrep {
             uint16_t hx, hy;
             asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(hx) : "r"(ax));
             asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(hy) : "r"(ay));
-            float x = Elem<T>::to_float(hx), y = Elem<T>::to_float(hy);
-            if (rp.log_n_inv_ln_train > 0.f) {
-                const float sc = fmaxf(1.f, logf(static_cast<float>(pos) + 1.f) * rp.log_n_inv_ln_train);
-                x *= sc;
-                y *= sc;
-            }
-            float x0 = x, y0 = y, x1 = x, y1 = y;
-            if (f < rp.rotary_dim / 2) {
-                const double freq = rp.inv_freq[f];
-                const float af = rp.attention_factor;
-                float c, s;
-                rope_cos_sin(pos, freq, c, s);
-                x0 = af * (x * c - y * s);
-                y0 = af * (x * s + y * c);
-                if (rp.mode != 0) {
-                    const double p1 = rp.mode == 1 ? static_cast<double>(rp.window)
-                                                    : pos * rp.inv_leak + rp.window - rp.window * rp.inv_leak;
-                    rope_cos_sin(p1, freq, c, s);
-                    x1 = af * (x * c - y * s);
-                    y1 = af * (x * s + y * c);
-                }
-            }
+            float x0, y0, x1, y1;
+            rope_query_pair(rp, f, pos, Elem<T>::to_float(hx), Elem<T>::to_float(hy), x0, y0, x1, y1);
             const uint32_t o1 = Tr::kQBytes;
             asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ax), "h"(Elem<T>::to_bits(x0)));
             asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ay), "h"(Elem<T>::to_bits(y0)));

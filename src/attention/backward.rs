@@ -496,7 +496,8 @@ impl Attention {
         grads: Gradients<'_, '_, T>,
         options: &BackwardOptions,
     ) -> Result<()> {
-        self.backward_impl(stream, inputs, grads, options, |raw| {
+        let ws_bytes = backward_workspace_bytes(&inputs.q.layout, options.deterministic)?;
+        self.backward_impl(stream, inputs, grads, options, ws_bytes, |raw| {
             // SAFETY: every buffer was checked against its layout and context, the guards keep
             // the stream ordering until the launches are queued, and the workspace is a fresh
             // allocation of the size the call needs, freed in stream order after it.
@@ -505,14 +506,15 @@ impl Attention {
     }
 
     /// The safe backward's checks and buffers: checks every view's context and length,
-    /// allocates the workspace in stream order and hands the raw arguments to `run`, which
-    /// launches (`backward_raw` or its block-sparse variant).
+    /// allocates a workspace of `ws_bytes` in stream order and hands the raw arguments to `run`,
+    /// which launches (`backward_raw`, its block-sparse variant or the RoPE backward).
     pub(super) fn backward_impl<T: Element>(
         &self,
         stream: &CudaStream,
         inputs: BackwardInputs<'_, '_, T>,
         grads: Gradients<'_, '_, T>,
         options: &BackwardOptions,
+        ws_bytes: usize,
         run: impl FnOnce(&RawBackward) -> Result<()>,
     ) -> Result<()> {
         self.same_context("stream", stream.context().cu_ctx())?;
@@ -546,7 +548,6 @@ impl Attention {
                 len: lse.len(),
             });
         }
-        let ws_bytes = backward_workspace_bytes(&q.layout, options.deterministic)?;
         // SAFETY: `stream` belongs to this value's live context (checked above) and outlives the
         // scratch, which is dropped at the end of this call, after the launches are queued.
         let ws = unsafe { Scratch::new(self.ctx, stream.cu_stream(), ws_bytes) }?;

@@ -27,6 +27,7 @@ mod decode_rope;
 pub mod forward;
 pub mod merge;
 pub mod rope;
+pub mod rope_backward;
 mod sm90;
 pub mod sparse;
 pub mod sparse_backward;
@@ -41,6 +42,7 @@ pub use decode::{BlockTable, DecodeOptions, DecodePlan, DecodeProblem, KvCache, 
 pub use forward::{ForwardOptions, RawForward};
 pub use merge::RawMerge;
 pub use rope::{RawRope, RawRopeMode, RopeForward};
+pub use rope_backward::{rope_backward_workspace_bytes, RopeBackward};
 pub use sparse::{RawBlockMask, SparseOptions};
 pub use sparse_backward::SparseBackwardOptions;
 pub use varlen::{RawVarlenForward, VarlenOptions};

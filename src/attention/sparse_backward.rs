@@ -109,7 +109,9 @@ impl Attention {
             batch: shape.batch,
             heads: shape.heads,
         };
-        self.backward_impl(stream, inputs, grads, &options, |raw| {
+        let ws_bytes =
+            super::backward::backward_workspace_bytes(&inputs.q.layout, options.deterministic)?;
+        self.backward_impl(stream, inputs, grads, &options, ws_bytes, |raw| {
             // SAFETY: as in backward; the block mask came from a validated BlockMask checked
             // against this call's shape, and the key-major view from the same mask (same shape
             // and block count, built by KeyMajorMask::new), so every index stays in range and

@@ -20,6 +20,7 @@ use proptest::prelude::*;
 use crate::common::Rng;
 use crate::common::*;
 
+mod rope;
 mod sparse;
 mod training;
 

@@ -162,6 +162,55 @@ typedef struct LfRopeKeysParams {
     LfRope rope; /* k_rot and k_alt are written (cast away const) */
 } LfRopeKeysParams;
 
+/* The RoPE backward's passes (cuda/rope_bwd.cuh), around two calls of the exact backward (one over
+ * the pairs inside the ReRoPE window, one over those outside). The query pass writes each side's
+ * rotated queries as the forward's Q preparation computes them: q_in = m_i A_{p_i} q_i and, unless
+ * plain RoPE, q_out = m_i A_{a_i} q_i (a_i the outside position), contiguous [batch, seqlen_q,
+ * heads_q, head_dim]. */
+typedef struct LfRopeQueriesParams {
+    const void *q;
+    int64_t q_batch_stride;
+    int64_t q_head_stride;
+    int64_t q_row_stride;
+    void *q_in;
+    void *q_out; /* NULL for plain RoPE */
+    int32_t batch;
+    int32_t seqlen_q;
+    int32_t seqlen_k;
+    int32_t heads_q;
+    int32_t head_dim;
+    int32_t reserved; /* 0 */
+    LfRope rope;
+} LfRopeQueriesParams;
+
+/* The gradient pass: g holds the inside half's gradient with respect to the rotated queries
+ * (queries = 1: dq of q_in) or keys (queries = 0: dk of k_rot), in place; g_out the outside half's
+ * (contiguous [batch, rows_out, heads, head_dim], rows_out <= rows; NULL when the outside half
+ * saw nothing). Each pair is turned back through its side's transposed rotation (and the log-n
+ * factor, for queries), the two added and rounded once into g. For keys, dv += dv_out over the
+ * first rows_out rows. */
+typedef struct LfRopeGradsParams {
+    void *g;
+    int64_t g_batch_stride;
+    int64_t g_head_stride;
+    int64_t g_row_stride;
+    const void *g_out;
+    void *dv;           /* keys only, NULL otherwise */
+    const void *dv_out; /* contiguous like g_out */
+    int64_t dv_batch_stride;
+    int64_t dv_head_stride;
+    int64_t dv_row_stride;
+    int32_t batch;
+    int32_t rows;
+    int32_t rows_out;
+    int32_t heads;
+    int32_t head_dim;
+    int32_t queries;
+    int32_t seqlen_q;
+    int32_t seqlen_k;
+    LfRope rope;
+} LfRopeGradsParams;
+
 /* Merges a partial attention result into an accumulated one by their log-sum-exps, in place:
  *   lse = ln(exp(acc_lse) + exp(part_lse)),
  *   acc_o = exp(acc_lse - lse) * acc_o + exp(part_lse - lse) * part_o.
