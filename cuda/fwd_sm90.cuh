@@ -50,8 +50,17 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Pa
 // The same with key tiles of BC keys (tile_plan.h: LF_FWD_SM90_BC_WIDE_D128 for calls without a
 // mask).
 #define LF_DEFINE_FWD_SM90_KERNEL_BC(NAME, T, D, BC)                                              \
-    using NAME##_traits = lf::sm90::Sm90Traits<T, D, BC>;                                         \
-    extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
+    LF_DEFINE_FWD_SM90_KERNEL_SHAPE(NAME, T, D, (lf::sm90::Sm90Traits<T, D, BC>))
+
+// The same with three consumer warpgroups (LF_FWD_SM90_BR_TALL query rows).
+#define LF_DEFINE_FWD_TALL_SM90_KERNEL(NAME, T, D)                                                \
+    LF_DEFINE_FWD_SM90_KERNEL_SHAPE(NAME, T, D,                                                   \
+                                    (lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D, 1, 3>))
+
+#define LF_SM90_UNPAREN(...) __VA_ARGS__
+#define LF_DEFINE_FWD_SM90_KERNEL_SHAPE(NAME, T, D, TRAITS)                                       \
+    using NAME##_traits = LF_SM90_UNPAREN TRAITS;                                                 \
+    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads, 1)                      \
         NAME(const __grid_constant__ LfFwdSm90Params p) {                                         \
         lf::sm90::window_fwd<NAME##_traits>(p);                                                   \
     }                                                                                             \

@@ -31,14 +31,25 @@
 namespace lf {
 namespace sm90 {
 
-template <typename T_, int D_, int BC_, int QVARIANTS_ = 1> struct Sm90Traits {
+template <typename T_, int D_, int BC_, int QVARIANTS_ = 1, int CONSUMERS_ = 2> struct Sm90Traits {
     using T = T_;
     static constexpr int D = D_;
-    static constexpr int BR = LF_FWD_SM90_BR;
+    // Consumer warpgroups of 64 query rows each: two (LF_FWD_SM90_BR rows, the default) or three
+    // (LF_FWD_SM90_BR_TALL rows: more softmax to hide behind the other warpgroups' tensor-core
+    // work where a tile's matrix products are short, at head dim 64).
+    static constexpr int kConsumerWGs = CONSUMERS_;
+    static constexpr int BR = 64 * CONSUMERS_;
     static constexpr int BC = BC_;
     static constexpr int kStages = LF_FWD_SM90_STAGES;
-    static constexpr int kThreads = LF_FWD_SM90_THREADS; // producer + 2 consumer warpgroups
-    static constexpr int kConsumerWarps = 8;
+    static constexpr int kThreads = 128 * (1 + CONSUMERS_); // producer + consumer warpgroups
+    static constexpr int kConsumerWarps = 4 * CONSUMERS_;
+    static_assert(CONSUMERS_ == 2 || CONSUMERS_ == 3, "two or three consumer warpgroups");
+    static_assert(CONSUMERS_ != 2 || (BR == LF_FWD_SM90_BR && kThreads == LF_FWD_SM90_THREADS),
+                  "the default tile is tile_plan.h's");
+    static_assert(CONSUMERS_ != 3 || BR == LF_FWD_SM90_BR_TALL, "the tall tile is tile_plan.h's");
+    // Named barriers: 1 + warpgroup for a warpgroup's own Q preparation, then one per consumer
+    // warpgroup for the ping-pong turns.
+    static constexpr int kTurnBarrier = 1 + CONSUMERS_;
     static constexpr int kWarpRows = 16; // query rows per consumer warp (Q preparation)
     static constexpr int kQVariants = QVARIANTS_;
     static constexpr int kQBytes = BR * D * 2;
@@ -73,14 +84,17 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1> struct Sm90Traits {
 #else
     static constexpr bool kSplitRelease = kDefaultOverlap;
 #endif
-    static constexpr int kConsumerRegs = 240;
+    // Registers per consumer thread after the producer gives its own back (setmaxnreg): the
+    // register file (64k) over the CTA's threads, the producer keeping kProducerRegs.
+    static constexpr int kConsumerRegs = CONSUMERS_ == 2 ? 240 : 160;
+    static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * CONSUMERS_ <= 65536, "registers");
     // Q as wgmma A fragments in registers (loaded once per item with ldmatrix) rather than read
     // from shared memory by every S: S then reads only K from shared memory. One Q variant and
     // head dims up to 128 (the registers it takes); LF_SM90_Q_REGS=0 at build time turns it off.
 #if defined(LF_SM90_Q_REGS) && !LF_SM90_Q_REGS
     static constexpr bool kQRegs = false;
 #else
-    static constexpr bool kQRegs = QVARIANTS_ == 1 && D_ <= 128 && BC_ <= 128;
+    static constexpr bool kQRegs = QVARIANTS_ == 1 && D_ <= 128 && BC_ <= 128 && CONSUMERS_ == 2;
 #endif
     using Tile = Sw128Tile<BR, D>;
     static_assert(BC == 64 || BC == 128 || BC == 176, "S = Q K^T is m64n<BC>");
@@ -420,10 +434,10 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
         else
             plain(BoolTag<false>{});
     } else if (n_tiles > 0) {
-        // S of tile n is computed while P V of tile n - 1 runs. With kPingPong the two
-        // warpgroups take turns issuing (named barriers 3 and 4), so one's softmax runs while
-        // the other's tensor-core work does; warpgroup 1 issues first in each round, and the
-        // arrivals are counted so that none is left pending at exit.
+        // S of tile n is computed while P V of tile n - 1 runs. With kPingPong the consumer
+        // warpgroups take turns issuing (named barriers kTurnBarrier + warpgroup), so one's
+        // softmax runs while another's tensor-core work does; warpgroup 1 issues first in each
+        // round, and the arrivals are counted so that none is left pending at exit.
         auto overlapped = [&](auto kLse) {
             issue_s(0, sc);
             wgmma_wait<0>();
@@ -432,11 +446,16 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             softmax(0, sc, alpha, kLse); // O is still 0: nothing to rescale
             pack(sc, pa);
             for (int n = 1; n < n_tiles; ++n) {
-                if (Tr::kPingPong && (cw == 1 || n > 1)) named_barrier(3 + cw, 256);
+                // Turns go round the consumer warpgroups: each waits for the one before it
+                // (warpgroup 0, from n = 2, for the last one's previous turn) and hands over to
+                // the next, but for the very first wait and the very last hand-over.
+                constexpr int W = Tr::kConsumerWGs;
+                if (Tr::kPingPong && (cw != 0 || n > 1)) named_barrier(Tr::kTurnBarrier + cw, 256);
                 issue_s(n, sc);
                 issue_pv(n - 1, pa);
-                if (Tr::kPingPong && (cw == 0 || n < n_tiles - 1))
-                    asm volatile("bar.arrive %0, 256;\n" ::"r"(3 + (1 - cw)) : "memory");
+                if (Tr::kPingPong && (cw != W - 1 || n < n_tiles - 1))
+                    asm volatile("bar.arrive %0, 256;\n" ::"r"(Tr::kTurnBarrier + (cw + 1) % W)
+                                 : "memory");
                 wgmma_wait<1>(); // S of tile n is done; P V of tile n - 1 may still run
                 fence_regs(sc);
                 release_k(n);

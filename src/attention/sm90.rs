@@ -11,8 +11,8 @@ use crate::loader::{CtxGuard, ModuleCache};
 use crate::sys::{
     LfFwdParams, LfFwdSm90Params, LfRope, LfRopeFwdSm90Params, LfTensorMap, LfVarlenParams,
     LfVarlenSm90Params, LF_FWD_SM90_BC_D128, LF_FWD_SM90_BC_D256, LF_FWD_SM90_BC_D64,
-    LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BC_WIDE_D128, LF_FWD_SM90_BR, LF_FWD_SM90_STAGES,
-    LF_FWD_SM90_THREADS,
+    LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BC_WIDE_D128, LF_FWD_SM90_BR, LF_FWD_SM90_BR_TALL,
+    LF_FWD_SM90_STAGES, LF_FWD_SM90_THREADS, LF_FWD_SM90_THREADS_TALL,
 };
 
 /// Key tile of the Hopper kernel for a head dim.
@@ -25,11 +25,12 @@ fn key_tile(head_dim: usize) -> Option<usize> {
     }
 }
 
-/// Dynamic shared memory of the Hopper kernel (cuda/sm90/mainloop.cuh, Sm90Traits): the Q tiles,
-/// the K/V ring, the barriers and 1 KiB to align the base to a swizzle atom.
-fn smem_bytes(head_dim: usize, bc: usize, q_variants: usize) -> u32 {
+/// Dynamic shared memory of the Hopper kernel (cuda/sm90/mainloop.cuh, Sm90Traits) with `br`-row
+/// Q tiles and `bc`-key K/V tiles: the Q tiles, the K/V ring, the barriers and 1 KiB to align the
+/// base to a swizzle atom.
+fn smem_bytes(head_dim: usize, br: usize, bc: usize, q_variants: usize) -> u32 {
     let stages = LF_FWD_SM90_STAGES as usize;
-    let tiles = (q_variants * LF_FWD_SM90_BR as usize + 2 * stages * bc) * head_dim * 2;
+    let tiles = (q_variants * br + 2 * stages * bc) * head_dim * 2;
     (tiles + (2 + 4 * stages) * 8 + 1024) as u32
 }
 
@@ -97,13 +98,25 @@ fn tensor_map(ptr: u64, l: &Layout, dtype: DType, box_rows: usize) -> Result<LfT
     Ok(map)
 }
 
-/// A Hopper launch: the module and kernel, its shared memory and its one by-value parameter
-/// (`LfFwdSm90Params`, or `LfRopeFwdSm90Params` for RoPE).
+/// A Hopper launch: the module and kernel, its query tile (rows) and threads per CTA, its shared
+/// memory and its one by-value parameter (`LfFwdSm90Params`, or `LfRopeFwdSm90Params` for RoPE).
 pub(super) struct Plan<P> {
     module: String,
     kernel: String,
+    br: usize,
+    threads: u32,
     smem: u32,
     params: P,
+}
+
+/// Which Hopper kernel of a family serves a call: its module, query rows and key tile per CTA,
+/// threads per CTA and shared memory.
+struct Shape {
+    module: String,
+    br: usize,
+    bc: usize,
+    threads: u32,
+    smem: u32,
 }
 
 /// The error of a call `MainloopChoice::Sm90` asked for that the Hopper kernels cannot run.
@@ -115,19 +128,19 @@ fn unsupported(why: String) -> Error {
     }
 }
 
-/// The Hopper parameters of a validated call: tensor maps of Q (128-row boxes), of the keys at
+/// The Hopper parameters of a validated call: tensor maps of Q (`br`-row boxes), of the keys at
 /// `k` with layout `k_layout` (the call's K, or RoPE's rotated-key workspace) and of V, with
 /// `bc`-row boxes.
 fn hopper_params(
     args: &RawForward,
     fwd: LfFwdParams,
-    bc: usize,
+    (br, bc): (usize, usize),
     k: u64,
     k_layout: &Layout,
 ) -> Result<LfFwdSm90Params> {
     Ok(LfFwdSm90Params {
         fwd,
-        tma_q: tensor_map(args.q, &args.q_layout, args.dtype, LF_FWD_SM90_BR as usize)?,
+        tma_q: tensor_map(args.q, &args.q_layout, args.dtype, br)?,
         tma_k: tensor_map(k, k_layout, args.dtype, bc)?,
         tma_v: tensor_map(args.v, &args.v_layout, args.dtype, bc)?,
         ..LfFwdSm90Params::default()
@@ -196,7 +209,7 @@ impl Attention {
                  head dims 64/128/256, 64/128 with RoPE)"
             )));
         }
-        let smem = smem_bytes(d, bc, if rope { 2 } else { 1 });
+        let smem = smem_bytes(d, LF_FWD_SM90_BR as usize, bc, if rope { 2 } else { 1 });
         if smem > self.max_smem_optin {
             return Err(unsupported(format!(
                 "{smem} bytes of shared memory per block (the device allows {})",
@@ -209,17 +222,58 @@ impl Attention {
     /// The dense Hopper kernel with wide key tiles (LF_FWD_SM90_BC_WIDE_D128 keys) for a call at head
     /// dim 128 without a mask or block mask (no causal, no window), when this build has it: fewer
     /// tiles, so fewer of each tile's fixed costs, and no diagonal for a wide tile to waste.
-    fn wide_tile(&self, args: &RawForward, fwd: &LfFwdParams) -> Option<(String, usize, u32)> {
+    fn wide_tile(&self, args: &RawForward, fwd: &LfFwdParams) -> Option<Shape> {
         let d = args.q_layout.head_dim;
         let unmasked = fwd.mask.window_left < 0 && fwd.mask.window_right < 0;
         if d != 128 || !unmasked || args.block_mask.is_some() {
             return None;
         }
         let module = format!("fwd_wide_sm90_{}_d{d}", args.dtype.name());
-        let bc = LF_FWD_SM90_BC_WIDE_D128 as usize;
-        let smem = smem_bytes(d, bc, 1);
-        (ModuleCache::has_module(&module) && smem <= self.max_smem_optin)
-            .then_some((module, bc, smem))
+        self.shape_if_built(
+            module,
+            d,
+            (LF_FWD_SM90_BR, LF_FWD_SM90_BC_WIDE_D128),
+            LF_FWD_SM90_THREADS,
+        )
+    }
+
+    /// The dense Hopper kernel with tall query tiles (LF_FWD_SM90_BR_TALL rows, three consumer
+    /// warpgroups) for a call at head dim 64 without a block mask, when this build has it: each
+    /// warpgroup's softmax hides behind two others' matrix products, which are short at head dim
+    /// 64.
+    fn tall_tile(&self, args: &RawForward) -> Option<Shape> {
+        let d = args.q_layout.head_dim;
+        if d != 64 || args.block_mask.is_some() {
+            return None;
+        }
+        let module = format!("fwd_tall_sm90_{}_d{d}", args.dtype.name());
+        let bc = key_tile(d)? as u32;
+        self.shape_if_built(
+            module,
+            d,
+            (LF_FWD_SM90_BR_TALL, bc),
+            LF_FWD_SM90_THREADS_TALL,
+        )
+    }
+
+    /// `module`'s shape at head dim `d` with `br` x `bc` tiles and `threads` per CTA, if this
+    /// build has it and the device gives its shared memory.
+    fn shape_if_built(
+        &self,
+        module: String,
+        d: usize,
+        (br, bc): (u32, u32),
+        threads: u32,
+    ) -> Option<Shape> {
+        let (br, bc) = (br as usize, bc as usize);
+        let smem = smem_bytes(d, br, bc, 1);
+        (ModuleCache::has_module(&module) && smem <= self.max_smem_optin).then_some(Shape {
+            module,
+            br,
+            bc,
+            threads,
+            smem,
+        })
     }
 
     /// The Hopper launch of a validated call, or `None` for the sm_80 mainloop.
@@ -232,15 +286,26 @@ impl Attention {
             let Some((module, bc, smem)) = self.hopper_module(args, false)? else {
                 return Ok(None);
             };
-            let (module, bc, smem) = self.wide_tile(args, &fwd).unwrap_or((module, bc, smem));
+            let shape = self
+                .wide_tile(args, &fwd)
+                .or_else(|| self.tall_tile(args))
+                .unwrap_or(Shape {
+                    module,
+                    br: LF_FWD_SM90_BR as usize,
+                    bc,
+                    threads: LF_FWD_SM90_THREADS,
+                    smem,
+                });
             // Encoding a tensor map needs a current context: this thread may never have had one.
             // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
             let _g = unsafe { CtxGuard::bind(self.ctx) }?;
-            let params = hopper_params(args, fwd, bc, args.k, &args.k_layout)?;
+            let params = hopper_params(args, fwd, (shape.br, shape.bc), args.k, &args.k_layout)?;
             Ok(Some(Plan {
-                kernel: format!("lf_{module}"),
-                module,
-                smem,
+                kernel: format!("lf_{}", shape.module),
+                module: shape.module,
+                br: shape.br,
+                threads: shape.threads,
+                smem: shape.smem,
                 params,
             }))
         })
@@ -275,7 +340,13 @@ impl Attention {
             let _g = unsafe { CtxGuard::bind(self.ctx) }?;
             let k = &args.k_layout;
             let workspace = Layout::bshd(k.batch, k.seqlen, k.heads, k.head_dim);
-            let base = hopper_params(args, fwd, bc, rope.k_rot, &workspace)?;
+            let base = hopper_params(
+                args,
+                fwd,
+                (LF_FWD_SM90_BR as usize, bc),
+                rope.k_rot,
+                &workspace,
+            )?;
             let tma_k_alt = if rope.k_alt != 0 {
                 tensor_map(rope.k_alt, &workspace, args.dtype, bc)?
             } else {
@@ -284,6 +355,8 @@ impl Attention {
             Ok(Some(Plan {
                 kernel: format!("lf_{module}"),
                 module,
+                br: LF_FWD_SM90_BR as usize,
+                threads: LF_FWD_SM90_THREADS,
                 smem,
                 params: LfRopeFwdSm90Params {
                     base,
@@ -294,8 +367,8 @@ impl Attention {
         })
     }
 
-    /// Launches a planned Hopper kernel: one CTA of LF_FWD_SM90_THREADS threads per (query tile,
-    /// head, batch).
+    /// Launches a planned Hopper kernel: one CTA of the plan's threads per (query tile of the
+    /// plan's rows, head, batch).
     ///
     /// # Safety
     /// As [`Attention::forward_raw`] (and [`Attention::forward_rope_raw`] for RoPE, after its
@@ -308,7 +381,7 @@ impl Attention {
     ) -> Result<()> {
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
         let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel, plan.smem) }?;
-        let tiles = args.q_layout.seqlen.div_ceil(LF_FWD_SM90_BR as usize);
+        let tiles = args.q_layout.seqlen.div_ceil(plan.br);
         let (heads, batch) = (args.q_layout.heads, args.q_layout.batch);
         let grid_dim = match self.sm90_ctas {
             None => (tiles as u32, heads as u32, batch as u32),
@@ -332,7 +405,7 @@ impl Attention {
         };
         let cfg = LaunchConfig {
             grid_dim,
-            block_dim: (LF_FWD_SM90_THREADS, 1, 1),
+            block_dim: (plan.threads, 1, 1),
             shared_mem_bytes: plan.smem,
         };
         // SAFETY: the parameters were validated and their tensor maps describe exactly the
@@ -388,10 +461,12 @@ impl Attention {
             }
             // SAFETY: as in `sm90_plan`: a current context for the encoding.
             let _g = unsafe { CtxGuard::bind(self.ctx) }?;
-            let maps = hopper_params(f, vp.fwd, bc, f.k, &f.k_layout)?;
+            let maps = hopper_params(f, vp.fwd, (LF_FWD_SM90_BR as usize, bc), f.k, &f.k_layout)?;
             Ok(Some(Plan {
                 kernel: format!("lf_{module}"),
                 module,
+                br: LF_FWD_SM90_BR as usize,
+                threads: LF_FWD_SM90_THREADS,
                 smem,
                 params: LfVarlenSm90Params {
                     vp,
@@ -421,14 +496,14 @@ impl Attention {
         };
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
         let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel, plan.smem) }?;
-        let tiles = args.max_seqlen_q.div_ceil(LF_FWD_SM90_BR as usize);
+        let tiles = args.max_seqlen_q.div_ceil(plan.br);
         let cfg = LaunchConfig {
             grid_dim: (
                 tiles as u32,
                 args.forward.q_layout.heads as u32,
                 args.batch as u32,
             ),
-            block_dim: (LF_FWD_SM90_THREADS, 1, 1),
+            block_dim: (plan.threads, 1, 1),
             shared_mem_bytes: plan.smem,
         };
         // SAFETY: the parameters were validated and their tensor maps describe exactly the

@@ -287,6 +287,61 @@ fn hopper_wide_key_tiles_without_a_mask() {
     );
 }
 
+/// Head dim 64 runs the kernel with tall (192-row, three consumer warpgroups) query tiles, with
+/// and without masks: query counts around the tall tile's multiples, keys around the key tile's,
+/// windows, grouped heads, the LSE, and a long causal problem against the sm_80 mainloop.
+#[test]
+fn hopper_tall_query_tiles_at_head_dim_64() {
+    let g = gpu_or_skip!();
+    let h = hopper_or_skip!(g);
+    let kernel = |c: &Case| {
+        with_raw_case(g, c, |raw| h.hopper_kernel_for(raw))
+            .unwrap_or_else(|e| panic!("{c:?}: {e}"))
+            .expect("a Hopper kernel")
+    };
+    let masks = [
+        MaskSpec::none(),
+        MaskSpec::causal(),
+        MaskSpec::causal_window(100),
+        MaskSpec::sliding_window(Some(30), Some(50)),
+    ];
+    for dtype in DTYPES {
+        let tall = format!("lf_fwd_tall_sm90_{}_d64", dtype.name());
+        for mask in masks {
+            for (sq, sk) in [
+                (1, 1),
+                (191, 130),
+                (192, 192),
+                (193, 257),
+                (385, 300),
+                (64, 400),
+            ] {
+                let c = Case::new(dtype, (2, sq, sk), (6, 2), 64, mask);
+                assert_eq!(kernel(&c), tall, "{c:?}");
+                check_hopper(g, h, &c);
+            }
+        }
+    }
+    let c = Case {
+        lse: true,
+        ..Case::new(DType::Bf16, (1, 2000, 2100), (4, 2), 64, MaskSpec::causal())
+    };
+    let a = check_hopper(g, h, &c);
+    let b = run_case_with(g, &g.sm80, &c);
+    assert!(b.cmp.passes, "sm80: {}", b.cmp);
+    let diff = a
+        .out
+        .iter()
+        .zip(&b.out)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f64, f64::max);
+    assert!(
+        diff <= a.cmp.bound,
+        "sm80 vs sm90 differ by {diff} (bound {})",
+        a.cmp.bound
+    );
+}
+
 /// The sm_80 and Hopper mainloops on the same long causal problem: both pass the rule, and
 /// they agree to the rule's bound (they round P at the same points; only f32 sums differ).
 #[test]

@@ -41,6 +41,11 @@
 #define LF_FWD_SM90_BC_WIDE_D128 176
 #define LF_FWD_SM90_STAGES 2
 #define LF_FWD_SM90_THREADS 384
+/* Head dim 64: 192 query rows (three consumer warpgroups, 512 threads), as FlashAttention-3 takes
+ * for it: a tile's matrix products are short at head dim 64, so each warpgroup's softmax has two
+ * others' tensor-core work to hide behind. */
+#define LF_FWD_SM90_BR_TALL 192
+#define LF_FWD_SM90_THREADS_TALL 512
 /* The Hopper schedule: up to this head dimension the consumer warpgroups overlap S of one tile
  * with P V of the one before and take turns (ping-pong): on an H200 (2026-12-02) 5-7% faster
  * than one tile at a time at head dim 128, and 2-8% at 256. */

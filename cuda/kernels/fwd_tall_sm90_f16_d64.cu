@@ -1,0 +1,3 @@
+// Forward attention on Hopper (sm_90a only), f16, head dimension 64: dense, causal and sliding-window masks, 192-row tiles (three consumer warpgroups).
+#include "../fwd_sm90.cuh"
+LF_DEFINE_FWD_TALL_SM90_KERNEL(lf_fwd_tall_sm90_f16_d64, __half, 64)
