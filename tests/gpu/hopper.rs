@@ -342,6 +342,21 @@ fn hopper_tall_query_tiles_at_head_dim_64() {
     );
 }
 
+/// One small case on each tile variant (the 176-key kernel at head dim 128 without a mask, the
+/// 192-row kernel at head dim 64, causal): what the sanitizers run, a few tiles each.
+#[test]
+fn hopper_wide_and_tall_tiles_small() {
+    let g = gpu_or_skip!();
+    let h = hopper_or_skip!(g);
+    for (d, mask) in [(128, MaskSpec::none()), (64, MaskSpec::causal())] {
+        check_hopper(
+            g,
+            h,
+            &Case::new(DType::Bf16, (1, 400, 400), (2, 1), d, mask),
+        );
+    }
+}
+
 /// The sm_80 and Hopper mainloops on the same long causal problem: both pass the rule, and
 /// they agree to the rule's bound (they round P at the same points; only f32 sums differ).
 #[test]
