@@ -221,6 +221,28 @@ fn key_workspaces_overlap_nothing() {
 }
 
 #[test]
+fn the_whole_workspace_overlaps_nothing() {
+    // Past the exact backward's part (which RawBackward::validate checks): the rotated queries
+    // and the outside half's gradients.
+    for (name, at) in [("q", 0usize), ("dq", 1), ("v", 2), ("lse", 3)] {
+        let (mut args, rope) = ok_args(RE);
+        let exact = backward_workspace_bytes(&args.q_layout, false).unwrap();
+        let inside = WS + (exact as u64).next_multiple_of(256) + 4096 * at as u64;
+        match name {
+            "q" => args.q = inside,
+            "dq" => args.dq = inside,
+            "v" => args.v = inside,
+            _ => args.lse = inside,
+        }
+        let e = args.validate_rope(&rope).unwrap_err();
+        assert!(
+            matches!(e, Error::Aliasing { output: "workspace", other } if other == name),
+            "{name} inside the workspace: {e}"
+        );
+    }
+}
+
+#[test]
 fn the_exact_backwards_checks_apply() {
     // A head dim the backward has no kernel for.
     let (mut args, mut rope) = ok_args(RE);

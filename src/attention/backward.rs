@@ -608,20 +608,16 @@ impl Attention {
         unsafe { self.launch_backward(stream, args, params, None) }
     }
 
-    /// Launches the backward's kernels for validated `params` (of `args`): the dense plan's, or
-    /// with `sparse` (the block mask's CSR rows and key-major columns, lowered for this call) the
-    /// block-sparse main kernel and dQ pass.
-    ///
-    /// # Safety
-    /// As [`backward_raw`](Self::backward_raw), with `params` from `args`'s validation, and the
-    /// arrays of `sparse` a well-formed block mask and its key-major view for this call's shape.
-    pub(super) unsafe fn launch_backward(
+    /// The main kernel's tile shape and shared memory for `args` (the block-sparse kernel's with
+    /// `sparse`) and the dQ pass's shared memory, or the error that says why this device cannot
+    /// run them (a head dim without kernels, or more shared
+    /// memory than the device gives a block): what a launch checks first, and what a caller that
+    /// launches other kernels before the backward's checks before any of them.
+    pub(super) fn backward_fits(
         &self,
-        stream: sys::CUstream,
         args: &RawBackward,
-        mut params: LfBwdParams,
-        sparse: Option<(LfBlockSparse, LfBlockSparse)>,
-    ) -> Result<()> {
+        sparse: bool,
+    ) -> Result<(crate::plan::TileShape, u32, u32)> {
         let d = args.q_layout.head_dim;
         let unsupported = Error::UnsupportedHeadDim {
             arg: "q.head_dim",
@@ -630,13 +626,12 @@ impl Attention {
         };
         let (Some(shape), Some(smem), Some(smem_dq)) = (
             backward_tile_shape(d),
-            main_smem(d, sparse.map(|_| LF_BWD_SPARSE_BC as usize)),
+            main_smem(d, sparse.then_some(LF_BWD_SPARSE_BC as usize)),
             dq_smem(d),
         ) else {
             return Err(unsupported);
         };
-        let deterministic = args.options.deterministic;
-        let needed = if deterministic {
+        let needed = if args.options.deterministic {
             smem.max(smem_dq)
         } else {
             smem
@@ -652,6 +647,26 @@ impl Attention {
                 ),
             });
         }
+        Ok((shape, smem, smem_dq))
+    }
+
+    /// Launches the backward's kernels for validated `params` (of `args`): the dense plan's, or
+    /// with `sparse` (the block mask's CSR rows and key-major columns, lowered for this call) the
+    /// block-sparse main kernel and dQ pass.
+    ///
+    /// # Safety
+    /// As [`backward_raw`](Self::backward_raw), with `params` from `args`'s validation, and the
+    /// arrays of `sparse` a well-formed block mask and its key-major view for this call's shape.
+    pub(super) unsafe fn launch_backward(
+        &self,
+        stream: sys::CUstream,
+        args: &RawBackward,
+        mut params: LfBwdParams,
+        sparse: Option<(LfBlockSparse, LfBlockSparse)>,
+    ) -> Result<()> {
+        let d = args.q_layout.head_dim;
+        let (shape, smem, smem_dq) = self.backward_fits(args, sparse.is_some())?;
+        let deterministic = args.options.deterministic;
         let module = format!("bwd_{}_d{d}", args.dtype.name());
         let (q, k) = (&args.q_layout, &args.k_layout);
         let row_blocks = (params.rows_pad as u32) / LF_BWD_ROW_PAD;

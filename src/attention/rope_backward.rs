@@ -216,6 +216,9 @@ impl Attention {
         rope: &RawRope,
     ) -> Result<()> {
         let plan = rope_plan(args, rope)?;
+        // What the exact backward's launch would refuse (a head dim whose kernels need more
+        // shared memory than this device gives) before any of this call's kernels runs.
+        self.backward_fits(&plan.inside.0, false)?;
         let dt = args.dtype.name();
         let fwd = forward_view(args);
         let (mut keys, pairs) = rope_keys_params(&fwd, plan.lf_rope)?;
@@ -324,27 +327,42 @@ fn rope_plan(args: &RawBackward, rope: &RawRope) -> Result<RopePlan> {
             ),
         });
     }
-    // The key workspaces are written: nothing else the call writes or reads may overlap them.
+    // The workspace (all of it: validate() checked the exact backward's part only) and the key
+    // workspaces are written: nothing else the call writes or reads may overlap them.
+    let ws_range = (
+        args.workspace as i128,
+        args.workspace as i128 + ws.bytes as i128,
+    );
+    let lse_range = (
+        args.lse as i128,
+        args.lse as i128 + (q.batch * q.heads * q.seqlen) as i128 * 4,
+    );
+    for (other, range) in [
+        ("q", byte_range(args.q, q, 2)),
+        ("k", byte_range(args.k, k, 2)),
+        ("v", byte_range(args.v, &args.v_layout, 2)),
+        ("o", byte_range(args.o, &args.o_layout, 2)),
+        ("dout", byte_range(args.dout, &args.dout_layout, 2)),
+        ("lse", lse_range),
+        ("dq", byte_range(args.dq, &args.dq_layout, 2)),
+        ("dk", byte_range(args.dk, &args.dk_layout, 2)),
+        ("dv", byte_range(args.dv, &args.dv_layout, 2)),
+    ] {
+        if overlaps(ws_range, range) {
+            return Err(Error::Aliasing {
+                output: "workspace",
+                other,
+            });
+        }
+    }
     let kws = Layout::bshd(k.batch, k.seqlen, k.heads, k.head_dim);
     let written = [
         ("dout", byte_range(args.dout, &args.dout_layout, 2)),
         ("dq", byte_range(args.dq, &args.dq_layout, 2)),
         ("dk", byte_range(args.dk, &args.dk_layout, 2)),
         ("dv", byte_range(args.dv, &args.dv_layout, 2)),
-        (
-            "workspace",
-            (
-                args.workspace as i128,
-                args.workspace as i128 + ws.bytes as i128,
-            ),
-        ),
-        (
-            "lse",
-            (
-                args.lse as i128,
-                args.lse as i128 + (q.batch * q.heads * q.seqlen) as i128 * 4,
-            ),
-        ),
+        ("workspace", ws_range),
+        ("lse", lse_range),
     ];
     for (name, ptr) in [("rope.k_rot", rope.k_rot), ("rope.k_alt", rope.k_alt)] {
         if ptr == 0 || (name == "rope.k_alt" && !two_sided) {
