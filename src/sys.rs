@@ -16,6 +16,7 @@ pub const LF_FWD_SM90_BC_D64: u32 = 128;
 pub const LF_FWD_SM90_BC_D128: u32 = 128;
 pub const LF_FWD_SM90_BC_D256: u32 = 64;
 pub const LF_FWD_SM90_BC_WIDE_D128: u32 = 176;
+pub const LF_FWD_SM90_BC_WIDE_D256: u32 = 80;
 pub const LF_FWD_SM90_STAGES: u32 = 2;
 pub const LF_FWD_SM90_THREADS: u32 = 384;
 pub const LF_FWD_SM90_BR_TALL: u32 = 192;

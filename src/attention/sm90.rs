@@ -11,8 +11,8 @@ use crate::loader::{CtxGuard, ModuleCache};
 use crate::sys::{
     LfFwdParams, LfFwdSm90Params, LfRope, LfRopeFwdSm90Params, LfTensorMap, LfVarlenParams,
     LfVarlenSm90Params, LF_FWD_SM90_BC_D128, LF_FWD_SM90_BC_D256, LF_FWD_SM90_BC_D64,
-    LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BC_WIDE_D128, LF_FWD_SM90_BR, LF_FWD_SM90_BR_TALL,
-    LF_FWD_SM90_STAGES, LF_FWD_SM90_THREADS, LF_FWD_SM90_THREADS_TALL,
+    LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BC_WIDE_D128, LF_FWD_SM90_BC_WIDE_D256, LF_FWD_SM90_BR,
+    LF_FWD_SM90_BR_TALL, LF_FWD_SM90_STAGES, LF_FWD_SM90_THREADS, LF_FWD_SM90_THREADS_TALL,
 };
 
 /// Key tile of the Hopper kernel for a head dim.
@@ -219,22 +219,22 @@ impl Attention {
         Ok(Some((module, bc, smem)))
     }
 
-    /// The dense Hopper kernel with wide key tiles (LF_FWD_SM90_BC_WIDE_D128 keys) for a call at head
-    /// dim 128 without a mask or block mask (no causal, no window), when this build has it: fewer
-    /// tiles, so fewer of each tile's fixed costs, and no diagonal for a wide tile to waste.
+    /// The dense Hopper kernel with wide key tiles for a call without a block mask, when this
+    /// build has it: at head dim 128 without a mask (no causal, no window) 176 keys
+    /// (LF_FWD_SM90_BC_WIDE_D128), at head dim 256 with any mask 80 (LF_FWD_SM90_BC_WIDE_D256).
+    /// Fewer tiles, so fewer of each tile's fixed costs; at head dim 128 a causal diagonal would
+    /// waste more of a wide tile.
     fn wide_tile(&self, args: &RawForward, fwd: &LfFwdParams) -> Option<Shape> {
         let d = args.q_layout.head_dim;
         let unmasked = fwd.mask.window_left < 0 && fwd.mask.window_right < 0;
-        if d != 128 || !unmasked || args.block_mask.is_some() {
-            return None;
-        }
+        let bc = match d {
+            _ if args.block_mask.is_some() => return None,
+            128 if unmasked => LF_FWD_SM90_BC_WIDE_D128,
+            256 => LF_FWD_SM90_BC_WIDE_D256,
+            _ => return None,
+        };
         let module = format!("fwd_wide_sm90_{}_d{d}", args.dtype.name());
-        self.shape_if_built(
-            module,
-            d,
-            (LF_FWD_SM90_BR, LF_FWD_SM90_BC_WIDE_D128),
-            LF_FWD_SM90_THREADS,
-        )
+        self.shape_if_built(module, d, (LF_FWD_SM90_BR, bc), LF_FWD_SM90_THREADS)
     }
 
     /// The dense Hopper kernel with tall query tiles (LF_FWD_SM90_BR_TALL rows, three consumer

@@ -287,6 +287,65 @@ fn hopper_wide_key_tiles_without_a_mask() {
     );
 }
 
+/// Head dim 256 runs the kernel with 80-key tiles whatever the mask: key counts around the tile's
+/// multiples, rows that end inside a tile, windows, grouped heads, and a long causal problem
+/// against the sm_80 mainloop.
+#[test]
+fn hopper_wide_key_tiles_at_head_dim_256() {
+    let g = gpu_or_skip!();
+    let h = hopper_or_skip!(g);
+    let kernel = |c: &Case| {
+        with_raw_case(g, c, |raw| h.hopper_kernel_for(raw))
+            .unwrap_or_else(|e| panic!("{c:?}: {e}"))
+            .expect("a Hopper kernel")
+    };
+    for dtype in DTYPES {
+        let wide = format!("lf_fwd_wide_sm90_{}_d256", dtype.name());
+        for mask in [
+            MaskSpec::none(),
+            MaskSpec::causal(),
+            MaskSpec::sliding_window(Some(90), Some(10)),
+        ] {
+            for (sq, sk) in [
+                (1, 79),
+                (100, 80),
+                (129, 81),
+                (300, 160),
+                (77, 161),
+                (257, 700),
+            ] {
+                let c = Case::new(dtype, (2, sq, sk), (4, 2), 256, mask);
+                assert_eq!(kernel(&c), wide, "{c:?}");
+                check_hopper(g, h, &c);
+            }
+        }
+    }
+    let c = Case {
+        lse: true,
+        ..Case::new(
+            DType::Bf16,
+            (1, 1500, 1600),
+            (2, 1),
+            256,
+            MaskSpec::causal(),
+        )
+    };
+    let a = check_hopper(g, h, &c);
+    let b = run_case_with(g, &g.sm80, &c);
+    assert!(b.cmp.passes, "sm80: {}", b.cmp);
+    let diff = a
+        .out
+        .iter()
+        .zip(&b.out)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f64, f64::max);
+    assert!(
+        diff <= a.cmp.bound,
+        "sm80 vs sm90 differ by {diff} (bound {})",
+        a.cmp.bound
+    );
+}
+
 /// Head dim 64 runs the kernel with tall (192-row, three consumer warpgroups) query tiles, with
 /// and without masks: query counts around the tall tile's multiples, keys around the key tile's,
 /// windows, grouped heads, the LSE, and a long causal problem against the sm_80 mainloop.
@@ -343,7 +402,8 @@ fn hopper_tall_query_tiles_at_head_dim_64() {
 }
 
 /// One small case on each tile variant (the 176-key kernel at head dim 128 without a mask, the
-/// 192-row kernel at head dim 64, causal): what the sanitizers run, a few tiles each.
+/// 192-row kernel at head dim 64 and the 80-key kernel at head dim 256, causal): what the
+/// sanitizers run, a few tiles each.
 #[test]
 fn hopper_wide_and_tall_tiles_small() {
     let g = gpu_or_skip!();
