@@ -3,14 +3,16 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use longflash::reference::{
-    attention_backward_f64, attention_backward_lowp, compare_gradient, RefShape,
+    attention_backward_f64, attention_backward_lowp, compare_gradient, rope_attention_backward_f64,
+    rope_attention_backward_lowp, rope_attention_f64, RefGrads, RefShape,
 };
+use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
 use longflash::{
     BackwardInputs, BackwardOptions, DType, ForwardOptions, Gradient, Gradients, Input, Layout,
-    MaskSpec, Output,
+    MaskSpec, Output, RopeBackward, RopeForward,
 };
 
-use crate::common::Rng;
+use crate::common::{Gpu, Rng};
 
 /// A training loop in miniature: a causal GQA attention layer whose q, k and v (f32 master
 /// weights, bf16 on the device) descend the loss `0.5 * |attention(q, k, v) - target|^2` with
@@ -20,6 +22,20 @@ use crate::common::Rng;
 #[test]
 fn backward_training_steps_decrease_the_loss() {
     let g = gpu_or_skip!();
+    training_steps(g, None);
+}
+
+/// The same with ReRoPE inside the kernels (a window of 24 over 96 tokens, so both sides of the
+/// window carry gradients): the layer's q and k are the un-rotated inputs of `forward_rope`, and
+/// `backward_rope` gives their gradients.
+#[test]
+fn rope_backward_training_steps_decrease_the_loss() {
+    let g = gpu_or_skip!();
+    let rope = RopeOptions::new(RopeConfig::llama(64), PositionMode::ReRope { window: 24 });
+    training_steps(g, Some(&rope));
+}
+
+fn training_steps(g: &Gpu, rope: Option<&RopeOptions>) {
     let shape = RefShape {
         batch: 1,
         seqlen_q: 96,
@@ -41,10 +57,13 @@ fn backward_training_steps_decrease_the_loss() {
     let round = |x: &[f32]| -> Vec<bf16> { x.iter().map(|&a| bf16::from_f32(a)).collect() };
     let wide = |x: &[bf16]| -> Vec<f64> { x.iter().map(|t| t.to_f64()).collect() };
     let loss = |q: &[bf16], k: &[bf16], v: &[bf16]| -> f64 {
-        let o =
-            longflash::reference::attention_f64(&shape, &wide(q), &wide(k), &wide(v), &mask, 0.125)
-                .unwrap()
-                .out;
+        let (q, k, v) = (wide(q), wide(k), wide(v));
+        let o = match rope {
+            None => longflash::reference::attention_f64(&shape, &q, &k, &v, &mask, 0.125),
+            Some(r) => rope_attention_f64(&shape, &q, &k, &v, r, 0.125),
+        }
+        .unwrap()
+        .out;
         0.5 * o
             .iter()
             .zip(&target)
@@ -87,8 +106,21 @@ fn backward_training_steps_decrease_the_loss() {
                 layout: ql,
                 lse: Some(&mut lv),
             };
-            let opts = ForwardOptions::causal().with_scale(scale);
-            g.attn.forward(&g.stream, qi, ki, vi, out, &opts).unwrap();
+            match rope {
+                None => {
+                    let opts = ForwardOptions::causal().with_scale(scale);
+                    g.attn.forward(&g.stream, qi, ki, vi, out, &opts)
+                }
+                Some(r) => {
+                    let opts = RopeForward {
+                        rope: r,
+                        block_mask: None,
+                        softmax_scale: Some(scale),
+                    };
+                    g.attn.forward_rope(&g.stream, qi, ki, vi, out, &opts)
+                }
+            }
+            .unwrap();
         }
         let o: Vec<bf16> = g.stream.clone_dtoh(&d_o).unwrap();
         let dout: Vec<bf16> = o
@@ -107,53 +139,83 @@ fn backward_training_steps_decrease_the_loss() {
             let [gq, gk, gv] = &mut grads;
             let (mut gqv, mut gkv, mut gvv) =
                 (gq.as_view_mut(), gk.as_view_mut(), gv.as_view_mut());
-            g.attn
-                .backward(
+            let inputs = BackwardInputs {
+                q: qi,
+                k: ki,
+                v: vi,
+                o: Input {
+                    data: &ov,
+                    layout: ql,
+                },
+                dout: Input {
+                    data: &dov,
+                    layout: ql,
+                },
+                lse: &lv,
+            };
+            let grads = Gradients {
+                dq: Gradient {
+                    data: &mut gqv,
+                    layout: ql,
+                },
+                dk: Gradient {
+                    data: &mut gkv,
+                    layout: kl,
+                },
+                dv: Gradient {
+                    data: &mut gvv,
+                    layout: kl,
+                },
+            };
+            match rope {
+                None => g.attn.backward(
                     &g.stream,
-                    BackwardInputs {
-                        q: qi,
-                        k: ki,
-                        v: vi,
-                        o: Input {
-                            data: &ov,
-                            layout: ql,
-                        },
-                        dout: Input {
-                            data: &dov,
-                            layout: ql,
-                        },
-                        lse: &lv,
-                    },
-                    Gradients {
-                        dq: Gradient {
-                            data: &mut gqv,
-                            layout: ql,
-                        },
-                        dk: Gradient {
-                            data: &mut gkv,
-                            layout: kl,
-                        },
-                        dv: Gradient {
-                            data: &mut gvv,
-                            layout: kl,
-                        },
-                    },
+                    inputs,
+                    grads,
                     &BackwardOptions::causal().with_scale(scale),
-                )
-                .unwrap();
+                ),
+                Some(r) => g.attn.backward_rope(
+                    &g.stream,
+                    inputs,
+                    grads,
+                    &RopeBackward {
+                        rope: r,
+                        softmax_scale: Some(scale),
+                        deterministic: false,
+                    },
+                ),
+            }
+            .unwrap();
         }
         g.stream.synchronize().unwrap();
-        let ref64 = attention_backward_f64(
-            &shape,
-            &wide(&q),
-            &wide(&k),
-            &wide(&v),
-            &wide(&dout),
-            &mask,
-            0.125,
-        )
-        .unwrap();
-        let lowp = attention_backward_lowp(&shape, &q, &k, &v, &dout, &mask, scale).unwrap();
+        let (ref64, lowp): (RefGrads, RefGrads) = match rope {
+            None => (
+                attention_backward_f64(
+                    &shape,
+                    &wide(&q),
+                    &wide(&k),
+                    &wide(&v),
+                    &wide(&dout),
+                    &mask,
+                    0.125,
+                )
+                .unwrap(),
+                attention_backward_lowp(&shape, &q, &k, &v, &dout, &mask, scale).unwrap(),
+            ),
+            Some(r) => (
+                rope_attention_backward_f64(
+                    &shape,
+                    &wide(&q),
+                    &wide(&k),
+                    &wide(&v),
+                    &wide(&dout),
+                    r,
+                    0.125,
+                )
+                .unwrap(),
+                rope_attention_backward_lowp(&shape, (&q, &k, &v, &dout), r, scale).unwrap(),
+            ),
+        };
         for (i, (name, r64, naive)) in [
             ("dq", &ref64.dq, &lowp.dq),
             ("dk", &ref64.dk, &lowp.dk),
@@ -164,7 +226,7 @@ fn backward_training_steps_decrease_the_loss() {
         {
             let gr: Vec<bf16> = g.stream.clone_dtoh(&grads[i]).unwrap();
             let c = compare_gradient(&wide(&gr), r64, naive, DType::Bf16);
-            assert!(c.passes, "step {step} {name}: {c}");
+            assert!(c.passes, "{rope:?}: step {step} {name}: {c}");
             for (x, d) in w[i].iter_mut().zip(&gr) {
                 *x -= lr * d.to_f32();
             }
@@ -173,7 +235,7 @@ fn backward_training_steps_decrease_the_loss() {
     for s in 1..losses.len() {
         assert!(
             losses[s] < losses[s - 1],
-            "the loss must go down at every step: {losses:?}"
+            "{rope:?}: the loss must go down at every step: {losses:?}"
         );
     }
 }
