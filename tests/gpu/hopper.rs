@@ -51,6 +51,32 @@ fn check_hopper(g: &Gpu, h: &Attention, c: &Case) -> RunResult {
     r
 }
 
+/// The name of the Hopper kernel a call of `c`'s shape launches.
+fn kernel_of(g: &Gpu, h: &Attention, c: &Case) -> String {
+    with_raw_case(g, c, |raw| h.hopper_kernel_for(raw))
+        .unwrap_or_else(|e| panic!("{c:?}: {e}"))
+        .expect("a Hopper kernel")
+}
+
+/// `c` on the Hopper and the sm_80 mainloops: both pass the rule, and they agree to the rule's
+/// bound (they round P at the same points; only f32 sums differ).
+fn agrees_with_sm80(g: &Gpu, h: &Attention, c: &Case) {
+    let a = check_hopper(g, h, c);
+    let b = run_case_with(g, &g.sm80, c);
+    assert!(b.cmp.passes, "sm80: {}", b.cmp);
+    let diff = a
+        .out
+        .iter()
+        .zip(&b.out)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f64, f64::max);
+    assert!(
+        diff <= a.cmp.bound,
+        "sm80 vs sm90 differ by {diff} (bound {})",
+        a.cmp.bound
+    );
+}
+
 #[test]
 fn hopper_mainloop_is_chosen_when_able_and_refused_when_asked_and_unable() {
     let g = gpu_or_skip!();
@@ -234,11 +260,6 @@ fn hopper_sliding_windows_gqa_and_layouts() {
 fn hopper_wide_key_tiles_without_a_mask() {
     let g = gpu_or_skip!();
     let h = hopper_or_skip!(g);
-    let kernel = |c: &Case| {
-        with_raw_case(g, c, |raw| h.hopper_kernel_for(raw))
-            .unwrap_or_else(|e| panic!("{c:?}: {e}"))
-            .expect("a Hopper kernel")
-    };
     for dtype in DTYPES {
         let wide = format!("lf_fwd_wide_sm90_{}_d128", dtype.name());
         for (sq, sk) in [
@@ -251,7 +272,7 @@ fn hopper_wide_key_tiles_without_a_mask() {
         ] {
             for (hq, hkv) in [(2, 2), (6, 2)] {
                 let c = Case::new(dtype, (2, sq, sk), (hq, hkv), 128, MaskSpec::none());
-                assert_eq!(kernel(&c), wide, "{c:?}");
+                assert_eq!(kernel_of(g, h, &c), wide, "{c:?}");
                 check_hopper(g, h, &c);
             }
         }
@@ -261,7 +282,7 @@ fn hopper_wide_key_tiles_without_a_mask() {
         ] {
             let c = Case::new(dtype, (1, 400, 400), (2, 1), 128, mask);
             assert_eq!(
-                kernel(&c),
+                kernel_of(g, h, &c),
                 format!("lf_fwd_sm90_{}_d128", dtype.name()),
                 "{c:?}"
             );
@@ -271,20 +292,7 @@ fn hopper_wide_key_tiles_without_a_mask() {
         lse: true,
         ..Case::new(DType::Bf16, (1, 2000, 2100), (4, 2), 128, MaskSpec::none())
     };
-    let a = check_hopper(g, h, &c);
-    let b = run_case_with(g, &g.sm80, &c);
-    assert!(b.cmp.passes, "sm80: {}", b.cmp);
-    let diff = a
-        .out
-        .iter()
-        .zip(&b.out)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f64, f64::max);
-    assert!(
-        diff <= a.cmp.bound,
-        "sm80 vs sm90 differ by {diff} (bound {})",
-        a.cmp.bound
-    );
+    agrees_with_sm80(g, h, &c);
 }
 
 /// Head dim 256 runs the kernel with 80-key tiles whatever the mask: key counts around the tile's
@@ -294,11 +302,6 @@ fn hopper_wide_key_tiles_without_a_mask() {
 fn hopper_wide_key_tiles_at_head_dim_256() {
     let g = gpu_or_skip!();
     let h = hopper_or_skip!(g);
-    let kernel = |c: &Case| {
-        with_raw_case(g, c, |raw| h.hopper_kernel_for(raw))
-            .unwrap_or_else(|e| panic!("{c:?}: {e}"))
-            .expect("a Hopper kernel")
-    };
     for dtype in DTYPES {
         let wide = format!("lf_fwd_wide_sm90_{}_d256", dtype.name());
         for mask in [
@@ -315,7 +318,7 @@ fn hopper_wide_key_tiles_at_head_dim_256() {
                 (257, 700),
             ] {
                 let c = Case::new(dtype, (2, sq, sk), (4, 2), 256, mask);
-                assert_eq!(kernel(&c), wide, "{c:?}");
+                assert_eq!(kernel_of(g, h, &c), wide, "{c:?}");
                 check_hopper(g, h, &c);
             }
         }
@@ -330,20 +333,7 @@ fn hopper_wide_key_tiles_at_head_dim_256() {
             MaskSpec::causal(),
         )
     };
-    let a = check_hopper(g, h, &c);
-    let b = run_case_with(g, &g.sm80, &c);
-    assert!(b.cmp.passes, "sm80: {}", b.cmp);
-    let diff = a
-        .out
-        .iter()
-        .zip(&b.out)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f64, f64::max);
-    assert!(
-        diff <= a.cmp.bound,
-        "sm80 vs sm90 differ by {diff} (bound {})",
-        a.cmp.bound
-    );
+    agrees_with_sm80(g, h, &c);
 }
 
 /// Head dim 64 runs the kernel with tall (192-row, three consumer warpgroups) query tiles, with
@@ -353,11 +343,6 @@ fn hopper_wide_key_tiles_at_head_dim_256() {
 fn hopper_tall_query_tiles_at_head_dim_64() {
     let g = gpu_or_skip!();
     let h = hopper_or_skip!(g);
-    let kernel = |c: &Case| {
-        with_raw_case(g, c, |raw| h.hopper_kernel_for(raw))
-            .unwrap_or_else(|e| panic!("{c:?}: {e}"))
-            .expect("a Hopper kernel")
-    };
     let masks = [
         MaskSpec::none(),
         MaskSpec::causal(),
@@ -376,7 +361,7 @@ fn hopper_tall_query_tiles_at_head_dim_64() {
                 (64, 400),
             ] {
                 let c = Case::new(dtype, (2, sq, sk), (6, 2), 64, mask);
-                assert_eq!(kernel(&c), tall, "{c:?}");
+                assert_eq!(kernel_of(g, h, &c), tall, "{c:?}");
                 check_hopper(g, h, &c);
             }
         }
@@ -385,20 +370,7 @@ fn hopper_tall_query_tiles_at_head_dim_64() {
         lse: true,
         ..Case::new(DType::Bf16, (1, 2000, 2100), (4, 2), 64, MaskSpec::causal())
     };
-    let a = check_hopper(g, h, &c);
-    let b = run_case_with(g, &g.sm80, &c);
-    assert!(b.cmp.passes, "sm80: {}", b.cmp);
-    let diff = a
-        .out
-        .iter()
-        .zip(&b.out)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f64, f64::max);
-    assert!(
-        diff <= a.cmp.bound,
-        "sm80 vs sm90 differ by {diff} (bound {})",
-        a.cmp.bound
-    );
+    agrees_with_sm80(g, h, &c);
 }
 
 /// One small case on each tile variant (the 176-key kernel at head dim 128 without a mask, the
@@ -430,20 +402,7 @@ fn hopper_long_sequence_agrees_with_sm80() {
         128,
         MaskSpec::causal(),
     );
-    let a = check_hopper(g, h, &c);
-    let b = run_case_with(g, &g.sm80, &c);
-    assert!(b.cmp.passes, "sm80: {}", b.cmp);
-    let diff = a
-        .out
-        .iter()
-        .zip(&b.out)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f64, f64::max);
-    assert!(
-        diff <= a.cmp.bound,
-        "sm80 vs sm90 differ by {diff} (bound {})",
-        a.cmp.bound
-    );
+    agrees_with_sm80(g, h, &c);
 }
 
 #[test]
