@@ -52,17 +52,12 @@ __device__ __forceinline__ void rope_key_pair(const LfRope &r, const uint16_t *s
         const double pos = static_cast<double>(pos_i);
         const double freq = r.inv_freq[f];
         const float af = r.attention_factor;
-        float c, s;
-        rope_cos_sin(pos, freq, c, s);
-        x0 = af * (x * c - y * s);
-        y0 = af * (x * s + y * c);
+        rope_turn(pos, freq, af, x, y, x0, y0);
         if (r.mode == 1) { // R_0: no rotation, the attention factor only
             x1 = af * x;
             y1 = af * y;
         } else if (r.mode == 2) {
-            rope_cos_sin(pos * r.inv_leak, freq, c, s);
-            x1 = af * (x * c - y * s);
-            y1 = af * (x * s + y * c);
+            rope_turn(pos * r.inv_leak, freq, af, x, y, x1, y1);
         }
     }
     rot[xi] = Elem<T>::to_bits(x0);

@@ -41,6 +41,15 @@ __device__ __forceinline__ void rope_pair(const LfRope &r, int f, int &x, int &y
     }
 }
 
+// A forward turn of one pair (x, y) to `pos`: the rotation by pos * freq, scaled by af.
+__device__ __forceinline__ void rope_turn(double pos, double freq, float af, float x, float y,
+                                          float &xo, float &yo) {
+    float c, s;
+    rope_cos_sin(pos, freq, c, s);
+    xo = af * (x * c - y * s);
+    yo = af * (x * s + y * c);
+}
+
 // The log-n factor of a query at `pos` (1 when log-n scaling is off or pos <= 0).
 __device__ __forceinline__ float rope_log_n(const LfRope &r, double pos) {
     return r.log_n_inv_ln_train > 0.f
@@ -69,16 +78,8 @@ __device__ __forceinline__ void rope_query_pair(const LfRope &r, int f, double p
     y0 = y1 = y;
     if (f < r.rotary_dim / 2) {
         const double freq = r.inv_freq[f];
-        const float af = r.attention_factor;
-        float c, s;
-        rope_cos_sin(pos, freq, c, s);
-        x0 = af * (x * c - y * s);
-        y0 = af * (x * s + y * c);
-        if (r.mode != 0) {
-            rope_cos_sin(rope_outside_q_pos(r, pos), freq, c, s);
-            x1 = af * (x * c - y * s);
-            y1 = af * (x * s + y * c);
-        }
+        rope_turn(pos, freq, r.attention_factor, x, y, x0, y0);
+        if (r.mode != 0) rope_turn(rope_outside_q_pos(r, pos), freq, r.attention_factor, x, y, x1, y1);
     }
 }
 

@@ -480,8 +480,34 @@ impl Attention {
         pairs: u64,
         params: &mut P,
     ) -> Result<()> {
+        let kernel = format!("lf_{module}");
+        // SAFETY: this fn's contract.
+        unsafe {
+            self.launch_per_pair(
+                stream,
+                (module, &kernel),
+                pairs,
+                params,
+                "launching the key-rotation kernel",
+            )
+        }
+    }
+
+    /// Launches `kernel` of `module` with one thread per element pair, in blocks of 256.
+    ///
+    /// # Safety
+    /// As [`Attention::launch`]: `params` is the kernel's parameter struct, made from validated
+    /// arguments covering `pairs` pairs, whose buffers and stream are valid for the launch.
+    pub(super) unsafe fn launch_per_pair<P>(
+        &self,
+        stream: sys::CUstream,
+        (module, kernel): (&str, &str),
+        pairs: u64,
+        params: &mut P,
+        what: &'static str,
+    ) -> Result<()> {
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
-        let kernel = unsafe { self.cache.kernel(module, &format!("lf_{module}"), 0) }?;
+        let kernel = unsafe { self.cache.kernel(module, kernel, 0) }?;
         // SAFETY: this fn's contract; one thread per pair, covered once.
         unsafe {
             self.launch(
@@ -493,7 +519,7 @@ impl Attention {
                 },
                 stream,
                 params,
-                "launching the key-rotation kernel",
+                what,
             )
         }
     }

@@ -24,7 +24,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr};
 
 use super::backward::{backward_workspace_bytes, BackwardInputs, BackwardOptions, Gradients};
 use super::rope::{rope_keys_params, RopeTables};
@@ -269,18 +269,13 @@ impl Attention {
         pairs: u64,
         params: &mut P,
     ) -> Result<()> {
-        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
-        let kernel = unsafe { self.cache.kernel(module, &format!("lf_{module}_{name}"), 0) }?;
-        // SAFETY: this fn's contract; one thread per pair, covered once.
+        let kernel = format!("lf_{module}_{name}");
+        // SAFETY: this fn's contract.
         unsafe {
-            self.launch(
-                &kernel,
-                LaunchConfig {
-                    grid_dim: (pairs.div_ceil(256) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                },
+            self.launch_per_pair(
                 stream,
+                (module, &kernel),
+                pairs,
                 params,
                 "launching a RoPE backward pass",
             )
