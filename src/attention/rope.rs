@@ -226,6 +226,24 @@ pub(crate) struct RopeTables {
 }
 
 impl RopeTables {
+    /// A safe RoPE call's checks (the shapes of q and k, the options for them) and its tables.
+    pub(crate) fn for_call(
+        stream: &Arc<CudaStream>,
+        rope: &RopeOptions,
+        ql: &Layout,
+        kl: &Layout,
+    ) -> Result<Self> {
+        ql.check_dims("q")?;
+        kl.check_dims("k")?;
+        rope.validate(ql.head_dim, ql.batch, ql.seqlen, kl.seqlen)?;
+        Self::upload(
+            stream,
+            rope,
+            ql.head_dim,
+            kl.seqlen + rope.max_offset() as usize,
+        )
+    }
+
     pub(crate) fn upload(
         stream: &Arc<CudaStream>,
         rope: &RopeOptions,
@@ -287,6 +305,23 @@ impl RopeTables {
     }
 }
 
+/// The rotated-key workspaces of a safe RoPE call over keys laid out as `kl`: k_rot, and k_alt
+/// unless plain RoPE, contiguous `[batch, seqlen_k, heads_kv, head_dim]`, allocated on `stream`.
+pub(crate) fn key_workspaces<T: Element>(
+    stream: &Arc<CudaStream>,
+    rope: &RopeOptions,
+    kl: &Layout,
+) -> Result<(CudaSlice<T>, Option<CudaSlice<T>>)> {
+    let ws_len = kl.batch * kl.seqlen * kl.heads * kl.head_dim;
+    let alloc_err = || Error::driver("allocating the rotated-key workspace");
+    let k_rot: CudaSlice<T> = stream.alloc_zeros(ws_len).map_err(alloc_err())?;
+    let k_alt = match rope.mode {
+        PositionMode::Rope => None,
+        _ => Some(stream.alloc_zeros(ws_len).map_err(alloc_err())?),
+    };
+    Ok((k_rot, k_alt))
+}
+
 impl Attention {
     /// Causal forward with rotary positions applied inside the kernel: Q and K arrive
     /// UN-rotated, and the scores follow `opts.rope.mode`: RoPE, ReRoPE or Leaky ReRoPE (see
@@ -304,22 +339,8 @@ impl Attention {
     ) -> Result<()> {
         let rope = opts.rope;
         let (ql, kl) = (q.layout, k.layout);
-        ql.check_dims("q")?;
-        kl.check_dims("k")?;
-        rope.validate(ql.head_dim, ql.batch, ql.seqlen, kl.seqlen)?;
-        let tables = RopeTables::upload(
-            stream,
-            rope,
-            ql.head_dim,
-            kl.seqlen + rope.max_offset() as usize,
-        )?;
-        let ws_len = kl.batch * kl.seqlen * kl.heads * kl.head_dim;
-        let alloc_err = || Error::driver("allocating the rotated-key workspace");
-        let k_rot: CudaSlice<T> = stream.alloc_zeros(ws_len).map_err(alloc_err())?;
-        let k_alt: Option<CudaSlice<T>> = match rope.mode {
-            PositionMode::Rope => None,
-            _ => Some(stream.alloc_zeros(ws_len).map_err(alloc_err())?),
-        };
+        let tables = RopeTables::for_call(stream, rope, &ql, &kl)?;
+        let (k_rot, k_alt) = key_workspaces::<T>(stream, rope, &kl)?;
         let (rp, _g3) = k_rot.device_ptr(stream);
         let (ap, _g4) = match &k_alt {
             Some(a) => {

@@ -24,10 +24,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{sys, CudaStream, DevicePtr};
 
 use super::backward::{backward_workspace_bytes, BackwardInputs, BackwardOptions, Gradients};
-use super::rope::{rope_keys_params, RopeTables};
+use super::rope::{key_workspaces, rope_keys_params, RopeTables};
 use super::{Attention, ForwardOptions, RawBackward, RawForward, RawRope, RawRopeMode};
 use crate::check::{byte_range, overlaps};
 use crate::dtype::Element;
@@ -155,9 +155,7 @@ impl Attention {
     ) -> Result<()> {
         let rope = opts.rope;
         let (ql, kl) = (inputs.q.layout, inputs.k.layout);
-        ql.check_dims("q")?;
-        kl.check_dims("k")?;
-        rope.validate(ql.head_dim, ql.batch, ql.seqlen, kl.seqlen)?;
+        let tables = RopeTables::for_call(stream, rope, &ql, &kl)?;
         let mode = raw_mode(rope.mode);
         let options = BackwardOptions {
             mask: rope.mask(),
@@ -165,19 +163,7 @@ impl Attention {
             deterministic: opts.deterministic,
         };
         let ws_bytes = rope_backward_workspace_bytes(&ql, &kl, mode, opts.deterministic)?;
-        let tables = RopeTables::upload(
-            stream,
-            rope,
-            ql.head_dim,
-            kl.seqlen + rope.max_offset() as usize,
-        )?;
-        let ws_len = kl.batch * kl.seqlen * kl.heads * kl.head_dim;
-        let alloc_err = || Error::driver("allocating the rotated-key workspace");
-        let k_rot: CudaSlice<T> = stream.alloc_zeros(ws_len).map_err(alloc_err())?;
-        let k_alt: Option<CudaSlice<T>> = match mode {
-            RawRopeMode::Rope => None,
-            _ => Some(stream.alloc_zeros(ws_len).map_err(alloc_err())?),
-        };
+        let (k_rot, k_alt) = key_workspaces::<T>(stream, rope, &kl)?;
         let (rp, _g1) = k_rot.device_ptr(stream);
         let (ap, _g2) = match &k_alt {
             Some(a) => {
