@@ -45,12 +45,8 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Pa
 
 // Defines the extern "C" Hopper kernel NAME for element type T and head dimension D, with the tile
 // shape of tile_plan.h (LF_FWD_SM90_BR x LF_FWD_SM90_BC_D<D>).
-#define LF_DEFINE_FWD_SM90_KERNEL(NAME, T, D) LF_DEFINE_FWD_SM90_KERNEL_BC(NAME, T, D, LF_FWD_SM90_BC_D##D)
-
-// The same with key tiles of BC keys (tile_plan.h: LF_FWD_SM90_BC_WIDE_D128 for calls without a
-// mask).
-#define LF_DEFINE_FWD_SM90_KERNEL_BC(NAME, T, D, BC)                                              \
-    LF_DEFINE_FWD_SM90_KERNEL_SHAPE(NAME, T, D, (lf::sm90::Sm90Traits<T, D, BC>))
+#define LF_DEFINE_FWD_SM90_KERNEL(NAME, T, D)                                                     \
+    LF_DEFINE_FWD_SM90_KERNEL_SHAPE(NAME, T, D, (lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D>))
 
 // The same with three consumer warpgroups (LF_FWD_SM90_BR_TALL query rows).
 #define LF_DEFINE_FWD_TALL_SM90_KERNEL(NAME, T, D)                                                \

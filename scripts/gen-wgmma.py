@@ -6,7 +6,7 @@ Each wrapper is one inline-asm statement whose operand list names every accumula
 Run from the repository root after changing the shapes below: python3 scripts/gen-wgmma.py
 """
 
-SS_N = [64, 80, 128, 176]  # S = Q K^T: both operands in shared memory, N = key tile
+SS_N = [64, 128]  # S = Q K^T: both operands in shared memory, N = key tile
 RS_N = [64, 128, 256]  # O += P V: P from registers, V in shared memory (MN-major), N = head dim
 RK_N = [64, 128]  # S = Q K^T with Q from registers, K in shared memory (K-major), N = key tile
 TYPES = [("__half", "f16"), ("__nv_bfloat16", "bf16")]

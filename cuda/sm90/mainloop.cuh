@@ -94,10 +94,10 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1, int CONSUMERS_ = 2> 
 #if defined(LF_SM90_Q_REGS) && !LF_SM90_Q_REGS
     static constexpr bool kQRegs = false;
 #else
-    static constexpr bool kQRegs = QVARIANTS_ == 1 && D_ <= 128 && BC_ <= 128 && CONSUMERS_ == 2;
+    static constexpr bool kQRegs = QVARIANTS_ == 1 && D_ <= 128 && CONSUMERS_ == 2;
 #endif
     using Tile = Sw128Tile<BR, D>;
-    static_assert(BC == 64 || BC == 80 || BC == 128 || BC == 176, "S = Q K^T is m64n<BC>");
+    static_assert(BC == 64 || BC == 128, "S = Q K^T is m64n<BC>");
     static_assert(D == 64 || D == 128 || D == 256, "O += P V is m64n<D>");
     static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0, "swizzle atoms stay aligned");
 };

@@ -177,6 +177,8 @@ pub struct Attention {
     mainloop: MainloopChoice,
     // A persistent grid of this many CTAs for the Hopper kernels (with_sm90_persistent).
     sm90_ctas: Option<u32>,
+    // Tall (192-row) Hopper query tiles at head dim 64: None where they gain (with_sm90_tall_tiles).
+    sm90_tall: Option<bool>,
     // Keeps the context alive while modules are loaded in it (None for a raw context).
     _owner: Option<Arc<CudaContext>>,
 }
@@ -214,6 +216,7 @@ impl Attention {
             compute_capability: (major, minor),
             mainloop: MainloopChoice::Auto,
             sm90_ctas: None,
+            sm90_tall: None,
             _owner: Some(ctx.clone()),
         })
     }
@@ -259,6 +262,7 @@ impl Attention {
             compute_capability: (major, minor),
             mainloop: MainloopChoice::Auto,
             sm90_ctas: None,
+            sm90_tall: None,
             _owner: None,
         })
     }
@@ -277,6 +281,17 @@ impl Attention {
     #[doc(hidden)]
     pub fn with_sm90_persistent(mut self, ctas: Option<u32>) -> Self {
         self.sm90_ctas = ctas.filter(|&c| c > 0);
+        self
+    }
+
+    /// Development aid, not a stable API: whether the dense Hopper kernel at head dim 64 takes
+    /// its tall (192-row, three consumer warpgroups) query tiles: `Some(true)` for every call
+    /// that can, `Some(false)` for none, `None` (the default) where they measured faster (every
+    /// call without a causal or window mask; masked calls from 8192 query rows). Tests use it to
+    /// run both tile shapes on small problems.
+    #[doc(hidden)]
+    pub fn with_sm90_tall_tiles(mut self, tall: Option<bool>) -> Self {
+        self.sm90_tall = tall;
         self
     }
 

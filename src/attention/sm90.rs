@@ -11,9 +11,13 @@ use crate::loader::{CtxGuard, ModuleCache};
 use crate::sys::{
     LfFwdParams, LfFwdSm90Params, LfRope, LfRopeFwdSm90Params, LfTensorMap, LfVarlenParams,
     LfVarlenSm90Params, LF_FWD_SM90_BC_D128, LF_FWD_SM90_BC_D256, LF_FWD_SM90_BC_D64,
-    LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BC_WIDE_D128, LF_FWD_SM90_BC_WIDE_D256, LF_FWD_SM90_BR,
-    LF_FWD_SM90_BR_TALL, LF_FWD_SM90_STAGES, LF_FWD_SM90_THREADS, LF_FWD_SM90_THREADS_TALL,
+    LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BR, LF_FWD_SM90_BR_TALL, LF_FWD_SM90_STAGES,
+    LF_FWD_SM90_THREADS, LF_FWD_SM90_THREADS_TALL,
 };
+
+/// Query rows from which a call with a causal or window mask takes the tall tiles at head dim 64
+/// (`Attention::tall_tile`).
+const TALL_MIN_ROWS_MASKED: usize = 8192;
 
 /// Key tile of the Hopper kernel for a head dim.
 fn key_tile(head_dim: usize) -> Option<usize> {
@@ -219,31 +223,22 @@ impl Attention {
         Ok(Some((module, bc, smem)))
     }
 
-    /// The dense Hopper kernel with wide key tiles for a call without a block mask, when this
-    /// build has it: at head dim 128 without a mask (no causal, no window) 176 keys
-    /// (LF_FWD_SM90_BC_WIDE_D128), at head dim 256 with any mask 80 (LF_FWD_SM90_BC_WIDE_D256).
-    /// Fewer tiles, so fewer of each tile's fixed costs; at head dim 128 a causal diagonal would
-    /// waste more of a wide tile.
-    fn wide_tile(&self, args: &RawForward, fwd: &LfFwdParams) -> Option<Shape> {
-        let d = args.q_layout.head_dim;
-        let unmasked = fwd.mask.window_left < 0 && fwd.mask.window_right < 0;
-        let bc = match d {
-            _ if args.block_mask.is_some() => return None,
-            128 if unmasked => LF_FWD_SM90_BC_WIDE_D128,
-            256 => LF_FWD_SM90_BC_WIDE_D256,
-            _ => return None,
-        };
-        let module = format!("fwd_wide_sm90_{}_d{d}", args.dtype.name());
-        self.shape_if_built(module, d, (LF_FWD_SM90_BR, bc), LF_FWD_SM90_THREADS)
-    }
-
     /// The dense Hopper kernel with tall query tiles (LF_FWD_SM90_BR_TALL rows, three consumer
-    /// warpgroups) for a call at head dim 64 without a block mask, when this build has it: each
-    /// warpgroup's softmax hides behind two others' matrix products, which are short at head dim
-    /// 64.
-    fn tall_tile(&self, args: &RawForward) -> Option<Shape> {
+    /// warpgroups) for a call at head dim 64 without a block mask, when this build has it and the
+    /// call gains from it: each warpgroup's softmax hides behind two others' matrix products,
+    /// which are short at head dim 64. Measured on an H100 (2026-12-05, bf16, 16k tokens a call):
+    /// without a mask 1.03x to 1.16x the 128-row tiles from 512 to 16k keys; causal 0.80x at 512
+    /// to 0.98x at 4k (a 192-row diagonal masks more of each tile), 1.04x to 1.06x from 8k. So
+    /// masked calls take them from [`TALL_MIN_ROWS_MASKED`] query rows.
+    /// [`Attention::with_sm90_tall_tiles`] overrides the choice.
+    fn tall_tile(&self, args: &RawForward, fwd: &LfFwdParams) -> Option<Shape> {
         let d = args.q_layout.head_dim;
         if d != 64 || args.block_mask.is_some() {
+            return None;
+        }
+        let masked = fwd.mask.window_left >= 0 || fwd.mask.window_right >= 0;
+        let gains = !masked || args.q_layout.seqlen >= TALL_MIN_ROWS_MASKED;
+        if !self.sm90_tall.unwrap_or(gains) {
             return None;
         }
         let module = format!("fwd_tall_sm90_{}_d{d}", args.dtype.name());
@@ -286,16 +281,13 @@ impl Attention {
             let Some((module, bc, smem)) = self.hopper_module(args, false)? else {
                 return Ok(None);
             };
-            let shape = self
-                .wide_tile(args, &fwd)
-                .or_else(|| self.tall_tile(args))
-                .unwrap_or(Shape {
-                    module,
-                    br: LF_FWD_SM90_BR as usize,
-                    bc,
-                    threads: LF_FWD_SM90_THREADS,
-                    smem,
-                });
+            let shape = self.tall_tile(args, &fwd).unwrap_or(Shape {
+                module,
+                br: LF_FWD_SM90_BR as usize,
+                bc,
+                threads: LF_FWD_SM90_THREADS,
+                smem,
+            });
             // Encoding a tensor map needs a current context: this thread may never have had one.
             // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
             let _g = unsafe { CtxGuard::bind(self.ctx) }?;

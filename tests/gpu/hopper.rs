@@ -253,96 +253,59 @@ fn hopper_sliding_windows_gqa_and_layouts() {
     }
 }
 
-/// Head dim 128 without a mask runs the kernel with wide (176-key) tiles, with a mask the one with
-/// 128-key tiles: key counts around the wide tile's multiples, rows that end inside a tile,
-/// grouped heads, the LSE, and a long problem against the sm_80 mainloop.
-#[test]
-fn hopper_wide_key_tiles_without_a_mask() {
-    let g = gpu_or_skip!();
-    let h = hopper_or_skip!(g);
-    for dtype in DTYPES {
-        let wide = format!("lf_fwd_wide_sm90_{}_d128", dtype.name());
-        for (sq, sk) in [
-            (1, 175),
-            (100, 176),
-            (129, 177),
-            (300, 352),
-            (77, 353),
-            (257, 1000),
-        ] {
-            for (hq, hkv) in [(2, 2), (6, 2)] {
-                let c = Case::new(dtype, (2, sq, sk), (hq, hkv), 128, MaskSpec::none());
-                assert_eq!(kernel_of(g, h, &c), wide, "{c:?}");
-                check_hopper(g, h, &c);
-            }
-        }
-        for mask in [
-            MaskSpec::causal(),
-            MaskSpec::sliding_window(Some(200), None),
-        ] {
-            let c = Case::new(dtype, (1, 400, 400), (2, 1), 128, mask);
-            assert_eq!(
-                kernel_of(g, h, &c),
-                format!("lf_fwd_sm90_{}_d128", dtype.name()),
-                "{c:?}"
-            );
-        }
-    }
-    let c = Case {
-        lse: true,
-        ..Case::new(DType::Bf16, (1, 2000, 2100), (4, 2), 128, MaskSpec::none())
-    };
-    agrees_with_sm80(g, h, &c);
+/// A Hopper-mainloop `Attention` on `g`'s context with the tall-tile choice overridden.
+fn hopper_with_tall(g: &Gpu, tall: Option<bool>) -> Attention {
+    Attention::new(&g.ctx)
+        .expect("Attention::new")
+        .with_mainloop(MainloopChoice::Sm90)
+        .with_sm90_tall_tiles(tall)
 }
 
-/// Head dim 256 runs the kernel with 80-key tiles whatever the mask: key counts around the tile's
-/// multiples, rows that end inside a tile, windows, grouped heads, and a long causal problem
-/// against the sm_80 mainloop.
+/// Which tile shape a head-dim-64 call takes: tall (192-row) tiles without a mask, and with a
+/// causal or window mask only from 8192 query rows (where they measured faster); 128-row tiles
+/// at the other head dims, with a block mask, and when the override says no.
 #[test]
-fn hopper_wide_key_tiles_at_head_dim_256() {
+fn hopper_tall_tiles_where_they_gain() {
     let g = gpu_or_skip!();
     let h = hopper_or_skip!(g);
+    let never = hopper_with_tall(g, Some(false));
+    let always = hopper_with_tall(g, Some(true));
     for dtype in DTYPES {
-        let wide = format!("lf_fwd_wide_sm90_{}_d256", dtype.name());
-        for mask in [
-            MaskSpec::none(),
+        let tall = format!("lf_fwd_tall_sm90_{}_d64", dtype.name());
+        let base = |d: usize| format!("lf_fwd_sm90_{}_d{d}", dtype.name());
+        let case = |sq, d, mask| Case::new(dtype, (1, sq, 300), (2, 1), d, mask);
+        let masks = [
             MaskSpec::causal(),
-            MaskSpec::sliding_window(Some(90), Some(10)),
-        ] {
-            for (sq, sk) in [
-                (1, 79),
-                (100, 80),
-                (129, 81),
-                (300, 160),
-                (77, 161),
-                (257, 700),
-            ] {
-                let c = Case::new(dtype, (2, sq, sk), (4, 2), 256, mask);
-                assert_eq!(kernel_of(g, h, &c), wide, "{c:?}");
-                check_hopper(g, h, &c);
+            MaskSpec::causal_window(100),
+            MaskSpec::sliding_window(Some(30), Some(50)),
+        ];
+        for sq in [1, 300, 8191, 8192, 20000] {
+            let c = case(sq, 64, MaskSpec::none());
+            assert_eq!(kernel_of(g, h, &c), tall, "{c:?}");
+            assert_eq!(kernel_of(g, &never, &c), base(64), "{c:?}");
+            for mask in masks {
+                let c = case(sq, 64, mask);
+                let want = if sq >= 8192 { &tall } else { &base(64) };
+                assert_eq!(&kernel_of(g, h, &c), want, "{c:?}");
+                assert_eq!(kernel_of(g, &always, &c), tall, "{c:?}");
+                assert_eq!(kernel_of(g, &never, &c), base(64), "{c:?}");
+            }
+            for d in [128, 256] {
+                let c = case(sq, d, MaskSpec::none());
+                assert_eq!(kernel_of(g, &always, &c), base(d), "{c:?}");
             }
         }
     }
-    let c = Case {
-        lse: true,
-        ..Case::new(
-            DType::Bf16,
-            (1, 1500, 1600),
-            (2, 1),
-            256,
-            MaskSpec::causal(),
-        )
-    };
-    agrees_with_sm80(g, h, &c);
 }
 
-/// Head dim 64 runs the kernel with tall (192-row, three consumer warpgroups) query tiles, with
-/// and without masks: query counts around the tall tile's multiples, keys around the key tile's,
-/// windows, grouped heads, the LSE, and a long causal problem against the sm_80 mainloop.
+/// The tall (192-row, three consumer warpgroups) query tiles at head dim 64, with and without
+/// masks: query counts around the tall tile's multiples, keys around the key tile's, windows,
+/// grouped heads, the LSE, and a long causal problem against the sm_80 mainloop.
 #[test]
 fn hopper_tall_query_tiles_at_head_dim_64() {
     let g = gpu_or_skip!();
-    let h = hopper_or_skip!(g);
+    hopper_or_skip!(g);
+    let h = &hopper_with_tall(g, Some(true));
     let masks = [
         MaskSpec::none(),
         MaskSpec::causal(),
@@ -373,19 +336,17 @@ fn hopper_tall_query_tiles_at_head_dim_64() {
     agrees_with_sm80(g, h, &c);
 }
 
-/// One small case on each tile variant (the 176-key kernel at head dim 128 without a mask, the
-/// 192-row kernel at head dim 64 and the 80-key kernel at head dim 256, causal): what the
-/// sanitizers run, a few tiles each.
+/// One small case on the tall tiles, without a mask and causal: what the sanitizers run, a few
+/// tiles each.
 #[test]
-fn hopper_wide_and_tall_tiles_small() {
+fn hopper_tall_tiles_small() {
     let g = gpu_or_skip!();
-    let h = hopper_or_skip!(g);
-    for (d, mask) in [(128, MaskSpec::none()), (64, MaskSpec::causal())] {
-        check_hopper(
-            g,
-            h,
-            &Case::new(DType::Bf16, (1, 400, 400), (2, 1), d, mask),
-        );
+    hopper_or_skip!(g);
+    let h = &hopper_with_tall(g, Some(true));
+    for mask in [MaskSpec::none(), MaskSpec::causal()] {
+        let c = Case::new(DType::Bf16, (1, 400, 400), (2, 1), 64, mask);
+        assert_eq!(kernel_of(g, h, &c), "lf_fwd_tall_sm90_bf16_d64", "{c:?}");
+        check_hopper(g, h, &c);
     }
 }
 

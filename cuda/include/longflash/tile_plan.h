@@ -36,12 +36,6 @@
 #define LF_FWD_SM90_BC_D64 128
 #define LF_FWD_SM90_BC_D128 128
 #define LF_FWD_SM90_BC_D256 64
-/* Head dim 128 without a mask (no causal, no window): 176-key tiles, fewer per-tile costs (barriers,
- * waits, row maxima) per key; a causal diagonal would waste more of a wide tile. */
-#define LF_FWD_SM90_BC_WIDE_D128 176
-/* Head dim 256 (any mask): 80-key tiles, the most a 128-row Q tile and two K/V stages leave room
- * for in 227 KiB (FlashAttention-3's shape for it). */
-#define LF_FWD_SM90_BC_WIDE_D256 80
 #define LF_FWD_SM90_STAGES 2
 #define LF_FWD_SM90_THREADS 384
 /* Head dim 64: 192 query rows (three consumer warpgroups, 512 threads), as FlashAttention-3 takes
