@@ -299,92 +299,95 @@ fn split_plan_lowp<T: Element>(
         let pq = |i: usize| rope.query_position(b, i, sq, sk);
         let pk = |j: usize| rope.key_position(b, j);
         for hk in 0..s.heads_kv {
-            // Per half: dQ~ (per query head, rounded), dK~ and dV (summed over the group, rounded).
-            let mut dq_h = vec![vec![vec![0.0f32; d]; sq * group]; 2];
-            let mut dk_h = vec![vec![vec![0.0f32; d]; sk]; 2];
-            let mut dv_h = vec![vec![vec![0.0f32; d]; sk]; 2];
-            for &half in halves {
-                let hi = (half == Half::Outside) as usize;
-                let mut dk_acc = vec![vec![0.0f32; d]; sk];
-                let mut dv_acc = vec![vec![0.0f32; d]; sk];
-                for gh in 0..group {
-                    let h = hk * group + gh;
-                    let kr: Vec<Vec<f32>> = (0..sk)
+            // Each side's rotated keys, rounded to T (the forward's key workspaces).
+            let keys: Vec<Vec<Vec<f32>>> = halves
+                .iter()
+                .map(|&half| {
+                    (0..sk)
                         .map(|j| {
                             let (_, c) = positions(rope.mode, half, pk(j));
                             let x = turn(&wide(&k[ki(b, j, hk)..][..d]), c, 1.0);
                             x.into_iter().map(round).collect()
                         })
-                        .collect();
-                    for i in 0..sq {
-                        let m = rope.log_n_scale(pq(i)) as f32;
-                        let qrow = wide(&q[qi(b, i, h)..][..d]);
-                        // Both variants of the query (the forward needs both for the LSE).
-                        let variant = |hv: Half| -> Vec<f32> {
-                            let (a, _) = positions(rope.mode, hv, pq(i));
+                        .collect()
+                })
+                .collect();
+            // Per half: dQ~ (per query head, rounded), dK~ and dV (summed over the group in f32,
+            // rounded at the end).
+            let mut dq_h = vec![vec![vec![0.0f32; d]; sq * group]; 2];
+            let mut dk_acc = vec![vec![vec![0.0f32; d]; sk]; 2];
+            let mut dv_acc = vec![vec![vec![0.0f32; d]; sk]; 2];
+            for gh in 0..group {
+                let h = hk * group + gh;
+                for i in 0..sq {
+                    let m = rope.log_n_scale(pq(i)) as f32;
+                    let qrow = wide(&q[qi(b, i, h)..][..d]);
+                    // Each side's rotated query, rounded to T (the forward's Q variants).
+                    let qs: Vec<Vec<f32>> = halves
+                        .iter()
+                        .map(|&half| {
+                            let (a, _) = positions(rope.mode, half, pq(i));
                             turn(&qrow, a, m).into_iter().map(round).collect()
-                        };
-                        let key = |hv: Half, j: usize| -> Vec<f32> {
-                            let (_, c) = positions(rope.mode, hv, pk(j));
-                            let x = turn(&wide(&k[ki(b, j, hk)..][..d]), c, 1.0);
-                            x.into_iter().map(round).collect()
-                        };
-                        let (q_in, q_out) = (variant(Half::Inside), variant(Half::Outside));
-                        // The forward: scores of the row's visible keys, each from its side.
-                        let mut row: Vec<(usize, bool, f32)> = Vec::new();
-                        for j in 0..sk {
-                            if !mask.is_visible(sq, sk, i, j) {
-                                continue;
-                            }
-                            let inside = w.is_none_or(|w| pq(i) - pk(j) < w);
-                            let sc = if inside {
-                                dot(&q_in, &key(Half::Inside, j))
-                            } else {
-                                dot(&q_out, &key(Half::Outside, j))
-                            };
-                            row.push((j, inside, scale * sc));
+                        })
+                        .collect();
+                    // The forward: scores of the row's visible keys, each from its side.
+                    let row: Vec<(usize, usize, f32)> = (0..sk)
+                        .filter(|&j| mask.is_visible(sq, sk, i, j))
+                        .map(|j| {
+                            let side = usize::from(w.is_some_and(|w| pq(i) - pk(j) >= w));
+                            (j, side, scale * dot(&qs[side], &keys[side][j]))
+                        })
+                        .collect();
+                    if row.is_empty() {
+                        continue;
+                    }
+                    let mx = row.iter().map(|r| r.2).fold(f32::NEG_INFINITY, f32::max);
+                    let l: f32 = row.iter().map(|r| (r.2 - mx).exp()).sum();
+                    let lse = mx + l.ln();
+                    let mut o = vec![0.0f32; d];
+                    for r in &row {
+                        let p = (r.2 - lse).exp();
+                        for (a, &x) in o.iter_mut().zip(&vf[ki(b, r.0, hk)..][..d]) {
+                            *a += p * x;
                         }
-                        if row.is_empty() {
-                            continue;
+                    }
+                    let o: Vec<f32> = o.into_iter().map(round).collect();
+                    let doi = &df[qi(b, i, h)..][..d];
+                    let big_d = dot(doi, &o);
+                    // Each half's backward over its own pairs, with the whole row's LSE.
+                    let mut dqr = vec![vec![0.0f32; d]; 2];
+                    for &(j, side, sc) in &row {
+                        let p = (sc - lse).exp();
+                        let vo = ki(b, j, hk);
+                        let ds = round(p * (dot(doi, &vf[vo..vo + d]) - big_d));
+                        let pt = round(p);
+                        for x in 0..d {
+                            dqr[side][x] += ds * keys[side][j][x];
+                            dk_acc[side][j][x] += ds * qs[side][x];
+                            dv_acc[side][j][x] += pt * doi[x];
                         }
-                        let mx = row.iter().map(|r| r.2).fold(f32::NEG_INFINITY, f32::max);
-                        let l: f32 = row.iter().map(|r| (r.2 - mx).exp()).sum();
-                        let lse = mx + l.ln();
-                        let mut o = vec![0.0f32; d];
-                        for r in &row {
-                            let p = (r.2 - lse).exp();
-                            for (a, &x) in o.iter_mut().zip(&vf[ki(b, r.0, hk)..][..d]) {
-                                *a += p * x;
-                            }
-                        }
-                        let o: Vec<f32> = o.into_iter().map(round).collect();
-                        let doi = &df[qi(b, i, h)..][..d];
-                        let big_d = dot(doi, &o);
-                        // This half's backward over its own pairs, with the whole row's LSE.
-                        let qh = if half == Half::Inside { &q_in } else { &q_out };
-                        let mut dqr = vec![0.0f32; d];
-                        for &(j, inside, sc) in &row {
-                            if inside != (half == Half::Inside) {
-                                continue;
-                            }
-                            let p = (sc - lse).exp();
-                            let vo = ki(b, j, hk);
-                            let ds = round(p * (dot(doi, &vf[vo..vo + d]) - big_d));
-                            let pt = round(p);
-                            for x in 0..d {
-                                dqr[x] += ds * kr[j][x];
-                                dk_acc[j][x] += ds * qh[x];
-                                dv_acc[j][x] += pt * doi[x];
-                            }
-                        }
-                        dq_h[hi][gh * sq + i] = dqr.iter().map(|&a| round(a * scale)).collect();
+                    }
+                    for (side, dq) in dqr.iter().enumerate() {
+                        dq_h[side][gh * sq + i] = dq.iter().map(|&a| round(a * scale)).collect();
                     }
                 }
-                for j in 0..sk {
-                    dk_h[hi][j] = dk_acc[j].iter().map(|&a| round(a * scale)).collect();
-                    dv_h[hi][j] = dv_acc[j].iter().map(|&a| round(a)).collect();
-                }
             }
+            let dk_h: Vec<Vec<Vec<f32>>> = dk_acc
+                .iter()
+                .map(|side| {
+                    let rows = side.iter();
+                    rows.map(|r| r.iter().map(|&a| round(a * scale)).collect())
+                        .collect()
+                })
+                .collect();
+            let dv_h: Vec<Vec<Vec<f32>>> = dv_acc
+                .iter()
+                .map(|side| {
+                    side.iter()
+                        .map(|r| r.iter().map(|&a| round(a)).collect())
+                        .collect()
+                })
+                .collect();
             // The combining pass: back through each half's rotation, added in f32, rounded once.
             for gh in 0..group {
                 let h = hk * group + gh;

@@ -5,8 +5,43 @@ use super::dense::LowpOutput;
 use super::{RefOutput, RefShape};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
+use crate::mask::MaskSpec;
 use crate::rope::{rotate, PositionMode, RopeLayout, RopeOptions};
 use crate::sparse::BlockMask;
+
+/// What every two-matrix reference takes from a problem and its rotary options: the
+/// frequency table and attention factor ([`rope_tables`]), the pair layout, the position mode
+/// and whether it has an outside branch, the sizes, and the causal mask (with its window).
+pub(super) struct RopeRef<'a> {
+    pub(super) inv_freq: Vec<f64>,
+    pub(super) af: f64,
+    pub(super) layout: RopeLayout,
+    pub(super) mode: &'a PositionMode,
+    pub(super) two: bool,
+    pub(super) d: usize,
+    pub(super) sq: usize,
+    pub(super) sk: usize,
+    pub(super) group: usize,
+    pub(super) mask: MaskSpec,
+}
+
+impl<'a> RopeRef<'a> {
+    pub(super) fn new(shape: &RefShape, rope: &'a RopeOptions) -> Result<Self> {
+        let (inv_freq, af) = rope_tables(shape, rope)?;
+        Ok(RopeRef {
+            inv_freq,
+            af,
+            layout: rope.config.layout,
+            mode: &rope.mode,
+            two: !matches!(rope.mode, PositionMode::Rope),
+            d: shape.head_dim,
+            sq: shape.seqlen_q,
+            sk: shape.seqlen_k,
+            group: shape.heads_q / shape.heads_kv,
+            mask: rope.mask(),
+        })
+    }
+}
 
 /// Validates a rotary problem and returns its inverse-frequency table and attention factor.
 ///
@@ -126,14 +161,18 @@ fn rope_attention_f64_impl(
     scale: f64,
 ) -> Result<RefOutput> {
     shape.check(q.len(), k.len(), v.len())?;
-    let (inv_freq, af) = rope_tables(shape, rope)?;
-    let layout = rope.config.layout;
-    let mode = &rope.mode;
-    let two = !matches!(mode, PositionMode::Rope);
-    let d = shape.head_dim;
-    let (sq, sk) = (shape.seqlen_q, shape.seqlen_k);
-    let group = shape.heads_q / shape.heads_kv;
-    let mask = rope.mask();
+    let RopeRef {
+        inv_freq,
+        af,
+        layout,
+        mode,
+        two,
+        d,
+        sq,
+        sk,
+        group,
+        mask,
+    } = RopeRef::new(shape, rope)?;
     let mut out = vec![0.0f64; q.len()];
     let mut lse = Vec::with_capacity(shape.batch * shape.heads_q * sq);
 
@@ -314,14 +353,18 @@ fn rope_attention_lowp_impl<T: Element>(
     scale: f32,
 ) -> Result<RefOutput> {
     shape.check(q.len(), k.len(), v.len())?;
-    let (inv_freq, af) = rope_tables(shape, rope)?;
-    let layout = rope.config.layout;
-    let mode = &rope.mode;
-    let two = !matches!(mode, PositionMode::Rope);
-    let d = shape.head_dim;
-    let (sq, sk) = (shape.seqlen_q, shape.seqlen_k);
-    let group = shape.heads_q / shape.heads_kv;
-    let mask = rope.mask();
+    let RopeRef {
+        inv_freq,
+        af,
+        layout,
+        mode,
+        two,
+        d,
+        sq,
+        sk,
+        group,
+        mask,
+    } = RopeRef::new(shape, rope)?;
     let mut out = LowpOutput::<T>::new(q.len(), shape.batch * shape.heads_q * sq);
     let vf: Vec<f32> = v.iter().map(|t| t.to_f32()).collect();
 

@@ -11,12 +11,12 @@
 
 use super::backward::{check_dout, RefGrads};
 use super::rope::{
-    rope_inside, rope_outside_k_position, rope_outside_q_position, rope_rotate_f32, rope_tables,
+    rope_inside, rope_outside_k_position, rope_outside_q_position, rope_rotate_f32, RopeRef,
 };
 use super::RefShape;
 use crate::dtype::Element;
 use crate::error::Result;
-use crate::rope::{rotate, PositionMode, RopeOptions};
+use crate::rope::{rotate, RopeOptions};
 use crate::sparse::BlockMask;
 
 /// The gradients of [`rope_attention_f64`](super::rope_attention_f64)'s output with respect to
@@ -60,14 +60,18 @@ fn rope_backward_impl(
 ) -> Result<RefGrads> {
     shape.check(q.len(), k.len(), v.len())?;
     check_dout(q.len(), dout.len())?;
-    let (inv_freq, af) = rope_tables(shape, rope)?;
-    let layout = rope.config.layout;
-    let mode = &rope.mode;
-    let two = !matches!(mode, PositionMode::Rope);
-    let d = shape.head_dim;
-    let (sq, sk) = (shape.seqlen_q, shape.seqlen_k);
-    let group = shape.heads_q / shape.heads_kv;
-    let mask = rope.mask();
+    let RopeRef {
+        inv_freq,
+        af,
+        layout,
+        mode,
+        two,
+        d,
+        sq,
+        sk,
+        group,
+        mask,
+    } = RopeRef::new(shape, rope)?;
     let mut g = RefGrads {
         dq: vec![0.0; q.len()],
         dk: vec![0.0; k.len()],
@@ -220,14 +224,18 @@ pub fn rope_attention_backward_lowp<T: Element>(
 ) -> Result<RefGrads> {
     shape.check(q.len(), k.len(), v.len())?;
     check_dout(q.len(), dout.len())?;
-    let (inv_freq, af) = rope_tables(shape, rope)?;
-    let layout = rope.config.layout;
-    let mode = &rope.mode;
-    let two = !matches!(mode, PositionMode::Rope);
-    let d = shape.head_dim;
-    let (sq, sk) = (shape.seqlen_q, shape.seqlen_k);
-    let group = shape.heads_q / shape.heads_kv;
-    let mask = rope.mask();
+    let RopeRef {
+        inv_freq,
+        af,
+        layout,
+        mode,
+        two,
+        d,
+        sq,
+        sk,
+        group,
+        mask,
+    } = RopeRef::new(shape, rope)?;
     let round = |x: f32| T::from_f32(x).to_f32();
     let widen = |x: &[T]| -> Vec<f32> { x.iter().map(|t| t.to_f32()).collect() };
     let (vf, df) = (widen(v), widen(dout));
