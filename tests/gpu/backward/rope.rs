@@ -16,8 +16,11 @@ use longflash::{
     Layout, Output, RawBackward, RawRopeMode, RopeBackward, RopeForward,
 };
 
+use proptest::prelude::*;
+
 use crate::common::Rng;
 use crate::common::*;
+use crate::rope::arb_rope_case;
 
 #[derive(Clone, Debug)]
 struct RopeBwdCase {
@@ -396,4 +399,49 @@ fn rope_backward_long_rerope() {
         ..case(128, (1024, 1536), PositionMode::ReRope { window: 300 })
     };
     check(g, &c);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    /// The forward's RoPE shape space (every mode, scaling, layout of the pairs, partial rotary
+    /// dims, log-n, offsets, GQA, lengths around the tiles) with random layouts, dQ modes and
+    /// entry points.
+    #[test]
+    fn rope_backward_matches_reference(
+        c in arb_rope_case(),
+        (q_mem, kv_mem, dq_mem) in (arb_mem(), arb_mem(), arb_mem()),
+        (deterministic, raw) in (any::<bool>(), any::<bool>()),
+    ) {
+        let Some(g) = gpu() else {
+            say_skipped("rope_backward_matches_reference");
+            return Ok(());
+        };
+        let bc = RopeBwdCase {
+            dtype: c.dtype,
+            batch: c.batch,
+            seqlen_q: c.seqlen_q,
+            seqlen_k: c.seqlen_k,
+            heads_q: c.heads_q,
+            heads_kv: c.heads_kv,
+            head_dim: c.head_dim,
+            rope: c.rope,
+            q_mem,
+            kv_mem,
+            dq_mem,
+            deterministic,
+            raw,
+            seed: c.seed,
+        };
+        let cmp = match bc.dtype {
+            DType::F16 => run_t::<f16>(g, &bc),
+            DType::Bf16 => run_t::<bf16>(g, &bc),
+        };
+        prop_assert!(
+            cmp.iter().all(|x| x.passes),
+            "{bc:?}\n  dq {}\n  dk {}\n  dv {}",
+            cmp[0],
+            cmp[1],
+            cmp[2]
+        );
+    }
 }
