@@ -426,6 +426,23 @@ fn backward_single_token_and_tile_edges() {
     }
 }
 
+/// A case the property test found (H100, 2026-12-05): one query row of two keys, the other 68
+/// rows empty, where dK came out at 1.095 of its allowance and dQ at 0.93, both from one row's
+/// dS about three of its ulps from the reference's. Kept until that is explained, with both dQ
+/// modes.
+#[test]
+fn backward_two_keys_under_a_bottom_right_diagonal() {
+    let g = gpu_or_skip!();
+    let mask = MaskSpec {
+        window_right: Some(0),
+        ..MaskSpec::none()
+    };
+    let mut bc = BwdCase::new(DType::F16, (1, 70, 2), (4, 2), 64, mask);
+    bc.c.seed = 104145553526547632;
+    check_bwd(g, &bc);
+    check_bwd(g, &bc.deterministic());
+}
+
 #[test]
 fn backward_rows_and_keys_that_see_nothing_get_zero_gradients() {
     let g = gpu_or_skip!();
