@@ -271,9 +271,10 @@ impl Attention {
         if args.block_mask.is_some() {
             return None;
         }
-        // The kernel counts items and slots in 32 bits.
+        // The kernel counts pairs and slots in 32 bits, stepping a pair index by up to twice the
+        // pair count: a quarter of i32's range keeps every step in it.
         let tiles = q.seqlen.div_ceil(LF_FWD_SM90_BR as usize);
-        if tiles.checked_mul(q.heads * q.batch)? > i32::MAX as usize {
+        if tiles.checked_mul(q.heads.checked_mul(q.batch)?)? > (i32::MAX / 4) as usize {
             return None;
         }
         if !self.sm90_zigzag.unwrap_or(q.seqlen <= ZIGZAG_MAX_ROWS) {
