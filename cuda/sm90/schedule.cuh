@@ -67,9 +67,10 @@ __device__ __forceinline__ void for_each_item(const LfFwdParams &p, const Item &
         auto each = [&](auto role) {
             Pipe pipe;
             if constexpr (std::is_same<Sched, ZigzagSched>::value) {
-                // 32-bit counts (the host launches these kernels only for calls of at most 2^29
-                // items, so that pair + dpair + 1 <= 3 pairs stays in range) and no division in
-                // the loop but the pair's head and batch: CTA c
+                // 32-bit counts (the host launches the zigzag kernels only for calls of at most
+                // 2^29 items, so that pair + dpair + 1 <= 3 pairs stays in range; the
+                // LF_SM90_ZIGZAG build option, an experiment, has no such check) and no division
+                // in the loop but the pair's head and batch: CTA c
                 // runs slot c, c + ctas, ...; in round r the first (r even) or second item of
                 // its slot. A slot is (pair, k): slot = pair * half + k.
                 const int half = (n_qt + 1) / 2;

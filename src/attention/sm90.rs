@@ -19,7 +19,8 @@ use crate::sys::{
 /// (`Attention::tall_tile`).
 const TALL_MIN_ROWS_MASKED: usize = 8192;
 
-/// Query rows up to which a call takes the persistent zigzag grid (`Attention::zigzag_grid`).
+/// Query rows and keys up to which a call takes the persistent zigzag grid
+/// (`Attention::zigzag_grid`).
 const ZIGZAG_MAX_ROWS: usize = 4096;
 
 /// Key tile of the Hopper kernel for a head dim.
@@ -260,7 +261,7 @@ impl Attention {
     /// The dense Hopper kernel with 128-row tiles as a persistent grid in zigzag slots
     /// (`cuda/sm90/schedule.cuh`: one CTA per SM, each running two items of one head at a time,
     /// query tiles n - 1 - k and k), for a call without a block mask of at most
-    /// [`ZIGZAG_MAX_ROWS`] query rows, when this build has it: where an item has few key tiles the
+    /// [`ZIGZAG_MAX_ROWS`] query rows and keys, when this build has it: where an item has few key tiles the
     /// one-item grid pays each item's start and end on its own, and a causal mask's items differ
     /// in length. Measured on an H200 (2026-12-05, against the one-item grid in one call):
     /// 1.05x to 1.12x causal and 1.00x to 1.07x non-causal at 1k tokens, 1.01x to 1.07x at 4k,
@@ -277,7 +278,10 @@ impl Attention {
         if tiles.checked_mul(q.heads.checked_mul(q.batch)?)? > (i32::MAX / 4) as usize {
             return None;
         }
-        if !self.sm90_zigzag.unwrap_or(q.seqlen <= ZIGZAG_MAX_ROWS) {
+        // Measured with as many keys as queries: few queries over many keys make long items,
+        // where the one-item grid already pays its starts and ends over many key tiles.
+        let gains = q.seqlen <= ZIGZAG_MAX_ROWS && args.k_layout.seqlen <= ZIGZAG_MAX_ROWS;
+        if !self.sm90_zigzag.unwrap_or(gains) {
             return None;
         }
         let module = format!("fwd_zz_sm90_{}_d{d}", args.dtype.name());

@@ -360,24 +360,31 @@ fn hopper_tall_tiles_small() {
 }
 
 /// A Hopper-mainloop `Attention` on `g`'s context with the zigzag-grid choice overridden and,
-/// optionally, that grid's CTA count.
+/// optionally, that grid's CTA count (the tall tiles off, so that head dim 64 takes it too).
 fn hopper_with_zigzag(g: &Gpu, zigzag: Option<bool>, ctas: Option<u32>) -> Attention {
     Attention::new(&g.ctx)
         .expect("Attention::new")
         .with_mainloop(MainloopChoice::Sm90)
+        .with_sm90_tall_tiles(Some(false))
         .with_sm90_zigzag(zigzag)
         .with_sm90_persistent(ctas)
 }
 
 /// Which calls take the persistent zigzag grid: dense calls without a block mask of at most 4096
-/// query rows (head dim 64 without a mask keeps its tall tiles), and any length when the
+/// query rows and keys (head dim 64 without a mask keeps its tall tiles), and any length when the
 /// override says so; none when it says no.
 #[test]
 fn hopper_zigzag_grid_where_it_gains() {
     let g = gpu_or_skip!();
     let h = hopper_or_skip!(g);
-    let never = hopper_with_zigzag(g, Some(false), None);
-    let always = hopper_with_zigzag(g, Some(true), None);
+    let never = Attention::new(&g.ctx)
+        .unwrap()
+        .with_mainloop(MainloopChoice::Sm90)
+        .with_sm90_zigzag(Some(false));
+    let always = Attention::new(&g.ctx)
+        .unwrap()
+        .with_mainloop(MainloopChoice::Sm90)
+        .with_sm90_zigzag(Some(true));
     for dtype in DTYPES {
         let zz = |d: usize| format!("lf_fwd_zz_sm90_{}_d{d}", dtype.name());
         let base = |d: usize| format!("lf_fwd_sm90_{}_d{d}", dtype.name());
@@ -394,6 +401,9 @@ fn hopper_zigzag_grid_where_it_gains() {
                     assert_eq!(kernel_of(g, &never, &c), base(d), "{c:?}");
                 }
             }
+            // Few queries over many keys: long items, the one-item grid.
+            let c = Case::new(dtype, (1, 1000, 5000), (2, 1), d, MaskSpec::causal());
+            assert_eq!(kernel_of(g, h, &c), base(d), "{c:?}");
             let c = Case::new(dtype, (1, 1000, 300), (2, 1), d, MaskSpec::none());
             let want = if d == 64 {
                 format!("lf_fwd_tall_sm90_{}_d64", dtype.name())
@@ -423,7 +433,16 @@ fn hopper_zigzag_grid_every_mask_and_round_count() {
         let h = &hopper_with_zigzag(g, Some(true), ctas);
         for d in DIMS {
             for mask in masks {
-                for (sq, sk) in [(1, 1), (129, 300), (300, 257), (513, 640), (640, 513)] {
+                // (900, 300): under a causal mask the first query tiles see no key, so a CTA
+                // runs items without key tiles between items with some.
+                for (sq, sk) in [
+                    (1, 1),
+                    (129, 300),
+                    (300, 257),
+                    (513, 640),
+                    (640, 513),
+                    (900, 300),
+                ] {
                     let dtype = if sq % 2 == 0 { DType::F16 } else { DType::Bf16 };
                     let c = Case::new(dtype, (2, sq, sk), (6, 2), d, mask);
                     assert_eq!(
