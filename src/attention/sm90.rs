@@ -102,15 +102,22 @@ fn tensor_map(ptr: u64, l: &Layout, dtype: DType, box_rows: usize) -> Result<LfT
     Ok(map)
 }
 
-/// A Hopper launch: the module and kernel, its query tile (rows) and threads per CTA, its shared
-/// memory and its one by-value parameter (`LfFwdSm90Params`, or `LfRopeFwdSm90Params` for RoPE).
+/// A Hopper launch: the module (its kernel is named after it), its query tile (rows) and threads
+/// per CTA, its shared memory and its one by-value parameter (`LfFwdSm90Params`, or
+/// `LfRopeFwdSm90Params` for RoPE).
 pub(super) struct Plan<P> {
     module: String,
-    kernel: String,
     br: usize,
     threads: u32,
     smem: u32,
     params: P,
+}
+
+impl<P> Plan<P> {
+    /// The module's kernel (`lf_` + the module's name).
+    fn kernel(&self) -> String {
+        format!("lf_{}", self.module)
+    }
 }
 
 /// Which Hopper kernel of a family serves a call: its module, query rows and key tile per CTA,
@@ -170,7 +177,7 @@ impl Attention {
     #[doc(hidden)]
     pub fn hopper_kernel_for(&self, args: &RawForward) -> Result<Option<String>> {
         let params = args.validate()?;
-        Ok(self.sm90_plan(args, params)?.map(|plan| plan.kernel))
+        Ok(self.sm90_plan(args, params)?.map(|plan| plan.kernel()))
     }
 
     /// The mainloop a variable-length call with these arguments runs on this device under this
@@ -293,7 +300,6 @@ impl Attention {
             let _g = unsafe { CtxGuard::bind(self.ctx) }?;
             let params = hopper_params(args, fwd, (shape.br, shape.bc), args.k, &args.k_layout)?;
             Ok(Some(Plan {
-                kernel: format!("lf_{}", shape.module),
                 module: shape.module,
                 br: shape.br,
                 threads: shape.threads,
@@ -345,7 +351,6 @@ impl Attention {
                 base.tma_k
             };
             Ok(Some(Plan {
-                kernel: format!("lf_{module}"),
                 module,
                 br: LF_FWD_SM90_BR as usize,
                 threads: LF_FWD_SM90_THREADS,
@@ -372,14 +377,14 @@ impl Attention {
         plan: &mut Plan<P>,
     ) -> Result<()> {
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
-        let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel, plan.smem) }?;
+        let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel(), plan.smem) }?;
         let tiles = args.q_layout.seqlen.div_ceil(plan.br);
         let (heads, batch) = (args.q_layout.heads, args.q_layout.batch);
         let grid_dim = match self.sm90_ctas {
             None => (tiles as u32, heads as u32, batch as u32),
             Some(ctas) => {
                 // Only a persistent build runs more than one item per CTA; it marks its kernels.
-                let marker = format!("{}_persistent", plan.kernel);
+                let marker = format!("{}_persistent", plan.kernel());
                 // SAFETY: as above; the marker is an empty kernel, looked up, never launched.
                 unsafe { self.cache.kernel(&plan.module, &marker, 0) }.map_err(|_| {
                     Error::InvalidArgument {
@@ -455,7 +460,6 @@ impl Attention {
             let _g = unsafe { CtxGuard::bind(self.ctx) }?;
             let maps = hopper_params(f, vp.fwd, (LF_FWD_SM90_BR as usize, bc), f.k, &f.k_layout)?;
             Ok(Some(Plan {
-                kernel: format!("lf_{module}"),
                 module,
                 br: LF_FWD_SM90_BR as usize,
                 threads: LF_FWD_SM90_THREADS,
@@ -487,7 +491,7 @@ impl Attention {
             return Ok(false);
         };
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
-        let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel, plan.smem) }?;
+        let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel(), plan.smem) }?;
         let tiles = args.max_seqlen_q.div_ceil(plan.br);
         let cfg = LaunchConfig {
             grid_dim: (
