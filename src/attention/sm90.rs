@@ -106,17 +106,24 @@ fn tensor_map(ptr: u64, l: &Layout, dtype: DType, box_rows: usize) -> Result<LfT
     Ok(map)
 }
 
-/// A Hopper launch: the module and kernel, its query tile (rows) and threads per CTA, its shared
-/// memory and its one by-value parameter (`LfFwdSm90Params`, or `LfRopeFwdSm90Params` for RoPE).
+/// A Hopper launch: the module (its kernel is named after it), its query tile (rows) and threads
+/// per CTA, its shared memory and its one by-value parameter (`LfFwdSm90Params`, or
+/// `LfRopeFwdSm90Params` for RoPE).
 pub(super) struct Plan<P> {
     module: String,
-    kernel: String,
     br: usize,
     threads: u32,
     smem: u32,
     /// A persistent kernel (a CTA runs several items): launched as a grid of one CTA per SM.
     persistent: bool,
     params: P,
+}
+
+impl<P> Plan<P> {
+    /// The module's kernel (`lf_` + the module's name).
+    fn kernel(&self) -> String {
+        format!("lf_{}", self.module)
+    }
 }
 
 /// Which Hopper kernel of a family serves a call: its module, query rows and key tile per CTA,
@@ -177,7 +184,7 @@ impl Attention {
     #[doc(hidden)]
     pub fn hopper_kernel_for(&self, args: &RawForward) -> Result<Option<String>> {
         let params = args.validate()?;
-        Ok(self.sm90_plan(args, params)?.map(|plan| plan.kernel))
+        Ok(self.sm90_plan(args, params)?.map(|plan| plan.kernel()))
     }
 
     /// The mainloop a variable-length call with these arguments runs on this device under this
@@ -340,7 +347,6 @@ impl Attention {
             let _g = unsafe { CtxGuard::bind(self.ctx) }?;
             let params = hopper_params(args, fwd, (shape.br, shape.bc), args.k, &args.k_layout)?;
             Ok(Some(Plan {
-                kernel: format!("lf_{}", shape.module),
                 module: shape.module,
                 br: shape.br,
                 threads: shape.threads,
@@ -393,7 +399,6 @@ impl Attention {
                 base.tma_k
             };
             Ok(Some(Plan {
-                kernel: format!("lf_{module}"),
                 module,
                 br: LF_FWD_SM90_BR as usize,
                 threads: LF_FWD_SM90_THREADS,
@@ -421,7 +426,7 @@ impl Attention {
         plan: &mut Plan<P>,
     ) -> Result<()> {
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
-        let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel, plan.smem) }?;
+        let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel(), plan.smem) }?;
         let tiles = args.q_layout.seqlen.div_ceil(plan.br);
         let (heads, batch) = (args.q_layout.heads, args.q_layout.batch);
         let items = (tiles * heads * batch).min(u32::MAX as usize) as u32;
@@ -435,7 +440,7 @@ impl Attention {
             None => (tiles as u32, heads as u32, batch as u32),
             Some(ctas) => {
                 // Only a persistent build runs more than one item per CTA; it marks its kernels.
-                let marker = format!("{}_persistent", plan.kernel);
+                let marker = format!("{}_persistent", plan.kernel());
                 // SAFETY: as above; the marker is an empty kernel, looked up, never launched.
                 unsafe { self.cache.kernel(&plan.module, &marker, 0) }.map_err(|_| {
                     Error::InvalidArgument {
@@ -510,7 +515,6 @@ impl Attention {
             let _g = unsafe { CtxGuard::bind(self.ctx) }?;
             let maps = hopper_params(f, vp.fwd, (LF_FWD_SM90_BR as usize, bc), f.k, &f.k_layout)?;
             Ok(Some(Plan {
-                kernel: format!("lf_{module}"),
                 module,
                 br: LF_FWD_SM90_BR as usize,
                 threads: LF_FWD_SM90_THREADS,
@@ -543,7 +547,7 @@ impl Attention {
             return Ok(false);
         };
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
-        let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel, plan.smem) }?;
+        let kernel = unsafe { self.cache.kernel(&plan.module, &plan.kernel(), plan.smem) }?;
         let tiles = args.max_seqlen_q.div_ceil(plan.br);
         let cfg = LaunchConfig {
             grid_dim: (
