@@ -114,11 +114,17 @@ pub fn attention_backward_f64(
 /// distance from [`attention_backward_f64`] is the error budget a backward kernel is allowed.
 ///
 /// Inputs (q, k, v and `dout`) are in `T`; arithmetic in f32. Per row: the scores and the
-/// softmax as the forward computes them in f32 (`p_j = exp(s_j - m) / l`), the output
-/// `o_i = sum_j p_j v_j` rounded to `T`, `D_i = do_i . o_i`, then `dp_j = do_i . v_j` and
-/// `ds_j = p_j (dp_j - D_i)`; `p_j` and `ds_j` are rounded to `T` before they multiply (as the
-/// operands of a backward's matrix products), every sum is in f32, and dq, dk and dv are rounded
-/// to `T` at the end. A row that sees no key contributes nothing.
+/// softmax recomputed in f32 (`p_j = exp(s_j - m) / l`); the output `o_i` the backward is given
+/// is [`attention_lowp`](super::attention_lowp)'s (the naive forward's, in `T`), `D_i = do_i .
+/// o_i`, then `dp_j = do_i . v_j` and `ds_j = p_j (dp_j - D_i)`; `p_j` and `ds_j` are rounded to
+/// `T` before they multiply (as the operands of a backward's matrix products), every sum is in
+/// f32, and dq, dk and dv are rounded to `T` at the end. A row that sees no key contributes
+/// nothing.
+///
+/// The output matters: `D_i` cancels against `dp_j`, so where few rows see a key, the output's
+/// roundings are a large part of that key's gradient error. A backward is given its forward's
+/// output, whose probabilities were rounded to `T` before they multiplied V; the naive budget is
+/// taken with the same roundings, not with those of an output computed without them.
 ///
 /// # Errors
 ///
@@ -133,10 +139,38 @@ pub fn attention_backward_lowp<T: Element>(
     mask: &(impl Visibility + ?Sized),
     scale: f32,
 ) -> Result<RefGrads> {
+    let out: Vec<T> = super::attention_lowp(shape, q, k, v, mask, scale)?
+        .out
+        .into_iter()
+        .map(|x| T::from_f32(x as f32))
+        .collect();
+    attention_backward_lowp_given(shape, (q, k, v, &out), dout, mask, scale)
+}
+
+/// [`attention_backward_lowp`] given the forward's output `out` (`[batch, seqlen_q, heads_q,
+/// head_dim]`, like q), as a backward kernel is: a kernel's test passes its own forward's
+/// output here, so that the budget and the kernel share the output's roundings (a probability
+/// at a rounding tie may round differently in two equally good forwards, see
+/// [`RefOutput::spread`](super::RefOutput::spread)), and checks that output under the
+/// forward's rule separately.
+///
+/// # Errors
+///
+/// As [`attention_backward_f64`], and [`Error::InvalidArgument`] with `out.len` when `out` is
+/// not shaped like q.
+pub fn attention_backward_lowp_given<T: Element>(
+    shape: &RefShape,
+    (q, k, v, out): (&[T], &[T], &[T], &[T]),
+    dout: &[T],
+    mask: &(impl Visibility + ?Sized),
+    scale: f32,
+) -> Result<RefGrads> {
     shape.check(q.len(), k.len(), v.len())?;
     check_dout(q.len(), dout.len())?;
+    check_out(q.len(), out.len())?;
     let widen = |x: &[T]| -> Vec<f32> { x.iter().map(|t| t.to_f32()).collect() };
     let (qf, kf, vf, df) = (widen(q), widen(k), widen(v), widen(dout));
+    let fwd_out = widen(out);
     let round = |x: f32| T::from_f32(x).to_f32();
     let d = shape.head_dim;
     let sk = shape.seqlen_k;
@@ -154,7 +188,6 @@ pub fn attention_backward_lowp<T: Element>(
     };
     let mut keys: Vec<usize> = Vec::with_capacity(sk);
     let mut p: Vec<f32> = Vec::with_capacity(sk);
-    let mut o = vec![0.0f32; d];
 
     for_each_row(shape, |b, h, hk, i| {
         let qo = shape.q_offset(b, i, h);
@@ -177,16 +210,10 @@ pub fn attention_backward_lowp<T: Element>(
             *s = (*s - m).exp();
             l += *s;
         }
-        o.fill(0.0);
-        for (s, &j) in p.iter_mut().zip(&keys) {
+        for s in p.iter_mut() {
             *s /= l;
-            let vo = shape.kv_offset(b, j, hk);
-            for (a, &x) in o.iter_mut().zip(&vf[vo..vo + d]) {
-                *a += *s * x;
-            }
         }
-        let o_t: Vec<f32> = o.iter().map(|&x| round(x)).collect();
-        let big_d = dot32(doi, &o_t);
+        let big_d = dot32(doi, &fwd_out[qo..qo + d]);
         for (&j, &pj) in keys.iter().zip(&p) {
             // K and V share their layout.
             let ko = shape.kv_offset(b, j, hk);
@@ -214,6 +241,18 @@ pub fn attention_backward_lowp<T: Element>(
         dk: finish(dk, scale),
         dv: finish(dv, 1.0),
     })
+}
+
+/// The forward's output given to a backward must be shaped like q.
+pub(super) fn check_out(q_len: usize, out_len: usize) -> Result<()> {
+    if out_len != q_len {
+        return Err(Error::InvalidArgument {
+            arg: "out.len",
+            value: out_len.to_string(),
+            expected: format!("{q_len} elements, like q"),
+        });
+    }
+    Ok(())
 }
 
 /// The upstream gradient must be shaped like the output (like q).

@@ -41,12 +41,17 @@ pub const LSE_REL_TOL: f64 = 1e-3;
 
 /// `max |a - b|` over both slices, or NaN if any `a` is NaN, or infinity if lengths disagree.
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-    if a.len() != b.len() {
+    max_abs_diff_spread(a, b, &[])
+}
+
+/// `max(|a - b| + spread)`, with an empty `spread` read as zeros.
+fn max_abs_diff_spread(a: &[f64], b: &[f64], spread: &[f64]) -> f64 {
+    if a.len() != b.len() || !(spread.is_empty() || spread.len() == a.len()) {
         return f64::INFINITY;
     }
     let mut worst = 0.0f64;
-    for (&x, &y) in a.iter().zip(b) {
-        let e = (x - y).abs();
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        let e = (x - y).abs() + spread.get(i).copied().unwrap_or(0.0);
         if e.is_nan() {
             return f64::NAN;
         }
@@ -74,8 +79,9 @@ pub fn half_ulp(dtype: DType, x: f64) -> f64 {
 /// reference `ref64` and the naive low-precision reference `lowp` of the same problem.
 ///
 /// Every output element must satisfy `|out_i - ref_i| <= 2 * e_naive + h_i + 1e-5`, where
-/// `e_naive = max|lowp.unrounded - ref64.out|` is the naive implementation's error before its
-/// output is rounded to the output type, and `h_i` is half an ulp of that type at
+/// `e_naive = max(|lowp.unrounded - ref64.out| + lowp.spread)` is the naive implementation's
+/// error before its output is rounded to the output type (over the roundings of `P` its f32
+/// arithmetic leaves open; see [`RefOutput::spread`](super::RefOutput::spread)), and `h_i` is half an ulp of that type at
 /// `max(|out_i|, |ref_i|)`: the final rounding that every implementation of the type pays. (A
 /// rule on the rounded naive output, `2 * max|lowp.out - ref| + 1e-5`, measures on outputs of
 /// few elements mostly whether the naive output happened to round close to the answer: an
@@ -100,14 +106,14 @@ pub fn compare(
     } else {
         &lowp.unrounded
     };
-    let naive_abs_err = max_abs_diff(naive, &ref64.out);
+    let naive_abs_err = max_abs_diff_spread(naive, &ref64.out, &lowp.spread);
     let computed = 2.0 * naive_abs_err + OUT_ABS_TOL;
     let rounding = |o: f64, r: f64| {
         lowp.dtype
             .map_or(0.0, |t| half_ulp(t, o.abs().max(r.abs())))
     };
     let (mut worst_ratio, mut worst_index, mut bound) = (0.0f64, 0usize, computed);
-    if out.len() != ref64.out.len() || naive_abs_err.is_nan() {
+    if out.len() != ref64.out.len() || !naive_abs_err.is_finite() {
         worst_ratio = f64::INFINITY;
     } else {
         for (i, (&o, &r)) in out.iter().zip(&ref64.out).enumerate() {
@@ -256,7 +262,7 @@ pub fn compare_gradient(
     let naive_abs_err = max_abs_diff(naive, ref64);
     let computed = 2.0 * naive_abs_err + GRAD_ABS_TOL;
     let (mut worst_ratio, mut worst_index, mut bound) = (0.0f64, 0usize, computed);
-    if grad.len() != ref64.len() || naive_abs_err.is_nan() {
+    if grad.len() != ref64.len() || !naive_abs_err.is_finite() {
         worst_ratio = f64::INFINITY;
     } else {
         for (i, (&o, &r)) in grad.iter().zip(ref64).enumerate() {

@@ -90,6 +90,13 @@ pub fn attention_f64(
 /// but its roundings are independent of the kernel's, and on outputs of few elements two
 /// independent draws of equal accuracy differ by more than 2x about once in a thousand.)
 ///
+/// Only by f32 arithmetic, but that is not nothing: a `P_j` within f32 noise of a tie between
+/// two values of `T` rounds either way depending on the order of the score's sum (a bf16 `P` of
+/// 0.59570313, 2e-8 from a tie, did). [`RefOutput::spread`] holds, per output element, the
+/// most the unrounded output moves when one such `P_j` (within `rho_j = ln 2 * 2^-24 * (|scale
+/// * log2 e| * sum_t |q_t k_t| + 1) + 2^-22` of a tie, relative) rounds the other way; the
+/// correctness rule counts it as part of the naive error ([`compare`](super::compare)).
+///
 /// The log-sum-exp is `m + ln(l)` in f32, with `m` the largest scaled score and `l` the sum of
 /// the exact (unrounded) `exp(s - m)`. Everything is returned widened to f64 (exactly), with the
 /// output before its final rounding in [`RefOutput::unrounded`]. A row that sees no key has output
@@ -112,7 +119,7 @@ pub fn attention_lowp<T: Element>(
     let widen = |x: &[T]| -> Vec<f32> { x.iter().map(|t| t.to_f32()).collect() };
     let (qf, kf, vf) = (widen(q), widen(k), widen(v));
     let mut out = LowpOutput::<T>::new(q.len(), shape.batch * shape.heads_q * sq);
-    let mut dots: Vec<(usize, f32)> = Vec::with_capacity(sk);
+    let mut dots: Vec<(usize, f32, f32)> = Vec::with_capacity(sk);
 
     for_each_row(shape, |b, h, hk, i| {
         let qo = shape.q_offset(b, i, h);
@@ -121,11 +128,12 @@ pub fn attention_lowp<T: Element>(
         for j in 0..sk {
             if mask.visible(shape, b, h, i, j) {
                 let ko = shape.kv_offset(b, j, hk);
-                let mut dot = 0.0f32;
+                let (mut dot, mut mag) = (0.0f32, 0.0f32);
                 for (a, b) in qi.iter().zip(&kf[ko..ko + d]) {
                     dot += a * b;
+                    mag += (a * b).abs();
                 }
-                dots.push((j, dot));
+                dots.push((j, dot, mag));
             }
         }
         let value = |j: usize| &vf[shape.kv_offset(b, j, hk)..shape.kv_offset(b, j, hk) + d];
@@ -134,12 +142,25 @@ pub fn attention_lowp<T: Element>(
     Ok(out.finish())
 }
 
+/// How far two f32 evaluations of the same scaled score `x = (q . k) * scale * log2 e` may
+/// disagree, per unit of `|scale * log2 e| * sum_t |q_t k_t| + 1`: one f32 ulp of the sum of
+/// absolute terms, which is several ulps of the dot product itself, the disagreement of a
+/// sequential sum and a chunked one (a tensor core's) in all but rare cases. Wider would cover
+/// more of those and loosen the rule everywhere: at 2^-20 the naive error of f16 rows of 512
+/// keys doubled, at 2^-24 it grows by at most a few percent.
+const P_NOISE_X: f32 = 1.0 / (1u32 << 24) as f32;
+/// Relative disagreement of two evaluations of `exp2` (an approximate one, as kernels use, is
+/// off by about 2^-22).
+const P_NOISE_EXP2: f32 = 1.0 / (1u32 << 22) as f32;
+
 /// The output of a low-precision reference, built row by row.
 pub(crate) struct LowpOutput<T> {
     out: Vec<f64>,
     unrounded: Vec<f64>,
+    spread: Vec<f64>,
     lse: Vec<f64>,
     acc: Vec<f32>,
+    flips: Vec<(usize, f32)>,
     _t: std::marker::PhantomData<T>,
 }
 
@@ -148,19 +169,22 @@ impl<T: Element> LowpOutput<T> {
         LowpOutput {
             out: vec![0.0; out_len],
             unrounded: vec![0.0; out_len],
+            spread: vec![0.0; out_len],
             lse: Vec::with_capacity(rows),
             acc: Vec::new(),
+            flips: Vec::new(),
             _t: std::marker::PhantomData,
         }
     }
 
     /// One row (output elements `at`) of [`attention_lowp`]'s arithmetic, from the row's visible
-    /// keys and their unscaled f32 dot products; `value(j)` is key `j`'s value row, widened.
+    /// keys, their unscaled f32 dot products and the dot products' sums of absolute terms
+    /// (`sum_t |q_t k_t|`, in f32); `value(j)` is key `j`'s value row, widened.
     /// Rows must come in `lse` order.
     pub(crate) fn row<'v>(
         &mut self,
         at: std::ops::Range<usize>,
-        dots: &[(usize, f32)],
+        dots: &[(usize, f32, f32)],
         scale: f32,
         value: impl Fn(usize) -> &'v [f32],
     ) {
@@ -171,34 +195,56 @@ impl<T: Element> LowpOutput<T> {
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let x_max = dots
             .iter()
-            .map(|&(_, s)| s * scale_log2)
+            .map(|&(_, s, _)| s * scale_log2)
             .fold(f32::NEG_INFINITY, f32::max);
         let base = x_max.ceil();
         self.acc.clear();
         self.acc.resize(at.len(), 0.0);
+        self.flips.clear();
         let mut sum = 0.0f32;
-        for &(j, s) in dots {
-            let p = T::from_f32(s.mul_add(scale_log2, -base).exp2()).to_f32();
+        for &(j, s, mag) in dots {
+            let exact = s.mul_add(scale_log2, -base).exp2();
+            let p = T::from_f32(exact).to_f32();
             sum += p;
             for (a, &x) in self.acc.iter_mut().zip(value(j)) {
                 *a += p * x;
             }
+            // The rounding another order of the same f32 arithmetic may give (see `spread`).
+            let rho =
+                std::f32::consts::LN_2 * (mag * scale_log2.abs() + 1.0) * P_NOISE_X + P_NOISE_EXP2;
+            let other = [exact * (1.0 - rho), exact * (1.0 + rho)]
+                .map(|e| T::from_f32(e).to_f32())
+                .into_iter()
+                .find(|&r| r != p);
+            if let Some(r) = other {
+                self.flips.push((j, r - p));
+            }
         }
         for ((o, u), &a) in self.out[at.clone()]
             .iter_mut()
-            .zip(&mut self.unrounded[at])
+            .zip(&mut self.unrounded[at.clone()])
             .zip(&self.acc)
         {
             let y = a / sum;
             *u = f64::from(y);
             *o = f64::from(T::from_f32(y).to_f32());
         }
+        // What each flip moves the output by, (acc + dp v_j) / (sum + dp) - acc / sum; the
+        // spread is the largest (the flips of a row are rare and independent).
+        let spread = &mut self.spread[at.clone()];
+        for &(j, dp) in &self.flips {
+            let (dp, sum) = (f64::from(dp), f64::from(sum));
+            for ((w, &a), &x) in spread.iter_mut().zip(&self.acc).zip(value(j)) {
+                let a = f64::from(a);
+                *w = w.max(((a + dp * f64::from(x)) / (sum + dp) - a / sum).abs());
+            }
+        }
         // The log-sum-exp of the exact exponentials of the scaled scores.
         let m = dots
             .iter()
-            .map(|&(_, s)| s * scale)
+            .map(|&(_, s, _)| s * scale)
             .fold(f32::NEG_INFINITY, f32::max);
-        let l: f32 = dots.iter().map(|&(_, s)| (s * scale - m).exp()).sum();
+        let l: f32 = dots.iter().map(|&(_, s, _)| (s * scale - m).exp()).sum();
         self.lse.push(f64::from(m + l.ln()));
     }
 
@@ -207,6 +253,7 @@ impl<T: Element> LowpOutput<T> {
             out: self.out,
             lse: self.lse,
             unrounded: self.unrounded,
+            spread: self.spread,
             dtype: Some(T::DTYPE),
         }
     }

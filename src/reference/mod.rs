@@ -13,11 +13,13 @@
 //! [`attention_backward_f64`] gives the gradients of [`attention_f64`] with respect to q, k and v
 //! for an upstream gradient of the output, analytically in f64 (checked against finite
 //! differences in `tests/cpu_backward.rs`); [`attention_backward_lowp`] the same the way a plain
-//! low-precision backward computes them, whose error is a backward kernel's budget.
+//! low-precision backward computes them from the naive forward's output, whose error is a
+//! backward kernel's budget ([`attention_backward_lowp_given`]: from the output the kernel was
+//! given).
 //!
 //! [`compare`] applies the correctness rule: a kernel output element passes when it is within
-//! twice the naive implementation's error (before the naive's final rounding to the output type)
-//! plus half a unit in the last place of the output type, plus `1e-5`, of the f64 answer; nothing
+//! twice the naive implementation's error (before the naive's final rounding to the output type,
+//! and over the roundings of probabilities that sit within f32 noise of a tie) plus half a unit in the last place of the output type, plus `1e-5`, of the f64 answer; nothing
 //! is NaN; and its log-sum-exp matches the f64 one to `2 * e_naive + 1e-3` relative.
 //!
 //! All host data is contiguous `[batch, seqlen, heads, head_dim]` (bshd): `q` and `out` are
@@ -40,7 +42,9 @@ mod rope;
 mod rope_backward;
 mod serving;
 
-pub use backward::{attention_backward_f64, attention_backward_lowp, RefGrads};
+pub use backward::{
+    attention_backward_f64, attention_backward_lowp, attention_backward_lowp_given, RefGrads,
+};
 pub use compare::{
     compare, compare_gradient, half_ulp, Comparison, GradComparison, GRAD_ABS_TOL, LSE_REL_TOL,
     OUT_ABS_TOL,
@@ -52,6 +56,7 @@ pub use rope::{
 };
 pub use rope_backward::{
     rope_attention_backward_f64, rope_attention_backward_f64_sparse, rope_attention_backward_lowp,
+    rope_attention_backward_lowp_given,
 };
 pub use serving::{
     paged_attention_f64, paged_attention_lowp, paged_gather, varlen_attention_f64,
@@ -159,6 +164,11 @@ pub struct RefOutput {
     /// For a low-precision reference: `out` before its final rounding to [`Self::dtype`] (the
     /// f32 values, widened). Empty for the f64 reference.
     pub unrounded: Vec<f64>,
+    /// For a low-precision reference, per element of `unrounded`: how far it moves when the
+    /// probability that sits within f32 noise of a rounding tie rounds the other way (see
+    /// [`attention_lowp`]); zero almost everywhere. Empty when not computed (the f64 reference,
+    /// or references assembled from pieces without it): the rule then counts none.
+    pub spread: Vec<f64>,
     /// For a low-precision reference: the element type its output is rounded to.
     pub dtype: Option<DType>,
 }

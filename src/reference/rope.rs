@@ -374,17 +374,20 @@ fn rope_attention_lowp_impl<T: Element>(
         rope_rotate_f32(&mut y, position, &inv_freq, layout, af);
         y.iter().map(|&a| T::from_f32(a).to_f32()).collect()
     };
-    let dot = |a: &[f32], b: &[f32]| -> f32 {
-        let mut s = 0.0f32;
+    // The dot product and its sum of absolute terms, as attention_lowp computes them.
+    let dot = |a: &[f32], b: &[f32]| -> (f32, f32) {
+        let (mut s, mut m) = (0.0f32, 0.0f32);
         for (x, y) in a.iter().zip(b) {
             s += x * y;
+            m += (x * y).abs();
         }
-        s
+        (s, m)
     };
 
-    let mut s_in = vec![f32::NEG_INFINITY; sq * sk];
-    let mut s_out = vec![f32::NEG_INFINITY; if two { sq * sk } else { 0 }];
-    let mut row: Vec<(usize, f32)> = Vec::with_capacity(sk);
+    let none = (f32::NEG_INFINITY, 0.0f32);
+    let mut s_in = vec![none; sq * sk];
+    let mut s_out = vec![none; if two { sq * sk } else { 0 }];
+    let mut row: Vec<(usize, f32, f32)> = Vec::with_capacity(sk);
     for b in 0..shape.batch {
         let pq: Vec<i64> = (0..sq).map(|i| rope.query_position(b, i, sq, sk)).collect();
         let pk: Vec<i64> = (0..sk).map(|j| rope.key_position(b, j)).collect();
@@ -413,8 +416,8 @@ fn rope_attention_lowp_impl<T: Element>(
                 (Vec::new(), Vec::new())
             };
 
-            s_in.fill(f32::NEG_INFINITY);
-            s_out.fill(f32::NEG_INFINITY);
+            s_in.fill(none);
+            s_out.fill(none);
             for i in 0..sq {
                 for j in 0..sk {
                     if mask.is_visible(sq, sk, i, j)
@@ -434,12 +437,12 @@ fn rope_attention_lowp_impl<T: Element>(
                     if mask.is_visible(sq, sk, i, j)
                         && blocks.is_none_or(|bm| bm.is_visible(b, h, i, j))
                     {
-                        let s = if rope_inside(mode, pq[i] - pk[j]) {
+                        let (s, m) = if rope_inside(mode, pq[i] - pk[j]) {
                             s_in[i * sk + j]
                         } else {
                             s_out[i * sk + j]
                         };
-                        row.push((j, s));
+                        row.push((j, s, m));
                     }
                 }
                 let qo = shape.q_offset(b, i, h);

@@ -9,7 +9,7 @@
 //! `dk_j += A_{-c} (ds q~_i)`, where `q~` and `k~` are the rotated vectors of the pair's branch:
 //! the gradients are summed per branch in the rotated frames, then turned back once per row.
 
-use super::backward::{check_dout, RefGrads};
+use super::backward::{check_dout, check_out, RefGrads};
 use super::rope::{
     rope_inside, rope_outside_k_position, rope_outside_q_position, rope_rotate_f32, RopeRef,
 };
@@ -206,8 +206,9 @@ fn rope_backward_impl(
 /// Inputs are in `T`; arithmetic in f32. The rotated queries and keys of each branch are
 /// computed and rounded to `T` as in [`rope_attention_lowp`](super::rope_attention_lowp); each
 /// row's scores pick the inside or outside branch, and from there the row is computed as in
-/// [`attention_backward_lowp`](super::attention_backward_lowp) (`p` and `ds` rounded to `T`
-/// before they multiply, sums in f32, dv rounded once). The gradients with respect to the rotated
+/// [`attention_backward_lowp`](super::attention_backward_lowp) (the output given is
+/// [`rope_attention_lowp`](super::rope_attention_lowp)'s, `p` and `ds` rounded to `T` before
+/// they multiply, sums in f32, dv rounded once). The gradients with respect to the rotated
 /// vectors are rounded to `T` per branch (times the scale); each is turned back through its
 /// transposed rotation (and the log-n factor) in f32 and rounded to `T`, and the branches'
 /// results are added in f32 and rounded to `T`: what automatic differentiation of the two-matrix
@@ -222,8 +223,31 @@ pub fn rope_attention_backward_lowp<T: Element>(
     rope: &RopeOptions,
     scale: f32,
 ) -> Result<RefGrads> {
+    let out: Vec<T> = super::rope_attention_lowp(shape, q, k, v, rope, scale)?
+        .out
+        .into_iter()
+        .map(|x| T::from_f32(x as f32))
+        .collect();
+    rope_attention_backward_lowp_given(shape, (q, k, v, dout), &out, rope, scale)
+}
+
+/// [`rope_attention_backward_lowp`] given the forward's output `out` (like q), as a backward
+/// kernel is (see [`attention_backward_lowp_given`](super::attention_backward_lowp_given)).
+///
+/// # Errors
+///
+/// As [`rope_attention_backward_f64`], and [`Error::InvalidArgument`](crate::error::Error::InvalidArgument)
+/// with `out.len` when `out` is not shaped like q.
+pub fn rope_attention_backward_lowp_given<T: Element>(
+    shape: &RefShape,
+    (q, k, v, dout): (&[T], &[T], &[T], &[T]),
+    out: &[T],
+    rope: &RopeOptions,
+    scale: f32,
+) -> Result<RefGrads> {
     shape.check(q.len(), k.len(), v.len())?;
     check_dout(q.len(), dout.len())?;
+    check_out(q.len(), out.len())?;
     let RopeRef {
         inv_freq,
         af,
@@ -257,8 +281,8 @@ pub fn rope_attention_backward_lowp<T: Element>(
         vec![0.0f32; k.len()],
         vec![0.0f32; v.len()],
     );
+    let fwd_out: Vec<f32> = out.iter().map(|t| t.to_f32()).collect();
     let mut row: Vec<(usize, bool, f32)> = Vec::with_capacity(sk);
-    let mut o = vec![0.0f32; d];
     for b in 0..shape.batch {
         let pq: Vec<i64> = (0..sq).map(|i| rope.query_position(b, i, sq, sk)).collect();
         let pk: Vec<i64> = (0..sk).map(|j| rope.key_position(b, j)).collect();
@@ -308,16 +332,10 @@ pub fn rope_attention_backward_lowp<T: Element>(
                     r.2 = (r.2 - m).exp();
                     l += r.2;
                 }
-                o.fill(0.0);
                 for r in row.iter_mut() {
                     r.2 /= l;
-                    let vo = shape.kv_offset(b, r.0, hk);
-                    for (a, &x) in o.iter_mut().zip(&vf[vo..vo + d]) {
-                        *a += r.2 * x;
-                    }
                 }
-                let o_t: Vec<f32> = o.iter().map(|&x| round(x)).collect();
-                let big_d = dot32(doi, &o_t);
+                let big_d = dot32(doi, &fwd_out[qo..qo + d]);
                 for &(j, inside, pj) in &row {
                     let vo = shape.kv_offset(b, j, hk);
                     let ds = round(pj * (dot32(doi, &vf[vo..vo + d]) - big_d));

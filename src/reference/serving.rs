@@ -239,6 +239,7 @@ fn varlen_run<E>(
     } else {
         Vec::new()
     };
+    let mut spread = unrounded.clone();
     let mut lse = vec![f64::NEG_INFINITY; heads_q * total_q];
     for b in 0..shape.batch() {
         let s = shape.ref_shape(b);
@@ -249,7 +250,8 @@ fn varlen_run<E>(
         let r = run(&s, &q[qs.clone()], &k[ks.clone()], &v[ks])?;
         out[qs.clone()].copy_from_slice(&r.out);
         if !unrounded.is_empty() {
-            unrounded[qs].copy_from_slice(&r.unrounded);
+            unrounded[qs.clone()].copy_from_slice(&r.unrounded);
+            spread[qs].copy_from_slice(&r.spread);
         }
         // The dense LSE is [1, heads_q, seqlen_q]; the packed one is [heads_q, total_q].
         let sq = s.seqlen_q;
@@ -261,6 +263,7 @@ fn varlen_run<E>(
         out,
         lse,
         unrounded,
+        spread,
         dtype,
     })
 }
@@ -567,6 +570,7 @@ fn paged_run<E: Copy>(
     } else {
         Vec::new()
     };
+    let mut spread = unrounded.clone();
     let mut lse = vec![f64::NEG_INFINITY; shape.batch * lse_seq];
     for b in 0..shape.batch {
         let (k, v) = (shape.gather(k_cache, b), shape.gather(v_cache, b));
@@ -574,7 +578,8 @@ fn paged_run<E: Copy>(
         let r = run(&shape.ref_shape(b), &q[qs.clone()], &k, &v)?;
         out[qs.clone()].copy_from_slice(&r.out);
         if !unrounded.is_empty() {
-            unrounded[qs].copy_from_slice(&r.unrounded);
+            unrounded[qs.clone()].copy_from_slice(&r.unrounded);
+            spread[qs].copy_from_slice(&r.spread);
         }
         lse[b * lse_seq..(b + 1) * lse_seq].copy_from_slice(&r.lse);
     }
@@ -582,6 +587,7 @@ fn paged_run<E: Copy>(
         out,
         lse,
         unrounded,
+        spread,
         dtype,
     })
 }

@@ -47,12 +47,13 @@ fn first_diff(got: &[f64], want: &[f64]) -> Option<String> {
         .map(|i| format!("element {i}: {} vs {}", got[i], want[i]))
 }
 
-/// Whether two reference outputs are bit for bit the same (out, lse, unrounded, dtype).
+/// Whether two reference outputs are bit for bit the same (out, lse, unrounded, spread, dtype).
 fn same_output(got: &RefOutput, want: &RefOutput) -> Option<String> {
     for (what, a, b) in [
         ("out", &got.out, &want.out),
         ("lse", &got.lse, &want.lse),
         ("unrounded", &got.unrounded, &want.unrounded),
+        ("spread", &got.spread, &want.spread),
     ] {
         if let Some(d) = first_diff(a, b) {
             return Some(format!("{what}: {d}"));

@@ -151,6 +151,11 @@ fn paged_sequence(s: &PagedShape, r: &RefOutput, b: usize) -> RefOutput {
         } else {
             r.unrounded[b * n..(b + 1) * n].to_vec()
         },
+        spread: if r.spread.is_empty() {
+            Vec::new()
+        } else {
+            r.spread[b * n..(b + 1) * n].to_vec()
+        },
         dtype: r.dtype,
     }
 }

@@ -27,7 +27,7 @@ fn pack_lse(lse: &[f64], batch: usize, heads_q: usize, seqlen_q: usize) -> Vec<f
 }
 
 /// The output of one sequence of a packed result, as the dense reference lays it out for batch
-/// 1: its rows of `out` (and `unrounded`) and its columns of the `[heads_q, total_q]` LSE.
+/// 1: its rows of `out` (and `unrounded`, `spread`) and its columns of the `[heads_q, total_q]` LSE.
 fn unpack_sequence(v: &VarlenShape, r: &RefOutput, b: usize) -> RefOutput {
     let (sq, _) = v.seqlens(b);
     let q0 = v.cu_seqlens_q[b] as usize;
@@ -47,6 +47,7 @@ fn unpack_sequence(v: &VarlenShape, r: &RefOutput, b: usize) -> RefOutput {
         out: rows(&r.out),
         lse,
         unrounded: rows(&r.unrounded),
+        spread: rows(&r.spread),
         dtype: r.dtype,
     }
 }

@@ -47,6 +47,11 @@ fn reference_of<T: Element>(
             } else {
                 Vec::new()
             },
+            spread: if lowp {
+                vec![0.0; rows * d]
+            } else {
+                Vec::new()
+            },
             dtype: lowp.then_some(T::DTYPE),
         };
     }
@@ -91,6 +96,7 @@ fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &RopeDecodeCase) -> (Comparis
             acc.out.extend(r.out);
             acc.lse.extend(r.lse);
             acc.unrounded.extend(r.unrounded);
+            acc.spread.extend(r.spread);
         }
     }
     let opts = DecodeOptions {

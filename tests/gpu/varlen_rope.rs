@@ -60,6 +60,7 @@ fn run_t<T: Element>(g: &Gpu, c: &Case, bad: Option<(&[i32], &[i32])>) -> (Vec<f
         out: vec![0.0; total_q * hq * d],
         lse: vec![f64::NEG_INFINITY; hq * total_q],
         unrounded: vec![0.0; total_q * hq * d],
+        spread: vec![0.0; total_q * hq * d],
         dtype: Some(T::DTYPE),
     };
     for (b, &(lq, lk)) in c.lens.iter().enumerate() {
@@ -88,7 +89,8 @@ fn run_t<T: Element>(g: &Gpu, c: &Case, bad: Option<(&[i32], &[i32])>) -> (Vec<f
         let span = q0 * hq * d..(q0 + lq) * hq * d;
         ref64.out[span.clone()].copy_from_slice(&r64.out);
         lowp.out[span.clone()].copy_from_slice(&rlo.out);
-        lowp.unrounded[span].copy_from_slice(&rlo.unrounded);
+        lowp.unrounded[span.clone()].copy_from_slice(&rlo.unrounded);
+        lowp.spread[span].copy_from_slice(&rlo.spread);
         for h in 0..hq {
             for i in 0..lq {
                 ref64.lse[h * total_q + q0 + i] = r64.lse[h * lq + i];

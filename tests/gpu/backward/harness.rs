@@ -1,12 +1,14 @@
 //! The backward tests' harness: a case (the forward's case plus the gradients' layouts and the
 //! dQ mode), its run through the GPU forward and the safe or raw backward over NaN-poisoned
-//! buffers, and the comparison of each gradient with the f64 reference under the rule.
+//! buffers, and the comparison of each gradient with the f64 reference under the rule (the naive
+//! budget computed from the output the GPU forward gave the backward, that output itself
+//! checked under the forward's rule).
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::{bf16, f16};
 use longflash::reference::{
-    attention_backward_f64, attention_backward_lowp, compare_gradient, GradComparison, RefShape,
-    Visibility,
+    attention_backward_f64, attention_backward_lowp_given, attention_f64, attention_lowp, compare,
+    compare_gradient, Comparison, GradComparison, RefShape, Visibility,
 };
 use longflash::{
     backward_workspace_bytes, Attention, BackwardInputs, BackwardOptions, BlockMask, DType,
@@ -72,16 +74,18 @@ pub(crate) struct BwdResult {
     pub(crate) dv: Vec<f64>,
     /// dQ, dK, dV under the rule.
     pub(crate) cmp: [GradComparison; 3],
+    /// The forward's output and LSE (the backward's inputs) under the forward's rule.
+    pub(crate) fwd: Comparison,
 }
 
 impl BwdResult {
     pub(crate) fn passes(&self) -> bool {
-        self.cmp.iter().all(|c| c.passes)
+        self.fwd.passes && self.cmp.iter().all(|c| c.passes)
     }
     pub(crate) fn report(&self) -> String {
         format!(
-            "dq {}\n  dk {}\n  dv {}",
-            self.cmp[0], self.cmp[1], self.cmp[2]
+            "forward {}\n  dq {}\n  dk {}\n  dv {}",
+            self.fwd, self.cmp[0], self.cmp[1], self.cmp[2]
         )
     }
 }
@@ -144,7 +148,6 @@ pub(crate) fn run_bwd_t<T: Element>(g: &Gpu, attn: &Attention, bc: &BwdCase) -> 
         scale as f64,
     )
     .unwrap();
-    let lowp = attention_backward_lowp(&shape, &q, &k, &v, &dout, vis, scale).unwrap();
     let device_block = block.as_ref().map(|b| {
         (
             b.to_device(&g.stream).unwrap(),
@@ -332,6 +335,8 @@ pub(crate) fn run_bwd_t<T: Element>(g: &Gpu, attn: &Attention, bc: &BwdCase) -> 
     let dq_host: Vec<T> = g.stream.clone_dtoh(&d_dq).unwrap();
     let dk_host: Vec<T> = g.stream.clone_dtoh(&d_dk).unwrap();
     let dv_host: Vec<T> = g.stream.clone_dtoh(&d_dv).unwrap();
+    let o_host: Vec<T> = gather(&g.stream.clone_dtoh(&d_o).unwrap(), &ol);
+    let lse_host: Vec<f32> = g.stream.clone_dtoh(&d_lse).unwrap();
     assert_gaps_untouched(&dq_host, &dql, "dq", bc);
     assert_gaps_untouched(&dk_host, &dkl, "dk", bc);
     assert_gaps_untouched(&dv_host, &dkl, "dv", bc);
@@ -343,12 +348,27 @@ pub(crate) fn run_bwd_t<T: Element>(g: &Gpu, attn: &Attention, bc: &BwdCase) -> 
         widen(&dk_host, &dkl),
         widen(&dv_host, &dkl),
     );
+    // The forward's output under its own rule, then the naive backward from that output.
+    let fwd = compare(
+        &o_host.iter().map(|x| x.to_f32() as f64).collect::<Vec<_>>(),
+        Some(&lse_host),
+        &attention_f64(&shape, &wide(&q), &wide(&k), &wide(&v), vis, scale as f64).unwrap(),
+        &attention_lowp(&shape, &q, &k, &v, vis, scale).unwrap(),
+    );
+    let lowp =
+        attention_backward_lowp_given(&shape, (&q, &k, &v, &o_host), &dout, vis, scale).unwrap();
     let cmp = [
         compare_gradient(&dq, &ref64.dq, &lowp.dq, c.dtype),
         compare_gradient(&dk, &ref64.dk, &lowp.dk, c.dtype),
         compare_gradient(&dv, &ref64.dv, &lowp.dv, c.dtype),
     ];
-    BwdResult { dq, dk, dv, cmp }
+    BwdResult {
+        dq,
+        dk,
+        dv,
+        cmp,
+        fwd,
+    }
 }
 
 pub(crate) fn run_bwd(g: &Gpu, bc: &BwdCase) -> BwdResult {
