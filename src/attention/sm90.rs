@@ -19,9 +19,15 @@ use crate::sys::{
 /// (`Attention::tall_tile`).
 const TALL_MIN_ROWS_MASKED: usize = 8192;
 
-/// Query rows and keys up to which a call takes the persistent zigzag grid
+/// Query rows and keys up to which a call without a mask takes the persistent zigzag grid
 /// (`Attention::zigzag_grid`).
 const ZIGZAG_MAX_ROWS: usize = 4096;
+
+/// The same for a call with a causal or window mask, whose items differ in length.
+const ZIGZAG_MAX_ROWS_MASKED: usize = 8192;
+
+/// Query rows from which a call without a mask at head dim 256 takes the zigzag grid.
+const ZIGZAG_MIN_ROWS_D256: usize = 1024;
 
 /// Key tile of the Hopper kernel for a head dim.
 fn key_tile(head_dim: usize) -> Option<usize> {
@@ -267,13 +273,17 @@ impl Attention {
 
     /// The dense Hopper kernel with 128-row tiles as a persistent grid in zigzag slots
     /// (`cuda/sm90/schedule.cuh`: one CTA per SM, each running two items of one head at a time,
-    /// query tiles n - 1 - k and k), for a call without a block mask of at most
-    /// [`ZIGZAG_MAX_ROWS`] query rows and keys, when this build has it: where an item has few key tiles the
-    /// one-item grid pays each item's start and end on its own, and a causal mask's items differ
-    /// in length. Measured on an H200 (2026-12-05, against the one-item grid in one call):
-    /// 1.05x to 1.12x causal and 1.00x to 1.07x non-causal at 1k tokens, 1.01x to 1.07x at 4k,
-    /// 0.98x to 1.02x at 16k. [`Attention::with_sm90_zigzag`] overrides the choice.
-    fn zigzag_grid(&self, args: &RawForward) -> Option<Shape> {
+    /// query tiles n - 1 - k and k), for a call without a block mask when this build has it and
+    /// the call gains: where an item has few key tiles the one-item grid pays each item's start
+    /// and end on its own, and a causal mask's items differ in length. Measured on an H100
+    /// (2026-12-06, bf16, 16k tokens a call, against the one-item grid in one call, twice):
+    /// causal 1.16x-1.20x at 512 tokens, 1.04x-1.07x at 4k, 1.03x-1.05x at 8k (head dims 128
+    /// and 256); without a mask 1.12x (head dim 128) at 512 to 1.01x at 4k and 1.00x at 8k, but
+    /// 0.975x at head dim 256 and 512 tokens; head dim 64 without a mask 0.99x-1.00x (it takes
+    /// the tall tiles anyway). So: masked calls up to [`ZIGZAG_MAX_ROWS_MASKED`] query rows and
+    /// keys, others up to [`ZIGZAG_MAX_ROWS`], from [`ZIGZAG_MIN_ROWS_D256`] rows at head dim 256.
+    /// [`Attention::with_sm90_zigzag`] overrides the choice.
+    fn zigzag_grid(&self, args: &RawForward, fwd: &LfFwdParams) -> Option<Shape> {
         let q = &args.q_layout;
         let d = q.head_dim;
         if args.block_mask.is_some() {
@@ -287,7 +297,13 @@ impl Attention {
         }
         // Measured with as many keys as queries: few queries over many keys make long items,
         // where the one-item grid already pays its starts and ends over many key tiles.
-        let gains = q.seqlen <= ZIGZAG_MAX_ROWS && args.k_layout.seqlen <= ZIGZAG_MAX_ROWS;
+        let masked = fwd.mask.window_left >= 0 || fwd.mask.window_right >= 0;
+        let rows = q.seqlen.max(args.k_layout.seqlen);
+        let gains = if masked {
+            rows <= ZIGZAG_MAX_ROWS_MASKED
+        } else {
+            rows <= ZIGZAG_MAX_ROWS && (d != 256 || q.seqlen >= ZIGZAG_MIN_ROWS_D256)
+        };
         if !self.sm90_zigzag.unwrap_or(gains) {
             return None;
         }
@@ -333,7 +349,7 @@ impl Attention {
             };
             let shape = self
                 .tall_tile(args, &fwd)
-                .or_else(|| self.zigzag_grid(args))
+                .or_else(|| self.zigzag_grid(args, &fwd))
                 .unwrap_or(Shape {
                     module,
                     br: LF_FWD_SM90_BR as usize,

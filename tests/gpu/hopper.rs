@@ -370,9 +370,10 @@ fn hopper_with_zigzag(g: &Gpu, zigzag: Option<bool>, ctas: Option<u32>) -> Atten
         .with_sm90_persistent(ctas)
 }
 
-/// Which calls take the persistent zigzag grid: dense calls without a block mask of at most 4096
-/// query rows and keys (head dim 64 without a mask keeps its tall tiles), and any length when the
-/// override says so; none when it says no.
+/// Which calls take the persistent zigzag grid: dense calls without a block mask, masked ones of
+/// at most 8192 query rows and keys (head dim 64 from 8192 rows takes its tall tiles first),
+/// others of at most 4096 (from 1024 rows at head dim 256; head dim 64 keeps its tall tiles), and
+/// any length when the override says so; none when it says no.
 #[test]
 fn hopper_zigzag_grid_where_it_gains() {
     let g = gpu_or_skip!();
@@ -388,29 +389,40 @@ fn hopper_zigzag_grid_where_it_gains() {
     for dtype in DTYPES {
         let zz = |d: usize| format!("lf_fwd_zz_sm90_{}_d{d}", dtype.name());
         let base = |d: usize| format!("lf_fwd_sm90_{}_d{d}", dtype.name());
+        let tall = format!("lf_fwd_tall_sm90_{}_d64", dtype.name());
         for d in DIMS {
             for mask in [
                 MaskSpec::causal(),
                 MaskSpec::sliding_window(Some(30), Some(50)),
             ] {
-                for sq in [1, 300, 4096, 4097, 8000] {
+                for sq in [1, 300, 4097, 8000, 8192, 8193] {
                     let c = Case::new(dtype, (1, sq, 300), (2, 1), d, mask);
-                    let want = if sq <= 4096 { zz(d) } else { base(d) };
+                    let want = match (sq, d) {
+                        (8192.., 64) => tall.clone(),
+                        (8193.., _) => base(d),
+                        _ => zz(d),
+                    };
                     assert_eq!(kernel_of(g, h, &c), want, "{c:?}");
-                    assert_eq!(kernel_of(g, &always, &c), zz(d), "{c:?}");
-                    assert_eq!(kernel_of(g, &never, &c), base(d), "{c:?}");
+                    if want != tall {
+                        assert_eq!(kernel_of(g, &always, &c), zz(d), "{c:?}");
+                        assert_eq!(kernel_of(g, &never, &c), base(d), "{c:?}");
+                    }
                 }
             }
             // Few queries over many keys: long items, the one-item grid.
-            let c = Case::new(dtype, (1, 1000, 5000), (2, 1), d, MaskSpec::causal());
+            let c = Case::new(dtype, (1, 1000, 9000), (2, 1), d, MaskSpec::causal());
             assert_eq!(kernel_of(g, h, &c), base(d), "{c:?}");
-            let c = Case::new(dtype, (1, 1000, 300), (2, 1), d, MaskSpec::none());
-            let want = if d == 64 {
-                format!("lf_fwd_tall_sm90_{}_d64", dtype.name())
-            } else {
-                zz(d)
-            };
-            assert_eq!(kernel_of(g, h, &c), want, "{c:?}");
+            // Without a mask.
+            for (sq, sk) in [(512, 300), (1000, 300), (1024, 4096), (4096, 4097)] {
+                let c = Case::new(dtype, (1, sq, sk), (2, 1), d, MaskSpec::none());
+                let want = match d {
+                    64 => tall.clone(),
+                    _ if sk > 4096 => base(d),
+                    256 if sq < 1024 => base(d),
+                    _ => zz(d),
+                };
+                assert_eq!(kernel_of(g, h, &c), want, "{c:?}");
+            }
         }
     }
 }
