@@ -12,9 +12,10 @@
 namespace lf {
 namespace sm90 {
 
-template <class Tr> __device__ __forceinline__ void window_fwd(const LfFwdSm90Params &pp) {
+template <class Tr, class Sched = DefaultSched>
+__device__ __forceinline__ void window_fwd(const LfFwdSm90Params &pp) {
     const LfFwdParams &p = pp.fwd;
-    for_each_item<Tr>(p, [&](int qt, int h, int b, auto &&pipe, auto role) {
+    for_each_item<Tr, Sched>(p, [&](int qt, int h, int b, auto &&pipe, auto role) {
         WindowIter iter(p.mask, qt, Tr::BR, Tr::BC);
         WindowMask mask{p.mask};
         const int hk = h / (p.heads_q / p.heads_kv);
@@ -52,6 +53,16 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Pa
 #define LF_DEFINE_FWD_TALL_SM90_KERNEL(NAME, T, D)                                                \
     LF_DEFINE_FWD_SM90_KERNEL_SHAPE(NAME, T, D,                                                   \
                                     (lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D, 1, 3>))
+
+// The 128-row kernel as a persistent grid in zigzag slots (cuda/sm90/schedule.cuh, ZigzagSched):
+// the host launches one CTA per SM for calls of few key tiles per item, where the one-item grid
+// pays each item's start and end on its own.
+#define LF_DEFINE_FWD_ZZ_SM90_KERNEL(NAME, T, D)                                                  \
+    using NAME##_traits = lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D>;                        \
+    extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
+        NAME(const __grid_constant__ LfFwdSm90Params p) {                                         \
+        lf::sm90::window_fwd<NAME##_traits, lf::sm90::ZigzagSched>(p);                            \
+    }
 
 #define LF_SM90_UNPAREN(...) __VA_ARGS__
 #define LF_DEFINE_FWD_SM90_KERNEL_SHAPE(NAME, T, D, TRAITS)                                       \

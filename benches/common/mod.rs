@@ -33,10 +33,21 @@ pub fn gpu() -> Option<Gpu> {
                 v.parse()
                     .expect("LONGFLASH_BENCH_SM90_CTAS: a number of CTAs")
             });
+            // LONGFLASH_BENCH_SM90_ZIGZAG=0|1: the persistent zigzag grid for no dense Hopper
+            // call or for every one (see Attention::with_sm90_zigzag; default: the library's).
+            let zigzag = match std::env::var("LONGFLASH_BENCH_SM90_ZIGZAG").as_deref() {
+                Ok("0") => Some(false),
+                Ok("1") => Some(true),
+                Ok(other) if !other.is_empty() => {
+                    panic!("LONGFLASH_BENCH_SM90_ZIGZAG={other}: expected 0 or 1")
+                }
+                _ => None,
+            };
             let attn = Attention::new(&ctx)
                 .expect("Attention::new")
                 .with_mainloop(choice)
-                .with_sm90_persistent(ctas);
+                .with_sm90_persistent(ctas)
+                .with_sm90_zigzag(zigzag);
             let stream = ctx.new_stream().expect("stream");
             Some(Gpu { ctx, stream, attn })
         }

@@ -143,8 +143,8 @@ struct DensePlace {
 // tiles its ring has taken (each stage's slot and phase) and how many Q tiles it has loaded (the
 // Q barriers' phases). OnePipe is the one-item CTA of the default grid: every count a constant
 // 0, so its code is that of a CTA that never had a previous item. Pipe is the persistent
-// schedule's (LF_SM90_PERSISTENT=1 at build time): a CTA runs items blockIdx.x, blockIdx.x +
-// gridDim.x, ... of a grid the host sizes to the GPU.
+// schedules' (cuda/sm90/schedule.cuh): a CTA runs several items of a grid the host sizes to the
+// GPU.
 struct OnePipe {
     static constexpr bool kPersistent = false;
     static constexpr int tiles = 0, q_loads = 0;
@@ -179,8 +179,9 @@ template <class Tr> __device__ __forceinline__ uint32_t smem_base() {
 }
 
 // Initializes the barriers (Q, then per stage K landed, V landed, stage free, V free, then Q
-// free) and makes them visible to the whole CTA. Once per CTA.
-template <class Tr> __device__ __forceinline__ void init_barriers() {
+// free: kQFree, only a persistent schedule waits on it) and makes them visible to the whole CTA.
+// Once per CTA.
+template <class Tr, bool kQFree = false> __device__ __forceinline__ void init_barriers() {
     const uint32_t bars = smem_base<Tr>() + Tr::kBarOff;
     if (threadIdx.x == 0) {
         mbar_init(bars, 1);
@@ -191,9 +192,7 @@ template <class Tr> __device__ __forceinline__ void init_barriers() {
             if constexpr (Tr::kSplitRelease)
                 mbar_init(bars + 8 * (1 + 3 * Tr::kStages + s), Tr::kConsumerWarps);
         }
-#if defined(LF_SM90_PERSISTENT) && LF_SM90_PERSISTENT
-        mbar_init(bars + 8 * (1 + 4 * Tr::kStages), Tr::kConsumerWarps);
-#endif
+        if constexpr (kQFree) mbar_init(bars + 8 * (1 + 4 * Tr::kStages), Tr::kConsumerWarps);
         mbar_init_fence();
     }
     __syncthreads();
@@ -490,10 +489,14 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
         const float l = quad_sum(row_sum[r]);
         const float le = quad_sum(exp_sum[r]);
         const float inv = l > 0.f ? 1.f / l : 0.f;
-        // This thread's row rebuilt from threadIdx rather than kept through the mainloop: at head
-        // dim 256 keeping it costs a spill.
-        const int row = q0 + (static_cast<int>(threadIdx.x) / 128 - 1) * 64 +
-                        static_cast<int>(threadIdx.x) % 128 / 32 * 16 + lane / 4 + r * 8;
+        // This thread's row rebuilt from the thread index rather than kept through the mainloop:
+        // at head dim 256 keeping it costs a spill, and so does, in a persistent CTA's item loop,
+        // letting the compiler hoist it (the index is read here through asm volatile).
+        unsigned tid_x;
+        asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid_x));
+        const int row = q0 + (static_cast<int>(tid_x) / 128 - 1) * 64 +
+                        static_cast<int>(tid_x) % 128 / 32 * 16 + static_cast<int>(tid_x) % 32 / 4 +
+                        r * 8;
         if (row < p.mask.seqlen_q) {
             uint16_t *dst = o_ptr + static_cast<int64_t>(row) * p.o_row_stride + tq * 2;
 #pragma unroll

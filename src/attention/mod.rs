@@ -179,6 +179,8 @@ pub struct Attention {
     sm90_ctas: Option<u32>,
     // Tall (192-row) Hopper query tiles at head dim 64: None where they gain (with_sm90_tall_tiles).
     sm90_tall: Option<bool>,
+    // The persistent zigzag grid for short dense calls: None where it gains (with_sm90_zigzag).
+    sm90_zigzag: Option<bool>,
     // Keeps the context alive while modules are loaded in it (None for a raw context).
     _owner: Option<Arc<CudaContext>>,
 }
@@ -217,6 +219,7 @@ impl Attention {
             mainloop: MainloopChoice::Auto,
             sm90_ctas: None,
             sm90_tall: None,
+            sm90_zigzag: None,
             _owner: Some(ctx.clone()),
         })
     }
@@ -263,6 +266,7 @@ impl Attention {
             mainloop: MainloopChoice::Auto,
             sm90_ctas: None,
             sm90_tall: None,
+            sm90_zigzag: None,
             _owner: None,
         })
     }
@@ -274,10 +278,11 @@ impl Attention {
     }
 
     /// Development aid, not a stable API: launches the Hopper kernels as a persistent grid of at
-    /// most `ctas` CTAs (`None`: one CTA per query tile, head and batch entry, the default), each
-    /// running every `ctas`-th work item. Only kernels built with
-    /// `NVCC_FLAGS=-DLF_SM90_PERSISTENT=1` (loaded through `LONGFLASH_KERNEL_DIR`) can; with
-    /// others a Hopper launch is an error.
+    /// most `ctas` CTAs (`None`: one CTA per query tile, head and batch entry, the default, or
+    /// one per SM for the zigzag kernels), each running every `ctas`-th work item. The zigzag
+    /// kernels ([`Self::with_sm90_zigzag`]) always can; the others only when built with
+    /// `NVCC_FLAGS=-DLF_SM90_PERSISTENT=1` (loaded through `LONGFLASH_KERNEL_DIR`), and with
+    /// other builds their launch is an error.
     #[doc(hidden)]
     pub fn with_sm90_persistent(mut self, ctas: Option<u32>) -> Self {
         self.sm90_ctas = ctas.filter(|&c| c > 0);
@@ -292,6 +297,17 @@ impl Attention {
     #[doc(hidden)]
     pub fn with_sm90_tall_tiles(mut self, tall: Option<bool>) -> Self {
         self.sm90_tall = tall;
+        self
+    }
+
+    /// Development aid, not a stable API: whether a dense Hopper call without a block mask (and
+    /// not on the tall tiles) runs its 128-row kernel as a persistent grid in zigzag slots:
+    /// `Some(true)` for every such call, `Some(false)` for none, `None` (the default) for calls
+    /// of at most 4096 query rows and keys, where it measured faster. With [`Self::with_sm90_persistent`]
+    /// that grid has its count of CTAs (tests use it to run many rounds per CTA).
+    #[doc(hidden)]
+    pub fn with_sm90_zigzag(mut self, zigzag: Option<bool>) -> Self {
+        self.sm90_zigzag = zigzag;
         self
     }
 

@@ -130,9 +130,11 @@ fn hopper_mainloop_is_chosen_when_able_and_refused_when_asked_and_unable() {
 fn hopper_persistent_grid_runs_every_item_or_is_refused() {
     let g = gpu_or_skip!();
     let _ = hopper_or_skip!(g);
+    // The zigzag kernels are persistent by construction (hopper_zigzag_grid_*): here the others.
     let p = Attention::new(&g.ctx)
         .unwrap()
         .with_mainloop(MainloopChoice::Sm90)
+        .with_sm90_zigzag(Some(false))
         .with_sm90_persistent(Some(3));
     let cases = [
         Case::new(DType::Bf16, (2, 300, 300), (3, 3), 128, MaskSpec::causal()),
@@ -174,10 +176,14 @@ fn hopper_persistent_grid_runs_every_item_or_is_refused() {
 fn hopper_dense_and_causal_every_dtype_and_head_dim() {
     let g = gpu_or_skip!();
     let h = hopper_or_skip!(g);
-    for dtype in DTYPES {
-        for d in DIMS {
-            for mask in [MaskSpec::none(), MaskSpec::causal()] {
-                check_hopper(g, h, &Case::new(dtype, (2, 257, 257), (3, 3), d, mask));
+    // Short calls take the zigzag grid by default: the one-item grid too.
+    let one_item = &hopper_with_zigzag(g, Some(false), None);
+    for h in [h, one_item] {
+        for dtype in DTYPES {
+            for d in DIMS {
+                for mask in [MaskSpec::none(), MaskSpec::causal()] {
+                    check_hopper(g, h, &Case::new(dtype, (2, 257, 257), (3, 3), d, mask));
+                }
             }
         }
     }
@@ -253,12 +259,14 @@ fn hopper_sliding_windows_gqa_and_layouts() {
     }
 }
 
-/// A Hopper-mainloop `Attention` on `g`'s context with the tall-tile choice overridden.
+/// A Hopper-mainloop `Attention` on `g`'s context with the tall-tile choice overridden (and the
+/// zigzag grid off, so that a call without tall tiles runs the one-item grid).
 fn hopper_with_tall(g: &Gpu, tall: Option<bool>) -> Attention {
     Attention::new(&g.ctx)
         .expect("Attention::new")
         .with_mainloop(MainloopChoice::Sm90)
         .with_sm90_tall_tiles(tall)
+        .with_sm90_zigzag(Some(false))
 }
 
 /// Which tile shape a head-dim-64 call takes: tall (192-row) tiles without a mask, and with a
@@ -267,7 +275,8 @@ fn hopper_with_tall(g: &Gpu, tall: Option<bool>) -> Attention {
 #[test]
 fn hopper_tall_tiles_where_they_gain() {
     let g = gpu_or_skip!();
-    let h = hopper_or_skip!(g);
+    hopper_or_skip!(g);
+    let h = &hopper_with_tall(g, None);
     let never = hopper_with_tall(g, Some(false));
     let always = hopper_with_tall(g, Some(true));
     for dtype in DTYPES {
@@ -346,6 +355,142 @@ fn hopper_tall_tiles_small() {
     for mask in [MaskSpec::none(), MaskSpec::causal()] {
         let c = Case::new(DType::Bf16, (1, 400, 400), (2, 1), 64, mask);
         assert_eq!(kernel_of(g, h, &c), "lf_fwd_tall_sm90_bf16_d64", "{c:?}");
+        check_hopper(g, h, &c);
+    }
+}
+
+/// A Hopper-mainloop `Attention` on `g`'s context with the zigzag-grid choice overridden and,
+/// optionally, that grid's CTA count (the tall tiles off, so that head dim 64 takes it too).
+fn hopper_with_zigzag(g: &Gpu, zigzag: Option<bool>, ctas: Option<u32>) -> Attention {
+    Attention::new(&g.ctx)
+        .expect("Attention::new")
+        .with_mainloop(MainloopChoice::Sm90)
+        .with_sm90_tall_tiles(Some(false))
+        .with_sm90_zigzag(zigzag)
+        .with_sm90_persistent(ctas)
+}
+
+/// Which calls take the persistent zigzag grid: dense calls without a block mask, masked ones of
+/// at most 8192 query rows and keys (head dim 64 from 8192 rows takes its tall tiles first),
+/// others of at most 4096 (from 1024 rows at head dim 256; head dim 64 keeps its tall tiles), and
+/// any length when the override says so; none when it says no.
+#[test]
+fn hopper_zigzag_grid_where_it_gains() {
+    let g = gpu_or_skip!();
+    let h = hopper_or_skip!(g);
+    let never = Attention::new(&g.ctx)
+        .unwrap()
+        .with_mainloop(MainloopChoice::Sm90)
+        .with_sm90_zigzag(Some(false));
+    let always = Attention::new(&g.ctx)
+        .unwrap()
+        .with_mainloop(MainloopChoice::Sm90)
+        .with_sm90_zigzag(Some(true));
+    for dtype in DTYPES {
+        let zz = |d: usize| format!("lf_fwd_zz_sm90_{}_d{d}", dtype.name());
+        let base = |d: usize| format!("lf_fwd_sm90_{}_d{d}", dtype.name());
+        let tall = format!("lf_fwd_tall_sm90_{}_d64", dtype.name());
+        for d in DIMS {
+            for mask in [
+                MaskSpec::causal(),
+                MaskSpec::sliding_window(Some(30), Some(50)),
+            ] {
+                for sq in [1, 300, 4097, 8000, 8192, 8193] {
+                    let c = Case::new(dtype, (1, sq, 300), (2, 1), d, mask);
+                    let want = match (sq, d) {
+                        (8192.., 64) => tall.clone(),
+                        (8193.., _) => base(d),
+                        _ => zz(d),
+                    };
+                    assert_eq!(kernel_of(g, h, &c), want, "{c:?}");
+                    if want != tall {
+                        assert_eq!(kernel_of(g, &always, &c), zz(d), "{c:?}");
+                        assert_eq!(kernel_of(g, &never, &c), base(d), "{c:?}");
+                    }
+                }
+            }
+            // Few queries over many keys: long items, the one-item grid.
+            let c = Case::new(dtype, (1, 1000, 9000), (2, 1), d, MaskSpec::causal());
+            assert_eq!(kernel_of(g, h, &c), base(d), "{c:?}");
+            // Without a mask.
+            for (sq, sk) in [(512, 300), (1000, 300), (1024, 4096), (4096, 4097)] {
+                let c = Case::new(dtype, (1, sq, sk), (2, 1), d, MaskSpec::none());
+                let want = match d {
+                    64 => tall.clone(),
+                    _ if sk > 4096 => base(d),
+                    256 if sq < 1024 => base(d),
+                    _ => zz(d),
+                };
+                assert_eq!(kernel_of(g, h, &c), want, "{c:?}");
+            }
+        }
+    }
+}
+
+/// The zigzag grid over every mask kind, head dim and dtype, with odd and even query-tile counts
+/// (a slot of one middle tile), several (head, batch) pairs and GQA, as one CTA, three and seven
+/// (many rounds each) and the default one per SM; the LSE; a causal problem against the sm_80
+/// mainloop.
+#[test]
+fn hopper_zigzag_grid_every_mask_and_round_count() {
+    let g = gpu_or_skip!();
+    hopper_or_skip!(g);
+    let masks = [
+        MaskSpec::none(),
+        MaskSpec::causal(),
+        MaskSpec::causal_window(100),
+        MaskSpec::sliding_window(Some(30), Some(50)),
+    ];
+    for ctas in [Some(1), Some(3), Some(7), None] {
+        let h = &hopper_with_zigzag(g, Some(true), ctas);
+        for d in DIMS {
+            for mask in masks {
+                // (900, 300): under a causal mask the first query tiles see no key, so a CTA
+                // runs items without key tiles between items with some.
+                for (sq, sk) in [
+                    (1, 1),
+                    (129, 300),
+                    (300, 257),
+                    (513, 640),
+                    (640, 513),
+                    (900, 300),
+                ] {
+                    let dtype = if sq % 2 == 0 { DType::F16 } else { DType::Bf16 };
+                    let c = Case::new(dtype, (2, sq, sk), (6, 2), d, mask);
+                    assert_eq!(
+                        kernel_of(g, h, &c),
+                        format!("lf_fwd_zz_sm90_{}_d{d}", dtype.name()),
+                        "{c:?}"
+                    );
+                    check_hopper(g, h, &c);
+                }
+            }
+        }
+    }
+    let h = &hopper_with_zigzag(g, Some(true), Some(5));
+    let c = Case {
+        lse: true,
+        ..Case::new(
+            DType::Bf16,
+            (2, 1500, 1600),
+            (4, 2),
+            128,
+            MaskSpec::causal(),
+        )
+    };
+    agrees_with_sm80(g, h, &c);
+}
+
+/// One small case on the zigzag grid, three CTAs for five query tiles of two heads (rounds of
+/// both halves of a slot and a middle tile): what the sanitizers run.
+#[test]
+fn hopper_zigzag_grid_small() {
+    let g = gpu_or_skip!();
+    hopper_or_skip!(g);
+    let h = &hopper_with_zigzag(g, Some(true), Some(3));
+    for mask in [MaskSpec::none(), MaskSpec::causal()] {
+        let c = Case::new(DType::Bf16, (1, 600, 600), (2, 1), 128, mask);
+        assert_eq!(kernel_of(g, h, &c), "lf_fwd_zz_sm90_bf16_d128", "{c:?}");
         check_hopper(g, h, &c);
     }
 }

@@ -1,0 +1,3 @@
+// Forward attention on Hopper (sm_90a only), f16, head dimension 128: dense, causal and sliding-window masks, 128-row tiles, a persistent grid in zigzag slots.
+#include "../fwd_sm90.cuh"
+LF_DEFINE_FWD_ZZ_SM90_KERNEL(lf_fwd_zz_sm90_f16_d128, __half, 128)
