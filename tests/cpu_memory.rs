@@ -3,11 +3,14 @@
 //! selection against a brute-force ranking (ties to the lower index), the memory mask, and its
 //! errors. CPU only.
 
+use half::{bf16, f16};
+use longflash::dtype::Element;
 use longflash::error::Error;
 use longflash::mask::MaskSpec;
 use longflash::reference::{
-    attention_f64, memory_attention_f64, memory_top_k, merge, rope_attention_f64, rope_rotate_q,
-    RefMemory, RefOutput, RefShape, Visibility,
+    attention_f64, compare, memory_attention_f64, memory_attention_lowp, memory_top_k, merge,
+    rope_attention_f64, rope_attention_lowp, rope_rotate_q, RefMemory, RefMemoryLowp, RefOutput,
+    RefShape, Visibility,
 };
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
 use proptest::prelude::*;
@@ -334,4 +337,151 @@ fn memory_errors_are_typed() {
         arg(run(&p.memory(), Some(&rerope), None).unwrap_err()),
         "rope.mode"
     );
+}
+
+/// The low-precision memory layer: with an empty memory it is `rope_attention_lowp` bit for bit
+/// (the same roundings), and it stays near the f64 layer (full and top-k) on random problems.
+fn lowp_memory<T: Element>(seed: u64) {
+    let shape = RefShape {
+        batch: 2,
+        seqlen_q: 7,
+        seqlen_k: 11,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 16,
+    };
+    let p = Problem::new(shape, 13, 0.3, seed);
+    let to_t = |x: &[f64]| -> Vec<T> { x.iter().map(|&a| T::from_f32(a as f32)).collect() };
+    let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| f64::from(t.to_f32())).collect() };
+    let (q, k, v, mk, mv) = (to_t(&p.q), to_t(&p.k), to_t(&p.v), to_t(&p.mk), to_t(&p.mv));
+    let r = rope(16);
+    let empty = RefMemoryLowp::<T> {
+        mem_len: 0,
+        keys: &[],
+        values: &[],
+        visible: None,
+    };
+    let got = memory_attention_lowp(&shape, (&q, &k, &v), &empty, Some(&r), None, 0.4).unwrap();
+    assert_eq!(
+        got,
+        rope_attention_lowp(&shape, &q, &k, &v, &r, 0.4).unwrap()
+    );
+    let low_mem = RefMemoryLowp {
+        mem_len: 13,
+        keys: &mk,
+        values: &mv,
+        visible: Some(&p.visible),
+    };
+    let (qw, kw, vw, mkw, mvw) = (wide(&q), wide(&k), wide(&v), wide(&mk), wide(&mv));
+    let mem64 = RefMemory {
+        mem_len: 13,
+        keys: &mkw,
+        values: &mvw,
+        visible: Some(&p.visible),
+    };
+    for top_k in [None, Some(3)] {
+        if top_k.is_some() && !clear_top_k(&shape, &qw, &r, &mem64, 3, 0.4) {
+            continue;
+        }
+        let low =
+            memory_attention_lowp(&shape, (&q, &k, &v), &low_mem, Some(&r), top_k, 0.4).unwrap();
+        let r64 =
+            memory_attention_f64(&shape, (&qw, &kw, &vw), &mem64, Some(&r), top_k, 0.4).unwrap();
+        let c = compare(&low.out, None, &r64, &low);
+        assert!(c.passes, "{c}");
+        assert!(
+            c.naive_abs_err < 0.05,
+            "top_k {top_k:?}: naive error {}",
+            c.naive_abs_err
+        );
+        assert!(low
+            .lse
+            .iter()
+            .zip(&r64.lse)
+            .all(|(a, b)| (a - b).abs() < 0.05));
+    }
+}
+
+/// Whether every row's `k`-th and `k+1`-th memory scores (f64) are at least 0.05 apart: a top-k
+/// selection that rounding cannot change. (Where they are closer, a low-precision selection may
+/// take the other entry, and the outputs differ by that entry's weight: the top-k layer is not
+/// continuous in its inputs there.)
+fn clear_top_k(
+    shape: &RefShape,
+    q: &[f64],
+    rope: &RopeOptions,
+    mem: &RefMemory,
+    k: usize,
+    scale: f64,
+) -> bool {
+    let qr = rope_rotate_q(shape, q, rope).unwrap();
+    let d = shape.head_dim;
+    let group = shape.heads_q / shape.heads_kv;
+    (0..shape.batch).all(|b| {
+        (0..shape.heads_q).all(|h| {
+            (0..shape.seqlen_q).all(|i| {
+                let qo = ((b * shape.seqlen_q + i) * shape.heads_q + h) * d;
+                let mut s: Vec<f64> = (0..mem.mem_len)
+                    .filter(|&j| mem.visible.is_none_or(|v| v[b * mem.mem_len + j]))
+                    .map(|j| {
+                        let ko = ((b * mem.mem_len + j) * shape.heads_kv + h / group) * d;
+                        scale * (0..d).map(|t| qr[qo + t] * mem.keys[ko + t]).sum::<f64>()
+                    })
+                    .collect();
+                s.sort_by(|x, y| y.total_cmp(x));
+                s.len() <= k || s[k - 1] - s[k] >= 0.05
+            })
+        })
+    })
+}
+
+#[test]
+fn lowp_memory_layer() {
+    for seed in 1..6 {
+        lowp_memory::<f16>(seed);
+        lowp_memory::<bf16>(seed);
+    }
+}
+
+/// The top-k comparison of `lowp_memory_layer` runs at all: one query row over a memory of
+/// three well-separated entries per head.
+#[test]
+fn lowp_memory_top_k_on_separated_scores() {
+    let shape = RefShape {
+        batch: 1,
+        seqlen_q: 1,
+        seqlen_k: 2,
+        heads_q: 1,
+        heads_kv: 1,
+        head_dim: 2,
+    };
+    let (q, k, v) = ([1.0, 0.0], [0.5, 0.5, -0.5, 0.25], [1.0, 2.0, 3.0, 4.0]);
+    let (mk, mv) = (
+        [2.0, 0.0, -1.0, 0.0, 1.0, 0.0],
+        [5.0, 6.0, 7.0, 8.0, 9.0, 10.0],
+    );
+    let mem = RefMemory {
+        mem_len: 3,
+        keys: &mk,
+        values: &mv,
+        visible: None,
+    };
+    let r = rope(2);
+    assert!(clear_top_k(&shape, &q, &r, &mem, 2, 1.0));
+    let t = |x: &[f64]| -> Vec<bf16> { x.iter().map(|&a| bf16::from_f64(a)).collect() };
+    let (qt, kt, vt, mkt, mvt) = (t(&q), t(&k), t(&v), t(&mk), t(&mv));
+    let low_mem = RefMemoryLowp {
+        mem_len: 3,
+        keys: &mkt,
+        values: &mvt,
+        visible: None,
+    };
+    let low =
+        memory_attention_lowp(&shape, (&qt, &kt, &vt), &low_mem, Some(&r), Some(2), 1.0).unwrap();
+    let r64 = memory_attention_f64(&shape, (&q, &k, &v), &mem, Some(&r), Some(2), 1.0).unwrap();
+    let c = compare(&low.out, None, &r64, &low);
+    assert!(c.passes && c.naive_abs_err < 0.05, "{c}");
+    // Entry 1 (score -1) is not selected: the output is the local keys' and entries 0 and 2's.
+    let full = memory_attention_f64(&shape, (&q, &k, &v), &mem, Some(&r), None, 1.0).unwrap();
+    assert!((full.out[0] - r64.out[0]).abs() > 1e-3);
 }

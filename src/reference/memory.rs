@@ -25,8 +25,10 @@
 //! masked scores to -1e6 (a row with nothing visible then averages every value), here such a row
 //! has output 0 and log-sum-exp `-inf`, as every attention in the crate.
 
-use super::rope::rope_tables;
+use super::dense::LowpOutput;
+use super::rope::{rope_rotate_f32, rope_tables};
 use super::{RefOutput, RefShape};
+use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mask::MaskSpec;
 use crate::rope::{rotate, PositionMode, RopeOptions};
@@ -47,43 +49,84 @@ pub struct RefMemory<'a> {
 }
 
 impl RefMemory<'_> {
-    fn check(&self, shape: &RefShape) -> Result<()> {
-        let len = shape
-            .batch
-            .checked_mul(self.mem_len)
-            .and_then(|x| x.checked_mul(shape.heads_kv))
-            .and_then(|x| x.checked_mul(shape.head_dim));
-        for (arg, got) in [
-            ("memory.keys.len", self.keys.len()),
-            ("memory.values.len", self.values.len()),
-        ] {
-            if Some(got) != len {
-                return Err(Error::InvalidArgument {
-                    arg,
-                    value: got.to_string(),
-                    expected: "batch * mem_len * heads_kv * head_dim".into(),
-                });
-            }
-        }
-        if let Some(v) = self.visible {
-            if Some(v.len()) != shape.batch.checked_mul(self.mem_len) {
-                return Err(Error::InvalidArgument {
-                    arg: "memory.visible.len",
-                    value: v.len().to_string(),
-                    expected: "batch * mem_len".into(),
-                });
-            }
-        }
-        Ok(())
-    }
-
     fn offset(&self, shape: &RefShape, b: usize, j: usize, hk: usize) -> usize {
-        ((b * self.mem_len + j) * shape.heads_kv + hk) * shape.head_dim
+        mem_offset(shape, self.mem_len, b, j, hk)
     }
 
     fn is_visible(&self, b: usize, j: usize) -> bool {
         self.visible.is_none_or(|v| v[b * self.mem_len + j])
     }
+}
+
+/// The memory in the element type, for [`memory_attention_lowp`]: as [`RefMemory`].
+#[derive(Clone, Copy, Debug)]
+pub struct RefMemoryLowp<'a, T> {
+    /// Entries per batch entry.
+    pub mem_len: usize,
+    /// Raw keys, `[batch, mem_len, heads_kv, head_dim]`.
+    pub keys: &'a [T],
+    /// Values, `[batch, mem_len, heads_kv, head_dim]`.
+    pub values: &'a [T],
+    /// Per (batch entry, entry) visibility; `None`: every entry visible.
+    pub visible: Option<&'a [bool]>,
+}
+
+fn mem_offset(shape: &RefShape, mem_len: usize, b: usize, j: usize, hk: usize) -> usize {
+    ((b * mem_len + j) * shape.heads_kv + hk) * shape.head_dim
+}
+
+/// The memory's lengths, its mask's, `top_k` and the position mode.
+fn check(
+    shape: &RefShape,
+    mem_len: usize,
+    lens: [usize; 2],
+    visible: Option<&[bool]>,
+    rope: Option<&RopeOptions>,
+    top_k: Option<usize>,
+) -> Result<()> {
+    let len = shape
+        .batch
+        .checked_mul(mem_len)
+        .and_then(|x| x.checked_mul(shape.heads_kv))
+        .and_then(|x| x.checked_mul(shape.head_dim));
+    for (arg, got) in ["memory.keys.len", "memory.values.len"]
+        .into_iter()
+        .zip(lens)
+    {
+        if Some(got) != len {
+            return Err(Error::InvalidArgument {
+                arg,
+                value: got.to_string(),
+                expected: "batch * mem_len * heads_kv * head_dim".into(),
+            });
+        }
+    }
+    if let Some(v) = visible {
+        if Some(v.len()) != shape.batch.checked_mul(mem_len) {
+            return Err(Error::InvalidArgument {
+                arg: "memory.visible.len",
+                value: v.len().to_string(),
+                expected: "batch * mem_len".into(),
+            });
+        }
+    }
+    if top_k == Some(0) {
+        return Err(Error::InvalidArgument {
+            arg: "top_k",
+            value: "0".into(),
+            expected: "at least 1 (None for every entry)".into(),
+        });
+    }
+    if let Some(r) = rope {
+        if !matches!(r.mode, PositionMode::Rope) {
+            return Err(Error::InvalidArgument {
+                arg: "rope.mode",
+                value: format!("{:?}", r.mode),
+                expected: "PositionMode::Rope (the memory layer rotates plainly)".into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The memory entries query row `scores` selects: every visible one (`top_k: None`), or the
@@ -128,25 +171,16 @@ pub fn memory_attention_f64(
     scale: f64,
 ) -> Result<RefOutput> {
     shape.check(q.len(), k.len(), v.len())?;
-    memory.check(shape)?;
-    if top_k == Some(0) {
-        return Err(Error::InvalidArgument {
-            arg: "top_k",
-            value: "0".into(),
-            expected: "at least 1 (None for every entry)".into(),
-        });
-    }
+    check(
+        shape,
+        memory.mem_len,
+        [memory.keys.len(), memory.values.len()],
+        memory.visible,
+        rope,
+        top_k,
+    )?;
     let (q, k) = match rope {
-        Some(r) => {
-            if !matches!(r.mode, PositionMode::Rope) {
-                return Err(Error::InvalidArgument {
-                    arg: "rope.mode",
-                    value: format!("{:?}", r.mode),
-                    expected: "PositionMode::Rope (the memory layer rotates plainly)".into(),
-                });
-            }
-            (rotated(shape, q, r, true)?, rotated(shape, k, r, false)?)
-        }
+        Some(r) => (rotated(shape, q, r, true)?, rotated(shape, k, r, false)?),
         None => (q.to_vec(), k.to_vec()),
     };
     let mask = rope.map_or(MaskSpec::causal(), RopeOptions::mask);
@@ -239,4 +273,118 @@ fn rotated(shape: &RefShape, x: &[f64], rope: &RopeOptions, is_q: bool) -> Resul
         }
     }
     Ok(y)
+}
+
+/// [`memory_attention_f64`] computed the way a plain low-precision implementation would: the
+/// budget of a memory-attention kernel under [`compare`](super::compare).
+///
+/// Inputs in `T`. Queries and local keys rotated in f32 and rounded to `T` as in
+/// [`rope_attention_lowp`](super::rope_attention_lowp); memory keys used as given. Scores are
+/// f32 dot products; the top-k selection ranks the f32 memory scores (ties to the lower index);
+/// from there the row is computed as in [`attention_lowp`](super::attention_lowp) over the local
+/// keys then the selected memory entries (probabilities rounded to `T` at a power-of-two base,
+/// the output normalized by their sum, the spread of probabilities at a rounding tie).
+///
+/// # Errors
+///
+/// As [`memory_attention_f64`].
+pub fn memory_attention_lowp<T: Element>(
+    shape: &RefShape,
+    (q, k, v): (&[T], &[T], &[T]),
+    memory: &RefMemoryLowp<T>,
+    rope: Option<&RopeOptions>,
+    top_k: Option<usize>,
+    scale: f32,
+) -> Result<RefOutput> {
+    shape.check(q.len(), k.len(), v.len())?;
+    check(
+        shape,
+        memory.mem_len,
+        [memory.keys.len(), memory.values.len()],
+        memory.visible,
+        rope,
+        top_k,
+    )?;
+    let widen = |x: &[T]| -> Vec<f32> { x.iter().map(|t| t.to_f32()).collect() };
+    let (mut qf, mut kf, vf) = (widen(q), widen(k), widen(v));
+    let (mk, mv) = (widen(memory.keys), widen(memory.values));
+    let d = shape.head_dim;
+    let (sq, sk) = (shape.seqlen_q, shape.seqlen_k);
+    if let Some(r) = rope {
+        let (inv_freq, af) = rope_tables(shape, r)?;
+        let turn = |x: &mut [f32], mul: f32, p: i64| {
+            x.iter_mut().for_each(|a| *a *= mul);
+            rope_rotate_f32(x, p as f64, &inv_freq, r.config.layout, af);
+            x.iter_mut().for_each(|a| *a = T::from_f32(*a).to_f32());
+        };
+        for b in 0..shape.batch {
+            for i in 0..sq {
+                let p = r.query_position(b, i, sq, sk);
+                let mul = r.log_n_scale(p) as f32;
+                for h in 0..shape.heads_q {
+                    let o = shape.q_offset(b, i, h);
+                    turn(&mut qf[o..o + d], mul, p);
+                }
+            }
+            for j in 0..sk {
+                let p = r.key_position(b, j);
+                for h in 0..shape.heads_kv {
+                    let o = shape.kv_offset(b, j, h);
+                    turn(&mut kf[o..o + d], 1.0, p);
+                }
+            }
+        }
+    }
+    let mask = rope.map_or(MaskSpec::causal(), RopeOptions::mask);
+    let group = shape.heads_q / shape.heads_kv;
+    let dot = |a: &[f32], b: &[f32]| -> (f32, f32) {
+        let (mut s, mut m) = (0.0f32, 0.0f32);
+        for (x, y) in a.iter().zip(b) {
+            s += x * y;
+            m += (x * y).abs();
+        }
+        (s, m)
+    };
+    let mut out = LowpOutput::<T>::new(q.len(), shape.batch * shape.heads_q * sq);
+    // Keys are numbered local first (0..sk), then memory entries (sk + j).
+    let mut row: Vec<(usize, f32, f32)> = Vec::new();
+    let mut mem: Vec<(f32, f32)> = vec![(0.0, 0.0); memory.mem_len];
+    let mut mem_scores: Vec<Option<f64>> = vec![None; memory.mem_len];
+    for b in 0..shape.batch {
+        for h in 0..shape.heads_q {
+            let hk = h / group;
+            for i in 0..sq {
+                let qo = shape.q_offset(b, i, h);
+                let qi = &qf[qo..qo + d];
+                row.clear();
+                for j in 0..sk {
+                    if mask.is_visible(sq, sk, i, j) {
+                        let ko = shape.kv_offset(b, j, hk);
+                        let (s, m) = dot(qi, &kf[ko..ko + d]);
+                        row.push((j, s, m));
+                    }
+                }
+                for j in 0..memory.mem_len {
+                    let ko = mem_offset(shape, memory.mem_len, b, j, hk);
+                    mem[j] = dot(qi, &mk[ko..ko + d]);
+                    let shown = memory.visible.is_none_or(|v| v[b * memory.mem_len + j]);
+                    mem_scores[j] = shown.then(|| f64::from(mem[j].0));
+                }
+                for j in memory_top_k(&mem_scores, top_k) {
+                    row.push((sk + j, mem[j].0, mem[j].1));
+                }
+                let value = |j: usize| -> &[f32] {
+                    if j < sk {
+                        let o = shape.kv_offset(b, j, hk);
+                        &vf[o..o + d]
+                    } else {
+                        let o = mem_offset(shape, memory.mem_len, b, j - sk, hk);
+                        &mv[o..o + d]
+                    }
+                };
+                out.row(qo..qo + d, &row, scale, value);
+            }
+        }
+    }
+    Ok(out.finish())
 }
