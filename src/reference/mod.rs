@@ -38,6 +38,7 @@ use crate::sparse::BlockMask;
 mod backward;
 mod compare;
 mod dense;
+mod memory;
 mod rope;
 mod rope_backward;
 mod serving;
@@ -50,6 +51,9 @@ pub use compare::{
     OUT_ABS_TOL,
 };
 pub use dense::{attention_f64, attention_lowp};
+pub use memory::{
+    memory_attention_f64, memory_attention_lowp, memory_top_k, RefMemory, RefMemoryLowp,
+};
 pub use rope::{
     rope_attention_f64, rope_attention_f64_sparse, rope_attention_lowp, rope_attention_lowp_sparse,
     rope_rotate_k, rope_rotate_q,
