@@ -128,11 +128,7 @@ pub fn attention_lowp<T: Element>(
         for j in 0..sk {
             if mask.visible(shape, b, h, i, j) {
                 let ko = shape.kv_offset(b, j, hk);
-                let (mut dot, mut mag) = (0.0f32, 0.0f32);
-                for (a, b) in qi.iter().zip(&kf[ko..ko + d]) {
-                    dot += a * b;
-                    mag += (a * b).abs();
-                }
+                let (dot, mag) = dot_mag(qi, &kf[ko..ko + d]);
                 dots.push((j, dot, mag));
             }
         }
@@ -140,6 +136,16 @@ pub fn attention_lowp<T: Element>(
         out.row(qo..qo + d, &dots, scale, value);
     });
     Ok(out.finish())
+}
+
+/// A sequential f32 dot product and its sum of absolute terms (what [`LowpOutput::row`] takes).
+pub(crate) fn dot_mag(a: &[f32], b: &[f32]) -> (f32, f32) {
+    let (mut s, mut m) = (0.0f32, 0.0f32);
+    for (x, y) in a.iter().zip(b) {
+        s += x * y;
+        m += (x * y).abs();
+    }
+    (s, m)
 }
 
 /// How far two f32 evaluations of the same scaled score `x = (q . k) * scale * log2 e` may

@@ -25,7 +25,7 @@
 //! masked scores to -1e6 (a row with nothing visible then averages every value), here such a row
 //! has output 0 and log-sum-exp `-inf`, as every attention in the crate.
 
-use super::dense::LowpOutput;
+use super::dense::{dot_mag, LowpOutput};
 use super::rope::{rope_rotate_f32, rope_tables};
 use super::{RefOutput, RefShape};
 use crate::dtype::Element;
@@ -337,14 +337,7 @@ pub fn memory_attention_lowp<T: Element>(
     }
     let mask = rope.map_or(MaskSpec::causal(), RopeOptions::mask);
     let group = shape.heads_q / shape.heads_kv;
-    let dot = |a: &[f32], b: &[f32]| -> (f32, f32) {
-        let (mut s, mut m) = (0.0f32, 0.0f32);
-        for (x, y) in a.iter().zip(b) {
-            s += x * y;
-            m += (x * y).abs();
-        }
-        (s, m)
-    };
+    let dot = dot_mag;
     let mut out = LowpOutput::<T>::new(q.len(), shape.batch * shape.heads_q * sq);
     // Keys are numbered local first (0..sk), then memory entries (sk + j).
     let mut row: Vec<(usize, f32, f32)> = Vec::new();

@@ -1,7 +1,7 @@
 //! Rotary position embeddings: RoPE, ReRoPE and Leaky ReRoPE references (the two-matrix
 //! definition in f64, its low-precision counterpart) and host-side rotation of Q and K.
 
-use super::dense::LowpOutput;
+use super::dense::{dot_mag, LowpOutput};
 use super::{RefOutput, RefShape};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -374,15 +374,7 @@ fn rope_attention_lowp_impl<T: Element>(
         rope_rotate_f32(&mut y, position, &inv_freq, layout, af);
         y.iter().map(|&a| T::from_f32(a).to_f32()).collect()
     };
-    // The dot product and its sum of absolute terms, as attention_lowp computes them.
-    let dot = |a: &[f32], b: &[f32]| -> (f32, f32) {
-        let (mut s, mut m) = (0.0f32, 0.0f32);
-        for (x, y) in a.iter().zip(b) {
-            s += x * y;
-            m += (x * y).abs();
-        }
-        (s, m)
-    };
+    let dot = dot_mag;
 
     let none = (f32::NEG_INFINITY, 0.0f32);
     let mut s_in = vec![none; sq * sk];
