@@ -9,8 +9,8 @@ use longflash::error::Error;
 use longflash::mask::MaskSpec;
 use longflash::reference::{
     attention_f64, compare, memory_attention_f64, memory_attention_lowp, memory_top_k, merge,
-    rope_attention_f64, rope_attention_lowp, rope_rotate_q, RefMemory, RefMemoryLowp, RefOutput,
-    RefShape, Visibility,
+    rope_attention_f64, rope_attention_lowp, rope_rotate_q, RefMemory, RefOutput, RefShape,
+    Visibility,
 };
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
 use proptest::prelude::*;
@@ -355,7 +355,7 @@ fn lowp_memory<T: Element>(seed: u64) {
     let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| f64::from(t.to_f32())).collect() };
     let (q, k, v, mk, mv) = (to_t(&p.q), to_t(&p.k), to_t(&p.v), to_t(&p.mk), to_t(&p.mv));
     let r = rope(16);
-    let empty = RefMemoryLowp::<T> {
+    let empty = RefMemory::<T> {
         mem_len: 0,
         keys: &[],
         values: &[],
@@ -366,7 +366,7 @@ fn lowp_memory<T: Element>(seed: u64) {
         got,
         rope_attention_lowp(&shape, &q, &k, &v, &r, 0.4).unwrap()
     );
-    let low_mem = RefMemoryLowp {
+    let low_mem = RefMemory {
         mem_len: 13,
         keys: &mk,
         values: &mv,
@@ -470,7 +470,7 @@ fn lowp_memory_top_k_on_separated_scores() {
     assert!(clear_top_k(&shape, &q, &r, &mem, 2, 1.0));
     let t = |x: &[f64]| -> Vec<bf16> { x.iter().map(|&a| bf16::from_f64(a)).collect() };
     let (qt, kt, vt, mkt, mvt) = (t(&q), t(&k), t(&v), t(&mk), t(&mv));
-    let low_mem = RefMemoryLowp {
+    let low_mem = RefMemory {
         mem_len: 3,
         keys: &mkt,
         values: &mvt,

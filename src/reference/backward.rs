@@ -48,7 +48,7 @@ pub fn attention_backward_f64(
     scale: f64,
 ) -> Result<RefGrads> {
     shape.check(q.len(), k.len(), v.len())?;
-    check_dout(q.len(), dout.len())?;
+    check_like_q("dout.len", q.len(), dout.len())?;
     let d = shape.head_dim;
     let sk = shape.seqlen_k;
     let mut g = RefGrads {
@@ -139,11 +139,7 @@ pub fn attention_backward_lowp<T: Element>(
     mask: &(impl Visibility + ?Sized),
     scale: f32,
 ) -> Result<RefGrads> {
-    let out: Vec<T> = super::attention_lowp(shape, q, k, v, mask, scale)?
-        .out
-        .into_iter()
-        .map(|x| T::from_f32(x as f32))
-        .collect();
+    let out: Vec<T> = super::attention_lowp(shape, q, k, v, mask, scale)?.out_as();
     attention_backward_lowp_given(shape, (q, k, v, &out), dout, mask, scale)
 }
 
@@ -166,8 +162,8 @@ pub fn attention_backward_lowp_given<T: Element>(
     scale: f32,
 ) -> Result<RefGrads> {
     shape.check(q.len(), k.len(), v.len())?;
-    check_dout(q.len(), dout.len())?;
-    check_out(q.len(), out.len())?;
+    check_like_q("dout.len", q.len(), dout.len())?;
+    check_like_q("out.len", q.len(), out.len())?;
     let widen = |x: &[T]| -> Vec<f32> { x.iter().map(|t| t.to_f32()).collect() };
     let (qf, kf, vf, df) = (widen(q), widen(k), widen(v), widen(dout));
     let fwd_out = widen(out);
@@ -243,25 +239,14 @@ pub fn attention_backward_lowp_given<T: Element>(
     })
 }
 
-/// The forward's output given to a backward must be shaped like q.
-pub(super) fn check_out(q_len: usize, out_len: usize) -> Result<()> {
-    if out_len != q_len {
+/// A tensor a backward takes shaped like q (the upstream gradient `dout.len`, the forward's
+/// output `out.len`) must have q's length.
+pub(super) fn check_like_q(arg: &'static str, q_len: usize, len: usize) -> Result<()> {
+    if len != q_len {
         return Err(Error::InvalidArgument {
-            arg: "out.len",
-            value: out_len.to_string(),
+            arg,
+            value: len.to_string(),
             expected: format!("{q_len} elements, like q"),
-        });
-    }
-    Ok(())
-}
-
-/// The upstream gradient must be shaped like the output (like q).
-pub(super) fn check_dout(q_len: usize, dout_len: usize) -> Result<()> {
-    if dout_len != q_len {
-        return Err(Error::InvalidArgument {
-            arg: "dout.len",
-            value: dout_len.to_string(),
-            expected: format!("{q_len} elements, the output's (like q)"),
         });
     }
     Ok(())

@@ -26,53 +26,54 @@
 //! has output 0 and log-sum-exp `-inf`, as every attention in the crate.
 
 use super::dense::{dot_mag, LowpOutput};
-use super::rope::{rope_rotate_f32, rope_tables};
+use super::rope::{rope_rotate_k, rope_rotate_q, rope_rotate_rounded, rope_tables};
 use super::{RefOutput, RefShape};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mask::MaskSpec;
-use crate::rope::{rotate, PositionMode, RopeOptions};
+use crate::rope::{PositionMode, RopeOptions};
 
-/// The external memory of one memory-attention problem, in f64: `keys` and `values` are
-/// `[batch, mem_len, heads_kv, head_dim]` (raw keys, never rotated), `visible` (when given)
-/// `[batch, mem_len]`, false for the entries the memory mask hides.
+/// The external memory of one memory-attention problem: `keys` and `values` are `[batch,
+/// mem_len, heads_kv, head_dim]` (raw keys, never rotated) in f64 for
+/// [`memory_attention_f64`] or in the element type for [`memory_attention_lowp`], `visible`
+/// (when given) `[batch, mem_len]`, false for the entries the memory mask hides.
 #[derive(Clone, Copy, Debug)]
-pub struct RefMemory<'a> {
+pub struct RefMemory<'a, E = f64> {
     /// Entries per batch entry.
     pub mem_len: usize,
     /// Raw keys, `[batch, mem_len, heads_kv, head_dim]`.
-    pub keys: &'a [f64],
+    pub keys: &'a [E],
     /// Values, `[batch, mem_len, heads_kv, head_dim]`.
-    pub values: &'a [f64],
+    pub values: &'a [E],
     /// Per (batch entry, entry) visibility; `None`: every entry visible.
     pub visible: Option<&'a [bool]>,
 }
 
-impl RefMemory<'_> {
+impl<E> RefMemory<'_, E> {
     fn offset(&self, shape: &RefShape, b: usize, j: usize, hk: usize) -> usize {
-        mem_offset(shape, self.mem_len, b, j, hk)
+        ((b * self.mem_len + j) * shape.heads_kv + hk) * shape.head_dim
     }
 
     fn is_visible(&self, b: usize, j: usize) -> bool {
         self.visible.is_none_or(|v| v[b * self.mem_len + j])
     }
-}
 
-/// The memory in the element type, for [`memory_attention_lowp`]: as [`RefMemory`].
-#[derive(Clone, Copy, Debug)]
-pub struct RefMemoryLowp<'a, T> {
-    /// Entries per batch entry.
-    pub mem_len: usize,
-    /// Raw keys, `[batch, mem_len, heads_kv, head_dim]`.
-    pub keys: &'a [T],
-    /// Values, `[batch, mem_len, heads_kv, head_dim]`.
-    pub values: &'a [T],
-    /// Per (batch entry, entry) visibility; `None`: every entry visible.
-    pub visible: Option<&'a [bool]>,
-}
-
-fn mem_offset(shape: &RefShape, mem_len: usize, b: usize, j: usize, hk: usize) -> usize {
-    ((b * mem_len + j) * shape.heads_kv + hk) * shape.head_dim
+    /// The memory's lengths and its mask's against `shape`, `top_k` and the position mode.
+    fn check(
+        &self,
+        shape: &RefShape,
+        rope: Option<&RopeOptions>,
+        top_k: Option<usize>,
+    ) -> Result<()> {
+        check(
+            shape,
+            self.mem_len,
+            [self.keys.len(), self.values.len()],
+            self.visible,
+            rope,
+            top_k,
+        )
+    }
 }
 
 /// The memory's lengths, its mask's, `top_k` and the position mode.
@@ -171,16 +172,9 @@ pub fn memory_attention_f64(
     scale: f64,
 ) -> Result<RefOutput> {
     shape.check(q.len(), k.len(), v.len())?;
-    check(
-        shape,
-        memory.mem_len,
-        [memory.keys.len(), memory.values.len()],
-        memory.visible,
-        rope,
-        top_k,
-    )?;
+    memory.check(shape, rope, top_k)?;
     let (q, k) = match rope {
-        Some(r) => (rotated(shape, q, r, true)?, rotated(shape, k, r, false)?),
+        Some(r) => (rope_rotate_q(shape, q, r)?, rope_rotate_k(shape, k, r)?),
         None => (q.to_vec(), k.to_vec()),
     };
     let mask = rope.map_or(MaskSpec::causal(), RopeOptions::mask);
@@ -245,36 +239,6 @@ pub fn memory_attention_f64(
     })
 }
 
-/// Queries (`is_q`) or keys rotated at their RoPE positions, in f64, log-n scaling on queries.
-fn rotated(shape: &RefShape, x: &[f64], rope: &RopeOptions, is_q: bool) -> Result<Vec<f64>> {
-    let (inv_freq, af) = rope_tables(shape, rope)?;
-    let d = shape.head_dim;
-    let (sq, sk) = (shape.seqlen_q, shape.seqlen_k);
-    let (rows, heads) = if is_q {
-        (sq, shape.heads_q)
-    } else {
-        (sk, shape.heads_kv)
-    };
-    let mut y = x.to_vec();
-    for b in 0..shape.batch {
-        for i in 0..rows {
-            let (p, mul) = if is_q {
-                let p = rope.query_position(b, i, sq, sk);
-                (p, rope.log_n_scale(p))
-            } else {
-                (rope.key_position(b, i), 1.0)
-            };
-            for h in 0..heads {
-                let o = ((b * rows + i) * heads + h) * d;
-                let row = &mut y[o..o + d];
-                row.iter_mut().for_each(|a| *a *= mul);
-                rotate(row, p as f64, &inv_freq, rope.config.layout, af);
-            }
-        }
-    }
-    Ok(y)
-}
-
 /// [`memory_attention_f64`] computed the way a plain low-precision implementation would: the
 /// budget of a memory-attention kernel under [`compare`](super::compare).
 ///
@@ -291,20 +255,13 @@ fn rotated(shape: &RefShape, x: &[f64], rope: &RopeOptions, is_q: bool) -> Resul
 pub fn memory_attention_lowp<T: Element>(
     shape: &RefShape,
     (q, k, v): (&[T], &[T], &[T]),
-    memory: &RefMemoryLowp<T>,
+    memory: &RefMemory<T>,
     rope: Option<&RopeOptions>,
     top_k: Option<usize>,
     scale: f32,
 ) -> Result<RefOutput> {
     shape.check(q.len(), k.len(), v.len())?;
-    check(
-        shape,
-        memory.mem_len,
-        [memory.keys.len(), memory.values.len()],
-        memory.visible,
-        rope,
-        top_k,
-    )?;
+    memory.check(shape, rope, top_k)?;
     let widen = |x: &[T]| -> Vec<f32> { x.iter().map(|t| t.to_f32()).collect() };
     let (mut qf, mut kf, vf) = (widen(q), widen(k), widen(v));
     let (mk, mv) = (widen(memory.keys), widen(memory.values));
@@ -313,9 +270,7 @@ pub fn memory_attention_lowp<T: Element>(
     if let Some(r) = rope {
         let (inv_freq, af) = rope_tables(shape, r)?;
         let turn = |x: &mut [f32], mul: f32, p: i64| {
-            x.iter_mut().for_each(|a| *a *= mul);
-            rope_rotate_f32(x, p as f64, &inv_freq, r.config.layout, af);
-            x.iter_mut().for_each(|a| *a = T::from_f32(*a).to_f32());
+            rope_rotate_rounded::<T>(x, mul, p as f64, &inv_freq, r.config.layout, af);
         };
         for b in 0..shape.batch {
             for i in 0..sq {
@@ -337,7 +292,6 @@ pub fn memory_attention_lowp<T: Element>(
     }
     let mask = rope.map_or(MaskSpec::causal(), RopeOptions::mask);
     let group = shape.heads_q / shape.heads_kv;
-    let dot = dot_mag;
     let mut out = LowpOutput::<T>::new(q.len(), shape.batch * shape.heads_q * sq);
     // Keys are numbered local first (0..sk), then memory entries (sk + j).
     let mut row: Vec<(usize, f32, f32)> = Vec::new();
@@ -353,15 +307,14 @@ pub fn memory_attention_lowp<T: Element>(
                 for j in 0..sk {
                     if mask.is_visible(sq, sk, i, j) {
                         let ko = shape.kv_offset(b, j, hk);
-                        let (s, m) = dot(qi, &kf[ko..ko + d]);
+                        let (s, m) = dot_mag(qi, &kf[ko..ko + d]);
                         row.push((j, s, m));
                     }
                 }
                 for j in 0..memory.mem_len {
-                    let ko = mem_offset(shape, memory.mem_len, b, j, hk);
-                    mem[j] = dot(qi, &mk[ko..ko + d]);
-                    let shown = memory.visible.is_none_or(|v| v[b * memory.mem_len + j]);
-                    mem_scores[j] = shown.then(|| f64::from(mem[j].0));
+                    let ko = memory.offset(shape, b, j, hk);
+                    mem[j] = dot_mag(qi, &mk[ko..ko + d]);
+                    mem_scores[j] = memory.is_visible(b, j).then(|| f64::from(mem[j].0));
                 }
                 for j in memory_top_k(&mem_scores, top_k) {
                     row.push((sk + j, mem[j].0, mem[j].1));
@@ -371,7 +324,7 @@ pub fn memory_attention_lowp<T: Element>(
                         let o = shape.kv_offset(b, j, hk);
                         &vf[o..o + d]
                     } else {
-                        let o = mem_offset(shape, memory.mem_len, b, j - sk, hk);
+                        let o = memory.offset(shape, b, j - sk, hk);
                         &mv[o..o + d]
                     }
                 };

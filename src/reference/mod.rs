@@ -30,7 +30,7 @@
 //! Which keys a query sees is [`MaskSpec::is_visible`], evaluated per element; nothing here
 //! shares code with the kernels' tile plan.
 
-use crate::dtype::DType;
+use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::mask::MaskSpec;
 use crate::sparse::BlockMask;
@@ -51,9 +51,7 @@ pub use compare::{
     OUT_ABS_TOL,
 };
 pub use dense::{attention_f64, attention_lowp};
-pub use memory::{
-    memory_attention_f64, memory_attention_lowp, memory_top_k, RefMemory, RefMemoryLowp,
-};
+pub use memory::{memory_attention_f64, memory_attention_lowp, memory_top_k, RefMemory};
 pub use rope::{
     rope_attention_f64, rope_attention_f64_sparse, rope_attention_lowp, rope_attention_lowp_sparse,
     rope_rotate_k, rope_rotate_q,
@@ -175,6 +173,14 @@ pub struct RefOutput {
     pub spread: Vec<f64>,
     /// For a low-precision reference: the element type its output is rounded to.
     pub dtype: Option<DType>,
+}
+
+impl RefOutput {
+    /// The output in the element type `T`: exact for a low-precision reference, whose output is
+    /// already rounded to `T` (a backward's given output, as its forward produced it).
+    pub fn out_as<T: Element>(&self) -> Vec<T> {
+        self.out.iter().map(|&x| T::from_f32(x as f32)).collect()
+    }
 }
 
 /// Calls `row(b, h, kv_head, i)` for every output row, in output order of `lse`.

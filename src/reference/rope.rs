@@ -279,6 +279,22 @@ fn rope_attention_f64_impl(
     })
 }
 
+/// `x` multiplied by `mul`, rotated to `position` ([`rope_rotate_f32`]) and rounded to `T`, in
+/// place: a q or k vector as a low-precision implementation that rotates first and stores the
+/// result in `T` has it.
+pub(super) fn rope_rotate_rounded<T: Element>(
+    x: &mut [f32],
+    mul: f32,
+    position: f64,
+    inv_freq: &[f64],
+    layout: RopeLayout,
+    af: f64,
+) {
+    x.iter_mut().for_each(|a| *a *= mul);
+    rope_rotate_f32(x, position, inv_freq, layout, af);
+    x.iter_mut().for_each(|a| *a = T::from_f32(*a).to_f32());
+}
+
 /// Rotates the first `2 * inv_freq.len()` elements of `x` in f32, with `a cos` and `a sin` of
 /// the angle `position * inv_freq[f]` (computed in f64, `a` the attention factor) rounded to f32.
 pub(super) fn rope_rotate_f32(
@@ -370,9 +386,9 @@ fn rope_attention_lowp_impl<T: Element>(
 
     // Widened, optionally multiplied, rotated in f32 and rounded to `T`.
     let rotated = |x: &[T], mul: f32, position: f64| -> Vec<f32> {
-        let mut y: Vec<f32> = x.iter().map(|t| t.to_f32() * mul).collect();
-        rope_rotate_f32(&mut y, position, &inv_freq, layout, af);
-        y.iter().map(|&a| T::from_f32(a).to_f32()).collect()
+        let mut y: Vec<f32> = x.iter().map(|t| t.to_f32()).collect();
+        rope_rotate_rounded::<T>(&mut y, mul, position, &inv_freq, layout, af);
+        y
     };
     let dot = dot_mag;
 

@@ -9,9 +9,9 @@
 //! `dk_j += A_{-c} (ds q~_i)`, where `q~` and `k~` are the rotated vectors of the pair's branch:
 //! the gradients are summed per branch in the rotated frames, then turned back once per row.
 
-use super::backward::{check_dout, check_out, RefGrads};
+use super::backward::{check_like_q, RefGrads};
 use super::rope::{
-    rope_inside, rope_outside_k_position, rope_outside_q_position, rope_rotate_f32, RopeRef,
+    rope_inside, rope_outside_k_position, rope_outside_q_position, rope_rotate_rounded, RopeRef,
 };
 use super::RefShape;
 use crate::dtype::Element;
@@ -59,7 +59,7 @@ fn rope_backward_impl(
     scale: f64,
 ) -> Result<RefGrads> {
     shape.check(q.len(), k.len(), v.len())?;
-    check_dout(q.len(), dout.len())?;
+    check_like_q("dout.len", q.len(), dout.len())?;
     let RopeRef {
         inv_freq,
         af,
@@ -223,11 +223,7 @@ pub fn rope_attention_backward_lowp<T: Element>(
     rope: &RopeOptions,
     scale: f32,
 ) -> Result<RefGrads> {
-    let out: Vec<T> = super::rope_attention_lowp(shape, q, k, v, rope, scale)?
-        .out
-        .into_iter()
-        .map(|x| T::from_f32(x as f32))
-        .collect();
+    let out: Vec<T> = super::rope_attention_lowp(shape, q, k, v, rope, scale)?.out_as();
     rope_attention_backward_lowp_given(shape, (q, k, v, dout), &out, rope, scale)
 }
 
@@ -246,8 +242,8 @@ pub fn rope_attention_backward_lowp_given<T: Element>(
     scale: f32,
 ) -> Result<RefGrads> {
     shape.check(q.len(), k.len(), v.len())?;
-    check_dout(q.len(), dout.len())?;
-    check_out(q.len(), out.len())?;
+    check_like_q("dout.len", q.len(), dout.len())?;
+    check_like_q("out.len", q.len(), out.len())?;
     let RopeRef {
         inv_freq,
         af,
@@ -265,9 +261,9 @@ pub fn rope_attention_backward_lowp_given<T: Element>(
     let (vf, df) = (widen(v), widen(dout));
     // Multiplied, rotated (A_position, or its transpose for a negated position) in f32, rounded.
     let turn = |x: &[f32], mul: f32, position: f64| -> Vec<f32> {
-        let mut y: Vec<f32> = x.iter().map(|a| a * mul).collect();
-        rope_rotate_f32(&mut y, position, &inv_freq, layout, af);
-        y.into_iter().map(round).collect()
+        let mut y = x.to_vec();
+        rope_rotate_rounded::<T>(&mut y, mul, position, &inv_freq, layout, af);
+        y
     };
     let dot32 = |a: &[f32], b: &[f32]| -> f32 {
         let mut s = 0.0f32;
