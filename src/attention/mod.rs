@@ -302,9 +302,11 @@ impl Attention {
 
     /// Development aid, not a stable API: whether a dense Hopper call without a block mask (and
     /// not on the tall tiles) runs its 128-row kernel as a persistent grid in zigzag slots:
-    /// `Some(true)` for every such call, `Some(false)` for none, `None` (the default) for calls
-    /// of at most 4096 query rows and keys, where it measured faster. With [`Self::with_sm90_persistent`]
-    /// that grid has its count of CTAs (tests use it to run many rounds per CTA).
+    /// `Some(true)` for every such call, `Some(false)` for none, `None` (the default) for the
+    /// calls where it measured faster: with a causal or window mask up to 8192 query rows and
+    /// keys, without one up to 4096 (at head dim 256 from 1024 query rows). With
+    /// [`Self::with_sm90_persistent`] that grid has its count of CTAs (tests use it to run many
+    /// rounds per CTA).
     #[doc(hidden)]
     pub fn with_sm90_zigzag(mut self, zigzag: Option<bool>) -> Self {
         self.sm90_zigzag = zigzag;
