@@ -184,12 +184,13 @@ def passkey_ids(tok, key, length, depth):
         repeats -= 1
 
 
-def passkey(model, tok, mode, lengths, depths, seed):
+def passkey(model, tok, mode, lengths, depths, seed, keys=None):
     rng = random.Random(seed)
     cases = []
+    given = list(keys or [])
     for length in lengths:
         for depth in depths:
-            key = rng.randrange(10000, 100000)
+            key = given.pop(0) if given else rng.randrange(10000, 100000)
             ids = passkey_ids(tok, key, length, depth)
             out = []
             for _ in range(8):
@@ -203,6 +204,18 @@ def passkey(model, tok, mode, lengths, depths, seed):
     return cases
 
 
+def rope_theta(cfg):
+    """The RoPE base: `rope_theta` on older transformers configs, inside `rope_parameters` on
+    newer ones."""
+    theta = getattr(cfg, "rope_theta", None)
+    if theta is None:
+        params = getattr(cfg, "rope_parameters", None) or {}
+        theta = params.get("rope_theta")
+    if theta is None:
+        raise SystemExit("peer_smollm2: no RoPE base (rope_theta) in the model's config")
+    return float(theta)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="the GGUF file")
@@ -212,6 +225,9 @@ def main():
     p.add_argument("--passkey", default="", help="comma list of prompt lengths")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--keys", default="",
+                   help="comma list of pass keys, one per (length, depth) case in order (the "
+                        "example's, to ask the same prompts); random from --seed otherwise")
     p.add_argument("--prompt", default="The capital of France is",
                    help="short prompt whose last-token logits are written")
     p.add_argument("--out", required=True)
@@ -225,17 +241,18 @@ def main():
     tok = tokenizer_from_gguf(a.model)
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
+    theta = rope_theta(cfg)
     result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
               "modes": {}}
     short = tok.encode(a.prompt, add_special_tokens=False).ids
     result["short_prompt"] = {"ids": short, "last_logits": forward(
-        model, short, parse_mode("rope", cfg.rope_theta, head_dim))[-1].tolist()}
+        model, short, parse_mode("rope", theta, head_dim))[-1].tolist()}
     ids = None
     if a.text:
         with open(a.text, encoding="utf-8", errors="replace") as f:
             ids = tok.encode(f.read(), add_special_tokens=False).ids[:a.tokens]
     for s in a.modes.split(","):
-        mode = parse_mode(s, cfg.rope_theta, head_dim)
+        mode = parse_mode(s, theta, head_dim)
         entry = {}
         t0 = time.time()
         if ids is not None:
@@ -245,7 +262,8 @@ def main():
         if a.passkey:
             lengths = [int(x) for x in a.passkey.split(",")]
             depths = [float(x) for x in a.depths.split(",")]
-            entry["passkey"] = passkey(model, tok, mode, lengths, depths, a.seed)
+            keys = [int(x) for x in a.keys.split(",") if x]
+            entry["passkey"] = passkey(model, tok, mode, lengths, depths, a.seed, keys)
         entry["seconds"] = time.time() - t0
         result["modes"][s] = entry
     with open(a.out, "w") as f:

@@ -18,6 +18,9 @@
 # few files (8 on the device tool), so the logs travel in the tarball.
 #
 #   tests      longflash-candle's GPU tests (LONGFLASH_REQUIRE_GPU=1): the KV-cache drop-ins
+#   check      passkey at 32k (depth 0.5, ReRoPE 4096) with --check-attn 16: the last 16 rows of
+#              every attention call of layers 0, 1 and 29 (prefill chunks, the 2032-query one
+#              included, and decoding steps) against longflash's f64 reference on the CPU
 #   compare    longflash against candle's attention in the program: 1k-token prompt's logits,
 #              64 greedy tokens (decoding steps on the KV-cache kernel)
 #   decode     decoding tokens/s at a 32k context: longflash (RoPE, ReRoPE) and candle
@@ -161,6 +164,11 @@ step_tests() {
   [ -x "$home/lfc_gpu" ] || return 3
   LONGFLASH_REQUIRE_GPU=1 timeout "$1" "$home/lfc_gpu" --test-threads=1 >"$res/tests.log" 2>&1
 }
+step_check() {
+  need_model || return 3
+  timeout "$1" "$home/smollm2" passkey --model "$model" --quiet --lengths 32k --depths 0.5 \
+    --rerope 4096 --check-attn 16 >"$res/check.log" 2>&1
+}
 step_compare() {
   need_model || return 3
   timeout "$1" "$home/smollm2" compare --model "$model" --quiet --prompt-file "$book" \
@@ -237,7 +245,7 @@ step_passkey256() {
 }
 
 # name:limit in seconds, most valuable first.
-steps=(tests:240 compare:120 decode:240 prefill:160 passkey:300 passkey4k:200 ppl32:240
+steps=(tests:240 check:240 passkey:300 compare:120 passkey4k:200 decode:240 prefill:160 ppl32:240
   ppl128:300 peer:540 passkey256:540)
 limit_of() {
   local s

@@ -48,6 +48,9 @@ options of every command:
                      default f16 on CUDA, f32 on the CPU)
   --chunk N          prefill chunk in tokens (default 2048)
   --quiet            no progress on stderr
+  --check-attn N     checks longflash's attention in layers 0, 1 and the last: the last N
+                     query rows of every call against longflash's f64 reference on the CPU
+                     (a diagnostic; slow on long contexts)
 position modes (one of the first three, at most one of the last two):
   --rope             plain RoPE (the default)
   --rerope W         ReRoPE: relative positions clamped at the window W
@@ -107,6 +110,8 @@ pub struct Common {
     pub mode: ModeArg,
     pub scaling: ScalingArg,
     pub quiet: bool,
+    /// Query rows per attention call to check against the f64 reference (0: no check).
+    pub check_attn: usize,
 }
 
 /// Where a prompt comes from.
@@ -248,6 +253,7 @@ pub fn parse(args: &[String]) -> Result<Command, ArgError> {
     let mut mode: Option<(ModeArg, &'static str)> = None;
     let mut scaling: Option<(ScalingArg, &'static str)> = None;
     let mut quiet = false;
+    let mut check_attn = 0usize;
 
     let mut prompt: Option<Prompt> = None;
     let mut max_new: Option<usize> = None;
@@ -317,6 +323,7 @@ pub fn parse(args: &[String]) -> Result<Command, ArgError> {
                 }
             }
             "--quiet" | "-q" => quiet = true,
+            "--check-attn" => check_attn = parse_count("--check-attn", &cur.value(&a)?)?,
             "--rope" => set_mode(&mut mode, ModeArg::Rope, "--rope")?,
             "--rerope" => {
                 let window = parse_window("--rerope", &cur.value(&a)?)?;
@@ -451,6 +458,7 @@ pub fn parse(args: &[String]) -> Result<Command, ArgError> {
         mode,
         scaling,
         quiet,
+        check_attn,
     };
     check_common(&common)?;
 
@@ -526,6 +534,9 @@ fn check_common(c: &Common) -> Result<(), ArgError> {
             }
         }
         Attn::Candle => {
+            if c.check_attn > 0 {
+                return err("--check-attn checks longflash's attention: it needs --attn longflash");
+            }
             if c.mode != ModeArg::Rope {
                 return err(
                     "--attn candle computes plain RoPE only (with --ntk or --yarn scalings); \

@@ -103,6 +103,9 @@ pub struct Attention {
     attention_factor: f64,
     head_dim: usize,
     scale: f32,
+    /// Query rows of each call checked against the f64 reference, and the layers checked.
+    check_rows: usize,
+    check_layers: Vec<usize>,
 }
 
 impl Attention {
@@ -144,7 +147,17 @@ impl Attention {
             inv_freq,
             head_dim,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            check_rows: 0,
+            check_layers: Vec::new(),
         })
+    }
+
+    /// Checks the last `rows` query rows of every longflash call in `layers` against
+    /// longflash's f64 reference on the CPU, printing the largest error of each call.
+    pub fn with_check(mut self, rows: usize, layers: Vec<usize>) -> Self {
+        self.check_rows = rows;
+        self.check_layers = layers;
+        self
     }
 
     /// The position options.
@@ -250,6 +263,9 @@ impl Attention {
                     let values = vc.narrow(1, 0, n)?;
                     longflash_candle::flash_attn_rope(&q, &keys, &values, self.scale, &self.rope)?
                 };
+                if self.check_rows > 0 && self.check_layers.contains(&l) {
+                    self.check_call(l, &q, &kc.narrow(1, 0, n)?, &vc.narrow(1, 0, n)?, &o)?;
+                }
                 o.to_dtype(DType::F32)
             }
             Backend::Candle => {
@@ -289,6 +305,69 @@ impl Attention {
                     .contiguous()
             }
         }
+    }
+
+    /// The last `check_rows` rows of `o`, longflash's attention of `q` `(1, t, heads, d)` over
+    /// `keys` and `values` `(1, n, kv_heads, d)` (un-rotated keys, queries aligned bottom-right),
+    /// against `reference::rope_attention_f64` of the same rounded inputs; prints the largest
+    /// error, the largest reference value and where the error is.
+    fn check_call(
+        &self,
+        l: usize,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        o: &Tensor,
+    ) -> Result<()> {
+        use longflash::reference::{rope_attention_f64, RefShape};
+        let (_, t, heads, d) = q.dims4()?;
+        let (_, n, kv_heads, _) = keys.dims4()?;
+        let rows = self.check_rows.min(t);
+        let host = |x: &Tensor| -> Result<Vec<f64>> {
+            Ok(x.to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f64::from)
+                .collect())
+        };
+        let shape = RefShape {
+            batch: 1,
+            seqlen_q: rows,
+            seqlen_k: n,
+            heads_q: heads,
+            heads_kv: kv_heads,
+            head_dim: d,
+        };
+        let want = rope_attention_f64(
+            &shape,
+            &host(&q.narrow(1, t - rows, rows)?)?,
+            &host(keys)?,
+            &host(values)?,
+            &self.rope,
+            f64::from(self.scale),
+        )
+        .map_err(|e| candle_core::Error::msg(format!("attention check: {e}")))?;
+        let got = host(&o.narrow(1, t - rows, rows)?)?;
+        let (mut worst, mut at, mut big) = (0f64, 0usize, 0f64);
+        for (i, (g, w)) in got.iter().zip(&want.out).enumerate() {
+            big = big.max(w.abs());
+            let e = if g.is_finite() {
+                (g - w).abs()
+            } else {
+                f64::INFINITY
+            };
+            if e > worst {
+                (worst, at) = (e, i);
+            }
+        }
+        let (row, head) = (at / (heads * d), at / d % heads);
+        println!(
+            "check-attn layer {l:>2}: {t} queries over {n} keys, last {rows} rows: max |longflash - f64| = {worst:.3e} \
+             (row {}, head {head}; largest |out| {big:.3})",
+            t - rows + row
+        );
+        Ok(())
     }
 
     /// `cos` and `sin` of positions `start..start + t`, `(1, t, 1, rotary_dim / 2, 1)` f32,

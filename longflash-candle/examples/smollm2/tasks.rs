@@ -127,7 +127,8 @@ pub fn open(c: &Common) -> Result<(Model, Tokenizer)> {
         dtype(c.dtype),
         rope_options(c, &config),
         config.head_dim,
-    )?;
+    )?
+    .with_check(c.check_attn, vec![0, 1, config.layers.saturating_sub(1)]);
     let model = Model::from_content(&ct, &mut file, &dev, attention)?;
     let tok = Tokenizer::from_gguf(&ct)?;
     if !c.quiet {
