@@ -70,7 +70,7 @@ pub(crate) fn strides_of_16_bytes(tensor: &str, l: &Layout) -> Result<()> {
 }
 
 /// Every stride of `l` (tensor `tensor`) must be a multiple of `elems` elements.
-fn strides_multiple_of(tensor: &str, l: &Layout, elems: i64) -> Result<()> {
+pub(crate) fn strides_multiple_of(tensor: &str, l: &Layout, elems: i64) -> Result<()> {
     for (field, s) in [
         ("batch_stride", l.batch_stride),
         ("seq_stride", l.seq_stride),
@@ -90,8 +90,21 @@ fn strides_multiple_of(tensor: &str, l: &Layout, elems: i64) -> Result<()> {
 /// The error label of a stride: `"{tensor}.{field}"` as a `&'static str`.
 fn stride_name(tensor: &str, field: &str) -> &'static str {
     // A fixed table, so error labels stay `&'static str`.
-    const TENSORS: [&str; 10] = ["q", "k", "v", "o", "acc", "part", "dout", "dq", "dk", "dv"];
-    const NAMES: [[&str; 3]; 10] = [
+    const TENSORS: [&str; 12] = [
+        "q",
+        "k",
+        "v",
+        "o",
+        "acc",
+        "part",
+        "dout",
+        "dq",
+        "dk",
+        "dv",
+        "memory.keys",
+        "memory.values",
+    ];
+    const NAMES: [[&str; 3]; 12] = [
         ["q.batch_stride", "q.seq_stride", "q.head_stride"],
         ["k.batch_stride", "k.seq_stride", "k.head_stride"],
         ["v.batch_stride", "v.seq_stride", "v.head_stride"],
@@ -102,6 +115,16 @@ fn stride_name(tensor: &str, field: &str) -> &'static str {
         ["dq.batch_stride", "dq.seq_stride", "dq.head_stride"],
         ["dk.batch_stride", "dk.seq_stride", "dk.head_stride"],
         ["dv.batch_stride", "dv.seq_stride", "dv.head_stride"],
+        [
+            "memory.keys.batch_stride",
+            "memory.keys.seq_stride",
+            "memory.keys.head_stride",
+        ],
+        [
+            "memory.values.batch_stride",
+            "memory.values.seq_stride",
+            "memory.values.head_stride",
+        ],
     ];
     let t = TENSORS.iter().position(|x| *x == tensor).unwrap_or(0);
     let f = ["batch_stride", "seq_stride", "head_stride"]

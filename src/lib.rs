@@ -19,9 +19,9 @@ pub use attention::{
     backward_workspace_bytes, open_device, rope_backward_workspace_bytes, Attention,
     BackwardInputs, BackwardOptions, BlockTable, DecodeOptions, DecodePlan, DecodeProblem,
     ForwardOptions, Gradient, Gradients, Input, KvCache, KvCacheMut, Mainloop, MainloopChoice,
-    Output, RawAppend, RawBackward, RawBlockMask, RawDecode, RawForward, RawMerge, RawRope,
-    RawRopeMode, RawVarlenForward, RopeBackward, RopeForward, SparseBackwardOptions, SparseOptions,
-    VarlenOptions, SUPPORTED_HEAD_DIMS,
+    MemoryForward, MemoryInput, Output, RawAppend, RawBackward, RawBlockMask, RawDecode,
+    RawForward, RawMemory, RawMerge, RawRope, RawRopeMode, RawVarlenForward, RopeBackward,
+    RopeForward, SparseBackwardOptions, SparseOptions, VarlenOptions, SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

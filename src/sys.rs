@@ -398,6 +398,63 @@ impl Default for LfRopeKeysParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfMemoryFwdParams {
+    pub fwd: LfFwdParams,
+    pub rope: LfRope,
+    pub mem_k: *const ::core::ffi::c_void,
+    pub mem_v: *const ::core::ffi::c_void,
+    pub mem_mask: *const u8,
+    pub mem_k_batch_stride: i64,
+    pub mem_k_row_stride: i64,
+    pub mem_k_head_stride: i64,
+    pub mem_v_batch_stride: i64,
+    pub mem_v_row_stride: i64,
+    pub mem_v_head_stride: i64,
+    pub mem_len: i32,
+    pub rotate: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfMemoryFwdParams"][::core::mem::size_of::<LfMemoryFwdParams>() - 384usize];
+    ["Alignment of LfMemoryFwdParams"][::core::mem::align_of::<LfMemoryFwdParams>() - 8usize];
+    ["Offset of field: LfMemoryFwdParams::fwd"]
+        [::core::mem::offset_of!(LfMemoryFwdParams, fwd) - 0usize];
+    ["Offset of field: LfMemoryFwdParams::rope"]
+        [::core::mem::offset_of!(LfMemoryFwdParams, rope) - 240usize];
+    ["Offset of field: LfMemoryFwdParams::mem_k"]
+        [::core::mem::offset_of!(LfMemoryFwdParams, mem_k) - 304usize];
+    ["Offset of field: LfMemoryFwdParams::mem_v"]
+        [::core::mem::offset_of!(LfMemoryFwdParams, mem_v) - 312usize];
+    ["Offset of field: LfMemoryFwdParams::mem_mask"]
+        [::core::mem::offset_of!(LfMemoryFwdParams, mem_mask) - 320usize];
+    ["Offset of field: LfMemoryFwdParams::mem_k_batch_stride"]
+        [::core::mem::offset_of!(LfMemoryFwdParams, mem_k_batch_stride) - 328usize];
+    ["Offset of field: LfMemoryFwdParams::mem_k_row_stride"]
+        [::core::mem::offset_of!(LfMemoryFwdParams, mem_k_row_stride) - 336usize];
+    ["Offset of field: LfMemoryFwdParams::mem_k_head_stride"]
+        [::core::mem::offset_of!(LfMemoryFwdParams, mem_k_head_stride) - 344usize];
+    ["Offset of field: LfMemoryFwdParams::mem_v_batch_stride"]
+        [::core::mem::offset_of!(LfMemoryFwdParams, mem_v_batch_stride) - 352usize];
+    ["Offset of field: LfMemoryFwdParams::mem_v_row_stride"]
+        [::core::mem::offset_of!(LfMemoryFwdParams, mem_v_row_stride) - 360usize];
+    ["Offset of field: LfMemoryFwdParams::mem_v_head_stride"]
+        [::core::mem::offset_of!(LfMemoryFwdParams, mem_v_head_stride) - 368usize];
+    ["Offset of field: LfMemoryFwdParams::mem_len"]
+        [::core::mem::offset_of!(LfMemoryFwdParams, mem_len) - 376usize];
+    ["Offset of field: LfMemoryFwdParams::rotate"]
+        [::core::mem::offset_of!(LfMemoryFwdParams, rotate) - 380usize];
+};
+impl Default for LfMemoryFwdParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq)]
 pub struct LfRopeQueriesParams {
     pub q: *const ::core::ffi::c_void,
     pub q_batch_stride: i64,

@@ -49,4 +49,9 @@ struct PagedKV {
 template <class Keys> struct GathersRows : std::false_type {};
 template <> struct GathersRows<PagedKV> : std::true_type {};
 
+// Whether a key source also gives each item's value tile and its row count (v_tile, v_row_stride,
+// rows: a call with two key sources of their own lengths, MemoryKeys) rather than the mainloop
+// reading V and seqlen_k from LfFwdParams.
+template <class Keys> struct OwnsValues : std::false_type {};
+
 } // namespace lf

@@ -163,6 +163,14 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
 
     const SwizzledCursor<Tr::D> vc(sV, (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4);
     const int n_tiles = iter.count();
+    // Rows of key tile kt of variant v's source from its first on (loads zero-fill past them):
+    // seqlen_k, or the source's own length where it has one (OwnsValues).
+    auto key_rows = [&](int v, int kt) {
+        if constexpr (OwnsValues<Keys>::value)
+            return keys.rows(v, kt, Tr::BC);
+        else
+            return seqlen_k - kt * Tr::BC;
+    };
     const float scale_log2 = p.softmax_scale_log2;
     if (n_tiles > 0) {
         load_rows<Tr, Tr::BR>(sQ, q_ptr, p.q_row_stride, seqlen_q - q0, p.head_dim, tid);
@@ -174,7 +182,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
                                              keys.k, seqlen_k - k0, p.head_dim, tid);
             } else {
                 load_rows<Tr, Tr::BC>(sK, keys.tile(v, kt, Tr::BC), keys.stride(v),
-                                      seqlen_k - kt * Tr::BC, p.head_dim, tid);
+                                      key_rows(v, kt), p.head_dim, tid);
             }
         }
         cp_async_commit();
@@ -189,13 +197,20 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
         if constexpr (GathersRows<Keys>::value)
             load_rows_gather<Tr, Tr::BC>(sV, [&](int r) { return keys.v_row(k0 + r); }, keys.v,
                                          seqlen_k - k0, p.head_dim, tid);
+        else if constexpr (OwnsValues<Keys>::value)
+            load_rows<Tr, Tr::BC>(sV, keys.v_tile(iter.variant(n), kt, Tr::BC),
+                                  keys.v_row_stride(iter.variant(n)),
+                                  keys.rows(iter.variant(n), kt, Tr::BC), p.head_dim, tid);
         else
             load_rows<Tr, Tr::BC>(sV, v_ptr + k0 * p.v_row_stride, p.v_row_stride,
                                   seqlen_k - k0, p.head_dim, tid);
         cp_async_commit();
 
         float s[Tr::kMT][Tr::kNT][4];
-        Score::template compute<Tr>(s, sQ + iter.variant(n) * Tr::kQBytes, sK, warp_row0, lane);
+        // Q variant: the item's variant where the kernel keeps several Q tiles (RoPE's outside
+        // query); a kernel with one Q tile (a memory item's variant picks its keys only) uses it.
+        const int qv = Tr::kQVariants > 1 ? iter.variant(n) : 0;
+        Score::template compute<Tr>(s, sQ + qv * Tr::kQBytes, sK, warp_row0, lane);
 
         if (!iter.is_full(n)) {
 #pragma unroll
@@ -244,7 +259,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const I
                                              keys.k, seqlen_k - kn0, p.head_dim, tid);
             } else {
                 load_rows<Tr, Tr::BC>(sK, keys.tile(v, kn, Tr::BC), keys.stride(v),
-                                      seqlen_k - kn * Tr::BC, p.head_dim, tid);
+                                      key_rows(v, kn), p.head_dim, tid);
             }
             cp_async_commit();
         }

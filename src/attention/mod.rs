@@ -25,6 +25,7 @@ pub mod backward;
 pub mod decode;
 mod decode_rope;
 pub mod forward;
+pub mod memory;
 pub mod merge;
 pub mod rope;
 pub mod rope_backward;
@@ -40,6 +41,7 @@ pub use backward::{
 };
 pub use decode::{BlockTable, DecodeOptions, DecodePlan, DecodeProblem, KvCache, RawDecode};
 pub use forward::{ForwardOptions, RawForward};
+pub use memory::{MemoryForward, MemoryInput, RawMemory, MAX_MEM_LEN, MEMORY_HEAD_DIMS};
 pub use merge::RawMerge;
 pub use rope::{RawRope, RawRopeMode, RopeForward};
 pub use rope_backward::{rope_backward_workspace_bytes, RopeBackward};

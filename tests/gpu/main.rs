@@ -24,6 +24,7 @@ mod decode;
 mod decode_rope;
 mod dense;
 mod hopper;
+mod memory;
 mod narrow;
 mod rope;
 mod rope_long;

@@ -162,6 +162,29 @@ typedef struct LfRopeKeysParams {
     LfRope rope; /* k_rot and k_alt are written (cast away const) */
 } LfRopeKeysParams;
 
+/* Memory attention (Focused Transformer / LongLLaMA memory layers): the local causal window of
+ * `fwd` (queries and local keys rotated with plain RoPE at their positions when `rotate` is set:
+ * rope.k_rot then holds the rotated local keys, written by lf_rope_keys; otherwise no rotation)
+ * plus an external memory of mem_len (key, value) pairs per batch entry, un-rotated, sharing the
+ * local keys' heads, in one softmax. mem_k / mem_v: [batch, mem_len, heads_kv, head_dim] with the
+ * strides below (head dim contiguous); mem_mask: [batch, mem_len] bytes, 0 for an entry no query
+ * sees, or NULL for every entry visible. */
+typedef struct LfMemoryFwdParams {
+    LfFwdParams fwd; /* fwd.mask: causal, optionally with a left window; no sink */
+    LfRope rope;     /* mode 0 (plain RoPE); unused when rotate is 0 */
+    const void *mem_k;
+    const void *mem_v;
+    const uint8_t *mem_mask;
+    int64_t mem_k_batch_stride;
+    int64_t mem_k_row_stride;
+    int64_t mem_k_head_stride;
+    int64_t mem_v_batch_stride;
+    int64_t mem_v_row_stride;
+    int64_t mem_v_head_stride;
+    int32_t mem_len;
+    int32_t rotate;
+} LfMemoryFwdParams;
+
 /* The RoPE backward's passes (cuda/rope_bwd.cuh), around two calls of the exact backward (one over
  * the pairs inside the ReRoPE window, one over those outside). The query pass writes each side's
  * rotated queries as the forward's Q preparation computes them: q_in = m_i A_{p_i} q_i and, unless
@@ -518,6 +541,8 @@ LF_ASSERT_LAYOUT(sizeof(LfMergeParams) == 96, merge_size);
 LF_ASSERT_LAYOUT(sizeof(LfRope) == 64, rope_size);
 LF_ASSERT_LAYOUT(sizeof(LfRopeFwdParams) == 304, rope_fwd_size);
 LF_ASSERT_LAYOUT(sizeof(LfRopeKeysParams) == 112, rope_keys_size);
+LF_ASSERT_LAYOUT(sizeof(LfMemoryFwdParams) == 384, memory_fwd_size);
+LF_ASSERT_LAYOUT(offsetof(LfMemoryFwdParams, mem_k) == 304, memory_fwd_mem_k);
 LF_ASSERT_LAYOUT(offsetof(LfRope, inv_leak) == 48, rope_inv_leak);
 LF_ASSERT_LAYOUT(offsetof(LfFwdParams, lse) == 32, fwd_lse);
 LF_ASSERT_LAYOUT(offsetof(LfFwdParams, q_batch_stride) == 40, fwd_q_batch_stride);

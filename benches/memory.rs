@@ -1,0 +1,166 @@
+//! Memory attention (`Attention::forward_memory`: a local causal window plus an external memory
+//! in one softmax) against the dense kernel over the same keys: batch 1, 16 heads, head dim 128,
+//! bf16, a local window of 2048 queries and keys (plain RoPE), memories of 64k to 1M entries
+//! (`LONGFLASH_BENCH_MEMORY` overrides, `LONGFLASH_BENCH_WINDOW` the window). The dense
+//! comparison is the exact forward without a mask of the window's queries over the memory and
+//! the window as one key tensor: the memory call visits the same keys but half the window's
+//! (causal). Both read one K and one V buffer of memory + window rows (the memory call as two
+//! views of it). Prints `RESULT {json}` per shape with the median time (CUDA events), TFLOP/s of
+//! the scores the call computes and the ratio to the dense call; benches/peer_memory.py times
+//! the PyTorch layer as the long_llama code computes it.
+
+use std::time::Duration;
+
+#[path = "common/mod.rs"]
+mod common;
+use common::*;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
+use longflash::{ForwardOptions, Input, Layout, MemoryForward, MemoryInput, Output};
+
+/// A device buffer of `n` bf16 filled with copies of one random block (host data for 1M-entry
+/// memories would take long to generate).
+fn filled(g: &Gpu, n: usize, seed: u64) -> CudaSlice<bf16> {
+    let block = random_bf16(n.min(1 << 24), seed);
+    let mut buf: CudaSlice<bf16> = g.stream.alloc_zeros(n).unwrap();
+    let mut at = 0;
+    while at < n {
+        let len = block.len().min(n - at);
+        let mut dst = buf.slice_mut(at..at + len);
+        g.stream.memcpy_htod(&block[..len], &mut dst).unwrap();
+        at += len;
+    }
+    buf
+}
+
+fn bench_memory(c: &mut Criterion) {
+    let Some(g) = gpu() else { return };
+    let device = g.ctx.name().unwrap_or_default();
+    let (heads, d) = (16usize, 128usize);
+    let window = parse_list("LONGFLASH_BENCH_WINDOW", &[2048])[0];
+    let memories = parse_list("LONGFLASH_BENCH_MEMORY", &[65536, 262144, 1048576]);
+    let rope = RopeOptions::new(RopeConfig::llama(d), PositionMode::Rope);
+    let mut group = c.benchmark_group("memory_bf16_d128");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_millis(1000));
+    for &m in &memories {
+        let keys = m + window;
+        let ql = Layout::bshd(1, window, heads, d);
+        let all = Layout::bshd(1, keys, heads, d);
+        let q = filled(&g, ql.numel(), 1);
+        let k = filled(&g, all.numel(), 2);
+        let v = filled(&g, all.numel(), 3);
+        let mut o: CudaSlice<bf16> = g.stream.alloc_zeros(ql.numel()).unwrap();
+        // The memory is rows [0, m) of K and V, the window rows [m, m + window).
+        let ml = Layout::bshd(1, m, heads, d);
+        let wl = Layout::bshd(1, window, heads, d);
+        let row = heads * d;
+        let (kv, vv) = (k.as_view(), v.as_view());
+        let (mk, mv) = (k.slice(0..m * row), v.slice(0..m * row));
+        let (wk, wv) = (k.slice(m * row..), v.slice(m * row..));
+        let qv = q.as_view();
+        let mut dense_ms = None;
+        for name in ["dense", "memory"] {
+            let mut samples: Vec<f64> = Vec::new();
+            group.bench_function(BenchmarkId::new(name, m), |bench| {
+                bench.iter_custom(|iters| {
+                    time_calls(
+                        &g,
+                        || {
+                            let mut ov = o.as_view_mut();
+                            let out = Output {
+                                data: &mut ov,
+                                layout: ql,
+                                lse: None,
+                            };
+                            let qi = Input {
+                                data: &qv,
+                                layout: ql,
+                            };
+                            if name == "dense" {
+                                g.attn
+                                    .forward(
+                                        &g.stream,
+                                        qi,
+                                        Input {
+                                            data: &kv,
+                                            layout: all,
+                                        },
+                                        Input {
+                                            data: &vv,
+                                            layout: all,
+                                        },
+                                        out,
+                                        &ForwardOptions::dense(),
+                                    )
+                                    .unwrap();
+                            } else {
+                                g.attn
+                                    .forward_memory(
+                                        &g.stream,
+                                        qi,
+                                        Input {
+                                            data: &wk,
+                                            layout: wl,
+                                        },
+                                        Input {
+                                            data: &wv,
+                                            layout: wl,
+                                        },
+                                        MemoryInput {
+                                            keys: Input {
+                                                data: &mk,
+                                                layout: ml,
+                                            },
+                                            values: Input {
+                                                data: &mv,
+                                                layout: ml,
+                                            },
+                                            mask: None,
+                                        },
+                                        out,
+                                        &MemoryForward {
+                                            rope: Some(&rope),
+                                            softmax_scale: None,
+                                        },
+                                    )
+                                    .unwrap();
+                            }
+                        },
+                        &mut samples,
+                        iters,
+                    )
+                })
+            });
+            if samples.is_empty() {
+                continue;
+            }
+            let ms = median(&mut samples);
+            // Scores computed: every key for the dense call; the memory plus the causal half of
+            // the window for the memory call.
+            let visited = if name == "dense" {
+                keys as f64
+            } else {
+                m as f64 + (window as f64 + 1.0) / 2.0
+            };
+            let flops = 4.0 * heads as f64 * window as f64 * visited * d as f64;
+            if name == "dense" {
+                dense_ms = Some(ms);
+            }
+            println!(
+                "RESULT {{\"impl\": \"longflash_{name}\", \"memory\": {m}, \"window\": {window}, \"heads\": {heads}, \"head_dim\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.1}, \"vs_dense\": {}, \"device\": \"{device}\"}}",
+                flops / ms / 1e9,
+                dense_ms.map_or("null".into(), |p| format!("{:.3}", ms / p))
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_memory);
+criterion_main!(benches);

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""The Focused-Transformer memory layer in PyTorch, as the long_llama code computes it, timed
+on the shapes of benches/memory.rs.
+
+LongLlamaAttention.forward (src/modeling_longllama.py of CStanKonrad/long_llama): queries and
+local keys rotated with RoPE at window-relative positions (0 .. W-1, half-split pairs, base
+10000), memory keys not rotated; scores Q K_local^T / sqrt(d) plus the causal mask and
+Q K_mem^T / sqrt(d) (every memory entry visible here), concatenated along the keys, one softmax
+in float32, cast back to bf16, times [V_local; V_mem]. The scores are materialized in float32:
+[heads, W, W + M] per batch entry, the cost the memory kernel avoids. --head-chunk N runs N
+heads at a time (default: all at once, as the released code does); a configuration that does
+not fit reports "ms": null and the OOM.
+
+Output: one JSON line per memory length on stdout, also appended to --out:
+  {"impl": "torch_fot_memory", "memory": 262144, "window": 2048, "heads": 16, "head_dim": 128,
+   "head_chunk": null, "ms": 123.4, "peak_mem_gib": 40.1, "device": "..."}
+"""
+import argparse
+import json
+import math
+
+import torch
+
+
+def rope_tables(w, d, device):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    t = torch.arange(w, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rot.float() * sin).to(x.dtype)
+
+
+def layer(q, k, v, mk, mv, cos, sin):
+    d = q.shape[-1]
+    w = q.shape[-2]
+    q = rotate(q, cos, sin)
+    k = rotate(k, cos, sin)
+    local = torch.matmul(q, k.transpose(-1, -2)).float() / math.sqrt(d)
+    causal = torch.ones(w, w, dtype=torch.bool, device=q.device).triu(1)
+    local = local.masked_fill(causal, float("-inf"))
+    mem = torch.matmul(q, mk.transpose(-1, -2)).float() / math.sqrt(d)
+    scores = torch.cat([local, mem], dim=-1)
+    del local, mem
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    del scores
+    return torch.matmul(p, torch.cat([v, mv], dim=-2))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--memory", default="65536,262144,1048576")
+    ap.add_argument("--window", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--head-chunk", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    h, d, w = a.heads, a.head_dim, a.window
+    cos, sin = rope_tables(w, d, dev)
+    for m in [int(x) for x in a.memory.split(",")]:
+        rec = {"impl": "torch_fot_memory", "memory": m, "window": w, "heads": h, "head_dim": d,
+               "head_chunk": a.head_chunk, "device": name}
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            mk = mv = q = k = v = None
+            g = torch.Generator(device=dev).manual_seed(0)
+            mk = torch.randn(1, h, m, d, device=dev, dtype=torch.bfloat16, generator=g)
+            mv = torch.randn(1, h, m, d, device=dev, dtype=torch.bfloat16, generator=g)
+            q, k, v = (torch.randn(1, h, w, d, device=dev, dtype=torch.bfloat16, generator=g)
+                       for _ in range(3))
+            chunk = a.head_chunk or h
+
+            def run():
+                return torch.cat([layer(q[:, i:i + chunk], k[:, i:i + chunk], v[:, i:i + chunk],
+                                        mk[:, i:i + chunk], mv[:, i:i + chunk], cos, sin)
+                                  for i in range(0, h, chunk)], dim=1)
+
+            run()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(a.iters):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                run()
+                e.record()
+                e.synchronize()
+                times.append(s.elapsed_time(e))
+            times.sort()
+            rec["ms"] = round(times[len(times) // 2], 4)
+        except torch.cuda.OutOfMemoryError as err:
+            rec["ms"] = None
+            rec["error"] = "OOM " + str(err).split("\n")[0][:160]
+        rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        mk = mv = q = k = v = None
+        torch.cuda.empty_cache()
+        line = json.dumps(rec)
+        print(line, flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

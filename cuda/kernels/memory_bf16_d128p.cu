@@ -1,0 +1,4 @@
+// Memory attention, bf16, head dims below 128 that are multiples of 4 (e.g. 100), zero-padded
+// to the 128-wide tile inside the kernel.
+#include "../memory.cuh"
+LF_DEFINE_MEMORY_KERNEL(lf_memory_bf16_d128p, __nv_bfloat16, 128, true)

@@ -1,0 +1,440 @@
+//! Memory attention (Focused Transformer / LongLLaMA memory layers): a local causal window and an
+//! external memory of (key, value) pairs in one softmax. Its options, raw arguments and
+//! validation, and the safe and raw entry points; the semantics are those of
+//! [`reference::memory_attention_f64`](crate::reference::memory_attention_f64) with every memory
+//! entry attended (no top-k).
+//!
+//! One kernel (`cuda/memory.cuh`, on the `mma.sync` mainloop) walks a query tile's local key
+//! tiles (causal, aligned bottom-right, optionally a left window) and then the memory's tiles,
+//! sharing one online softmax. Queries and local keys are rotated with plain RoPE at their
+//! positions when the call gives a rotation (the local keys once into a workspace by the RoPE
+//! key pass, the queries in shared memory), memory keys never: FoT stores them "as if first".
+
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaStream, CudaView, DevicePtr, DeviceSlice};
+
+use super::rope::{key_workspaces, rope_keys_params, RopeTables};
+use super::{
+    head_dim_kernel, Attention, ForwardOptions, Input, Output, RawForward, RawRope, RawRopeMode,
+};
+use crate::check::{aligned, byte_range, mismatch, overlaps, strides_multiple_of};
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::mask::MaskSpec;
+use crate::rope::{PositionMode, RopeOptions};
+use crate::Element;
+
+/// Head dims the memory kernel takes: 64 and 128 in kernels of their own width, and any other
+/// multiple of 4 between them (LongLLaMA-3B's 100, 80, 96, 112) zero-padded to 128 inside the
+/// kernel.
+pub const MEMORY_HEAD_DIMS: &str = "64, 128, or a multiple of 4 between them (e.g. 100)";
+
+/// The most memory entries per batch entry (the kernel counts them in 32 bits).
+pub const MAX_MEM_LEN: usize = (1 << 31) - 256;
+
+/// The external memory of a memory-attention call.
+pub struct MemoryInput<'a, 'b, T> {
+    /// Raw keys (never rotated), `[batch, mem_len, heads_kv, head_dim]`: the local keys' batch,
+    /// heads and head dim.
+    pub keys: Input<'a, 'b, T>,
+    /// Values, shaped like `keys`.
+    pub values: Input<'a, 'b, T>,
+    /// `[batch, mem_len]` bytes, 0 for an entry no query sees (FoT's memory mask); `None`: every
+    /// entry visible.
+    pub mask: Option<&'a CudaView<'b, u8>>,
+}
+
+/// Options of a memory-attention call (see [`Attention::forward_memory`]).
+#[derive(Clone, Copy, Default)]
+pub struct MemoryForward<'a> {
+    /// Plain RoPE for the queries and the local keys at their positions (query `i` at
+    /// `seqlen_k - seqlen_q + i`, local key `j` at `j`, plus the options' offsets; its
+    /// `window_left` narrows the local part to a sliding window). `PositionMode::Rope` only: the
+    /// memory layer has no ReRoPE. `None`: no rotation (FoT's `positionals = False`), a causal
+    /// local part.
+    pub rope: Option<&'a RopeOptions>,
+    /// Multiplies Q K^T before the softmax (both parts); `None` means `1 / sqrt(head_dim)`.
+    pub softmax_scale: Option<f32>,
+}
+
+/// The memory of the raw memory-attention call: device pointers and layouts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RawMemory {
+    /// Raw memory keys, `keys_layout` (`[batch, mem_len, heads_kv, head_dim]`); may be 0 when
+    /// `mem_len` is 0.
+    pub keys: sys::CUdeviceptr,
+    /// Memory values, `values_layout` (the keys' shape).
+    pub values: sys::CUdeviceptr,
+    /// `[batch, mem_len]` visibility bytes (0: hidden), or 0 for every entry visible.
+    pub mask: sys::CUdeviceptr,
+    /// Layout of the keys; its `seqlen` is the memory's length (0 allowed: no memory).
+    pub keys_layout: Layout,
+    /// Layout of the values.
+    pub values_layout: Layout,
+}
+
+/// The memory fields of the kernel's parameters.
+struct LoweredMemory {
+    keys: sys::CUdeviceptr,
+    values: sys::CUdeviceptr,
+    mask: sys::CUdeviceptr,
+    mem_len: i32,
+}
+
+impl RawMemory {
+    /// Checks a raw memory-attention call (the local part, the memory, the rotation) and lowers
+    /// it to the kernel's parameters: every error [`Attention::forward_memory_raw`] returns before
+    /// any launch. `fwd.options.mask` must be causal without sinks (a left window may be added),
+    /// `fwd.block_mask` `None`, the head dim one of [`MEMORY_HEAD_DIMS`], and `rope` plain RoPE
+    /// with an aligned rotated-key workspace that overlaps nothing else.
+    pub fn validate(
+        &self,
+        fwd: &RawForward,
+        rope: Option<&RawRope>,
+    ) -> Result<crate::sys::LfMemoryFwdParams> {
+        if !fwd.options.mask.causal {
+            return Err(Error::InvalidMask {
+                arg: "mask.causal",
+                value: "false".into(),
+                expected: "true: the memory layer's local part is causal",
+            });
+        }
+        if fwd.block_mask.is_some() {
+            return Err(Error::InvalidArgument {
+                arg: "block_mask",
+                value: "Some".into(),
+                expected: "None: memory attention takes no block mask".into(),
+            });
+        }
+        let base = fwd.validate()?;
+        memory_module(fwd.dtype.name(), fwd.q_layout.head_dim)?;
+        let mem = self.check_memory(fwd)?;
+        let lf_rope = match rope {
+            Some(r) => Some(validate_rotation(r, fwd, self)?),
+            None => None,
+        };
+        Ok(crate::sys::LfMemoryFwdParams {
+            fwd: base,
+            rope: lf_rope.unwrap_or_default(),
+            mem_k: mem.keys as *const _,
+            mem_v: mem.values as *const _,
+            mem_mask: mem.mask as *const u8,
+            mem_k_batch_stride: self.keys_layout.batch_stride,
+            mem_k_row_stride: self.keys_layout.seq_stride,
+            mem_k_head_stride: self.keys_layout.head_stride,
+            mem_v_batch_stride: self.values_layout.batch_stride,
+            mem_v_row_stride: self.values_layout.seq_stride,
+            mem_v_head_stride: self.values_layout.head_stride,
+            mem_len: mem.mem_len,
+            rotate: lf_rope.is_some() as i32,
+        })
+    }
+
+    /// The memory against the call: shapes, alignment, length, aliasing with the outputs.
+    fn check_memory(&self, fwd: &RawForward) -> Result<LoweredMemory> {
+        let (q, k) = (&fwd.q_layout, &fwd.k_layout);
+        let (kl, vl) = (&self.keys_layout, &self.values_layout);
+        mismatch("memory.keys.batch", kl.batch, "q.batch", q.batch)?;
+        mismatch("memory.keys.heads", kl.heads, "k.heads", k.heads)?;
+        mismatch(
+            "memory.keys.head_dim",
+            kl.head_dim,
+            "q.head_dim",
+            q.head_dim,
+        )?;
+        mismatch("memory.values.batch", vl.batch, "q.batch", q.batch)?;
+        mismatch(
+            "memory.values.seqlen",
+            vl.seqlen,
+            "memory.keys.seqlen",
+            kl.seqlen,
+        )?;
+        mismatch("memory.values.heads", vl.heads, "k.heads", k.heads)?;
+        mismatch(
+            "memory.values.head_dim",
+            vl.head_dim,
+            "q.head_dim",
+            q.head_dim,
+        )?;
+        let mem_len = kl.seqlen;
+        if mem_len > MAX_MEM_LEN {
+            return Err(Error::InvalidArgument {
+                arg: "memory.keys.seqlen",
+                value: mem_len.to_string(),
+                expected: format!("at most {MAX_MEM_LEN} memory entries"),
+            });
+        }
+        if mem_len == 0 {
+            return Ok(LoweredMemory {
+                keys: 0,
+                values: 0,
+                mask: 0,
+                mem_len: 0,
+            });
+        }
+        // As Q, K, V: 16-byte rows, 8-byte for a head narrower than its kernel's tile.
+        let narrow = head_dim_kernel(q.head_dim).is_some_and(|(_, padded)| padded);
+        let (bytes, elems) = if narrow { (8, 4) } else { (16, 8) };
+        aligned("memory.keys.ptr", self.keys, bytes, true)?;
+        aligned("memory.values.ptr", self.values, bytes, true)?;
+        strides_multiple_of("memory.keys", kl, elems)?;
+        strides_multiple_of("memory.values", vl, elems)?;
+        // Nothing the call writes may overlap the memory.
+        let mask_range = (
+            self.mask as i128,
+            self.mask as i128 + (q.batch * mem_len) as i128,
+        );
+        let lse_range = (
+            fwd.lse as i128,
+            fwd.lse as i128 + (q.batch * q.heads * q.seqlen) as i128 * 4,
+        );
+        let o_range = byte_range(fwd.o, &fwd.o_layout, 2);
+        let mut reads = vec![
+            ("memory.keys", byte_range(self.keys, kl, 2)),
+            ("memory.values", byte_range(self.values, vl, 2)),
+        ];
+        if self.mask != 0 {
+            reads.push(("memory.mask", mask_range));
+        }
+        for (other, r) in reads {
+            if overlaps(o_range, r) {
+                return Err(Error::Aliasing { output: "o", other });
+            }
+            if fwd.lse != 0 && overlaps(lse_range, r) {
+                return Err(Error::Aliasing {
+                    output: "lse",
+                    other,
+                });
+            }
+        }
+        Ok(LoweredMemory {
+            keys: self.keys,
+            values: self.values,
+            mask: self.mask,
+            mem_len: mem_len as i32,
+        })
+    }
+}
+
+/// The memory kernel's module for `dtype` at head dim `d`: 64 and 128 of their own width, the
+/// multiples of 4 between them padded to 128.
+fn memory_module(dtype: &str, d: usize) -> Result<String> {
+    match d {
+        64 | 128 => Ok(format!("memory_{dtype}_d{d}")),
+        65..=127 if d % 4 == 0 => Ok(format!("memory_{dtype}_d128p")),
+        _ => Err(Error::InvalidArgument {
+            arg: "q.head_dim",
+            value: d.to_string(),
+            expected: format!("a memory-attention head dim: {MEMORY_HEAD_DIMS}"),
+        }),
+    }
+}
+
+/// The local part's mask: causal, with the rotation's left window when there is one.
+fn local_mask(rope: Option<&RopeOptions>) -> MaskSpec {
+    rope.map_or(MaskSpec::causal(), RopeOptions::mask)
+}
+
+impl Attention {
+    /// Memory attention: each query attends, in one softmax, its local keys (causal, aligned
+    /// bottom-right; queries and local keys rotated with plain RoPE when `opts.rope` is given)
+    /// and every visible entry of `memory` (raw keys, not rotated, not causal). Output and LSE
+    /// as [`forward`](Self::forward); a row that sees nothing gets 0 and `-inf`. The rotated
+    /// local keys go to a workspace allocated here on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_memory<T: Element>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Input<'_, '_, T>,
+        k: Input<'_, '_, T>,
+        v: Input<'_, '_, T>,
+        memory: MemoryInput<'_, '_, T>,
+        out: Output<'_, '_, T>,
+        opts: &MemoryForward<'_>,
+    ) -> Result<()> {
+        let (ql, kl) = (q.layout, k.layout);
+        let mem_len = memory.keys.layout.seqlen;
+        if mem_len > 0 {
+            self.check_view("memory.keys", memory.keys.data, &memory.keys.layout)?;
+            self.check_view("memory.values", memory.values.data, &memory.values.layout)?;
+        }
+        if let Some(m) = memory.mask {
+            self.same_context("memory.mask", m.stream().context().cu_ctx())?;
+            let need = (ql.batch as u128) * (mem_len as u128);
+            if need > m.len() as u128 {
+                return Err(Error::OutOfBounds {
+                    arg: "memory.mask",
+                    required: need,
+                    len: m.len(),
+                });
+            }
+        }
+        let rotation = match opts.rope {
+            Some(rope) => {
+                if rope.mode != PositionMode::Rope {
+                    return Err(not_plain_rope(rope.mode));
+                }
+                let tables = RopeTables::for_call(stream, rope, &ql, &kl)?;
+                let (k_rot, _) = key_workspaces::<T>(stream, rope, &kl)?;
+                Some((rope, tables, k_rot))
+            }
+            None => None,
+        };
+        let (mk, _g1) = memory.keys.data.device_ptr(stream);
+        let (mv, _g2) = memory.values.data.device_ptr(stream);
+        let (mm, _g3) = match memory.mask {
+            Some(m) => {
+                let (p, g) = m.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let raw_memory = RawMemory {
+            keys: mk,
+            values: mv,
+            mask: mm,
+            keys_layout: memory.keys.layout,
+            values_layout: memory.values.layout,
+        };
+        let options = ForwardOptions {
+            mask: local_mask(opts.rope),
+            softmax_scale: opts.softmax_scale,
+        };
+        match &rotation {
+            Some((rope, tables, k_rot)) => {
+                let (rp, _g4) = k_rot.device_ptr(stream);
+                let (raw_rope, _g5, _g6) = tables.raw(stream, rope, (rp, 0));
+                self.forward_impl(stream, [q, k, v], out, options, None, |raw| {
+                    // SAFETY: forward_impl checked Q, K, V, O and the LSE against their layouts
+                    // and this context, the memory's views were checked above, and the tables
+                    // and workspace were allocated above with the sizes the contract asks for;
+                    // all live until the call returns (frees are ordered after the kernels).
+                    unsafe {
+                        self.forward_memory_raw(
+                            stream.cu_stream(),
+                            raw,
+                            &raw_memory,
+                            Some(&raw_rope),
+                        )
+                    }
+                })
+            }
+            None => self.forward_impl(stream, [q, k, v], out, options, None, |raw| {
+                // SAFETY: as above, without a rotation.
+                unsafe { self.forward_memory_raw(stream.cu_stream(), raw, &raw_memory, None) }
+            }),
+        }
+    }
+
+    /// Memory attention from raw pointers (see [`forward_memory`](Self::forward_memory)). With
+    /// `rope`, runs the RoPE key pass into `rope.k_rot` first (plain RoPE only; `k_alt` unused),
+    /// then the memory kernel, both on `stream`; allocates nothing.
+    ///
+    /// `fwd.options.mask` must be causal without sinks (a left window may be added) and
+    /// `fwd.block_mask` `None`.
+    ///
+    /// # Safety
+    /// As [`forward_raw`](Self::forward_raw) for `fwd`, and: `memory.keys` and `memory.values`
+    /// hold every element their layouts address and `memory.mask` (when not 0) `batch * mem_len`
+    /// bytes, all device memory of this context that nothing writes until the kernel finishes;
+    /// with `rope`, as [`forward_rope_raw`](Self::forward_rope_raw) for its tables and `k_rot`.
+    pub unsafe fn forward_memory_raw(
+        &self,
+        stream: sys::CUstream,
+        fwd: &RawForward,
+        memory: &RawMemory,
+        rope: Option<&RawRope>,
+    ) -> Result<()> {
+        let mut params = memory.validate(fwd, rope)?;
+        let d = fwd.q_layout.head_dim;
+        let dt = fwd.dtype.name();
+        let module = memory_module(dt, d)?;
+        let tiles = self.sm80_tiles(d, 1, "memory kernel")?;
+        if params.rotate != 0 {
+            let (mut keys, pairs) = rope_keys_params(fwd, params.rope)?;
+            // SAFETY: validated parameters; the workspace is disjoint from every input and output
+            // (validated) and sized per this fn's contract.
+            unsafe { self.launch_rope_keys(stream, &format!("rope_keys_{dt}"), pairs, &mut keys) }?;
+        }
+        let l = &fwd.q_layout;
+        // SAFETY: `params` was validated above and is the kernel's one by-value parameter (the
+        // struct both sides take from params.h); pointers and stream are valid per this fn's
+        // contract, and the key pass wrote the workspace on the same stream.
+        unsafe {
+            self.launch_sm80(
+                stream,
+                &module,
+                tiles,
+                (l.seqlen, l.heads, l.batch),
+                &mut params,
+                "launching the memory-attention kernel",
+            )
+        }
+    }
+}
+
+/// The error for a position mode the memory layer does not have.
+fn not_plain_rope(mode: PositionMode) -> Error {
+    Error::InvalidArgument {
+        arg: "rope.mode",
+        value: format!("{mode:?}"),
+        expected: "PositionMode::Rope (the memory layer rotates plainly)".into(),
+    }
+}
+
+/// The rotation of a raw memory call: plain RoPE, the rotation's own checks, and a rotated-key
+/// workspace that is aligned and overlaps none of the call's tensors.
+fn validate_rotation(
+    r: &RawRope,
+    fwd: &RawForward,
+    memory: &RawMemory,
+) -> Result<crate::sys::LfRope> {
+    if r.mode != RawRopeMode::Rope {
+        let mode = match r.mode {
+            RawRopeMode::ReRope { window } => PositionMode::ReRope { window },
+            RawRopeMode::LeakyReRope { window, leak } => PositionMode::LeakyReRope { window, leak },
+            RawRopeMode::Rope => PositionMode::Rope,
+        };
+        return Err(not_plain_rope(mode));
+    }
+    let d = fwd.q_layout.head_dim;
+    let lowered = r.lower_rotation(d)?;
+    let narrow = head_dim_kernel(d).is_some_and(|(_, padded)| padded);
+    aligned("rope.k_rot", r.k_rot, if narrow { 8 } else { 16 }, true)?;
+    let k = &fwd.k_layout;
+    let ws = byte_range(r.k_rot, &Layout::bshd(k.batch, k.seqlen, k.heads, d), 2);
+    let mut others = vec![
+        ("q", byte_range(fwd.q, &fwd.q_layout, 2)),
+        ("k", byte_range(fwd.k, &fwd.k_layout, 2)),
+        ("v", byte_range(fwd.v, &fwd.v_layout, 2)),
+        ("o", byte_range(fwd.o, &fwd.o_layout, 2)),
+    ];
+    if memory.keys_layout.seqlen > 0 {
+        others.push((
+            "memory.keys",
+            byte_range(memory.keys, &memory.keys_layout, 2),
+        ));
+        others.push((
+            "memory.values",
+            byte_range(memory.values, &memory.values_layout, 2),
+        ));
+    }
+    if fwd.lse != 0 {
+        let n = (fwd.q_layout.batch * fwd.q_layout.heads * fwd.q_layout.seqlen) as i128 * 4;
+        others.push(("lse", (fwd.lse as i128, fwd.lse as i128 + n)));
+    }
+    for (other, range) in others {
+        if overlaps(ws, range) {
+            return Err(Error::Aliasing {
+                output: "rope.k_rot",
+                other,
+            });
+        }
+    }
+    Ok(crate::sys::LfRope {
+        k_rot: r.k_rot as *const _,
+        k_alt: std::ptr::null(),
+        ..lowered
+    })
+}
