@@ -91,23 +91,34 @@ pub fn parse_list(var: &str, default: &[usize]) -> Vec<usize> {
 }
 
 /// Times `iters` calls of `f` with CUDA events around each one, pushing each time (ms) to
-/// `samples`; returns the total for criterion's `iter_custom`.
+/// `samples`; returns the total for criterion's `iter_custom`. The calls are queued one after
+/// the other and the stream synchronized once at the end, as the PyTorch peers time theirs
+/// (benches/peer_timing.py): each call's host work (checks, tensor maps, launches) overlaps the
+/// previous call's kernels, so an event pair measures the GPU's time for the call, not the host's
+/// latency in front of an idle GPU. `LONGFLASH_BENCH_SYNC_EACH=1` synchronizes after every call
+/// instead (the latency one isolated call sees).
 pub fn time_calls(g: &Gpu, mut f: impl FnMut(), samples: &mut Vec<f64>, iters: u64) -> Duration {
-    let start = g
-        .ctx
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .unwrap();
-    let end = g
-        .ctx
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .unwrap();
-    let mut total = 0.0;
+    let sync_each = std::env::var("LONGFLASH_BENCH_SYNC_EACH").is_ok_and(|v| v == "1");
+    let event = || {
+        g.ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .unwrap()
+    };
+    let mut pairs = Vec::with_capacity(iters as usize);
     for _ in 0..iters {
+        let (start, end) = (event(), event());
         start.record(&g.stream).unwrap();
         f();
         end.record(&g.stream).unwrap();
-        end.synchronize().unwrap();
-        let ms = start.elapsed_ms(&end).unwrap() as f64;
+        if sync_each {
+            end.synchronize().unwrap();
+        }
+        pairs.push((start, end));
+    }
+    g.stream.synchronize().unwrap();
+    let mut total = 0.0;
+    for (start, end) in &pairs {
+        let ms = start.elapsed_ms(end).unwrap() as f64;
         samples.push(ms);
         total += ms;
     }
