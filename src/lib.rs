@@ -10,6 +10,7 @@ mod loader;
 pub mod mask;
 pub mod plan;
 pub mod reference;
+pub mod ring;
 pub mod rope;
 #[rustfmt::skip]
 pub mod sys;
