@@ -21,8 +21,9 @@ pub use attention::{
     BackwardInputs, BackwardOptions, BlockTable, DecodeOptions, DecodePlan, DecodeProblem,
     ForwardOptions, Gradient, Gradients, Input, KvCache, KvCacheMut, Mainloop, MainloopChoice,
     MemoryForward, MemoryInput, Output, RawAppend, RawBackward, RawBlockMask, RawDecode,
-    RawForward, RawMemory, RawMerge, RawRope, RawRopeMode, RawVarlenForward, RopeBackward,
-    RopeForward, SparseBackwardOptions, SparseOptions, VarlenOptions, SUPPORTED_HEAD_DIMS,
+    RawForward, RawMemory, RawMerge, RawRope, RawRopeMode, RawVarlenForward, RingAccumulator,
+    RopeBackward, RopeForward, SparseBackwardOptions, SparseOptions, VarlenOptions,
+    SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

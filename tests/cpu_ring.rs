@@ -210,3 +210,53 @@ proptest! {
         ring_matches_whole(seqlen, ranks, sharding, causal, (1, group * hk, hk, 8), seed);
     }
 }
+
+#[test]
+fn one_rank_lowp_ring_is_the_plain_lowp_attention() {
+    use half::bf16;
+    use longflash::reference::{attention_lowp, ring_attention_lowp};
+    let shape = RefShape {
+        batch: 2,
+        seqlen_q: 33,
+        seqlen_k: 33,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 16,
+    };
+    let mut rng = Rng(11);
+    let mut gen = |n: usize| -> Vec<bf16> {
+        (0..n)
+            .map(|_| bf16::from_f32(rng.sym(2.0) as f32))
+            .collect()
+    };
+    let (q, k, v) = (
+        gen(shape.q_len().unwrap()),
+        gen(shape.kv_len().unwrap()),
+        gen(shape.kv_len().unwrap()),
+    );
+    for causal in [false, true] {
+        let mask = if causal {
+            MaskSpec::causal()
+        } else {
+            MaskSpec::none()
+        };
+        let plan = RingPlan::new(33, 1, Sharding::Contiguous, causal).unwrap();
+        let ring = ring_attention_lowp(&shape, (&q, &k, &v), &plan, 0.25).unwrap();
+        let whole = attention_lowp(&shape, &q, &k, &v, &mask, 0.25).unwrap();
+        assert_eq!(ring.out, whole.out);
+        for (a, b) in ring.lse.iter().zip(&whole.lse) {
+            assert_eq!(*a as f32, *b as f32);
+        }
+        // Over more ranks the low-precision ring stays within a few roundings of the f64 one.
+        let plan = RingPlan::new(33, 3, Sharding::Zigzag, causal).unwrap();
+        let ring = ring_attention_lowp(&shape, (&q, &k, &v), &plan, 0.25).unwrap();
+        let wide = |x: &[bf16]| -> Vec<f64> { x.iter().map(|t| f64::from(t.to_f32())).collect() };
+        let exact = attention_f64(&shape, &wide(&q), &wide(&k), &wide(&v), &mask, 0.25).unwrap();
+        for (a, b) in ring.out.iter().zip(&exact.out) {
+            assert!(
+                (a - b).abs() <= 4.0 * 2f64.powi(-8) * b.abs().max(1.0),
+                "{a} against {b}"
+            );
+        }
+    }
+}

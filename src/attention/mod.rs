@@ -27,6 +27,7 @@ mod decode_rope;
 pub mod forward;
 pub mod memory;
 pub mod merge;
+pub mod ring;
 pub mod rope;
 pub mod rope_backward;
 mod sm90;
@@ -43,6 +44,7 @@ pub use decode::{BlockTable, DecodeOptions, DecodePlan, DecodeProblem, KvCache, 
 pub use forward::{ForwardOptions, RawForward};
 pub use memory::{MemoryForward, MemoryInput, RawMemory, MAX_MEM_LEN, MEMORY_HEAD_DIMS};
 pub use merge::RawMerge;
+pub use ring::RingAccumulator;
 pub use rope::{RawRope, RawRopeMode, RopeForward};
 pub use rope_backward::{rope_backward_workspace_bytes, RopeBackward};
 pub use sparse::{RawBlockMask, SparseOptions};

@@ -53,7 +53,7 @@ pub use compare::{
 };
 pub use dense::{attention_f64, attention_lowp};
 pub use memory::{memory_attention_f64, memory_attention_lowp, memory_top_k, RefMemory};
-pub use ring::ring_attention_f64;
+pub use ring::{ring_attention_f64, ring_attention_lowp};
 pub use rope::{
     rope_attention_f64, rope_attention_f64_sparse, rope_attention_lowp, rope_attention_lowp_sparse,
     rope_rotate_k, rope_rotate_q,

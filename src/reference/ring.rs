@@ -3,21 +3,22 @@
 //! attention over the whole sequence up to f64 rounding; `tests/cpu_ring.rs` checks that, and the
 //! GPU ring's results are compared with it.
 
-use super::dense::attention_f64;
+use super::dense::{attention_f64, attention_lowp};
 use super::{merge, RefOutput, RefShape};
+use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mask::MaskSpec;
 use crate::ring::{PairMask, RingPlan};
 
 /// Rows `rows` of a `[batch, seqlen, heads, head_dim]` tensor of `seqlen` rows, as a tensor of
 /// their own.
-fn gather(
-    x: &[f64],
+fn gather<E: Copy>(
+    x: &[E],
     batch: usize,
     seqlen: usize,
     row: usize,
     rows: &[std::ops::Range<usize>],
-) -> Vec<f64> {
+) -> Vec<E> {
     let mut out = Vec::new();
     for b in 0..batch {
         for r in rows {
@@ -42,6 +43,88 @@ pub fn ring_attention_f64(
     (q, k, v): (&[f64], &[f64], &[f64]),
     plan: &RingPlan,
     scale: f64,
+) -> Result<RefOutput> {
+    run_ring(
+        shape,
+        (q, k, v),
+        plan,
+        |s, q, k, v, m| attention_f64(s, q, k, v, m, scale),
+        merge,
+    )
+}
+
+/// [`ring_attention_f64`] computed as a ring of low-precision kernels would: each pair by
+/// [`attention_lowp`] (output rounded to `T`), each merge as the GPU's LSE merge does it (weights
+/// and the weighted sum in f32, the result rounded to `T`, the LSE in f32). The budget of a ring
+/// under [`compare`](super::compare): the roundings of its partial outputs are the ring's own.
+///
+/// # Errors
+///
+/// As [`ring_attention_f64`].
+pub fn ring_attention_lowp<T: Element>(
+    shape: &RefShape,
+    (q, k, v): (&[T], &[T], &[T]),
+    plan: &RingPlan,
+    scale: f32,
+) -> Result<RefOutput> {
+    let mut r = run_ring(
+        shape,
+        (q, k, v),
+        plan,
+        |s, q, k, v, m| attention_lowp(s, q, k, v, m, scale),
+        merge_lowp::<T>,
+    )?;
+    r.dtype = Some(T::DTYPE);
+    Ok(r)
+}
+
+/// The GPU's LSE merge (cuda/merge.cuh) on the CPU: f32 weights and sums, the output rounded to
+/// `T`.
+fn merge_lowp<T: Element>(shape: &RefShape, a: &RefOutput, b: &RefOutput) -> RefOutput {
+    let d = shape.head_dim;
+    let mut out = a.out.clone();
+    let mut lse = a.lse.clone();
+    for (r, row_lse) in lse.iter_mut().enumerate() {
+        let (bi, rest) = (
+            r / (shape.heads_q * shape.seqlen_q),
+            r % (shape.heads_q * shape.seqlen_q),
+        );
+        let (h, i) = (rest / shape.seqlen_q, rest % shape.seqlen_q);
+        let (la, lb) = (a.lse[r] as f32, b.lse[r] as f32);
+        let m = la.max(lb);
+        let (mut wa, mut wb, mut l) = (0f32, 0f32, f32::NEG_INFINITY);
+        if m != f32::NEG_INFINITY {
+            let (ea, eb) = ((la - m).exp(), (lb - m).exp());
+            let sum = ea + eb;
+            (wa, wb, l) = (ea / sum, eb / sum, m + sum.ln());
+        }
+        *row_lse = f64::from(l);
+        let o = shape.q_offset(bi, i, h);
+        let rows = out[o..o + d]
+            .iter_mut()
+            .zip(&a.out[o..o + d])
+            .zip(&b.out[o..o + d]);
+        for ((y, &xa), &xb) in rows {
+            let ya = if wa > 0.0 { wa * xa as f32 } else { 0.0 };
+            let yb = if wb > 0.0 { wb * xb as f32 } else { 0.0 };
+            *y = f64::from(T::from_f32(ya + yb).to_f32());
+        }
+    }
+    RefOutput {
+        out,
+        lse,
+        ..RefOutput::default()
+    }
+}
+
+/// Runs `plan` with `pair` computing each visible pair and `merge` folding it into the rank's
+/// running result.
+fn run_ring<E: Copy>(
+    shape: &RefShape,
+    (q, k, v): (&[E], &[E], &[E]),
+    plan: &RingPlan,
+    mut pair: impl FnMut(&RefShape, &[E], &[E], &[E], &MaskSpec) -> Result<RefOutput>,
+    merge: impl Fn(&RefShape, &RefOutput, &RefOutput) -> RefOutput,
 ) -> Result<RefOutput> {
     shape.check(q.len(), k.len(), v.len())?;
     if shape.seqlen_q != plan.seqlen() || shape.seqlen_k != plan.seqlen() {
@@ -81,13 +164,12 @@ pub fn ring_attention_f64(
                     PairMask::Full => MaskSpec::none(),
                     PairMask::Causal => MaskSpec::causal(),
                 };
-                let part = attention_f64(
+                let part = pair(
                     &pair_shape,
                     &gather(q, b, s, qrow, std::slice::from_ref(&p.q)),
                     &gather(k, b, s, krow, std::slice::from_ref(&p.k)),
                     &gather(v, b, s, krow, std::slice::from_ref(&p.k)),
                     &mask,
-                    scale,
                 )?;
                 // The pair's rows inside the shard; every other row unchanged by the merge.
                 let mut full = RefOutput {

@@ -26,6 +26,7 @@ mod dense;
 mod hopper;
 mod memory;
 mod narrow;
+mod ring;
 mod rope;
 mod rope_long;
 mod sparse;

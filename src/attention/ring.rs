@@ -1,0 +1,363 @@
+//! Ring attention on the GPU: one rank's step of a [`RingPlan`] (its shard's queries over the
+//! visible chunk pairs of the key / value shard it holds, merged by log-sum-exp into per-chunk
+//! accumulators), and a one-GPU run of the whole ring in which the shard transfers are device
+//! copies. The NCCL transport (send / recv of the held shard around the ring on a communication
+//! stream) drives the same step; it is not built yet, so this module is the ring's compute and
+//! merge order, checked on one GPU against the CPU reference (`reference::ring_attention_f64`).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView};
+
+use super::{Attention, ForwardOptions, Input, Output};
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::mask::MaskSpec;
+use crate::ring::{PairMask, RingPlan};
+use crate::Element;
+
+/// One rank's running result: per query chunk of its shard, the output `[batch, chunk, heads_q,
+/// head_dim]` and log-sum-exp `[batch, heads_q, chunk]` of the pairs merged so far, and scratch
+/// for the next pair's partial result.
+pub struct RingAccumulator<T> {
+    layouts: Vec<Layout>,
+    o: Vec<CudaSlice<T>>,
+    lse: Vec<CudaSlice<f32>>,
+    started: Vec<bool>,
+    part_o: CudaSlice<T>,
+    part_lse: CudaSlice<f32>,
+}
+
+impl<T: Element> RingAccumulator<T> {
+    /// Empty accumulators for rank `rank` of `plan`, queries of `batch` entries and `heads_q`
+    /// heads of `head_dim`, allocated on `stream`.
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        plan: &RingPlan,
+        rank: usize,
+        (batch, heads_q, head_dim): (usize, usize, usize),
+    ) -> Result<Self> {
+        let alloc = Error::driver("allocating ring accumulators");
+        let shard = plan.shard(rank);
+        let longest = shard.iter().map(|c| c.len()).max().unwrap_or(0);
+        let mut acc = RingAccumulator {
+            layouts: Vec::new(),
+            o: Vec::new(),
+            lse: Vec::new(),
+            started: Vec::new(),
+            part_o: stream
+                .alloc_zeros(batch * longest * heads_q * head_dim)
+                .map_err(alloc)?,
+            part_lse: stream
+                .alloc_zeros(batch * heads_q * longest)
+                .map_err(Error::driver("allocating ring accumulators"))?,
+        };
+        for c in &shard {
+            let l = Layout::bshd(batch, c.len(), heads_q, head_dim);
+            acc.layouts.push(l);
+            acc.o.push(
+                stream
+                    .alloc_zeros(l.numel())
+                    .map_err(Error::driver("allocating ring accumulators"))?,
+            );
+            acc.lse.push(
+                stream
+                    .alloc_zeros(batch * heads_q * c.len())
+                    .map_err(Error::driver("allocating ring accumulators"))?,
+            );
+            acc.started.push(false);
+        }
+        Ok(acc)
+    }
+
+    /// Chunk `i`'s output, log-sum-exp and layout (`None` for the log-sum-exp while no pair has
+    /// been merged into it: its rows have seen no key).
+    pub fn chunk(&self, i: usize) -> (&CudaSlice<T>, Option<&CudaSlice<f32>>, Layout) {
+        (
+            &self.o[i],
+            self.started[i].then_some(&self.lse[i]),
+            self.layouts[i],
+        )
+    }
+}
+
+/// Rows `rows` of a contiguous `[batch, seqlen, heads, head_dim]` tensor `l` as a view and the
+/// layout of that view (the tensor's strides).
+fn rows_of<'a, T>(
+    data: &CudaView<'a, T>,
+    l: &Layout,
+    rows: &std::ops::Range<usize>,
+) -> (CudaView<'a, T>, Layout) {
+    let off = rows.start * l.seq_stride as usize;
+    (
+        data.slice(off..),
+        Layout {
+            seqlen: rows.len(),
+            ..*l
+        },
+    )
+}
+
+impl Attention {
+    /// Rank `rank`'s step `step` of `plan`: attention of its shard's queries `q` (`[batch,
+    /// shard_len(rank), heads_q, head_dim]`, contiguous) over the visible pairs of the key / value
+    /// shard it holds at that step (`k`, `v`: the shard of `plan.kv_owner(rank, step)`, contiguous,
+    /// `[batch, shard_len(owner), heads_kv, head_dim]`), merged into `acc` by log-sum-exp. A step
+    /// with no visible pair does nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ring_step<T: Element>(
+        &self,
+        stream: &Arc<CudaStream>,
+        plan: &RingPlan,
+        (rank, step): (usize, usize),
+        q: Input<'_, '_, T>,
+        k: Input<'_, '_, T>,
+        v: Input<'_, '_, T>,
+        acc: &mut RingAccumulator<T>,
+        softmax_scale: Option<f32>,
+    ) -> Result<()> {
+        if rank >= plan.ranks() {
+            return Err(Error::InvalidArgument {
+                arg: "rank",
+                value: rank.to_string(),
+                expected: format!("a rank of the ring's {}", plan.ranks()),
+            });
+        }
+        let owner = plan.kv_owner(rank, step);
+        for (arg, l, rows, heads) in [
+            ("q", &q.layout, plan.shard_len(rank), acc.layouts[0].heads),
+            ("k", &k.layout, plan.shard_len(owner), k.layout.heads),
+            ("v", &v.layout, plan.shard_len(owner), k.layout.heads),
+        ] {
+            let want = Layout::bshd(acc.layouts[0].batch, rows, heads, acc.layouts[0].head_dim);
+            if *l != want {
+                return Err(Error::InvalidArgument {
+                    arg,
+                    value: format!("{l:?}"),
+                    expected: format!("the contiguous shard layout {want:?}"),
+                });
+            }
+        }
+        let shard = plan.shard(rank);
+        for p in plan.pairs(rank, step) {
+            let c = shard
+                .iter()
+                .position(|x| *x == p.q)
+                .expect("a pair's query chunk is one of the rank's");
+            let (qv, ql) = rows_of(q.data, &q.layout, &p.q_rows);
+            let (kv, kl) = rows_of(k.data, &k.layout, &p.k_rows);
+            let (vv, vl) = rows_of(v.data, &v.layout, &p.k_rows);
+            let options = ForwardOptions {
+                mask: match p.mask {
+                    PairMask::Full => MaskSpec::none(),
+                    PairMask::Causal => MaskSpec::causal(),
+                },
+                softmax_scale,
+            };
+            let inputs = (
+                Input {
+                    data: &qv,
+                    layout: ql,
+                },
+                Input {
+                    data: &kv,
+                    layout: kl,
+                },
+                Input {
+                    data: &vv,
+                    layout: vl,
+                },
+            );
+            let l = acc.layouts[c];
+            if !acc.started[c] {
+                // The chunk's first pair writes its accumulator directly.
+                let (mut o, mut lse) = (acc.o[c].as_view_mut(), acc.lse[c].as_view_mut());
+                self.forward(
+                    stream,
+                    inputs.0,
+                    inputs.1,
+                    inputs.2,
+                    Output {
+                        data: &mut o,
+                        layout: l,
+                        lse: Some(&mut lse),
+                    },
+                    &options,
+                )?;
+                acc.started[c] = true;
+            } else {
+                {
+                    let n = l.numel();
+                    let rows = l.batch * l.heads * l.seqlen;
+                    let mut po = acc.part_o.slice_mut(..n);
+                    let mut pl = acc.part_lse.slice_mut(..rows);
+                    self.forward(
+                        stream,
+                        inputs.0,
+                        inputs.1,
+                        inputs.2,
+                        Output {
+                            data: &mut po,
+                            layout: l,
+                            lse: Some(&mut pl),
+                        },
+                        &options,
+                    )?;
+                }
+                let n = l.numel();
+                let rows = l.batch * l.heads * l.seqlen;
+                let (po, pl) = (acc.part_o.slice(..n), acc.part_lse.slice(..rows));
+                let (mut o, mut lse) = (acc.o[c].as_view_mut(), acc.lse[c].as_view_mut());
+                self.merge(
+                    stream,
+                    Output {
+                        data: &mut o,
+                        layout: l,
+                        lse: Some(&mut lse),
+                    },
+                    Input {
+                        data: &po,
+                        layout: l,
+                    },
+                    &pl,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole ring of `plan` run on this one GPU, the shard transfers made device copies:
+    /// attention of `q`, `k`, `v` (contiguous `[batch, seqlen, heads, head_dim]`, the plan's
+    /// length) into `out` and its log-sum-exp (required: `[batch, heads_q, seqlen]`), computed
+    /// in the ring's order and merges. For checking the ring's compute and merge order against
+    /// the reference, and for timing it without a network; a multi-GPU ring runs
+    /// [`ring_step`](Self::ring_step) per rank.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ring_forward_one_gpu<T: Element>(
+        &self,
+        stream: &Arc<CudaStream>,
+        plan: &RingPlan,
+        q: Input<'_, '_, T>,
+        k: Input<'_, '_, T>,
+        v: Input<'_, '_, T>,
+        out: Output<'_, '_, T>,
+        softmax_scale: Option<f32>,
+    ) -> Result<()> {
+        let (ql, kl) = (q.layout, k.layout);
+        for (arg, l, heads) in [
+            ("q", &ql, ql.heads),
+            ("k", &kl, kl.heads),
+            ("v", &v.layout, kl.heads),
+            ("o", &out.layout, ql.heads),
+        ] {
+            let want = Layout::bshd(ql.batch, plan.seqlen(), heads, ql.head_dim);
+            if *l != want {
+                return Err(Error::InvalidArgument {
+                    arg,
+                    value: format!("{l:?}"),
+                    expected: format!("the contiguous layout {want:?} (the plan's length)"),
+                });
+            }
+        }
+        let Some(out_lse) = out.lse else {
+            return Err(Error::InvalidArgument {
+                arg: "out.lse",
+                value: "None".into(),
+                expected: "the log-sum-exp the ring merges by".into(),
+            });
+        };
+        let (b, d, hq, hk) = (ql.batch, ql.head_dim, ql.heads, kl.heads);
+        for (arg, len, need) in [
+            ("q", q.data.len(), ql.numel()),
+            ("k", k.data.len(), kl.numel()),
+            ("v", v.data.len(), kl.numel()),
+            ("o", out.data.len(), ql.numel()),
+            ("out.lse", out_lse.len(), b * hq * plan.seqlen()),
+        ] {
+            if len < need {
+                return Err(Error::OutOfBounds {
+                    arg,
+                    required: need as u128,
+                    len,
+                });
+            }
+        }
+        let s = plan.seqlen();
+        // Rank r's shard of a [b, s, heads, d] tensor: its chunks' rows, batch entry by entry.
+        let gather = |x: &CudaView<'_, T>, heads: usize, rank: usize| -> Result<CudaSlice<T>> {
+            let row = heads * d;
+            let n = plan.shard_len(rank);
+            let mut dst: CudaSlice<T> = stream
+                .alloc_zeros(b * n * row)
+                .map_err(Error::driver("allocating a ring shard"))?;
+            for bi in 0..b {
+                let mut at = 0;
+                for c in plan.shard(rank) {
+                    let src = x.slice((bi * s + c.start) * row..(bi * s + c.end) * row);
+                    let mut to = dst.slice_mut((bi * n + at) * row..(bi * n + at + c.len()) * row);
+                    stream
+                        .memcpy_dtod(&src, &mut to)
+                        .map_err(Error::driver("copying a ring shard"))?;
+                    at += c.len();
+                }
+            }
+            Ok(dst)
+        };
+        for rank in 0..plan.ranks() {
+            let q_shard = gather(q.data, hq, rank)?;
+            let mut acc = RingAccumulator::<T>::new(stream, plan, rank, (b, hq, d))?;
+            let n = plan.shard_len(rank);
+            for step in 0..plan.ranks() {
+                // The transfer: the shard the rank holds at this step, copied from its owner's rows.
+                let owner = plan.kv_owner(rank, step);
+                let (k_held, v_held) = (gather(k.data, hk, owner)?, gather(v.data, hk, owner)?);
+                let m = plan.shard_len(owner);
+                let (qv, kv, vv) = (q_shard.as_view(), k_held.as_view(), v_held.as_view());
+                self.ring_step(
+                    stream,
+                    plan,
+                    (rank, step),
+                    Input {
+                        data: &qv,
+                        layout: Layout::bshd(b, n, hq, d),
+                    },
+                    Input {
+                        data: &kv,
+                        layout: Layout::bshd(b, m, hk, d),
+                    },
+                    Input {
+                        data: &vv,
+                        layout: Layout::bshd(b, m, hk, d),
+                    },
+                    &mut acc,
+                    softmax_scale,
+                )?;
+            }
+            // The rank's rows back in sequence order.
+            let row = hq * d;
+            for (i, c) in plan.shard(rank).into_iter().enumerate() {
+                let (o, lse, _) = acc.chunk(i);
+                let lc = c.len();
+                for bi in 0..b {
+                    let src = o.slice(bi * lc * row..(bi + 1) * lc * row);
+                    let mut to = out
+                        .data
+                        .slice_mut((bi * s + c.start) * row..(bi * s + c.end) * row);
+                    stream
+                        .memcpy_dtod(&src, &mut to)
+                        .map_err(Error::driver("copying a ring shard"))?;
+                    let Some(lse) = lse else { continue };
+                    for h in 0..hq {
+                        let src = lse.slice((bi * hq + h) * lc..(bi * hq + h + 1) * lc);
+                        let at = (bi * hq + h) * s + c.start;
+                        let mut to = out_lse.slice_mut(at..at + lc);
+                        stream
+                            .memcpy_dtod(&src, &mut to)
+                            .map_err(Error::driver("copying a ring shard"))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,187 @@
+//! Ring attention's compute and merge order on one GPU (`Attention::ring_forward_one_gpu`: each
+//! rank's steps of a `RingPlan` with the shard transfers as device copies) against attention in
+//! f64 over the whole sequence, under the correctness rule with `reference::ring_attention_lowp`
+//! (the same pairs and merges in low precision) as the naive budget: contiguous and zigzag shards,
+//! 1 to 4 ranks, lengths the ranks do not divide, causal or not, GQA, both dtypes.
+
+use cudarc::driver::CudaSlice;
+use half::{bf16, f16};
+use longflash::mask::MaskSpec;
+use longflash::reference::{attention_f64, compare, ring_attention_lowp, RefShape};
+use longflash::ring::{RingPlan, Sharding};
+use longflash::{DType, Element, Error, Input, Layout, Output};
+
+use crate::common::Rng;
+use crate::common::*;
+
+fn run_t<T: Element>(
+    g: &Gpu,
+    (seqlen, ranks, sharding, causal): (usize, usize, Sharding, bool),
+    (batch, hq, hk, d): (usize, usize, usize, usize),
+    seed: u64,
+) {
+    let plan = RingPlan::new(seqlen, ranks, sharding, causal).unwrap();
+    let mut rng = Rng(seed);
+    let gen = |n: usize, rng: &mut Rng| -> Vec<T> {
+        (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect()
+    };
+    let (ql, kl) = (
+        Layout::bshd(batch, seqlen, hq, d),
+        Layout::bshd(batch, seqlen, hk, d),
+    );
+    let (q, k, v) = (
+        gen(ql.numel(), &mut rng),
+        gen(kl.numel(), &mut rng),
+        gen(kl.numel(), &mut rng),
+    );
+    let shape = RefShape {
+        batch,
+        seqlen_q: seqlen,
+        seqlen_k: seqlen,
+        heads_q: hq,
+        heads_kv: hk,
+        head_dim: d,
+    };
+    let scale = 1.0 / (d as f32).sqrt();
+    let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
+    let mask = if causal {
+        MaskSpec::causal()
+    } else {
+        MaskSpec::none()
+    };
+    let ref64 =
+        attention_f64(&shape, &wide(&q), &wide(&k), &wide(&v), &mask, scale as f64).unwrap();
+    let naive = ring_attention_lowp(&shape, (&q, &k, &v), &plan, scale).unwrap();
+    let s = &g.stream;
+    let (dq, dk, dv) = (
+        s.clone_htod(&q).unwrap(),
+        s.clone_htod(&k).unwrap(),
+        s.clone_htod(&v).unwrap(),
+    );
+    let mut o: CudaSlice<T> = s
+        .clone_htod(&vec![T::from_f32(f32::NAN); ql.numel()])
+        .unwrap();
+    let mut lse: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; batch * hq * seqlen]).unwrap();
+    {
+        let (qv, kv, vv) = (dq.as_view(), dk.as_view(), dv.as_view());
+        let (mut ov, mut lv) = (o.as_view_mut(), lse.as_view_mut());
+        g.attn
+            .ring_forward_one_gpu(
+                s,
+                &plan,
+                Input {
+                    data: &qv,
+                    layout: ql,
+                },
+                Input {
+                    data: &kv,
+                    layout: kl,
+                },
+                Input {
+                    data: &vv,
+                    layout: kl,
+                },
+                Output {
+                    data: &mut ov,
+                    layout: ql,
+                    lse: Some(&mut lv),
+                },
+                None,
+            )
+            .unwrap();
+    }
+    s.synchronize().unwrap();
+    let out = wide(&s.clone_dtoh(&o).unwrap());
+    let lse: Vec<f32> = s.clone_dtoh(&lse).unwrap();
+    let cmp = compare(&out, Some(&lse), &ref64, &naive);
+    assert!(
+        cmp.passes,
+        "{seqlen} tokens over {ranks} ranks, {sharding:?}, causal {causal}, heads {hq}:{hk}, d {d}\n  {cmp}"
+    );
+}
+
+#[test]
+fn ring_on_one_gpu_matches_whole_attention() {
+    let g = gpu_or_skip!();
+    let mut seed = 3;
+    for (seqlen, ranks) in [(300, 1), (300, 2), (517, 3), (1000, 4)] {
+        for sharding in [Sharding::Contiguous, Sharding::Zigzag] {
+            for causal in [true, false] {
+                for (dtype, d) in [(DType::Bf16, 64), (DType::F16, 128)] {
+                    seed += 1;
+                    let plan = (seqlen, ranks, sharding, causal);
+                    let heads = (2, 4, 2, d);
+                    match dtype {
+                        DType::Bf16 => run_t::<bf16>(g, plan, heads, seed),
+                        DType::F16 => run_t::<f16>(g, plan, heads, seed),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn ring_step_rejects_wrong_shards() {
+    let g = gpu_or_skip!();
+    let s = &g.stream;
+    let plan = RingPlan::new(256, 2, Sharding::Zigzag, true).unwrap();
+    let (b, hq, hk, d) = (1, 2, 1, 64);
+    let mut acc = longflash::RingAccumulator::<bf16>::new(s, &plan, 0, (b, hq, d)).unwrap();
+    let q: CudaSlice<bf16> = s.alloc_zeros(b * 256 * hq * d).unwrap();
+    let k: CudaSlice<bf16> = s.alloc_zeros(b * 256 * hk * d).unwrap();
+    let (qv, kv) = (q.as_view(), k.as_view());
+    // The whole sequence where the rank's shard (128 rows) belongs.
+    let err = g
+        .attn
+        .ring_step(
+            s,
+            &plan,
+            (0, 0),
+            Input {
+                data: &qv,
+                layout: Layout::bshd(b, 256, hq, d),
+            },
+            Input {
+                data: &kv,
+                layout: Layout::bshd(b, 128, hk, d),
+            },
+            Input {
+                data: &kv,
+                layout: Layout::bshd(b, 128, hk, d),
+            },
+            &mut acc,
+            None,
+        )
+        .expect_err("a query tensor that is not the rank's shard");
+    assert!(
+        matches!(err, Error::InvalidArgument { arg: "q", .. }),
+        "{err:?}"
+    );
+    let err = g
+        .attn
+        .ring_step(
+            s,
+            &plan,
+            (2, 0),
+            Input {
+                data: &qv,
+                layout: Layout::bshd(b, 128, hq, d),
+            },
+            Input {
+                data: &kv,
+                layout: Layout::bshd(b, 128, hk, d),
+            },
+            Input {
+                data: &kv,
+                layout: Layout::bshd(b, 128, hk, d),
+            },
+            &mut acc,
+            None,
+        )
+        .expect_err("a rank outside the ring");
+    assert!(
+        matches!(err, Error::InvalidArgument { arg: "rank", .. }),
+        "{err:?}"
+    );
+}
