@@ -28,6 +28,16 @@ fn bench_forward(c: &mut Criterion) {
         &[512, 1024, 2048, 4096, 8192, 16384],
     );
     let tokens = 16384usize;
+    // Every shape holds tokens * 2048 elements per tensor: one set of buffers, filled once, serves
+    // them all, so no shape times fresh allocations or another placement of its data than the
+    // others (LONGFLASH_BENCH_FRESH_BUFFERS=1: new buffers per shape, as before).
+    let fresh = std::env::var("LONGFLASH_BENCH_FRESH_BUFFERS").is_ok_and(|v| v == "1");
+    let n_all = tokens * 2048;
+    let upload =
+        |seed: u64| -> CudaSlice<bf16> { g.stream.clone_htod(&random_bf16(n_all, seed)).unwrap() };
+    let shared = (!fresh).then(|| (upload(1), upload(2), upload(3)));
+    let mut shared_o: Option<CudaSlice<bf16>> =
+        (!fresh).then(|| g.stream.alloc_zeros(n_all).unwrap());
     let mut group = c.benchmark_group("forward_bf16");
     group
         .sample_size(10)
@@ -39,10 +49,16 @@ fn bench_forward(c: &mut Criterion) {
                 let (b, h) = (tokens / s, 2048 / d);
                 let l = Layout::bshd(b, s, h, d);
                 let n = l.numel();
-                let q: CudaSlice<bf16> = g.stream.clone_htod(&random_bf16(n, 1)).unwrap();
-                let k: CudaSlice<bf16> = g.stream.clone_htod(&random_bf16(n, 2)).unwrap();
-                let v: CudaSlice<bf16> = g.stream.clone_htod(&random_bf16(n, 3)).unwrap();
-                let mut o: CudaSlice<bf16> = g.stream.alloc_zeros(n).unwrap();
+                assert_eq!(n, n_all, "every shape holds tokens * 2048 elements");
+                let own = if fresh {
+                    Some((upload(1), upload(2), upload(3)))
+                } else {
+                    None
+                };
+                let (q, k, v) = own.as_ref().or(shared.as_ref()).unwrap();
+                let mut own_o: Option<CudaSlice<bf16>> =
+                    fresh.then(|| g.stream.alloc_zeros(n).unwrap());
+                let o: &mut CudaSlice<bf16> = own_o.as_mut().or(shared_o.as_mut()).unwrap();
                 let opts = if causal {
                     ForwardOptions::causal()
                 } else {
@@ -88,9 +104,7 @@ fn bench_forward(c: &mut Criterion) {
                 );
                 group.throughput(Throughput::Elements(flops as u64));
                 group.bench_function(id, |bench| {
-                    bench.iter_custom(|iters| {
-                        time_calls(&g, || launch(&mut o), &mut times_ms, iters)
-                    })
+                    bench.iter_custom(|iters| time_calls(&g, || launch(o), &mut times_ms, iters))
                 });
                 if times_ms.is_empty() {
                     continue; // filtered out by criterion's name filter
