@@ -32,6 +32,10 @@
 #   peer       the PyTorch reference (benches/peer_smollm2.py) at 32k: NLL buckets of RoPE,
 #              ReRoPE and Leaky ReRoPE, last-token logits of a short prompt
 #   passkey256 passkey with ReRoPE 4096 at 256k
+#   f32        passkey at 32k and 128k and NLL at 32k (ReRoPE 4096) with every projection a
+#              dequantized f32 matmul (candle's CANDLE_DEQUANTIZE_ALL=1), as the PyTorch reference
+#              computes them: whether the depth-0.9 misses and the ~0.015 NLL offset come from
+#              candle's quantized matmuls
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 home=${SMOLLM2_HOME:-/tmp/smollm2}
@@ -244,9 +248,21 @@ step_passkey256() {
     >"$res/passkey256.log" 2>&1
 }
 
+step_f32() {
+  need_model || return 3
+  local per=$(($1 / 2)) rc=0
+  CANDLE_DEQUANTIZE_ALL=1 timeout "$per" "$home/smollm2" passkey --model "$model" --quiet \
+    --lengths 32k,128k --depths 0.1,0.3,0.5,0.7,0.9 --rerope 4096 \
+    --json "$res/passkey-f32-rerope.json" >"$res/passkey-f32.log" 2>&1 || rc=$?
+  CANDLE_DEQUANTIZE_ALL=1 timeout "$per" "$home/smollm2" ppl "$book" --model "$model" --quiet \
+    --max-tokens 32k --rerope 4096 --json "$res/ppl32-f32-rerope_4096.json" \
+    >"$res/ppl32-f32.log" 2>&1 || rc=$?
+  return $rc
+}
+
 # name:limit in seconds, most valuable first.
 steps=(tests:240 check:240 passkey:300 compare:120 passkey4k:200 decode:240 prefill:160 ppl32:240
-  ppl128:300 peer:540 passkey256:540)
+  ppl128:300 f32:300 peer:540 passkey256:540)
 limit_of() {
   local s
   for s in "${steps[@]}"; do
