@@ -15,7 +15,7 @@
 //! into `ranks` chunks, one per rank. [`Sharding::Zigzag`] cuts it into `2 * ranks` chunks and
 //! gives rank `r` chunks `r` and `2 * ranks - 1 - r`: under a causal mask every rank then sees
 //! about the same number of (query, key) pairs (`RingPlan::work`), where contiguous shards leave
-//! the last rank `2 * ranks - 1` times the first one's. Chunk lengths differ by at most one token
+//! the last rank about `2 * ranks - 1` times the first one's. Chunk lengths differ by at most one token
 //! when the sequence does not divide evenly.
 //!
 //! Under a causal mask a pair of chunks is fully visible (the key chunk ends before the query

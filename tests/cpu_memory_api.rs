@@ -217,6 +217,8 @@ fn bad_arguments_are_typed_errors() {
         }
     ));
     for (k_rot, want) in [
+        (MASK, "memory.mask"),
+        (FREQ, "rope.inv_freq"),
         (KROT + 4, "misaligned"),
         (0, "misaligned"),
         (MV, "memory.values"),

@@ -114,8 +114,7 @@ fn zigzag_balances_causal_work() {
         let c = (s / ranks) as u128;
         assert_eq!(first, c * (c + 1) / 2);
         assert_eq!(last, (ranks as u128 - 1) * c * c + c * (c + 1) / 2);
-        // And the zigzag step with nothing visible is skipped: its pairs are empty only when
-        // every key chunk comes after every query chunk.
+        // And no zigzag step is idle: every rank's late chunk sees every key shard it holds.
         for r in 0..ranks {
             for t in 0..ranks {
                 let p = zz.pairs(r, t);

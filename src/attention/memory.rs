@@ -41,7 +41,9 @@ pub struct MemoryInput<'a, 'b, T> {
     /// Values, shaped like `keys`.
     pub values: Input<'a, 'b, T>,
     /// `[batch, mem_len]` bytes, 0 for an entry no query sees (FoT's memory mask); `None`: every
-    /// entry visible.
+    /// entry visible. A hidden entry still passes through the matrix products with weight 0, so
+    /// its key and value must be finite (0 times an infinity or NaN is NaN), as every key and
+    /// value of the other forwards must be; entries past `mem_len` are never read.
     pub mask: Option<&'a CudaView<'b, u8>>,
 }
 
@@ -423,6 +425,26 @@ fn validate_rotation(
     if fwd.lse != 0 {
         let n = (fwd.q_layout.batch * fwd.q_layout.heads * fwd.q_layout.seqlen) as i128 * 4;
         others.push(("lse", (fwd.lse as i128, fwd.lse as i128 + n)));
+    }
+    if memory.mask != 0 && memory.keys_layout.seqlen > 0 {
+        let n = (fwd.q_layout.batch * memory.keys_layout.seqlen) as i128;
+        others.push((
+            "memory.mask",
+            (memory.mask as i128, memory.mask as i128 + n),
+        ));
+    }
+    // The rotation's own tables, which the key pass and the kernel read after the pass wrote.
+    let freq = (r.rotary_dim / 2) as i128 * 8;
+    others.push((
+        "rope.inv_freq",
+        (r.inv_freq as i128, r.inv_freq as i128 + freq),
+    ));
+    if r.position_offsets != 0 {
+        let n = fwd.q_layout.batch as i128 * 4;
+        others.push((
+            "rope.position_offsets",
+            (r.position_offsets as i128, r.position_offsets as i128 + n),
+        ));
     }
     for (other, range) in others {
         if overlaps(ws, range) {

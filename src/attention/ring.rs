@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceSlice};
 
 use super::{Attention, ForwardOptions, Input, Output};
 use crate::error::{Error, Result};
@@ -20,6 +20,9 @@ use crate::Element;
 /// head_dim]` and log-sum-exp `[batch, heads_q, chunk]` of the pairs merged so far, and scratch
 /// for the next pair's partial result.
 pub struct RingAccumulator<T> {
+    /// The plan's chunks of the rank the accumulator was made for, and that rank.
+    chunks: Vec<std::ops::Range<usize>>,
+    rank: usize,
     layouts: Vec<Layout>,
     o: Vec<CudaSlice<T>>,
     lse: Vec<CudaSlice<f32>>,
@@ -41,6 +44,8 @@ impl<T: Element> RingAccumulator<T> {
         let shard = plan.shard(rank);
         let longest = shard.iter().map(|c| c.len()).max().unwrap_or(0);
         let mut acc = RingAccumulator {
+            chunks: shard.clone(),
+            rank,
             layouts: Vec::new(),
             o: Vec::new(),
             lse: Vec::new(),
@@ -60,9 +65,10 @@ impl<T: Element> RingAccumulator<T> {
                     .alloc_zeros(l.numel())
                     .map_err(Error::driver("allocating ring accumulators"))?,
             );
+            // -inf: a row no pair has reached yet has seen no key.
             acc.lse.push(
                 stream
-                    .alloc_zeros(batch * heads_q * c.len())
+                    .clone_htod(&vec![f32::NEG_INFINITY; batch * heads_q * c.len()])
                     .map_err(Error::driver("allocating ring accumulators"))?,
             );
             acc.started.push(false);
@@ -70,14 +76,9 @@ impl<T: Element> RingAccumulator<T> {
         Ok(acc)
     }
 
-    /// Chunk `i`'s output, log-sum-exp and layout (`None` for the log-sum-exp while no pair has
-    /// been merged into it: its rows have seen no key).
-    pub fn chunk(&self, i: usize) -> (&CudaSlice<T>, Option<&CudaSlice<f32>>, Layout) {
-        (
-            &self.o[i],
-            self.started[i].then_some(&self.lse[i]),
-            self.layouts[i],
-        )
+    /// Chunk `i`'s output, log-sum-exp and layout (0 and `-inf` for rows no pair has reached).
+    pub fn chunk(&self, i: usize) -> (&CudaSlice<T>, &CudaSlice<f32>, Layout) {
+        (&self.o[i], &self.lse[i], self.layouts[i])
     }
 }
 
@@ -123,6 +124,33 @@ impl Attention {
                 expected: format!("a rank of the ring's {}", plan.ranks()),
             });
         }
+        if step >= plan.ranks() {
+            return Err(Error::InvalidArgument {
+                arg: "step",
+                value: step.to_string(),
+                expected: format!("a step of the ring's {}", plan.ranks()),
+            });
+        }
+        if acc.rank != rank || acc.chunks != plan.shard(rank) {
+            return Err(Error::InvalidArgument {
+                arg: "acc",
+                value: format!(
+                    "the accumulator of rank {} (chunks {:?})",
+                    acc.rank, acc.chunks
+                ),
+                expected: format!("rank {rank}'s of this plan (chunks {:?})", plan.shard(rank)),
+            });
+        }
+        // The LSE merge moves 8 elements at a time: check before the first launch, so that a
+        // step never stops half done.
+        let d = acc.layouts[0].head_dim;
+        if d % 8 != 0 {
+            return Err(Error::InvalidArgument {
+                arg: "q.head_dim",
+                value: d.to_string(),
+                expected: "a multiple of 8 (the LSE merge's)".into(),
+            });
+        }
         let owner = plan.kv_owner(rank, step);
         for (arg, l, rows, heads) in [
             ("q", &q.layout, plan.shard_len(rank), acc.layouts[0].heads),
@@ -135,6 +163,19 @@ impl Attention {
                     arg,
                     value: format!("{l:?}"),
                     expected: format!("the contiguous shard layout {want:?}"),
+                });
+            }
+        }
+        for (arg, len, l) in [
+            ("q", q.data.len(), &q.layout),
+            ("k", k.data.len(), &k.layout),
+            ("v", v.data.len(), &v.layout),
+        ] {
+            if len < l.numel() {
+                return Err(Error::OutOfBounds {
+                    arg,
+                    required: l.numel() as u128,
+                    len,
                 });
             }
         }
@@ -259,6 +300,22 @@ impl Attention {
                 });
             }
         }
+        for (arg, ctx) in [
+            ("stream", stream.context().cu_ctx()),
+            ("q", q.data.stream().context().cu_ctx()),
+            ("k", k.data.stream().context().cu_ctx()),
+            ("v", v.data.stream().context().cu_ctx()),
+            ("o", out.data.stream().context().cu_ctx()),
+        ] {
+            self.same_context(arg, ctx)?;
+        }
+        if ql.head_dim % 8 != 0 {
+            return Err(Error::InvalidArgument {
+                arg: "q.head_dim",
+                value: ql.head_dim.to_string(),
+                expected: "a multiple of 8 (the LSE merge's)".into(),
+            });
+        }
         let Some(out_lse) = out.lse else {
             return Err(Error::InvalidArgument {
                 arg: "out.lse",
@@ -346,7 +403,6 @@ impl Attention {
                     stream
                         .memcpy_dtod(&src, &mut to)
                         .map_err(Error::driver("copying a ring shard"))?;
-                    let Some(lse) = lse else { continue };
                     for h in 0..hq {
                         let src = lse.slice((bi * hq + h) * lc..(bi * hq + h + 1) * lc);
                         let at = (bi * hq + h) * s + c.start;

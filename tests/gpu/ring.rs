@@ -184,4 +184,35 @@ fn ring_step_rejects_wrong_shards() {
         matches!(err, Error::InvalidArgument { arg: "rank", .. }),
         "{err:?}"
     );
+    // A step past the ring, and rank 1's step with rank 0's accumulator.
+    let shard = Layout::bshd(b, 128, hq, d);
+    let kvl = Layout::bshd(b, 128, hk, d);
+    for ((rank, step), arg) in [((0, 2), "step"), ((1, 0), "acc")] {
+        let err = g
+            .attn
+            .ring_step(
+                s,
+                &plan,
+                (rank, step),
+                Input {
+                    data: &qv,
+                    layout: shard,
+                },
+                Input {
+                    data: &kv,
+                    layout: kvl,
+                },
+                Input {
+                    data: &kv,
+                    layout: kvl,
+                },
+                &mut acc,
+                None,
+            )
+            .expect_err("a bad step or accumulator");
+        assert!(
+            matches!(err, Error::InvalidArgument { arg: a, .. } if a == arg),
+            "{arg}: {err:?}"
+        );
+    }
 }
