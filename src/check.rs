@@ -184,6 +184,17 @@ pub(crate) fn attention_shapes(
     Ok(())
 }
 
+/// The alignment rows of 16-bit elements need at head dim `head_dim`: (bytes of a pointer,
+/// elements of a stride). 16 bytes (8 elements), or 8 bytes (4 elements) for a head narrower
+/// than its kernel's tile, which is copied 8 bytes at a time (a head dim of 100 is 200 bytes).
+pub(crate) fn row_alignment(head_dim: usize) -> (u64, i64) {
+    if head_dim_kernel(head_dim).is_some_and(|(_, padded)| padded) {
+        (8, 4)
+    } else {
+        (16, 8)
+    }
+}
+
 /// The memory rules of Q, K, V and O at `ptrs` (16-bit elements) and an optional f32
 /// log-sum-exp of `batch * heads_q * seqlen_q` values at `lse` (0 for none): 16-byte aligned
 /// pointers and strides (every row starts 16-byte aligned; 8-byte for a head narrower than its
@@ -194,10 +205,7 @@ pub(crate) fn attention_memory(
     [qp, kp, vp, op]: [u64; 4],
     lse: u64,
 ) -> Result<(i128, i128)> {
-    // A head narrower than its kernel's tile is copied 8 bytes at a time: its rows need only be
-    // 8-byte aligned (a head dim of 100 is 200 bytes).
-    let narrow = head_dim_kernel(q.head_dim).is_some_and(|(_, padded)| padded);
-    let (bytes, elems) = if narrow { (8, 4) } else { (16, 8) };
+    let (bytes, elems) = row_alignment(q.head_dim);
     for (arg, ptr) in [("q.ptr", qp), ("k.ptr", kp), ("v.ptr", vp), ("o.ptr", op)] {
         aligned(arg, ptr, bytes, false)?;
     }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::safe::{group_end, group_start, Comm, Id, NcclType};
+use longflash::attention::ring::RowOrder;
 use longflash::ring::RingPlan;
 use longflash::{Attention, Element, Input, Layout, RingAccumulator};
 
@@ -212,30 +213,12 @@ pub fn ring_forward<T: Element + NcclType>(
         }
     }
     // The chunks' results into the shard's rows.
-    let row = hq * d;
-    let mut at = 0;
-    for (i, c) in plan.shard(rank).into_iter().enumerate() {
-        let (o, lse, _) = acc.chunk(i);
-        let lc = c.len();
-        for bi in 0..b {
-            let src = o.slice(bi * lc * row..(bi + 1) * lc * row);
-            let mut dst = out
-                .o
-                .slice_mut((bi * n + at) * row..(bi * n + at + lc) * row);
-            compute
-                .memcpy_dtod(&src, &mut dst)
-                .map_err(driver("writing the ring's output"))?;
-            for h in 0..hq {
-                let src = lse.slice((bi * hq + h) * lc..(bi * hq + h + 1) * lc);
-                let start = (bi * hq + h) * n + at;
-                let mut dst = out.lse.slice_mut(start..start + lc);
-                compute
-                    .memcpy_dtod(&src, &mut dst)
-                    .map_err(driver("writing the ring's output"))?;
-            }
-        }
-        at += lc;
-    }
+    acc.write_rows(
+        compute,
+        RowOrder::Shard,
+        &mut out.o.as_view_mut(),
+        &mut out.lse.as_view_mut(),
+    )?;
     Ok(())
 }
 

@@ -15,10 +15,8 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaStream, CudaView, DevicePtr, DeviceSlice};
 
 use super::rope::{key_workspaces, rope_keys_params, RopeTables};
-use super::{
-    head_dim_kernel, Attention, ForwardOptions, Input, Output, RawForward, RawRope, RawRopeMode,
-};
-use crate::check::{aligned, byte_range, mismatch, overlaps, strides_multiple_of};
+use super::{Attention, ForwardOptions, Input, Output, RawForward, RawRope, RawRopeMode};
+use crate::check::{aligned, byte_range, mismatch, overlaps, row_alignment, strides_multiple_of};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::mask::MaskSpec;
@@ -175,9 +173,8 @@ impl RawMemory {
                 mem_len: 0,
             });
         }
-        // As Q, K, V: 16-byte rows, 8-byte for a head narrower than its kernel's tile.
-        let narrow = head_dim_kernel(q.head_dim).is_some_and(|(_, padded)| padded);
-        let (bytes, elems) = if narrow { (8, 4) } else { (16, 8) };
+        // As Q, K, V.
+        let (bytes, elems) = row_alignment(q.head_dim);
         aligned("memory.keys.ptr", self.keys, bytes, true)?;
         aligned("memory.values.ptr", self.values, bytes, true)?;
         strides_multiple_of("memory.keys", kl, elems)?;
@@ -402,8 +399,7 @@ fn validate_rotation(
     }
     let d = fwd.q_layout.head_dim;
     let lowered = r.lower_rotation(d)?;
-    let narrow = head_dim_kernel(d).is_some_and(|(_, padded)| padded);
-    aligned("rope.k_rot", r.k_rot, if narrow { 8 } else { 16 }, true)?;
+    aligned("rope.k_rot", r.k_rot, row_alignment(d).0, true)?;
     let k = &fwd.k_layout;
     let ws = byte_range(r.k_rot, &Layout::bshd(k.batch, k.seqlen, k.heads, d), 2);
     let mut others = vec![

@@ -44,7 +44,7 @@ pub use decode::{BlockTable, DecodeOptions, DecodePlan, DecodeProblem, KvCache, 
 pub use forward::{ForwardOptions, RawForward};
 pub use memory::{MemoryForward, MemoryInput, RawMemory, MAX_MEM_LEN, MEMORY_HEAD_DIMS};
 pub use merge::RawMerge;
-pub use ring::RingAccumulator;
+pub use ring::{RingAccumulator, RowOrder};
 pub use rope::{RawRope, RawRopeMode, RopeForward};
 pub use rope_backward::{rope_backward_workspace_bytes, RopeBackward};
 pub use sparse::{RawBlockMask, SparseOptions};

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceSlice};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceSlice};
 
 use super::{Attention, ForwardOptions, Input, Output};
 use crate::error::{Error, Result};
@@ -80,6 +80,83 @@ impl<T: Element> RingAccumulator<T> {
     pub fn chunk(&self, i: usize) -> (&CudaSlice<T>, &CudaSlice<f32>, Layout) {
         (&self.o[i], &self.lse[i], self.layouts[i])
     }
+
+    /// Copies every chunk's result into `o` (contiguous `[batch, rows, heads_q, head_dim]`) and
+    /// `lse` (`[batch, heads_q, rows]`), queued on `stream`: in the rank's shard order
+    /// ([`RowOrder::Shard`], `rows` its shard length) or at the chunks' places in the sequence
+    /// ([`RowOrder::Sequence`]).
+    pub fn write_rows(
+        &self,
+        stream: &Arc<CudaStream>,
+        order: RowOrder,
+        o: &mut CudaViewMut<'_, T>,
+        lse: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let l = self.layouts[0];
+        let (b, hq, row) = (l.batch, l.heads, l.heads * l.head_dim);
+        let rows = match order {
+            RowOrder::Shard => self.chunks.iter().map(|c| c.len()).sum(),
+            RowOrder::Sequence { seqlen } => seqlen,
+        };
+        if matches!(order, RowOrder::Sequence { .. }) && self.chunks.iter().any(|c| c.end > rows) {
+            return Err(Error::InvalidArgument {
+                arg: "order",
+                value: format!("{order:?}"),
+                expected: format!("a sequence holding the chunks {:?}", self.chunks),
+            });
+        }
+        for (arg, len, need) in [
+            ("o", o.len(), b * rows * row),
+            ("lse", lse.len(), b * hq * rows),
+        ] {
+            if len < need {
+                return Err(Error::OutOfBounds {
+                    arg,
+                    required: need as u128,
+                    len,
+                });
+            }
+        }
+        let copy = Error::driver;
+        let mut shard_row = 0;
+        for (i, c) in self.chunks.iter().enumerate() {
+            let lc = c.len();
+            let first = match order {
+                RowOrder::Shard => shard_row,
+                RowOrder::Sequence { .. } => c.start,
+            };
+            shard_row += lc;
+            for bi in 0..b {
+                let src = self.o[i].slice(bi * lc * row..(bi + 1) * lc * row);
+                let at = (bi * rows + first) * row;
+                let mut dst = o.slice_mut(at..at + lc * row);
+                stream
+                    .memcpy_dtod(&src, &mut dst)
+                    .map_err(copy("writing a ring result"))?;
+                for h in 0..hq {
+                    let src = self.lse[i].slice((bi * hq + h) * lc..(bi * hq + h + 1) * lc);
+                    let at = (bi * hq + h) * rows + first;
+                    let mut dst = lse.slice_mut(at..at + lc);
+                    stream
+                        .memcpy_dtod(&src, &mut dst)
+                        .map_err(copy("writing a ring result"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where [`RingAccumulator::write_rows`] puts a rank's rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowOrder {
+    /// The rank's shard, its chunks one after the other.
+    Shard,
+    /// The whole sequence of `seqlen` tokens, each chunk at its own positions.
+    Sequence {
+        /// Tokens of the sequence.
+        seqlen: usize,
+    },
 }
 
 /// Rows `rows` of a contiguous `[batch, seqlen, heads, head_dim]` tensor `l` as a view and the
@@ -391,28 +468,7 @@ impl Attention {
                 )?;
             }
             // The rank's rows back in sequence order.
-            let row = hq * d;
-            for (i, c) in plan.shard(rank).into_iter().enumerate() {
-                let (o, lse, _) = acc.chunk(i);
-                let lc = c.len();
-                for bi in 0..b {
-                    let src = o.slice(bi * lc * row..(bi + 1) * lc * row);
-                    let mut to = out
-                        .data
-                        .slice_mut((bi * s + c.start) * row..(bi * s + c.end) * row);
-                    stream
-                        .memcpy_dtod(&src, &mut to)
-                        .map_err(Error::driver("copying a ring shard"))?;
-                    for h in 0..hq {
-                        let src = lse.slice((bi * hq + h) * lc..(bi * hq + h + 1) * lc);
-                        let at = (bi * hq + h) * s + c.start;
-                        let mut to = out_lse.slice_mut(at..at + lc);
-                        stream
-                            .memcpy_dtod(&src, &mut to)
-                            .map_err(Error::driver("copying a ring shard"))?;
-                    }
-                }
-            }
+            acc.write_rows(stream, RowOrder::Sequence { seqlen: s }, out.data, out_lse)?;
         }
         Ok(())
     }
