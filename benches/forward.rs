@@ -5,7 +5,8 @@
 //! Each configuration prints `RESULT {json}` with the median time and TFLOP/s (FLOPs = 4 b h s^2
 //! d, halved when causal), which benches/compare.py joins with the PyTorch peers measured by
 //! benches/peer_sdpa.py in the same run. Without a GPU it prints that it skipped (and fails when
-//! LONGFLASH_REQUIRE_GPU=1).
+//! LONGFLASH_REQUIRE_GPU=1). `LONGFLASH_BENCH_BURST=warmup,reps,gap_ms` times each shape as
+//! the peers do by default instead (see `common::Burst`).
 
 use std::time::Duration;
 
@@ -28,6 +29,12 @@ fn bench_forward(c: &mut Criterion) {
         &[512, 1024, 2048, 4096, 8192, 16384],
     );
     let tokens = 16384usize;
+    let burst = Burst::from_env();
+    let protocol = if burst.is_some() {
+        "burst"
+    } else {
+        "sustained"
+    };
     // Every shape holds tokens * 2048 elements per tensor: one set of buffers, filled once, serves
     // them all, so no shape times fresh allocations or another placement of its data than the
     // others (LONGFLASH_BENCH_FRESH_BUFFERS=1: new buffers per shape, as before).
@@ -97,21 +104,25 @@ fn bench_forward(c: &mut Criterion) {
                         )
                         .unwrap();
                 };
-                let mut times_ms: Vec<f64> = Vec::new();
                 let id = BenchmarkId::new(
                     format!("d{d}_{}", if causal { "causal" } else { "dense" }),
                     s,
                 );
                 group.throughput(Throughput::Elements(flops as u64));
-                group.bench_function(id, |bench| {
-                    bench.iter_custom(|iters| time_calls(&g, || launch(o), &mut times_ms, iters))
-                });
+                let mut times_ms = sample_shape(&mut group, id, &g, burst, || launch(o));
                 if times_ms.is_empty() {
                     continue; // filtered out by criterion's name filter
                 }
+                let n_samples = times_ms.len();
                 let ms = median(&mut times_ms);
+                // The spread and the wall-clock time of the shape's end, to set the samples
+                // beside a log of the GPU's clocks (scripts/gpu/bench-ab.sh).
+                let (min_ms, max_ms) = (times_ms[0], times_ms[n_samples - 1]);
+                let end_unix_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |t| t.as_millis());
                 println!(
-                    "RESULT {{\"impl\": \"longflash\", \"dtype\": \"bf16\", \"batch\": {b}, \"heads\": {h}, \"seqlen\": {s}, \"head_dim\": {d}, \"causal\": {causal}, \"ms\": {ms:.4}, \"tflops\": {:.1}, \"device\": \"{device}\", \"mainloop\": \"{mainloop}\"}}",
+                    "RESULT {{\"impl\": \"longflash\", \"dtype\": \"bf16\", \"batch\": {b}, \"heads\": {h}, \"seqlen\": {s}, \"head_dim\": {d}, \"causal\": {causal}, \"ms\": {ms:.4}, \"tflops\": {:.1}, \"min_ms\": {min_ms:.4}, \"max_ms\": {max_ms:.4}, \"samples\": {n_samples}, \"protocol\": \"{protocol}\", \"end_unix_ms\": {end_unix_ms}, \"device\": \"{device}\", \"mainloop\": \"{mainloop}\"}}",
                     flops / ms / 1e9
                 );
             }

@@ -46,6 +46,7 @@ import json
 import math
 import os
 import statistics
+import time
 import sys
 import traceback
 
@@ -85,6 +86,11 @@ def parse_args():
                    help="only masks whose name contains SUBSTRING (repeatable: any of them)")
     p.add_argument("--reps", type=int, default=20, help="timed calls per mask (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per mask, compilation included (default 3)")
+    p.add_argument("--gap-ms", type=float, default=0.0,
+                   help="leave the GPU idle this many ms before each mask's warm-up calls (default 0)")
+    p.add_argument("--warmup-ms", type=float, default=0.0,
+                   help="after the warm-up calls, keep calling for this many ms of wall time, so that the "
+                        "timed calls run at the clocks the GPU holds under sustained load (default 0)")
     p.add_argument("--force-create-block-mask", action="store_true",
                    help="skip from_kv_blocks and build every mask with create_block_mask")
     p.add_argument("--check", action="store_true",
@@ -465,8 +471,16 @@ def run_mask(args, mask_dir, name, device_name):
                 rec["check_ok"] = None
         del out
         out = None
+        if args.gap_ms > 0:
+            time.sleep(args.gap_ms / 1e3)
         for _ in range(args.warmup - 1):
             call_flex(q, k, v, bm, kernel_options)
+        if args.warmup_ms > 0:
+            t_end = time.perf_counter() + args.warmup_ms / 1e3
+            while time.perf_counter() < t_end:
+                for _ in range(8):
+                    call_flex(q, k, v, bm, kernel_options)
+                torch.cuda.synchronize()
         torch.cuda.synchronize()
 
         ms = time_flex(q, k, v, bm, kernel_options, args.reps)

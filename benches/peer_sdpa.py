@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,11 @@ def parse_args():
                    help="comma-separated subset of flash,cudnn (default both)")
     p.add_argument("--reps", type=int, default=30, help="timed calls per config (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per config (default 5)")
+    p.add_argument("--warmup-ms", type=float, default=0.0,
+                   help="after the warm-up calls, keep calling for this many ms of wall time, so that the "
+                        "timed calls run at the clocks the GPU holds under sustained load (default 0)")
+    p.add_argument("--gap-ms", type=float, default=0.0,
+                   help="leave the GPU idle this many ms before each config's warm-up (default 0)")
     p.add_argument("--sync-each", action="store_true",
                    help="synchronize after every timed call instead of queueing them")
     p.add_argument("--out", metavar="FILE", help="also write the JSON lines to FILE (overwritten)")
@@ -84,14 +90,25 @@ def short_error(exc, limit=200):
     return first
 
 
-def time_config(backend, q, k, v, causal, warmup, reps, sync_each):
-    """Median milliseconds of single SDPA calls, timed with CUDA events."""
+def time_config(backend, q, k, v, causal, args):
+    """Milliseconds of single SDPA calls, each timed with CUDA events after the warm-up."""
+    if args.gap_ms > 0:
+        torch.cuda.synchronize()
+        time.sleep(args.gap_ms / 1e3)
     with sdpa_kernel([backend]):
-        for _ in range(warmup):
+        for _ in range(args.warmup):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             del out
+        if args.warmup_ms > 0:
+            t_end = time.perf_counter() + args.warmup_ms / 1e3
+            while time.perf_counter() < t_end:
+                for _ in range(8):
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                    del out
+                torch.cuda.synchronize()
         torch.cuda.synchronize()
 
+        reps = args.reps
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for i in range(reps):
@@ -99,11 +116,10 @@ def time_config(backend, q, k, v, causal, warmup, reps, sync_each):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             ends[i].record()
             del out
-            if sync_each:
+            if args.sync_each:
                 ends[i].synchronize()
         torch.cuda.synchronize()
-    times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    return statistics.median(times)
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
 def main():
@@ -157,9 +173,14 @@ def main():
                                 q = torch.randn(shape, device="cuda", dtype=dtype)
                                 k = torch.randn(shape, device="cuda", dtype=dtype)
                                 v = torch.randn(shape, device="cuda", dtype=dtype)
-                            ms = time_config(backend, q, k, v, causal, args.warmup, args.reps, args.sync_each)
+                            times = time_config(backend, q, k, v, causal, args)
+                            ms = statistics.median(times)
                             rec["ms"] = round(ms, 4)
                             rec["tflops"] = round(flops / ms / 1e9, 1) if ms > 0 else None
+                            rec["min_ms"] = round(min(times), 4)
+                            rec["max_ms"] = round(max(times), 4)
+                            # When the timing ended, to set it beside a log of the GPU's clocks.
+                            rec["end_unix_ms"] = int(time.time() * 1e3)
                         except Exception as exc:  # unsupported shape, missing backend, OOM, ...
                             rec["ms"] = None
                             rec["tflops"] = None

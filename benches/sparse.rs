@@ -108,6 +108,7 @@ fn bench_sparse(c: &mut Criterion) {
             m,
         ));
     }
+    let burst = Burst::from_env();
     let mut group = c.benchmark_group("sparse_bf16_d128");
     group
         .sample_size(10)
@@ -130,43 +131,36 @@ fn bench_sparse(c: &mut Criterion) {
             } else {
                 ForwardOptions::dense()
             };
-            let mut samples = Vec::new();
-            group.bench_function(
+            let mut samples = sample_shape(
+                &mut group,
                 BenchmarkId::new(format!("dense{}", if causal { "_causal" } else { "" }), s),
-                |bench| {
-                    bench.iter_custom(|iters| {
-                        time_calls(
-                            &g,
-                            || {
-                                let mut ov = o.as_view_mut();
-                                g.attn
-                                    .forward(
-                                        &g.stream,
-                                        Input {
-                                            data: &qv,
-                                            layout: l,
-                                        },
-                                        Input {
-                                            data: &kv,
-                                            layout: l,
-                                        },
-                                        Input {
-                                            data: &vv,
-                                            layout: l,
-                                        },
-                                        Output {
-                                            data: &mut ov,
-                                            layout: l,
-                                            lse: None,
-                                        },
-                                        &opts,
-                                    )
-                                    .unwrap();
+                &g,
+                burst,
+                || {
+                    let mut ov = o.as_view_mut();
+                    g.attn
+                        .forward(
+                            &g.stream,
+                            Input {
+                                data: &qv,
+                                layout: l,
                             },
-                            &mut samples,
-                            iters,
+                            Input {
+                                data: &kv,
+                                layout: l,
+                            },
+                            Input {
+                                data: &vv,
+                                layout: l,
+                            },
+                            Output {
+                                data: &mut ov,
+                                layout: l,
+                                lse: None,
+                            },
+                            &opts,
                         )
-                    })
+                        .unwrap();
                 },
             );
             if !samples.is_empty() {
@@ -178,42 +172,38 @@ fn bench_sparse(c: &mut Criterion) {
             mask: &dm,
             softmax_scale: None,
         };
-        let mut samples = Vec::new();
-        group.bench_function(BenchmarkId::new(name.clone(), s), |bench| {
-            bench.iter_custom(|iters| {
-                time_calls(
-                    &g,
-                    || {
-                        let mut ov = o.as_view_mut();
-                        g.attn
-                            .forward_sparse(
-                                &g.stream,
-                                Input {
-                                    data: &qv,
-                                    layout: l,
-                                },
-                                Input {
-                                    data: &kv,
-                                    layout: l,
-                                },
-                                Input {
-                                    data: &vv,
-                                    layout: l,
-                                },
-                                Output {
-                                    data: &mut ov,
-                                    layout: l,
-                                    lse: None,
-                                },
-                                &sopts,
-                            )
-                            .unwrap();
-                    },
-                    &mut samples,
-                    iters,
-                )
-            })
-        });
+        let mut samples = sample_shape(
+            &mut group,
+            BenchmarkId::new(name.clone(), s),
+            &g,
+            burst,
+            || {
+                let mut ov = o.as_view_mut();
+                g.attn
+                    .forward_sparse(
+                        &g.stream,
+                        Input {
+                            data: &qv,
+                            layout: l,
+                        },
+                        Input {
+                            data: &kv,
+                            layout: l,
+                        },
+                        Input {
+                            data: &vv,
+                            layout: l,
+                        },
+                        Output {
+                            data: &mut ov,
+                            layout: l,
+                            lse: None,
+                        },
+                        &sopts,
+                    )
+                    .unwrap();
+            },
+        );
         if samples.is_empty() {
             continue;
         }

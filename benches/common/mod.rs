@@ -124,3 +124,71 @@ pub fn time_calls(g: &Gpu, mut f: impl FnMut(), samples: &mut Vec<f64>, iters: u
     }
     Duration::from_secs_f64(total / 1e3)
 }
+
+/// `LONGFLASH_BENCH_BURST=warmup,reps,gap_ms`: time each shape as the PyTorch peers do by
+/// default (benches/peer_sdpa.py: `--warmup`, `--reps`, `--gap-ms`) rather than through
+/// criterion: the GPU idle for `gap_ms`, `warmup` untimed calls, then `reps` queued calls timed
+/// one by one. A few dozen calls never heat the GPU to its power limit, while criterion's two
+/// seconds of calls per shape do, and a power-capped H100 runs its SMs up to a quarter slower:
+/// compare a peer's numbers only with ours taken the same way.
+#[derive(Clone, Copy, Debug)]
+pub struct Burst {
+    pub warmup: usize,
+    pub reps: usize,
+    pub gap_ms: u64,
+}
+
+impl Burst {
+    pub fn from_env() -> Option<Burst> {
+        let v = std::env::var("LONGFLASH_BENCH_BURST").ok()?;
+        let n: Vec<u64> = v
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse()
+                    .expect("LONGFLASH_BENCH_BURST=warmup,reps,gap_ms")
+            })
+            .collect();
+        assert!(
+            n.len() == 3 && n[1] > 0,
+            "LONGFLASH_BENCH_BURST=warmup,reps,gap_ms (reps > 0), got {v}"
+        );
+        Some(Burst {
+            warmup: n[0] as usize,
+            reps: n[1] as usize,
+            gap_ms: n[2],
+        })
+    }
+
+    /// Each timed call's milliseconds.
+    pub fn time(&self, g: &Gpu, mut f: impl FnMut()) -> Vec<f64> {
+        g.stream.synchronize().unwrap();
+        std::thread::sleep(Duration::from_millis(self.gap_ms));
+        for _ in 0..self.warmup {
+            f();
+        }
+        g.stream.synchronize().unwrap();
+        let mut samples = Vec::with_capacity(self.reps);
+        time_calls(g, f, &mut samples, self.reps as u64);
+        samples
+    }
+}
+
+/// The samples (ms) of one shape: through criterion's `group` as `id`, or under `burst`
+/// (LONGFLASH_BENCH_BURST) without it. Empty when criterion's name filter leaves the shape out.
+pub fn sample_shape(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: criterion::BenchmarkId,
+    g: &Gpu,
+    burst: Option<Burst>,
+    mut f: impl FnMut(),
+) -> Vec<f64> {
+    if let Some(burst) = burst {
+        return burst.time(g, f);
+    }
+    let mut samples = Vec::new();
+    group.bench_function(id, |bench| {
+        bench.iter_custom(|iters| time_calls(g, &mut f, &mut samples, iters))
+    });
+    samples
+}
