@@ -5,8 +5,8 @@
 //! Each configuration prints `RESULT {json}` with the median time and TFLOP/s (FLOPs = 4 b h s^2
 //! d, halved when causal), which benches/compare.py joins with the PyTorch peers measured by
 //! benches/peer_sdpa.py in the same run. Without a GPU it prints that it skipped (and fails when
-//! LONGFLASH_REQUIRE_GPU=1). `LONGFLASH_BENCH_BURST=warmup,reps,gap_ms` times each shape as
-//! the peers do by default instead (see `common::Burst`).
+//! LONGFLASH_REQUIRE_GPU=1). `LONGFLASH_BENCH_BURST` and `LONGFLASH_BENCH_SUSTAINED` time each
+//! shape as the peers do instead of through criterion (see `common::Protocol`).
 
 use std::time::Duration;
 
@@ -29,12 +29,8 @@ fn bench_forward(c: &mut Criterion) {
         &[512, 1024, 2048, 4096, 8192, 16384],
     );
     let tokens = 16384usize;
-    let burst = Burst::from_env();
-    let protocol = if burst.is_some() {
-        "burst"
-    } else {
-        "sustained"
-    };
+    let protocol = Protocol::from_env();
+    let protocol_name = protocol.map_or("criterion", |p| p.name);
     // Every shape holds tokens * 2048 elements per tensor: one set of buffers, filled once, serves
     // them all, so no shape times fresh allocations or another placement of its data than the
     // others (LONGFLASH_BENCH_FRESH_BUFFERS=1: new buffers per shape, as before).
@@ -109,7 +105,7 @@ fn bench_forward(c: &mut Criterion) {
                     s,
                 );
                 group.throughput(Throughput::Elements(flops as u64));
-                let mut times_ms = sample_shape(&mut group, id, &g, burst, || launch(o));
+                let mut times_ms = sample_shape(&mut group, id, &g, protocol, || launch(o));
                 if times_ms.is_empty() {
                     continue; // filtered out by criterion's name filter
                 }
@@ -122,7 +118,7 @@ fn bench_forward(c: &mut Criterion) {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |t| t.as_millis());
                 println!(
-                    "RESULT {{\"impl\": \"longflash\", \"dtype\": \"bf16\", \"batch\": {b}, \"heads\": {h}, \"seqlen\": {s}, \"head_dim\": {d}, \"causal\": {causal}, \"ms\": {ms:.4}, \"tflops\": {:.1}, \"min_ms\": {min_ms:.4}, \"max_ms\": {max_ms:.4}, \"samples\": {n_samples}, \"protocol\": \"{protocol}\", \"end_unix_ms\": {end_unix_ms}, \"device\": \"{device}\", \"mainloop\": \"{mainloop}\"}}",
+                    "RESULT {{\"impl\": \"longflash\", \"dtype\": \"bf16\", \"batch\": {b}, \"heads\": {h}, \"seqlen\": {s}, \"head_dim\": {d}, \"causal\": {causal}, \"ms\": {ms:.4}, \"tflops\": {:.1}, \"min_ms\": {min_ms:.4}, \"max_ms\": {max_ms:.4}, \"samples\": {n_samples}, \"protocol\": \"{protocol_name}\", \"end_unix_ms\": {end_unix_ms}, \"device\": \"{device}\", \"mainloop\": \"{mainloop}\"}}",
                     flops / ms / 1e9
                 );
             }

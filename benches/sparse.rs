@@ -108,7 +108,7 @@ fn bench_sparse(c: &mut Criterion) {
             m,
         ));
     }
-    let burst = Burst::from_env();
+    let protocol = Protocol::from_env();
     let mut group = c.benchmark_group("sparse_bf16_d128");
     group
         .sample_size(10)
@@ -135,7 +135,7 @@ fn bench_sparse(c: &mut Criterion) {
                 &mut group,
                 BenchmarkId::new(format!("dense{}", if causal { "_causal" } else { "" }), s),
                 &g,
-                burst,
+                protocol,
                 || {
                     let mut ov = o.as_view_mut();
                     g.attn
@@ -176,7 +176,7 @@ fn bench_sparse(c: &mut Criterion) {
             &mut group,
             BenchmarkId::new(name.clone(), s),
             &g,
-            burst,
+            protocol,
             || {
                 let mut ov = o.as_view_mut();
                 g.attn

@@ -125,38 +125,58 @@ pub fn time_calls(g: &Gpu, mut f: impl FnMut(), samples: &mut Vec<f64>, iters: u
     Duration::from_secs_f64(total / 1e3)
 }
 
-/// `LONGFLASH_BENCH_BURST=warmup,reps,gap_ms`: time each shape as the PyTorch peers do by
-/// default (benches/peer_sdpa.py: `--warmup`, `--reps`, `--gap-ms`) rather than through
-/// criterion: the GPU idle for `gap_ms`, `warmup` untimed calls, then `reps` queued calls timed
-/// one by one. A few dozen calls never heat the GPU to its power limit, while criterion's two
-/// seconds of calls per shape do, and a power-capped H100 runs its SMs up to a quarter slower:
-/// compare a peer's numbers only with ours taken the same way.
+/// How a bench times a shape without criterion, as the PyTorch peers do (benches/peer_sdpa.py,
+/// benches/peer_flex.py), so that both sides run the same calls at the same clocks: a power-capped
+/// H100 runs its SMs up to a quarter slower after a second or two of calls, so compare a peer's
+/// numbers only with ours taken the same way (README, "Benchmarks"). From the environment:
+/// - `LONGFLASH_BENCH_BURST=warmup,reps,gap_ms` (the peers' `--warmup`, `--reps`, `--gap-ms`):
+///   the GPU idle for `gap_ms`, `warmup` untimed calls, then `reps` queued calls timed one by one;
+/// - `LONGFLASH_BENCH_SUSTAINED=warmup_ms,reps` (the peers' `--warmup-ms`): 5 untimed calls, then
+///   calls for `warmup_ms` of wall time, then `reps` timed calls, at the clock the power limit
+///   leaves.
+///
+/// Without either, the benches time through criterion (about two seconds of calls per shape).
 #[derive(Clone, Copy, Debug)]
-pub struct Burst {
-    pub warmup: usize,
-    pub reps: usize,
+pub struct Protocol {
+    pub name: &'static str,
     pub gap_ms: u64,
+    pub warmup: usize,
+    pub warmup_ms: u64,
+    pub reps: usize,
 }
 
-impl Burst {
-    pub fn from_env() -> Option<Burst> {
-        let v = std::env::var("LONGFLASH_BENCH_BURST").ok()?;
-        let n: Vec<u64> = v
-            .split(',')
-            .map(|x| {
-                x.trim()
-                    .parse()
-                    .expect("LONGFLASH_BENCH_BURST=warmup,reps,gap_ms")
-            })
-            .collect();
-        assert!(
-            n.len() == 3 && n[1] > 0,
-            "LONGFLASH_BENCH_BURST=warmup,reps,gap_ms (reps > 0), got {v}"
-        );
-        Some(Burst {
-            warmup: n[0] as usize,
-            reps: n[1] as usize,
-            gap_ms: n[2],
+impl Protocol {
+    pub fn from_env() -> Option<Protocol> {
+        let nums = |var: &str, n: usize| -> Option<Vec<u64>> {
+            let v = std::env::var(var).ok()?;
+            let x: Vec<u64> = v
+                .split(',')
+                .map(|x| {
+                    x.trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("{var}={v}: numbers"))
+                })
+                .collect();
+            // reps is the second number of either
+            assert!(x.len() == n && x[1] > 0, "{var}={v}: {n} numbers, reps > 0");
+            Some(x)
+        };
+        if let Some(x) = nums("LONGFLASH_BENCH_BURST", 3) {
+            return Some(Protocol {
+                name: "burst",
+                gap_ms: x[2],
+                warmup: x[0] as usize,
+                warmup_ms: 0,
+                reps: x[1] as usize,
+            });
+        }
+        let x = nums("LONGFLASH_BENCH_SUSTAINED", 2)?;
+        Some(Protocol {
+            name: "sustained",
+            gap_ms: 0,
+            warmup: 5,
+            warmup_ms: x[0],
+            reps: x[1] as usize,
         })
     }
 
@@ -167,6 +187,13 @@ impl Burst {
         for _ in 0..self.warmup {
             f();
         }
+        let until = std::time::Instant::now() + Duration::from_millis(self.warmup_ms);
+        while std::time::Instant::now() < until {
+            for _ in 0..8 {
+                f();
+            }
+            g.stream.synchronize().unwrap();
+        }
         g.stream.synchronize().unwrap();
         let mut samples = Vec::with_capacity(self.reps);
         time_calls(g, f, &mut samples, self.reps as u64);
@@ -175,16 +202,17 @@ impl Burst {
 }
 
 /// The samples (ms) of one shape: through criterion's `group` as `id`, or under `burst`
-/// (LONGFLASH_BENCH_BURST) without it. Empty when criterion's name filter leaves the shape out.
+/// under `protocol` ([`Protocol::from_env`]) without it. Empty when criterion's name filter leaves
+/// the shape out.
 pub fn sample_shape(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     id: criterion::BenchmarkId,
     g: &Gpu,
-    burst: Option<Burst>,
+    protocol: Option<Protocol>,
     mut f: impl FnMut(),
 ) -> Vec<f64> {
-    if let Some(burst) = burst {
-        return burst.time(g, f);
+    if let Some(protocol) = protocol {
+        return protocol.time(g, f);
     }
     let mut samples = Vec::new();
     group.bench_function(id, |bench| {

@@ -12,7 +12,8 @@
 # With no variant, one run of the built kernels, named "new". The protocols (README,
 # "Benchmarks"): burst, 300 ms idle then 5 warm-up and 30 timed calls per shape
 # (LONGFLASH_BENCH_BURST=5,30,300; the peers' --gap-ms 300), at the GPU's full clock; sustained,
-# criterion's ~2 s per shape (the peers' --warmup-ms 1500), at the clock the power limit leaves.
+# 1.5 s of calls before the 30 timed ones (LONGFLASH_BENCH_SUSTAINED=1500,30; the peers'
+# --warmup-ms 1500), at the clock the power limit leaves.
 # Compare ours with a peer only under the same protocol.
 set -u
 cd "$(dirname "$0")/../.."
@@ -35,7 +36,7 @@ seqlens=${LONGFLASH_BENCH_SEQLENS:-512,1024,2048,4096,8192,16384}
 for protocol in $protocols; do
   case $protocol in
     burst) ours=(LONGFLASH_BENCH_BURST=5,30,300); peer=(--gap-ms 300) ;;
-    sustained) ours=(); peer=(--warmup-ms 1500) ;;
+    sustained) ours=(LONGFLASH_BENCH_SUSTAINED=1500,30); peer=(--warmup-ms 1500) ;;
     *) echo "bench-ab: unknown protocol $protocol (burst, sustained)" >&2; exit 2 ;;
   esac
   for spec in "$@"; do

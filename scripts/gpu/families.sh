@@ -17,7 +17,7 @@ first=1
 for protocol in ${BENCH_PROTOCOLS:-burst sustained}; do
   case $protocol in
     burst) ours=(LONGFLASH_BENCH_BURST=5,30,300); peer=(--warmup 6 --reps 30 --gap-ms 300) ;;
-    sustained) ours=(); peer=(--warmup-ms 1500 --reps 30) ;;
+    sustained) ours=(LONGFLASH_BENCH_SUSTAINED=1500,30); peer=(--warmup 6 --warmup-ms 1500 --reps 30) ;;
     *) echo "families: unknown protocol $protocol (burst, sustained)" >&2; exit 2 ;;
   esac
   for m in $loops; do
