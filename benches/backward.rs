@@ -37,6 +37,8 @@ fn bench_backward(c: &mut Criterion) {
         &[512, 1024, 2048, 4096, 8192, 16384],
     );
     let tokens = 16384usize;
+    let protocol = Protocol::from_env();
+    let protocol_name = protocol.map_or("criterion", |p| p.name);
     let mut group = c.benchmark_group("backward_bf16");
     group
         .sample_size(10)
@@ -123,30 +125,27 @@ fn bench_backward(c: &mut Criterion) {
                 let name = format!("d{d}_{}", if causal { "causal" } else { "dense" });
 
                 // Forward + backward.
-                let mut step_ms: Vec<f64> = Vec::new();
                 group.throughput(Throughput::Elements((3.5 * fwd_flops) as u64));
-                group.bench_function(BenchmarkId::new(format!("fwd_bwd_{name}"), s), |bench| {
-                    bench.iter_custom(|iters| {
-                        time_calls(
-                            &g,
-                            || {
-                                forward(&mut o, &mut lse);
-                                backward(&o, &lse);
-                            },
-                            &mut step_ms,
-                            iters,
-                        )
-                    })
-                });
+                let mut step_ms = sample_shape(
+                    &mut group,
+                    BenchmarkId::new(format!("fwd_bwd_{name}"), s),
+                    &g,
+                    protocol,
+                    || {
+                        forward(&mut o, &mut lse);
+                        backward(&o, &lse);
+                    },
+                );
                 // The backward alone, on the forward's O and LSE.
                 forward(&mut o, &mut lse);
-                let mut bwd_ms: Vec<f64> = Vec::new();
                 group.throughput(Throughput::Elements((2.5 * fwd_flops) as u64));
-                group.bench_function(BenchmarkId::new(format!("bwd_{name}"), s), |bench| {
-                    bench.iter_custom(|iters| {
-                        time_calls(&g, || backward(&o, &lse), &mut bwd_ms, iters)
-                    })
-                });
+                let mut bwd_ms = sample_shape(
+                    &mut group,
+                    BenchmarkId::new(format!("bwd_{name}"), s),
+                    &g,
+                    protocol,
+                    || backward(&o, &lse),
+                );
                 for (imp, pass, times, flops) in [
                     ("longflash", "fwd_bwd", &mut step_ms, 3.5 * fwd_flops),
                     ("longflash_bwd", "bwd", &mut bwd_ms, 2.5 * fwd_flops),
@@ -156,7 +155,7 @@ fn bench_backward(c: &mut Criterion) {
                     }
                     let ms = median(times);
                     println!(
-                        "RESULT {{\"impl\": \"{imp}\", \"pass\": \"{pass}\", \"dtype\": \"bf16\", \"batch\": {b}, \"heads\": {h}, \"seqlen\": {s}, \"head_dim\": {d}, \"causal\": {causal}, \"deterministic\": {deterministic}, \"ms\": {ms:.4}, \"tflops\": {:.1}, \"device\": \"{device}\", \"mainloop\": \"{mainloop}\"}}",
+                        "RESULT {{\"impl\": \"{imp}\", \"pass\": \"{pass}\", \"dtype\": \"bf16\", \"batch\": {b}, \"heads\": {h}, \"seqlen\": {s}, \"head_dim\": {d}, \"causal\": {causal}, \"deterministic\": {deterministic}, \"protocol\": \"{protocol_name}\", \"ms\": {ms:.4}, \"tflops\": {:.1}, \"device\": \"{device}\", \"mainloop\": \"{mainloop}\"}}",
                         flops / ms / 1e9
                     );
                 }

@@ -66,6 +66,10 @@ def parse_args():
                    help="comma-separated subset of flash,cudnn (default both)")
     p.add_argument("--reps", type=int, default=20, help="timed calls per config (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per config (default 3)")
+    p.add_argument("--gap-ms", type=float, default=0.0,
+                   help="leave the GPU idle this many ms before each timing (default 0)")
+    p.add_argument("--warmup-ms", type=float, default=0.0,
+                   help="after the warm-up calls, keep calling for this many ms of wall time (default 0)")
     p.add_argument("--out", metavar="FILE", help="also write the JSON lines to FILE (overwritten)")
     args = p.parse_args()
     if args.reps < 1:
@@ -88,20 +92,20 @@ def short_error(exc, limit=200):
     return first
 
 
-def time_backend(backend, q, k, v, dout, causal, warmup, reps):
+def time_backend(backend, q, k, v, dout, causal, warmup, reps, gap_ms=0.0, warmup_ms=0.0):
     """Median milliseconds of (forward + backward, backward alone) on one backend."""
     with sdpa_kernel([backend]):
         def step():
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             torch.autograd.grad(out, (q, k, v), dout)
 
-        fwd_bwd = median_ms(step, warmup, reps)
+        fwd_bwd = median_ms(step, warmup, reps, gap_ms, warmup_ms)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         def backward():
             torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
 
-        bwd = median_ms(backward, warmup, reps)
+        bwd = median_ms(backward, warmup, reps, gap_ms, warmup_ms)
         del out
     return fwd_bwd, bwd
 
@@ -160,7 +164,8 @@ def main():
                                 tensors = [torch.randn(shape, device="cuda", dtype=dtype, requires_grad=i < 3)
                                            for i in range(4)]
                             q, k, v, dout = tensors
-                            times = time_backend(backend, q, k, v, dout, causal, args.warmup, args.reps)
+                            times = time_backend(backend, q, k, v, dout, causal, args.warmup, args.reps,
+                                                         args.gap_ms, args.warmup_ms)
                             for rec, ms, mult in zip(recs, times, (3.5, 2.5)):
                                 rec["ms"] = round(ms, 4)
                                 rec["tflops"] = round(mult * fwd_flops / ms / 1e9, 1) if ms > 0 else None
