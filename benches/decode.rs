@@ -105,6 +105,8 @@ fn bench_decode(c: &mut Criterion) {
     let splits = std::env::var("LONGFLASH_BENCH_DECODE_SPLITS")
         .ok()
         .and_then(|v| v.parse().ok());
+    // LONGFLASH_BENCH_BURST / LONGFLASH_BENCH_SUSTAINED: the peers' timing (common::Protocol).
+    let protocol = Protocol::from_env();
     let mut group = c.benchmark_group("decode_bf16_d128");
     group
         .sample_size(20)
@@ -167,55 +169,47 @@ fn bench_decode(c: &mut Criterion) {
         };
         let page_name = s.page.map_or("contiguous".to_string(), |p| p.to_string());
         let name = format!("b{batch}_len{len}_q{sq}_hkv{hk}_page{page_name}");
-        let mut ms_samples: Vec<f64> = Vec::new();
-        group.bench_function(BenchmarkId::new("decode", &name), |bench| {
-            bench.iter_custom(|iters| {
-                time_calls(
-                    &g,
-                    || {
-                        let mut ov = o.as_view_mut();
-                        g.attn
-                            .decode(
-                                &g.stream,
-                                Input {
-                                    data: &qv,
-                                    layout: ql,
-                                },
-                                &cache,
-                                Output {
-                                    data: &mut ov,
-                                    layout: ql,
-                                    lse: None,
-                                },
-                                None,
-                                &opts,
-                            )
-                            .unwrap()
-                    },
-                    &mut ms_samples,
-                    iters,
-                )
-            })
-        });
+        let mut ms_samples = sample_shape(
+            &mut group,
+            BenchmarkId::new("decode", &name),
+            &g,
+            protocol,
+            || {
+                let mut ov = o.as_view_mut();
+                g.attn
+                    .decode(
+                        &g.stream,
+                        Input {
+                            data: &qv,
+                            layout: ql,
+                        },
+                        &cache,
+                        Output {
+                            data: &mut ov,
+                            layout: ql,
+                            lse: None,
+                        },
+                        None,
+                        &opts,
+                    )
+                    .unwrap()
+            },
+        );
         if ms_samples.is_empty() {
             continue; // filtered out by criterion's name filter
         }
         let ms = median(&mut ms_samples);
         // The same bytes copied device to device.
         let kv_bytes = 2 * batch * len * hk * d * 2;
-        let mut copy_samples: Vec<f64> = Vec::new();
         let src: CudaSlice<u8> = g.stream.alloc_zeros(kv_bytes).unwrap();
         let mut dst: CudaSlice<u8> = g.stream.alloc_zeros(kv_bytes).unwrap();
-        group.bench_function(BenchmarkId::new("copy", &name), |bench| {
-            bench.iter_custom(|iters| {
-                time_calls(
-                    &g,
-                    || g.stream.memcpy_dtod(&src, &mut dst).unwrap(),
-                    &mut copy_samples,
-                    iters,
-                )
-            })
-        });
+        let mut copy_samples = sample_shape(
+            &mut group,
+            BenchmarkId::new("copy", &name),
+            &g,
+            protocol,
+            || g.stream.memcpy_dtod(&src, &mut dst).unwrap(),
+        );
         drop((src, dst));
         let copy_ms = median(&mut copy_samples);
         // RoPE, ReRoPE and Leaky ReRoPE over the same (un-rotated) cache.
@@ -233,37 +227,33 @@ fn bench_decode(c: &mut Criterion) {
                 ),
             ] {
                 let rope = RopeOptions::new(RopeConfig::llama(d), mode);
-                let mut samples: Vec<f64> = Vec::new();
-                group.bench_function(BenchmarkId::new(mode_name, &name), |bench| {
-                    bench.iter_custom(|iters| {
-                        time_calls(
-                            &g,
-                            || {
-                                let mut ov = o.as_view_mut();
-                                g.attn
-                                    .decode_rope(
-                                        &g.stream,
-                                        Input {
-                                            data: &qv,
-                                            layout: ql,
-                                        },
-                                        &cache,
-                                        Output {
-                                            data: &mut ov,
-                                            layout: ql,
-                                            lse: None,
-                                        },
-                                        None,
-                                        &opts,
-                                        &rope,
-                                    )
-                                    .unwrap()
-                            },
-                            &mut samples,
-                            iters,
-                        )
-                    })
-                });
+                let mut samples = sample_shape(
+                    &mut group,
+                    BenchmarkId::new(mode_name, &name),
+                    &g,
+                    protocol,
+                    || {
+                        let mut ov = o.as_view_mut();
+                        g.attn
+                            .decode_rope(
+                                &g.stream,
+                                Input {
+                                    data: &qv,
+                                    layout: ql,
+                                },
+                                &cache,
+                                Output {
+                                    data: &mut ov,
+                                    layout: ql,
+                                    lse: None,
+                                },
+                                None,
+                                &opts,
+                                &rope,
+                            )
+                            .unwrap()
+                    },
+                );
                 if !samples.is_empty() {
                     rope_ms.push((mode_name, median(&mut samples)));
                 }

@@ -43,6 +43,8 @@ fn bench_memory(c: &mut Criterion) {
     let window = parse_list("LONGFLASH_BENCH_WINDOW", &[2048])[0];
     let memories = parse_list("LONGFLASH_BENCH_MEMORY", &[65536, 262144, 1048576]);
     let rope = RopeOptions::new(RopeConfig::llama(d), PositionMode::Rope);
+    // LONGFLASH_BENCH_BURST / LONGFLASH_BENCH_SUSTAINED: the peers' timing (common::Protocol).
+    let protocol = Protocol::from_env();
     let mut group = c.benchmark_group("memory_bf16_d128");
     group
         .sample_size(10)
@@ -66,77 +68,68 @@ fn bench_memory(c: &mut Criterion) {
         let qv = q.as_view();
         let mut dense_ms = None;
         for name in ["dense", "memory"] {
-            let mut samples: Vec<f64> = Vec::new();
-            group.bench_function(BenchmarkId::new(name, m), |bench| {
-                bench.iter_custom(|iters| {
-                    time_calls(
-                        &g,
-                        || {
-                            let mut ov = o.as_view_mut();
-                            let out = Output {
-                                data: &mut ov,
-                                layout: ql,
-                                lse: None,
-                            };
-                            let qi = Input {
-                                data: &qv,
-                                layout: ql,
-                            };
-                            if name == "dense" {
-                                g.attn
-                                    .forward(
-                                        &g.stream,
-                                        qi,
-                                        Input {
-                                            data: &kv,
-                                            layout: all,
-                                        },
-                                        Input {
-                                            data: &vv,
-                                            layout: all,
-                                        },
-                                        out,
-                                        &ForwardOptions::dense(),
-                                    )
-                                    .unwrap();
-                            } else {
-                                g.attn
-                                    .forward_memory(
-                                        &g.stream,
-                                        qi,
-                                        Input {
-                                            data: &wk,
-                                            layout: wl,
-                                        },
-                                        Input {
-                                            data: &wv,
-                                            layout: wl,
-                                        },
-                                        MemoryInput {
-                                            keys: Input {
-                                                data: &mk,
-                                                layout: ml,
-                                            },
-                                            values: Input {
-                                                data: &mv,
-                                                layout: ml,
-                                            },
-                                            mask: None,
-                                        },
-                                        out,
-                                        &MemoryForward {
-                                            rope: Some(&rope),
-                                            softmax_scale: None,
-                                        },
-                                    )
-                                    .unwrap();
-                            }
-                        },
-                        &mut samples,
-                        iters,
-                    )
-                })
-            });
+            let mut samples =
+                sample_shape(&mut group, BenchmarkId::new(name, m), &g, protocol, || {
+                    let mut ov = o.as_view_mut();
+                    let out = Output {
+                        data: &mut ov,
+                        layout: ql,
+                        lse: None,
+                    };
+                    let qi = Input {
+                        data: &qv,
+                        layout: ql,
+                    };
+                    if name == "dense" {
+                        g.attn
+                            .forward(
+                                &g.stream,
+                                qi,
+                                Input {
+                                    data: &kv,
+                                    layout: all,
+                                },
+                                Input {
+                                    data: &vv,
+                                    layout: all,
+                                },
+                                out,
+                                &ForwardOptions::dense(),
+                            )
+                            .unwrap();
+                    } else {
+                        g.attn
+                            .forward_memory(
+                                &g.stream,
+                                qi,
+                                Input {
+                                    data: &wk,
+                                    layout: wl,
+                                },
+                                Input {
+                                    data: &wv,
+                                    layout: wl,
+                                },
+                                MemoryInput {
+                                    keys: Input {
+                                        data: &mk,
+                                        layout: ml,
+                                    },
+                                    values: Input {
+                                        data: &mv,
+                                        layout: ml,
+                                    },
+                                    mask: None,
+                                },
+                                out,
+                                &MemoryForward {
+                                    rope: Some(&rope),
+                                    softmax_scale: None,
+                                },
+                            )
+                            .unwrap();
+                    }
+                });
             if samples.is_empty() {
                 continue;
             }

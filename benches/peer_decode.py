@@ -42,6 +42,10 @@ def main():
     p.add_argument("--batches", type=int_list, default=[1, 8, 64, 256])
     p.add_argument("--lens", type=int_list, default=[1024, 8192, 32768, 131072])
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--gap-ms", type=float, default=0.0,
+                   help="leave the GPU idle this many ms before each timing (default 0)")
+    p.add_argument("--warmup-ms", type=float, default=0.0,
+                   help="after the warm-up calls, keep calling for this many ms of wall time (default 0)")
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args()
     out = open(args.out, "a") if args.out else None
@@ -65,7 +69,7 @@ def main():
                         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
 
-                    ms = median_ms(call, 3, args.reps)
+                    ms = median_ms(call, 3, args.reps, args.gap_ms, args.warmup_ms)
                     rec.update(ms=round(ms, 4), tb_per_s=round(kv_bytes / ms / 1e9, 3))
                     del q, k, v
                 except Exception as e:  # a backend that cannot run the shape

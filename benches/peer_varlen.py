@@ -97,6 +97,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--gap-ms", type=float, default=0.0,
+                   help="leave the GPU idle this many ms before each timing (default 0)")
+    p.add_argument("--warmup-ms", type=float, default=0.0,
+                   help="after the warm-up calls, keep calling for this many ms of wall time (default 0)")
     p.add_argument("--out", metavar="FILE", help="also write the JSON lines to FILE (overwritten)")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -117,7 +121,7 @@ def main():
                     rec.update(ms=None, tflops=None, error=why)
                 else:
                     try:
-                        ms = median_ms(fn, args.warmup, args.reps)
+                        ms = median_ms(fn, args.warmup, args.reps, args.gap_ms, args.warmup_ms)
                         rec.update(ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 1))
                     except Exception as exc:  # noqa: BLE001 - report, keep going
                         rec.update(ms=None, tflops=None, error=short_error(exc))

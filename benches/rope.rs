@@ -24,6 +24,8 @@ fn bench_rope(c: &mut Criterion) {
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![4096, 8192, 16384, 32768, 65536, 131072, 262144]);
+    // LONGFLASH_BENCH_BURST / LONGFLASH_BENCH_SUSTAINED: the peers' timing (common::Protocol).
+    let protocol = Protocol::from_env();
     let mut group = c.benchmark_group("rope_bf16_d128");
     group
         .sample_size(10)
@@ -50,61 +52,48 @@ fn bench_rope(c: &mut Criterion) {
         let mut plain_ms = None;
         for (name, mode) in modes {
             let rope = mode.map(|m| RopeOptions::new(RopeConfig::llama(d), m));
-            let mut samples: Vec<f64> = Vec::new();
-            group.bench_function(BenchmarkId::new(name, s), |bench| {
-                bench.iter_custom(|iters| {
-                    time_calls(
-                        &g,
-                        || {
-                            let mut ov = o.as_view_mut();
-                            let (qi, ki, vi) = (
-                                Input {
-                                    data: &qv,
-                                    layout: l,
-                                },
-                                Input {
-                                    data: &kv,
-                                    layout: l,
-                                },
-                                Input {
-                                    data: &vv,
-                                    layout: l,
-                                },
-                            );
-                            let out = Output {
-                                data: &mut ov,
-                                layout: l,
-                                lse: None,
-                            };
-                            match &rope {
-                                None => g.attn.forward(
-                                    &g.stream,
-                                    qi,
-                                    ki,
-                                    vi,
-                                    out,
-                                    &ForwardOptions::causal(),
-                                ),
-                                Some(r) => g.attn.forward_rope(
-                                    &g.stream,
-                                    qi,
-                                    ki,
-                                    vi,
-                                    out,
-                                    &RopeForward {
-                                        rope: r,
-                                        block_mask: None,
-                                        softmax_scale: None,
-                                    },
-                                ),
-                            }
-                            .unwrap();
+            let mut samples =
+                sample_shape(&mut group, BenchmarkId::new(name, s), &g, protocol, || {
+                    let mut ov = o.as_view_mut();
+                    let (qi, ki, vi) = (
+                        Input {
+                            data: &qv,
+                            layout: l,
                         },
-                        &mut samples,
-                        iters,
-                    )
-                })
-            });
+                        Input {
+                            data: &kv,
+                            layout: l,
+                        },
+                        Input {
+                            data: &vv,
+                            layout: l,
+                        },
+                    );
+                    let out = Output {
+                        data: &mut ov,
+                        layout: l,
+                        lse: None,
+                    };
+                    match &rope {
+                        None => {
+                            g.attn
+                                .forward(&g.stream, qi, ki, vi, out, &ForwardOptions::causal())
+                        }
+                        Some(r) => g.attn.forward_rope(
+                            &g.stream,
+                            qi,
+                            ki,
+                            vi,
+                            out,
+                            &RopeForward {
+                                rope: r,
+                                block_mask: None,
+                                softmax_scale: None,
+                            },
+                        ),
+                    }
+                    .unwrap();
+                });
             if samples.is_empty() {
                 continue;
             }

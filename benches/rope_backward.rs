@@ -25,6 +25,8 @@ fn bench_rope_backward(c: &mut Criterion) {
     let device = g.ctx.name().unwrap_or_default();
     let (heads, d, window, leak) = (16usize, 128usize, 2048u32, 16.0f64);
     let seqlens = parse_list("LONGFLASH_BENCH_SEQLENS", &[4096, 16384, 65536]);
+    // LONGFLASH_BENCH_BURST / LONGFLASH_BENCH_SUSTAINED: the peers' timing (common::Protocol).
+    let protocol = Protocol::from_env();
     let mut group = c.benchmark_group("rope_backward_bf16_d128");
     group
         .sample_size(10)
@@ -125,10 +127,13 @@ fn bench_rope_backward(c: &mut Criterion) {
                 }
                 .unwrap();
             };
-            let mut samples: Vec<f64> = Vec::new();
-            group.bench_function(BenchmarkId::new(name, s), |bench| {
-                bench.iter_custom(|iters| time_calls(&g, &mut step, &mut samples, iters))
-            });
+            let mut samples = sample_shape(
+                &mut group,
+                BenchmarkId::new(name, s),
+                &g,
+                protocol,
+                &mut step,
+            );
             if samples.is_empty() {
                 continue; // filtered out by criterion's name filter
             }

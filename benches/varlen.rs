@@ -23,6 +23,8 @@ fn bench_varlen(c: &mut Criterion) {
     let Some(g) = gpu() else { return };
     let device = g.ctx.name().unwrap_or_default();
     let (tokens, h, d) = (16384usize, 16usize, 128usize);
+    // LONGFLASH_BENCH_BURST / LONGFLASH_BENCH_SUSTAINED: the peers' timing (common::Protocol).
+    let protocol = Protocol::from_env();
     let mut group = c.benchmark_group("varlen_bf16_d128");
     group
         .sample_size(10)
@@ -67,46 +69,39 @@ fn bench_varlen(c: &mut Criterion) {
                 max_seqlen_q: max,
                 max_seqlen_k: max,
             };
-            let mut varlen_ms: Vec<f64> = Vec::new();
-            group.bench_function(
+            let mut varlen_ms = sample_shape(
+                &mut group,
                 BenchmarkId::new(format!("varlen_{causal}"), name),
-                |bench| {
-                    bench.iter_custom(|iters| {
-                        time_calls(
-                            &g,
-                            || {
-                                let mut ov = o.as_view_mut();
-                                g.attn
-                                    .forward_varlen(
-                                        &g.stream,
-                                        Input {
-                                            data: &qv,
-                                            layout: packed,
-                                        },
-                                        Input {
-                                            data: &kv,
-                                            layout: packed,
-                                        },
-                                        Input {
-                                            data: &vv,
-                                            layout: packed,
-                                        },
-                                        Output {
-                                            data: &mut ov,
-                                            layout: packed,
-                                            lse: None,
-                                        },
-                                        &cuv,
-                                        &cuv,
-                                        None,
-                                        &opts,
-                                    )
-                                    .unwrap()
+                &g,
+                protocol,
+                || {
+                    let mut ov = o.as_view_mut();
+                    g.attn
+                        .forward_varlen(
+                            &g.stream,
+                            Input {
+                                data: &qv,
+                                layout: packed,
                             },
-                            &mut varlen_ms,
-                            iters,
+                            Input {
+                                data: &kv,
+                                layout: packed,
+                            },
+                            Input {
+                                data: &vv,
+                                layout: packed,
+                            },
+                            Output {
+                                data: &mut ov,
+                                layout: packed,
+                                lse: None,
+                            },
+                            &cuv,
+                            &cuv,
+                            None,
+                            &opts,
                         )
-                    })
+                        .unwrap()
                 },
             );
             if varlen_ms.is_empty() {
@@ -122,41 +117,38 @@ fn bench_varlen(c: &mut Criterion) {
                     mask,
                     softmax_scale: None,
                 };
-                group.bench_function(BenchmarkId::new(format!("fixed_{causal}"), name), |bench| {
-                    bench.iter_custom(|iters| {
-                        time_calls(
-                            &g,
-                            || {
-                                let mut ov = o.as_view_mut();
-                                g.attn
-                                    .forward(
-                                        &g.stream,
-                                        Input {
-                                            data: &qv,
-                                            layout: l,
-                                        },
-                                        Input {
-                                            data: &kv,
-                                            layout: l,
-                                        },
-                                        Input {
-                                            data: &vv,
-                                            layout: l,
-                                        },
-                                        Output {
-                                            data: &mut ov,
-                                            layout: l,
-                                            lse: None,
-                                        },
-                                        &fopts,
-                                    )
-                                    .unwrap()
-                            },
-                            &mut fixed_ms,
-                            iters,
-                        )
-                    })
-                });
+                fixed_ms = sample_shape(
+                    &mut group,
+                    BenchmarkId::new(format!("fixed_{causal}"), name),
+                    &g,
+                    protocol,
+                    || {
+                        let mut ov = o.as_view_mut();
+                        g.attn
+                            .forward(
+                                &g.stream,
+                                Input {
+                                    data: &qv,
+                                    layout: l,
+                                },
+                                Input {
+                                    data: &kv,
+                                    layout: l,
+                                },
+                                Input {
+                                    data: &vv,
+                                    layout: l,
+                                },
+                                Output {
+                                    data: &mut ov,
+                                    layout: l,
+                                    lse: None,
+                                },
+                                &fopts,
+                            )
+                            .unwrap()
+                    },
+                );
             }
             let fixed = if fixed_ms.is_empty() {
                 "null".to_string()
