@@ -20,10 +20,10 @@ mod common;
 use common::*;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use cudarc::driver::{CudaSlice, CudaView};
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use longflash::{
-    BackwardInputs, BackwardOptions, ForwardOptions, Gradient, Gradients, Input, Layout, Output,
+    BackwardInputs, BackwardOptions, ForwardOptions, Gradient, Gradients, Layout, Output,
 };
 
 fn bench_backward(c: &mut Criterion) {
@@ -163,10 +163,6 @@ fn bench_backward(c: &mut Criterion) {
         }
     }
     group.finish();
-}
-
-fn input<'a, 'b>(data: &'a CudaView<'b, bf16>, layout: Layout) -> Input<'a, 'b, bf16> {
-    Input { data, layout }
 }
 
 criterion_group!(benches, bench_backward);

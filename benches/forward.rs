@@ -17,7 +17,7 @@ use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use longflash::{ForwardOptions, Input, Layout, Output};
+use longflash::{ForwardOptions, Layout};
 
 fn bench_forward(c: &mut Criterion) {
     let Some(g) = gpu() else { return };
@@ -75,30 +75,7 @@ fn bench_forward(c: &mut Criterion) {
                     * if causal { 0.5 } else { 1.0 };
                 let (qv, kv, vv) = (q.as_view(), k.as_view(), v.as_view());
                 let launch = |o: &mut CudaSlice<bf16>| {
-                    let mut ov = o.as_view_mut();
-                    g.attn
-                        .forward(
-                            &g.stream,
-                            Input {
-                                data: &qv,
-                                layout: l,
-                            },
-                            Input {
-                                data: &kv,
-                                layout: l,
-                            },
-                            Input {
-                                data: &vv,
-                                layout: l,
-                            },
-                            Output {
-                                data: &mut ov,
-                                layout: l,
-                                lse: None,
-                            },
-                            &opts,
-                        )
-                        .unwrap();
+                    forward_same_layout(&g, (&qv, &kv, &vv), o, l, &opts);
                 };
                 let id = BenchmarkId::new(
                     format!("d{d}_{}", if causal { "causal" } else { "dense" }),

@@ -46,11 +46,13 @@ import json
 import math
 import os
 import statistics
-import time
 import sys
 import traceback
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peer_timing import settle, time_each  # noqa: E402
 
 _flex_mod = importlib.import_module("torch.nn.attention.flex_attention")
 flex_attention = _flex_mod.flex_attention
@@ -396,16 +398,7 @@ def first_call(q, k, v, bm):
 
 
 def time_flex(q, k, v, bm, kernel_options, reps):
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    torch.cuda.synchronize()
-    for i in range(reps):
-        starts[i].record()
-        out = call_flex(q, k, v, bm, kernel_options)
-        ends[i].record()
-        del out
-    torch.cuda.synchronize()
-    return statistics.median([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    return statistics.median(time_each(lambda: call_flex(q, k, v, bm, kernel_options), reps))
 
 
 def check_output(mask, q, k, v, out):
@@ -471,17 +464,8 @@ def run_mask(args, mask_dir, name, device_name):
                 rec["check_ok"] = None
         del out
         out = None
-        if args.gap_ms > 0:
-            time.sleep(args.gap_ms / 1e3)
-        for _ in range(args.warmup - 1):
-            call_flex(q, k, v, bm, kernel_options)
-        if args.warmup_ms > 0:
-            t_end = time.perf_counter() + args.warmup_ms / 1e3
-            while time.perf_counter() < t_end:
-                for _ in range(8):
-                    call_flex(q, k, v, bm, kernel_options)
-                torch.cuda.synchronize()
-        torch.cuda.synchronize()
+        settle(lambda: call_flex(q, k, v, bm, kernel_options), args.warmup - 1, args.gap_ms,
+               args.warmup_ms)
 
         ms = time_flex(q, k, v, bm, kernel_options, args.reps)
         flops = mask.flops()

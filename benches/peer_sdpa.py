@@ -22,6 +22,7 @@ Usage:
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,6 +30,9 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peer_timing import settle, time_each  # noqa: E402
 
 TOTAL_TOKENS = 16384
 HIDDEN = 2048
@@ -92,34 +96,14 @@ def short_error(exc, limit=200):
 
 def time_config(backend, q, k, v, causal, args):
     """Milliseconds of single SDPA calls, each timed with CUDA events after the warm-up."""
-    if args.gap_ms > 0:
-        torch.cuda.synchronize()
-        time.sleep(args.gap_ms / 1e3)
-    with sdpa_kernel([backend]):
-        for _ in range(args.warmup):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            del out
-        if args.warmup_ms > 0:
-            t_end = time.perf_counter() + args.warmup_ms / 1e3
-            while time.perf_counter() < t_end:
-                for _ in range(8):
-                    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-                    del out
-                torch.cuda.synchronize()
-        torch.cuda.synchronize()
 
-        reps = args.reps
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            starts[i].record()
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            ends[i].record()
-            del out
-            if args.sync_each:
-                ends[i].synchronize()
-        torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    def call():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        del out
+
+    with sdpa_kernel([backend]):
+        settle(call, args.warmup, args.gap_ms, args.warmup_ms)
+        return time_each(call, args.reps, args.sync_each)
 
 
 def main():

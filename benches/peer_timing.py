@@ -1,4 +1,10 @@
-"""Timing shared by the PyTorch peer scripts (benches/peer_decode.py, benches/peer_varlen.py)."""
+"""Timing shared by the PyTorch peer scripts (benches/peer_sdpa.py, peer_sdpa_backward.py,
+peer_flex.py, peer_decode.py, peer_varlen.py).
+
+The protocols of the README's "Benchmarks" (compare a peer with ours only under the same one):
+burst, `gap_ms` of idle GPU then a few warm-up calls; sustained, `warmup_ms` of calls more after
+them, so that the timed calls run at the clock the GPU's power limit leaves.
+"""
 
 import statistics
 import time
@@ -6,12 +12,9 @@ import time
 import torch
 
 
-def median_ms(fn, warmup, reps, gap_ms=0.0, warmup_ms=0.0):
-    """Median milliseconds of fn(), each call timed with CUDA events after `warmup` untimed calls.
-
-    gap_ms: the GPU left idle that long first; warmup_ms: after the warm-up calls, calls for that
-    much wall time more, so that the timed ones run at the clock the GPU's power limit leaves
-    (the protocols of the README's "Benchmarks": compare with ours only under the same one)."""
+def settle(fn, warmup, gap_ms=0.0, warmup_ms=0.0):
+    """Leaves the GPU idle for gap_ms, calls fn() `warmup` times, then for warmup_ms of wall time
+    more, and waits for all of it."""
     torch.cuda.synchronize()
     if gap_ms > 0:
         time.sleep(gap_ms / 1e3)
@@ -24,11 +27,24 @@ def median_ms(fn, warmup, reps, gap_ms=0.0, warmup_ms=0.0):
                 fn()
             torch.cuda.synchronize()
     torch.cuda.synchronize()
+
+
+def time_each(fn, reps, sync_each=False):
+    """Milliseconds of `reps` calls of fn(), each between two CUDA events; the calls are queued
+    one after the other (or, with sync_each, each waited for before the next)."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
         starts[i].record()
         fn()
         ends[i].record()
+        if sync_each:
+            ends[i].synchronize()
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def median_ms(fn, warmup, reps, gap_ms=0.0, warmup_ms=0.0):
+    """Median milliseconds of fn() over `reps` timed calls after settle()."""
+    settle(fn, warmup, gap_ms, warmup_ms)
+    return statistics.median(time_each(fn, reps))

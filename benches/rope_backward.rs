@@ -12,11 +12,11 @@ mod common;
 use common::*;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use cudarc::driver::{CudaSlice, CudaView};
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
 use longflash::{
-    BackwardInputs, BackwardOptions, ForwardOptions, Gradient, Gradients, Input, Layout, Output,
+    BackwardInputs, BackwardOptions, ForwardOptions, Gradient, Gradients, Layout, Output,
     RopeBackward, RopeForward,
 };
 
@@ -149,10 +149,6 @@ fn bench_rope_backward(c: &mut Criterion) {
         }
     }
     group.finish();
-}
-
-fn input<'a, 'b>(data: &'a CudaView<'b, bf16>, layout: Layout) -> Input<'a, 'b, bf16> {
-    Input { data, layout }
 }
 
 criterion_group!(benches, bench_rope_backward);

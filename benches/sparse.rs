@@ -137,30 +137,7 @@ fn bench_sparse(c: &mut Criterion) {
                 &g,
                 protocol,
                 || {
-                    let mut ov = o.as_view_mut();
-                    g.attn
-                        .forward(
-                            &g.stream,
-                            Input {
-                                data: &qv,
-                                layout: l,
-                            },
-                            Input {
-                                data: &kv,
-                                layout: l,
-                            },
-                            Input {
-                                data: &vv,
-                                layout: l,
-                            },
-                            Output {
-                                data: &mut ov,
-                                layout: l,
-                                lse: None,
-                            },
-                            &opts,
-                        )
-                        .unwrap();
+                    forward_same_layout(&g, (&qv, &kv, &vv), &mut o, l, &opts);
                 },
             );
             if !samples.is_empty() {

@@ -122,32 +122,7 @@ fn bench_varlen(c: &mut Criterion) {
                     BenchmarkId::new(format!("fixed_{causal}"), name),
                     &g,
                     protocol,
-                    || {
-                        let mut ov = o.as_view_mut();
-                        g.attn
-                            .forward(
-                                &g.stream,
-                                Input {
-                                    data: &qv,
-                                    layout: l,
-                                },
-                                Input {
-                                    data: &kv,
-                                    layout: l,
-                                },
-                                Input {
-                                    data: &vv,
-                                    layout: l,
-                                },
-                                Output {
-                                    data: &mut ov,
-                                    layout: l,
-                                    lse: None,
-                                },
-                                &fopts,
-                            )
-                            .unwrap()
-                    },
+                    || forward_same_layout(&g, (&qv, &kv, &vv), &mut o, l, &fopts),
                 );
             }
             let fixed = if fixed_ms.is_empty() {

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cudarc::driver::{sys::CUevent_flags, CudaContext, CudaStream};
+use cudarc::driver::{sys::CUevent_flags, CudaContext, CudaSlice, CudaStream, CudaView};
 use half::bf16;
-use longflash::{Attention, MainloopChoice};
+use longflash::{Attention, ForwardOptions, Input, Layout, MainloopChoice, Output};
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -59,6 +59,41 @@ pub fn gpu() -> Option<Gpu> {
             None
         }
     }
+}
+
+/// A bf16 input view with its layout.
+pub fn input<'a, 'b>(data: &'a CudaView<'b, bf16>, layout: Layout) -> Input<'a, 'b, bf16> {
+    Input { data, layout }
+}
+
+/// One exact forward over q, k, v and o that all have `layout`, without the LSE.
+pub fn forward_same_layout(
+    g: &Gpu,
+    (q, k, v): (
+        &CudaView<'_, bf16>,
+        &CudaView<'_, bf16>,
+        &CudaView<'_, bf16>,
+    ),
+    o: &mut CudaSlice<bf16>,
+    layout: Layout,
+    opts: &ForwardOptions,
+) {
+    let mut ov = o.as_view_mut();
+    let out = Output {
+        data: &mut ov,
+        layout,
+        lse: None,
+    };
+    g.attn
+        .forward(
+            &g.stream,
+            input(q, layout),
+            input(k, layout),
+            input(v, layout),
+            out,
+            opts,
+        )
+        .unwrap();
 }
 
 /// Roughly normal bf16 data (a centred sum of uniforms), never zeros.
