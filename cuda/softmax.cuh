@@ -72,24 +72,17 @@ template <bool B> struct BoolTag {
 };
 
 // P of the k16 step kk (8-column blocks 2kk and 2kk + 1) as the A fragment of an m16n8k16 /
-// wgmma k16 step, rounded to T.
+// wgmma k16 step, rounded to T. The row sums that normalize O add P as rounded, so the weights
+// P V uses are exactly the ones it divides by (the exact exponentials' sum would bias each output
+// by up to an ulp of P; it serves the LSE instead).
 template <typename T, int NT>
-__device__ __forceinline__ void pack_p_rounded(const float (&s)[NT][4], int kk, uint32_t (&a)[4]) {
+__device__ __forceinline__ void pack_p(const float (&s)[NT][4], int kk, uint32_t (&a)[4],
+                                       float &sum0, float &sum1) {
     using Elt = Elem<T>;
     a[0] = Elt::pack(s[2 * kk][0], s[2 * kk][1]);
     a[1] = Elt::pack(s[2 * kk][2], s[2 * kk][3]);
     a[2] = Elt::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
     a[3] = Elt::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-}
-
-// The same, adding P as rounded to the row sums that normalize O, so the weights P V uses are
-// exactly the ones it divides by (the exact exponentials' sum would bias each output by up to an
-// ulp of P; it serves the LSE instead).
-template <typename T, int NT>
-__device__ __forceinline__ void pack_p(const float (&s)[NT][4], int kk, uint32_t (&a)[4],
-                                       float &sum0, float &sum1) {
-    using Elt = Elem<T>;
-    pack_p_rounded<T>(s, kk, a);
 #pragma unroll
     for (int x = 0; x < 4; ++x) {
         const float2 pf = Elt::unpack(a[x]);

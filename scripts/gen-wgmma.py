@@ -7,8 +7,7 @@ Run from the repository root after changing the shapes below: python3 scripts/ge
 """
 
 SS_N = [64, 128]  # S = Q K^T: both operands in shared memory, N = key tile
-RS_N = [8, 64, 128, 256]  # O += P V: P from registers, V in shared memory (MN-major), N = head dim
-# (N = 8: P times a tile of ones, the row sums of P on the tensor cores: LF_SM90_PV_ROWSUM)
+RS_N = [64, 128, 256]  # O += P V: P from registers, V in shared memory (MN-major), N = head dim
 RK_N = [64, 128]  # S = Q K^T with Q from registers, K in shared memory (K-major), N = key tile
 TYPES = [("__half", "f16"), ("__nv_bfloat16", "bf16")]
 

@@ -61,13 +61,9 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1, int CONSUMERS_ = 2> 
     // (kSplitRelease only), then Q free (persistent schedule only); the addresses are kept
     // either way.
     static constexpr int kBars = 2 + 4 * kStages;
-    static_assert(kBars * 8 <= LF_FWD_SM90_BAR_BYTES, "the barriers fit their block");
-    // A 1024-aligned tile of ones after the barriers' block (tile_plan.h): the B operand of
-    // P x ones, P's row sums on the tensor cores (kPvRowSum).
-    static constexpr int kOnesOff = kBarOff + LF_FWD_SM90_BAR_BYTES;
-    // Dynamic shared memory to ask for: the tiles, the barriers, the ones, and slack to align
-    // the base to the 1024 bytes of a swizzle atom (src/attention/sm90.rs asks for the same).
-    static constexpr int kSmemBytes = kOnesOff + LF_FWD_SM90_ONES_BYTES + 1024;
+    // Dynamic shared memory to ask for: the tiles, the barriers, and slack to align the base to
+    // the 1024 bytes of a swizzle atom.
+    static constexpr int kSmemBytes = kBarOff + kBars * 8 + 1024;
     static constexpr int kProducerRegs = 24;
     // Overlap S of tile n with P V of tile n - 1, the consumer warpgroups taking turns to issue
     // (ping-pong), with a stage's K released when S is done with it and its V when P V is, so the
@@ -99,15 +95,6 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1, int CONSUMERS_ = 2> 
     static constexpr bool kQRegs = false;
 #else
     static constexpr bool kQRegs = QVARIANTS_ == 1 && D_ <= 128 && CONSUMERS_ == 2;
-#endif
-    // P's row sums (the softmax denominators) as P x ones on the tensor cores, an m64n8 wgmma
-    // after each P V, instead of unpacking the rounded P and adding it up on the FMA pipe: the
-    // same sums of the same rounded probabilities, off the softmax's critical path. An
-    // experiment (LF_SM90_PV_ROWSUM=1 at build time), not yet the default.
-#if defined(LF_SM90_PV_ROWSUM) && LF_SM90_PV_ROWSUM
-    static constexpr bool kPvRowSum = true;
-#else
-    static constexpr bool kPvRowSum = false;
 #endif
     using Tile = Sw128Tile<BR, D>;
     static_assert(BC == 64 || BC == 128, "S = Q K^T is m64n<BC>");
@@ -207,16 +194,6 @@ template <class Tr, bool kQFree = false> __device__ __forceinline__ void init_ba
         }
         if constexpr (kQFree) mbar_init(bars + 8 * (1 + 4 * Tr::kStages), Tr::kConsumerWarps);
         mbar_init_fence();
-    }
-    if constexpr (Tr::kPvRowSum) {
-        // The tile of ones, in the element type, published to the tensor cores' proxy.
-        const uint32_t ones = smem_base<Tr>() + Tr::kOnesOff;
-        const uint32_t one2 = Elem<typename Tr::T>::pack(1.f, 1.f);
-        for (int i = threadIdx.x; i < LF_FWD_SM90_ONES_BYTES / 16; i += blockDim.x)
-            asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(ones + 16 * i),
-                         "r"(one2)
-                         : "memory");
-        fence_proxy_async();
     }
     __syncthreads();
 }
@@ -321,11 +298,6 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     const uint64_t desc_q = sw128_desc(sQ + cw * 64 * 128, 16, 1024);
     const uint64_t desc_k = sw128_desc(sK(0), 16, 1024);
     const uint64_t desc_v = sw128_desc(sV(0), Tr::BC * 128, 1024);
-    // kPvRowSum: the n8 x k16 B operand of P x ones, unswizzled (the canonical layout for N = 8):
-    // two 128-byte core matrices, inside the tile's 2048 bytes of ones.
-    const uint64_t desc_ones = plain_desc(base + Tr::kOnesOff, 128, 256);
-    // kPvRowSum: P x ones, each row's sum in every column (registers 0-1: row g, 2-3: row g + 8).
-    float lsum[4] = {0.f, 0.f, 0.f, 0.f};
 
     // This warp's 16 Q rows as the A fragments of S's k16 steps (kQRegs).
     uint32_t qa[Tr::kQRegs ? Tr::D / 16 : 1][4];
@@ -377,20 +349,11 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
         for (int i = 0; i < Tr::D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
-        if constexpr (Tr::kPvRowSum) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) lsum[i] *= alpha[i >> 1];
-        }
     };
     // P as the A fragments of the k16 steps of P V (cuda/softmax.cuh).
     auto pack = [&](const float (&sc)[Tr::BC / 8][4], uint32_t (&pa)[Tr::BC / 16][4]) {
 #pragma unroll
-        for (int kk = 0; kk < Tr::BC / 16; ++kk) {
-            if constexpr (Tr::kPvRowSum)
-                pack_p_rounded<T>(sc, kk, pa[kk]);
-            else
-                pack_p<T>(sc, kk, pa[kk], row_sum[0], row_sum[1]);
-        }
+        for (int kk = 0; kk < Tr::BC / 16; ++kk) pack_p<T>(sc, kk, pa[kk], row_sum[0], row_sum[1]);
     };
     // Issues O += P V of item n (after its V stage has landed).
     auto issue_pv = [&](int n, const uint32_t (&pa)[Tr::BC / 16][4]) {
@@ -401,11 +364,6 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
 #pragma unroll
         for (int kk = 0; kk < Tr::BC / 16; ++kk)
             Wgmma<T>::template rs<Tr::D>(o, pa[kk], desc_add(dv, kk * 2048), 1);
-        if constexpr (Tr::kPvRowSum) {
-#pragma unroll
-            for (int kk = 0; kk < Tr::BC / 16; ++kk)
-                Wgmma<T>::template rs<8>(lsum, pa[kk], desc_ones, 1);
-        }
         wgmma_commit();
     };
     // This warp is done with key tile n's K (its S has completed): with kSplitRelease its slot
@@ -466,7 +424,6 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                 issue_pv(n, pa);
                 wgmma_wait<0>();
                 fence_regs(o);
-                if constexpr (Tr::kPvRowSum) fence_regs(lsum);
                 fence_regs(pa);
                 release(n);
             }
@@ -506,7 +463,6 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                 // never taken, and the wait stays behind the softmax.
                 wgmma_wait_all_after(sc[Tr::BC / 8 - 1][3] < 0.f);
                 fence_regs(o);
-                if constexpr (Tr::kPvRowSum) fence_regs(lsum);
                 fence_regs(pa);
                 release(n - 1);
                 if (rescale) rescale_o(alpha);
@@ -515,7 +471,6 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             issue_pv(n_tiles - 1, pa);
             wgmma_wait<0>();
             fence_regs(o);
-            if constexpr (Tr::kPvRowSum) fence_regs(lsum);
             fence_regs(pa);
             release(n_tiles - 1);
         };
@@ -531,7 +486,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     uint16_t *o_ptr = static_cast<uint16_t *>(p.o) + at.o_offset(p) + h * p.o_head_stride;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const float l = Tr::kPvRowSum ? lsum[2 * r] : quad_sum(row_sum[r]);
+        const float l = quad_sum(row_sum[r]);
         const float le = quad_sum(exp_sum[r]);
         const float inv = l > 0.f ? 1.f / l : 0.f;
         // This thread's row rebuilt from the thread index rather than kept through the mainloop:

@@ -143,14 +143,6 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint
            (static_cast<uint64_t>((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
 }
 
-// The same for an operand without swizzle (layout type 0): core matrices of 8 rows of 16 bytes,
-// lbo and sbo the bytes between core matrices along the two dimensions.
-__device__ __forceinline__ uint64_t plain_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-    return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) |
-           (static_cast<uint64_t>((lbo >> 4) & 0x3FFFu) << 16) |
-           (static_cast<uint64_t>((sbo >> 4) & 0x3FFFu) << 32);
-}
-
 // A descriptor moved `bytes` further into shared memory: the start-address field (bits 0-13, in
 // 16-byte units) never carries into the next field, since shared addresses stay below 2^18
 // bytes, so a 32-bit add on the low word does it (one instruction, not a rebuild).

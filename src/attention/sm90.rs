@@ -10,9 +10,9 @@ use crate::layout::Layout;
 use crate::loader::{CtxGuard, ModuleCache};
 use crate::sys::{
     LfFwdParams, LfFwdSm90Params, LfRope, LfRopeFwdSm90Params, LfTensorMap, LfVarlenParams,
-    LfVarlenSm90Params, LF_FWD_SM90_BAR_BYTES, LF_FWD_SM90_BC_D128, LF_FWD_SM90_BC_D256,
-    LF_FWD_SM90_BC_D64, LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BR, LF_FWD_SM90_BR_TALL,
-    LF_FWD_SM90_ONES_BYTES, LF_FWD_SM90_STAGES, LF_FWD_SM90_THREADS, LF_FWD_SM90_THREADS_TALL,
+    LfVarlenSm90Params, LF_FWD_SM90_BC_D128, LF_FWD_SM90_BC_D256, LF_FWD_SM90_BC_D64,
+    LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BR, LF_FWD_SM90_BR_TALL, LF_FWD_SM90_STAGES,
+    LF_FWD_SM90_THREADS, LF_FWD_SM90_THREADS_TALL,
 };
 
 /// Query rows from which a call with a causal or window mask takes the tall tiles at head dim 64
@@ -45,9 +45,7 @@ fn key_tile(head_dim: usize) -> Option<usize> {
 fn smem_bytes(head_dim: usize, br: usize, bc: usize, q_variants: usize) -> u32 {
     let stages = LF_FWD_SM90_STAGES as usize;
     let tiles = (q_variants * br + 2 * stages * bc) * head_dim * 2;
-    // As Sm90Traits::kSmemBytes (cuda/sm90/mainloop.cuh): the tiles, the barriers' block, the
-    // tile of ones, and 1 KiB to align the base.
-    (tiles + (LF_FWD_SM90_BAR_BYTES + LF_FWD_SM90_ONES_BYTES) as usize + 1024) as u32
+    (tiles + (2 + 4 * stages) * 8 + 1024) as u32
 }
 
 /// A 4-D tensor map (head_dim, seqlen, heads, batch) of a 16-bit tensor at `ptr` with layout

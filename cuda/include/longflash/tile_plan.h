@@ -30,18 +30,13 @@
 
 /* Tile shape of the Hopper (sm_90a) forward: 128 query rows (two consumer warpgroups of 64 rows
  * and one producer warpgroup, 384 threads) by LF_FWD_SM90_BC_D<D> keys, with a ring of
- * LF_FWD_SM90_STAGES K/V stages. Shared memory per CTA is (q_variants * br + 2 * stages * bc) *
- * head_dim * 2 bytes of tiles, then LF_FWD_SM90_BAR_BYTES for the barriers and
- * LF_FWD_SM90_ONES_BYTES for a tile of ones (the B operand that sums P's rows on the tensor
- * cores, read only by kernels built with LF_SM90_PV_ROWSUM=1), plus 1 KiB to align the base to a
- * swizzle atom. */
+ * LF_FWD_SM90_STAGES K/V stages. Shared memory per CTA is (br + 2 * stages * bc) * head_dim * 2
+ * bytes, plus 1 KiB of alignment and barriers. */
 #define LF_FWD_SM90_BR 128
 #define LF_FWD_SM90_BC_D64 128
 #define LF_FWD_SM90_BC_D128 128
 #define LF_FWD_SM90_BC_D256 64
 #define LF_FWD_SM90_STAGES 2
-#define LF_FWD_SM90_BAR_BYTES 1024
-#define LF_FWD_SM90_ONES_BYTES 2048
 #define LF_FWD_SM90_THREADS 384
 /* Head dim 64: 192 query rows (three consumer warpgroups, 512 threads), as FlashAttention-3 takes
  * for it: a tile's matrix products are short at head dim 64, so each warpgroup's softmax has two
