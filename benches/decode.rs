@@ -8,6 +8,9 @@
 //! Speculative decoding (4 and 16 tokens) and RoPE / ReRoPE (window 4096) / Leaky ReRoPE (leak
 //! 16) decoding over the same un-rotated cache run on a few GQA shapes. Prints `RESULT {json}`
 //! per shape. Without a GPU it prints that it skipped (and fails when LONGFLASH_REQUIRE_GPU=1).
+//! Each shape is timed through the safe `decode` (`ms`) and through `decode_raw` with a workspace
+//! allocated once (`raw_ms`), with the host's time to queue one call of each (`host_us`,
+//! `raw_host_us`): when that nears the GPU time, the queued timing measures the host.
 //!
 //! `LONGFLASH_BENCH_DECODE_SPLITS=N` fixes the split count instead of the plan's choice;
 //! `LONGFLASH_BENCH_DECODE_BATCHES` and `LONGFLASH_BENCH_DECODE_LENS` (comma lists) narrow the
@@ -20,10 +23,12 @@ mod common;
 use common::*;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
-use longflash::{BlockTable, DecodeOptions, Input, KvCache, Layout, MaskSpec, Output};
+use longflash::{
+    BlockTable, DType, DecodeOptions, Input, KvCache, Layout, MaskSpec, Output, RawDecode,
+};
 
 const HEAD_DIM: usize = 128;
 const HEADS_Q: usize = 32;
@@ -169,36 +174,86 @@ fn bench_decode(c: &mut Criterion) {
         };
         let page_name = s.page.map_or("contiguous".to_string(), |p| p.to_string());
         let name = format!("b{batch}_len{len}_q{sq}_hkv{hk}_page{page_name}");
+        let mut decode_call = || {
+            let mut ov = o.as_view_mut();
+            g.attn
+                .decode(
+                    &g.stream,
+                    Input {
+                        data: &qv,
+                        layout: ql,
+                    },
+                    &cache,
+                    Output {
+                        data: &mut ov,
+                        layout: ql,
+                        lse: None,
+                    },
+                    None,
+                    &opts,
+                )
+                .unwrap()
+        };
         let mut ms_samples = sample_shape(
             &mut group,
             BenchmarkId::new("decode", &name),
             &g,
             protocol,
-            || {
-                let mut ov = o.as_view_mut();
-                g.attn
-                    .decode(
-                        &g.stream,
-                        Input {
-                            data: &qv,
-                            layout: ql,
-                        },
-                        &cache,
-                        Output {
-                            data: &mut ov,
-                            layout: ql,
-                            lse: None,
-                        },
-                        None,
-                        &opts,
-                    )
-                    .unwrap()
-            },
+            &mut decode_call,
         );
         if ms_samples.is_empty() {
             continue; // filtered out by criterion's name filter
         }
         let ms = median(&mut ms_samples);
+        let host_us = host_us_per_call(&g, &mut decode_call, 64);
+        // The raw entry an engine with its own allocator (or a CUDA graph) calls: device
+        // pointers and a workspace allocated once, so the host does no allocation and no
+        // per-buffer stream bookkeeping.
+        let ptr = |x: &CudaSlice<bf16>| x.device_ptr(&g.stream).0;
+        let raw = RawDecode {
+            dtype: DType::Bf16,
+            q: ptr(&q),
+            k: ptr(&k),
+            v: ptr(&v),
+            o: ptr(&o),
+            lse: 0,
+            q_layout: ql,
+            k_layout: cl,
+            v_layout: cl,
+            o_layout: ql,
+            block_table: s.page.map_or(0, |_| dt.device_ptr(&g.stream).0),
+            max_pages_per_seq: max_pages,
+            cache_seqlens: dl.device_ptr(&g.stream).0,
+            error_flag: 0,
+            options: opts,
+            workspace: 0,
+            workspace_bytes: 0,
+        };
+        let plan = g.attn.decode_plan(&raw).unwrap();
+        let ws: CudaSlice<u8> = g.stream.alloc_zeros(plan.workspace_bytes.max(16)).unwrap();
+        let raw = RawDecode {
+            workspace: ws.device_ptr(&g.stream).0,
+            workspace_bytes: plan.workspace_bytes.max(16),
+            ..raw
+        };
+        let mut raw_call = || {
+            // SAFETY: every pointer is a live allocation of this context that holds what its
+            // layout addresses (the cache, table and lengths built above, the plan's workspace);
+            // nothing else touches them while the stream runs, and they outlive its work (the
+            // stream is synchronized before they are dropped).
+            unsafe { g.attn.decode_raw(g.stream.cu_stream(), &raw) }.unwrap()
+        };
+        let mut raw_samples = sample_shape(
+            &mut group,
+            BenchmarkId::new("decode_raw", &name),
+            &g,
+            protocol,
+            &mut raw_call,
+        );
+        let raw_ms = median(&mut raw_samples);
+        let raw_host_us = host_us_per_call(&g, &mut raw_call, 64);
+        g.stream.synchronize().unwrap();
+        drop(ws);
         // The same bytes copied device to device.
         let kv_bytes = 2 * batch * len * hk * d * 2;
         let src: CudaSlice<u8> = g.stream.alloc_zeros(kv_bytes).unwrap();
@@ -266,7 +321,7 @@ fn bench_decode(c: &mut Criterion) {
         let plan_splits = splits.map_or("null".to_string(), |s: usize| s.to_string());
         let page_json = s.page.map_or("null".to_string(), |p| p.to_string());
         println!(
-            "RESULT {{\"impl\": \"longflash_decode\", \"batch\": {batch}, \"cache_len\": {len}, \"seqlen_q\": {sq}, \"heads_q\": {hq}, \"heads_kv\": {hk}, \"head_dim\": {d}, \"page_size\": {page_json}, \"num_splits\": {plan_splits}, \"ms\": {ms:.4}, \"kv_gb\": {:.3}, \"tb_per_s\": {:.3}, \"copy_ms\": {copy_ms:.4}, \"copy_tb_per_s\": {:.3}, \"of_copy\": {:.3}{rope_json}, \"device\": \"{device}\"}}",
+            "RESULT {{\"impl\": \"longflash_decode\", \"batch\": {batch}, \"cache_len\": {len}, \"seqlen_q\": {sq}, \"heads_q\": {hq}, \"heads_kv\": {hk}, \"head_dim\": {d}, \"page_size\": {page_json}, \"num_splits\": {plan_splits}, \"ms\": {ms:.4}, \"host_us\": {host_us:.1}, \"raw_ms\": {raw_ms:.4}, \"raw_host_us\": {raw_host_us:.1}, \"kv_gb\": {:.3}, \"tb_per_s\": {:.3}, \"copy_ms\": {copy_ms:.4}, \"copy_tb_per_s\": {:.3}, \"of_copy\": {:.3}{rope_json}, \"device\": \"{device}\"}}",
             kv_bytes as f64 / 1e9,
             kv_bytes as f64 / ms / 1e9,
             2.0 * kv_bytes as f64 / copy_ms / 1e9,

@@ -160,6 +160,20 @@ pub fn time_calls(g: &Gpu, mut f: impl FnMut(), samples: &mut Vec<f64>, iters: u
     Duration::from_secs_f64(total / 1e3)
 }
 
+/// The host's time to queue one call of `f` (microseconds, the mean of `n` calls queued without
+/// waiting, the GPU drained before and after): when it is near the time a call takes on the
+/// GPU, the queued timing measures the host, not the kernels.
+pub fn host_us_per_call(g: &Gpu, mut f: impl FnMut(), n: usize) -> f64 {
+    g.stream.synchronize().unwrap();
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        f();
+    }
+    let us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    g.stream.synchronize().unwrap();
+    us
+}
+
 /// How a bench times a shape without criterion, as the PyTorch peers do (benches/peer_sdpa.py,
 /// benches/peer_flex.py), so that both sides run the same calls at the same clocks: a power-capped
 /// H100 runs its SMs up to a quarter slower after a second or two of calls, so compare a peer's
