@@ -7,8 +7,9 @@
 // 16 rows. The four warps take turns over the split's keys, 16 at a time, each with its own
 // cp.async ring of K/V stages and its own online-softmax state (no CTA barrier in the loop); the
 // warps' states are merged through shared memory at the end. With several splits each CTA
-// writes its rows normalized in f32 with their log-sum-exp, and lf_decode_combine_* merges the
-// splits by log-sum-exp.
+// writes its rows normalized in f32 with their log-sum-exp, and the last CTA of a (row block,
+// sequence and KV head) to finish merges its splits by log-sum-exp (merge_splits_if_last): one
+// kernel, no second launch.
 //
 // Device-side indices are never trusted: a cache length is clamped into [0, the keys the launch
 // covers] and a block-table entry into [0, num_pages), and either is reported through
@@ -262,6 +263,125 @@ __device__ __forceinline__ void decode_scores(float (&s)[2][4], uint32_t sQ, uin
         ldmatrix_x4(kb, kcur.at(0, ks * 2));
         Mma<T>::mma(s[0], a, kb[0], kb[1]);
         Mma<T>::mma(s[1], a, kb[2], kb[3]);
+    }
+}
+
+// With several splits: counts this CTA's split in as done and, in the CTA that is the last of
+// its (row block, sequence and KV head), merges every split's rows by log-sum-exp into o and lse
+// (its own included), so no second kernel runs. Every CTA's partial rows are published
+// (threadfence) before its arrival on the group's counter (split_counters, zeroed before the
+// launch); the last CTA, having seen every arrival, reads the partials through L2 and sets the
+// counter back to 0. Each thread takes (row, 4 columns) items with a share of the splits (a
+// power of two of adjacent lanes per item when there are fewer items than threads), merged online
+// (running maximum, sum and weighted O, eight splits' loads at a time), then its lanes' shares
+// are merged by shuffles.
+template <class Tr>
+__device__ __noinline__ void merge_splits_if_last(const LfDecodeParams &p, unsigned char *smem) {
+    using Elt = Elem<typename Tr::T>;
+    const int tid = threadIdx.x;
+    volatile int *last_flag = reinterpret_cast<volatile int *>(smem); // the Q tile is free now
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        int *counter = p.split_counters + static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
+        const bool last = atomicAdd(counter, 1) == p.num_splits - 1;
+        if (last) atomicExch(counter, 0);
+        *last_flag = last;
+    }
+    __syncthreads();
+    if (!*last_flag) return;
+    __threadfence();
+
+    // Read again rather than kept from the kernel's start, and not inlined: either way the
+    // mainloop's register allocation at head dim 256 spilled.
+    const int b = blockIdx.z / p.heads_kv;
+    const int hk = blockIdx.z % p.heads_kv;
+    const int group = p.heads_q / p.heads_kv;
+    const int seqlen_q = p.mask.seqlen_q;
+    const int rows = seqlen_q * group;
+    const int row0 = blockIdx.y * Tr::kRows;
+    const int width = Tr::kPadded ? p.head_dim : Tr::D;
+    const int quads = width / 4;
+    const int nrows = min(Tr::kRows, rows - row0);
+    const int items = nrows * quads;
+    // Lanes per item: the largest power of two (at most 32) that leaves an item for each group.
+    int per = 1;
+    while (per < 32 && items * per * 2 <= Tr::kThreads) per *= 2;
+    const int64_t lse_split = static_cast<int64_t>(p.batch) * p.heads_q * seqlen_q;
+    const int64_t o_split = lse_split * width;
+    const int splits = p.num_splits;
+    // Every lane runs every round (the shuffles need whole warps); with per > 1 there is one.
+    for (int base = 0; base < items * per; base += Tr::kThreads) {
+        const int item = (base + tid) / per;
+        const bool active = item < items;
+        const int it = active ? item : 0;
+        const int r = it / quads;
+        const int c = (it % quads) * 4;
+        const int pr = row0 + r;
+        const int t = pr / group;
+        const int h = hk * group + pr % group;
+        const int64_t lse_row = (static_cast<int64_t>(b) * p.heads_q + h) * seqlen_q + t;
+        const int64_t o_row = ((static_cast<int64_t>(b) * seqlen_q + t) * p.heads_q + h) * width + c;
+        float m = -INFINITY, l = 0.f;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        constexpr int kBatch = 8;
+        for (int s0 = active ? tid % per : splits; s0 < splits; s0 += kBatch * per) {
+            float x[kBatch];
+            float4 y[kBatch];
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) {
+                const int s = s0 + u * per;
+                x[u] = s < splits ? __ldcg(p.partial_lse + s * lse_split + lse_row) : -INFINITY;
+                y[u] = s < splits ? __ldcg(reinterpret_cast<const float4 *>(p.partial_o + s * o_split + o_row))
+                                  : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+            float mx = m;
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) mx = fmaxf(mx, x[u]);
+            if (mx == -INFINITY) continue; // no split so far saw a key of this row
+            const float a = __expf(m - mx);
+            l *= a;
+            acc.x *= a;
+            acc.y *= a;
+            acc.z *= a;
+            acc.w *= a;
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) {
+                const float w = __expf(x[u] - mx); // 0 for a split that saw no key (O of 0)
+                l += w;
+                acc.x += w * y[u].x;
+                acc.y += w * y[u].y;
+                acc.z += w * y[u].z;
+                acc.w += w * y[u].w;
+            }
+            m = mx;
+        }
+        // The item's lanes (adjacent, a power of two) merge their shares.
+        for (int off = 1; off < per; off *= 2) {
+            const float mo = __shfl_xor_sync(0xffffffffu, m, off);
+            const float lo = __shfl_xor_sync(0xffffffffu, l, off);
+            float4 ao;
+            ao.x = __shfl_xor_sync(0xffffffffu, acc.x, off);
+            ao.y = __shfl_xor_sync(0xffffffffu, acc.y, off);
+            ao.z = __shfl_xor_sync(0xffffffffu, acc.z, off);
+            ao.w = __shfl_xor_sync(0xffffffffu, acc.w, off);
+            const float mx = fmaxf(m, mo);
+            const float a = mx == -INFINITY ? 0.f : __expf(m - mx);
+            const float bo = mx == -INFINITY ? 0.f : __expf(mo - mx);
+            l = l * a + lo * bo;
+            acc.x = acc.x * a + ao.x * bo;
+            acc.y = acc.y * a + ao.y * bo;
+            acc.z = acc.z * a + ao.z * bo;
+            acc.w = acc.w * a + ao.w * bo;
+            m = mx;
+        }
+        if (!active || tid % per != 0) continue;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        uint16_t *out = static_cast<uint16_t *>(p.o) + b * p.o_batch_stride + t * p.o_row_stride +
+                        h * p.o_head_stride + c;
+        *reinterpret_cast<uint2 *>(out) =
+            make_uint2(Elt::pack(acc.x * inv, acc.y * inv), Elt::pack(acc.z * inv, acc.w * inv));
+        if (p.lse != nullptr && c == 0) p.lse[lse_row] = l > 0.f ? m + __logf(l) : -INFINITY;
     }
 }
 
@@ -572,80 +692,7 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
                               t] = lse;
         }
     }
-}
-
-// Merges the splits of every (sequence, token, query head) row by log-sum-exp: one warp per row,
-// lanes over the head dimension, four elements at a time. The splits are taken 8 at a time, their
-// loads issued together: a row's splits are few and short, so the time is the loads' latency,
-// and one load in flight per warp (each split's weight read, then its O) made the merge of a
-// batch-1 call as long as the decoding kernel itself. Each lane holds the weight of one split of
-// a group of 32 and hands it over by shuffle; the sums run in split order as one chain, as before.
-template <typename T> __device__ __forceinline__ void decode_combine(const LfDecodeParams &p) {
-    using Elt = Elem<T>;
-    constexpr int kBatch = 8;
-    const int lane = threadIdx.x & 31;
-    const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-    const int64_t rows = static_cast<int64_t>(p.batch) * p.mask.seqlen_q * p.heads_q;
-    if (row >= rows) return;
-    const int h = static_cast<int>(row % p.heads_q);
-    const int t = static_cast<int>((row / p.heads_q) % p.mask.seqlen_q);
-    const int b = static_cast<int>(row / (static_cast<int64_t>(p.heads_q) * p.mask.seqlen_q));
-    const int splits = p.num_splits;
-    const int64_t lse_row = (static_cast<int64_t>(b) * p.heads_q + h) * p.mask.seqlen_q + t;
-    const int64_t lse_split = static_cast<int64_t>(p.batch) * p.heads_q * p.mask.seqlen_q;
-    float mx = -INFINITY;
-    for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, p.partial_lse[s * lse_split + lse_row]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    float sum = 0.f;
-    if (mx != -INFINITY)
-        for (int s = lane; s < splits; s += 32) sum += __expf(p.partial_lse[s * lse_split + lse_row] - mx);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    if (p.lse != nullptr && lane == 0) p.lse[lse_row] = sum > 0.f ? mx + __logf(sum) : -INFINITY;
-
-    const int64_t o_split = rows * p.head_dim;
-    const float *po = p.partial_o + row * p.head_dim;
-    uint16_t *out = static_cast<uint16_t *>(p.o) + b * p.o_batch_stride + t * p.o_row_stride +
-                    h * p.o_head_stride;
-    // Every lane runs every pass (the shuffles need the whole warp); a lane past the head's
-    // last element in a pass loads and stores nothing.
-    for (int c0 = 0; c0 < p.head_dim; c0 += 128) {
-        const int c = c0 + lane * 4;
-        const bool active = c < p.head_dim;
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int s0 = 0; s0 < splits; s0 += 32) {
-            // This lane's split of the group: its weight, or -1 for a split that saw no key of
-            // the row (it wrote no O: it is not read and adds nothing).
-            const float ls = s0 + lane < splits ? p.partial_lse[(s0 + lane) * lse_split + lse_row]
-                                                : -INFINITY;
-            const float wl = ls == -INFINITY ? -1.f : __expf(ls - mx) * inv;
-            const int n = min(32, splits - s0);
-            for (int i = 0; i < n; i += kBatch) {
-                float w[kBatch];
-                float4 x[kBatch];
-#pragma unroll
-                for (int u = 0; u < kBatch; ++u) {
-                    w[u] = __shfl_sync(0xffffffffu, wl, (i + u) & 31);
-                    if (active && i + u < n && w[u] != -1.f)
-                        x[u] = *reinterpret_cast<const float4 *>(po + (s0 + i + u) * o_split + c);
-                }
-#pragma unroll
-                for (int u = 0; u < kBatch; ++u) {
-                    if (active && i + u < n && w[u] != -1.f) {
-                        acc.x += w[u] * x[u].x;
-                        acc.y += w[u] * x[u].y;
-                        acc.z += w[u] * x[u].z;
-                        acc.w += w[u] * x[u].w;
-                    }
-                }
-            }
-        }
-        if (active)
-            *reinterpret_cast<uint2 *>(out + c) =
-                make_uint2(Elt::pack(acc.x, acc.y), Elt::pack(acc.z, acc.w));
-    }
+    if (p.num_splits > 1) merge_splits_if_last<Tr>(p, smem);
 }
 
 } // namespace lf
@@ -657,12 +704,6 @@ template <typename T> __device__ __forceinline__ void decode_combine(const LfDec
     extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads)                         \
         NAME(const __grid_constant__ LfDecodeParams p) {                                          \
         lf::decode_fwd<NAME##_traits>(p);                                                         \
-    }
-
-// The split merge of the decoding kernel, for element type T (every head dimension).
-#define LF_DEFINE_DECODE_COMBINE_KERNEL(NAME, T)                                                  \
-    extern "C" __global__ void __launch_bounds__(256) NAME(const __grid_constant__ LfDecodeParams p) { \
-        lf::decode_combine<T>(p);                                                                 \
     }
 
 // The decoding kernel with rotary positions applied inside (RoPE, ReRoPE, Leaky ReRoPE over an

@@ -36,6 +36,8 @@
 #              dequantized f32 matmul (candle's CANDLE_DEQUANTIZE_ALL=1), as the PyTorch reference
 #              computes them: whether the depth-0.9 misses and the ~0.015 NLL offset come from
 #              candle's quantized matmuls
+#   ppl128f32  ppl128 with the f32 matmuls of f32: whether the NLL's rise past 32k is the text or
+#              the quantization
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 home=${SMOLLM2_HOME:-/tmp/smollm2}
@@ -231,6 +233,12 @@ step_ppl128() {
   timeout "$1" "$home/smollm2" ppl "$book" --model "$model" --quiet --max-tokens 128k \
     --rerope 4096 --chunk 4096 --json "$res/ppl128-rerope_4096.json" >"$res/ppl128.log" 2>&1
 }
+step_ppl128f32() {
+  need_model || return 3
+  CANDLE_DEQUANTIZE_ALL=1 timeout "$1" "$home/smollm2" ppl "$book" --model "$model" --quiet \
+    --max-tokens 128k --rerope 4096 --chunk 4096 --json "$res/ppl128-f32-rerope_4096.json" \
+    >"$res/ppl128-f32.log" 2>&1
+}
 step_peer() {
   need_model || return 3
   ls "$home"/whl/gguf-*.whl >/dev/null 2>&1 || return 3
@@ -262,7 +270,7 @@ step_f32() {
 
 # name:limit in seconds, most valuable first.
 steps=(tests:240 check:240 passkey:300 compare:120 passkey4k:200 decode:240 prefill:160 ppl32:240
-  ppl128:300 f32:300 peer:540 passkey256:540)
+  ppl128:300 f32:300 ppl128f32:300 peer:540 passkey256:540)
 limit_of() {
   local s
   for s in "${steps[@]}"; do

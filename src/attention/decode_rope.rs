@@ -167,7 +167,7 @@ impl Attention {
         params: &mut LfDecodeRopeParams,
         plan: &DecodePlan,
     ) -> Result<()> {
-        let mut combine = params.base;
+        let base = params.base;
         // SAFETY: `params` is the kernel's one by-value parameter (LfDecodeRopeParams from
         // params.h), validated; pointers, tables, workspace and stream per this fn's contract.
         unsafe {
@@ -180,7 +180,7 @@ impl Attention {
                     decode_rope_smem_bytes(args.q_layout.head_dim),
                 ),
                 params,
-                &mut combine,
+                &base,
             )
         }
     }

@@ -49,8 +49,10 @@ proptest! {
             prop_assert!(p.num_splits == 1 || ctas * p.num_splits <= wave);
             prop_assert!(p.num_splits == 1 || p.keys_per_split >= 256);
         }
+        // Partial outputs and LSEs of every split, and a counter per (row block, sequence, KV
+        // head).
         let want_ws = if p.num_splits > 1 {
-            p.num_splits * batch * seqlen_q * heads.0 * 129 * 4
+            (p.num_splits * batch * seqlen_q * heads.0 * 129 + batch * heads.1 * p.row_blocks) * 4
         } else {
             0
         };
@@ -496,9 +498,14 @@ fn narrow_head_dims_decode() {
         ..with_dim(100)
     };
     let (p, plan) = split.validate(264).unwrap();
-    assert_eq!(plan.workspace_bytes, 2 * 2 * 8 * (100 + 1) * 4);
+    // Two splits of 2 sequences x 8 heads, then a counter per (sequence, KV head): 2 x 2.
+    assert_eq!(plan.workspace_bytes, (2 * 2 * 8 * (100 + 1) + 2 * 2) * 4);
     assert_eq!(
         p.partial_lse as u64 - p.partial_o as u64,
         (2 * 2 * 8 * 100 * 4) as u64
+    );
+    assert_eq!(
+        p.split_counters as u64 - p.partial_lse as u64,
+        (2 * 2 * 8 * 4) as u64
     );
 }

@@ -493,8 +493,12 @@ fn splits_and_raw_workspace() {
     let plan = g.attn.decode_plan(&args).unwrap();
     assert_eq!(plan.num_splits, 5);
     assert!(plan.workspace_bytes > 0);
-    // Too small a workspace is refused before launch.
-    let ws: CudaSlice<u8> = g.stream.alloc_zeros(plan.workspace_bytes).unwrap();
+    // Too small a workspace is refused before launch. Its contents need not be anything (the
+    // launch zeroes the split counters): it starts as all ones.
+    let ws: CudaSlice<u8> = g
+        .stream
+        .clone_htod(&vec![0xffu8; plan.workspace_bytes])
+        .unwrap();
     args.workspace = dev_ptr(g, &ws);
     args.workspace_bytes = plan.workspace_bytes - 1;
     // SAFETY: every pointer is a live allocation of this context holding what its layout
@@ -502,24 +506,27 @@ fn splits_and_raw_workspace() {
     let err = unsafe { g.attn.decode_raw(g.stream.cu_stream(), &args) };
     assert!(err.is_err(), "a short workspace was accepted");
     args.workspace_bytes = plan.workspace_bytes;
-    // SAFETY: as above, with the plan's workspace; the stream is synchronized before the
-    // buffers are read or dropped.
-    unsafe { g.attn.decode_raw(g.stream.cu_stream(), &args) }.unwrap();
-    let out: Vec<f64> = g
-        .stream
-        .clone_dtoh(&d_o)
-        .unwrap()
-        .iter()
-        .map(|x| x.to_f64())
-        .collect();
-    let lse: Vec<f32> = g.stream.clone_dtoh(&d_lse).unwrap();
-    assert!(out == safe.out, "raw and safe outputs differ");
-    assert!(
-        lse.iter()
-            .map(|x| x.to_bits())
-            .eq(safe.lse.iter().map(|x| x.to_bits())),
-        "raw and safe LSEs differ"
-    );
+    // The same workspace three times over, as a captured graph replays it.
+    for call in 0..3 {
+        // SAFETY: as above, with the plan's workspace; the stream is synchronized before the
+        // buffers are read or dropped.
+        unsafe { g.attn.decode_raw(g.stream.cu_stream(), &args) }.unwrap();
+        let out: Vec<f64> = g
+            .stream
+            .clone_dtoh(&d_o)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f64())
+            .collect();
+        let lse: Vec<f32> = g.stream.clone_dtoh(&d_lse).unwrap();
+        assert!(out == safe.out, "call {call}: raw and safe outputs differ");
+        assert!(
+            lse.iter()
+                .map(|x| x.to_bits())
+                .eq(safe.lse.iter().map(|x| x.to_bits())),
+            "call {call}: raw and safe LSEs differ"
+        );
+    }
 }
 
 /// Cache lengths and table entries the kernel cannot trust: negative, past the table's

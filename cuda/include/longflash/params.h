@@ -288,7 +288,7 @@ typedef struct LfVarlenSm90Params {
 } LfVarlenSm90Params;
 
 /* Attention of a few query tokens per sequence over a KV cache (flash_attn_with_kvcache), paged
- * or contiguous: the decoding kernels lf_decode_* and their split merge lf_decode_combine_*.
+ * or contiguous: the decoding kernels lf_decode_*.
  *
  * q and o are [batch, seqlen_q, heads_q, head_dim] with element strides (mask.seqlen_q query
  * tokens per sequence, the last ones of the sequence); lse, when not NULL, f32 [batch, heads_q,
@@ -304,8 +304,10 @@ typedef struct LfVarlenSm90Params {
  * LF_DECODE_SPLIT_ALIGN); mask.seqlen_k is at most the capacity (block_table_stride * page_size
  * with a table: the table's columns are the pages one sequence may use). One split writes o and lse directly; more write each split's rows, normalized, to
  * partial_o (f32 [num_splits, batch, seqlen_q, heads_q, head_dim]) and partial_lse (f32
- * [num_splits, batch, heads_q, seqlen_q]), and lf_decode_combine_* (same parameters) merges them
- * into o and lse.
+ * [num_splits, batch, heads_q, seqlen_q]); the last CTA of each (row block, sequence and KV head)
+ * to finish merges them into o and lse. It knows it is last from split_counters (i32
+ * [batch * heads_kv, row blocks], zero at launch), which every CTA increments and the last one
+ * sets back to zero.
  *
  * Device-side values are clamped, never trusted: a cache length into [0, mask.seqlen_k], a
  * table entry into [0, num_pages); either ORs 1 into *error_flag when not NULL (the output of
@@ -321,6 +323,7 @@ typedef struct LfDecodeParams {
     const int32_t *block_table;
     const int32_t *cache_seqlens;
     int32_t *error_flag;
+    int32_t *split_counters;
 
     int64_t q_batch_stride;
     int64_t q_row_stride;
@@ -555,12 +558,12 @@ LF_ASSERT_LAYOUT(offsetof(LfBlockSparse, batch_stride) == 24, sparse_batch_strid
 LF_ASSERT_LAYOUT(offsetof(LfMergeParams, batch) == 80, merge_batch);
 LF_ASSERT_LAYOUT(sizeof(LfVarlenParams) == 272, varlen_size);
 LF_ASSERT_LAYOUT(offsetof(LfVarlenParams, cu_seqlens_q) == 240, varlen_cu_q);
-LF_ASSERT_LAYOUT(sizeof(LfDecodeParams) == 256, decode_size);
-LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, q_batch_stride) == 80, decode_q_batch_stride);
-LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, mask) == 184, decode_mask);
-LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, batch) == 208, decode_batch);
-LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, softmax_scale_log2) == 252, decode_scale_log2);
-LF_ASSERT_LAYOUT(sizeof(LfDecodeRopeParams) == 320, decode_rope_size);
+LF_ASSERT_LAYOUT(sizeof(LfDecodeParams) == 264, decode_size);
+LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, q_batch_stride) == 88, decode_q_batch_stride);
+LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, mask) == 192, decode_mask);
+LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, batch) == 216, decode_batch);
+LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, softmax_scale_log2) == 260, decode_scale_log2);
+LF_ASSERT_LAYOUT(sizeof(LfDecodeRopeParams) == 328, decode_rope_size);
 LF_ASSERT_LAYOUT(sizeof(LfAppendParams) == 264, append_size);
 LF_ASSERT_LAYOUT(offsetof(LfAppendParams, rope) == 200, append_rope);
 LF_ASSERT_LAYOUT(sizeof(LfPagedFwdParams) == 288, paged_fwd_size);

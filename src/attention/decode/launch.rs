@@ -2,14 +2,16 @@
 //! decoding shares with it), the raw one, the plan query and the launches.
 
 use cudarc::driver::{
-    sys, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice, LaunchConfig,
+    result, sys, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice,
+    LaunchConfig,
 };
 
-use super::validate::{place_workspace, prefill_params};
+use super::validate::{place_workspace, prefill_params, split_counters};
 use super::{decode_smem_bytes, BlockTable, DecodeOptions, DecodePlan, KvCache, RawDecode};
 use crate::attention::{sized_module, Attention, Input, Output, Scratch};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
+use crate::loader::CtxGuard;
 use crate::sys::{LfDecodeParams, LF_DECODE_WARPS};
 
 impl Attention {
@@ -284,7 +286,7 @@ impl Attention {
                 )
             };
         }
-        let mut combine = params;
+        let base = params;
         // SAFETY: `params` was validated and is the kernel's one by-value parameter
         // (LfDecodeParams from params.h); pointers, workspace and stream are valid per this fn's
         // contract.
@@ -295,14 +297,15 @@ impl Attention {
                 plan,
                 ("decode", decode_smem_bytes(d)),
                 &mut params,
-                &mut combine,
+                &base,
             )
         }
     }
 
     /// Launches the decoding kernel `lf_{kind}_{dtype}_d{d}` with `params`, one CTA per (split,
-    /// row block, sequence and KV head) of `plan`, then, with several splits, the split merge
-    /// with `combine` (the same call's LfDecodeParams).
+    /// row block, sequence and KV head) of `plan`, after zeroing, with several splits, the split
+    /// counters of `base` (the same call's LfDecodeParams) on the stream: the last split of each
+    /// group to finish merges them in the kernel.
     ///
     /// # Safety
     /// As [`Attention::launch`]: `params` is the kernel's parameter struct made from `args`
@@ -315,7 +318,7 @@ impl Attention {
         plan: &DecodePlan,
         (kind, smem): (&str, usize),
         params: &mut P,
-        combine: &mut LfDecodeParams,
+        base: &LfDecodeParams,
     ) -> Result<()> {
         let d = args.q_layout.head_dim;
         let smem = smem as u32;
@@ -343,8 +346,18 @@ impl Attention {
             block_dim: (LF_DECODE_WARPS * 32, 1, 1),
             shared_mem_bytes: smem,
         };
+        let (counters, bytes) = split_counters(base, plan.row_blocks);
+        if bytes > 0 {
+            // SAFETY: the context is kept alive by `_owner` or by the caller of
+            // from_raw_context.
+            let _g = unsafe { CtxGuard::bind(self.ctx) }?;
+            // SAFETY: the counters lie inside the call's workspace (place_workspace, sized by the
+            // plan), device memory of this context per this fn's contract; stream-ordered.
+            unsafe { result::memset_d8_async(counters, 0, bytes, stream) }
+                .map_err(Error::driver("zeroing the decoding split counters"))?;
+        }
         // SAFETY: this fn's contract; the grid covers every (split, row block, sequence and KV
-        // head) once.
+        // head) once, and the counters the last split of each group reads are zero.
         unsafe {
             self.launch(
                 &kernel,
@@ -354,28 +367,6 @@ impl Attention {
                 "launching the decoding kernel",
             )
         }?;
-        if plan.num_splits > 1 {
-            let module = format!("decode_combine_{dtype}");
-            // SAFETY: as above.
-            let kernel = unsafe { self.cache.kernel(&module, &format!("lf_{module}"), 0) }?;
-            let rows = args.q_layout.batch * args.q_layout.seqlen * args.q_layout.heads;
-            let config = LaunchConfig {
-                grid_dim: (rows.div_ceil(8) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the call's validated parameters; one warp per (sequence, token, head) row
-            // reads the splits the first kernel wrote earlier on the same stream.
-            unsafe {
-                self.launch(
-                    &kernel,
-                    config,
-                    stream,
-                    combine,
-                    "launching the decoding split merge",
-                )
-            }?;
-        }
         Ok(())
     }
 }

@@ -99,7 +99,8 @@ pub struct DecodePlan {
     /// Tiles of 16 packed (query token, head) rows per (sequence, KV head).
     pub row_blocks: usize,
     /// Bytes of device workspace the call needs (0 for one split): f32 partial outputs and
-    /// log-sum-exps of every split.
+    /// log-sum-exps of every split, and an i32 counter per (row block, sequence and KV head).
+    /// Its contents need not be anything: the launch zeroes the counters on the stream.
     pub workspace_bytes: usize,
     /// The call runs the chunked-prefill kernel instead (many query tokens per sequence: the
     /// sm_80 mainloop with rows gathered from the cache, one CTA per query tile and head): one
@@ -239,12 +240,19 @@ impl DecodeProblem {
             Some(_) => wanted,
             None => keys.div_ceil(keys_per_split),
         };
+        // f32 partial outputs and log-sum-exps of every split, then one i32 counter per (row
+        // block, sequence and KV head) that tells the last of its splits to merge them.
         let workspace_bytes = if num_splits > 1 {
             num_splits
                 .saturating_mul(self.batch)
                 .saturating_mul(self.seqlen_q)
                 .saturating_mul(self.heads_q)
                 .saturating_mul(self.head_dim + 1)
+                .saturating_add(
+                    self.batch
+                        .saturating_mul(self.heads_kv)
+                        .saturating_mul(row_blocks),
+                )
                 .saturating_mul(4)
         } else {
             0

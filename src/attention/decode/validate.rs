@@ -240,6 +240,7 @@ impl RawDecode {
             block_table: self.block_table as *const i32,
             cache_seqlens: self.cache_seqlens as *const i32,
             error_flag: self.error_flag as *mut i32,
+            split_counters: std::ptr::null_mut(),
             q_batch_stride: q.batch_stride,
             q_row_stride: q.seq_stride,
             q_head_stride: q.head_stride,
@@ -329,16 +330,29 @@ pub(super) fn prefill_params(d: &LfDecodeParams) -> LfPagedFwdParams {
 }
 
 /// Points the split partials of `p` (several splits) at `workspace`: the f32 partial outputs
-/// `[num_splits, batch, seqlen_q, heads_q, head_dim]`, then the partial LSEs (LfDecodeParams).
-/// Nothing with one split, or no workspace.
+/// `[num_splits, batch, seqlen_q, heads_q, head_dim]`, then the partial LSEs, then the i32 split
+/// counters (LfDecodeParams). Nothing with one split, or no workspace.
 pub(in crate::attention) fn place_workspace(p: &mut LfDecodeParams, workspace: u64) {
     if p.num_splits > 1 && workspace != 0 {
         let rows =
             p.num_splits as u128 * p.batch as u128 * p.mask.seqlen_q as u128 * p.heads_q as u128;
+        let o_bytes = rows * p.head_dim as u128 * 4;
         p.partial_o = workspace as *mut f32;
-        p.partial_lse = workspace.wrapping_add((rows * p.head_dim as u128 * 4) as u64) as *mut f32;
+        p.partial_lse = workspace.wrapping_add(o_bytes as u64) as *mut f32;
+        p.split_counters = workspace.wrapping_add((o_bytes + rows * 4) as u64) as *mut i32;
     } else {
         p.partial_o = std::ptr::null_mut();
         p.partial_lse = std::ptr::null_mut();
+        p.split_counters = std::ptr::null_mut();
     }
+}
+
+/// Where `p`'s split counters start and their bytes (0 when `p` has none): the launch zeroes
+/// them.
+pub(in crate::attention) fn split_counters(p: &LfDecodeParams, row_blocks: usize) -> (u64, usize) {
+    if p.split_counters.is_null() {
+        return (0, 0);
+    }
+    let n = p.batch as usize * p.heads_kv as usize * row_blocks;
+    (p.split_counters as u64, n * 4)
 }
