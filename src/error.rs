@@ -98,6 +98,14 @@ pub enum Error {
         /// Major, minor compute capability.
         compute_capability: (i32, i32),
     },
+    /// A kernel found a device-side index out of its range (a cache length, a block-table entry,
+    /// a sequence offset), clamped it so as to read and write nothing outside its buffers, and
+    /// set the call's error flag: the output of that sequence is unspecified. Reported by
+    /// [`DeviceErrorFlag::check`](crate::DeviceErrorFlag::check).
+    DeviceIndexOutOfRange {
+        /// What the caller was checking, as it named it.
+        during: &'static str,
+    },
     /// A call into the CUDA driver failed.
     Driver {
         /// What was being done.
@@ -174,6 +182,12 @@ impl fmt::Display for Error {
                 f,
                 "device of compute capability {}.{} is not supported: expected 8.0 or newer",
                 compute_capability.0, compute_capability.1
+            ),
+            Error::DeviceIndexOutOfRange { during } => write!(
+                f,
+                "{during}: a kernel found a device-side index (cache length, block-table entry or \
+                 sequence offset) outside its range; it was clamped, and the output of that \
+                 sequence is unspecified"
             ),
             Error::Driver { during, source } => {
                 write!(f, "CUDA driver error while {during}: {source:?}")

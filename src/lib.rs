@@ -19,11 +19,11 @@ pub mod sparse;
 pub use attention::{
     backward_workspace_bytes, open_device, rope_backward_workspace_bytes, Attention,
     BackwardInputs, BackwardOptions, BlockTable, DecodeOptions, DecodePlan, DecodeProblem,
-    ForwardOptions, Gradient, Gradients, Input, KvCache, KvCacheMut, Mainloop, MainloopChoice,
-    MemoryForward, MemoryInput, Output, RawAppend, RawBackward, RawBlockMask, RawDecode,
-    RawForward, RawMemory, RawMerge, RawRope, RawRopeMode, RawVarlenForward, RingAccumulator,
-    RopeBackward, RopeForward, SparseBackwardOptions, SparseOptions, VarlenOptions,
-    SUPPORTED_HEAD_DIMS,
+    DeviceErrorFlag, ForwardOptions, Gradient, Gradients, Input, KvCache, KvCacheMut, Mainloop,
+    MainloopChoice, MemoryForward, MemoryInput, Output, RawAppend, RawBackward, RawBlockMask,
+    RawDecode, RawForward, RawMemory, RawMerge, RawRope, RawRopeMode, RawVarlenForward,
+    RingAccumulator, RopeBackward, RopeForward, SparseBackwardOptions, SparseOptions,
+    VarlenOptions, SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

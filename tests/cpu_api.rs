@@ -379,6 +379,17 @@ fn layouts_report_their_reach_and_overlap() {
 }
 
 #[test]
+fn a_clamped_device_index_says_what_and_where() {
+    // What DeviceErrorFlag::check returns when a serving kernel clamped an index.
+    let e = Error::DeviceIndexOutOfRange {
+        during: "decoding step 7",
+    };
+    let text = e.to_string();
+    assert!(text.starts_with("decoding step 7: "), "{text}");
+    assert!(text.contains("clamped") && text.contains("unspecified"), "{text}");
+}
+
+#[test]
 fn no_driver_is_an_error_not_a_panic() {
     // On a machine without libcuda this must be NoDriver; with a GPU it opens the device.
     match longflash::open_device(0) {

@@ -24,6 +24,7 @@ pub mod append;
 pub mod backward;
 pub mod decode;
 mod decode_rope;
+pub mod error_flag;
 pub mod forward;
 pub mod memory;
 pub mod merge;
@@ -41,6 +42,7 @@ pub use backward::{
     backward_workspace_bytes, BackwardInputs, BackwardOptions, Gradient, Gradients, RawBackward,
 };
 pub use decode::{BlockTable, DecodeOptions, DecodePlan, DecodeProblem, KvCache, RawDecode};
+pub use error_flag::DeviceErrorFlag;
 pub use forward::{ForwardOptions, RawForward};
 pub use memory::{MemoryForward, MemoryInput, RawMemory, MAX_MEM_LEN, MEMORY_HEAD_DIMS};
 pub use merge::RawMerge;

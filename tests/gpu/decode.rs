@@ -11,8 +11,8 @@ use longflash::reference::{
     compare, paged_attention_f64, paged_attention_lowp, Comparison, PagedLayout, PagedShape,
 };
 use longflash::{
-    Attention, BlockTable, DType, DecodeOptions, Element, Input, KvCache, Layout, MaskSpec, Output,
-    RawDecode,
+    Attention, BlockTable, DType, DecodeOptions, DeviceErrorFlag, Element, Error, Input, KvCache,
+    Layout, MaskSpec, Output, RawDecode,
 };
 use proptest::prelude::*;
 
@@ -124,7 +124,7 @@ pub(crate) fn case_data<T: Element>(c: &DecodeCase) -> CaseData<T> {
 
 /// The GPU's output for `data`: uploads it (with the device lengths and table of `ov`) and runs
 /// `call` with Q, the cache, the output (O and LSE) and the error flag; returns O widened, the
-/// LSE and the flag.
+/// LSE and 1 when the flag's check gave `Error::DeviceIndexOutOfRange` (0 when it passed).
 pub(crate) fn run_on_gpu<T: Element>(
     g: &Gpu,
     c: &DecodeCase,
@@ -155,7 +155,7 @@ pub(crate) fn run_on_gpu<T: Element>(
         .stream
         .alloc_zeros(shape.batch * c.heads_q * c.seqlen_q)
         .unwrap();
-    let mut d_flag: CudaSlice<i32> = g.stream.alloc_zeros(1).unwrap();
+    let mut flag = DeviceErrorFlag::new(&g.stream).unwrap();
     {
         let (qv, kv, vv, tv, lv) = (
             dq.as_view(),
@@ -164,7 +164,7 @@ pub(crate) fn run_on_gpu<T: Element>(
             dt.as_view(),
             dl.as_view(),
         );
-        let (mut o, mut l, mut f) = (d_o.as_view_mut(), d_lse.as_view_mut(), d_flag.as_view_mut());
+        let (mut o, mut l, mut f) = (d_o.as_view_mut(), d_lse.as_view_mut(), flag.view_mut());
         let cache = KvCache {
             k: Input {
                 data: &kv,
@@ -203,7 +203,17 @@ pub(crate) fn run_on_gpu<T: Element>(
         .map(|t| t.to_f32() as f64)
         .collect();
     let lse: Vec<f32> = g.stream.clone_dtoh(&d_lse).unwrap();
-    let flag = g.stream.clone_dtoh(&d_flag).unwrap()[0];
+    // The flag as the typed error a caller gets; a check clears it.
+    let flag = match flag.check(&g.stream, "decode test") {
+        Ok(()) => 0,
+        Err(Error::DeviceIndexOutOfRange {
+            during: "decode test",
+        }) => {
+            assert!(flag.check(&g.stream, "decode test").is_ok(), "not cleared");
+            1
+        }
+        Err(e) => panic!("{c:?}: {e}"),
+    };
     (out, lse, flag)
 }
 
