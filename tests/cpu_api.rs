@@ -386,7 +386,10 @@ fn a_clamped_device_index_says_what_and_where() {
     };
     let text = e.to_string();
     assert!(text.starts_with("decoding step 7: "), "{text}");
-    assert!(text.contains("clamped") && text.contains("unspecified"), "{text}");
+    assert!(
+        text.contains("clamped") && text.contains("unspecified"),
+        "{text}"
+    );
 }
 
 #[test]
