@@ -9,7 +9,8 @@ Q K_mem^T / sqrt(d) (every memory entry visible here), concatenated along the ke
 in float32, cast back to bf16, times [V_local; V_mem]. The scores are materialized in float32:
 [heads, W, W + M] per batch entry, the cost the memory kernel avoids. --head-chunk N runs N
 heads at a time (default: all at once, as the released code does); a configuration that does
-not fit reports "ms": null and the OOM.
+not fit reports "ms": null and the OOM. Timing as benches/peer_timing.py (--gap-ms, --warmup-ms:
+the README's burst and sustained protocols).
 
 Output: one JSON line per memory length on stdout, also appended to --out:
   {"impl": "torch_fot_memory", "memory": 262144, "window": 2048, "heads": 16, "head_dim": 128,
@@ -20,6 +21,8 @@ import json
 import math
 
 import torch
+
+from peer_timing import median_ms
 
 
 def rope_tables(w, d, device):
@@ -59,7 +62,12 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--head-chunk", type=int, default=None)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=5, help="timed calls per memory length")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+    ap.add_argument("--gap-ms", type=float, default=0.0,
+                    help="idle GPU time before the warm-up (the burst protocol)")
+    ap.add_argument("--warmup-ms", type=float, default=0.0,
+                    help="calls for this much wall time after the warm-up (the sustained protocol)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -85,18 +93,8 @@ def main():
                                         mk[:, i:i + chunk], mv[:, i:i + chunk], cos, sin)
                                   for i in range(0, h, chunk)], dim=1)
 
-            run()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(a.iters):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                run()
-                e.record()
-                e.synchronize()
-                times.append(s.elapsed_time(e))
-            times.sort()
-            rec["ms"] = round(times[len(times) // 2], 4)
+            # benches/peer_timing.py: the README's protocols, as the other peers and ours.
+            rec["ms"] = round(median_ms(run, a.warmup, a.iters, a.gap_ms, a.warmup_ms), 4)
         except torch.cuda.OutOfMemoryError as err:
             rec["ms"] = None
             rec["error"] = "OOM " + str(err).split("\n")[0][:160]

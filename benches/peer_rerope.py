@@ -71,10 +71,11 @@ import argparse
 import gc
 import json
 import math
-import statistics
 import sys
 
 import torch
+
+from peer_timing import median_ms
 
 IMPL = "torch_two_matrix"
 ROPE_BASE = 10000.0
@@ -108,6 +109,11 @@ def parse_args():
     p.add_argument("--modes", default="rerope,leaky", help="comma-separated subset of rerope,leaky")
     p.add_argument("--reps", type=int, default=5, help="timed calls per config (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per config (default 2)")
+    p.add_argument("--gap-ms", type=float, default=0.0,
+                   help="idle GPU time before the warm-up (the burst protocol; default 0)")
+    p.add_argument("--warmup-ms", type=float, default=0.0,
+                   help="calls for this much wall time after the warm-up (the sustained "
+                        "protocol; default 0)")
     p.add_argument("--head-chunk", type=int, default=0, metavar="N",
                    help="process N of the batch*heads slices at a time (default 0: all at once)")
     p.add_argument("--keep-intermediates", action="store_true",
@@ -347,19 +353,9 @@ def time_config(args, mode, seqlen):
 
     try:
         q, k, v = make_inputs(args.batch, args.heads, seqlen, args.head_dim)
-        for _ in range(args.warmup):
-            out = fwd()
-            out = None
-        torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(args.reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(args.reps)]
-        for i in range(args.reps):
-            starts[i].record()
-            out = fwd()
-            ends[i].record()
-            out = None
-        torch.cuda.synchronize()
-        ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+        # benches/peer_timing.py: the README's protocols, as the other peers and ours (each
+        # call's output is dropped as soon as it returns).
+        ms = median_ms(fwd, args.warmup, args.reps, args.gap_ms, args.warmup_ms)
     except Exception as exc:  # OOM above all; anything else is reported too
         error, _ = describe_failure(exc)
     out = None

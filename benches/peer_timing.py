@@ -1,5 +1,5 @@
 """Timing shared by the PyTorch peer scripts (benches/peer_sdpa.py, peer_sdpa_backward.py,
-peer_flex.py, peer_decode.py, peer_varlen.py).
+peer_flex.py, peer_decode.py, peer_varlen.py, peer_memory.py, peer_rerope.py).
 
 The protocols of the README's "Benchmarks" (compare a peer with ours only under the same one):
 burst, `gap_ms` of idle GPU then a few warm-up calls; sustained, `warmup_ms` of calls more after
