@@ -26,9 +26,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
-use longflash::{
-    BlockTable, DType, DecodeOptions, Input, KvCache, Layout, MaskSpec, Output, RawDecode,
-};
+use longflash::{BlockTable, DType, DecodeOptions, KvCache, Layout, MaskSpec, Output, RawDecode};
 
 const HEAD_DIM: usize = 128;
 const HEADS_Q: usize = 32;
@@ -152,14 +150,8 @@ fn bench_decode(c: &mut Criterion) {
         let cl = Layout::bshd(entries, rows, hk, d);
         let ql = Layout::bshd(batch, sq, hq, d);
         let cache = KvCache {
-            k: Input {
-                data: &kv,
-                layout: cl,
-            },
-            v: Input {
-                data: &vv,
-                layout: cl,
-            },
+            k: input(&kv, cl),
+            v: input(&vv, cl),
             block_table: s.page.map(|_| BlockTable {
                 table: &tv,
                 max_pages_per_seq: max_pages,
@@ -179,10 +171,7 @@ fn bench_decode(c: &mut Criterion) {
             g.attn
                 .decode(
                     &g.stream,
-                    Input {
-                        data: &qv,
-                        layout: ql,
-                    },
+                    input(&qv, ql),
                     &cache,
                     Output {
                         data: &mut ov,
@@ -292,10 +281,7 @@ fn bench_decode(c: &mut Criterion) {
                         g.attn
                             .decode_rope(
                                 &g.stream,
-                                Input {
-                                    data: &qv,
-                                    layout: ql,
-                                },
+                                input(&qv, ql),
                                 &cache,
                                 Output {
                                     data: &mut ov,

@@ -19,7 +19,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
-use longflash::{ForwardOptions, Input, Layout, MemoryForward, MemoryInput, Output};
+use longflash::{ForwardOptions, Layout, MemoryForward, MemoryInput, Output};
 
 /// A device buffer of `n` bf16 filled with copies of one random block (host data for 1M-entry
 /// memories would take long to generate).
@@ -76,23 +76,14 @@ fn bench_memory(c: &mut Criterion) {
                         layout: ql,
                         lse: None,
                     };
-                    let qi = Input {
-                        data: &qv,
-                        layout: ql,
-                    };
+                    let qi = input(&qv, ql);
                     if name == "dense" {
                         g.attn
                             .forward(
                                 &g.stream,
                                 qi,
-                                Input {
-                                    data: &kv,
-                                    layout: all,
-                                },
-                                Input {
-                                    data: &vv,
-                                    layout: all,
-                                },
+                                input(&kv, all),
+                                input(&vv, all),
                                 out,
                                 &ForwardOptions::dense(),
                             )
@@ -102,23 +93,11 @@ fn bench_memory(c: &mut Criterion) {
                             .forward_memory(
                                 &g.stream,
                                 qi,
-                                Input {
-                                    data: &wk,
-                                    layout: wl,
-                                },
-                                Input {
-                                    data: &wv,
-                                    layout: wl,
-                                },
+                                input(&wk, wl),
+                                input(&wv, wl),
                                 MemoryInput {
-                                    keys: Input {
-                                        data: &mk,
-                                        layout: ml,
-                                    },
-                                    values: Input {
-                                        data: &mv,
-                                        layout: ml,
-                                    },
+                                    keys: input(&mk, ml),
+                                    values: input(&mv, ml),
                                     mask: None,
                                 },
                                 out,

@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
-use longflash::{ForwardOptions, Input, Layout, Output, RopeForward};
+use longflash::{ForwardOptions, Layout, Output, RopeForward};
 
 fn bench_rope(c: &mut Criterion) {
     let Some(g) = gpu() else { return };
@@ -55,20 +55,7 @@ fn bench_rope(c: &mut Criterion) {
             let mut samples =
                 sample_shape(&mut group, BenchmarkId::new(name, s), &g, protocol, || {
                     let mut ov = o.as_view_mut();
-                    let (qi, ki, vi) = (
-                        Input {
-                            data: &qv,
-                            layout: l,
-                        },
-                        Input {
-                            data: &kv,
-                            layout: l,
-                        },
-                        Input {
-                            data: &vv,
-                            layout: l,
-                        },
-                    );
+                    let (qi, ki, vi) = (input(&qv, l), input(&kv, l), input(&vv, l));
                     let out = Output {
                         data: &mut ov,
                         layout: l,

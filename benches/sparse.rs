@@ -21,7 +21,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use longflash::sparse::{patterns, BlockMask, MaskShape, K_BLOCK, Q_BLOCK};
-use longflash::{ForwardOptions, Input, Layout, MaskSpec, Output, SparseOptions};
+use longflash::{ForwardOptions, Layout, MaskSpec, Output, SparseOptions};
 
 /// (query, key) pairs of every listed block, per (batch, head) row of the mask, summed over the
 /// call's batch and heads.
@@ -159,18 +159,9 @@ fn bench_sparse(c: &mut Criterion) {
                 g.attn
                     .forward_sparse(
                         &g.stream,
-                        Input {
-                            data: &qv,
-                            layout: l,
-                        },
-                        Input {
-                            data: &kv,
-                            layout: l,
-                        },
-                        Input {
-                            data: &vv,
-                            layout: l,
-                        },
+                        input(&qv, l),
+                        input(&kv, l),
+                        input(&vv, l),
                         Output {
                             data: &mut ov,
                             layout: l,

@@ -17,7 +17,7 @@ use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use longflash::{ForwardOptions, Input, Layout, MaskSpec, Output, VarlenOptions};
+use longflash::{ForwardOptions, Layout, MaskSpec, Output, VarlenOptions};
 
 fn bench_varlen(c: &mut Criterion) {
     let Some(g) = gpu() else { return };
@@ -79,18 +79,9 @@ fn bench_varlen(c: &mut Criterion) {
                     g.attn
                         .forward_varlen(
                             &g.stream,
-                            Input {
-                                data: &qv,
-                                layout: packed,
-                            },
-                            Input {
-                                data: &kv,
-                                layout: packed,
-                            },
-                            Input {
-                                data: &vv,
-                                layout: packed,
-                            },
+                            input(&qv, packed),
+                            input(&kv, packed),
+                            input(&vv, packed),
                             Output {
                                 data: &mut ov,
                                 layout: packed,
