@@ -9,7 +9,7 @@
 //! 16) decoding over the same un-rotated cache run on a few GQA shapes. Prints `RESULT {json}`
 //! per shape. Without a GPU it prints that it skipped (and fails when LONGFLASH_REQUIRE_GPU=1).
 //! Each shape is timed through the safe `decode` (`ms`) and through `decode_raw` with a workspace
-//! allocated once (`raw_ms`), with the host's time to queue one call of each (`host_us`,
+//! and split counters allocated once (`raw_ms`: no allocation and no counter memset per call), with the host's time to queue one call of each (`host_us`,
 //! `raw_host_us`): when that nears the GPU time, the queued timing measures the host.
 //!
 //! `LONGFLASH_BENCH_DECODE_SPLITS=N` fixes the split count instead of the plan's choice;
@@ -217,12 +217,19 @@ fn bench_decode(c: &mut Criterion) {
             options: opts,
             workspace: 0,
             workspace_bytes: 0,
+            split_counters: 0,
+            split_counters_len: 0,
         };
         let plan = g.attn.decode_plan(&raw).unwrap();
         let ws: CudaSlice<u8> = g.stream.alloc_zeros(plan.workspace_bytes.max(16)).unwrap();
+        // Split counters kept across calls (zeroed once here; each call leaves them zero), as a
+        // decoding loop or a graph keeps them: no memset per call.
+        let counters: CudaSlice<i32> = g.stream.alloc_zeros(plan.counters.max(1)).unwrap();
         let raw = RawDecode {
             workspace: ws.device_ptr(&g.stream).0,
             workspace_bytes: plan.workspace_bytes.max(16),
+            split_counters: counters.device_ptr(&g.stream).0,
+            split_counters_len: plan.counters.max(1),
             ..raw
         };
         let mut raw_call = || {

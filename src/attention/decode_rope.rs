@@ -33,11 +33,11 @@ use crate::sys::LfDecodeRopeParams;
 impl RawDecode {
     /// Checks a RoPE decoding call ([`RawDecode::validate`], a causal mask, the rotation; the
     /// key workspaces of `rope` are not used and must be 0) and lowers it with its plan (always the
-    /// decoding kernel, never the chunked prefill), for a device that runs
-    /// `wave` decoding CTAs at once.
+    /// decoding kernel, never the chunked prefill), for a device with `slots` decoding CTAs to
+    /// fill.
     pub fn validate_rope(
         &self,
-        wave: usize,
+        slots: usize,
         rope: &RawRope,
     ) -> Result<(LfDecodeRopeParams, DecodePlan)> {
         if !self.options.mask.causal {
@@ -58,7 +58,7 @@ impl RawDecode {
                 });
             }
         }
-        let (base, plan) = self.validate_with(wave, true, true)?;
+        let (base, plan) = self.validate_with(slots, true, true)?;
         let params = LfDecodeRopeParams {
             base,
             rope: rope.lower_rotation(self.q_layout.head_dim)?,
@@ -149,8 +149,7 @@ impl Attention {
         args: &RawDecode,
         rope: &RawRope,
     ) -> Result<()> {
-        let d = args.q_layout.head_dim;
-        let (mut params, plan) = args.validate_rope(self.decode_wave(d), rope)?;
+        let (mut params, plan) = args.validate_rope(self.decode_slots(), rope)?;
         // SAFETY: this fn's contract; `params` and `plan` came from `args.validate_rope`.
         unsafe { self.launch_rope_decode(stream, args, &mut params, &plan) }
     }

@@ -178,7 +178,6 @@ pub struct Attention {
     ctx: sys::CUcontext,
     max_smem_optin: u32,
     sm_count: u32,
-    smem_per_sm: u32,
     compute_capability: (i32, i32),
     mainloop: MainloopChoice,
     // A persistent grid of this many CTAs for the Hopper kernels (with_sm90_persistent).
@@ -210,17 +209,11 @@ impl Attention {
         let sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(Error::driver("reading the SM count"))?;
-        let smem_sm = ctx
-            .attribute(
-                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
-            )
-            .map_err(Error::driver("reading the shared memory per SM"))?;
         Ok(Attention {
             cache: ModuleCache::new(ctx.cu_ctx()),
             ctx: ctx.cu_ctx(),
             max_smem_optin: smem.max(0) as u32,
             sm_count: sms.max(1) as u32,
-            smem_per_sm: smem_sm.max(0) as u32,
             compute_capability: (major, minor),
             mainloop: MainloopChoice::Auto,
             sm90_ctas: None,
@@ -259,15 +252,11 @@ impl Attention {
         let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
         let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-        let smem_sm = attr(
-            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
-        )?;
         Ok(Attention {
             cache: ModuleCache::new(ctx),
             ctx,
             max_smem_optin: smem.max(0) as u32,
             sm_count: sms.max(1) as u32,
-            smem_per_sm: smem_sm.max(0) as u32,
             compute_capability: (major, minor),
             mainloop: MainloopChoice::Auto,
             sm90_ctas: None,

@@ -100,6 +100,8 @@ fn base() -> RawDecode {
         },
         workspace: 0,
         workspace_bytes: 0,
+        split_counters: 0,
+        split_counters_len: 0,
     }
 }
 
@@ -257,6 +259,67 @@ fn raw_decode_validation() {
         },
         "workspace",
     );
+    // Counters the caller keeps: used instead of the workspace's, enough of them, aligned, apart
+    // from every tensor, the workspace and the device indices.
+    assert_eq!(plan.counters, 2 * 2, "one counter per (sequence, KV head)");
+    let counters = 8u64 << 30;
+    let kept = RawDecode {
+        split_counters: counters,
+        split_counters_len: plan.counters,
+        ..ok
+    };
+    let (params, _) = kept.validate(132).unwrap();
+    assert_eq!(params.split_counters as u64, counters);
+    let (params, _) = ok.validate(132).unwrap();
+    assert_eq!(
+        params.split_counters as u64,
+        ws + (plan.workspace_bytes - 4 * plan.counters) as u64,
+        "without them, the counters end the workspace"
+    );
+    refused(
+        RawDecode {
+            split_counters_len: plan.counters - 1,
+            ..kept
+        },
+        "split_counters_len",
+    );
+    refused(
+        RawDecode {
+            split_counters: counters + 2,
+            ..kept
+        },
+        "split_counters.ptr",
+    );
+    for (at, other) in [
+        (4u64 << 30, "o"),
+        (ws + 64, "workspace"),
+        (2 << 30, "k"),
+        (6 << 30, "cache_seqlens"),
+    ] {
+        match (RawDecode {
+            split_counters: at,
+            ..kept
+        })
+        .validate(132)
+        {
+            Err(Error::Aliasing { output, other: o }) => {
+                assert!(
+                    (output, o) == ("split_counters", other)
+                        || (o, output) == ("split_counters", other),
+                    "{output} / {o}"
+                )
+            }
+            r => panic!("counters at {other}: {:?}", r.map(|(_, p)| p)),
+        }
+    }
+    // One split has no counters: a short or absent count is fine then.
+    assert!(RawDecode {
+        split_counters: counters,
+        split_counters_len: 0,
+        ..base()
+    }
+    .validate(132)
+    .is_ok());
 
     // Shapes, heads, head dims, alignment, aliasing.
     refused(

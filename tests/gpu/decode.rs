@@ -499,6 +499,8 @@ fn splits_and_raw_workspace() {
         },
         workspace: 0,
         workspace_bytes: 0,
+        split_counters: 0,
+        split_counters_len: 0,
     };
     let plan = g.attn.decode_plan(&args).unwrap();
     assert_eq!(plan.num_splits, 5);
@@ -535,6 +537,42 @@ fn splits_and_raw_workspace() {
                 .map(|x| x.to_bits())
                 .eq(safe.lse.iter().map(|x| x.to_bits())),
             "call {call}: raw and safe LSEs differ"
+        );
+    }
+
+    // Counters the caller keeps, zeroed once: no memset in the launch, the workspace's own
+    // counters (all ones) unused, the same results call after call, and the counters zero
+    // again after each call.
+    let ws: CudaSlice<u8> = g
+        .stream
+        .clone_htod(&vec![0xffu8; plan.workspace_bytes])
+        .unwrap();
+    let counters: CudaSlice<i32> = g.stream.alloc_zeros(plan.counters).unwrap();
+    assert_eq!(plan.counters, 2 * c.heads_kv * plan.row_blocks);
+    let args = RawDecode {
+        workspace: dev_ptr(g, &ws),
+        split_counters: dev_ptr(g, &counters),
+        split_counters_len: plan.counters,
+        ..args
+    };
+    for call in 0..3 {
+        // SAFETY: as above; the counters are a live zeroed allocation of plan.counters i32.
+        unsafe { g.attn.decode_raw(g.stream.cu_stream(), &args) }.unwrap();
+        let out: Vec<f64> = g
+            .stream
+            .clone_dtoh(&d_o)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f64())
+            .collect();
+        assert!(
+            out == safe.out,
+            "kept counters, call {call}: outputs differ"
+        );
+        let left: Vec<i32> = g.stream.clone_dtoh(&counters).unwrap();
+        assert!(
+            left.iter().all(|&x| x == 0),
+            "call {call} left counters {left:?}"
         );
     }
 }

@@ -15,12 +15,14 @@ use crate::loader::CtxGuard;
 use crate::sys::{LfDecodeParams, LF_DECODE_WARPS};
 
 impl Attention {
-    /// Decoding CTAs at head dim `d` the device runs at once: its SMs times the CTAs one SM
-    /// holds by shared memory (1 KiB of each CTA's is the system's) and threads.
-    pub(in crate::attention) fn decode_wave(&self, d: usize) -> usize {
-        let per_cta = decode_smem_bytes(d) + 1024;
-        let per_sm = (self.smem_per_sm as usize / per_cta).clamp(1, 2048 / 128);
-        self.sm_count as usize * per_sm
+    /// The decoding CTAs a split plan aims to fill the device with: one per SM. Timed on an H100
+    /// at batch 1 (GQA 32:8, 8k and 32k tokens), 16 splits of 8 KV heads (one CTA per SM)
+    /// beat the 33 that fill every SM with the two CTAs it holds by 5-7%: each CTA's fixed
+    /// latencies (cache length, first loads, publishing its rows) are paid once per 512 keys
+    /// rather than per 256, and the last CTA merges half as many splits; batches that already
+    /// give every SM a CTA timed the same either way.
+    pub(in crate::attention) fn decode_slots(&self) -> usize {
+        self.sm_count as usize
     }
 
     /// The split plan [`decode_raw`](Self::decode_raw) would use for `args` on this device (its
@@ -36,7 +38,7 @@ impl Attention {
     }
 
     fn plan_for(&self, args: &RawDecode, rope: bool) -> Result<DecodePlan> {
-        args.validate_with(self.decode_wave(args.q_layout.head_dim), false, rope)
+        args.validate_with(self.decode_slots(), false, rope)
             .map(|(_, plan)| plan)
     }
 
@@ -209,9 +211,10 @@ impl Attention {
             options: *options,
             workspace: 0,
             workspace_bytes: 0,
+            split_counters: 0,
+            split_counters_len: 0,
         };
-        let (mut params, plan) =
-            args.validate_with(self.decode_wave(args.q_layout.head_dim), false, rope)?;
+        let (mut params, plan) = args.validate_with(self.decode_slots(), false, rope)?;
         let workspace = if plan.workspace_bytes > 0 {
             // SAFETY: a stream of this value's context (checked above); the scratch is freed on
             // the same stream after the launches that use it.
@@ -223,7 +226,7 @@ impl Attention {
             args.workspace = w.ptr;
             args.workspace_bytes = w.bytes;
             // A fresh allocation of the plan's size: it overlaps none of the call's buffers.
-            place_workspace(&mut params, w.ptr);
+            place_workspace(&mut params, w.ptr, 0);
         }
         // Every buffer was checked against its layout (or the lengths the kernel reads: batch
         // cache lengths, batch * max_pages_per_seq table entries, one flag) and context, and is
@@ -240,13 +243,16 @@ impl Attention {
     /// - Every pointer in `args` is device memory of that context that holds every element its
     ///   layout addresses (`lse`, when not 0, `batch * heads_q * seqlen_q` f32 values; the block
     ///   table, when not 0, `batch * max_pages_per_seq` i32; `cache_seqlens`, when not 0, `batch`
-    ///   i32; `error_flag`, when not 0, one i32; `workspace` its `workspace_bytes`), and stays
-    ///   allocated until the kernels have finished. The device values (lengths, table entries)
-    ///   may be anything: the kernel clamps them.
-    /// - Nothing else writes those inputs, or reads or writes the outputs and the workspace,
-    ///   until the kernels have finished (order other streams with events).
+    ///   i32; `error_flag`, when not 0, one i32; `workspace` its `workspace_bytes`;
+    ///   `split_counters`, when not 0, `split_counters_len` i32), and stays allocated until the
+    ///   kernels have finished. The device values (lengths, table entries) may be anything: the
+    ///   kernel clamps them. The caller's split counters are zero when the kernel starts (as every
+    ///   completed call leaves them; other values give unspecified outputs, never an access
+    ///   outside these buffers).
+    /// - Nothing else writes those inputs, or reads or writes the outputs, the workspace and the
+    ///   split counters, until the kernels have finished (order other streams with events).
     pub unsafe fn decode_raw(&self, stream: sys::CUstream, args: &RawDecode) -> Result<()> {
-        let (params, plan) = args.validate(self.decode_wave(args.q_layout.head_dim))?;
+        let (params, plan) = args.validate(self.decode_slots())?;
         // SAFETY: this fn's contract, and `params` and `plan` came from `args.validate`.
         unsafe { self.launch_validated(stream, args, params, &plan) }
     }
@@ -304,8 +310,9 @@ impl Attention {
 
     /// Launches the decoding kernel `lf_{kind}_{dtype}_d{d}` with `params`, one CTA per (split,
     /// row block, sequence and KV head) of `plan`, after zeroing, with several splits, the split
-    /// counters of `base` (the same call's LfDecodeParams) on the stream: the last split of each
-    /// group to finish merges them in the kernel.
+    /// counters of `base` (the same call's LfDecodeParams) on the stream, unless the caller keeps
+    /// them (`args.split_counters`): the last split of each group to finish merges them in the
+    /// kernel and zeroes its counter.
     ///
     /// # Safety
     /// As [`Attention::launch`]: `params` is the kernel's parameter struct made from `args`
@@ -346,7 +353,7 @@ impl Attention {
             block_dim: (LF_DECODE_WARPS * 32, 1, 1),
             shared_mem_bytes: smem,
         };
-        let (counters, bytes) = split_counters(base, plan.row_blocks);
+        let (counters, bytes) = split_counters(base, plan.row_blocks, args.split_counters);
         if bytes > 0 {
             // SAFETY: the context is kept alive by `_owner` or by the caller of
             // from_raw_context.

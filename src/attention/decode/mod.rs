@@ -100,8 +100,12 @@ pub struct DecodePlan {
     pub row_blocks: usize,
     /// Bytes of device workspace the call needs (0 for one split): f32 partial outputs and
     /// log-sum-exps of every split, and an i32 counter per (row block, sequence and KV head).
-    /// Its contents need not be anything: the launch zeroes the counters on the stream.
+    /// Its contents need not be anything: the launch zeroes the counters on the stream (unless
+    /// the caller keeps them: [`RawDecode::split_counters`]).
     pub workspace_bytes: usize,
+    /// Split counters the call uses (0 for one split): one i32 per (row block, sequence and KV
+    /// head), `batch * heads_kv * row_blocks`.
+    pub counters: usize,
     /// The call runs the chunked-prefill kernel instead (many query tokens per sequence: the
     /// sm_80 mainloop with rows gathered from the cache, one CTA per query tile and head): one
     /// split, no workspace.
@@ -152,6 +156,15 @@ pub struct RawDecode {
     pub workspace: sys::CUdeviceptr,
     /// Bytes available at `workspace`.
     pub workspace_bytes: usize,
+    /// Device pointer to split counters the caller keeps, or 0 to have them in the workspace,
+    /// zeroed by a memset on the stream before each launch that splits. The kernel's last split
+    /// of each (row block, sequence and KV head) sets its counter back to 0, so counters the
+    /// caller zeroed once (at allocation) are zero again after every call that completes, and
+    /// a decoding loop or a CUDA graph that keeps them launches no memset. 4-byte aligned i32,
+    /// at least [`DecodePlan::counters`] of them; unused with one split.
+    pub split_counters: sys::CUdeviceptr,
+    /// i32 counters available at `split_counters`.
+    pub split_counters_len: usize,
 }
 
 /// Pipeline stages of each warp's K/V ring at head dim `d` (tile_plan.h).
@@ -203,15 +216,15 @@ pub struct DecodeProblem {
 }
 
 impl DecodeProblem {
-    /// The split plan for a device that runs `wave` decoding CTAs at once (its SMs times the
-    /// CTAs one SM holds: [`Attention::decode_plan`] knows it), with the caller's split count
-    /// when given (kept as it is, up to one split per 64 keys).
+    /// The split plan for a device with `slots` decoding CTAs to fill ([`Attention::decode_plan`]
+    /// plans with one per SM), with the caller's split count when given (kept as it is, up to
+    /// one split per 64 keys).
     ///
-    /// Without one, a grid smaller than a wave is split into as many splits as keep it within
-    /// one wave (a second, partial wave would nearly double the time), with at least 256 keys
-    /// per split (4 steps of every warp) so that each split's fixed costs stay small, and at
-    /// most 256 splits.
-    pub fn plan(&self, wave: usize, num_splits: Option<usize>) -> DecodePlan {
+    /// Without one, a grid smaller than `slots` is split into as many splits as keep it within
+    /// them (past the CTAs the device runs at once, a second, partial wave would nearly double
+    /// the time), with at least 256 keys per split (4 steps of every warp) so that each split's
+    /// fixed costs stay small, and at most 256 splits.
+    pub fn plan(&self, slots: usize, num_splits: Option<usize>) -> DecodePlan {
         let align = LF_DECODE_SPLIT_ALIGN as usize;
         let group = (self.heads_q / self.heads_kv.max(1)).max(1);
         let row_blocks = self
@@ -229,7 +242,7 @@ impl DecodeProblem {
                     .saturating_mul(self.heads_kv)
                     .saturating_mul(row_blocks)
                     .max(1);
-                let fill = (wave.max(1) / ctas).max(1);
+                let fill = (slots.max(1) / ctas).max(1);
                 fill.min(keys / 256).clamp(1, 256)
             }
         };
@@ -242,17 +255,20 @@ impl DecodeProblem {
         };
         // f32 partial outputs and log-sum-exps of every split, then one i32 counter per (row
         // block, sequence and KV head) that tells the last of its splits to merge them.
+        let counters = if num_splits > 1 {
+            self.batch
+                .saturating_mul(self.heads_kv)
+                .saturating_mul(row_blocks)
+        } else {
+            0
+        };
         let workspace_bytes = if num_splits > 1 {
             num_splits
                 .saturating_mul(self.batch)
                 .saturating_mul(self.seqlen_q)
                 .saturating_mul(self.heads_q)
                 .saturating_mul(self.head_dim + 1)
-                .saturating_add(
-                    self.batch
-                        .saturating_mul(self.heads_kv)
-                        .saturating_mul(row_blocks),
-                )
+                .saturating_add(counters)
                 .saturating_mul(4)
         } else {
             0
@@ -262,6 +278,7 @@ impl DecodeProblem {
             keys_per_split,
             row_blocks,
             workspace_bytes,
+            counters,
             prefill: false,
         }
     }

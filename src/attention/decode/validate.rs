@@ -6,6 +6,7 @@ use crate::check::{
     aligned, attention_memory, attention_shapes, byte_range, overlaps, softmax_scale,
 };
 use crate::error::{Error, Result};
+use crate::layout::Layout;
 use crate::sys::{
     LfDecodeParams, LfFwdParams, LfPagedFwdParams, LF_DECODE_KEYS, LF_DECODE_PREFILL_QUERIES,
     LF_DECODE_SPLIT_ALIGN,
@@ -14,10 +15,10 @@ use crate::sys::{
 impl RawDecode {
     /// Checks everything that can be checked without reading device values or knowing buffer
     /// sizes (shapes, head dims, page size, strides and pointers, aliasing, mask, scale, the
-    /// workspace against the plan), plans the splits for a device that runs `wave` decoding CTAs
-    /// at once ([`DecodeProblem::plan`]), and lowers the call to the kernel's parameters.
-    pub fn validate(&self, wave: usize) -> Result<(LfDecodeParams, DecodePlan)> {
-        self.validate_with(wave, true, false)
+    /// workspace against the plan), plans the splits for a device with `slots` decoding CTAs to
+    /// fill ([`DecodeProblem::plan`]), and lowers the call to the kernel's parameters.
+    pub fn validate(&self, slots: usize) -> Result<(LfDecodeParams, DecodePlan)> {
+        self.validate_with(slots, true, false)
     }
 
     /// Whether the plain (not RoPE) decoding call runs the chunked-prefill kernel: at least
@@ -32,7 +33,7 @@ impl RawDecode {
     /// big it must be).
     pub(in crate::attention) fn validate_with(
         &self,
-        wave: usize,
+        slots: usize,
         check_workspace: bool,
         rope: bool,
     ) -> Result<(LfDecodeParams, DecodePlan)> {
@@ -68,12 +69,13 @@ impl RawDecode {
             head_dim: q.head_dim,
             max_seqlen_k: max_keys,
         }
-        .plan(wave, self.options.num_splits);
+        .plan(slots, self.options.num_splits);
         let plan = if self.runs_prefill(rope) {
             DecodePlan {
                 num_splits: 1,
                 keys_per_split: max_keys.next_multiple_of(LF_DECODE_SPLIT_ALIGN as usize),
                 workspace_bytes: 0,
+                counters: 0,
                 prefill: true,
                 ..plan
             }
@@ -143,6 +145,7 @@ impl RawDecode {
             ("block_table.ptr", self.block_table),
             ("cache_seqlens.ptr", self.cache_seqlens),
             ("error_flag.ptr", self.error_flag),
+            ("split_counters.ptr", self.split_counters),
         ] {
             aligned(arg, ptr, 4, false)?;
         }
@@ -186,6 +189,9 @@ impl RawDecode {
             }
         }
 
+        let counters_range =
+            self.check_counters(&plan, check_workspace, [q, k, v, o], lse_range)?;
+
         let scale = softmax_scale(self.options.softmax_scale, q.head_dim)?;
         // The outputs (and the workspace) must not overlap the device indices the kernels read.
         let index_ranges = [
@@ -210,6 +216,7 @@ impl RawDecode {
         };
         for (output, range) in [
             ("o", byte_range(self.o, o, 2)),
+            ("split_counters", counters_range),
             ("lse", if self.lse != 0 { lse_range } else { (0, 0) }),
             (
                 "workspace",
@@ -281,9 +288,61 @@ impl RawDecode {
             softmax_scale_log2: scale * std::f32::consts::LOG2_E,
         };
         if check_workspace {
-            place_workspace(&mut params, self.workspace);
+            place_workspace(&mut params, self.workspace, self.split_counters);
         }
         Ok((params, plan))
+    }
+
+    /// The caller's split counters ([`RawDecode::split_counters`]), when the plan splits and
+    /// `check_sizes`: enough of them, and overlapping no tensor and not the workspace. Their byte
+    /// range ((0, 0) when unused).
+    fn check_counters(
+        &self,
+        plan: &DecodePlan,
+        check_sizes: bool,
+        tensors: [&Layout; 4],
+        lse_range: (i128, i128),
+    ) -> Result<(i128, i128)> {
+        if self.split_counters == 0 || plan.counters == 0 || !check_sizes {
+            return Ok((0, 0));
+        }
+        if self.split_counters_len < plan.counters {
+            return Err(Error::InvalidArgument {
+                arg: "split_counters_len",
+                value: self.split_counters_len.to_string(),
+                expected: format!(
+                    "at least {} counters for {} splits (Attention::decode_plan)",
+                    plan.counters, plan.num_splits
+                ),
+            });
+        }
+        let range = (
+            self.split_counters as i128,
+            self.split_counters as i128 + plan.counters as i128 * 4,
+        );
+        let [q, k, v, o] = tensors;
+        for (other, r) in [
+            ("q", byte_range(self.q, q, 2)),
+            ("k", byte_range(self.k, k, 2)),
+            ("v", byte_range(self.v, v, 2)),
+            ("o", byte_range(self.o, o, 2)),
+            ("lse", if self.lse != 0 { lse_range } else { (0, 0) }),
+            (
+                "workspace",
+                (
+                    self.workspace as i128,
+                    self.workspace as i128 + plan.workspace_bytes as i128,
+                ),
+            ),
+        ] {
+            if r.1 > r.0 && overlaps(range, r) {
+                return Err(Error::Aliasing {
+                    output: "split_counters",
+                    other,
+                });
+            }
+        }
+        Ok(range)
     }
 }
 
@@ -331,15 +390,20 @@ pub(super) fn prefill_params(d: &LfDecodeParams) -> LfPagedFwdParams {
 
 /// Points the split partials of `p` (several splits) at `workspace`: the f32 partial outputs
 /// `[num_splits, batch, seqlen_q, heads_q, head_dim]`, then the partial LSEs, then the i32 split
-/// counters (LfDecodeParams). Nothing with one split, or no workspace.
-pub(in crate::attention) fn place_workspace(p: &mut LfDecodeParams, workspace: u64) {
+/// counters (LfDecodeParams), or the caller's `counters` when not 0. Nothing with one split, or
+/// no workspace.
+pub(in crate::attention) fn place_workspace(p: &mut LfDecodeParams, workspace: u64, counters: u64) {
     if p.num_splits > 1 && workspace != 0 {
         let rows =
             p.num_splits as u128 * p.batch as u128 * p.mask.seqlen_q as u128 * p.heads_q as u128;
         let o_bytes = rows * p.head_dim as u128 * 4;
         p.partial_o = workspace as *mut f32;
         p.partial_lse = workspace.wrapping_add(o_bytes as u64) as *mut f32;
-        p.split_counters = workspace.wrapping_add((o_bytes + rows * 4) as u64) as *mut i32;
+        p.split_counters = if counters != 0 {
+            counters as *mut i32
+        } else {
+            workspace.wrapping_add((o_bytes + rows * 4) as u64) as *mut i32
+        };
     } else {
         p.partial_o = std::ptr::null_mut();
         p.partial_lse = std::ptr::null_mut();
@@ -347,10 +411,14 @@ pub(in crate::attention) fn place_workspace(p: &mut LfDecodeParams, workspace: u
     }
 }
 
-/// Where `p`'s split counters start and their bytes (0 when `p` has none): the launch zeroes
-/// them.
-pub(in crate::attention) fn split_counters(p: &LfDecodeParams, row_blocks: usize) -> (u64, usize) {
-    if p.split_counters.is_null() {
+/// Where `p`'s split counters start and their bytes (0 when `p` has none, or the caller keeps
+/// them: `caller_counters` not 0): the launch zeroes them.
+pub(in crate::attention) fn split_counters(
+    p: &LfDecodeParams,
+    row_blocks: usize,
+    caller_counters: u64,
+) -> (u64, usize) {
+    if p.split_counters.is_null() || caller_counters != 0 {
         return (0, 0);
     }
     let n = p.batch as usize * p.heads_kv as usize * row_blocks;
