@@ -24,6 +24,18 @@
 
 namespace lf {
 
+// Built with LF_DECODE_TRACE=N (a measurement build, never the library's; load it through
+// LONGFLASH_KERNEL_DIR): every CTA of the N-th decoding launch of the process (counted in CTAs of
+// that launch's grid) prints its SM, its start (globaltimer, ns) and the clock cycles from its
+// start at which it had issued its first loads, had them, ended its key loop, freed the ring,
+// written its rows, and passed the split merge.
+#if defined(LF_DECODE_TRACE)
+__device__ unsigned long long lf_decode_trace_ctas;
+#define LF_TRACE(i) (trace[i] = clock64())
+#else
+#define LF_TRACE(i) ((void)0)
+#endif
+
 template <typename T_, int D_, int STAGES_, bool ROPE_ = false, bool PADDED_ = false>
 struct DecodeTraits {
     using T = T_;
@@ -268,29 +280,37 @@ __device__ __forceinline__ void decode_scores(float (&s)[2][4], uint32_t sQ, uin
 
 // With several splits: counts this CTA's split in as done and, in the CTA that is the last of
 // its (row block, sequence and KV head), merges every split's rows by log-sum-exp into o and lse
-// (its own included), so no second kernel runs. Every CTA's partial rows are published
-// (threadfence) before its arrival on the group's counter (split_counters, zeroed before the
-// launch); the last CTA, having seen every arrival, reads the partials through L2 and sets the
-// counter back to 0. Each thread takes (row, 4 columns) items with a share of the splits (a
-// power of two of adjacent lanes per item when there are fewer items than threads), merged online
-// (running maximum, sum and weighted O, eight splits' loads at a time), then its lanes' shares
-// are merged by shuffles.
+// (its own included), so no second kernel runs. Every CTA's partial rows are published (a
+// release by its thread 0 after a barrier) with its arrival on the group's counter
+// (split_counters, zero before the launch); the last CTA, having seen every arrival, reads the
+// partials through L2 and sets the counter back to 0. Each thread takes (row, 4 columns) items
+// with a share of the splits (a power of two of adjacent lanes per item when there are fewer
+// items than threads), merged online (running maximum, sum and weighted O, sixteen splits' loads
+// at a time: each round waits about 2000 cycles on L2, measured), then its lanes' shares are
+// merged by shuffles.
 template <class Tr>
-__device__ __noinline__ void merge_splits_if_last(const LfDecodeParams &p, unsigned char *smem) {
+__device__ __noinline__ bool merge_splits_if_last(const LfDecodeParams &p, unsigned char *smem) {
     using Elt = Elem<typename Tr::T>;
     const int tid = threadIdx.x;
     volatile int *last_flag = reinterpret_cast<volatile int *>(smem); // the Q tile is free now
-    __threadfence();
+    // Every thread's partial rows are ordered before thread 0's arrival by the barrier, and
+    // published by its release; the last arrival's acquire, passed on by the second barrier,
+    // makes every split's rows visible to this CTA's reads (the pattern of a grid semaphore,
+    // without a sequentially consistent fence per thread).
     __syncthreads();
     if (tid == 0) {
         int *counter = p.split_counters + static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
-        const bool last = atomicAdd(counter, 1) == p.num_splits - 1;
+        int before;
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;"
+                     : "=r"(before)
+                     : "l"(counter)
+                     : "memory");
+        const bool last = before == p.num_splits - 1;
         if (last) atomicExch(counter, 0);
         *last_flag = last;
     }
     __syncthreads();
-    if (!*last_flag) return;
-    __threadfence();
+    if (!*last_flag) return false;
 
     // Read again rather than kept from the kernel's start, and not inlined: either way the
     // mainloop's register allocation at head dim 256 spilled.
@@ -324,7 +344,7 @@ __device__ __noinline__ void merge_splits_if_last(const LfDecodeParams &p, unsig
         const int64_t o_row = ((static_cast<int64_t>(b) * seqlen_q + t) * p.heads_q + h) * width + c;
         float m = -INFINITY, l = 0.f;
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-        constexpr int kBatch = 8;
+        constexpr int kBatch = 16;
         for (int s0 = active ? tid % per : splits; s0 < splits; s0 += kBatch * per) {
             float x[kBatch];
             float4 y[kBatch];
@@ -383,6 +403,7 @@ __device__ __noinline__ void merge_splits_if_last(const LfDecodeParams &p, unsig
             make_uint2(Elt::pack(acc.x * inv, acc.y * inv), Elt::pack(acc.z * inv, acc.w * inv));
         if (p.lse != nullptr && c == 0) p.lse[lse_row] = l > 0.f ? m + __logf(l) : -INFINITY;
     }
+    return true;
 }
 
 template <class Tr>
@@ -398,6 +419,12 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
     const int warp = tid >> 5;
     const int g = lane >> 2;
     const int tq = lane & 3;
+#if defined(LF_DECODE_TRACE)
+    long long trace[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    unsigned long long t_start;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_start));
+    LF_TRACE(0);
+#endif
 
     const int split = blockIdx.x;
     const int rb = blockIdx.y;
@@ -495,8 +522,10 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
         if (s < my_steps) load_step(s);
         cp_async_commit();
     }
+    LF_TRACE(1);
     cp_async_wait<Tr::kStages - 2>();
     __syncthreads(); // Q (copied by every thread) visible to every warp
+    LF_TRACE(2);
     // Positions: key j at off + j, query token t at off + len - seqlen_q + t.
     const int64_t pos_off = Tr::kRope && rope->position_offsets ? rope->position_offsets[b] : 0;
     if constexpr (Tr::kRope) {
@@ -615,9 +644,11 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
             Mma<T>::mma(o[2 * dp + 1], pa, vb[2], vb[3]);
         }
     }
+    LF_TRACE(3);
     cp_async_wait<0>();
     if (bad && p.error_flag != nullptr) atomicOr(p.error_flag, 1);
     __syncthreads(); // every warp is done with the ring: it now holds the merge
+    LF_TRACE(4);
 
     // Each warp's state: O unnormalized [16][D] f32, then (base, sum, exp_sum) per row.
     float *merge = reinterpret_cast<float *>(smem + Tr::kRingOff);
@@ -692,7 +723,28 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
                               t] = lse;
         }
     }
-    if (p.num_splits > 1) merge_splits_if_last<Tr>(p, smem);
+    LF_TRACE(5);
+    bool merged = false;
+    if (p.num_splits > 1) merged = merge_splits_if_last<Tr>(p, smem);
+    LF_TRACE(6);
+#if defined(LF_DECODE_TRACE)
+    if (tid == 0) {
+        const unsigned long long ctas =
+            static_cast<unsigned long long>(gridDim.x) * gridDim.y * gridDim.z;
+        const unsigned long long n = atomicAdd(&lf_decode_trace_ctas, 1ull);
+        if (n / ctas == LF_DECODE_TRACE) {
+            unsigned sm;
+            asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+            printf("LFTRACE %d %d %d sm %u start %llu steps %d merged %d "
+                   "c %lld %lld %lld %lld %lld %lld\n",
+                   blockIdx.x, blockIdx.y, blockIdx.z, sm, t_start, my_steps, int(merged),
+                   trace[1] - trace[0], trace[2] - trace[0], trace[3] - trace[0],
+                   trace[4] - trace[0], trace[5] - trace[0], trace[6] - trace[0]);
+        }
+    }
+#else
+    (void)merged;
+#endif
 }
 
 } // namespace lf
