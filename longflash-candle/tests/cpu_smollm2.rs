@@ -60,6 +60,8 @@ fn argument_errors_are_messages() {
         ("ppl f --max-new 3", "not an option of `ppl`"),
         ("ppl f --max-tokens 1", "at least 2 tokens"),
         ("ppl f --max-tokens 12q", "not a count"),
+        ("ppl f --segment 1", "at least 2 tokens"),
+        ("passkey --segment 8k", "--segment"),
         ("ppl f --rerope 0", "window must be between 1"),
         ("ppl f --rerope", "--rerope needs a value"),
         ("ppl f --leaky 2048", "its leak K"),
@@ -114,7 +116,12 @@ fn arguments_parse() {
         panic!("ppl did not parse");
     };
     assert_eq!(p.max_tokens, 32 * 1024);
+    assert_eq!(p.segment, None);
     assert_eq!(p.file.to_str(), Some("book.txt"));
+    let Ok(Command::Ppl(_, seg)) = parse(&argv("ppl book.txt --device cpu --segment 8k")) else {
+        panic!("ppl --segment did not parse");
+    };
+    assert_eq!(seg.segment, Some(8 * 1024));
     assert_eq!(p.json.as_ref().and_then(|j| j.to_str()), Some("o.json"));
     assert_eq!(
         (c.attn, c.device, c.dtype),

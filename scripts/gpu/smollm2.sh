@@ -38,6 +38,9 @@
 #              candle's quantized matmuls
 #   ppl128f32  ppl128 with the f32 matmuls of f32: whether the NLL's rise past 32k is the text or
 #              the quantization
+#   ppl128seg  the same 128k tokens scored in independent segments of 8k (the trained length),
+#              with ReRoPE 4096 and with plain RoPE: what each bucket's text costs with at most
+#              8k of context, against which ppl128's long-context NLL is read
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 home=${SMOLLM2_HOME:-/tmp/smollm2}
@@ -239,6 +242,18 @@ step_ppl128f32() {
     --max-tokens 128k --rerope 4096 --chunk 4096 --json "$res/ppl128-f32-rerope_4096.json" \
     >"$res/ppl128-f32.log" 2>&1
 }
+step_ppl128seg() {
+  need_model || return 3
+  local per=$(($1 / 2)) rc=0 mode name
+  for mode in "--rerope 4096" ""; do
+    name=${mode:+rerope_4096}; name=${name:-rope}
+    # shellcheck disable=SC2086
+    timeout "$per" "$home/smollm2" ppl "$book" --model "$model" --quiet --max-tokens 128k \
+      --segment 8k $mode --chunk 4096 --json "$res/ppl128-seg8k-$name.json" \
+      >"$res/ppl128-seg8k-$name.log" 2>&1 || rc=$?
+  done
+  return $rc
+}
 step_peer() {
   need_model || return 3
   ls "$home"/whl/gguf-*.whl >/dev/null 2>&1 || return 3
@@ -270,7 +285,7 @@ step_f32() {
 
 # name:limit in seconds, most valuable first.
 steps=(tests:240 check:240 passkey:300 compare:120 passkey4k:200 decode:240 prefill:160 ppl32:240
-  ppl128:300 f32:300 ppl128f32:300 peer:540 passkey256:540)
+  ppl128:300 f32:300 ppl128f32:300 ppl128seg:240 peer:540 passkey256:540)
 limit_of() {
   local s
   for s in "${steps[@]}"; do

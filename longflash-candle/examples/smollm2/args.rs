@@ -29,9 +29,10 @@ usage: smollm2 <command> [options]
 commands:
   generate  --prompt TEXT | --prompt-file FILE [--max-new N] [--chat] [--prompt-tokens N]
             greedy generation; prints the text, prefill and decoding tokens/s
-  ppl       FILE [--max-tokens N] [--json OUT]
+  ppl       FILE [--max-tokens N] [--segment N] [--json OUT]
             mean NLL per position bucket (0-1k, 1k-2k, 2k-4k, 4k-8k, 8k-12k, 12k-16k,
-            16k-24k, 24k-32k, then doubling) of the text in FILE
+            16k-24k, 24k-32k, then doubling) of the text in FILE; with --segment, the text
+            scored in independent segments of N tokens (the same tokens with less context)
   passkey   [--lengths 8k,16k,32k] [--depths 0.1,0.3,0.5,0.7,0.9] [--seed N] [--json OUT]
             the pass key hidden in filler text; retrieved or not for each length and depth
   compare   --prompt-file FILE [--prompt-tokens 1024] [--max-new 64]
@@ -134,6 +135,9 @@ pub struct Generate {
 pub struct Ppl {
     pub file: PathBuf,
     pub max_tokens: usize,
+    /// Score the text in independent segments of this many tokens (each from an empty cache,
+    /// positions from 0): the NLL the same tokens get with at most that much context.
+    pub segment: Option<usize>,
     pub json: Option<PathBuf>,
 }
 
@@ -261,6 +265,7 @@ pub fn parse(args: &[String]) -> Result<Command, ArgError> {
     let mut prompt_tokens: Option<usize> = None;
     let mut file: Option<PathBuf> = None;
     let mut max_tokens = 32 * 1024;
+    let mut segment = None;
     let mut json = None;
     let mut lengths = vec![8 * 1024, 16 * 1024, 32 * 1024];
     let mut depths = vec![0.1, 0.3, 0.5, 0.7, 0.9];
@@ -387,6 +392,14 @@ pub fn parse(args: &[String]) -> Result<Command, ArgError> {
                     return err("--max-tokens: at least 2 tokens (one prediction)");
                 }
             }
+            "--segment" => {
+                only(&["ppl"], &a)?;
+                let n = parse_count(&a, &cur.value(&a)?)?;
+                if n < 2 {
+                    return err("--segment: at least 2 tokens (one prediction)");
+                }
+                segment = Some(n);
+            }
             "--json" => {
                 only(&["ppl", "passkey"], &a)?;
                 json = Some(PathBuf::from(cur.value(&a)?));
@@ -486,6 +499,7 @@ pub fn parse(args: &[String]) -> Result<Command, ArgError> {
                 Ppl {
                     file,
                     max_tokens,
+                    segment,
                     json,
                 },
             )

@@ -391,34 +391,45 @@ pub fn ppl(c: &Common, p: &args::Ppl) -> Result<()> {
     let edges = bucket_edges(n);
     let mut sums = vec![0f64; edges.len() - 1];
     let mut counts = vec![0usize; edges.len() - 1];
-    let mut cache = model.cache(n)?;
+    // One segment (the whole text) or independent ones of `--segment` tokens; a token's bucket
+    // is its position in the text either way.
+    let seg_len = p.segment.unwrap_or(n).min(n);
+    let mut cache = model.cache(seg_len)?;
     let mut progress = Progress::new("ppl", n, c.quiet);
     let t0 = Instant::now();
-    let mut start = 0;
-    model.prefill(&ids, &mut cache, c.chunk, Logits::All, |done, logits| {
-        // Row i of this chunk (position start + i) predicts the token at start + i + 1.
-        let targets = &ids[start + 1..(done + 1).min(n)];
-        if !targets.is_empty() {
-            let nll = nll_rows(logits, targets)?;
-            for (i, v) in nll.iter().enumerate() {
-                let pos = start + i + 1;
-                let b = edges.partition_point(|&e| e <= pos) - 1;
-                let b = b.min(sums.len() - 1);
-                sums[b] += f64::from(*v);
-                counts[b] += 1;
-            }
+    for seg in (0..n).step_by(seg_len) {
+        let seg_ids = &ids[seg..(seg + seg_len).min(n)];
+        if seg > 0 {
+            cache = model.cache(seg_len)?;
         }
-        start = done;
-        progress.set(done);
-        Ok(())
-    })?;
+        let mut start = 0;
+        model.prefill(seg_ids, &mut cache, c.chunk, Logits::All, |done, logits| {
+            // Row i of this chunk (position start + i) predicts the token at start + i + 1.
+            let targets = &seg_ids[start + 1..(done + 1).min(seg_ids.len())];
+            if !targets.is_empty() {
+                let nll = nll_rows(logits, targets)?;
+                for (i, v) in nll.iter().enumerate() {
+                    let pos = seg + start + i + 1;
+                    let b = edges.partition_point(|&e| e <= pos) - 1;
+                    let b = b.min(sums.len() - 1);
+                    sums[b] += f64::from(*v);
+                    counts[b] += 1;
+                }
+            }
+            start = done;
+            progress.set(seg + done);
+            Ok(())
+        })?;
+    }
     progress.finish();
     let secs = t0.elapsed().as_secs_f64();
     let total: f64 = sums.iter().sum();
     let count: usize = counts.iter().sum();
     println!(
-        "ppl of {} ({n} tokens), {} attention, {}: mean NLL {:.4} over {count} predictions ({:.1} s, {:.0} tok/s)",
+        "ppl of {} ({n} tokens{}), {} attention, {}: mean NLL {:.4} over {count} predictions ({:.1} s, {:.0} tok/s)",
         p.file.display(),
+        p.segment
+            .map_or(String::new(), |s| format!(" in segments of {s}")),
         attn_label(c),
         mode_label(c),
         total / count as f64,
@@ -442,8 +453,9 @@ pub fn ppl(c: &Common, p: &args::Ppl) -> Result<()> {
     }
     if let Some(path) = &p.json {
         let json = format!(
-            "{{\"task\": \"ppl\", \"file\": {}, \"tokens\": {n}, \"attn\": \"{}\", \"mode\": {}, \"mean_nll\": {:.6}, \"buckets\": [{}]}}\n",
+            "{{\"task\": \"ppl\", \"file\": {}, \"tokens\": {n}, \"segment\": {}, \"attn\": \"{}\", \"mode\": {}, \"mean_nll\": {:.6}, \"buckets\": [{}]}}\n",
             json_str(&p.file.display().to_string()),
+            p.segment.map_or("null".to_string(), |s| s.to_string()),
             attn_label(c),
             json_str(&mode_label(c)),
             total / count as f64,
