@@ -23,7 +23,7 @@ pub use attention::{
     MainloopChoice, MemoryForward, MemoryInput, Output, RawAppend, RawBackward, RawBlockMask,
     RawDecode, RawForward, RawMemory, RawMerge, RawRope, RawRopeMode, RawVarlenForward,
     RingAccumulator, RopeBackward, RopeForward, SparseBackwardOptions, SparseOptions,
-    VarlenOptions, SUPPORTED_HEAD_DIMS,
+    SplitCounters, VarlenOptions, SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

@@ -113,7 +113,7 @@ impl Attention {
             q,
             cache,
             out,
-            error_flag,
+            (error_flag, None),
             options,
             true,
             |args, base, plan| {

@@ -41,7 +41,9 @@ pub use append::{KvCacheMut, RawAppend};
 pub use backward::{
     backward_workspace_bytes, BackwardInputs, BackwardOptions, Gradient, Gradients, RawBackward,
 };
-pub use decode::{BlockTable, DecodeOptions, DecodePlan, DecodeProblem, KvCache, RawDecode};
+pub use decode::{
+    BlockTable, DecodeOptions, DecodePlan, DecodeProblem, KvCache, RawDecode, SplitCounters,
+};
 pub use error_flag::DeviceErrorFlag;
 pub use forward::{ForwardOptions, RawForward};
 pub use memory::{MemoryForward, MemoryInput, RawMemory, MAX_MEM_LEN, MEMORY_HEAD_DIMS};

@@ -12,7 +12,7 @@ use longflash::reference::{
 };
 use longflash::{
     Attention, BlockTable, DType, DecodeOptions, DeviceErrorFlag, Element, Error, Input, KvCache,
-    Layout, MaskSpec, Output, RawDecode,
+    Layout, MaskSpec, Output, RawDecode, SplitCounters,
 };
 use proptest::prelude::*;
 
@@ -573,6 +573,74 @@ fn splits_and_raw_workspace() {
         assert!(
             left.iter().all(|&x| x == 0),
             "call {call} left counters {left:?}"
+        );
+    }
+}
+
+/// The safe entry with counters kept across calls (no memset per call): the same bits as
+/// `decode` call after call (counters left nonzero would misplace the last split's merge), and
+/// too few counters for the plan refused before launch.
+#[test]
+fn decode_kept_counters() {
+    let g = gpu_or_skip!();
+    let c = DecodeCase {
+        lens: vec![3000, 17, 1100],
+        heads_q: 8,
+        heads_kv: 2,
+        num_splits: Some(5),
+        ..case(128, MaskSpec::causal())
+    };
+    let safe = check(g, &c);
+    let data = case_data::<bf16>(&c);
+    let opts = DecodeOptions {
+        mask: c.mask,
+        num_splits: c.num_splits,
+        ..DecodeOptions::default()
+    };
+    let mut counters =
+        SplitCounters::for_shape(&g.stream, 3, c.seqlen_q, c.heads_q, c.heads_kv).unwrap();
+    assert_eq!(
+        counters.len(),
+        3 * 2,
+        "one per (sequence, KV head): 4 rows fit one block"
+    );
+    let mut short = SplitCounters::new(&g.stream, 5).unwrap();
+    for call in 0..3 {
+        let (out, lse, flag) =
+            run_on_gpu(g, &c, &data, &Overrides::default(), |q, cache, out, f| {
+                if call == 0 {
+                    match g.attn.decode_kept(
+                        &g.stream,
+                        q,
+                        cache,
+                        Output {
+                            data: &mut *out.data,
+                            layout: out.layout,
+                            lse: None,
+                        },
+                        None,
+                        &opts,
+                        &mut short,
+                    ) {
+                        Err(Error::OutOfBounds {
+                            arg: "counters", ..
+                        }) => {}
+                        r => panic!("five counters for six groups: {r:?}"),
+                    }
+                }
+                g.attn
+                    .decode_kept(&g.stream, q, cache, out, Some(f), &opts, &mut counters)
+            });
+        assert_eq!(flag, 0);
+        assert!(
+            out == safe.out,
+            "call {call}: kept counters and decode differ"
+        );
+        assert!(
+            lse.iter()
+                .map(|x| x.to_bits())
+                .eq(safe.lse.iter().map(|x| x.to_bits())),
+            "call {call}: LSEs differ"
         );
     }
 }

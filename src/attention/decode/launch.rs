@@ -7,7 +7,9 @@ use cudarc::driver::{
 };
 
 use super::validate::{place_workspace, prefill_params, split_counters};
-use super::{decode_smem_bytes, BlockTable, DecodeOptions, DecodePlan, KvCache, RawDecode};
+use super::{
+    decode_smem_bytes, BlockTable, DecodeOptions, DecodePlan, KvCache, RawDecode, SplitCounters,
+};
 use crate::attention::{sized_module, Attention, Input, Output, Scratch};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -62,12 +64,44 @@ impl Attention {
             q,
             cache,
             out,
-            error_flag,
+            (error_flag, None),
             options,
             false,
             |args, params, plan| {
                 // SAFETY: decode_views validated the call, checked every buffer against what the
                 // kernel reads and holds their stream guards and the workspace while this runs.
+                unsafe { self.launch_validated(stream.cu_stream(), args, params, plan) }
+            },
+        )
+    }
+
+    /// [`decode`](Self::decode) with split counters kept across calls (made once, e.g. with
+    /// [`SplitCounters::for_shape`]): no memset of the workspace's counters per call. Too few
+    /// counters for the call's plan is [`Error::OutOfBounds`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_kept<T: Element>(
+        &self,
+        stream: &CudaStream,
+        q: Input<'_, '_, T>,
+        cache: &KvCache<'_, '_, T>,
+        out: Output<'_, '_, T>,
+        error_flag: Option<&mut CudaViewMut<'_, i32>>,
+        options: &DecodeOptions,
+        counters: &mut SplitCounters,
+    ) -> Result<()> {
+        self.decode_views(
+            stream,
+            q,
+            cache,
+            out,
+            (error_flag, Some(counters)),
+            options,
+            false,
+            |args, params, plan| {
+                // SAFETY: decode_views validated the call, checked every buffer (the counters
+                // too: enough of them, apart from the device indices) and holds their stream
+                // guards and the workspace while this runs; the counters are zero as every
+                // completed call leaves them (zeroed when made).
                 unsafe { self.launch_validated(stream.cu_stream(), args, params, plan) }
             },
         )
@@ -132,7 +166,10 @@ impl Attention {
         q: Input<'_, '_, T>,
         cache: &KvCache<'_, '_, T>,
         out: Output<'_, '_, T>,
-        error_flag: Option<&mut CudaViewMut<'_, i32>>,
+        (error_flag, counters): (
+            Option<&mut CudaViewMut<'_, i32>>,
+            Option<&mut SplitCounters>,
+        ),
         options: &DecodeOptions,
         rope: bool,
         run: impl FnOnce(&RawDecode, LfDecodeParams, &DecodePlan) -> Result<()>,
@@ -193,6 +230,18 @@ impl Attention {
             }
             None => (0, None),
         };
+        let counters = counters.map(|c| c.slice_mut());
+        if let Some(c) = &counters {
+            self.same_context("counters", c.stream().context().cu_ctx())?;
+        }
+        let counters_len = counters.as_ref().map_or(0, |c| c.len());
+        let (sp, _gs) = match counters {
+            Some(c) => {
+                let (p, g) = c.device_ptr_mut(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
         let mut args = RawDecode {
             dtype: T::DTYPE,
             q: qp,
@@ -211,10 +260,22 @@ impl Attention {
             options: *options,
             workspace: 0,
             workspace_bytes: 0,
-            split_counters: 0,
-            split_counters_len: 0,
+            split_counters: sp,
+            split_counters_len: counters_len,
         };
         let (mut params, plan) = args.validate_with(self.decode_slots(), false, rope)?;
+        if sp != 0 && plan.counters > 0 {
+            if counters_len < plan.counters {
+                return Err(Error::OutOfBounds {
+                    arg: "counters",
+                    required: plan.counters as u128,
+                    len: counters_len,
+                });
+            }
+            // Their own allocation, so apart from the device indices; checked as the raw
+            // entry's are, since the kernel writes them.
+            args.counters_apart_from_indices(&plan)?;
+        }
         let workspace = if plan.workspace_bytes > 0 {
             // SAFETY: a stream of this value's context (checked above); the scratch is freed on
             // the same stream after the launches that use it.
@@ -226,7 +287,7 @@ impl Attention {
             args.workspace = w.ptr;
             args.workspace_bytes = w.bytes;
             // A fresh allocation of the plan's size: it overlaps none of the call's buffers.
-            place_workspace(&mut params, w.ptr, 0);
+            place_workspace(&mut params, w.ptr, sp);
         }
         // Every buffer was checked against its layout (or the lengths the kernel reads: batch
         // cache lengths, batch * max_pages_per_seq table entries, one flag) and context, and is

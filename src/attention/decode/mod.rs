@@ -26,7 +26,9 @@
 //!
 //! For CUDA graphs: with [`DecodeOptions::num_splits`] and [`DecodeOptions::max_seqlen_k`] fixed,
 //! the grid and the workspace ([`DecodePlan::workspace_bytes`]) do not depend on the lengths on
-//! the device, and the raw entry takes the workspace from the caller.
+//! the device, and the raw entry takes the workspace from the caller; split counters the caller
+//! keeps ([`RawDecode::split_counters`], or [`SplitCounters`] with
+//! [`Attention::decode_kept`](crate::Attention::decode_kept)) spare each call a memset.
 
 //!
 //! Here: the options, cache descriptions, split plan and raw arguments; `validate.rs` checks and
@@ -165,6 +167,61 @@ pub struct RawDecode {
     pub split_counters: sys::CUdeviceptr,
     /// i32 counters available at `split_counters`.
     pub split_counters_len: usize,
+}
+
+/// Split counters kept across safe decoding calls ([`Attention::decode_kept`](crate::Attention::decode_kept)): i32s zeroed once
+/// when made, which every call that completes leaves zero again, so that the calls launch no
+/// memset (the raw entry's [`RawDecode::split_counters`]). One set serves calls on any stream:
+/// its use is ordered through cudarc's events like any buffer's, so two streams using one set
+/// run their decoding calls one after the other; give each stream its own for concurrent ones.
+#[derive(Debug)]
+pub struct SplitCounters {
+    buf: cudarc::driver::CudaSlice<i32>,
+}
+
+impl SplitCounters {
+    /// `len` zeroed counters on `stream` (at least one).
+    pub fn new(stream: &std::sync::Arc<cudarc::driver::CudaStream>, len: usize) -> Result<Self> {
+        let buf = stream
+            .alloc_zeros::<i32>(len.max(1))
+            .map_err(Error::driver("allocating split counters"))?;
+        Ok(SplitCounters { buf })
+    }
+
+    /// Enough counters for every decoding call with at most `batch` sequences of `seqlen_q`
+    /// query tokens over `heads_q` query heads and `heads_kv` KV heads, whatever its split
+    /// count: one per (16-row block, sequence and KV head).
+    pub fn for_shape(
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        batch: usize,
+        seqlen_q: usize,
+        heads_q: usize,
+        heads_kv: usize,
+    ) -> Result<Self> {
+        let group = (heads_q / heads_kv.max(1)).max(1);
+        let row_blocks = seqlen_q
+            .saturating_mul(group)
+            .div_ceil(LF_DECODE_ROWS as usize)
+            .max(1);
+        Self::new(
+            stream,
+            batch.saturating_mul(heads_kv).saturating_mul(row_blocks),
+        )
+    }
+
+    /// Counters held.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Always false: a set holds at least one counter.
+    pub fn is_empty(&self) -> bool {
+        self.buf.len() == 0
+    }
+
+    pub(in crate::attention) fn slice_mut(&mut self) -> &mut cudarc::driver::CudaSlice<i32> {
+        &mut self.buf
+    }
 }
 
 /// Pipeline stages of each warp's K/V ring at head dim `d` (tile_plan.h).

@@ -194,21 +194,7 @@ impl RawDecode {
 
         let scale = softmax_scale(self.options.softmax_scale, q.head_dim)?;
         // The outputs (and the workspace) must not overlap the device indices the kernels read.
-        let index_ranges = [
-            (
-                "block_table",
-                self.block_table,
-                q.batch
-                    .saturating_mul(self.max_pages_per_seq)
-                    .saturating_mul(4),
-            ),
-            (
-                "cache_seqlens",
-                self.cache_seqlens,
-                q.batch.saturating_mul(4),
-            ),
-            ("error_flag", self.error_flag, 4),
-        ];
+        let index_ranges = self.index_ranges();
         let workspace_used = if check_workspace {
             plan.workspace_bytes
         } else {
@@ -291,6 +277,43 @@ impl RawDecode {
             place_workspace(&mut params, self.workspace, self.split_counters);
         }
         Ok((params, plan))
+    }
+
+    /// The device indices the kernels read (or write: the flag), with their bytes.
+    fn index_ranges(&self) -> [(&'static str, u64, usize); 3] {
+        let batch = self.q_layout.batch;
+        [
+            (
+                "block_table",
+                self.block_table,
+                batch
+                    .saturating_mul(self.max_pages_per_seq)
+                    .saturating_mul(4),
+            ),
+            ("cache_seqlens", self.cache_seqlens, batch.saturating_mul(4)),
+            ("error_flag", self.error_flag, 4),
+        ]
+    }
+
+    /// The caller's split counters against the device indices (the safe entry's check; the raw
+    /// one checks them with the other outputs).
+    pub(in crate::attention) fn counters_apart_from_indices(
+        &self,
+        plan: &DecodePlan,
+    ) -> Result<()> {
+        let range = (
+            self.split_counters as i128,
+            self.split_counters as i128 + plan.counters as i128 * 4,
+        );
+        for (other, ptr, bytes) in self.index_ranges() {
+            if ptr != 0 && overlaps(range, (ptr as i128, ptr as i128 + bytes as i128)) {
+                return Err(Error::Aliasing {
+                    output: "split_counters",
+                    other,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The caller's split counters ([`RawDecode::split_counters`]), when the plan splits and
