@@ -8,8 +8,9 @@
 //! Speculative decoding (4 and 16 tokens) and RoPE / ReRoPE (window 4096) / Leaky ReRoPE (leak
 //! 16) decoding over the same un-rotated cache run on a few GQA shapes. Prints `RESULT {json}`
 //! per shape. Without a GPU it prints that it skipped (and fails when LONGFLASH_REQUIRE_GPU=1).
-//! Each shape is timed through the safe `decode` (`ms`) and through `decode_raw` with a workspace
-//! and split counters allocated once (`raw_ms`: no allocation and no counter memset per call), with the host's time to queue one call of each (`host_us`,
+//! Each shape is timed through the safe `decode` (`ms`), through the safe `decode_kept` with split
+//! counters made once (`kept_ms`: no counter memset per call), and through `decode_raw` with a
+//! workspace and split counters allocated once (`raw_ms`: no allocation and no memset), with the host's time to queue one call of each (`host_us`,
 //! `raw_host_us`): when that nears the GPU time, the queued timing measures the host.
 //!
 //! `LONGFLASH_BENCH_DECODE_SPLITS=N` fixes the split count instead of the plan's choice;
@@ -26,7 +27,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
-use longflash::{BlockTable, DType, DecodeOptions, KvCache, Layout, MaskSpec, Output, RawDecode};
+use longflash::{
+    BlockTable, DType, DecodeOptions, KvCache, Layout, MaskSpec, Output, RawDecode, SplitCounters,
+};
 
 const HEAD_DIM: usize = 128;
 const HEADS_Q: usize = 32;
@@ -195,6 +198,34 @@ fn bench_decode(c: &mut Criterion) {
         }
         let ms = median(&mut ms_samples);
         let host_us = host_us_per_call(&g, &mut decode_call, 64);
+        // The safe entry with split counters kept across calls: no counter memset per call.
+        let mut counters = SplitCounters::for_shape(&g.stream, batch, sq, hq, hk).unwrap();
+        let mut kept_call = || {
+            let mut ov = o.as_view_mut();
+            g.attn
+                .decode_kept(
+                    &g.stream,
+                    input(&qv, ql),
+                    &cache,
+                    Output {
+                        data: &mut ov,
+                        layout: ql,
+                        lse: None,
+                    },
+                    None,
+                    &opts,
+                    &mut counters,
+                )
+                .unwrap()
+        };
+        let mut kept_samples = sample_shape(
+            &mut group,
+            BenchmarkId::new("decode_kept", &name),
+            &g,
+            protocol,
+            &mut kept_call,
+        );
+        let kept_ms = median(&mut kept_samples);
         // The raw entry an engine with its own allocator (or a CUDA graph) calls: device
         // pointers and a workspace allocated once, so the host does no allocation and no
         // per-buffer stream bookkeeping.
@@ -314,7 +345,7 @@ fn bench_decode(c: &mut Criterion) {
         let plan_splits = splits.map_or("null".to_string(), |s: usize| s.to_string());
         let page_json = s.page.map_or("null".to_string(), |p| p.to_string());
         println!(
-            "RESULT {{\"impl\": \"longflash_decode\", \"batch\": {batch}, \"cache_len\": {len}, \"seqlen_q\": {sq}, \"heads_q\": {hq}, \"heads_kv\": {hk}, \"head_dim\": {d}, \"page_size\": {page_json}, \"num_splits\": {plan_splits}, \"ms\": {ms:.4}, \"host_us\": {host_us:.1}, \"raw_ms\": {raw_ms:.4}, \"raw_host_us\": {raw_host_us:.1}, \"kv_gb\": {:.3}, \"tb_per_s\": {:.3}, \"copy_ms\": {copy_ms:.4}, \"copy_tb_per_s\": {:.3}, \"of_copy\": {:.3}{rope_json}, \"device\": \"{device}\"}}",
+            "RESULT {{\"impl\": \"longflash_decode\", \"batch\": {batch}, \"cache_len\": {len}, \"seqlen_q\": {sq}, \"heads_q\": {hq}, \"heads_kv\": {hk}, \"head_dim\": {d}, \"page_size\": {page_json}, \"num_splits\": {plan_splits}, \"ms\": {ms:.4}, \"host_us\": {host_us:.1}, \"kept_ms\": {kept_ms:.4}, \"raw_ms\": {raw_ms:.4}, \"raw_host_us\": {raw_host_us:.1}, \"kv_gb\": {:.3}, \"tb_per_s\": {:.3}, \"copy_ms\": {copy_ms:.4}, \"copy_tb_per_s\": {:.3}, \"of_copy\": {:.3}{rope_json}, \"device\": \"{device}\"}}",
             kv_bytes as f64 / 1e9,
             kv_bytes as f64 / ms / 1e9,
             2.0 * kv_bytes as f64 / copy_ms / 1e9,
