@@ -169,23 +169,25 @@ fn bench_decode(c: &mut Criterion) {
         };
         let page_name = s.page.map_or("contiguous".to_string(), |p| p.to_string());
         let name = format!("b{batch}_len{len}_q{sq}_hkv{hk}_page{page_name}");
-        let mut decode_call = || {
+        // One safe call: through `decode`, or through `decode_kept` with counters kept across
+        // calls (no counter memset per call).
+        let mut safe_call = |counters: Option<&mut SplitCounters>| {
             let mut ov = o.as_view_mut();
-            g.attn
-                .decode(
-                    &g.stream,
-                    input(&qv, ql),
-                    &cache,
-                    Output {
-                        data: &mut ov,
-                        layout: ql,
-                        lse: None,
-                    },
-                    None,
-                    &opts,
-                )
-                .unwrap()
+            let out = Output {
+                data: &mut ov,
+                layout: ql,
+                lse: None,
+            };
+            let q = input(&qv, ql);
+            match counters {
+                None => g.attn.decode(&g.stream, q, &cache, out, None, &opts),
+                Some(c) => g
+                    .attn
+                    .decode_kept(&g.stream, q, &cache, out, None, &opts, c),
+            }
+            .unwrap()
         };
+        let mut decode_call = || safe_call(None);
         let mut ms_samples = sample_shape(
             &mut group,
             BenchmarkId::new("decode", &name),
@@ -198,26 +200,8 @@ fn bench_decode(c: &mut Criterion) {
         }
         let ms = median(&mut ms_samples);
         let host_us = host_us_per_call(&g, &mut decode_call, 64);
-        // The safe entry with split counters kept across calls: no counter memset per call.
         let mut counters = SplitCounters::for_shape(&g.stream, batch, sq, hq, hk).unwrap();
-        let mut kept_call = || {
-            let mut ov = o.as_view_mut();
-            g.attn
-                .decode_kept(
-                    &g.stream,
-                    input(&qv, ql),
-                    &cache,
-                    Output {
-                        data: &mut ov,
-                        layout: ql,
-                        lse: None,
-                    },
-                    None,
-                    &opts,
-                    &mut counters,
-                )
-                .unwrap()
-        };
+        let mut kept_call = || safe_call(Some(&mut counters));
         let mut kept_samples = sample_shape(
             &mut group,
             BenchmarkId::new("decode_kept", &name),

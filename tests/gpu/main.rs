@@ -22,6 +22,7 @@ mod common;
 mod corner;
 mod decode;
 mod decode_rope;
+mod decode_splits;
 mod dense;
 mod hopper;
 mod memory;

@@ -59,20 +59,7 @@ impl Attention {
         error_flag: Option<&mut CudaViewMut<'_, i32>>,
         options: &DecodeOptions,
     ) -> Result<()> {
-        self.decode_views(
-            stream,
-            q,
-            cache,
-            out,
-            (error_flag, None),
-            options,
-            false,
-            |args, params, plan| {
-                // SAFETY: decode_views validated the call, checked every buffer against what the
-                // kernel reads and holds their stream guards and the workspace while this runs.
-                unsafe { self.launch_validated(stream.cu_stream(), args, params, plan) }
-            },
-        )
+        self.decode_counted(stream, q, cache, out, error_flag, options, None)
     }
 
     /// [`decode`](Self::decode) with split counters kept across calls (made once, e.g. with
@@ -89,19 +76,35 @@ impl Attention {
         options: &DecodeOptions,
         counters: &mut SplitCounters,
     ) -> Result<()> {
+        self.decode_counted(stream, q, cache, out, error_flag, options, Some(counters))
+    }
+
+    /// [`decode`](Self::decode) and [`decode_kept`](Self::decode_kept): the workspace's
+    /// counters, zeroed by the launch, or the caller's.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_counted<T: Element>(
+        &self,
+        stream: &CudaStream,
+        q: Input<'_, '_, T>,
+        cache: &KvCache<'_, '_, T>,
+        out: Output<'_, '_, T>,
+        error_flag: Option<&mut CudaViewMut<'_, i32>>,
+        options: &DecodeOptions,
+        counters: Option<&mut SplitCounters>,
+    ) -> Result<()> {
         self.decode_views(
             stream,
             q,
             cache,
             out,
-            (error_flag, Some(counters)),
+            (error_flag, counters),
             options,
             false,
             |args, params, plan| {
-                // SAFETY: decode_views validated the call, checked every buffer (the counters
-                // too: enough of them, apart from the device indices) and holds their stream
-                // guards and the workspace while this runs; the counters are zero as every
-                // completed call leaves them (zeroed when made).
+                // SAFETY: decode_views validated the call, checked every buffer against what the
+                // kernel reads (caller's counters too: enough of them, apart from the device
+                // indices, zero as every completed call leaves them) and holds their stream
+                // guards and the workspace while this runs.
                 unsafe { self.launch_validated(stream.cu_stream(), args, params, plan) }
             },
         )

@@ -198,11 +198,7 @@ impl SplitCounters {
         heads_q: usize,
         heads_kv: usize,
     ) -> Result<Self> {
-        let group = (heads_q / heads_kv.max(1)).max(1);
-        let row_blocks = seqlen_q
-            .saturating_mul(group)
-            .div_ceil(LF_DECODE_ROWS as usize)
-            .max(1);
+        let row_blocks = row_blocks(seqlen_q, heads_q, heads_kv);
         Self::new(
             stream,
             batch.saturating_mul(heads_kv).saturating_mul(row_blocks),
@@ -222,6 +218,15 @@ impl SplitCounters {
     pub(in crate::attention) fn slice_mut(&mut self) -> &mut cudarc::driver::CudaSlice<i32> {
         &mut self.buf
     }
+}
+
+/// Tiles of LF_DECODE_ROWS packed (query token, head) rows per (sequence, KV head).
+fn row_blocks(seqlen_q: usize, heads_q: usize, heads_kv: usize) -> usize {
+    let group = (heads_q / heads_kv.max(1)).max(1);
+    seqlen_q
+        .saturating_mul(group)
+        .div_ceil(LF_DECODE_ROWS as usize)
+        .max(1)
 }
 
 /// Pipeline stages of each warp's K/V ring at head dim `d` (tile_plan.h).
@@ -283,12 +288,7 @@ impl DecodeProblem {
     /// fixed costs stay small, and at most 256 splits.
     pub fn plan(&self, slots: usize, num_splits: Option<usize>) -> DecodePlan {
         let align = LF_DECODE_SPLIT_ALIGN as usize;
-        let group = (self.heads_q / self.heads_kv.max(1)).max(1);
-        let row_blocks = self
-            .seqlen_q
-            .saturating_mul(group)
-            .div_ceil(LF_DECODE_ROWS as usize)
-            .max(1);
+        let row_blocks = row_blocks(self.seqlen_q, self.heads_q, self.heads_kv);
         let keys = self.max_seqlen_k.max(1);
         let chunks = keys.div_ceil(align);
         let wanted = match num_splits {
