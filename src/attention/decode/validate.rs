@@ -189,8 +189,7 @@ impl RawDecode {
             }
         }
 
-        let counters_range =
-            self.check_counters(&plan, check_workspace, [q, k, v, o], lse_range)?;
+        self.check_counters(&plan, check_workspace, [q, k, v, o], lse_range)?;
 
         let scale = softmax_scale(self.options.softmax_scale, q.head_dim)?;
         // The outputs (and the workspace) must not overlap the device indices the kernels read.
@@ -202,7 +201,6 @@ impl RawDecode {
         };
         for (output, range) in [
             ("o", byte_range(self.o, o, 2)),
-            ("split_counters", counters_range),
             ("lse", if self.lse != 0 { lse_range } else { (0, 0) }),
             (
                 "workspace",
@@ -295,8 +293,7 @@ impl RawDecode {
         ]
     }
 
-    /// The caller's split counters against the device indices (the safe entry's check; the raw
-    /// one checks them with the other outputs).
+    /// The caller's split counters against the device indices (the raw and safe entries' check).
     pub(in crate::attention) fn counters_apart_from_indices(
         &self,
         plan: &DecodePlan,
@@ -317,17 +314,17 @@ impl RawDecode {
     }
 
     /// The caller's split counters ([`RawDecode::split_counters`]), when the plan splits and
-    /// `check_sizes`: enough of them, and overlapping no tensor and not the workspace. Their byte
-    /// range ((0, 0) when unused).
+    /// `check_sizes`: enough of them, and overlapping no tensor, the workspace or the device
+    /// indices.
     fn check_counters(
         &self,
         plan: &DecodePlan,
         check_sizes: bool,
         tensors: [&Layout; 4],
         lse_range: (i128, i128),
-    ) -> Result<(i128, i128)> {
+    ) -> Result<()> {
         if self.split_counters == 0 || plan.counters == 0 || !check_sizes {
-            return Ok((0, 0));
+            return Ok(());
         }
         if self.split_counters_len < plan.counters {
             return Err(Error::InvalidArgument {
@@ -365,7 +362,7 @@ impl RawDecode {
                 });
             }
         }
-        Ok(range)
+        self.counters_apart_from_indices(plan)
     }
 }
 
