@@ -80,6 +80,11 @@ fn argument_errors_are_messages() {
         ("ppl f --attn flash", "not longflash or candle"),
         ("ppl f --dtype f64", "not f16, bf16 or f32"),
         ("ppl f --chunk 0", "at least one token"),
+        ("ppl f --log-n 1", "at least 2"),
+        (
+            "ppl f --device cpu --attn candle --log-n 8k",
+            "needs --attn longflash",
+        ),
         ("passkey --depths 0.5,1.5", "between 0 and 1"),
         ("passkey --lengths 8k,100", "at least 256 tokens"),
         ("passkey --seed -3", "not an unsigned integer"),

@@ -41,6 +41,12 @@
 #   ppl128seg  the same 128k tokens scored in independent segments of 8k (the trained length),
 #              with ReRoPE 4096 and with plain RoPE: what each bucket's text costs with at most
 #              8k of context, against which ppl128's long-context NLL is read
+#   ppl128logn ppl128 with log-n query scaling (L = 8192) on ReRoPE 4096 and Leaky ReRoPE
+#              (2048, 16), and passkey with ReRoPE 4096 + log-n at 32k, 64k and 128k: whether
+#              scaling the queries past the trained length keeps the far buckets down
+#   pplsweep   ppl128 for each position setting in SMOLLM2_SWEEP (';'-separated option sets,
+#              e.g. "--rerope 4096 --log-n 4096;--leaky 2048 16 --log-n 8192"), and passkey at
+#              32k, 64k and 128k for the one in SMOLLM2_SWEEP_PASSKEY, if set
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 home=${SMOLLM2_HOME:-/tmp/smollm2}
@@ -254,6 +260,41 @@ step_ppl128seg() {
   done
   return $rc
 }
+step_ppl128logn() {
+  need_model || return 3
+  local per=$(($1 / 4)) rc=0 mode name
+  for mode in "--rerope 4096" "--leaky 2048 16"; do
+    name=$(echo "$mode" | tr -d '-' | tr ' ' '_')
+    # shellcheck disable=SC2086
+    timeout "$per" "$home/smollm2" ppl "$book" --model "$model" --quiet --max-tokens 128k \
+      $mode --log-n 8192 --chunk 4096 --json "$res/ppl128-logn-$name.json" \
+      >"$res/ppl128-logn-$name.log" 2>&1 || rc=$?
+  done
+  timeout "$((2 * per))" "$home/smollm2" passkey --model "$model" --quiet --lengths 32k,64k,128k \
+    --depths 0.1,0.3,0.5,0.7,0.9 --rerope 4096 --log-n 8192 --chunk 4096 \
+    --json "$res/passkey-logn.json" >"$res/passkey-logn.log" 2>&1 || rc=$?
+  return $rc
+}
+step_pplsweep() {
+  need_model || return 3
+  local rc=0 mode name modes
+  IFS=';' read -ra modes <<<"${SMOLLM2_SWEEP:-}"
+  for mode in "${modes[@]}"; do
+    name=$(echo "$mode" | tr -d '-' | tr ' ' '_')
+    # shellcheck disable=SC2086
+    timeout 90 "$home/smollm2" ppl "$book" --model "$model" --quiet --max-tokens 128k $mode \
+      --chunk 4096 --json "$res/ppl128-sweep-$name.json" >"$res/ppl128-sweep-$name.log" 2>&1 ||
+      rc=$?
+  done
+  if [ -n "${SMOLLM2_SWEEP_PASSKEY:-}" ]; then
+    name=$(echo "$SMOLLM2_SWEEP_PASSKEY" | tr -d '-' | tr ' ' '_')
+    # shellcheck disable=SC2086
+    timeout 200 "$home/smollm2" passkey --model "$model" --quiet --lengths 32k,64k,128k \
+      --depths 0.1,0.3,0.5,0.7,0.9 $SMOLLM2_SWEEP_PASSKEY --chunk 4096 \
+      --json "$res/passkey-sweep-$name.json" >"$res/passkey-sweep-$name.log" 2>&1 || rc=$?
+  fi
+  return $rc
+}
 step_peer() {
   need_model || return 3
   ls "$home"/whl/gguf-*.whl >/dev/null 2>&1 || return 3
@@ -285,7 +326,7 @@ step_f32() {
 
 # name:limit in seconds, most valuable first.
 steps=(tests:240 check:240 passkey:300 compare:120 passkey4k:200 decode:240 prefill:160 ppl32:240
-  ppl128:300 f32:300 ppl128f32:300 ppl128seg:240 peer:540 passkey256:540)
+  ppl128:300 f32:300 ppl128f32:300 ppl128seg:240 ppl128logn:400 pplsweep:560 peer:540 passkey256:540)
 limit_of() {
   local s
   for s in "${steps[@]}"; do

@@ -58,6 +58,8 @@ position modes (one of the first three, at most one of the last two):
   --leaky W K        Leaky ReRoPE: beyond the window W, positions grow K times slower
   --ntk F            static NTK-aware scaling of the RoPE base by the factor F
   --yarn F           YaRN scaling by the factor F (original context from the GGUF)
+  --log-n L          log-n query scaling: the query at position i times max(1, ln(i+1)/ln L),
+                     L usually the trained length (8192); any mode above, longflash only
 ";
 
 /// Where attention runs.
@@ -113,6 +115,8 @@ pub struct Common {
     pub quiet: bool,
     /// Query rows per attention call to check against the f64 reference (0: no check).
     pub check_attn: usize,
+    /// Log-n query scaling's trained length (`--log-n`), or none.
+    pub log_n: Option<usize>,
 }
 
 /// Where a prompt comes from.
@@ -258,6 +262,7 @@ pub fn parse(args: &[String]) -> Result<Command, ArgError> {
     let mut scaling: Option<(ScalingArg, &'static str)> = None;
     let mut quiet = false;
     let mut check_attn = 0usize;
+    let mut log_n: Option<usize> = None;
 
     let mut prompt: Option<Prompt> = None;
     let mut max_new: Option<usize> = None;
@@ -329,6 +334,13 @@ pub fn parse(args: &[String]) -> Result<Command, ArgError> {
             }
             "--quiet" | "-q" => quiet = true,
             "--check-attn" => check_attn = parse_count("--check-attn", &cur.value(&a)?)?,
+            "--log-n" => {
+                let l = parse_count("--log-n", &cur.value(&a)?)?;
+                if l < 2 {
+                    return err("--log-n: the trained length is at least 2 (ln L > 0)");
+                }
+                log_n = Some(l);
+            }
             "--rope" => set_mode(&mut mode, ModeArg::Rope, "--rope")?,
             "--rerope" => {
                 let window = parse_window("--rerope", &cur.value(&a)?)?;
@@ -472,6 +484,7 @@ pub fn parse(args: &[String]) -> Result<Command, ArgError> {
         scaling,
         quiet,
         check_attn,
+        log_n,
     };
     check_common(&common)?;
 
@@ -550,6 +563,11 @@ fn check_common(c: &Common) -> Result<(), ArgError> {
         Attn::Candle => {
             if c.check_attn > 0 {
                 return err("--check-attn checks longflash's attention: it needs --attn longflash");
+            }
+            if c.log_n.is_some() {
+                return err(
+                    "--log-n scales queries inside longflash's kernels: it needs --attn longflash",
+                );
             }
             if c.mode != ModeArg::Rope {
                 return err(

@@ -79,7 +79,9 @@ pub fn rope_options(c: &Common, config: &Config) -> RopeOptions {
         ModeArg::ReRope { window } => PositionMode::ReRope { window },
         ModeArg::Leaky { window, leak } => PositionMode::LeakyReRope { window, leak },
     };
-    RopeOptions::new(config.rope(scaling), mode)
+    let mut rope = RopeOptions::new(config.rope(scaling), mode);
+    rope.log_n_train_len = c.log_n;
+    rope
 }
 
 /// A name for the position settings, for reports.
@@ -89,10 +91,14 @@ pub fn mode_label(c: &Common) -> String {
         ModeArg::ReRope { window } => format!("rerope w={window}"),
         ModeArg::Leaky { window, leak } => format!("leaky w={window} k={leak}"),
     };
-    match c.scaling {
+    let mode = match c.scaling {
         ScalingArg::None => mode,
         ScalingArg::Ntk(f) => format!("{mode}, ntk x{f}"),
         ScalingArg::Yarn(f) => format!("{mode}, yarn x{f}"),
+    };
+    match c.log_n {
+        Some(l) => format!("{mode}, log-n {l}"),
+        None => mode,
     }
 }
 
