@@ -7,7 +7,9 @@
 //! (causal). Both read one K and one V buffer of memory + window rows (the memory call as two
 //! views of it). Prints `RESULT {json}` per shape with the median time (CUDA events), TFLOP/s of
 //! the scores the call computes and the ratio to the dense call; benches/peer_memory.py times
-//! the PyTorch layer as the long_llama code computes it.
+//! the PyTorch layer as the long_llama code computes it. `memory` is the library's path (two
+//! passes of the Hopper forward merged by LSE on Hopper devices), `memory_one_kernel` the one
+//! memory kernel (the sm_80 mainloop chosen).
 
 use std::time::Duration;
 
@@ -19,7 +21,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
-use longflash::{ForwardOptions, Layout, MemoryForward, MemoryInput, Output};
+use longflash::{
+    Attention, ForwardOptions, Layout, MainloopChoice, MemoryForward, MemoryInput, Output,
+};
 
 /// A device buffer of `n` bf16 filled with copies of one random block (host data for 1M-entry
 /// memories would take long to generate).
@@ -43,6 +47,9 @@ fn bench_memory(c: &mut Criterion) {
     let window = parse_list("LONGFLASH_BENCH_WINDOW", &[2048])[0];
     let memories = parse_list("LONGFLASH_BENCH_MEMORY", &[65536, 262144, 1048576]);
     let rope = RopeOptions::new(RopeConfig::llama(d), PositionMode::Rope);
+    let one_kernel = Attention::new(&g.ctx)
+        .expect("Attention::new")
+        .with_mainloop(MainloopChoice::Sm80);
     // LONGFLASH_BENCH_BURST / LONGFLASH_BENCH_SUSTAINED: the peers' timing (common::Protocol).
     let protocol = Protocol::from_env();
     let mut group = c.benchmark_group("memory_bf16_d128");
@@ -67,7 +74,7 @@ fn bench_memory(c: &mut Criterion) {
         let (wk, wv) = (k.slice(m * row..), v.slice(m * row..));
         let qv = q.as_view();
         let mut dense_ms = None;
-        for name in ["dense", "memory"] {
+        for name in ["dense", "memory", "memory_one_kernel"] {
             let mut samples =
                 sample_shape(&mut group, BenchmarkId::new(name, m), &g, protocol, || {
                     let mut ov = o.as_view_mut();
@@ -89,24 +96,28 @@ fn bench_memory(c: &mut Criterion) {
                             )
                             .unwrap();
                     } else {
-                        g.attn
-                            .forward_memory(
-                                &g.stream,
-                                qi,
-                                input(&wk, wl),
-                                input(&wv, wl),
-                                MemoryInput {
-                                    keys: input(&mk, ml),
-                                    values: input(&mv, ml),
-                                    mask: None,
-                                },
-                                out,
-                                &MemoryForward {
-                                    rope: Some(&rope),
-                                    softmax_scale: None,
-                                },
-                            )
-                            .unwrap();
+                        let attn = if name == "memory" {
+                            &g.attn
+                        } else {
+                            &one_kernel
+                        };
+                        attn.forward_memory(
+                            &g.stream,
+                            qi,
+                            input(&wk, wl),
+                            input(&wv, wl),
+                            MemoryInput {
+                                keys: input(&mk, ml),
+                                values: input(&mv, ml),
+                                mask: None,
+                            },
+                            out,
+                            &MemoryForward {
+                                rope: Some(&rope),
+                                softmax_scale: None,
+                            },
+                        )
+                        .unwrap();
                     }
                 });
             if samples.is_empty() {

@@ -8,9 +8,9 @@ use longflash::dtype::Element;
 use longflash::error::Error;
 use longflash::mask::MaskSpec;
 use longflash::reference::{
-    attention_f64, compare, memory_attention_f64, memory_attention_lowp, memory_top_k, merge,
-    rope_attention_f64, rope_attention_lowp, rope_rotate_q, RefMemory, RefOutput, RefShape,
-    Visibility,
+    attention_f64, compare, memory_attention_f64, memory_attention_lowp,
+    memory_attention_two_pass_lowp, memory_top_k, merge, rope_attention_f64, rope_attention_lowp,
+    rope_rotate_q, RefMemory, RefOutput, RefShape, Visibility,
 };
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
 use proptest::prelude::*;
@@ -484,4 +484,125 @@ fn lowp_memory_top_k_on_separated_scores() {
     // Entry 1 (score -1) is not selected: the output is the local keys' and entries 0 and 2's.
     let full = memory_attention_f64(&shape, (&q, &k, &v), &mem, Some(&r), None, 1.0).unwrap();
     assert!((full.out[0] - r64.out[0]).abs() > 1e-3);
+}
+
+/// The two-pass layer (a local pass and a memory pass, each rounded to `T`, merged by LSE as
+/// the GPU's merge does), the budget of the Hopper path: with an empty memory it is the local
+/// pass bit for bit, and on the GPU tests' kind of problems (normal inputs, head dims 64 and 128,
+/// memories across tile edges, RoPE on and off, a left window, more queries than local keys,
+/// GQA and MHA) it stays near the f64 layer, its error of the one-kernel layer's order.
+fn two_pass_layer<T: Element>(seed: u64) {
+    let mut rng = Rng(seed);
+    let cases = [
+        (64, 128, 128, 256, 2),
+        (128, 200, 200, 77, 4),
+        (64, 65, 300, 129, 2),
+        (128, 300, 100, 64, 1),
+        (64, 64, 64, 0, 2),
+        (128, 1, 190, 500, 4),
+    ];
+    for (c, &(d, sq, sk, mem_len, group)) in cases.iter().enumerate() {
+        let shape = RefShape {
+            batch: 1,
+            seqlen_q: sq,
+            seqlen_k: sk,
+            heads_q: 2 * group,
+            heads_kv: 2,
+            head_dim: d,
+        };
+        let gen = |n: usize, rng: &mut Rng| -> Vec<T> {
+            (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect()
+        };
+        let (nq, nkv) = (shape.q_len().unwrap(), shape.kv_len().unwrap());
+        let nm = mem_len * shape.heads_kv * d;
+        let (q, k, v) = (gen(nq, &mut rng), gen(nkv, &mut rng), gen(nkv, &mut rng));
+        let (mk, mv) = (gen(nm, &mut rng), gen(nm, &mut rng));
+        let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| f64::from(t.to_f32())).collect() };
+        let mut r = rope(d);
+        if c == 3 {
+            r.window_left = Some(40);
+        }
+        let rope_opt = (c != 2).then_some(&r);
+        let scale = 1.0 / (d as f32).sqrt();
+        let low = RefMemory {
+            mem_len,
+            keys: &mk,
+            values: &mv,
+            visible: None,
+        };
+        let empty = RefMemory::<T> {
+            mem_len: 0,
+            keys: &[],
+            values: &[],
+            visible: None,
+        };
+        let (mk64, mv64) = (wide(&mk), wide(&mv));
+        let mem64 = RefMemory {
+            mem_len,
+            keys: &mk64,
+            values: &mv64,
+            visible: None,
+        };
+        let r64 = memory_attention_f64(
+            &shape,
+            (&wide(&q), &wide(&k), &wide(&v)),
+            &mem64,
+            rope_opt,
+            None,
+            scale as f64,
+        )
+        .unwrap();
+        let one = memory_attention_lowp(&shape, (&q, &k, &v), &low, rope_opt, None, scale).unwrap();
+        let two =
+            memory_attention_two_pass_lowp(&shape, (&q, &k, &v), &low, rope_opt, scale).unwrap();
+        let local =
+            memory_attention_two_pass_lowp(&shape, (&q, &k, &v), &empty, rope_opt, scale).unwrap();
+        let local_one =
+            memory_attention_lowp(&shape, (&q, &k, &v), &empty, rope_opt, None, scale).unwrap();
+        assert_eq!(local.out, local_one.out, "case {c}: empty memory");
+        assert_eq!(local.lse, local_one.lse, "case {c}: empty memory, LSE");
+        let err = |x: &RefOutput| -> f64 {
+            x.out
+                .iter()
+                .zip(&r64.out)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max)
+        };
+        let (e1, e2) = (err(&one), err(&two));
+        let ulp = if T::DTYPE == longflash::DType::Bf16 {
+            1.0 / 128.0
+        } else {
+            1.0 / 1024.0
+        };
+        assert!(
+            e2 <= 2.0 * e1 + ulp,
+            "case {c}: two-pass error {e2}, one kernel {e1}"
+        );
+        let lse_err = |x: &RefOutput| -> f64 {
+            x.lse
+                .iter()
+                .zip(&r64.lse)
+                .map(|(a, b)| {
+                    if a == b {
+                        0.0
+                    } else {
+                        (a - b).abs() / b.abs().max(1.0)
+                    }
+                })
+                .fold(0.0, f64::max)
+        };
+        let (l1, l2) = (lse_err(&one), lse_err(&two));
+        assert!(
+            l2 <= 2.0 * l1 + 1e-5,
+            "case {c}: two-pass LSE error {l2}, one kernel {l1}"
+        );
+    }
+}
+
+#[test]
+fn two_pass_memory_layer() {
+    for seed in [1, 2, 3] {
+        two_pass_layer::<bf16>(seed);
+        two_pass_layer::<f16>(seed);
+    }
 }

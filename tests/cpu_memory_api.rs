@@ -42,6 +42,8 @@ fn ok_args(d: usize) -> (RawForward, RawMemory, RawRope) {
         mask: MASK,
         keys_layout: ml,
         values_layout: ml,
+        workspace: 0,
+        workspace_bytes: 0,
     };
     let rope = RawRope {
         inv_freq: FREQ,
@@ -86,6 +88,8 @@ fn valid_calls_lower_to_the_kernel_parameters() {
             mask: 0,
             keys_layout: Layout::bshd(2, 0, 2, d),
             values_layout: Layout::bshd(2, 0, 2, d),
+            workspace: 0,
+            workspace_bytes: 0,
         };
         assert_eq!(empty.validate(&fwd, Some(&rope)).unwrap().mem_len, 0);
     }

@@ -310,6 +310,11 @@ impl Attention {
         self
     }
 
+    /// The mainloop choice of this value ([`with_mainloop`](Self::with_mainloop)).
+    pub fn mainloop(&self) -> MainloopChoice {
+        self.mainloop
+    }
+
     /// The device's compute capability (major, minor).
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability

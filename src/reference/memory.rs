@@ -27,7 +27,7 @@
 
 use super::dense::{dot_mag, LowpOutput};
 use super::rope::{rope_rotate_k, rope_rotate_q, rope_rotate_rounded, rope_tables};
-use super::{RefOutput, RefShape};
+use super::{RefOutput, RefShape, Visibility};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mask::MaskSpec;
@@ -239,32 +239,17 @@ pub fn memory_attention_f64(
     })
 }
 
-/// [`memory_attention_f64`] computed the way a plain low-precision implementation would: the
-/// budget of a memory-attention kernel under [`compare`](super::compare).
-///
-/// Inputs in `T`. Queries and local keys rotated in f32 and rounded to `T` as in
-/// [`rope_attention_lowp`](super::rope_attention_lowp); memory keys used as given. Scores are
-/// f32 dot products; the top-k selection ranks the f32 memory scores (ties to the lower index);
-/// from there the row is computed as in [`attention_lowp`](super::attention_lowp) over the local
-/// keys then the selected memory entries (probabilities rounded to `T` at a power-of-two base,
-/// the output normalized by their sum, the spread of probabilities at a rounding tie).
-///
-/// # Errors
-///
-/// As [`memory_attention_f64`].
-pub fn memory_attention_lowp<T: Element>(
+/// Queries and local keys of [`memory_attention_lowp`] in f32: rotated in f32 at their positions
+/// and rounded to `T` (the log-n factor on the queries), as the kernels' rotation passes write
+/// them; as given without a rotation.
+fn rotated_lowp<T: Element>(
     shape: &RefShape,
-    (q, k, v): (&[T], &[T], &[T]),
-    memory: &RefMemory<T>,
+    q: &[T],
+    k: &[T],
     rope: Option<&RopeOptions>,
-    top_k: Option<usize>,
-    scale: f32,
-) -> Result<RefOutput> {
-    shape.check(q.len(), k.len(), v.len())?;
-    memory.check(shape, rope, top_k)?;
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let widen = |x: &[T]| -> Vec<f32> { x.iter().map(|t| t.to_f32()).collect() };
-    let (mut qf, mut kf, vf) = (widen(q), widen(k), widen(v));
-    let (mk, mv) = (widen(memory.keys), widen(memory.values));
+    let (mut qf, mut kf) = (widen(q), widen(k));
     let d = shape.head_dim;
     let (sq, sk) = (shape.seqlen_q, shape.seqlen_k);
     if let Some(r) = rope {
@@ -290,6 +275,98 @@ pub fn memory_attention_lowp<T: Element>(
             }
         }
     }
+    Ok((qf, kf))
+}
+
+/// The memory mask as a visibility over the memory pass of
+/// [`memory_attention_two_pass_lowp`]: every query of a batch entry sees the same entries.
+struct MemoryVisibility<'a> {
+    mem_len: usize,
+    visible: Option<&'a [bool]>,
+}
+
+impl Visibility for MemoryVisibility<'_> {
+    fn visible(&self, _shape: &RefShape, b: usize, _h: usize, _i: usize, j: usize) -> bool {
+        self.visible.is_none_or(|v| v[b * self.mem_len + j])
+    }
+}
+
+/// The memory layer (every entry attended) as the two-pass path computes it on Hopper GPUs: the
+/// local pass ([`memory_attention_lowp`] over an empty memory, its output rounded to `T`), the
+/// memory pass ([`attention_lowp`](super::attention_lowp) of the rotated, rounded queries over
+/// the raw memory, no causality, its output rounded to `T`), and the GPU's LSE merge of the two
+/// (f32 weights and sum, rounded to `T`). Its error against [`memory_attention_f64`] is what
+/// that path adds to the one-kernel layer's: the two partial outputs' roundings.
+///
+/// # Errors
+///
+/// As [`memory_attention_lowp`] without a top-k.
+pub fn memory_attention_two_pass_lowp<T: Element>(
+    shape: &RefShape,
+    (q, k, v): (&[T], &[T], &[T]),
+    memory: &RefMemory<T>,
+    rope: Option<&RopeOptions>,
+    scale: f32,
+) -> Result<RefOutput> {
+    shape.check(q.len(), k.len(), v.len())?;
+    memory.check(shape, rope, None)?;
+    let empty = RefMemory::<T> {
+        mem_len: 0,
+        keys: &[],
+        values: &[],
+        visible: None,
+    };
+    let local = memory_attention_lowp(shape, (q, k, v), &empty, rope, None, scale)?;
+    let (qf, _) = rotated_lowp(shape, q, k, rope)?;
+    let q_rot: Vec<T> = qf.iter().map(|&x| T::from_f32(x)).collect();
+    let mem_shape = RefShape {
+        seqlen_k: memory.mem_len,
+        ..*shape
+    };
+    let visibility = MemoryVisibility {
+        mem_len: memory.mem_len,
+        visible: memory.visible,
+    };
+    let mem = super::attention_lowp(
+        &mem_shape,
+        &q_rot,
+        memory.keys,
+        memory.values,
+        &visibility,
+        scale,
+    )?;
+    Ok(super::ring::merge_lowp::<T>(shape, &local, &mem))
+}
+
+/// [`memory_attention_f64`] computed the way a plain low-precision implementation would: the
+/// budget of a memory-attention kernel under [`compare`](super::compare).
+///
+/// Inputs in `T`. Queries and local keys rotated in f32 and rounded to `T` as in
+/// [`rope_attention_lowp`](super::rope_attention_lowp); memory keys used as given. Scores are
+/// f32 dot products; the top-k selection ranks the f32 memory scores (ties to the lower index);
+/// from there the row is computed as in [`attention_lowp`](super::attention_lowp) over the local
+/// keys then the selected memory entries (probabilities rounded to `T` at a power-of-two base,
+/// the output normalized by their sum, the spread of probabilities at a rounding tie).
+///
+/// # Errors
+///
+/// As [`memory_attention_f64`].
+pub fn memory_attention_lowp<T: Element>(
+    shape: &RefShape,
+    (q, k, v): (&[T], &[T], &[T]),
+    memory: &RefMemory<T>,
+    rope: Option<&RopeOptions>,
+    top_k: Option<usize>,
+    scale: f32,
+) -> Result<RefOutput> {
+    shape.check(q.len(), k.len(), v.len())?;
+    memory.check(shape, rope, top_k)?;
+    let widen = |x: &[T]| -> Vec<f32> { x.iter().map(|t| t.to_f32()).collect() };
+    let vf = widen(v);
+    let (qf, kf) = rotated_lowp(shape, q, k, rope)?;
+    let (mk, mv) = (widen(memory.keys), widen(memory.values));
+    let d = shape.head_dim;
+    let (sq, sk) = (shape.seqlen_q, shape.seqlen_k);
     let mask = rope.map_or(MaskSpec::causal(), RopeOptions::mask);
     let group = shape.heads_q / shape.heads_kv;
     let mut out = LowpOutput::<T>::new(q.len(), shape.batch * shape.heads_q * sq);

@@ -52,7 +52,10 @@ pub use compare::{
     OUT_ABS_TOL,
 };
 pub use dense::{attention_f64, attention_lowp};
-pub use memory::{memory_attention_f64, memory_attention_lowp, memory_top_k, RefMemory};
+pub use memory::{
+    memory_attention_f64, memory_attention_lowp, memory_attention_two_pass_lowp, memory_top_k,
+    RefMemory,
+};
 pub use ring::{ring_attention_f64, ring_attention_lowp};
 pub use rope::{
     rope_attention_f64, rope_attention_f64_sparse, rope_attention_lowp, rope_attention_lowp_sparse,

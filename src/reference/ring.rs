@@ -80,7 +80,7 @@ pub fn ring_attention_lowp<T: Element>(
 
 /// The GPU's LSE merge (cuda/merge.cuh) on the CPU: f32 weights and sums, the output rounded to
 /// `T`.
-fn merge_lowp<T: Element>(shape: &RefShape, a: &RefOutput, b: &RefOutput) -> RefOutput {
+pub(super) fn merge_lowp<T: Element>(shape: &RefShape, a: &RefOutput, b: &RefOutput) -> RefOutput {
     let d = shape.head_dim;
     let mut out = a.out.clone();
     let mut lse = a.lse.clone();

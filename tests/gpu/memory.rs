@@ -7,10 +7,14 @@
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use longflash::reference::{
-    compare, memory_attention_f64, memory_attention_lowp, RefMemory, RefShape,
+    compare, memory_attention_f64, memory_attention_lowp, memory_attention_two_pass_lowp,
+    RefMemory, RefShape,
 };
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
-use longflash::{DType, Element, Error, Input, Layout, MemoryForward, MemoryInput, Output};
+use longflash::{
+    Attention, DType, Element, Error, Input, Layout, MainloopChoice, MemoryForward, MemoryInput,
+    Output,
+};
 
 use crate::common::Rng;
 use crate::common::*;
@@ -53,7 +57,17 @@ fn case(head_dim: usize, (sq, sk, mem): (usize, usize, usize)) -> MemCase {
     }
 }
 
-fn run_t<T: Element>(g: &Gpu, c: &MemCase) -> longflash::reference::Comparison {
+/// Whether `attn` runs this case as the two-pass path (the Hopper forward twice and the merge):
+/// an unmasked memory at head dim 64 or 128 on a Hopper device without the sm_80 mainloop
+/// forced.
+fn two_pass(attn: &Attention, c: &MemCase) -> bool {
+    attn.compute_capability() == (9, 0)
+        && attn.mainloop() != MainloopChoice::Sm80
+        && c.hidden.is_none()
+        && matches!(c.head_dim, 64 | 128)
+}
+
+fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &MemCase) -> longflash::reference::Comparison {
     let mut rng = Rng(c.seed);
     let gen = |n: usize, rng: &mut Rng, s: f64| -> Vec<T> {
         (0..n)
@@ -99,19 +113,19 @@ fn run_t<T: Element>(g: &Gpu, c: &MemCase) -> longflash::reference::Comparison {
         scale as f64,
     )
     .unwrap();
-    let lowp = memory_attention_lowp(
-        &shape,
-        (&q, &k, &v),
-        &RefMemory {
-            mem_len: c.mem_len,
-            keys: &mk,
-            values: &mv,
-            visible: visible.as_deref(),
-        },
-        c.rope.as_ref(),
-        None,
-        scale,
-    )
+    let low_mem = RefMemory {
+        mem_len: c.mem_len,
+        keys: &mk,
+        values: &mv,
+        visible: visible.as_deref(),
+    };
+    // The budget: the naive form of the path that runs (the two-pass one rounds its partial
+    // outputs before the merge, as the ring does).
+    let lowp = if two_pass(attn, c) {
+        memory_attention_two_pass_lowp(&shape, (&q, &k, &v), &low_mem, c.rope.as_ref(), scale)
+    } else {
+        memory_attention_lowp(&shape, (&q, &k, &v), &low_mem, c.rope.as_ref(), None, scale)
+    }
     .unwrap();
 
     let row = hk * d + c.mem_row_pad;
@@ -160,43 +174,42 @@ fn run_t<T: Element>(g: &Gpu, c: &MemCase) -> longflash::reference::Comparison {
         );
         let maskv = dmask.as_ref().map(|m| m.as_view());
         let (mut ov, mut lv) = (d_o.as_view_mut(), d_lse.as_view_mut());
-        g.attn
-            .forward_memory(
-                s,
-                Input {
-                    data: &qv,
-                    layout: ql,
+        attn.forward_memory(
+            s,
+            Input {
+                data: &qv,
+                layout: ql,
+            },
+            Input {
+                data: &kv,
+                layout: kl,
+            },
+            Input {
+                data: &vv,
+                layout: kl,
+            },
+            MemoryInput {
+                keys: Input {
+                    data: &mkv,
+                    layout: ml,
                 },
-                Input {
-                    data: &kv,
-                    layout: kl,
+                values: Input {
+                    data: &mvv,
+                    layout: ml,
                 },
-                Input {
-                    data: &vv,
-                    layout: kl,
-                },
-                MemoryInput {
-                    keys: Input {
-                        data: &mkv,
-                        layout: ml,
-                    },
-                    values: Input {
-                        data: &mvv,
-                        layout: ml,
-                    },
-                    mask: maskv.as_ref(),
-                },
-                Output {
-                    data: &mut ov,
-                    layout: ql,
-                    lse: Some(&mut lv),
-                },
-                &MemoryForward {
-                    rope: c.rope.as_ref(),
-                    softmax_scale: None,
-                },
-            )
-            .unwrap_or_else(|e| panic!("forward_memory failed on {c:?}: {e}"));
+                mask: maskv.as_ref(),
+            },
+            Output {
+                data: &mut ov,
+                layout: ql,
+                lse: Some(&mut lv),
+            },
+            &MemoryForward {
+                rope: c.rope.as_ref(),
+                softmax_scale: None,
+            },
+        )
+        .unwrap_or_else(|e| panic!("forward_memory failed on {c:?}: {e}"));
     }
     s.synchronize().unwrap();
     let out = wide(&s.clone_dtoh(&d_o).unwrap());
@@ -205,11 +218,20 @@ fn run_t<T: Element>(g: &Gpu, c: &MemCase) -> longflash::reference::Comparison {
 }
 
 fn run(g: &Gpu, c: &MemCase) {
+    run_on(g, &g.attn, c);
+}
+
+fn run_on(g: &Gpu, attn: &Attention, c: &MemCase) {
     let cmp = match c.dtype {
-        DType::F16 => run_t::<f16>(g, c),
-        DType::Bf16 => run_t::<bf16>(g, c),
+        DType::F16 => run_t::<f16>(g, attn, c),
+        DType::Bf16 => run_t::<bf16>(g, attn, c),
     };
-    assert!(cmp.passes, "{c:?}\n  {cmp}");
+    let path = if two_pass(attn, c) {
+        "two passes"
+    } else {
+        "one kernel"
+    };
+    assert!(cmp.passes, "{c:?} ({path})\n  {cmp}");
 }
 
 #[test]
@@ -353,4 +375,127 @@ fn memory_attention_rejects_bad_memory() {
     // Nothing ran: the output is still zero.
     let back: Vec<bf16> = s.clone_dtoh(&o).unwrap();
     assert!(back.iter().all(|x| x.to_f32() == 0.0));
+}
+
+/// An unmasked memory, the two-pass path on Hopper devices: the same cases through the one
+/// kernel (the sm_80 mainloop forced) and, on a Hopper device, through the two passes of the
+/// Hopper forward and the merge, each under its own path's budget.
+#[test]
+fn memory_two_pass_matches_reference() {
+    let g = gpu_or_skip!();
+    let sizes = [
+        (128, 128, 256),
+        (200, 200, 77),
+        (65, 300, 129),
+        (300, 100, 64),
+        (64, 64, 0),
+        (1, 190, 500),
+    ];
+    for d in [64, 128] {
+        for (i, &sz) in sizes.iter().enumerate() {
+            let mut c = case(d, sz);
+            c.hidden = None;
+            c.dtype = if i % 2 == 0 { DType::Bf16 } else { DType::F16 };
+            c.seed = 31 + i as u64;
+            match i {
+                1 => c.rope = None,
+                2 => c.heads_kv = 4,
+                3 => {
+                    let mut rope = RopeOptions::new(RopeConfig::llama(d), PositionMode::Rope);
+                    rope.window_left = Some(40);
+                    rope.position_offsets = Some(vec![3, 1000]);
+                    c.rope = Some(rope);
+                }
+                5 => c.mem_row_pad = 8,
+                _ => {}
+            }
+            run_on(g, &g.sm80, &c);
+            if let Some(h) = &g.hopper {
+                assert!(two_pass(h, &c));
+                run_on(g, h, &c);
+            }
+        }
+    }
+}
+
+/// `memory_workspace_bytes` says which path a call takes (at placeholder addresses: nothing is
+/// launched), and a raw call's two-pass workspace is checked before any launch: too small,
+/// misaligned, over another tensor.
+#[test]
+fn memory_workspace_and_its_errors() {
+    let g = gpu_or_skip!();
+    let (b, sq, hq, hk, d, m) = (1usize, 64usize, 2usize, 1usize, 64usize, 100usize);
+    let ql = Layout::bshd(b, sq, hq, d);
+    let kl = Layout::bshd(b, sq, hk, d);
+    let ml = Layout::bshd(b, m, hk, d);
+    let fwd = raw_placeholder(ql, kl, longflash::ForwardOptions::causal());
+    let mem = longflash::RawMemory {
+        keys: 5 << 30,
+        values: 6 << 30,
+        mask: 0,
+        keys_layout: ml,
+        values_layout: ml,
+        workspace: 0,
+        workspace_bytes: 0,
+    };
+    let masked = longflash::RawMemory {
+        mask: 7 << 30,
+        ..mem
+    };
+    assert_eq!(g.sm80.memory_workspace_bytes(&fwd, &mem, None).unwrap(), 0);
+    let Some(h) = &g.hopper else {
+        return;
+    };
+    let need = h.memory_workspace_bytes(&fwd, &mem, None).unwrap();
+    // The memory pass's output and two LSEs (the call gives none), each part 256-aligned.
+    let out_bytes = b * sq * hq * d * 2;
+    assert!(need >= out_bytes + 2 * b * hq * sq * 4, "{need} bytes");
+    assert_eq!(h.memory_workspace_bytes(&fwd, &masked, None).unwrap(), 0);
+    let padded = Layout::bshd(b, sq, hq, 100);
+    let fwd100 = raw_placeholder(padded, Layout::bshd(b, sq, hk, 100), fwd.options);
+    let mem100 = longflash::RawMemory {
+        keys_layout: Layout::bshd(b, m, hk, 100),
+        values_layout: Layout::bshd(b, m, hk, 100),
+        ..mem
+    };
+    assert_eq!(h.memory_workspace_bytes(&fwd100, &mem100, None).unwrap(), 0);
+    let call = |workspace: u64, workspace_bytes: usize| -> Error {
+        let m = longflash::RawMemory {
+            workspace,
+            workspace_bytes,
+            ..mem
+        };
+        // SAFETY: every call below is refused by validation before any launch.
+        unsafe { h.forward_memory_raw(g.stream.cu_stream(), &fwd, &m, None) }
+            .expect_err("a bad workspace must be refused")
+    };
+    let ws = 8u64 << 30;
+    assert!(matches!(
+        call(ws, need - 1),
+        Error::InvalidArgument {
+            arg: "memory.workspace_bytes",
+            ..
+        }
+    ));
+    assert!(matches!(
+        call(ws + 8, need),
+        Error::Misaligned {
+            arg: "memory.workspace",
+            ..
+        }
+    ));
+    assert!(matches!(
+        call(fwd.o - 64, need),
+        Error::Aliasing {
+            output: "memory.workspace",
+            other: "o"
+        }
+    ));
+    assert!(matches!(
+        call(mem.keys + 256, need),
+        Error::Aliasing {
+            output: "memory.workspace",
+            other: "memory.keys"
+        }
+    ));
 }

@@ -23,6 +23,13 @@ impl Rng {
         (0..n).map(|_| self.sym(a)).collect()
     }
 
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = ((self.next() >> 11) as f64 / (1u64 << 53) as f64).max(1e-300);
+        let u2 = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
     /// A random permutation of `0..n` (Fisher-Yates).
     pub fn perm(&mut self, n: usize) -> Vec<usize> {
         let mut p: Vec<usize> = (0..n).collect();

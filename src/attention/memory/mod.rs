@@ -15,13 +15,15 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaStream, CudaView, DevicePtr, DeviceSlice};
 
 use super::rope::{key_workspaces, rope_keys_params, RopeTables};
-use super::{Attention, ForwardOptions, Input, Output, RawForward, RawRope, RawRopeMode};
+use super::{Attention, ForwardOptions, Input, Output, RawForward, RawRope, RawRopeMode, Scratch};
 use crate::check::{aligned, byte_range, mismatch, overlaps, row_alignment, strides_multiple_of};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::mask::MaskSpec;
 use crate::rope::{PositionMode, RopeOptions};
 use crate::Element;
+
+mod two_pass;
 
 /// Head dims the memory kernel takes: 64 and 128 in kernels of their own width, and any other
 /// multiple of 4 between them (LongLLaMA-3B's 100, 80, 96, 112) zero-padded to 128 inside the
@@ -72,6 +74,12 @@ pub struct RawMemory {
     pub keys_layout: Layout,
     /// Layout of the values.
     pub values_layout: Layout,
+    /// Device workspace of the two-pass path (16-byte aligned, at least
+    /// [`Attention::memory_workspace_bytes`] bytes when that is not 0), or 0 for the one kernel
+    /// on every device.
+    pub workspace: sys::CUdeviceptr,
+    /// Bytes at `workspace`.
+    pub workspace_bytes: usize,
 }
 
 /// The memory fields of the kernel's parameters.
@@ -295,6 +303,8 @@ impl Attention {
             mask: mm,
             keys_layout: memory.keys.layout,
             values_layout: memory.values.layout,
+            workspace: 0,
+            workspace_bytes: 0,
         };
         let options = ForwardOptions {
             mask: local_mask(opts.rope),
@@ -309,35 +319,64 @@ impl Attention {
                     // and this context, the memory's views were checked above, and the tables
                     // and workspace were allocated above with the sizes the contract asks for;
                     // all live until the call returns (frees are ordered after the kernels).
-                    unsafe {
-                        self.forward_memory_raw(
-                            stream.cu_stream(),
-                            raw,
-                            &raw_memory,
-                            Some(&raw_rope),
-                        )
-                    }
+                    unsafe { self.memory_with_workspace(stream, raw, &raw_memory, Some(&raw_rope)) }
                 })
             }
             None => self.forward_impl(stream, [q, k, v], out, options, None, |raw| {
                 // SAFETY: as above, without a rotation.
-                unsafe { self.forward_memory_raw(stream.cu_stream(), raw, &raw_memory, None) }
+                unsafe { self.memory_with_workspace(stream, raw, &raw_memory, None) }
             }),
         }
     }
 
+    /// The raw call with the two-pass workspace allocated on `stream` when the call takes that
+    /// path (freed in stream order after its kernels).
+    ///
+    /// # Safety
+    /// As [`forward_memory_raw`](Self::forward_memory_raw), with `memory.workspace` 0 and
+    /// `stream` a live stream of this context.
+    unsafe fn memory_with_workspace(
+        &self,
+        stream: &CudaStream,
+        fwd: &RawForward,
+        memory: &RawMemory,
+        rope: Option<&RawRope>,
+    ) -> Result<()> {
+        let bytes = self.memory_workspace_bytes(fwd, memory, rope)?;
+        let scratch = if bytes > 0 {
+            // SAFETY: `stream` is a live stream of this context (this fn's contract).
+            Some(unsafe { Scratch::new(self.ctx, stream.cu_stream(), bytes) }?)
+        } else {
+            None
+        };
+        let memory = RawMemory {
+            workspace: scratch.as_ref().map_or(0, |s| s.ptr),
+            workspace_bytes: scratch.as_ref().map_or(0, |s| s.bytes),
+            ..*memory
+        };
+        // SAFETY: this fn's contract; the workspace was allocated above on the same stream and
+        // is freed after the kernels, in stream order.
+        unsafe { self.forward_memory_raw(stream.cu_stream(), fwd, &memory, rope) }
+    }
+
     /// Memory attention from raw pointers (see [`forward_memory`](Self::forward_memory)). With
-    /// `rope`, runs the RoPE key pass into `rope.k_rot` first (plain RoPE only; `k_alt` unused),
-    /// then the memory kernel, both on `stream`; allocates nothing.
+    /// `rope`, runs the RoPE key pass into `rope.k_rot` first (plain RoPE only; `k_alt` unused).
+    /// Then, with a workspace (`memory.workspace`, [`memory_workspace_bytes`] bytes) where that
+    /// size is not 0, the two passes of the Hopper forward merged by LSE; otherwise the one
+    /// memory kernel. Everything on `stream`; allocates nothing.
     ///
     /// `fwd.options.mask` must be causal without sinks (a left window may be added) and
     /// `fwd.block_mask` `None`.
     ///
+    /// [`memory_workspace_bytes`]: Self::memory_workspace_bytes
+    ///
     /// # Safety
     /// As [`forward_raw`](Self::forward_raw) for `fwd`, and: `memory.keys` and `memory.values`
     /// hold every element their layouts address and `memory.mask` (when not 0) `batch * mem_len`
-    /// bytes, all device memory of this context that nothing writes until the kernel finishes;
-    /// with `rope`, as [`forward_rope_raw`](Self::forward_rope_raw) for its tables and `k_rot`.
+    /// bytes, all device memory of this context that nothing writes until the kernels finish;
+    /// with `rope`, as [`forward_rope_raw`](Self::forward_rope_raw) for its tables and `k_rot`;
+    /// `memory.workspace` (when not 0) holds `memory.workspace_bytes` bytes of device memory of
+    /// this context that nothing else uses until the kernels finish.
     pub unsafe fn forward_memory_raw(
         &self,
         stream: sys::CUstream,
@@ -349,28 +388,47 @@ impl Attention {
         let d = fwd.q_layout.head_dim;
         let dt = fwd.dtype.name();
         let module = memory_module(dt, d)?;
-        let tiles = self.sm80_tiles(d, 1, "memory kernel")?;
+        let path = match self.two_pass_plan(fwd, memory, &params, true)? {
+            Some(plan) => Path::TwoPass(Box::new(plan)),
+            None => Path::OneKernel(self.sm80_tiles(d, 1, "memory kernel")?),
+        };
         if params.rotate != 0 {
             let (mut keys, pairs) = rope_keys_params(fwd, params.rope)?;
             // SAFETY: validated parameters; the workspace is disjoint from every input and output
             // (validated) and sized per this fn's contract.
             unsafe { self.launch_rope_keys(stream, &format!("rope_keys_{dt}"), pairs, &mut keys) }?;
         }
-        let l = &fwd.q_layout;
-        // SAFETY: `params` was validated above and is the kernel's one by-value parameter (the
-        // struct both sides take from params.h); pointers and stream are valid per this fn's
-        // contract, and the key pass wrote the workspace on the same stream.
-        unsafe {
-            self.launch_sm80(
-                stream,
-                &module,
-                tiles,
-                (l.seqlen, l.heads, l.batch),
-                &mut params,
-                "launching the memory-attention kernel",
-            )
+        match path {
+            // SAFETY: this fn's contract; the plan was made from the validated call with its
+            // workspace checked, and the key pass above wrote the rotated keys on this stream.
+            Path::TwoPass(plan) => unsafe { self.launch_two_pass(stream, dt, *plan) },
+            Path::OneKernel(tiles) => {
+                let l = &fwd.q_layout;
+                // SAFETY: `params` was validated above and is the kernel's one by-value
+                // parameter (the struct both sides take from params.h); pointers and stream are
+                // valid per this fn's contract, and the key pass wrote the workspace on the same
+                // stream.
+                unsafe {
+                    self.launch_sm80(
+                        stream,
+                        &module,
+                        tiles,
+                        (l.seqlen, l.heads, l.batch),
+                        &mut params,
+                        "launching the memory-attention kernel",
+                    )
+                }
+            }
         }
     }
+}
+
+/// How a validated memory call runs.
+enum Path {
+    /// Two passes of the Hopper forward and a merge.
+    TwoPass(Box<two_pass::TwoPass>),
+    /// The memory kernel, with its tile shape and shared memory.
+    OneKernel((crate::plan::TileShape, u32)),
 }
 
 /// The error for a position mode the memory layer does not have.

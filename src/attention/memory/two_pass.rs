@@ -1,0 +1,350 @@
+//! The memory layer on the Hopper mainloop: two calls of the dense forward merged by LSE.
+//!
+//! One softmax over `[local | memory]` is the LSE merge of a local pass and a memory pass (the
+//! identity `tests/cpu_memory.rs` checks on the f64 reference). Where the dense forward runs on
+//! the Hopper mainloop, the layer runs as: the RoPE key pass (local keys into the rotated-key
+//! workspace) and the query pass (the queries rotated once, as the one kernel's Q preparation
+//! rotates them, into this path's workspace), the local pass (causal, with the rotation's left
+//! window, over the rotated keys) into `o` and the LSE, the memory pass (the same rotated
+//! queries over the raw memory, no mask) into the workspace, and the merge of the second into
+//! the first. Both partial outputs are rounded to the element type before the merge, as the
+//! ring's are ([`reference::memory_attention_two_pass_lowp`](crate::reference::memory_attention_two_pass_lowp)
+//! is the budget). A memory with a mask, a head dim the Hopper forward has no kernel for (the
+//! padded ones), or a device without it runs the one kernel.
+
+use cudarc::driver::sys;
+
+use super::{RawMemory, RawRope};
+use crate::attention::{Attention, Mainloop, RawForward, RawMerge};
+use crate::check::{aligned, byte_range, overlaps};
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::mask::MaskSpec;
+use crate::sys::{LfMemoryFwdParams, LfRopeQueriesParams};
+
+/// Alignment of the workspace's parts (bytes from its start).
+const PART_ALIGN: usize = 256;
+/// A stand-in address of the workspace, aligned as every part is, for deciding the path before
+/// a workspace exists (the Hopper plan depends on the parts' alignment only).
+const STAND_IN: u64 = PART_ALIGN as u64;
+
+/// Byte offsets of the two-pass workspace's parts from its start.
+#[derive(Clone, Copy, Debug)]
+struct Parts {
+    /// The rotated queries, contiguous `[batch, seqlen_q, heads_q, head_dim]` (with a rotation).
+    q_rot: Option<usize>,
+    /// The memory pass's output, contiguous like the rotated queries.
+    o_mem: usize,
+    /// The memory pass's LSE, f32 `[batch, heads_q, seqlen_q]`.
+    lse_mem: usize,
+    /// The local pass's LSE when the call asks for none.
+    lse_local: Option<usize>,
+    /// Bytes in all.
+    total: usize,
+}
+
+impl Parts {
+    fn of(fwd: &RawForward, rotate: bool) -> Parts {
+        let q = &fwd.q_layout;
+        let tensor = q.batch * q.seqlen * q.heads * q.head_dim * 2;
+        let rows = q.batch * q.heads * q.seqlen * 4;
+        let mut at = 0usize;
+        let mut take = |bytes: usize| {
+            let here = at;
+            at = (at + bytes).next_multiple_of(PART_ALIGN);
+            here
+        };
+        let q_rot = rotate.then(|| take(tensor));
+        let o_mem = take(tensor);
+        let lse_mem = take(rows);
+        let lse_local = (fwd.lse == 0).then(|| take(rows));
+        Parts {
+            q_rot,
+            o_mem,
+            lse_mem,
+            lse_local,
+            total: at,
+        }
+    }
+}
+
+/// The launches of one two-pass call, validated.
+pub(super) struct TwoPass {
+    /// The query pass (with a rotation).
+    queries: Option<LfRopeQueriesParams>,
+    /// The local pass: causal over the (rotated) local keys, into `o` and the LSE.
+    local: RawForward,
+    /// The memory pass and the merge (a memory of at least one entry).
+    memory: Option<(RawForward, RawMerge)>,
+}
+
+/// The contiguous layout of the rotated queries and of the memory pass's output.
+fn packed(q: &Layout) -> Layout {
+    Layout::bshd(q.batch, q.seqlen, q.heads, q.head_dim)
+}
+
+impl Attention {
+    /// Bytes of device workspace [`forward_memory_raw`](Self::forward_memory_raw) uses to run
+    /// this call as two passes of the Hopper forward (the local part, then the memory, merged by
+    /// LSE), or 0 when the call runs the one memory kernel whatever workspace it is given (a
+    /// memory mask, a head dim other than 64 and 128, or a device or [`MainloopChoice`] without
+    /// the Hopper mainloop). Validates the call first, as `forward_memory_raw` does.
+    ///
+    /// [`MainloopChoice`]: crate::MainloopChoice
+    pub fn memory_workspace_bytes(
+        &self,
+        fwd: &RawForward,
+        memory: &RawMemory,
+        rope: Option<&RawRope>,
+    ) -> Result<usize> {
+        let params = memory.validate(fwd, rope)?;
+        let stand_in = RawMemory {
+            workspace: STAND_IN,
+            workspace_bytes: usize::MAX,
+            ..*memory
+        };
+        Ok(match self.two_pass_plan(fwd, &stand_in, &params, false)? {
+            Some(_) => Parts::of(fwd, params.rotate != 0).total,
+            None => 0,
+        })
+    }
+
+    /// The two passes of a validated call (`params` from [`RawMemory::validate`]), or `None`
+    /// when it runs the one kernel: no workspace given, a memory mask, a head dim other than 64
+    /// and 128, or a pass the Hopper mainloop would not run (decided on the workspace's parts at
+    /// a stand-in address, aligned as theirs are). With `check_workspace`, the workspace's size,
+    /// alignment and aliasing are then checked.
+    pub(super) fn two_pass_plan(
+        &self,
+        fwd: &RawForward,
+        memory: &RawMemory,
+        params: &LfMemoryFwdParams,
+        check_workspace: bool,
+    ) -> Result<Option<TwoPass>> {
+        let d = fwd.q_layout.head_dim;
+        if memory.workspace == 0 || memory.mask != 0 || !matches!(d, 64 | 128) {
+            return Ok(None);
+        }
+        let parts = Parts::of(fwd, params.rotate != 0);
+        let decided = passes(fwd, memory, params, parts, STAND_IN)?;
+        let on_hopper = self.runs_on_hopper(&decided.local)
+            && decided
+                .memory
+                .as_ref()
+                .is_none_or(|(mem, _)| self.runs_on_hopper(mem));
+        if !on_hopper {
+            return Ok(None);
+        }
+        if check_workspace {
+            check_workspace_of(fwd, memory, params, parts.total)?;
+        }
+        passes(fwd, memory, params, parts, memory.workspace).map(Some)
+    }
+
+    /// Whether this forward call runs on the Hopper mainloop here (an argument it refuses, or a
+    /// [`MainloopChoice::Sm90`](crate::MainloopChoice::Sm90) it cannot honour, reads as no).
+    fn runs_on_hopper(&self, args: &RawForward) -> bool {
+        matches!(self.mainloop_for(args), Ok(Mainloop::Sm90))
+    }
+
+    /// Launches the passes of `plan` on `stream`, after the RoPE key pass (which the caller has
+    /// launched when the call rotates).
+    ///
+    /// # Safety
+    /// As [`forward_memory_raw`](Self::forward_memory_raw), with `plan` made by
+    /// [`two_pass_plan`](Self::two_pass_plan) with the workspace checked from the same
+    /// arguments.
+    pub(super) unsafe fn launch_two_pass(
+        &self,
+        stream: sys::CUstream,
+        dtype: &str,
+        plan: TwoPass,
+    ) -> Result<()> {
+        if let Some(mut queries) = plan.queries {
+            let l = &plan.local.q_layout;
+            let pairs = (l.batch * l.seqlen * l.heads * l.head_dim / 2) as u64;
+            let module = format!("rope_bwd_{dtype}");
+            let kernel = format!("lf_{module}_queries");
+            // SAFETY: validated parameters; the rotated queries go to their own part of the
+            // checked workspace, one thread per pair.
+            unsafe {
+                self.launch_per_pair(
+                    stream,
+                    (&module, &kernel),
+                    pairs,
+                    &mut queries,
+                    "launching the memory layer's query rotation",
+                )
+            }?;
+        }
+        // SAFETY: the forward's arguments are the call's validated tensors and parts of the
+        // checked workspace, written before on this stream.
+        unsafe { self.forward_raw(stream, &plan.local) }?;
+        if let Some((mem, merge)) = plan.memory {
+            // SAFETY: as above; the memory pass writes its own parts of the workspace.
+            unsafe { self.forward_raw(stream, &mem) }?;
+            // SAFETY: the merge reads the memory pass's parts and updates `o` and the local
+            // LSE, all written above on this stream, validated in the plan.
+            unsafe { self.merge_raw(stream, &merge) }?;
+        }
+        Ok(())
+    }
+}
+
+/// The passes of a call with the workspace's parts at `ws` (validated where they are made).
+fn passes(
+    fwd: &RawForward,
+    memory: &RawMemory,
+    params: &LfMemoryFwdParams,
+    parts: Parts,
+    ws: u64,
+) -> Result<TwoPass> {
+    let d = fwd.q_layout.head_dim;
+    let at = |off: usize| ws + off as u64;
+    let (q, q_layout) = match parts.q_rot {
+        Some(off) => (at(off), packed(&fwd.q_layout)),
+        None => (fwd.q, fwd.q_layout),
+    };
+    let (k, k_layout) = if params.rotate != 0 {
+        let kl = &fwd.k_layout;
+        (
+            params.rope.k_rot as u64,
+            Layout::bshd(kl.batch, kl.seqlen, kl.heads, d),
+        )
+    } else {
+        (fwd.k, fwd.k_layout)
+    };
+    let lse_local = parts.lse_local.map_or(fwd.lse, at);
+    let local = RawForward {
+        q,
+        k,
+        q_layout,
+        k_layout,
+        lse: lse_local,
+        block_mask: None,
+        ..*fwd
+    };
+    let memory_pass = if memory.keys_layout.seqlen > 0 {
+        let mem = RawForward {
+            q,
+            k: memory.keys,
+            v: memory.values,
+            o: at(parts.o_mem),
+            lse: at(parts.lse_mem),
+            q_layout,
+            k_layout: memory.keys_layout,
+            v_layout: memory.values_layout,
+            o_layout: packed(&fwd.q_layout),
+            options: crate::ForwardOptions {
+                mask: MaskSpec::none(),
+                softmax_scale: fwd.options.softmax_scale,
+            },
+            ..*fwd
+        };
+        let merge = RawMerge {
+            dtype: fwd.dtype,
+            acc_o: fwd.o,
+            acc_lse: lse_local,
+            part_o: mem.o,
+            part_lse: mem.lse,
+            acc_layout: fwd.o_layout,
+            part_layout: mem.o_layout,
+        };
+        merge.validate()?;
+        Some((mem, merge))
+    } else {
+        None
+    };
+    let queries = parts.q_rot.map(|off| {
+        let ql = &fwd.q_layout;
+        LfRopeQueriesParams {
+            q: fwd.q as *const _,
+            q_batch_stride: ql.batch_stride,
+            q_head_stride: ql.head_stride,
+            q_row_stride: ql.seq_stride,
+            q_in: at(off) as *mut _,
+            q_out: std::ptr::null_mut(),
+            batch: ql.batch as i32,
+            seqlen_q: ql.seqlen as i32,
+            seqlen_k: fwd.k_layout.seqlen as i32,
+            heads_q: ql.heads as i32,
+            head_dim: d as i32,
+            reserved: 0,
+            rope: params.rope,
+        }
+    });
+    Ok(TwoPass {
+        queries,
+        local,
+        memory: memory_pass,
+    })
+}
+
+/// The two-pass workspace against the call: given, large enough, aligned, apart from every
+/// tensor the call reads or writes.
+fn check_workspace_of(
+    fwd: &RawForward,
+    memory: &RawMemory,
+    params: &LfMemoryFwdParams,
+    need: usize,
+) -> Result<()> {
+    if memory.workspace_bytes < need {
+        return Err(Error::InvalidArgument {
+            arg: "memory.workspace_bytes",
+            value: memory.workspace_bytes.to_string(),
+            expected: format!(
+                "at least {need} bytes for the two-pass path (Attention::memory_workspace_bytes)"
+            ),
+        });
+    }
+    aligned("memory.workspace", memory.workspace, 16, true)?;
+    let ws = (
+        memory.workspace as i128,
+        memory.workspace as i128 + need as i128,
+    );
+    let q = &fwd.q_layout;
+    let rows = (q.batch * q.heads * q.seqlen) as i128 * 4;
+    let mut others = vec![
+        ("q", byte_range(fwd.q, &fwd.q_layout, 2)),
+        ("k", byte_range(fwd.k, &fwd.k_layout, 2)),
+        ("v", byte_range(fwd.v, &fwd.v_layout, 2)),
+        ("o", byte_range(fwd.o, &fwd.o_layout, 2)),
+    ];
+    if fwd.lse != 0 {
+        others.push(("lse", (fwd.lse as i128, fwd.lse as i128 + rows)));
+    }
+    if memory.keys_layout.seqlen > 0 {
+        others.push((
+            "memory.keys",
+            byte_range(memory.keys, &memory.keys_layout, 2),
+        ));
+        others.push((
+            "memory.values",
+            byte_range(memory.values, &memory.values_layout, 2),
+        ));
+    }
+    if params.rotate != 0 {
+        let k = &fwd.k_layout;
+        let k_rot = Layout::bshd(k.batch, k.seqlen, k.heads, k.head_dim);
+        others.push((
+            "rope.k_rot",
+            byte_range(params.rope.k_rot as u64, &k_rot, 2),
+        ));
+        let freq = (params.rope.rotary_dim / 2) as i128 * 8;
+        let inv = params.rope.inv_freq as i128;
+        others.push(("rope.inv_freq", (inv, inv + freq)));
+        if !params.rope.position_offsets.is_null() {
+            let p = params.rope.position_offsets as i128;
+            others.push(("rope.position_offsets", (p, p + q.batch as i128 * 4)));
+        }
+    }
+    for (other, range) in others {
+        if overlaps(ws, range) {
+            return Err(Error::Aliasing {
+                output: "memory.workspace",
+                other,
+            });
+        }
+    }
+    Ok(())
+}
