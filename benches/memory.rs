@@ -9,7 +9,8 @@
 //! the scores the call computes and the ratio to the dense call; benches/peer_memory.py times
 //! the PyTorch layer as the long_llama code computes it. `memory` is the library's path (two
 //! passes of the Hopper forward merged by LSE on Hopper devices), `memory_one_kernel` the one
-//! memory kernel (the sm_80 mainloop chosen).
+//! memory kernel (the sm_80 mainloop chosen). `memory_decode` times memory decoding against a
+//! device copy of the bytes it reads (`LONGFLASH_BENCH_MEMORY=0` skips the forward shapes).
 
 use std::time::Duration;
 
@@ -22,7 +23,8 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
 use longflash::{
-    Attention, ForwardOptions, Layout, MainloopChoice, MemoryForward, MemoryInput, Output,
+    Attention, ForwardOptions, KvCache, Layout, MainloopChoice, MemoryDecode, MemoryForward,
+    MemoryInput, Output,
 };
 
 /// A device buffer of `n` bf16 filled with copies of one random block (host data for 1M-entry
@@ -57,7 +59,7 @@ fn bench_memory(c: &mut Criterion) {
         .sample_size(10)
         .warm_up_time(Duration::from_millis(200))
         .measurement_time(Duration::from_millis(1000));
-    for &m in &memories {
+    for &m in memories.iter().filter(|&&m| m > 0) {
         let keys = m + window;
         let ql = Layout::bshd(1, window, heads, d);
         let all = Layout::bshd(1, keys, heads, d);
@@ -145,5 +147,98 @@ fn bench_memory(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_memory);
+/// Memory decoding (`Attention::decode_memory`): one new query token per sequence over a local
+/// cache of `LONGFLASH_BENCH_WINDOW` tokens and a memory of 64k or 256k entries
+/// (`LONGFLASH_BENCH_DECODE_MEMORY`), 32 heads of 128 (LongLLaMA-Code-7B's), batch 1 and 4, plain
+/// RoPE. Bound by memory: the figure is the bytes of K and V read (cache and memory) per second
+/// against a device-to-device copy of the same bytes in the same run (its read plus write
+/// traffic per second), as for the decoding bench.
+fn bench_memory_decode(c: &mut Criterion) {
+    let Some(g) = gpu() else { return };
+    let device = g.ctx.name().unwrap_or_default();
+    let (heads, d) = (32usize, 128usize);
+    let window = parse_list("LONGFLASH_BENCH_WINDOW", &[2048])[0];
+    let memories = parse_list("LONGFLASH_BENCH_DECODE_MEMORY", &[65536, 262144]);
+    let rope = RopeOptions::new(RopeConfig::llama(d), PositionMode::Rope);
+    let protocol = Protocol::from_env();
+    let mut group = c.benchmark_group("memory_decode_bf16_d128");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_millis(1000));
+    for batch in [1usize, 4] {
+        for &m in &memories {
+            let ql = Layout::bshd(batch, 1, heads, d);
+            let kl = Layout::bshd(batch, window, heads, d);
+            let ml = Layout::bshd(batch, m, heads, d);
+            let q = filled(&g, ql.numel(), 1);
+            let k = filled(&g, kl.numel(), 2);
+            let mk = filled(&g, ml.numel(), 3);
+            let mut o: CudaSlice<bf16> = g.stream.alloc_zeros(ql.numel()).unwrap();
+            let (qv, kv, mkv) = (q.as_view(), k.as_view(), mk.as_view());
+            let mut samples = sample_shape(
+                &mut group,
+                BenchmarkId::new(format!("b{batch}"), m),
+                &g,
+                protocol,
+                || {
+                    let mut ov = o.as_view_mut();
+                    let cache = KvCache {
+                        k: input(&kv, kl),
+                        v: input(&kv, kl),
+                        block_table: None,
+                        cache_seqlens: None,
+                    };
+                    g.attn
+                        .decode_memory(
+                            &g.stream,
+                            input(&qv, ql),
+                            &cache,
+                            MemoryInput {
+                                keys: input(&mkv, ml),
+                                values: input(&mkv, ml),
+                                mask: None,
+                            },
+                            Output {
+                                data: &mut ov,
+                                layout: ql,
+                                lse: None,
+                            },
+                            None,
+                            &MemoryDecode {
+                                rope: Some(&rope),
+                                softmax_scale: None,
+                            },
+                        )
+                        .unwrap();
+                },
+            );
+            if samples.is_empty() {
+                continue;
+            }
+            let ms = median(&mut samples);
+            drop((q, k, mk));
+            let bytes = 2 * batch * (window + m) * heads * d * 2;
+            let src: CudaSlice<u8> = g.stream.alloc_zeros(bytes).unwrap();
+            let mut dst: CudaSlice<u8> = g.stream.alloc_zeros(bytes).unwrap();
+            let mut copy = sample_shape(
+                &mut group,
+                BenchmarkId::new(format!("copy_b{batch}"), m),
+                &g,
+                protocol,
+                || g.stream.memcpy_dtod(&src, &mut dst).unwrap(),
+            );
+            let copy_ms = median(&mut copy);
+            let (tb, copy_tb) = (bytes as f64 / ms / 1e9, 2.0 * bytes as f64 / copy_ms / 1e9);
+            println!(
+                "RESULT {{\"impl\": \"longflash_memory_decode\", \"batch\": {batch}, \"memory\": {m}, \"window\": {window}, \"heads\": {heads}, \"head_dim\": {d}, \"ms\": {ms:.4}, \"kv_gb\": {:.3}, \"tb_per_s\": {tb:.3}, \"copy_ms\": {copy_ms:.4}, \"copy_tb_per_s\": {copy_tb:.3}, \"of_copy\": {:.3}, \"device\": \"{device}\"}}",
+                bytes as f64 / 1e9,
+                tb / copy_tb
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_memory, bench_memory_decode);
 criterion_main!(benches);

@@ -28,8 +28,10 @@ template <typename T> __device__ __forceinline__ void rope_queries(const LfRopeQ
     rope_pair(r, f, xi, yi);
     const uint16_t *src = static_cast<const uint16_t *>(p.q) + b * p.q_batch_stride +
                           i * p.q_row_stride + h * p.q_head_stride;
+    int len = p.seqlen_k;
+    if (p.seqlens_k != nullptr) len = min(max(p.seqlens_k[b], 0), p.seqlen_k);
     const double pos =
-        static_cast<double>(rope_key_position(r, b, static_cast<int64_t>(p.seqlen_k) - p.seqlen_q + i));
+        static_cast<double>(rope_key_position(r, b, static_cast<int64_t>(len) - p.seqlen_q + i));
     float x0, y0, x1, y1;
     rope_query_pair(r, f, pos, Elem<T>::to_float(src[xi]), Elem<T>::to_float(src[yi]), x0, y0, x1,
                     y1);

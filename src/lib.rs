@@ -20,10 +20,10 @@ pub use attention::{
     backward_workspace_bytes, open_device, rope_backward_workspace_bytes, Attention,
     BackwardInputs, BackwardOptions, BlockTable, DecodeOptions, DecodePlan, DecodeProblem,
     DeviceErrorFlag, ForwardOptions, Gradient, Gradients, Input, KvCache, KvCacheMut, Mainloop,
-    MainloopChoice, MemoryForward, MemoryInput, Output, RawAppend, RawBackward, RawBlockMask,
-    RawDecode, RawForward, RawMemory, RawMerge, RawRope, RawRopeMode, RawVarlenForward,
-    RingAccumulator, RopeBackward, RopeForward, SparseBackwardOptions, SparseOptions,
-    SplitCounters, VarlenOptions, SUPPORTED_HEAD_DIMS,
+    MainloopChoice, MemoryDecode, MemoryForward, MemoryInput, Output, RawAppend, RawBackward,
+    RawBlockMask, RawDecode, RawForward, RawMemory, RawMerge, RawRope, RawRopeMode,
+    RawVarlenForward, RingAccumulator, RopeBackward, RopeForward, SparseBackwardOptions,
+    SparseOptions, SplitCounters, VarlenOptions, SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

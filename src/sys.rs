@@ -462,6 +462,7 @@ pub struct LfRopeQueriesParams {
     pub q_row_stride: i64,
     pub q_in: *mut ::core::ffi::c_void,
     pub q_out: *mut ::core::ffi::c_void,
+    pub seqlens_k: *const i32,
     pub batch: i32,
     pub seqlen_q: i32,
     pub seqlen_k: i32,
@@ -472,7 +473,7 @@ pub struct LfRopeQueriesParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LfRopeQueriesParams"][::core::mem::size_of::<LfRopeQueriesParams>() - 136usize];
+    ["Size of LfRopeQueriesParams"][::core::mem::size_of::<LfRopeQueriesParams>() - 144usize];
     ["Alignment of LfRopeQueriesParams"][::core::mem::align_of::<LfRopeQueriesParams>() - 8usize];
     ["Offset of field: LfRopeQueriesParams::q"]
         [::core::mem::offset_of!(LfRopeQueriesParams, q) - 0usize];
@@ -486,20 +487,22 @@ const _: () = {
         [::core::mem::offset_of!(LfRopeQueriesParams, q_in) - 32usize];
     ["Offset of field: LfRopeQueriesParams::q_out"]
         [::core::mem::offset_of!(LfRopeQueriesParams, q_out) - 40usize];
+    ["Offset of field: LfRopeQueriesParams::seqlens_k"]
+        [::core::mem::offset_of!(LfRopeQueriesParams, seqlens_k) - 48usize];
     ["Offset of field: LfRopeQueriesParams::batch"]
-        [::core::mem::offset_of!(LfRopeQueriesParams, batch) - 48usize];
+        [::core::mem::offset_of!(LfRopeQueriesParams, batch) - 56usize];
     ["Offset of field: LfRopeQueriesParams::seqlen_q"]
-        [::core::mem::offset_of!(LfRopeQueriesParams, seqlen_q) - 52usize];
+        [::core::mem::offset_of!(LfRopeQueriesParams, seqlen_q) - 60usize];
     ["Offset of field: LfRopeQueriesParams::seqlen_k"]
-        [::core::mem::offset_of!(LfRopeQueriesParams, seqlen_k) - 56usize];
+        [::core::mem::offset_of!(LfRopeQueriesParams, seqlen_k) - 64usize];
     ["Offset of field: LfRopeQueriesParams::heads_q"]
-        [::core::mem::offset_of!(LfRopeQueriesParams, heads_q) - 60usize];
+        [::core::mem::offset_of!(LfRopeQueriesParams, heads_q) - 68usize];
     ["Offset of field: LfRopeQueriesParams::head_dim"]
-        [::core::mem::offset_of!(LfRopeQueriesParams, head_dim) - 64usize];
+        [::core::mem::offset_of!(LfRopeQueriesParams, head_dim) - 72usize];
     ["Offset of field: LfRopeQueriesParams::reserved"]
-        [::core::mem::offset_of!(LfRopeQueriesParams, reserved) - 68usize];
+        [::core::mem::offset_of!(LfRopeQueriesParams, reserved) - 76usize];
     ["Offset of field: LfRopeQueriesParams::rope"]
-        [::core::mem::offset_of!(LfRopeQueriesParams, rope) - 72usize];
+        [::core::mem::offset_of!(LfRopeQueriesParams, rope) - 80usize];
 };
 impl Default for LfRopeQueriesParams {
     fn default() -> Self {

@@ -46,7 +46,9 @@ pub use decode::{
 };
 pub use error_flag::DeviceErrorFlag;
 pub use forward::{ForwardOptions, RawForward};
-pub use memory::{MemoryForward, MemoryInput, RawMemory, MAX_MEM_LEN, MEMORY_HEAD_DIMS};
+pub use memory::{
+    MemoryDecode, MemoryForward, MemoryInput, RawMemory, MAX_MEM_LEN, MEMORY_HEAD_DIMS,
+};
 pub use merge::RawMerge;
 pub use ring::{RingAccumulator, RowOrder};
 pub use rope::{RawRope, RawRopeMode, RopeForward};

@@ -426,6 +426,7 @@ fn rope_plan(args: &RawBackward, rope: &RawRope) -> Result<RopePlan> {
         q_out: ws
             .outside
             .map_or(std::ptr::null_mut(), |o| at(o[0]) as *mut _),
+        seqlens_k: std::ptr::null(),
         batch: q.batch as i32,
         seqlen_q: q.seqlen as i32,
         seqlen_k: k.seqlen as i32,

@@ -26,6 +26,7 @@ mod decode_splits;
 mod dense;
 mod hopper;
 mod memory;
+mod memory_decode;
 mod narrow;
 mod ring;
 mod rope;

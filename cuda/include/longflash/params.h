@@ -189,7 +189,8 @@ typedef struct LfMemoryFwdParams {
  * the pairs inside the ReRoPE window, one over those outside). The query pass writes each side's
  * rotated queries as the forward's Q preparation computes them: q_in = m_i A_{p_i} q_i and, unless
  * plain RoPE, q_out = m_i A_{a_i} q_i (a_i the outside position), contiguous [batch, seqlen_q,
- * heads_q, head_dim]. */
+ * heads_q, head_dim]. Memory decoding uses the same pass for its memory pass's queries, at
+ * positions from the cache's lengths on the device. */
 typedef struct LfRopeQueriesParams {
     const void *q;
     int64_t q_batch_stride;
@@ -197,6 +198,10 @@ typedef struct LfRopeQueriesParams {
     int64_t q_row_stride;
     void *q_in;
     void *q_out; /* NULL for plain RoPE */
+    /* [batch] key counts on the device (a decoding cache's lengths), each clamped into
+     * [0, seqlen_k]; NULL: seqlen_k keys per sequence. Query i of sequence b sits at position
+     * len_b - seqlen_q + i (plus the rotation's offsets). */
+    const int32_t *seqlens_k;
     int32_t batch;
     int32_t seqlen_q;
     int32_t seqlen_k;

@@ -23,7 +23,10 @@ use crate::mask::MaskSpec;
 use crate::rope::{PositionMode, RopeOptions};
 use crate::Element;
 
+mod decode;
 mod two_pass;
+
+pub use decode::MemoryDecode;
 
 /// Head dims the memory kernel takes: 64 and 128 in kernels of their own width, and any other
 /// multiple of 4 between them (LongLLaMA-3B's 100, 80, 96, 112) zero-padded to 128 inside the

@@ -264,6 +264,7 @@ fn passes(
             q_row_stride: ql.seq_stride,
             q_in: at(off) as *mut _,
             q_out: std::ptr::null_mut(),
+            seqlens_k: std::ptr::null(),
             batch: ql.batch as i32,
             seqlen_q: ql.seqlen as i32,
             seqlen_k: fwd.k_layout.seqlen as i32,

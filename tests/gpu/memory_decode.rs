@@ -1,0 +1,277 @@
+//! Memory decoding (`Attention::decode_memory`) against `reference::memory_attention_f64`, sequence
+//! by sequence on the keys gathered from the cache, with `memory_attention_two_pass_lowp` (the
+//! two partial outputs rounded before the merge) as the naive budget: paged and contiguous
+//! caches of different lengths, RoPE on and off (with position offsets), speculative tokens,
+//! GQA and MHA, memories empty, shorter than a split and long enough for many splits; and the
+//! errors of bad arguments.
+
+use cudarc::driver::CudaSlice;
+use half::{bf16, f16};
+use longflash::mask::MaskSpec;
+use longflash::reference::{
+    compare, memory_attention_f64, memory_attention_two_pass_lowp, paged_gather, Comparison,
+    RefMemory, RefOutput, RefShape,
+};
+use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
+use longflash::{DType, Element, Error, Input, Layout, MemoryDecode, MemoryInput};
+
+use crate::common::*;
+use crate::decode::{case, case_data, run_on_gpu, DecodeCase, Overrides};
+
+/// A memory decoding problem: the local cache (its lengths, pages, heads), the memory's length
+/// and the rotation.
+#[derive(Clone, Debug)]
+struct MemDecodeCase {
+    base: DecodeCase,
+    mem_len: usize,
+    rope: Option<RopeOptions>,
+}
+
+fn run_t<T: Element>(g: &Gpu, c: &MemDecodeCase) -> Comparison {
+    let bc = &c.base;
+    let data = case_data::<T>(bc);
+    let shape = &data.shape;
+    let (b_n, hk, d) = (shape.batch, bc.heads_kv, bc.head_dim);
+    let mut rng = Rng(bc.seed ^ 0x5eed);
+    let nm = b_n * c.mem_len * hk * d;
+    let mut gen =
+        |n: usize| -> Vec<T> { (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect() };
+    let (mk, mv) = (gen(nm), gen(nm));
+    let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
+    let scale = 1.0 / (d as f32).sqrt();
+    // The references, sequence by sequence (batch 1, its own length and offset), joined.
+    let q_seq = bc.seqlen_q * bc.heads_q * d;
+    let m_seq = c.mem_len * hk * d;
+    let mut ref64 = RefOutput::default();
+    let mut lowp = RefOutput {
+        dtype: Some(T::DTYPE),
+        ..RefOutput::default()
+    };
+    for b in 0..b_n {
+        let len = shape.seqlen_k(b);
+        let (kb, vb) = paged_gather(shape, &data.k, &data.v, b).unwrap();
+        let qb = &data.q[b * q_seq..(b + 1) * q_seq];
+        let (mkb, mvb) = (
+            &mk[b * m_seq..(b + 1) * m_seq],
+            &mv[b * m_seq..(b + 1) * m_seq],
+        );
+        let rope_b = c.rope.as_ref().map(|r| RopeOptions {
+            position_offsets: r.position_offsets.as_ref().map(|o| vec![o[b]]),
+            ..r.clone()
+        });
+        let sb = RefShape {
+            batch: 1,
+            seqlen_q: bc.seqlen_q,
+            seqlen_k: len,
+            heads_q: bc.heads_q,
+            heads_kv: hk,
+            head_dim: d,
+        };
+        let (mk64, mv64) = (wide(mkb), wide(mvb));
+        let r64 = memory_attention_f64(
+            &sb,
+            (&wide(qb), &wide(&kb), &wide(&vb)),
+            &RefMemory {
+                mem_len: c.mem_len,
+                keys: &mk64,
+                values: &mv64,
+                visible: None,
+            },
+            rope_b.as_ref(),
+            None,
+            scale as f64,
+        )
+        .unwrap_or_else(|e| panic!("{c:?}: reference: {e}"));
+        let low = memory_attention_two_pass_lowp(
+            &sb,
+            (qb, &kb, &vb),
+            &RefMemory {
+                mem_len: c.mem_len,
+                keys: mkb,
+                values: mvb,
+                visible: None,
+            },
+            rope_b.as_ref(),
+            scale,
+        )
+        .unwrap();
+        ref64.out.extend(r64.out);
+        ref64.lse.extend(r64.lse);
+        lowp.out.extend(low.out);
+        lowp.lse.extend(low.lse);
+    }
+    let ml = Layout::bshd(b_n, c.mem_len, hk, d);
+    // A zero-length buffer cannot be allocated: one element stands in for an empty memory.
+    let dmk = g
+        .stream
+        .clone_htod(&mk)
+        .unwrap_or_else(|_| g.stream.alloc_zeros(1).unwrap());
+    let dmv = g
+        .stream
+        .clone_htod(&mv)
+        .unwrap_or_else(|_| g.stream.alloc_zeros(1).unwrap());
+    let (mkv, mvv) = (dmk.as_view(), dmv.as_view());
+    let opts = MemoryDecode {
+        rope: c.rope.as_ref(),
+        softmax_scale: None,
+    };
+    let (out, lse, flag) = run_on_gpu(g, bc, &data, &Overrides::default(), |q, cache, out, f| {
+        g.attn.decode_memory(
+            &g.stream,
+            q,
+            cache,
+            MemoryInput {
+                keys: Input {
+                    data: &mkv,
+                    layout: ml,
+                },
+                values: Input {
+                    data: &mvv,
+                    layout: ml,
+                },
+                mask: None,
+            },
+            out,
+            Some(f),
+            &opts,
+        )
+    });
+    assert_eq!(flag, 0, "{c:?}: valid cache reported");
+    compare(&out, Some(&lse), &ref64, &lowp)
+}
+
+fn check(g: &Gpu, c: &MemDecodeCase) {
+    let cmp = match c.base.dtype {
+        DType::F16 => run_t::<f16>(g, c),
+        DType::Bf16 => run_t::<bf16>(g, c),
+    };
+    assert!(cmp.passes, "{c:?}\n  {cmp}");
+}
+
+fn mem_case(d: usize, mem_len: usize) -> MemDecodeCase {
+    let mut base = case(d, MaskSpec::causal());
+    // Every sequence holds keys (the reference's local part needs one).
+    base.lens = vec![1, 700, 129, 64];
+    MemDecodeCase {
+        base,
+        mem_len,
+        rope: Some(RopeOptions::new(RopeConfig::llama(d), PositionMode::Rope)),
+    }
+}
+
+#[test]
+fn memory_decoding_matches_reference() {
+    let g = gpu_or_skip!();
+    for d in [64, 128] {
+        for (i, mem_len) in [0usize, 37, 1000, 5000].into_iter().enumerate() {
+            let mut c = mem_case(d, mem_len);
+            c.base.dtype = if i % 2 == 0 { DType::Bf16 } else { DType::F16 };
+            c.base.seed = 100 + i as u64 + d as u64;
+            match i {
+                1 => c.rope = None,
+                2 => {
+                    // A contiguous cache, speculative tokens, MHA, position offsets.
+                    c.base.page_size = None;
+                    c.base.seqlen_q = 3;
+                    c.base.heads_kv = c.base.heads_q;
+                    let mut r = RopeOptions::new(RopeConfig::llama(d), PositionMode::Rope);
+                    r.position_offsets = Some(vec![5, 0, 1000, 17]);
+                    c.rope = Some(r);
+                }
+                3 => {
+                    c.base.seqlen_q = 2;
+                    let mut r = RopeOptions::new(RopeConfig::llama(d), PositionMode::Rope);
+                    r.window_left = Some(100);
+                    c.rope = Some(r);
+                }
+                _ => {}
+            }
+            check(g, &c);
+        }
+    }
+}
+
+#[test]
+fn memory_decoding_rejects_bad_arguments() {
+    let g = gpu_or_skip!();
+    let s = &g.stream;
+    let (b, hq, hk, d, cap, m) = (2usize, 4usize, 2usize, 64usize, 32usize, 50usize);
+    let ql = Layout::bshd(b, 1, hq, d);
+    let kl = Layout::bshd(b, cap, hk, d);
+    let ml = Layout::bshd(b, m, hk, d);
+    let q: CudaSlice<bf16> = s.alloc_zeros(ql.numel()).unwrap();
+    let k: CudaSlice<bf16> = s.alloc_zeros(kl.numel()).unwrap();
+    let mk: CudaSlice<bf16> = s.alloc_zeros(ml.numel()).unwrap();
+    let mask: CudaSlice<u8> = s.alloc_zeros(b * m).unwrap();
+    let mut o: CudaSlice<bf16> = s.alloc_zeros(ql.numel()).unwrap();
+    let (qv, kv, mkv, maskv) = (q.as_view(), k.as_view(), mk.as_view(), mask.as_view());
+    let rerope = RopeOptions::new(RopeConfig::llama(d), PositionMode::ReRope { window: 8 });
+    let mut call = |mem: Layout, masked: bool, rope: Option<&RopeOptions>| -> Error {
+        let mut ov = o.as_view_mut();
+        let cache = longflash::KvCache {
+            k: Input {
+                data: &kv,
+                layout: kl,
+            },
+            v: Input {
+                data: &kv,
+                layout: kl,
+            },
+            block_table: None,
+            cache_seqlens: None,
+        };
+        g.attn
+            .decode_memory(
+                s,
+                Input {
+                    data: &qv,
+                    layout: ql,
+                },
+                &cache,
+                MemoryInput {
+                    keys: Input {
+                        data: &mkv,
+                        layout: mem,
+                    },
+                    values: Input {
+                        data: &mkv,
+                        layout: mem,
+                    },
+                    mask: masked.then_some(&maskv),
+                },
+                longflash::Output {
+                    data: &mut ov,
+                    layout: ql,
+                    lse: None,
+                },
+                None,
+                &MemoryDecode {
+                    rope,
+                    softmax_scale: None,
+                },
+            )
+            .expect_err("a bad argument must be refused")
+    };
+    assert!(matches!(
+        call(ml, true, None),
+        Error::InvalidArgument {
+            arg: "memory.mask",
+            ..
+        }
+    ));
+    assert!(matches!(
+        call(ml, false, Some(&rerope)),
+        Error::InvalidArgument {
+            arg: "rope.mode",
+            ..
+        }
+    ));
+    assert!(matches!(
+        call(Layout::bshd(b, m / 2, hq, d), false, None),
+        Error::ShapeMismatch { .. }
+    ));
+    assert!(matches!(
+        call(Layout::bshd(b, 2 * m, hk, d), false, None),
+        Error::OutOfBounds { .. }
+    ));
+}
