@@ -16,8 +16,10 @@
 
 mod key_major;
 pub mod patterns;
+mod select;
 
 pub use key_major::{DeviceKeyMajorMask, KeyMajorMask};
+pub use select::{select_blocks, SelectShape};
 
 use std::sync::Arc;
 

@@ -288,3 +288,4 @@ fn longformer_table(s: &MaskShape, window: u32, globals: &[usize]) -> Vec<Vec<bo
 mod by_hand;
 mod properties;
 mod rejections;
+mod select;
