@@ -19,7 +19,7 @@ pub mod patterns;
 mod select;
 
 pub use key_major::{DeviceKeyMajorMask, KeyMajorMask};
-pub use select::{select_blocks, SelectShape};
+pub use select::select_blocks;
 
 use std::sync::Arc;
 

@@ -223,7 +223,7 @@ impl Attention {
         let q = &args.q_layout;
         let q_pairs = (q.batch * q.seqlen * q.heads * q.head_dim / 2) as u64;
         // SAFETY: as above; q_in and q_out are disjoint parts of the validated workspace.
-        unsafe { self.launch_rope_pass(stream, &module, "queries", q_pairs, &mut queries) }?;
+        unsafe { self.launch_rope_queries(stream, dt, &mut queries) }?;
         // SAFETY: the inner calls were validated (their inputs are the rotated queries and keys
         // written above on the same stream, their outputs the caller's gradients and disjoint
         // parts of the workspace); the exact backward's part of the workspace is reused by the
@@ -240,6 +240,35 @@ impl Attention {
         let k_pairs = (k.batch * k.seqlen * k.heads * k.head_dim / 2) as u64;
         // SAFETY: as above.
         unsafe { self.launch_rope_pass(stream, &module, "grads", k_pairs, &mut k_grads) }
+    }
+
+    /// Launches the query pass (`params` from [`rope_queries_params`]) for element type `dt`.
+    ///
+    /// # Safety
+    /// As [`Attention::launch`]: `params` was made from validated arguments whose buffers and
+    /// stream are valid for the launch (the rotated queries hold every pair of `params`).
+    pub(super) unsafe fn launch_rope_queries(
+        &self,
+        stream: sys::CUstream,
+        dt: &str,
+        params: &mut LfRopeQueriesParams,
+    ) -> Result<()> {
+        let pairs = params.batch as u64
+            * params.seqlen_q as u64
+            * params.heads_q as u64
+            * params.head_dim as u64
+            / 2;
+        if pairs.div_ceil(256) > i32::MAX as u64 {
+            return Err(Error::InvalidArgument {
+                arg: "q",
+                value: format!("{pairs} element pairs"),
+                expected: "at most 256 * i32::MAX (the launch's grid)".into(),
+            });
+        }
+        // SAFETY: this fn's contract; one thread per pair.
+        unsafe {
+            self.launch_rope_pass(stream, &format!("rope_bwd_{dt}"), "queries", pairs, params)
+        }
     }
 
     /// Launches `lf_{module}_{name}` with one thread per element pair.
@@ -266,6 +295,36 @@ impl Attention {
                 "launching a RoPE backward pass",
             )
         }
+    }
+}
+
+/// The query pass's parameters: the queries at `q` (`ql` their layout) rotated as the forward's
+/// Q preparation rotates them into `q_in` (and, unless 0, the outside-window variant into
+/// `q_out`), contiguous `[batch, seqlen_q, heads_q, head_dim]`; query `i` of sequence `b` at
+/// position `len_b - seqlen_q + i`, `len_b` read from `seqlens_k` (a device `[batch]` i32
+/// array, clamped into `[0, seqlen_k]`) or `seqlen_k` when it is 0.
+pub(super) fn rope_queries_params(
+    (q, ql): (u64, &Layout),
+    (q_in, q_out): (u64, u64),
+    seqlens_k: u64,
+    seqlen_k: usize,
+    rope: LfRope,
+) -> LfRopeQueriesParams {
+    LfRopeQueriesParams {
+        q: q as *const _,
+        q_batch_stride: ql.batch_stride,
+        q_head_stride: ql.head_stride,
+        q_row_stride: ql.seq_stride,
+        q_in: q_in as *mut _,
+        q_out: q_out as *mut _,
+        seqlens_k: seqlens_k as *const i32,
+        batch: ql.batch as i32,
+        seqlen_q: ql.seqlen as i32,
+        seqlen_k: seqlen_k as i32,
+        heads_q: ql.heads as i32,
+        head_dim: ql.head_dim as i32,
+        reserved: 0,
+        rope,
     }
 }
 
@@ -417,24 +476,8 @@ fn rope_plan(args: &RawBackward, rope: &RawRope) -> Result<RopePlan> {
         _ => None,
     };
 
-    let queries = LfRopeQueriesParams {
-        q: args.q as *const _,
-        q_batch_stride: q.batch_stride,
-        q_head_stride: q.head_stride,
-        q_row_stride: q.seq_stride,
-        q_in: at(ws.q_in) as *mut _,
-        q_out: ws
-            .outside
-            .map_or(std::ptr::null_mut(), |o| at(o[0]) as *mut _),
-        seqlens_k: std::ptr::null(),
-        batch: q.batch as i32,
-        seqlen_q: q.seqlen as i32,
-        seqlen_k: k.seqlen as i32,
-        heads_q: q.heads as i32,
-        head_dim: q.head_dim as i32,
-        reserved: 0,
-        rope: lf_rope,
-    };
+    let q_out = ws.outside.map_or(0, |o| at(o[0]));
+    let queries = rope_queries_params((args.q, q), (at(ws.q_in), q_out), 0, k.seqlen, lf_rope);
     let grads = |ptr: u64, l: &Layout, rows: usize, queries: bool| LfRopeGradsParams {
         g: ptr as *mut _,
         g_batch_stride: l.batch_stride,

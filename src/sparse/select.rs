@@ -12,27 +12,11 @@
 use super::{BlockMask, MaskShape, K_BLOCK, Q_BLOCK};
 use crate::error::{Error, Result};
 use crate::mask::MaskSpec;
-
-/// The problem of a selection: Q is `[batch, seqlen_q, heads_q, head_dim]`, K `[batch,
-/// seqlen_k, heads_kv, head_dim]`, both contiguous.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SelectShape {
-    /// Batch entries.
-    pub batch: usize,
-    /// Query tokens.
-    pub seqlen_q: usize,
-    /// Key tokens.
-    pub seqlen_k: usize,
-    /// Query heads (the mask's heads).
-    pub heads_q: usize,
-    /// Key heads (dividing `heads_q`; query head `h` reads key head `h / (heads_q / heads_kv)`).
-    pub heads_kv: usize,
-    /// Head dim.
-    pub head_dim: usize,
-}
+use crate::reference::RefShape;
 
 /// The block mask of a top-k block selection (see the module docs), for `shape`'s batch and
-/// query heads.
+/// query heads: Q is `[batch, seqlen_q, heads_q, head_dim]`, K `[batch, seqlen_k, heads_kv,
+/// head_dim]`, both contiguous; query head `h` reads key head `h / (heads_q / heads_kv)`.
 ///
 /// # Errors
 ///
@@ -40,7 +24,7 @@ pub struct SelectShape {
 /// `q` / `k` do not hold the shape's elements; the errors of [`BlockMask::from_fn`] for the
 /// element mask.
 pub fn select_blocks(
-    shape: &SelectShape,
+    shape: &RefShape,
     q: &[f32],
     k: &[f32],
     element: MaskSpec,
@@ -70,14 +54,14 @@ pub fn select_blocks(
         ));
     }
     let d = s.head_dim;
-    if q.len() != s.batch * s.seqlen_q * s.heads_q * d {
+    if Some(q.len()) != s.q_len() {
         return Err(bad(
             "q",
             q.len().to_string(),
             "batch * seqlen_q * heads_q * head_dim",
         ));
     }
-    if k.len() != s.batch * s.seqlen_k * s.heads_kv * d {
+    if Some(k.len()) != s.kv_len() {
         return Err(bad(
             "k",
             k.len().to_string(),

@@ -3,7 +3,8 @@
 
 use longflash::error::Error;
 use longflash::mask::MaskSpec;
-use longflash::sparse::{select_blocks, BlockMask, MaskShape, SelectShape};
+use longflash::reference::RefShape;
+use longflash::sparse::{select_blocks, BlockMask, MaskShape};
 use proptest::prelude::*;
 
 /// Mean of rows [lo, hi) of head `h`, batch `b` of a `[batch, rows, heads, d]` tensor, in f64.
@@ -46,7 +47,7 @@ proptest! {
         heads_kv in 1usize..3, d in 1usize..5, top_k in 1usize..5, causal in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        let s = SelectShape {
+        let s = RefShape {
             batch, seqlen_q: sq, seqlen_k: sk, heads_q: heads_kv * group, heads_kv, head_dim: d,
         };
         let q = values(batch * sq * s.heads_q * d, seed);
@@ -97,7 +98,7 @@ proptest! {
 /// anything of.
 #[test]
 fn large_top_k_keeps_every_visible_block() {
-    let s = SelectShape {
+    let s = RefShape {
         batch: 2,
         seqlen_q: 300,
         seqlen_k: 700,
@@ -124,7 +125,7 @@ fn large_top_k_keeps_every_visible_block() {
 
 #[test]
 fn selection_errors_are_typed() {
-    let s = SelectShape {
+    let s = RefShape {
         batch: 1,
         seqlen_q: 10,
         seqlen_k: 10,
@@ -141,7 +142,7 @@ fn selection_errors_are_typed() {
         arg(select_blocks(&s, &q, &k, MaskSpec::none(), 1).unwrap_err()),
         "shape.heads_kv"
     );
-    let s = SelectShape { heads_q: 2, ..s };
+    let s = RefShape { heads_q: 2, ..s };
     assert_eq!(
         arg(select_blocks(&s, &q[..80], &k, MaskSpec::none(), 0).unwrap_err()),
         "top_k"
@@ -154,7 +155,7 @@ fn selection_errors_are_typed() {
         arg(select_blocks(&s, &q[..80], &k[..7], MaskSpec::none(), 1).unwrap_err()),
         "k"
     );
-    let z = SelectShape { seqlen_k: 0, ..s };
+    let z = RefShape { seqlen_k: 0, ..s };
     assert_eq!(
         arg(select_blocks(&z, &q[..80], &[], MaskSpec::none(), 1).unwrap_err()),
         "shape"

@@ -68,6 +68,12 @@ fn splits_and_raw_workspace() {
     );
     let d_o: CudaSlice<bf16> = g.stream.alloc_zeros(q.len()).unwrap();
     let d_lse: CudaSlice<f32> = g.stream.alloc_zeros(safe.lse.len()).unwrap();
+    // O (widened) and the LSE the raw calls wrote.
+    let read_back = || -> (Vec<f64>, Vec<f32>) {
+        let out = g.stream.clone_dtoh(&d_o).unwrap();
+        let lse = g.stream.clone_dtoh(&d_lse).unwrap();
+        (out.iter().map(|x| x.to_f64()).collect(), lse)
+    };
     let mut args = RawDecode {
         dtype: DType::Bf16,
         q: dev_ptr(g, &dq),
@@ -114,14 +120,7 @@ fn splits_and_raw_workspace() {
         // SAFETY: as above, with the plan's workspace; the stream is synchronized before the
         // buffers are read or dropped.
         unsafe { g.attn.decode_raw(g.stream.cu_stream(), &args) }.unwrap();
-        let out: Vec<f64> = g
-            .stream
-            .clone_dtoh(&d_o)
-            .unwrap()
-            .iter()
-            .map(|x| x.to_f64())
-            .collect();
-        let lse: Vec<f32> = g.stream.clone_dtoh(&d_lse).unwrap();
+        let (out, lse) = read_back();
         same_bits(&out, Some(&lse), &safe, &format!("raw, call {call}"));
     }
 
@@ -143,14 +142,7 @@ fn splits_and_raw_workspace() {
     for call in 0..3 {
         // SAFETY: as above; the counters are a live zeroed allocation of plan.counters i32.
         unsafe { g.attn.decode_raw(g.stream.cu_stream(), &args) }.unwrap();
-        let out: Vec<f64> = g
-            .stream
-            .clone_dtoh(&d_o)
-            .unwrap()
-            .iter()
-            .map(|x| x.to_f64())
-            .collect();
-        let lse: Vec<f32> = g.stream.clone_dtoh(&d_lse).unwrap();
+        let (out, lse) = read_back();
         same_bits(
             &out,
             Some(&lse),

@@ -15,15 +15,14 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice};
 
-use super::{not_plain_rope, MemoryInput};
+use super::{memory_shape, not_plain_rope, MemoryInput};
 use crate::attention::rope::RopeTables;
+use crate::attention::rope_backward::rope_queries_params;
 use crate::attention::{Attention, DecodeOptions, Input, KvCache, Output};
-use crate::check::mismatch;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::mask::MaskSpec;
 use crate::rope::{PositionMode, RopeOptions};
-use crate::sys::LfRopeQueriesParams;
 use crate::Element;
 
 /// Options of a memory decoding call (see [`Attention::decode_memory`]).
@@ -78,28 +77,7 @@ impl Attention {
             }
         }
         let (ml, mvl) = (memory.keys.layout, memory.values.layout);
-        mismatch("memory.keys.batch", ml.batch, "q.batch", ql.batch)?;
-        mismatch("memory.keys.heads", ml.heads, "k.heads", kl.heads)?;
-        mismatch(
-            "memory.keys.head_dim",
-            ml.head_dim,
-            "q.head_dim",
-            ql.head_dim,
-        )?;
-        mismatch("memory.values.batch", mvl.batch, "q.batch", ql.batch)?;
-        mismatch(
-            "memory.values.seqlen",
-            mvl.seqlen,
-            "memory.keys.seqlen",
-            ml.seqlen,
-        )?;
-        mismatch("memory.values.heads", mvl.heads, "k.heads", kl.heads)?;
-        mismatch(
-            "memory.values.head_dim",
-            mvl.head_dim,
-            "q.head_dim",
-            ql.head_dim,
-        )?;
+        memory_shape(&ql, kl.heads, &ml, &mvl)?;
         let mem_len = ml.seqlen;
         if mem_len > 0 {
             self.check_view("memory.keys", memory.keys.data, &ml)?;
@@ -287,49 +265,15 @@ impl Attention {
             }
             None => (0, None),
         };
-        let pairs = (ql.batch * ql.seqlen * ql.heads * d / 2) as u64;
-        if pairs.div_ceil(256) > i32::MAX as u64 {
-            return Err(Error::InvalidArgument {
-                arg: "q",
-                value: format!("{pairs} element pairs"),
-                expected: "at most 256 * i32::MAX (the launch's grid)".into(),
-            });
-        }
         {
             let (rp, _gr) = q_rot.device_ptr_mut(stream);
-            let mut params = LfRopeQueriesParams {
-                q: qp as *const _,
-                q_batch_stride: ql.batch_stride,
-                q_head_stride: ql.head_stride,
-                q_row_stride: ql.seq_stride,
-                q_in: rp as *mut _,
-                q_out: std::ptr::null_mut(),
-                seqlens_k: lens as *const i32,
-                batch: ql.batch as i32,
-                seqlen_q: ql.seqlen as i32,
-                seqlen_k: capacity as i32,
-                heads_q: ql.heads as i32,
-                head_dim: d as i32,
-                reserved: 0,
-                rope: lowered,
-            };
-            let dt = T::DTYPE.name();
-            let module = format!("rope_bwd_{dt}");
-            let kernel = format!("lf_{module}_queries");
+            let mut params = rope_queries_params((qp, &ql), (rp, 0), lens, capacity, lowered);
             // SAFETY: `q` was checked against its layout and this context, the lengths hold
             // `batch` i32 of this context (checked above), the tables were uploaded above on this
             // stream with the sizes the rotation reads, and the rotated queries were allocated
-            // with `pairs * 2` elements; every buffer outlives the launch (frees are ordered
-            // after it on this stream). One thread per pair.
-            unsafe {
-                self.launch_per_pair(
-                    stream.cu_stream(),
-                    (&module, &kernel),
-                    pairs,
-                    &mut params,
-                    "launching the memory decoding's query rotation",
-                )
-            }?;
+            // with every pair the pass writes; every buffer outlives the launch (frees are
+            // ordered after it on this stream).
+            unsafe { self.launch_rope_queries(stream.cu_stream(), T::DTYPE.name(), &mut params) }?;
         }
         Ok(q_rot)
     }

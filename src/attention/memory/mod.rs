@@ -146,28 +146,7 @@ impl RawMemory {
     fn check_memory(&self, fwd: &RawForward) -> Result<LoweredMemory> {
         let (q, k) = (&fwd.q_layout, &fwd.k_layout);
         let (kl, vl) = (&self.keys_layout, &self.values_layout);
-        mismatch("memory.keys.batch", kl.batch, "q.batch", q.batch)?;
-        mismatch("memory.keys.heads", kl.heads, "k.heads", k.heads)?;
-        mismatch(
-            "memory.keys.head_dim",
-            kl.head_dim,
-            "q.head_dim",
-            q.head_dim,
-        )?;
-        mismatch("memory.values.batch", vl.batch, "q.batch", q.batch)?;
-        mismatch(
-            "memory.values.seqlen",
-            vl.seqlen,
-            "memory.keys.seqlen",
-            kl.seqlen,
-        )?;
-        mismatch("memory.values.heads", vl.heads, "k.heads", k.heads)?;
-        mismatch(
-            "memory.values.head_dim",
-            vl.head_dim,
-            "q.head_dim",
-            q.head_dim,
-        )?;
+        memory_shape(q, k.heads, kl, vl)?;
         let mem_len = kl.seqlen;
         if mem_len > MAX_MEM_LEN {
             return Err(Error::InvalidArgument {
@@ -225,6 +204,73 @@ impl RawMemory {
             mem_len: mem_len as i32,
         })
     }
+}
+
+/// The memory's keys `kl` and values `vl` against queries `q` and `heads_kv` local key heads:
+/// the queries' batch and head dim, the local keys' heads, one length.
+fn memory_shape(q: &Layout, heads_kv: usize, kl: &Layout, vl: &Layout) -> Result<()> {
+    mismatch("memory.keys.batch", kl.batch, "q.batch", q.batch)?;
+    mismatch("memory.keys.heads", kl.heads, "k.heads", heads_kv)?;
+    mismatch(
+        "memory.keys.head_dim",
+        kl.head_dim,
+        "q.head_dim",
+        q.head_dim,
+    )?;
+    mismatch("memory.values.batch", vl.batch, "q.batch", q.batch)?;
+    mismatch(
+        "memory.values.seqlen",
+        vl.seqlen,
+        "memory.keys.seqlen",
+        kl.seqlen,
+    )?;
+    mismatch("memory.values.heads", vl.heads, "k.heads", heads_kv)?;
+    mismatch(
+        "memory.values.head_dim",
+        vl.head_dim,
+        "q.head_dim",
+        q.head_dim,
+    )
+}
+
+/// What a memory call reads and writes besides its rotation: Q, K, V, O, the LSE when given,
+/// and the memory's keys and values when it has entries (byte ranges, for aliasing checks of
+/// its workspaces).
+fn call_ranges(fwd: &RawForward, memory: &RawMemory) -> Vec<(&'static str, (i128, i128))> {
+    let mut ranges = vec![
+        ("q", byte_range(fwd.q, &fwd.q_layout, 2)),
+        ("k", byte_range(fwd.k, &fwd.k_layout, 2)),
+        ("v", byte_range(fwd.v, &fwd.v_layout, 2)),
+        ("o", byte_range(fwd.o, &fwd.o_layout, 2)),
+    ];
+    if fwd.lse != 0 {
+        let q = &fwd.q_layout;
+        let n = (q.batch * q.heads * q.seqlen) as i128 * 4;
+        ranges.push(("lse", (fwd.lse as i128, fwd.lse as i128 + n)));
+    }
+    if memory.keys_layout.seqlen > 0 {
+        ranges.push((
+            "memory.keys",
+            byte_range(memory.keys, &memory.keys_layout, 2),
+        ));
+        ranges.push((
+            "memory.values",
+            byte_range(memory.values, &memory.values_layout, 2),
+        ));
+    }
+    ranges
+}
+
+/// The rotation's tables as byte ranges: the frequencies and, when given, the position
+/// offsets of `batch` sequences.
+fn table_ranges(r: &crate::sys::LfRope, batch: usize) -> Vec<(&'static str, (i128, i128))> {
+    let inv = r.inv_freq as i128;
+    let mut ranges = vec![("rope.inv_freq", (inv, inv + (r.rotary_dim / 2) as i128 * 8))];
+    if !r.position_offsets.is_null() {
+        let p = r.position_offsets as i128;
+        ranges.push(("rope.position_offsets", (p, p + batch as i128 * 4)));
+    }
+    ranges
 }
 
 /// The memory kernel's module for `dtype` at head dim `d`: 64 and 128 of their own width, the
@@ -463,26 +509,7 @@ fn validate_rotation(
     aligned("rope.k_rot", r.k_rot, row_alignment(d).0, true)?;
     let k = &fwd.k_layout;
     let ws = byte_range(r.k_rot, &Layout::bshd(k.batch, k.seqlen, k.heads, d), 2);
-    let mut others = vec![
-        ("q", byte_range(fwd.q, &fwd.q_layout, 2)),
-        ("k", byte_range(fwd.k, &fwd.k_layout, 2)),
-        ("v", byte_range(fwd.v, &fwd.v_layout, 2)),
-        ("o", byte_range(fwd.o, &fwd.o_layout, 2)),
-    ];
-    if memory.keys_layout.seqlen > 0 {
-        others.push((
-            "memory.keys",
-            byte_range(memory.keys, &memory.keys_layout, 2),
-        ));
-        others.push((
-            "memory.values",
-            byte_range(memory.values, &memory.values_layout, 2),
-        ));
-    }
-    if fwd.lse != 0 {
-        let n = (fwd.q_layout.batch * fwd.q_layout.heads * fwd.q_layout.seqlen) as i128 * 4;
-        others.push(("lse", (fwd.lse as i128, fwd.lse as i128 + n)));
-    }
+    let mut others = call_ranges(fwd, memory);
     if memory.mask != 0 && memory.keys_layout.seqlen > 0 {
         let n = (fwd.q_layout.batch * memory.keys_layout.seqlen) as i128;
         others.push((
@@ -491,18 +518,7 @@ fn validate_rotation(
         ));
     }
     // The rotation's own tables, which the key pass and the kernel read after the pass wrote.
-    let freq = (r.rotary_dim / 2) as i128 * 8;
-    others.push((
-        "rope.inv_freq",
-        (r.inv_freq as i128, r.inv_freq as i128 + freq),
-    ));
-    if r.position_offsets != 0 {
-        let n = fwd.q_layout.batch as i128 * 4;
-        others.push((
-            "rope.position_offsets",
-            (r.position_offsets as i128, r.position_offsets as i128 + n),
-        ));
-    }
+    others.extend(table_ranges(&lowered, fwd.q_layout.batch));
     for (other, range) in others {
         if overlaps(ws, range) {
             return Err(Error::Aliasing {

@@ -14,7 +14,8 @@
 
 use cudarc::driver::sys;
 
-use super::{RawMemory, RawRope};
+use super::{call_ranges, table_ranges, RawMemory, RawRope};
+use crate::attention::rope_backward::rope_queries_params;
 use crate::attention::{Attention, Mainloop, RawForward, RawMerge};
 use crate::check::{aligned, byte_range, overlaps};
 use crate::error::{Error, Result};
@@ -161,21 +162,9 @@ impl Attention {
         plan: TwoPass,
     ) -> Result<()> {
         if let Some(mut queries) = plan.queries {
-            let l = &plan.local.q_layout;
-            let pairs = (l.batch * l.seqlen * l.heads * l.head_dim / 2) as u64;
-            let module = format!("rope_bwd_{dtype}");
-            let kernel = format!("lf_{module}_queries");
             // SAFETY: validated parameters; the rotated queries go to their own part of the
-            // checked workspace, one thread per pair.
-            unsafe {
-                self.launch_per_pair(
-                    stream,
-                    (&module, &kernel),
-                    pairs,
-                    &mut queries,
-                    "launching the memory layer's query rotation",
-                )
-            }?;
+            // checked workspace.
+            unsafe { self.launch_rope_queries(stream, dtype, &mut queries) }?;
         }
         // SAFETY: the forward's arguments are the call's validated tensors and parts of the
         // checked workspace, written before on this stream.
@@ -256,23 +245,13 @@ fn passes(
         None
     };
     let queries = parts.q_rot.map(|off| {
-        let ql = &fwd.q_layout;
-        LfRopeQueriesParams {
-            q: fwd.q as *const _,
-            q_batch_stride: ql.batch_stride,
-            q_head_stride: ql.head_stride,
-            q_row_stride: ql.seq_stride,
-            q_in: at(off) as *mut _,
-            q_out: std::ptr::null_mut(),
-            seqlens_k: std::ptr::null(),
-            batch: ql.batch as i32,
-            seqlen_q: ql.seqlen as i32,
-            seqlen_k: fwd.k_layout.seqlen as i32,
-            heads_q: ql.heads as i32,
-            head_dim: d as i32,
-            reserved: 0,
-            rope: params.rope,
-        }
+        rope_queries_params(
+            (fwd.q, &fwd.q_layout),
+            (at(off), 0),
+            0,
+            fwd.k_layout.seqlen,
+            params.rope,
+        )
     });
     Ok(TwoPass {
         queries,
@@ -303,27 +282,7 @@ fn check_workspace_of(
         memory.workspace as i128,
         memory.workspace as i128 + need as i128,
     );
-    let q = &fwd.q_layout;
-    let rows = (q.batch * q.heads * q.seqlen) as i128 * 4;
-    let mut others = vec![
-        ("q", byte_range(fwd.q, &fwd.q_layout, 2)),
-        ("k", byte_range(fwd.k, &fwd.k_layout, 2)),
-        ("v", byte_range(fwd.v, &fwd.v_layout, 2)),
-        ("o", byte_range(fwd.o, &fwd.o_layout, 2)),
-    ];
-    if fwd.lse != 0 {
-        others.push(("lse", (fwd.lse as i128, fwd.lse as i128 + rows)));
-    }
-    if memory.keys_layout.seqlen > 0 {
-        others.push((
-            "memory.keys",
-            byte_range(memory.keys, &memory.keys_layout, 2),
-        ));
-        others.push((
-            "memory.values",
-            byte_range(memory.values, &memory.values_layout, 2),
-        ));
-    }
+    let mut others = call_ranges(fwd, memory);
     if params.rotate != 0 {
         let k = &fwd.k_layout;
         let k_rot = Layout::bshd(k.batch, k.seqlen, k.heads, k.head_dim);
@@ -331,13 +290,7 @@ fn check_workspace_of(
             "rope.k_rot",
             byte_range(params.rope.k_rot as u64, &k_rot, 2),
         ));
-        let freq = (params.rope.rotary_dim / 2) as i128 * 8;
-        let inv = params.rope.inv_freq as i128;
-        others.push(("rope.inv_freq", (inv, inv + freq)));
-        if !params.rope.position_offsets.is_null() {
-            let p = params.rope.position_offsets as i128;
-            others.push(("rope.position_offsets", (p, p + q.batch as i128 * 4)));
-        }
+        others.extend(table_ranges(&params.rope, fwd.q_layout.batch));
     }
     for (other, range) in others {
         if overlaps(ws, range) {
