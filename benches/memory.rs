@@ -9,7 +9,9 @@
 //! the scores the call computes and the ratio to the dense call; benches/peer_memory.py times
 //! the PyTorch layer as the long_llama code computes it. `memory` is the library's path (two
 //! passes of the Hopper forward merged by LSE on Hopper devices), `memory_one_kernel` the one
-//! memory kernel (the sm_80 mainloop chosen). `memory_decode` times memory decoding against a
+//! memory kernel (the sm_80 mainloop chosen), `memory_top_k` the top-k layer (each query's 128
+//! best memory entries, `LONGFLASH_BENCH_TOP_K`; benches/peer_memory.py --top-k is its peer).
+//! `memory_decode` times memory decoding against a
 //! device copy of the bytes it reads (`LONGFLASH_BENCH_MEMORY=0` skips the forward shapes).
 
 use std::time::Duration;
@@ -48,6 +50,7 @@ fn bench_memory(c: &mut Criterion) {
     let (heads, d) = (16usize, 128usize);
     let window = parse_list("LONGFLASH_BENCH_WINDOW", &[2048])[0];
     let memories = parse_list("LONGFLASH_BENCH_MEMORY", &[65536, 262144, 1048576]);
+    let top_k = parse_list("LONGFLASH_BENCH_TOP_K", &[128])[0];
     let rope = RopeOptions::new(RopeConfig::llama(d), PositionMode::Rope);
     let one_kernel = Attention::new(&g.ctx)
         .expect("Attention::new")
@@ -76,7 +79,7 @@ fn bench_memory(c: &mut Criterion) {
         let (wk, wv) = (k.slice(m * row..), v.slice(m * row..));
         let qv = q.as_view();
         let mut dense_ms = None;
-        for name in ["dense", "memory", "memory_one_kernel"] {
+        for name in ["dense", "memory", "memory_one_kernel", "memory_top_k"] {
             let mut samples =
                 sample_shape(&mut group, BenchmarkId::new(name, m), &g, protocol, || {
                     let mut ov = o.as_view_mut();
@@ -98,27 +101,26 @@ fn bench_memory(c: &mut Criterion) {
                             )
                             .unwrap();
                     } else {
-                        let attn = if name == "memory" {
-                            &g.attn
-                        } else {
-                            &one_kernel
+                        let memory = MemoryInput {
+                            keys: input(&mk, ml),
+                            values: input(&mv, ml),
+                            mask: None,
                         };
-                        attn.forward_memory(
-                            &g.stream,
-                            qi,
-                            input(&wk, wl),
-                            input(&wv, wl),
-                            MemoryInput {
-                                keys: input(&mk, ml),
-                                values: input(&mv, ml),
-                                mask: None,
-                            },
-                            out,
-                            &MemoryForward {
-                                rope: Some(&rope),
-                                softmax_scale: None,
-                            },
-                        )
+                        let opts = MemoryForward {
+                            rope: Some(&rope),
+                            softmax_scale: None,
+                        };
+                        let (wki, wvi) = (input(&wk, wl), input(&wv, wl));
+                        match name {
+                            "memory_top_k" => g.attn.forward_memory_top_k(
+                                &g.stream, qi, wki, wvi, memory, out, &opts, top_k,
+                            ),
+                            "memory" => g
+                                .attn
+                                .forward_memory(&g.stream, qi, wki, wvi, memory, out, &opts),
+                            _ => one_kernel
+                                .forward_memory(&g.stream, qi, wki, wvi, memory, out, &opts),
+                        }
                         .unwrap();
                     }
                 });
@@ -128,17 +130,27 @@ fn bench_memory(c: &mut Criterion) {
             let ms = median(&mut samples);
             // Scores computed: every key for the dense call; the memory plus the causal half of
             // the window for the memory call.
+            // The top-k call's scores: Q K^T over the memory (the selection) and the causal
+            // half of the window; its P V over k entries is negligible.
             let visited = if name == "dense" {
                 keys as f64
             } else {
                 m as f64 + (window as f64 + 1.0) / 2.0
             };
-            let flops = 4.0 * heads as f64 * window as f64 * visited * d as f64;
+            let mut flops = 4.0 * heads as f64 * window as f64 * visited * d as f64;
+            if name == "memory_top_k" {
+                flops -= 2.0 * heads as f64 * window as f64 * m as f64 * d as f64;
+            }
             if name == "dense" {
                 dense_ms = Some(ms);
             }
             println!(
-                "RESULT {{\"impl\": \"longflash_{name}\", \"memory\": {m}, \"window\": {window}, \"heads\": {heads}, \"head_dim\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.1}, \"vs_dense\": {}, \"device\": \"{device}\"}}",
+                "RESULT {{\"impl\": \"longflash_{name}\", \"top_k\": {}, \"memory\": {m}, \"window\": {window}, \"heads\": {heads}, \"head_dim\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.1}, \"vs_dense\": {}, \"device\": \"{device}\"}}",
+                if name == "memory_top_k" {
+                    top_k.to_string()
+                } else {
+                    "null".into()
+                },
                 flops / ms / 1e9,
                 dense_ms.map_or("null".into(), |p| format!("{:.3}", ms / p))
             );

@@ -12,6 +12,10 @@ heads at a time (default: all at once, as the released code does); a configurati
 not fit reports "ms": null and the OOM. Timing as benches/peer_timing.py (--gap-ms, --warmup-ms:
 the README's burst and sustained protocols).
 
+--top-k K times the kNN variant (the Focused Transformer paper's smaller models, Memorizing
+Transformer style): torch.topk over the f32 memory scores, the selected values gathered, one
+softmax over [local | top k].
+
 Output: one JSON line per memory length on stdout, also appended to --out:
   {"impl": "torch_fot_memory", "memory": 262144, "window": 2048, "heads": 16, "head_dim": 128,
    "head_chunk": null, "ms": 123.4, "peak_mem_gib": 40.1, "device": "..."}
@@ -55,6 +59,30 @@ def layer(q, k, v, mk, mv, cos, sin):
     return torch.matmul(p, torch.cat([v, mv], dim=-2))
 
 
+def layer_top_k(q, k, v, mk, mv, cos, sin, top_k):
+    """The kNN memory variant: each query's top_k memory scores (torch.topk over the f32
+    [heads, W, M] scores), their values gathered, one softmax over [local | top k]."""
+    d = q.shape[-1]
+    w = q.shape[-2]
+    q = rotate(q, cos, sin)
+    k = rotate(k, cos, sin)
+    local = torch.matmul(q, k.transpose(-1, -2)).float() / math.sqrt(d)
+    causal = torch.ones(w, w, dtype=torch.bool, device=q.device).triu(1)
+    local = local.masked_fill(causal, float("-inf"))
+    mem = torch.matmul(q, mk.transpose(-1, -2)).float() / math.sqrt(d)
+    top, idx = torch.topk(mem, top_k, dim=-1)
+    del mem
+    scores = torch.cat([local, top], dim=-1)
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    b, h = q.shape[0], q.shape[1]
+    # [b, h, w, top_k, d]: each query's selected memory values.
+    gathered = mv[torch.arange(b, device=q.device)[:, None, None, None],
+                  torch.arange(h, device=q.device)[None, :, None, None], idx]
+    out = torch.matmul(p[..., :w], v)
+    out = out + torch.einsum("bhwk,bhwkd->bhwd", p[..., w:], gathered)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--memory", default="65536,262144,1048576")
@@ -62,6 +90,8 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--head-chunk", type=int, default=None)
+    ap.add_argument("--top-k", type=int, default=None,
+                    help="the kNN variant: each query's top k memory entries")
     ap.add_argument("--iters", type=int, default=5, help="timed calls per memory length")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     ap.add_argument("--gap-ms", type=float, default=0.0,
@@ -75,7 +105,8 @@ def main():
     h, d, w = a.heads, a.head_dim, a.window
     cos, sin = rope_tables(w, d, dev)
     for m in [int(x) for x in a.memory.split(",")]:
-        rec = {"impl": "torch_fot_memory", "memory": m, "window": w, "heads": h, "head_dim": d,
+        rec = {"impl": "torch_fot_memory" + (f"_top{a.top_k}" if a.top_k else ""),
+               "top_k": a.top_k, "memory": m, "window": w, "heads": h, "head_dim": d,
                "head_chunk": a.head_chunk, "device": name}
         try:
             torch.cuda.empty_cache()
@@ -88,10 +119,13 @@ def main():
                        for _ in range(3))
             chunk = a.head_chunk or h
 
+            def one(i):
+                args = (q[:, i:i + chunk], k[:, i:i + chunk], v[:, i:i + chunk],
+                        mk[:, i:i + chunk], mv[:, i:i + chunk], cos, sin)
+                return layer_top_k(*args, a.top_k) if a.top_k else layer(*args)
+
             def run():
-                return torch.cat([layer(q[:, i:i + chunk], k[:, i:i + chunk], v[:, i:i + chunk],
-                                        mk[:, i:i + chunk], mv[:, i:i + chunk], cos, sin)
-                                  for i in range(0, h, chunk)], dim=1)
+                return torch.cat([one(i) for i in range(0, h, chunk)], dim=1)
 
             # benches/peer_timing.py: the README's protocols, as the other peers and ours.
             rec["ms"] = round(median_ms(run, a.warmup, a.iters, a.gap_ms, a.warmup_ms), 4)

@@ -21,9 +21,9 @@ pub use attention::{
     BackwardInputs, BackwardOptions, BlockTable, DecodeOptions, DecodePlan, DecodeProblem,
     DeviceErrorFlag, ForwardOptions, Gradient, Gradients, Input, KvCache, KvCacheMut, Mainloop,
     MainloopChoice, MemoryDecode, MemoryForward, MemoryInput, Output, RawAppend, RawBackward,
-    RawBlockMask, RawDecode, RawForward, RawMemory, RawMerge, RawRope, RawRopeMode,
-    RawVarlenForward, RingAccumulator, RopeBackward, RopeForward, SparseBackwardOptions,
-    SparseOptions, SplitCounters, VarlenOptions, SUPPORTED_HEAD_DIMS,
+    RawBlockMask, RawDecode, RawForward, RawMemory, RawMemorySelect, RawMerge, RawRope,
+    RawRopeMode, RawVarlenForward, RingAccumulator, RopeBackward, RopeForward,
+    SparseBackwardOptions, SparseOptions, SplitCounters, VarlenOptions, SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

@@ -16,7 +16,7 @@ fn generate() -> String {
         .header(header.to_str().unwrap())
         .clang_arg(format!("-I{}", root.join("cuda/include").display()))
         .allowlist_type("Lf.*")
-        .allowlist_var("LF_(FWD|SPARSE|DECODE|BWD)_.*")
+        .allowlist_var("LF_(FWD|SPARSE|DECODE|BWD|TOPK)_.*")
         .derive_default(true)
         .derive_copy(true)
         .derive_debug(true)

@@ -490,7 +490,8 @@ fn lowp_memory_top_k_on_separated_scores() {
 /// the GPU's merge does), the budget of the Hopper path: with an empty memory it is the local
 /// pass bit for bit, and on the GPU tests' kind of problems (normal inputs, head dims 64 and 128,
 /// memories across tile edges, RoPE on and off, a left window, more queries than local keys,
-/// GQA and MHA) it stays near the f64 layer, its error of the one-kernel layer's order.
+/// GQA and MHA) it stays near the f64 layer, its error of the one-kernel layer's order; the
+/// same with each row's top third of the memory (the top-k path's budget).
 fn two_pass_layer<T: Element>(seed: u64) {
     let mut rng = Rng(seed);
     let cases = [
@@ -543,59 +544,69 @@ fn two_pass_layer<T: Element>(seed: u64) {
             values: &mv64,
             visible: None,
         };
-        let r64 = memory_attention_f64(
-            &shape,
-            (&wide(&q), &wide(&k), &wide(&v)),
-            &mem64,
-            rope_opt,
-            None,
-            scale as f64,
-        )
-        .unwrap();
-        let one = memory_attention_lowp(&shape, (&q, &k, &v), &low, rope_opt, None, scale).unwrap();
-        let two =
-            memory_attention_two_pass_lowp(&shape, (&q, &k, &v), &low, rope_opt, scale).unwrap();
         let local =
-            memory_attention_two_pass_lowp(&shape, (&q, &k, &v), &empty, rope_opt, scale).unwrap();
+            memory_attention_two_pass_lowp(&shape, (&q, &k, &v), &empty, rope_opt, None, scale)
+                .unwrap();
         let local_one =
             memory_attention_lowp(&shape, (&q, &k, &v), &empty, rope_opt, None, scale).unwrap();
         assert_eq!(local.out, local_one.out, "case {c}: empty memory");
         assert_eq!(local.lse, local_one.lse, "case {c}: empty memory, LSE");
-        let err = |x: &RefOutput| -> f64 {
-            x.out
-                .iter()
-                .zip(&r64.out)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f64::max)
-        };
-        let (e1, e2) = (err(&one), err(&two));
-        let ulp = if T::DTYPE == longflash::DType::Bf16 {
-            1.0 / 128.0
-        } else {
-            1.0 / 1024.0
-        };
-        assert!(
-            e2 <= 2.0 * e1 + ulp,
-            "case {c}: two-pass error {e2}, one kernel {e1}"
-        );
-        let lse_err = |x: &RefOutput| -> f64 {
-            x.lse
-                .iter()
-                .zip(&r64.lse)
-                .map(|(a, b)| {
-                    if a == b {
-                        0.0
-                    } else {
-                        (a - b).abs() / b.abs().max(1.0)
-                    }
-                })
-                .fold(0.0, f64::max)
-        };
-        let (l1, l2) = (lse_err(&one), lse_err(&two));
-        assert!(
-            l2 <= 2.0 * l1 + 1e-5,
-            "case {c}: two-pass LSE error {l2}, one kernel {l1}"
-        );
+        // Every entry, and (the top-k path's budget) each row's top third of the memory.
+        let top = (mem_len > 0).then(|| (mem_len / 3).max(1));
+        for top_k in [None, top]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let r64 = memory_attention_f64(
+                &shape,
+                (&wide(&q), &wide(&k), &wide(&v)),
+                &mem64,
+                rope_opt,
+                top_k,
+                scale as f64,
+            )
+            .unwrap();
+            let one =
+                memory_attention_lowp(&shape, (&q, &k, &v), &low, rope_opt, top_k, scale).unwrap();
+            let two =
+                memory_attention_two_pass_lowp(&shape, (&q, &k, &v), &low, rope_opt, top_k, scale)
+                    .unwrap();
+            let err = |x: &RefOutput| -> f64 {
+                x.out
+                    .iter()
+                    .zip(&r64.out)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max)
+            };
+            let (e1, e2) = (err(&one), err(&two));
+            let ulp = if T::DTYPE == longflash::DType::Bf16 {
+                1.0 / 128.0
+            } else {
+                1.0 / 1024.0
+            };
+            assert!(
+                e2 <= 2.0 * e1 + ulp,
+                "case {c}, top {top_k:?}: two-pass error {e2}, one kernel {e1}"
+            );
+            let lse_err = |x: &RefOutput| -> f64 {
+                x.lse
+                    .iter()
+                    .zip(&r64.lse)
+                    .map(|(a, b)| {
+                        if a == b {
+                            0.0
+                        } else {
+                            (a - b).abs() / b.abs().max(1.0)
+                        }
+                    })
+                    .fold(0.0, f64::max)
+            };
+            let (l1, l2) = (lse_err(&one), lse_err(&two));
+            assert!(
+                l2 <= 2.0 * l1 + 1e-5,
+                "case {c}, top {top_k:?}: two-pass LSE error {l2}, one kernel {l1}"
+            );
+        }
     }
 }
 

@@ -1,9 +1,11 @@
 //! Memory attention's raw arguments: the parameters `RawMemory::validate` lowers (which
 //! `forward_memory_raw` launches with), and every class of bad argument as a typed error before
-//! any launch. CPU only.
+//! any launch; the same for the top-k selection (`RawMemorySelect::validate`). CPU only.
 
+use longflash::attention::MAX_TOP_K;
 use longflash::{
-    DType, Error, ForwardOptions, Layout, MaskSpec, RawForward, RawMemory, RawRope, RawRopeMode,
+    DType, Error, ForwardOptions, Layout, MaskSpec, RawForward, RawMemory, RawMemorySelect,
+    RawRope, RawRopeMode,
 };
 
 const MIB: u64 = 1 << 20;
@@ -256,5 +258,121 @@ fn bad_arguments_are_typed_errors() {
             arg: "rope.rotary_dim",
             ..
         }
+    ));
+}
+
+const IDX: u64 = 0xb00 * MIB;
+const WS: u64 = 0xc00 * MIB;
+
+fn ok_select(d: usize) -> RawMemorySelect {
+    let ql = Layout::bshd(2, 100, 4, d);
+    RawMemorySelect {
+        dtype: DType::Bf16,
+        q: Q,
+        q_layout: ql,
+        keys: MK,
+        keys_layout: Layout::bshd(2, 1000, 2, d),
+        mask: MASK,
+        top_k: 64,
+        indices: IDX,
+        workspace: WS,
+        workspace_bytes: 2 * 4 * 100 * 4096,
+    }
+}
+
+/// The top-k selection's parameters: the pointers and strides as given, no output or LSE, the
+/// candidate workspace at the documented size (4 KiB per query row).
+#[test]
+fn select_lowers_its_arguments() {
+    for d in [64, 100, 128] {
+        let a = ok_select(d);
+        let p = a.validate().unwrap_or_else(|e| panic!("d {d}: {e}"));
+        assert_eq!(p.q as u64, Q);
+        assert_eq!(p.mem_k as u64, MK);
+        assert_eq!(p.mem_mask as u64, MASK);
+        assert_eq!(p.cand as u64, WS);
+        assert_eq!(p.indices as u64, IDX);
+        assert!(p.o.is_null() && p.lse.is_null() && p.mem_v.is_null());
+        assert_eq!((p.batch, p.heads_q, p.heads_kv), (2, 4, 2));
+        assert_eq!(
+            (p.seqlen_q, p.head_dim, p.mem_len, p.top_k),
+            (100, d as i32, 1000, 64)
+        );
+        assert_eq!(p.q_row_stride, a.q_layout.seq_stride);
+        assert_eq!(p.mem_k_batch_stride, a.keys_layout.batch_stride);
+    }
+}
+
+/// Every class of bad selection argument is a typed error.
+#[test]
+fn select_rejects_bad_arguments() {
+    let bad = |f: &dyn Fn(&mut RawMemorySelect)| -> Error {
+        let mut a = ok_select(64);
+        f(&mut a);
+        a.validate().expect_err("must be refused")
+    };
+    let is_arg =
+        |e: &Error, name: &str| matches!(e, Error::InvalidArgument { arg, .. } if *arg == name);
+    // k: 0, past MAX_TOP_K, past the memory.
+    assert!(is_arg(&bad(&|a| a.top_k = 0), "top_k"));
+    assert!(is_arg(&bad(&|a| a.top_k = MAX_TOP_K + 1), "top_k"));
+    assert!(is_arg(
+        &bad(&|a| a.keys_layout = Layout::bshd(2, 63, 2, 64)),
+        "top_k"
+    ));
+    // Shapes: heads that do not divide, another batch, another head dim, an unsupported head
+    // dim, empty queries.
+    assert!(is_arg(
+        &bad(&|a| a.keys_layout = Layout::bshd(2, 1000, 3, 64)),
+        "q.heads"
+    ));
+    assert!(matches!(
+        bad(&|a| a.keys_layout = Layout::bshd(1, 1000, 2, 64)),
+        Error::ShapeMismatch { .. }
+    ));
+    assert!(matches!(
+        bad(&|a| a.keys_layout = Layout::bshd(2, 1000, 2, 128)),
+        Error::ShapeMismatch { .. }
+    ));
+    assert!(is_arg(
+        &bad(&|a| {
+            a.q_layout = Layout::bshd(2, 100, 4, 256);
+            a.keys_layout = Layout::bshd(2, 1000, 2, 256);
+        }),
+        "q.head_dim"
+    ));
+    assert!(matches!(
+        bad(&|a| a.q_layout = Layout::bshd(2, 0, 4, 64)),
+        Error::ZeroSized { .. }
+    ));
+    // Alignment, a small workspace, outputs over inputs or each other.
+    assert!(matches!(bad(&|a| a.q += 2), Error::Misaligned { .. }));
+    assert!(matches!(bad(&|a| a.indices += 2), Error::Misaligned { .. }));
+    assert!(matches!(
+        bad(&|a| a.workspace += 8),
+        Error::Misaligned { .. }
+    ));
+    assert!(is_arg(&bad(&|a| a.workspace_bytes -= 1), "workspace_bytes"));
+    assert!(matches!(
+        bad(&|a| a.indices = MK + 64),
+        Error::Aliasing {
+            output: "indices",
+            ..
+        }
+    ));
+    assert!(matches!(
+        bad(&|a| a.workspace = Q),
+        Error::Aliasing {
+            output: "workspace",
+            ..
+        }
+    ));
+    assert!(matches!(
+        bad(&|a| a.workspace = IDX + 1024),
+        Error::Aliasing { .. }
+    ));
+    assert!(matches!(
+        bad(&|a| a.indices = MASK),
+        Error::Aliasing { other: "mask", .. }
     ));
 }

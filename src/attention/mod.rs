@@ -47,7 +47,8 @@ pub use decode::{
 pub use error_flag::DeviceErrorFlag;
 pub use forward::{ForwardOptions, RawForward};
 pub use memory::{
-    MemoryDecode, MemoryForward, MemoryInput, RawMemory, MAX_MEM_LEN, MEMORY_HEAD_DIMS,
+    MemoryDecode, MemoryForward, MemoryInput, RawMemory, RawMemorySelect, MAX_MEM_LEN, MAX_TOP_K,
+    MEMORY_HEAD_DIMS,
 };
 pub use merge::RawMerge;
 pub use ring::{RingAccumulator, RowOrder};

@@ -291,25 +291,28 @@ impl Visibility for MemoryVisibility<'_> {
     }
 }
 
-/// The memory layer (every entry attended) as the two-pass path computes it on Hopper GPUs: the
-/// local pass ([`memory_attention_lowp`] over an empty memory, its output rounded to `T`), the
-/// memory pass ([`attention_lowp`](super::attention_lowp) of the rotated, rounded queries over
-/// the raw memory, no causality, its output rounded to `T`), and the GPU's LSE merge of the two
-/// (f32 weights and sum, rounded to `T`). Its error against [`memory_attention_f64`] is what
-/// that path adds to the one-kernel layer's: the two partial outputs' roundings.
+/// The memory layer as the GPU's multi-pass paths compute it (the two-pass path on Hopper GPUs,
+/// memory decoding, and every top-k call): the local pass ([`memory_attention_lowp`] over an
+/// empty memory, its output rounded to `T`), the memory pass over the rotated, rounded queries
+/// (every visible entry: [`attention_lowp`](super::attention_lowp) over the raw memory, no
+/// causality; with `top_k`: [`memory_attention_lowp`] of those queries over no local keys and
+/// the memory, ranking by the f32 scores), its output rounded to `T`, and the GPU's LSE merge of
+/// the two (f32 weights and sum, rounded to `T`). Its error against [`memory_attention_f64`] is
+/// what those paths add to the one-kernel layer's: the two partial outputs' roundings.
 ///
 /// # Errors
 ///
-/// As [`memory_attention_lowp`] without a top-k.
+/// As [`memory_attention_lowp`].
 pub fn memory_attention_two_pass_lowp<T: Element>(
     shape: &RefShape,
     (q, k, v): (&[T], &[T], &[T]),
     memory: &RefMemory<T>,
     rope: Option<&RopeOptions>,
+    top_k: Option<usize>,
     scale: f32,
 ) -> Result<RefOutput> {
     shape.check(q.len(), k.len(), v.len())?;
-    memory.check(shape, rope, None)?;
+    memory.check(shape, rope, top_k)?;
     let empty = RefMemory::<T> {
         mem_len: 0,
         keys: &[],
@@ -319,22 +322,33 @@ pub fn memory_attention_two_pass_lowp<T: Element>(
     let local = memory_attention_lowp(shape, (q, k, v), &empty, rope, None, scale)?;
     let (qf, _) = rotated_lowp(shape, q, k, rope)?;
     let q_rot: Vec<T> = qf.iter().map(|&x| T::from_f32(x)).collect();
-    let mem_shape = RefShape {
-        seqlen_k: memory.mem_len,
-        ..*shape
+    let mem = match top_k {
+        Some(_) => {
+            let no_local = RefShape {
+                seqlen_k: 0,
+                ..*shape
+            };
+            memory_attention_lowp(&no_local, (&q_rot, &[], &[]), memory, None, top_k, scale)?
+        }
+        None => {
+            let mem_shape = RefShape {
+                seqlen_k: memory.mem_len,
+                ..*shape
+            };
+            let visibility = MemoryVisibility {
+                mem_len: memory.mem_len,
+                visible: memory.visible,
+            };
+            super::attention_lowp(
+                &mem_shape,
+                &q_rot,
+                memory.keys,
+                memory.values,
+                &visibility,
+                scale,
+            )?
+        }
     };
-    let visibility = MemoryVisibility {
-        mem_len: memory.mem_len,
-        visible: memory.visible,
-    };
-    let mem = super::attention_lowp(
-        &mem_shape,
-        &q_rot,
-        memory.keys,
-        memory.values,
-        &visibility,
-        scale,
-    )?;
     Ok(super::ring::merge_lowp::<T>(shape, &local, &mem))
 }
 

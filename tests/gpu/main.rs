@@ -27,6 +27,7 @@ mod dense;
 mod hopper;
 mod memory;
 mod memory_decode;
+mod memory_top_k;
 mod narrow;
 mod ring;
 mod rope;

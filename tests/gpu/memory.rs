@@ -20,24 +20,26 @@ use crate::common::Rng;
 use crate::common::*;
 
 #[derive(Clone, Debug)]
-struct MemCase {
-    dtype: DType,
-    batch: usize,
-    seqlen_q: usize,
-    seqlen_k: usize,
-    mem_len: usize,
-    heads_q: usize,
-    heads_kv: usize,
-    head_dim: usize,
-    rope: Option<RopeOptions>,
+pub(crate) struct MemCase {
+    pub(crate) dtype: DType,
+    pub(crate) batch: usize,
+    pub(crate) seqlen_q: usize,
+    pub(crate) seqlen_k: usize,
+    pub(crate) mem_len: usize,
+    pub(crate) heads_q: usize,
+    pub(crate) heads_kv: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) rope: Option<RopeOptions>,
     /// Fraction of memory entries the mask hides (`None`: no mask).
-    hidden: Option<f64>,
+    pub(crate) hidden: Option<f64>,
     /// The memory as a view into a wider buffer: extra elements per memory row.
-    mem_row_pad: usize,
-    seed: u64,
+    pub(crate) mem_row_pad: usize,
+    /// Each row's top-k memory entries (`forward_memory_top_k`), or every entry (`None`).
+    pub(crate) top_k: Option<usize>,
+    pub(crate) seed: u64,
 }
 
-fn case(head_dim: usize, (sq, sk, mem): (usize, usize, usize)) -> MemCase {
+pub(crate) fn case(head_dim: usize, (sq, sk, mem): (usize, usize, usize)) -> MemCase {
     MemCase {
         dtype: DType::Bf16,
         batch: 2,
@@ -53,18 +55,20 @@ fn case(head_dim: usize, (sq, sk, mem): (usize, usize, usize)) -> MemCase {
         )),
         hidden: Some(0.25),
         mem_row_pad: 0,
+        top_k: None,
         seed: 7,
     }
 }
 
-/// Whether `attn` runs this case as the two-pass path (the Hopper forward twice and the merge):
-/// an unmasked memory at head dim 64 or 128 on a Hopper device without the sm_80 mainloop
-/// forced.
+/// Whether `attn` runs this case in passes merged by LSE: the top-k path always, and the
+/// two-pass path (the Hopper forward twice and the merge) for an unmasked memory at head dim 64
+/// or 128 on a Hopper device without the sm_80 mainloop forced.
 fn two_pass(attn: &Attention, c: &MemCase) -> bool {
-    attn.compute_capability() == (9, 0)
-        && attn.mainloop() != MainloopChoice::Sm80
-        && c.hidden.is_none()
-        && matches!(c.head_dim, 64 | 128)
+    c.top_k.is_some()
+        || attn.compute_capability() == (9, 0)
+            && attn.mainloop() != MainloopChoice::Sm80
+            && c.hidden.is_none()
+            && matches!(c.head_dim, 64 | 128)
 }
 
 fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &MemCase) -> longflash::reference::Comparison {
@@ -109,7 +113,7 @@ fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &MemCase) -> longflash::refer
             visible: visible.as_deref(),
         },
         c.rope.as_ref(),
-        None,
+        c.top_k,
         scale as f64,
     )
     .unwrap();
@@ -122,7 +126,14 @@ fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &MemCase) -> longflash::refer
     // The budget: the naive form of the path that runs (the two-pass one rounds its partial
     // outputs before the merge, as the ring does).
     let lowp = if two_pass(attn, c) {
-        memory_attention_two_pass_lowp(&shape, (&q, &k, &v), &low_mem, c.rope.as_ref(), scale)
+        memory_attention_two_pass_lowp(
+            &shape,
+            (&q, &k, &v),
+            &low_mem,
+            c.rope.as_ref(),
+            c.top_k,
+            scale,
+        )
     } else {
         memory_attention_lowp(&shape, (&q, &k, &v), &low_mem, c.rope.as_ref(), None, scale)
     }
@@ -174,8 +185,7 @@ fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &MemCase) -> longflash::refer
         );
         let maskv = dmask.as_ref().map(|m| m.as_view());
         let (mut ov, mut lv) = (d_o.as_view_mut(), d_lse.as_view_mut());
-        attn.forward_memory(
-            s,
+        let (qi, ki, vi) = (
             Input {
                 data: &qv,
                 layout: ql,
@@ -188,28 +198,32 @@ fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &MemCase) -> longflash::refer
                 data: &vv,
                 layout: kl,
             },
-            MemoryInput {
-                keys: Input {
-                    data: &mkv,
-                    layout: ml,
-                },
-                values: Input {
-                    data: &mvv,
-                    layout: ml,
-                },
-                mask: maskv.as_ref(),
+        );
+        let memory = MemoryInput {
+            keys: Input {
+                data: &mkv,
+                layout: ml,
             },
-            Output {
-                data: &mut ov,
-                layout: ql,
-                lse: Some(&mut lv),
+            values: Input {
+                data: &mvv,
+                layout: ml,
             },
-            &MemoryForward {
-                rope: c.rope.as_ref(),
-                softmax_scale: None,
-            },
-        )
-        .unwrap_or_else(|e| panic!("forward_memory failed on {c:?}: {e}"));
+            mask: maskv.as_ref(),
+        };
+        let out = Output {
+            data: &mut ov,
+            layout: ql,
+            lse: Some(&mut lv),
+        };
+        let opts = MemoryForward {
+            rope: c.rope.as_ref(),
+            softmax_scale: None,
+        };
+        match c.top_k {
+            Some(top_k) => attn.forward_memory_top_k(s, qi, ki, vi, memory, out, &opts, top_k),
+            None => attn.forward_memory(s, qi, ki, vi, memory, out, &opts),
+        }
+        .unwrap_or_else(|e| panic!("memory attention failed on {c:?}: {e}"));
     }
     s.synchronize().unwrap();
     let out = wide(&s.clone_dtoh(&d_o).unwrap());
@@ -221,12 +235,14 @@ fn run(g: &Gpu, c: &MemCase) {
     run_on(g, &g.attn, c);
 }
 
-fn run_on(g: &Gpu, attn: &Attention, c: &MemCase) {
+pub(crate) fn run_on(g: &Gpu, attn: &Attention, c: &MemCase) {
     let cmp = match c.dtype {
         DType::F16 => run_t::<f16>(g, attn, c),
         DType::Bf16 => run_t::<bf16>(g, attn, c),
     };
-    let path = if two_pass(attn, c) {
+    let path = if c.top_k.is_some() {
+        "top k"
+    } else if two_pass(attn, c) {
         "two passes"
     } else {
         "one kernel"

@@ -92,6 +92,7 @@ fn run_t<T: Element>(g: &Gpu, c: &MemDecodeCase) -> Comparison {
                 visible: None,
             },
             rope_b.as_ref(),
+            None,
             scale,
         )
         .unwrap();

@@ -185,6 +185,59 @@ typedef struct LfMemoryFwdParams {
     int32_t rotate;
 } LfMemoryFwdParams;
 
+/* Top-k memory attention (cuda/topk.cuh): each query row attends its local part (computed before
+ * into o and lse) and the top_k memory entries with the largest scores q . k (ties to the lower
+ * entry index; +0 and -0 equal), the memory part merged into o and lse by log-sum-exp.
+ *
+ * The selection kernel (one CTA of LF_TOPK_ROWS query rows per (query tile, query head, batch
+ * entry)) streams the memory's key tiles in order, keeps each row's candidates in its own
+ * LF_TOPK_CAP slots of `cand` (8-byte keys: the score's order bits over the complement of the
+ * index) and, when they near the slots' end, keeps the top_k of them and raises the row's
+ * threshold to the k-th score, so a later entry is a candidate only when it beats that score. It
+ * writes each row's selection by descending score (equal scores: ascending index) to `indices`
+ * [batch, heads_q, seqlen_q, top_k] (-1 after the row's count, when fewer entries are visible). The attention kernel (one warp per row)
+ * gathers the selected keys and values, and merges its softmax into o and lse (o and lse NULL:
+ * selection only).
+ *
+ * q: the (rotated) queries [batch, seqlen_q, heads_q, head_dim]; mem_k / mem_v: [batch, mem_len,
+ * heads_kv, head_dim]; mem_mask: [batch, mem_len] bytes, 0 for an entry never selected, or NULL;
+ * o: [batch, seqlen_q, heads_q, head_dim]; lse: f32 [batch, heads_q, seqlen_q]. Strides are in
+ * elements, the head dim contiguous. */
+#define LF_TOPK_ROWS 64
+#define LF_TOPK_KEYS 64
+#define LF_TOPK_CAP 512
+#define LF_TOPK_MAX_K 256
+typedef struct LfMemoryTopkParams {
+    const void *q;
+    const void *mem_k;
+    const void *mem_v;
+    const uint8_t *mem_mask;
+    unsigned long long *cand;
+    int32_t *indices;
+    void *o;
+    float *lse;
+    int64_t q_batch_stride;
+    int64_t q_row_stride;
+    int64_t q_head_stride;
+    int64_t mem_k_batch_stride;
+    int64_t mem_k_row_stride;
+    int64_t mem_k_head_stride;
+    int64_t mem_v_batch_stride;
+    int64_t mem_v_row_stride;
+    int64_t mem_v_head_stride;
+    int64_t o_batch_stride;
+    int64_t o_row_stride;
+    int64_t o_head_stride;
+    float softmax_scale_log2;
+    int32_t batch;
+    int32_t heads_q;
+    int32_t heads_kv;
+    int32_t seqlen_q;
+    int32_t head_dim;
+    int32_t mem_len;
+    int32_t top_k;
+} LfMemoryTopkParams;
+
 /* The RoPE backward's passes (cuda/rope_bwd.cuh), around two calls of the exact backward (one over
  * the pairs inside the ReRoPE window, one over those outside). The query pass writes each side's
  * rotated queries as the forward's Q preparation computes them: q_in = m_i A_{p_i} q_i and, unless
@@ -551,6 +604,7 @@ LF_ASSERT_LAYOUT(sizeof(LfRopeFwdParams) == 304, rope_fwd_size);
 LF_ASSERT_LAYOUT(sizeof(LfRopeKeysParams) == 112, rope_keys_size);
 LF_ASSERT_LAYOUT(sizeof(LfMemoryFwdParams) == 384, memory_fwd_size);
 LF_ASSERT_LAYOUT(offsetof(LfMemoryFwdParams, mem_k) == 304, memory_fwd_mem_k);
+LF_ASSERT_LAYOUT(sizeof(LfMemoryTopkParams) == 192, memory_topk_size);
 LF_ASSERT_LAYOUT(offsetof(LfRope, inv_leak) == 48, rope_inv_leak);
 LF_ASSERT_LAYOUT(offsetof(LfFwdParams, lse) == 32, fwd_lse);
 LF_ASSERT_LAYOUT(offsetof(LfFwdParams, q_batch_stride) == 40, fwd_q_batch_stride);

@@ -2,7 +2,8 @@
 //! external memory of (key, value) pairs in one softmax. Its options, raw arguments and
 //! validation, and the safe and raw entry points; the semantics are those of
 //! [`reference::memory_attention_f64`](crate::reference::memory_attention_f64) with every memory
-//! entry attended (no top-k).
+//! entry attended; `top_k.rs` has each row's top k entries instead
+//! ([`Attention::forward_memory_top_k`]).
 //!
 //! One kernel (`cuda/memory.cuh`, on the `mma.sync` mainloop) walks a query tile's local key
 //! tiles (causal, aligned bottom-right, optionally a left window) and then the memory's tiles,
@@ -24,9 +25,11 @@ use crate::rope::{PositionMode, RopeOptions};
 use crate::Element;
 
 mod decode;
+mod top_k;
 mod two_pass;
 
 pub use decode::MemoryDecode;
+pub use top_k::{RawMemorySelect, MAX_TOP_K};
 
 /// Head dims the memory kernel takes: 64 and 128 in kernels of their own width, and any other
 /// multiple of 4 between them (LongLLaMA-3B's 100, 80, 96, 112) zero-padded to 128 inside the

@@ -137,7 +137,13 @@ impl Attention {
             return Ok(None);
         }
         if check_workspace {
-            check_workspace_of(fwd, memory, params, parts.total)?;
+            check_workspace_of(
+                fwd,
+                memory,
+                params,
+                parts.total,
+                "the two-pass path: Attention::memory_workspace_bytes",
+            )?;
         }
         passes(fwd, memory, params, parts, memory.workspace).map(Some)
     }
@@ -260,21 +266,20 @@ fn passes(
     })
 }
 
-/// The two-pass workspace against the call: given, large enough, aligned, apart from every
+/// A memory call's workspace against the call: given, large enough, aligned, apart from every
 /// tensor the call reads or writes.
-fn check_workspace_of(
+pub(super) fn check_workspace_of(
     fwd: &RawForward,
     memory: &RawMemory,
     params: &LfMemoryFwdParams,
     need: usize,
+    sized_by: &str,
 ) -> Result<()> {
     if memory.workspace_bytes < need {
         return Err(Error::InvalidArgument {
             arg: "memory.workspace_bytes",
             value: memory.workspace_bytes.to_string(),
-            expected: format!(
-                "at least {need} bytes for the two-pass path (Attention::memory_workspace_bytes)"
-            ),
+            expected: format!("at least {need} bytes ({sized_by})"),
         });
     }
     aligned("memory.workspace", memory.workspace, 16, true)?;
