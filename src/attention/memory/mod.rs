@@ -312,6 +312,29 @@ impl Attention {
         out: Output<'_, '_, T>,
         opts: &MemoryForward<'_>,
     ) -> Result<()> {
+        self.memory_call(stream, [q, k, v], memory, out, opts, |raw, mem, rope| {
+            // SAFETY: memory_call hands over a call whose tensors forward_impl checked against
+            // their layouts and this context, whose memory views it checked, and whose tables
+            // and rotated-key workspace it allocated on `stream` with the sizes the contract
+            // asks for, all live until the call returns (frees are ordered after the kernels).
+            unsafe { self.memory_with_workspace(stream, raw, mem, rope) }
+        })
+    }
+
+    /// What the safe memory entries share: the memory's views and the rotation checked, the
+    /// rotation's tables and rotated-key workspace allocated on `stream`, the memory lowered
+    /// (no workspace), and `launch` run with the lowered call inside `forward_impl` (which
+    /// checks Q, K, V, O and the LSE); the local part's mask is causal with the rotation's
+    /// window.
+    fn memory_call<T: Element>(
+        &self,
+        stream: &Arc<CudaStream>,
+        [q, k, v]: [Input<'_, '_, T>; 3],
+        memory: MemoryInput<'_, '_, T>,
+        out: Output<'_, '_, T>,
+        opts: &MemoryForward<'_>,
+        launch: impl FnOnce(&RawForward, &RawMemory, Option<&RawRope>) -> Result<()>,
+    ) -> Result<()> {
         let (ql, kl) = (q.layout, k.layout);
         let mem_len = memory.keys.layout.seqlen;
         if mem_len > 0 {
@@ -367,16 +390,11 @@ impl Attention {
                 let (rp, _g4) = k_rot.device_ptr(stream);
                 let (raw_rope, _g5, _g6) = tables.raw(stream, rope, (rp, 0));
                 self.forward_impl(stream, [q, k, v], out, options, None, |raw| {
-                    // SAFETY: forward_impl checked Q, K, V, O and the LSE against their layouts
-                    // and this context, the memory's views were checked above, and the tables
-                    // and workspace were allocated above with the sizes the contract asks for;
-                    // all live until the call returns (frees are ordered after the kernels).
-                    unsafe { self.memory_with_workspace(stream, raw, &raw_memory, Some(&raw_rope)) }
+                    launch(raw, &raw_memory, Some(&raw_rope))
                 })
             }
             None => self.forward_impl(stream, [q, k, v], out, options, None, |raw| {
-                // SAFETY: as above, without a rotation.
-                unsafe { self.memory_with_workspace(stream, raw, &raw_memory, None) }
+                launch(raw, &raw_memory, None)
             }),
         }
     }

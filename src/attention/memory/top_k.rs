@@ -19,16 +19,15 @@ use cudarc::driver::{
 
 use super::two_pass::check_workspace_of;
 use super::{
-    local_mask, memory_module, not_plain_rope, Attention, ForwardOptions, Input, MemoryForward,
-    MemoryInput, Output, RawForward, RawMemory, RawRope, Scratch, MAX_MEM_LEN,
+    memory_module, Attention, Input, MemoryForward, MemoryInput, Output, RawForward, RawMemory,
+    RawRope, Scratch, MAX_MEM_LEN,
 };
-use crate::attention::rope::{key_workspaces, rope_keys_params, RopeTables};
+use crate::attention::rope::rope_keys_params;
 use crate::attention::rope_backward::rope_queries_params;
 use crate::check::{aligned, byte_range, mismatch, overlaps, row_alignment, strides_multiple_of};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::rope::PositionMode;
 use crate::sys::{LfMemoryTopkParams, LF_TOPK_CAP, LF_TOPK_KEYS, LF_TOPK_MAX_K, LF_TOPK_ROWS};
 use crate::Element;
 
@@ -473,80 +472,23 @@ impl Attention {
         opts: &MemoryForward<'_>,
         top_k: usize,
     ) -> Result<()> {
-        let (ql, kl) = (q.layout, k.layout);
-        let mem_len = memory.keys.layout.seqlen;
-        check_top_k(top_k, mem_len)?;
-        self.check_view("memory.keys", memory.keys.data, &memory.keys.layout)?;
-        self.check_view("memory.values", memory.values.data, &memory.values.layout)?;
-        if let Some(m) = memory.mask {
-            self.same_context("memory.mask", m.stream().context().cu_ctx())?;
-            let need = (ql.batch as u128) * (mem_len as u128);
-            if need > m.len() as u128 {
-                return Err(Error::OutOfBounds {
-                    arg: "memory.mask",
-                    required: need,
-                    len: m.len(),
-                });
-            }
-        }
-        let rotation = match opts.rope {
-            Some(rope) => {
-                if rope.mode != PositionMode::Rope {
-                    return Err(not_plain_rope(rope.mode));
-                }
-                let tables = RopeTables::for_call(stream, rope, &ql, &kl)?;
-                let (k_rot, _) = key_workspaces::<T>(stream, rope, &kl)?;
-                Some((rope, tables, k_rot))
-            }
-            None => None,
-        };
-        let (mk, _g1) = memory.keys.data.device_ptr(stream);
-        let (mv, _g2) = memory.values.data.device_ptr(stream);
-        let (mm, _g3) = match memory.mask {
-            Some(m) => {
-                let (p, g) = m.device_ptr(stream);
-                (p, Some(g))
-            }
-            None => (0, None),
-        };
-        let raw_memory = RawMemory {
-            keys: mk,
-            values: mv,
-            mask: mm,
-            keys_layout: memory.keys.layout,
-            values_layout: memory.values.layout,
-            workspace: 0,
-            workspace_bytes: 0,
-        };
-        let options = ForwardOptions {
-            mask: local_mask(opts.rope),
-            softmax_scale: opts.softmax_scale,
-        };
-        let run = |raw: &RawForward, rope: Option<&RawRope>| -> Result<()> {
-            let bytes = self.memory_top_k_workspace_bytes(raw, &raw_memory, rope, top_k)?;
+        check_top_k(top_k, memory.keys.layout.seqlen)?;
+        self.memory_call(stream, [q, k, v], memory, out, opts, |raw, mem, rope| {
+            let bytes = self.memory_top_k_workspace_bytes(raw, mem, rope, top_k)?;
             // SAFETY: `stream` belongs to this context (forward_impl checked it).
             let scratch = unsafe { Scratch::new(self.ctx, stream.cu_stream(), bytes) }?;
             let memory = RawMemory {
                 workspace: scratch.ptr,
                 workspace_bytes: scratch.bytes,
-                ..raw_memory
+                ..*mem
             };
-            // SAFETY: forward_impl checked Q, K, V, O and the LSE against their layouts and this
-            // context, the memory's views were checked above, and the tables, rotated-key
-            // workspace and scratch were allocated on this stream with the sizes the contract
-            // asks for; all live until the call returns (frees are ordered after the kernels).
+            // SAFETY: memory_call hands over a call whose tensors forward_impl checked against
+            // their layouts and this context, whose memory views it checked, and whose tables
+            // and rotated-key workspace it allocated on `stream`; the scratch was allocated
+            // above on the same stream with the size the contract asks for; all live until the
+            // call returns (frees are ordered after the kernels).
             unsafe { self.forward_memory_top_k_raw(stream.cu_stream(), raw, &memory, rope, top_k) }
-        };
-        match &rotation {
-            Some((rope, tables, k_rot)) => {
-                let (rp, _g4) = k_rot.device_ptr(stream);
-                let (raw_rope, _g5, _g6) = tables.raw(stream, rope, (rp, 0));
-                self.forward_impl(stream, [q, k, v], out, options, None, |raw| {
-                    run(raw, Some(&raw_rope))
-                })
-            }
-            None => self.forward_impl(stream, [q, k, v], out, options, None, |raw| run(raw, None)),
-        }
+        })
     }
 
     /// Top-k memory attention from raw pointers (see
