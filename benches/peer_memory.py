@@ -43,7 +43,8 @@ def rotate(x, cos, sin):
     return (x.float() * cos + rot.float() * sin).to(x.dtype)
 
 
-def layer(q, k, v, mk, mv, cos, sin):
+def scores(q, k, mk, cos, sin):
+    """The rotated queries, the local scores (causal) and the memory scores, f32."""
     d = q.shape[-1]
     w = q.shape[-2]
     q = rotate(q, cos, sin)
@@ -52,35 +53,32 @@ def layer(q, k, v, mk, mv, cos, sin):
     causal = torch.ones(w, w, dtype=torch.bool, device=q.device).triu(1)
     local = local.masked_fill(causal, float("-inf"))
     mem = torch.matmul(q, mk.transpose(-1, -2)).float() / math.sqrt(d)
-    scores = torch.cat([local, mem], dim=-1)
+    return q, local, mem
+
+
+def layer(q, k, v, mk, mv, cos, sin):
+    q, local, mem = scores(q, k, mk, cos, sin)
+    s = torch.cat([local, mem], dim=-1)
     del local, mem
-    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    del scores
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    del s
     return torch.matmul(p, torch.cat([v, mv], dim=-2))
 
 
 def layer_top_k(q, k, v, mk, mv, cos, sin, top_k):
     """The kNN memory variant: each query's top_k memory scores (torch.topk over the f32
     [heads, W, M] scores), their values gathered, one softmax over [local | top k]."""
-    d = q.shape[-1]
     w = q.shape[-2]
-    q = rotate(q, cos, sin)
-    k = rotate(k, cos, sin)
-    local = torch.matmul(q, k.transpose(-1, -2)).float() / math.sqrt(d)
-    causal = torch.ones(w, w, dtype=torch.bool, device=q.device).triu(1)
-    local = local.masked_fill(causal, float("-inf"))
-    mem = torch.matmul(q, mk.transpose(-1, -2)).float() / math.sqrt(d)
+    q, local, mem = scores(q, k, mk, cos, sin)
     top, idx = torch.topk(mem, top_k, dim=-1)
     del mem
-    scores = torch.cat([local, top], dim=-1)
-    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    p = torch.softmax(torch.cat([local, top], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
     b, h = q.shape[0], q.shape[1]
     # [b, h, w, top_k, d]: each query's selected memory values.
     gathered = mv[torch.arange(b, device=q.device)[:, None, None, None],
                   torch.arange(h, device=q.device)[None, :, None, None], idx]
     out = torch.matmul(p[..., :w], v)
-    out = out + torch.einsum("bhwk,bhwkd->bhwd", p[..., w:], gathered)
-    return out
+    return out + torch.einsum("bhwk,bhwkd->bhwd", p[..., w:], gathered)
 
 
 def main():

@@ -209,6 +209,30 @@ impl RawMemory {
     }
 }
 
+/// Alignment of a memory workspace's parts (bytes from its start).
+const PART_ALIGN: usize = 256;
+
+/// Lays a workspace's parts out one after another, each at a multiple of [`PART_ALIGN`] bytes
+/// from its start (the two-pass and top-k paths' workspaces).
+#[derive(Default)]
+struct Carve {
+    at: usize,
+}
+
+impl Carve {
+    /// The offset of a part of `bytes` bytes.
+    fn take(&mut self, bytes: usize) -> usize {
+        let here = self.at;
+        self.at = (self.at + bytes).next_multiple_of(PART_ALIGN);
+        here
+    }
+
+    /// Bytes of all the parts taken.
+    fn total(&self) -> usize {
+        self.at
+    }
+}
+
 /// The memory's keys `kl` and values `vl` against queries `q` and `heads_kv` local key heads:
 /// the queries' batch and head dim, the local keys' heads, one length.
 fn memory_shape(q: &Layout, heads_kv: usize, kl: &Layout, vl: &Layout) -> Result<()> {

@@ -19,8 +19,8 @@ use cudarc::driver::{
 
 use super::two_pass::check_workspace_of;
 use super::{
-    memory_module, Attention, Input, MemoryForward, MemoryInput, Output, RawForward, RawMemory,
-    RawRope, Scratch, MAX_MEM_LEN,
+    memory_module, Attention, Carve, Input, MemoryForward, MemoryInput, Output, RawForward,
+    RawMemory, RawRope, Scratch, MAX_MEM_LEN,
 };
 use crate::attention::rope::rope_keys_params;
 use crate::attention::rope_backward::rope_queries_params;
@@ -36,8 +36,6 @@ pub const MAX_TOP_K: usize = LF_TOPK_MAX_K as usize;
 
 /// Candidate slots per query row in the selection's workspace (8 bytes each).
 const CAP: usize = LF_TOPK_CAP as usize;
-/// Alignment of the workspace's parts (bytes from its start).
-const PART_ALIGN: usize = 256;
 
 /// The top-k selection alone from raw device pointers (see
 /// [`Attention::memory_select_top_k_raw`]).
@@ -259,22 +257,17 @@ struct Parts {
 impl Parts {
     fn of(fwd: &RawForward, rotate: bool, top_k: usize) -> Parts {
         let q = &fwd.q_layout;
-        let mut at = 0usize;
-        let mut take = |bytes: usize| {
-            let here = at;
-            at = (at + bytes).next_multiple_of(PART_ALIGN);
-            here
-        };
-        let q_rot = rotate.then(|| take(rows(q) * q.head_dim * 2));
-        let lse_local = (fwd.lse == 0).then(|| take(rows(q) * 4));
-        let cand = take(cand_bytes(q));
-        let indices = take(rows(q) * top_k * 4);
+        let mut c = Carve::default();
+        let q_rot = rotate.then(|| c.take(rows(q) * q.head_dim * 2));
+        let lse_local = (fwd.lse == 0).then(|| c.take(rows(q) * 4));
+        let cand = c.take(cand_bytes(q));
+        let indices = c.take(rows(q) * top_k * 4);
         Parts {
             q_rot,
             lse_local,
             cand,
             indices,
-            total: at,
+            total: c.total(),
         }
     }
 }

@@ -14,7 +14,7 @@
 
 use cudarc::driver::sys;
 
-use super::{call_ranges, table_ranges, RawMemory, RawRope};
+use super::{call_ranges, table_ranges, Carve, RawMemory, RawRope, PART_ALIGN};
 use crate::attention::rope_backward::rope_queries_params;
 use crate::attention::{Attention, Mainloop, RawForward, RawMerge};
 use crate::check::{aligned, byte_range, overlaps};
@@ -23,8 +23,6 @@ use crate::layout::Layout;
 use crate::mask::MaskSpec;
 use crate::sys::{LfMemoryFwdParams, LfRopeQueriesParams};
 
-/// Alignment of the workspace's parts (bytes from its start).
-const PART_ALIGN: usize = 256;
 /// A stand-in address of the workspace, aligned as every part is, for deciding the path before
 /// a workspace exists (the Hopper plan depends on the parts' alignment only).
 const STAND_IN: u64 = PART_ALIGN as u64;
@@ -49,22 +47,17 @@ impl Parts {
         let q = &fwd.q_layout;
         let tensor = q.batch * q.seqlen * q.heads * q.head_dim * 2;
         let rows = q.batch * q.heads * q.seqlen * 4;
-        let mut at = 0usize;
-        let mut take = |bytes: usize| {
-            let here = at;
-            at = (at + bytes).next_multiple_of(PART_ALIGN);
-            here
-        };
-        let q_rot = rotate.then(|| take(tensor));
-        let o_mem = take(tensor);
-        let lse_mem = take(rows);
-        let lse_local = (fwd.lse == 0).then(|| take(rows));
+        let mut c = Carve::default();
+        let q_rot = rotate.then(|| c.take(tensor));
+        let o_mem = c.take(tensor);
+        let lse_mem = c.take(rows);
+        let lse_local = (fwd.lse == 0).then(|| c.take(rows));
         Parts {
             q_rot,
             o_mem,
             lse_mem,
             lse_local,
-            total: at,
+            total: c.total(),
         }
     }
 }
