@@ -5,6 +5,10 @@
 //! - Sinks + window (StreamingLLM: 4 sink tokens, a 4096-token causal window) at 64k and 128k,
 //!   against the dense causal kernel.
 //!
+//! - Dynamic block selection (`select_blocks` + `forward_selected`, MoBA's rule on the GPU):
+//!   causal, 16 heads of 128, bf16, the top 16 whole key blocks per query block, at 16k and 64k
+//!   tokens (`LONGFLASH_BENCH_SELECT` overrides; 0 skips), against the dense causal kernel.
+//!
 //! Each mask prints `RESULT {json}` with the median time (CUDA events), TFLOP/s on the computed
 //! blocks (4 * d per (query, key) pair of every listed block) and the speedup over dense. With
 //! LONGFLASH_MASK_DIR set, each mask is also written there (CSR + flags + metadata) so that
@@ -21,7 +25,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use longflash::sparse::{patterns, BlockMask, MaskShape, K_BLOCK, Q_BLOCK};
-use longflash::{ForwardOptions, Layout, MaskSpec, Output, SparseOptions};
+use longflash::{
+    BlockSelectPlan, ForwardOptions, Layout, MaskSpec, Output, SelectedOptions, SparseOptions,
+};
 
 /// (query, key) pairs of every listed block, per (batch, head) row of the mask, summed over the
 /// call's batch and heads.
@@ -203,5 +209,97 @@ fn bench_sparse(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_sparse);
+/// Dynamic block selection: the selection's time, the forward over it, and the dense causal
+/// forward on the same shape (see the module docs).
+fn bench_select(c: &mut Criterion) {
+    let Some(g) = gpu() else { return };
+    let device = g.ctx.name().unwrap_or_default();
+    let (d, heads, top_k) = (128usize, 16usize, 16usize);
+    let protocol = Protocol::from_env();
+    let mut group = c.benchmark_group("select_bf16_d128");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_millis(1000));
+    for s in parse_list("LONGFLASH_BENCH_SELECT", &[16384, 65536]) {
+        if s == 0 {
+            continue;
+        }
+        let l = Layout::bshd(1, s, heads, d);
+        let n = l.numel();
+        let q: CudaSlice<bf16> = g.stream.clone_htod(&random_bf16(n, 1)).unwrap();
+        let k: CudaSlice<bf16> = g.stream.clone_htod(&random_bf16(n, 2)).unwrap();
+        let v: CudaSlice<bf16> = g.stream.clone_htod(&random_bf16(n, 3)).unwrap();
+        let mut o: CudaSlice<bf16> = g.stream.alloc_zeros(n).unwrap();
+        let (qv, kv, vv) = (q.as_view(), k.as_view(), v.as_view());
+        let shape = MaskShape {
+            batch: 1,
+            heads,
+            seqlen_q: s,
+            seqlen_k: s,
+        };
+        let t0 = std::time::Instant::now();
+        let plan = BlockSelectPlan::new(shape, MaskSpec::causal(), top_k).unwrap();
+        let plan_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let nnz = plan.nnz();
+        let selector = g.attn.block_selector(&g.stream, plan).unwrap();
+        let mut time = |name: &str, f: &mut dyn FnMut()| {
+            let mut samples = sample_shape(
+                &mut group,
+                BenchmarkId::new(name.to_string(), s),
+                &g,
+                protocol,
+                f,
+            );
+            (!samples.is_empty()).then(|| median(&mut samples))
+        };
+        let Some(select_ms) = time("select", &mut || {
+            g.attn
+                .select_blocks(&g.stream, &selector, input(&qv, l), input(&kv, l))
+                .unwrap();
+        }) else {
+            continue;
+        };
+        let blocks = g
+            .attn
+            .select_blocks(&g.stream, &selector, input(&qv, l), input(&kv, l))
+            .unwrap();
+        let opts = SelectedOptions {
+            blocks: &blocks,
+            softmax_scale: None,
+        };
+        let forward_ms = time("forward_selected", &mut || {
+            let mut ov = o.as_view_mut();
+            let out = Output {
+                data: &mut ov,
+                layout: l,
+                lse: None,
+            };
+            g.attn
+                .forward_selected(
+                    &g.stream,
+                    input(&qv, l),
+                    input(&kv, l),
+                    input(&vv, l),
+                    out,
+                    &opts,
+                )
+                .unwrap();
+        })
+        .unwrap_or(f64::NAN);
+        let causal = ForwardOptions::causal();
+        let dense_ms = time("dense_causal", &mut || {
+            forward_same_layout(&g, (&qv, &kv, &vv), &mut o, l, &causal);
+        })
+        .unwrap_or(f64::NAN);
+        println!(
+            "RESULT {{\"impl\": \"longflash_select\", \"seqlen\": {s}, \"heads\": {heads}, \"head_dim\": {d}, \"top_k\": {top_k}, \"blocks\": {nnz}, \"density\": {:.4}, \"plan_host_ms\": {plan_ms:.2}, \"select_ms\": {select_ms:.4}, \"forward_ms\": {forward_ms:.4}, \"dense_causal_ms\": {dense_ms:.4}, \"speedup_vs_dense_causal\": {:.2}, \"device\": \"{device}\"}}",
+            nnz as f64 / (heads * shape.num_q_blocks() * shape.num_k_blocks()) as f64,
+            dense_ms / (select_ms + forward_ms),
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_sparse, bench_select);
 criterion_main!(benches);

@@ -64,7 +64,7 @@ impl MaskShape {
     fn row(&self, b: usize, h: usize, qb: usize) -> usize {
         (b * self.heads + h) * self.num_q_blocks() + qb
     }
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         for (dim, v) in [
             ("batch", self.batch),
             ("heads", self.heads),

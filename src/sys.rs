@@ -560,6 +560,132 @@ impl Default for LfMemoryTopkParams {
     }
 }
 #[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq, Eq)]
+pub struct LfBlockMeansParams {
+    pub x: *const ::core::ffi::c_void,
+    pub means: *mut f32,
+    pub batch_stride: i64,
+    pub row_stride: i64,
+    pub head_stride: i64,
+    pub batch: i32,
+    pub seqlen: i32,
+    pub heads: i32,
+    pub head_dim: i32,
+    pub block: i32,
+    pub reserved: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfBlockMeansParams"][::core::mem::size_of::<LfBlockMeansParams>() - 64usize];
+    ["Alignment of LfBlockMeansParams"][::core::mem::align_of::<LfBlockMeansParams>() - 8usize];
+    ["Offset of field: LfBlockMeansParams::x"]
+        [::core::mem::offset_of!(LfBlockMeansParams, x) - 0usize];
+    ["Offset of field: LfBlockMeansParams::means"]
+        [::core::mem::offset_of!(LfBlockMeansParams, means) - 8usize];
+    ["Offset of field: LfBlockMeansParams::batch_stride"]
+        [::core::mem::offset_of!(LfBlockMeansParams, batch_stride) - 16usize];
+    ["Offset of field: LfBlockMeansParams::row_stride"]
+        [::core::mem::offset_of!(LfBlockMeansParams, row_stride) - 24usize];
+    ["Offset of field: LfBlockMeansParams::head_stride"]
+        [::core::mem::offset_of!(LfBlockMeansParams, head_stride) - 32usize];
+    ["Offset of field: LfBlockMeansParams::batch"]
+        [::core::mem::offset_of!(LfBlockMeansParams, batch) - 40usize];
+    ["Offset of field: LfBlockMeansParams::seqlen"]
+        [::core::mem::offset_of!(LfBlockMeansParams, seqlen) - 44usize];
+    ["Offset of field: LfBlockMeansParams::heads"]
+        [::core::mem::offset_of!(LfBlockMeansParams, heads) - 48usize];
+    ["Offset of field: LfBlockMeansParams::head_dim"]
+        [::core::mem::offset_of!(LfBlockMeansParams, head_dim) - 52usize];
+    ["Offset of field: LfBlockMeansParams::block"]
+        [::core::mem::offset_of!(LfBlockMeansParams, block) - 56usize];
+    ["Offset of field: LfBlockMeansParams::reserved"]
+        [::core::mem::offset_of!(LfBlockMeansParams, reserved) - 60usize];
+};
+impl Default for LfBlockMeansParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq, Eq)]
+pub struct LfBlockSelectParams {
+    pub q_means: *const f32,
+    pub k_means: *const f32,
+    pub uni_offsets: *const i32,
+    pub uni_cols: *const i32,
+    pub uni_full: *const u8,
+    pub out_offsets: *const i32,
+    pub out_cols: *mut i32,
+    pub out_full: *mut u8,
+    pub error_flag: *mut i32,
+    pub batch: i32,
+    pub heads_q: i32,
+    pub heads_kv: i32,
+    pub head_dim: i32,
+    pub num_q_blocks: i32,
+    pub num_k_blocks: i32,
+    pub top_k: i32,
+    pub max_row: i32,
+    pub uni_len: i32,
+    pub out_len: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfBlockSelectParams"][::core::mem::size_of::<LfBlockSelectParams>() - 112usize];
+    ["Alignment of LfBlockSelectParams"][::core::mem::align_of::<LfBlockSelectParams>() - 8usize];
+    ["Offset of field: LfBlockSelectParams::q_means"]
+        [::core::mem::offset_of!(LfBlockSelectParams, q_means) - 0usize];
+    ["Offset of field: LfBlockSelectParams::k_means"]
+        [::core::mem::offset_of!(LfBlockSelectParams, k_means) - 8usize];
+    ["Offset of field: LfBlockSelectParams::uni_offsets"]
+        [::core::mem::offset_of!(LfBlockSelectParams, uni_offsets) - 16usize];
+    ["Offset of field: LfBlockSelectParams::uni_cols"]
+        [::core::mem::offset_of!(LfBlockSelectParams, uni_cols) - 24usize];
+    ["Offset of field: LfBlockSelectParams::uni_full"]
+        [::core::mem::offset_of!(LfBlockSelectParams, uni_full) - 32usize];
+    ["Offset of field: LfBlockSelectParams::out_offsets"]
+        [::core::mem::offset_of!(LfBlockSelectParams, out_offsets) - 40usize];
+    ["Offset of field: LfBlockSelectParams::out_cols"]
+        [::core::mem::offset_of!(LfBlockSelectParams, out_cols) - 48usize];
+    ["Offset of field: LfBlockSelectParams::out_full"]
+        [::core::mem::offset_of!(LfBlockSelectParams, out_full) - 56usize];
+    ["Offset of field: LfBlockSelectParams::error_flag"]
+        [::core::mem::offset_of!(LfBlockSelectParams, error_flag) - 64usize];
+    ["Offset of field: LfBlockSelectParams::batch"]
+        [::core::mem::offset_of!(LfBlockSelectParams, batch) - 72usize];
+    ["Offset of field: LfBlockSelectParams::heads_q"]
+        [::core::mem::offset_of!(LfBlockSelectParams, heads_q) - 76usize];
+    ["Offset of field: LfBlockSelectParams::heads_kv"]
+        [::core::mem::offset_of!(LfBlockSelectParams, heads_kv) - 80usize];
+    ["Offset of field: LfBlockSelectParams::head_dim"]
+        [::core::mem::offset_of!(LfBlockSelectParams, head_dim) - 84usize];
+    ["Offset of field: LfBlockSelectParams::num_q_blocks"]
+        [::core::mem::offset_of!(LfBlockSelectParams, num_q_blocks) - 88usize];
+    ["Offset of field: LfBlockSelectParams::num_k_blocks"]
+        [::core::mem::offset_of!(LfBlockSelectParams, num_k_blocks) - 92usize];
+    ["Offset of field: LfBlockSelectParams::top_k"]
+        [::core::mem::offset_of!(LfBlockSelectParams, top_k) - 96usize];
+    ["Offset of field: LfBlockSelectParams::max_row"]
+        [::core::mem::offset_of!(LfBlockSelectParams, max_row) - 100usize];
+    ["Offset of field: LfBlockSelectParams::uni_len"]
+        [::core::mem::offset_of!(LfBlockSelectParams, uni_len) - 104usize];
+    ["Offset of field: LfBlockSelectParams::out_len"]
+        [::core::mem::offset_of!(LfBlockSelectParams, out_len) - 108usize];
+};
+impl Default for LfBlockSelectParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq)]
 pub struct LfRopeQueriesParams {
     pub q: *const ::core::ffi::c_void,

@@ -18,7 +18,6 @@ use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::loader::{CtxGuard, Kernel, ModuleCache};
-use crate::sparse::DeviceBlockMask;
 
 pub mod append;
 pub mod backward;
@@ -31,6 +30,7 @@ pub mod merge;
 pub mod ring;
 pub mod rope;
 pub mod rope_backward;
+pub mod select;
 mod sm90;
 pub mod sparse;
 pub mod sparse_backward;
@@ -54,6 +54,9 @@ pub use merge::RawMerge;
 pub use ring::{RingAccumulator, RowOrder};
 pub use rope::{RawRope, RawRopeMode, RopeForward};
 pub use rope_backward::{rope_backward_workspace_bytes, RopeBackward};
+pub use select::{
+    BlockSelectPlan, BlockSelector, RawBlockSelect, SelectedBlocks, SelectedOptions, MAX_SELECT_ROW,
+};
 pub use sparse::{RawBlockMask, SparseOptions};
 pub use sparse_backward::SparseBackwardOptions;
 pub use varlen::{RawVarlenForward, VarlenOptions};
@@ -390,7 +393,7 @@ impl Attention {
         [q, k, v]: [Input<'_, '_, T>; 3],
         out: Output<'_, '_, T>,
         options: ForwardOptions,
-        block_mask: Option<&DeviceBlockMask>,
+        block_mask: Option<sparse::DeviceCsr<'_>>,
         launch: impl FnOnce(&RawForward) -> Result<()>,
     ) -> Result<()> {
         self.same_context("stream", stream.context().cu_ctx())?;
@@ -427,13 +430,12 @@ impl Attention {
             let (col_indices, g2) = m.col_indices.device_ptr(stream);
             let (full, g3) = m.full.device_ptr(stream);
             _mask_guards.extend([g1, g2, g3]);
-            let s = m.mask.shape();
             RawBlockMask {
                 row_offsets,
                 col_indices,
                 full,
-                batch: s.batch,
-                heads: s.heads,
+                batch: m.batch,
+                heads: m.heads,
             }
         });
         let raw = RawForward {

@@ -367,12 +367,19 @@ impl Attention {
             }
             self.same_context_mask(bm)?;
         }
-        self.forward_impl(stream, [q, k, v], out, options, opts.block_mask, |raw| {
-            // SAFETY: as in forward (block mask included); the tables and workspaces were allocated above in this
-            // context with the sizes the contract asks for, and live until the call returns
-            // (the driver orders their frees after the kernels on this stream).
-            unsafe { self.forward_rope_raw(stream.cu_stream(), raw, &raw_rope) }
-        })
+        self.forward_impl(
+            stream,
+            [q, k, v],
+            out,
+            options,
+            opts.block_mask.map(|m| m.csr()),
+            |raw| {
+                // SAFETY: as in forward (block mask included); the tables and workspaces were allocated above in this
+                // context with the sizes the contract asks for, and live until the call returns
+                // (the driver orders their frees after the kernels on this stream).
+                unsafe { self.forward_rope_raw(stream.cu_stream(), raw, &raw_rope) }
+            },
+        )
     }
 
     /// The mainloop a RoPE forward call with these arguments runs (validating them first); see

@@ -2,7 +2,7 @@
 //! and validation, and the safe entry point (the raw one is [`Attention::forward_raw`] with
 //! [`RawForward::block_mask`](super::RawForward::block_mask) set).
 
-use cudarc::driver::{sys, CudaStream};
+use cudarc::driver::{sys, CudaSlice, CudaStream};
 
 use super::{Attention, ForwardOptions, Input, Output};
 use crate::check::aligned;
@@ -36,6 +36,32 @@ pub struct RawBlockMask {
     pub batch: usize,
     /// Heads with their own rows (1 or the call's query heads).
     pub heads: usize,
+}
+
+/// The device lists of a block mask as the forward reads them: a [`DeviceBlockMask`]'s or a
+/// device selection's ([`super::select::SelectedBlocks`]).
+pub(super) struct DeviceCsr<'a> {
+    pub(super) row_offsets: &'a CudaSlice<i32>,
+    pub(super) col_indices: &'a CudaSlice<i32>,
+    pub(super) full: &'a CudaSlice<u8>,
+    /// Batch entries with their own rows (1 or the call's batch).
+    pub(super) batch: usize,
+    /// Heads with their own rows (1 or the call's query heads).
+    pub(super) heads: usize,
+}
+
+impl DeviceBlockMask {
+    /// The mask's device lists.
+    pub(super) fn csr(&self) -> DeviceCsr<'_> {
+        let s = self.mask.shape();
+        DeviceCsr {
+            row_offsets: &self.row_offsets,
+            col_indices: &self.col_indices,
+            full: &self.full,
+            batch: s.batch,
+            heads: s.heads,
+        }
+    }
 }
 
 impl RawBlockMask {
@@ -121,12 +147,19 @@ impl Attention {
             mask: m.element_mask(),
             softmax_scale: sparse.softmax_scale,
         };
-        self.forward_impl(stream, [q, k, v], out, options, Some(sparse.mask), |raw| {
-            // SAFETY: as in forward; the block mask came from a validated BlockMask checked
-            // against this call's shape, so its CSR indices stay in range and its flags match
-            // its element mask.
-            unsafe { self.forward_raw(stream.cu_stream(), raw) }
-        })
+        self.forward_impl(
+            stream,
+            [q, k, v],
+            out,
+            options,
+            Some(sparse.mask.csr()),
+            |raw| {
+                // SAFETY: as in forward; the block mask came from a validated BlockMask checked
+                // against this call's shape, so its CSR indices stay in range and its flags match
+                // its element mask.
+                unsafe { self.forward_raw(stream.cu_stream(), raw) }
+            },
+        )
     }
 
     /// Checks that the three device arrays of a block mask live in this value's context.

@@ -7,7 +7,8 @@
 //! the diagonal under a causal mask) are always kept, as MoBA always attends the current block;
 //! among the blocks it leaves whole, the `top_k` with the largest score `mean(q) . mean(k)` are
 //! kept, a tie going to the lower key block. Blocks the element mask hides entirely are never
-//! listed. Scores are computed in f64 from the given values, so the choice is deterministic.
+//! listed. Scores are computed in f64 from the given values, so the choice is deterministic
+//! (+0 and -0 compare equal). `attention::select` makes the same choice on the GPU.
 
 use super::{BlockMask, MaskShape, K_BLOCK, Q_BLOCK};
 use crate::error::{Error, Result};
@@ -121,7 +122,8 @@ pub fn select_blocks(
                         whole.push((qm.iter().zip(km).map(|(a, c)| a * c).sum(), kb));
                     }
                 }
-                whole.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+                // +0 and -0 compare equal (the tie goes to the lower block), as on the device.
+                whole.sort_by(|x, y| (y.0 + 0.0).total_cmp(&(x.0 + 0.0)).then(x.1.cmp(&y.1)));
                 for &(_, kb) in whole.iter().take(top_k) {
                     keep[row * nkb + kb] = true;
                 }

@@ -32,6 +32,7 @@ mod narrow;
 mod ring;
 mod rope;
 mod rope_long;
+mod select;
 mod sparse;
 mod varlen;
 mod varlen_rope;

@@ -238,6 +238,53 @@ typedef struct LfMemoryTopkParams {
     int32_t top_k;
 } LfMemoryTopkParams;
 
+/* Dynamic block selection (cuda/select.cuh). The pooling pass writes the f32 mean of each block of
+ * `block` rows (the last block may be shorter) of a [batch, seqlen, heads, head_dim] tensor with
+ * the given element strides, as contiguous [batch, heads, ceil(seqlen / block), head_dim]. */
+typedef struct LfBlockMeansParams {
+    const void *x;
+    float *means;
+    int64_t batch_stride;
+    int64_t row_stride;
+    int64_t head_stride;
+    int32_t batch;
+    int32_t seqlen;
+    int32_t heads;
+    int32_t head_dim;
+    int32_t block;
+    int32_t reserved; /* 0 */
+} LfBlockMeansParams;
+
+/* The selection pass: CSR row r = (b * heads_q + h) * num_q_blocks + qb keeps, of its universe
+ * row qb (uni_*: the element mask's visible key blocks of query block qb, ascending, with their
+ * full flags, uni_len entries in all; shared by every batch entry and head, at most max_row a row),
+ * every partial block and the top_k full blocks by dot(q_means row r, k_means[b][h / group][kb])
+ * (larger first, ties to the lower block), written ascending with their flags at
+ * out_cols/out_full[out_offsets[r] ..] (out_len entries in all). Offsets outside the lists, block
+ * indices outside [0, num_k_blocks) and a row whose kept count differs from its out_offsets room
+ * set *error_flag (when not NULL); nothing is read or written outside the lists. */
+typedef struct LfBlockSelectParams {
+    const float *q_means;
+    const float *k_means;
+    const int32_t *uni_offsets;
+    const int32_t *uni_cols;
+    const uint8_t *uni_full;
+    const int32_t *out_offsets;
+    int32_t *out_cols;
+    uint8_t *out_full;
+    int32_t *error_flag;
+    int32_t batch;
+    int32_t heads_q;
+    int32_t heads_kv;
+    int32_t head_dim;
+    int32_t num_q_blocks;
+    int32_t num_k_blocks;
+    int32_t top_k;
+    int32_t max_row;
+    int32_t uni_len;
+    int32_t out_len;
+} LfBlockSelectParams;
+
 /* The RoPE backward's passes (cuda/rope_bwd.cuh), around two calls of the exact backward (one over
  * the pairs inside the ReRoPE window, one over those outside). The query pass writes each side's
  * rotated queries as the forward's Q preparation computes them: q_in = m_i A_{p_i} q_i and, unless
