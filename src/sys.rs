@@ -686,6 +686,87 @@ impl Default for LfBlockSelectParams {
     }
 }
 #[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq, Eq)]
+pub struct LfMemoryAppendParams {
+    pub src_k: *const ::core::ffi::c_void,
+    pub src_v: *const ::core::ffi::c_void,
+    pub dst_k: *mut ::core::ffi::c_void,
+    pub dst_v: *mut ::core::ffi::c_void,
+    pub src_k_batch_stride: i64,
+    pub src_k_row_stride: i64,
+    pub src_k_head_stride: i64,
+    pub src_v_batch_stride: i64,
+    pub src_v_row_stride: i64,
+    pub src_v_head_stride: i64,
+    pub dst_batch_stride: i64,
+    pub dst_row_stride: i64,
+    pub dst_head_stride: i64,
+    pub batch: i32,
+    pub rows: i32,
+    pub heads: i32,
+    pub head_dim: i32,
+    pub src_row0: i32,
+    pub dst_row0: i32,
+    pub dst_rows: i32,
+    pub reserved: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfMemoryAppendParams"][::core::mem::size_of::<LfMemoryAppendParams>() - 136usize];
+    ["Alignment of LfMemoryAppendParams"][::core::mem::align_of::<LfMemoryAppendParams>() - 8usize];
+    ["Offset of field: LfMemoryAppendParams::src_k"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, src_k) - 0usize];
+    ["Offset of field: LfMemoryAppendParams::src_v"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, src_v) - 8usize];
+    ["Offset of field: LfMemoryAppendParams::dst_k"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, dst_k) - 16usize];
+    ["Offset of field: LfMemoryAppendParams::dst_v"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, dst_v) - 24usize];
+    ["Offset of field: LfMemoryAppendParams::src_k_batch_stride"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, src_k_batch_stride) - 32usize];
+    ["Offset of field: LfMemoryAppendParams::src_k_row_stride"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, src_k_row_stride) - 40usize];
+    ["Offset of field: LfMemoryAppendParams::src_k_head_stride"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, src_k_head_stride) - 48usize];
+    ["Offset of field: LfMemoryAppendParams::src_v_batch_stride"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, src_v_batch_stride) - 56usize];
+    ["Offset of field: LfMemoryAppendParams::src_v_row_stride"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, src_v_row_stride) - 64usize];
+    ["Offset of field: LfMemoryAppendParams::src_v_head_stride"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, src_v_head_stride) - 72usize];
+    ["Offset of field: LfMemoryAppendParams::dst_batch_stride"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, dst_batch_stride) - 80usize];
+    ["Offset of field: LfMemoryAppendParams::dst_row_stride"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, dst_row_stride) - 88usize];
+    ["Offset of field: LfMemoryAppendParams::dst_head_stride"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, dst_head_stride) - 96usize];
+    ["Offset of field: LfMemoryAppendParams::batch"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, batch) - 104usize];
+    ["Offset of field: LfMemoryAppendParams::rows"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, rows) - 108usize];
+    ["Offset of field: LfMemoryAppendParams::heads"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, heads) - 112usize];
+    ["Offset of field: LfMemoryAppendParams::head_dim"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, head_dim) - 116usize];
+    ["Offset of field: LfMemoryAppendParams::src_row0"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, src_row0) - 120usize];
+    ["Offset of field: LfMemoryAppendParams::dst_row0"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, dst_row0) - 124usize];
+    ["Offset of field: LfMemoryAppendParams::dst_rows"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, dst_rows) - 128usize];
+    ["Offset of field: LfMemoryAppendParams::reserved"]
+        [::core::mem::offset_of!(LfMemoryAppendParams, reserved) - 132usize];
+};
+impl Default for LfMemoryAppendParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq)]
 pub struct LfRopeQueriesParams {
     pub q: *const ::core::ffi::c_void,

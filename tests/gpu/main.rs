@@ -26,6 +26,7 @@ mod decode_splits;
 mod dense;
 mod hopper;
 mod memory;
+mod memory_buffer;
 mod memory_decode;
 mod memory_top_k;
 mod narrow;

@@ -285,6 +285,34 @@ typedef struct LfBlockSelectParams {
     int32_t out_len;
 } LfBlockSelectParams;
 
+/* Memory buffer append (cuda/memory_append.cuh): rows [src_row0, src_row0 + rows) of a window's
+ * keys and values ([batch, window, heads, head_dim], element strides, type S) go, cast to the
+ * buffer's type, to rows (dst_row0 + t) % dst_rows of the buffer's keys and values ([batch,
+ * dst_rows, heads, head_dim], element strides). */
+typedef struct LfMemoryAppendParams {
+    const void *src_k;
+    const void *src_v;
+    void *dst_k;
+    void *dst_v;
+    int64_t src_k_batch_stride;
+    int64_t src_k_row_stride;
+    int64_t src_k_head_stride;
+    int64_t src_v_batch_stride;
+    int64_t src_v_row_stride;
+    int64_t src_v_head_stride;
+    int64_t dst_batch_stride;
+    int64_t dst_row_stride;
+    int64_t dst_head_stride;
+    int32_t batch;
+    int32_t rows;
+    int32_t heads;
+    int32_t head_dim;
+    int32_t src_row0;
+    int32_t dst_row0;
+    int32_t dst_rows;
+    int32_t reserved; /* 0 */
+} LfMemoryAppendParams;
+
 /* The RoPE backward's passes (cuda/rope_bwd.cuh), around two calls of the exact backward (one over
  * the pairs inside the ReRoPE window, one over those outside). The query pass writes each side's
  * rotated queries as the forward's Q preparation computes them: q_in = m_i A_{p_i} q_i and, unless

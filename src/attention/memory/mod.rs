@@ -24,10 +24,12 @@ use crate::mask::MaskSpec;
 use crate::rope::{PositionMode, RopeOptions};
 use crate::Element;
 
+mod buffer;
 mod decode;
 mod top_k;
 mod two_pass;
 
+pub use buffer::{AppendSource, MemoryBuffer, MemoryGrowth, MemoryViews};
 pub use decode::MemoryDecode;
 pub use top_k::{RawMemorySelect, MAX_TOP_K};
 
