@@ -136,7 +136,11 @@ fn appends_t<T: Element, S: longflash::attention::memory::AppendSource>(
         assert_eq!(buf.capacity(), model.capacity);
         let keys: Vec<T> = s.clone_dtoh(&views.keys).unwrap();
         let values: Vec<T> = s.clone_dtoh(&views.values).unwrap();
-        let bmask: Vec<u8> = s.clone_dtoh(&views.mask).unwrap();
+        assert_eq!(views.mask.is_some(), with_mask);
+        let bmask: Vec<u8> = match &views.mask {
+            Some(m) => s.clone_dtoh(m).unwrap(),
+            None => vec![1; batch * len],
+        };
         for b in 0..batch {
             for (j, (k, v, m)) in model.slots[b].iter().enumerate() {
                 let at = b * ml.batch_stride as usize + j * ml.seq_stride as usize;
@@ -219,7 +223,7 @@ fn memory_layer_reads_a_buffer() {
     let ml = views.layout;
     let keys: Vec<bf16> = s.clone_dtoh(&views.keys).unwrap();
     let values: Vec<bf16> = s.clone_dtoh(&views.values).unwrap();
-    let mask: Vec<u8> = s.clone_dtoh(&views.mask).unwrap();
+    let mask: Vec<u8> = s.clone_dtoh(views.mask.as_ref().unwrap()).unwrap();
     let cl = Layout::bshd(b, ml.seqlen, hk, d);
     let pick = |x: &[bf16]| -> Vec<bf16> {
         let mut out = Vec::with_capacity(cl.numel());

@@ -9,8 +9,9 @@
 //!
 //! Keys and values are `[batch, capacity, heads_kv, head_dim]`, the mask `[batch, capacity]`
 //! bytes; [`MemoryBuffer::views`] gives the held entries as the memory calls take them
-//! (`[batch, len, heads_kv, head_dim]` with the capacity's batch stride, the mask `[batch, len]`,
-//! kept contiguous by a copy after appends while a batch of several entries is not full).
+//! (`[batch, len, heads_kv, head_dim]` with the capacity's batch stride; the mask `[batch, len]`,
+//! kept contiguous by a copy after appends while a batch of several sequences is not full, and
+//! only once an append has given one).
 
 use std::sync::Arc;
 
@@ -75,6 +76,8 @@ pub struct MemoryBuffer<T> {
     /// The slot the next entry goes to (`len` until a ring wraps).
     next: usize,
     growth: MemoryGrowth,
+    /// Whether an append since the last clear gave a mask.
+    masked: bool,
 }
 
 /// The held entries of a [`MemoryBuffer`] as views (see [`MemoryBuffer::views`]).
@@ -83,8 +86,9 @@ pub struct MemoryViews<'a, T> {
     pub keys: CudaView<'a, T>,
     /// The values, the keys' layout.
     pub values: CudaView<'a, T>,
-    /// `[batch, len]` visibility bytes.
-    pub mask: CudaView<'a, u8>,
+    /// `[batch, len]` visibility bytes; `None` when no append gave a mask (every entry visible),
+    /// so that the calls that take no mask (`decode_memory`, the two-pass path) take the memory.
+    pub mask: Option<CudaView<'a, u8>>,
     /// `[batch, len, heads_kv, head_dim]` with the buffer's strides.
     pub layout: Layout,
 }
@@ -101,7 +105,7 @@ impl<T> MemoryViews<'_, T> {
                 data: &self.values,
                 layout: self.layout,
             },
-            mask: Some(&self.mask),
+            mask: self.mask.as_ref(),
         }
     }
 }
@@ -152,6 +156,7 @@ impl<T: Element> MemoryBuffer<T> {
             len: 0,
             next: 0,
             growth,
+            masked: false,
         })
     }
 
@@ -174,6 +179,7 @@ impl<T: Element> MemoryBuffer<T> {
     pub fn clear(&mut self) {
         self.len = 0;
         self.next = 0;
+        self.masked = false;
     }
 
     /// The layout of the held entries' keys and values.
@@ -193,11 +199,11 @@ impl<T: Element> MemoryBuffer<T> {
     /// The held entries as views (slot order: with [`MemoryGrowth::EvictOldest`] a wrapped ring
     /// starts anywhere).
     pub fn views(&self) -> MemoryViews<'_, T> {
-        let n = self.batch * self.len;
-        let mask = match &self.compact {
-            Some(c) if self.batch > 1 && self.len < self.capacity => c.slice(0..n.max(1)),
-            _ => self.mask.slice(0..n.max(1)),
-        };
+        let n = (self.batch * self.len).max(1);
+        let mask = self.masked.then(|| match &self.compact {
+            Some(c) if self.batch > 1 && self.len < self.capacity => c.slice(0..n),
+            _ => self.mask.slice(0..n),
+        });
         MemoryViews {
             keys: self.keys.as_view(),
             values: self.values.as_view(),
@@ -481,8 +487,9 @@ impl Attention {
         }
         buffer.len = (buffer.len + rows).min(cap);
         buffer.next = (slot + rows) % cap;
+        buffer.masked |= mask.is_some();
         // Several sequences, not full: the mask's held entries copied contiguous.
-        if buffer.batch > 1 && buffer.len < cap {
+        if buffer.masked && buffer.batch > 1 && buffer.len < cap {
             if buffer.compact.is_none() {
                 buffer.compact = Some(
                     stream
