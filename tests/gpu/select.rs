@@ -218,7 +218,7 @@ fn check_ranking(c: &SelCase, got: &BlockMask, expected: &BlockMask, q: &[f32], 
     let (sq, sk, hq, hk, d) = (c.seqlen_q, c.seqlen_k, c.heads_q, c.heads_kv, c.head_dim);
     let shape = got.shape();
     let all = BlockMask::from_fn(shape, c.mask, |_, _, _, _| true).unwrap();
-    let (nqb, nkb) = (shape.num_q_blocks(), shape.num_k_blocks());
+    let nqb = shape.num_q_blocks();
     for b in 0..c.batch {
         for h in 0..hq {
             for qb in 0..nqb {
@@ -255,7 +255,6 @@ fn check_ranking(c: &SelCase, got: &BlockMask, expected: &BlockMask, q: &[f32], 
                         dropped = dropped.max(s);
                     }
                 }
-                let _ = nkb;
                 assert!(
                     kept >= dropped - 1e-5 * scale.max(1e-30),
                     "{c:?}: row ({b}, {h}, {qb}) keeps a score {kept} below a dropped {dropped}"
