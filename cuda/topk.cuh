@@ -6,12 +6,15 @@
 // policy) streams the memory's key tiles in index order. A score beating its row's threshold is
 // appended to the row's LF_TOPK_CAP candidate slots in global memory (an 8-byte key: the score's
 // order bits over the complement of the index, so a larger key is a larger score or, at equal
-// scores, a lower index). When a row's count passes LF_TOPK_CAP - LF_TOPK_KEYS, its warp sorts
-// the candidates (a bitonic sort in registers), keeps the top_k, and raises the threshold to the
-// k-th score. That is exact: an entry not above the threshold has top_k entries of at least its
-// score and lower indices, since every later entry has a higher index than all kept ones. With
-// scores of random data few entries beat the threshold once it settles (about top_k * ln(n /
-// top_k) for n entries); a memory whose scores rise with the index sorts every few tiles.
+// scores, a lower index). When a row's count passes LF_TOPK_CAP - LF_TOPK_KEYS, its warp
+// compacts them: it finds the k-th largest key bit by bit (warp-wide counts, no sort), keeps the
+// top_k in any order and raises the threshold to the k-th score. That is exact: an entry not
+// above the threshold has top_k entries of at least its score and lower indices, since every
+// later entry has a higher index than all kept ones. After the last tile the kept entries are
+// sorted once (a bitonic sort in registers). With scores of random data few entries beat the
+// threshold once it settles (about top_k * ln(n / top_k) for n entries); a memory whose scores
+// rise with the index compacts every few tiles. cuda/topk_sm90.cuh is the same selection with
+// Hopper's wgmma scores.
 #pragma once
 
 #include "sm80/mainloop.cuh"
@@ -75,30 +78,111 @@ __device__ __forceinline__ void warp_sort_desc(unsigned long long (&v)[E], int l
 }
 
 constexpr int kTopkSlotsPerLane = LF_TOPK_CAP / 32;
+// Slots per lane of the final sort: every kept entry (at most LF_TOPK_MAX_K) in one network.
+constexpr int kTopkOutPerLane = LF_TOPK_MAX_K / 32;
 
-// Loads a row's first n candidates (the rest as 0) and sorts them, descending.
-__device__ __forceinline__ void topk_load_sorted(unsigned long long (&v)[kTopkSlotsPerLane],
-                                                 const unsigned long long *cand, int n, int lane) {
+// Loads a row's first n candidates (the rest as 0) into E keys per lane.
+template <int E>
+__device__ __forceinline__ void topk_load(unsigned long long (&v)[E], const unsigned long long *cand,
+                                          int n, int lane) {
 #pragma unroll
-    for (int i = 0; i < kTopkSlotsPerLane; ++i) {
+    for (int i = 0; i < E; ++i) {
         const int pos = 32 * i + lane;
         v[i] = pos < n ? cand[pos] : 0ull;
     }
-    warp_sort_desc<kTopkSlotsPerLane>(v, lane);
 }
 
-// The key at sorted position pos of the warp's v (uniform pos).
-__device__ __forceinline__ unsigned long long topk_at(const unsigned long long (&v)[kTopkSlotsPerLane],
-                                                      int pos) {
-    // Every slot is shuffled (no register array indexed at run time, which would live in
-    // local memory); the one at pos's slot is kept.
-    unsigned long long x = 0;
+// The k-th largest of the warp's keys (distinct but for 0s, at least k of them nonzero; every
+// nonzero key's high word is nonzero). Found bit by bit, without sorting: first the largest
+// high word h with at least k keys at or above it, then, among the keys of high word h, the
+// (k - keys above h)-th largest low word (the smallest one when that takes them all, the usual
+// case: scores rarely tie).
+template <int E>
+__device__ __forceinline__ unsigned long long warp_kth_key(const unsigned long long (&v)[E], int k) {
+    uint32_t hi = 0;
+#pragma unroll 1
+    for (int b = 31; b >= 0; --b) {
+        const uint32_t t = hi | (1u << b);
+        int c = 0;
 #pragma unroll
-    for (int i = 0; i < kTopkSlotsPerLane; ++i) {
-        const unsigned long long y = __shfl_sync(0xffffffffu, v[i], pos & 31);
-        x = i == (pos >> 5) ? y : x;
+        for (int i = 0; i < E; ++i) c += static_cast<uint32_t>(v[i] >> 32) >= t;
+        if (static_cast<int>(__reduce_add_sync(0xffffffffu, c)) >= k) hi = t;
     }
-    return x;
+    int above = 0, eq = 0;
+    uint32_t lo_min = 0xffffffffu;
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+        const uint32_t h = static_cast<uint32_t>(v[i] >> 32);
+        above += h > hi;
+        eq += h == hi;
+        if (h == hi) lo_min = min(lo_min, static_cast<uint32_t>(v[i]));
+    }
+    const int need = k - static_cast<int>(__reduce_add_sync(0xffffffffu, above));
+    uint32_t lo;
+    if (static_cast<int>(__reduce_add_sync(0xffffffffu, eq)) == need) {
+        lo = __reduce_min_sync(0xffffffffu, lo_min);
+    } else {
+        lo = 0;
+#pragma unroll 1
+        for (int b = 31; b >= 0; --b) {
+            const uint32_t t = lo | (1u << b);
+            int c = 0;
+#pragma unroll
+            for (int i = 0; i < E; ++i)
+                c += static_cast<uint32_t>(v[i] >> 32) == hi && static_cast<uint32_t>(v[i]) >= t;
+            if (static_cast<int>(__reduce_add_sync(0xffffffffu, c)) >= need) lo = t;
+        }
+    }
+    return (static_cast<unsigned long long>(hi) << 32) | lo;
+}
+
+// Writes the warp's keys at or above `kth` to cand[0, ...) in any order (a ballot scan);
+// returns how many.
+template <int E>
+__device__ __forceinline__ int warp_keep_from(const unsigned long long (&v)[E],
+                                              unsigned long long kth, unsigned long long *cand,
+                                              int lane) {
+    const unsigned below = (1u << lane) - 1u;
+    int base = 0;
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+        const bool keep = v[i] >= kth;
+        const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+        if (keep) cand[base + __popc(ballot & below)] = v[i];
+        base += __popc(ballot);
+    }
+    return base;
+}
+
+// A row's compaction: of its n candidates (n > k), keeps the k largest keys in cand[0, k) and
+// returns the k-th largest. The stores of the kept keys may overwrite slots other lanes loaded:
+// every lane loads before any stores (the count's reduction orders them).
+__device__ __forceinline__ unsigned long long topk_compact(unsigned long long *cand, int n, int k,
+                                                           int lane) {
+    unsigned long long v[kTopkSlotsPerLane];
+    topk_load(v, cand, n, lane);
+    const unsigned long long kth = warp_kth_key(v, k);
+    warp_keep_from(v, kth, cand, lane);
+    return kth;
+}
+
+// A row's result after its last tile: of its n candidates, the min(n, k) largest by descending
+// key (score descending, ties by ascending index), -1 past n, to out[0, k).
+__device__ __forceinline__ void topk_finish(unsigned long long *cand, int n, int k, int32_t *out,
+                                            int lane) {
+    if (n > k) {
+        topk_compact(cand, n, k, lane);
+        n = k;
+        __syncwarp();
+    }
+    unsigned long long v[kTopkOutPerLane];
+    topk_load(v, cand, n, lane);
+    warp_sort_desc<kTopkOutPerLane>(v, lane);
+#pragma unroll
+    for (int i = 0; i < kTopkOutPerLane; ++i) {
+        const int pos = 32 * i + lane;
+        if (pos < k) out[pos] = pos < n ? topk_index(v[i]) : -1;
+    }
 }
 
 template <class Tr> __device__ __forceinline__ void topk_select(const LfMemoryTopkParams &p) {
@@ -190,22 +274,12 @@ template <class Tr> __device__ __forceinline__ void topk_select(const LfMemoryTo
             const int64_t grow = row0 + warp_row0 + r;
             unsigned long long *cand = p.cand + grow * LF_TOPK_CAP;
             const int n = __shfl_sync(0xffffffffu, n_lane, r);
-            unsigned long long v[kTopkSlotsPerLane];
-            topk_load_sorted(v, cand, n, lane);
             if (last) {
                 // The selection, by descending score (ties: ascending index), -1 past the count.
-                int32_t *out = p.indices + grow * k;
-#pragma unroll
-                for (int i = 0; i < kTopkSlotsPerLane; ++i) {
-                    const int pos = 32 * i + lane;
-                    if (pos < k) out[pos] = pos < n ? topk_index(v[i]) : -1;
-                }
+                topk_finish(cand, n, k, p.indices + grow * k, lane);
                 continue;
             }
-#pragma unroll
-            for (int i = 0; i < kTopkSlotsPerLane; ++i)
-                if (32 * i + lane < k) cand[32 * i + lane] = v[i];
-            const float kth = topk_score(topk_at(v, k - 1));
+            const float kth = topk_score(topk_compact(cand, n, k, lane));
             __syncwarp();
             if (lane == 0) {
                 count[warp_row0 + r] = k;

@@ -8,6 +8,10 @@ pub const LF_TOPK_ROWS: u32 = 64;
 pub const LF_TOPK_KEYS: u32 = 64;
 pub const LF_TOPK_CAP: u32 = 512;
 pub const LF_TOPK_MAX_K: u32 = 256;
+pub const LF_TOPK_SM90_ROWS: u32 = 128;
+pub const LF_TOPK_SM90_KEYS: u32 = 128;
+pub const LF_TOPK_SM90_STAGES: u32 = 4;
+pub const LF_TOPK_SM90_THREADS: u32 = 384;
 pub const LF_FWD_WARPS: u32 = 4;
 pub const LF_FWD_BR_D64: u32 = 128;
 pub const LF_FWD_BC_D64: u32 = 64;
@@ -551,6 +555,36 @@ const _: () = {
         [::core::mem::offset_of!(LfMemoryTopkParams, top_k) - 188usize];
 };
 impl Default for LfMemoryTopkParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[repr(align(128))]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfMemoryTopkSm90Params {
+    pub topk: LfMemoryTopkParams,
+    pub __bindgen_padding_0: [u64; 8usize],
+    pub tma_q: LfTensorMap,
+    pub tma_k: LfTensorMap,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfMemoryTopkSm90Params"][::core::mem::size_of::<LfMemoryTopkSm90Params>() - 512usize];
+    ["Alignment of LfMemoryTopkSm90Params"]
+        [::core::mem::align_of::<LfMemoryTopkSm90Params>() - 128usize];
+    ["Offset of field: LfMemoryTopkSm90Params::topk"]
+        [::core::mem::offset_of!(LfMemoryTopkSm90Params, topk) - 0usize];
+    ["Offset of field: LfMemoryTopkSm90Params::tma_q"]
+        [::core::mem::offset_of!(LfMemoryTopkSm90Params, tma_q) - 256usize];
+    ["Offset of field: LfMemoryTopkSm90Params::tma_k"]
+        [::core::mem::offset_of!(LfMemoryTopkSm90Params, tma_k) - 384usize];
+};
+impl Default for LfMemoryTopkSm90Params {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -51,7 +51,12 @@ fn smem_bytes(head_dim: usize, br: usize, bc: usize, q_variants: usize) -> u32 {
 /// A 4-D tensor map (head_dim, seqlen, heads, batch) of a 16-bit tensor at `ptr` with layout
 /// `l`: boxes of 64 columns by `box_rows` rows, 128-byte swizzle, zeros outside. `Err` says why
 /// a tensor map cannot describe the layout.
-fn tensor_map(ptr: u64, l: &Layout, dtype: DType, box_rows: usize) -> Result<LfTensorMap> {
+pub(super) fn tensor_map(
+    ptr: u64,
+    l: &Layout,
+    dtype: DType,
+    box_rows: usize,
+) -> Result<LfTensorMap> {
     // Strides in bytes of the seqlen, heads and batch dimensions. A dimension of extent 1 is
     // never stepped over, so any valid stride stands in for it.
     let mut strides = [0u64; 3];
@@ -144,7 +149,7 @@ struct Shape {
 }
 
 /// The error of a call `MainloopChoice::Sm90` asked for that the Hopper kernels cannot run.
-fn unsupported(why: String) -> Error {
+pub(super) fn unsupported(why: String) -> Error {
     Error::InvalidArgument {
         arg: "mainloop",
         value: "MainloopChoice::Sm90".into(),

@@ -4,12 +4,15 @@
 //! tile beats the threshold, or none does); the top-k layer (`forward_memory_top_k`) against
 //! `reference::memory_attention_f64` with `top_k` under the correctness rule; and its errors.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::{bf16, f16};
-use longflash::attention::MAX_TOP_K;
+use longflash::attention::{RawMemorySelect, MAX_TOP_K};
 use longflash::reference::memory_top_k;
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
-use longflash::{DType, Element, Error, Input, Layout, MemoryForward, MemoryInput, Output};
+use longflash::{
+    Attention, DType, Element, Error, Input, Layout, Mainloop, MainloopChoice, MemoryForward,
+    MemoryInput, Output,
+};
 
 use crate::common::Rng;
 use crate::common::*;
@@ -43,7 +46,7 @@ struct SelectCase {
     seed: u64,
 }
 
-fn select_t<T: Element>(g: &Gpu, c: &SelectCase) {
+fn select_t<T: Element>(g: &Gpu, attn: &Attention, c: &SelectCase) {
     let mut rng = Rng(c.seed);
     let (b, hq, hk, d, m) = (c.batch, c.heads_q, c.heads_kv, c.head_dim, c.mem_len);
     let ql = Layout::bshd(b, c.seqlen_q, hq, d);
@@ -81,26 +84,57 @@ fn select_t<T: Element>(g: &Gpu, c: &SelectCase) {
     });
     let rows = b * hq * c.seqlen_q;
     let mut d_idx: CudaSlice<i32> = s.clone_htod(&vec![i32::MIN; rows * c.top_k]).unwrap();
+    // The mainloop the call runs: the Hopper kernel on a compute capability 9.0 device at head
+    // dims 64 and 128 (tensors a tensor map describes) unless the sm_80 one is chosen.
+    {
+        let (qp, _g1) = dq.device_ptr(s);
+        let (kp, _g2) = dk.device_ptr(s);
+        let (mp, _g3) = match &dmask {
+            Some(m) => {
+                let (p, g) = m.device_ptr(s);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (ip, _g4) = d_idx.device_ptr_mut(s);
+        let raw = RawMemorySelect {
+            dtype: T::DTYPE,
+            q: qp,
+            q_layout: ql,
+            keys: kp,
+            keys_layout: kl,
+            mask: mp,
+            top_k: c.top_k,
+            indices: ip,
+            workspace: 16,
+            workspace_bytes: usize::MAX,
+        };
+        let ran = attn.memory_select_mainloop(&raw);
+        if attn.mainloop() == MainloopChoice::Sm80 {
+            assert_eq!(ran.unwrap(), Mainloop::Sm80, "{c:?}");
+        } else if attn.compute_capability() == (9, 0) && (d == 64 || d == 128) {
+            assert_eq!(ran.unwrap(), Mainloop::Sm90, "{c:?}");
+        }
+    }
     {
         let (qv, kv) = (dq.as_view(), dk.as_view());
         let mv = dmask.as_ref().map(|x| x.as_view());
         let mut iv = d_idx.as_view_mut();
-        g.attn
-            .memory_select_top_k(
-                s,
-                Input {
-                    data: &qv,
-                    layout: ql,
-                },
-                Input {
-                    data: &kv,
-                    layout: kl,
-                },
-                mv.as_ref(),
-                c.top_k,
-                &mut iv,
-            )
-            .unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        attn.memory_select_top_k(
+            s,
+            Input {
+                data: &qv,
+                layout: ql,
+            },
+            Input {
+                data: &kv,
+                layout: kl,
+            },
+            mv.as_ref(),
+            c.top_k,
+            &mut iv,
+        )
+        .unwrap_or_else(|e| panic!("{c:?}: {e}"));
     }
     s.synchronize().unwrap();
     let got: Vec<i32> = s.clone_dtoh(&d_idx).unwrap();
@@ -133,10 +167,13 @@ fn select_t<T: Element>(g: &Gpu, c: &SelectCase) {
     }
 }
 
+/// The case through the library's default mainloop and through the sm_80 one.
 fn select(g: &Gpu, c: &SelectCase) {
-    match c.dtype {
-        DType::F16 => select_t::<f16>(g, c),
-        DType::Bf16 => select_t::<bf16>(g, c),
+    for attn in [&g.attn, &g.sm80] {
+        match c.dtype {
+            DType::F16 => select_t::<f16>(g, attn, c),
+            DType::Bf16 => select_t::<bf16>(g, attn, c),
+        }
     }
 }
 

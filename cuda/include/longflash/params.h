@@ -238,6 +238,22 @@ typedef struct LfMemoryTopkParams {
     int32_t top_k;
 } LfMemoryTopkParams;
 
+/* The selection on Hopper (cuda/topk_sm90.cuh, sm_90a): one CTA of LF_TOPK_SM90_ROWS query rows
+ * (LF_TOPK_SM90_THREADS threads: a producer warpgroup and two consumer warpgroups), scores from
+ * wgmma over key tiles of LF_TOPK_SM90_KEYS entries in a ring of LF_TOPK_SM90_STAGES stages;
+ * otherwise as the sm_80 selection kernel. tma_q: a 4-D map (head_dim, seqlen_q, heads_q, batch)
+ * of the queries, tma_k of the memory's keys (head_dim, mem_len, heads_kv, batch); boxes of 64
+ * columns by the tile's rows, 128-byte swizzle, zero fill outside the tensor. */
+#define LF_TOPK_SM90_ROWS 128
+#define LF_TOPK_SM90_KEYS 128
+#define LF_TOPK_SM90_STAGES 4
+#define LF_TOPK_SM90_THREADS 384
+typedef struct LfMemoryTopkSm90Params {
+    LfMemoryTopkParams topk;
+    LfTensorMap tma_q;
+    LfTensorMap tma_k;
+} LfMemoryTopkSm90Params;
+
 /* Dynamic block selection (cuda/select.cuh). The pooling pass writes the f32 mean of each block of
  * `block` rows (the last block may be shorter) of a [batch, seqlen, heads, head_dim] tensor with
  * the given element strides, as contiguous [batch, heads, ceil(seqlen / block), head_dim]. */

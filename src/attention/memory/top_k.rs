@@ -24,11 +24,17 @@ use super::{
 };
 use crate::attention::rope::rope_keys_params;
 use crate::attention::rope_backward::rope_queries_params;
+use crate::attention::sm90::{tensor_map, unsupported};
+use crate::attention::{Mainloop, MainloopChoice};
 use crate::check::{aligned, byte_range, mismatch, overlaps, row_alignment, strides_multiple_of};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::sys::{LfMemoryTopkParams, LF_TOPK_CAP, LF_TOPK_KEYS, LF_TOPK_MAX_K, LF_TOPK_ROWS};
+use crate::loader::ModuleCache;
+use crate::sys::{
+    LfMemoryTopkParams, LfMemoryTopkSm90Params, LF_TOPK_CAP, LF_TOPK_KEYS, LF_TOPK_MAX_K,
+    LF_TOPK_ROWS, LF_TOPK_SM90_KEYS, LF_TOPK_SM90_ROWS, LF_TOPK_SM90_STAGES, LF_TOPK_SM90_THREADS,
+};
 use crate::Element;
 
 /// The most memory entries a top-k call selects per query row.
@@ -92,6 +98,25 @@ fn rows(q: &Layout) -> usize {
 /// Bytes of the selection's candidate slots for queries `q`.
 fn cand_bytes(q: &Layout) -> usize {
     rows(q) * CAP * 8
+}
+
+/// Dynamic shared memory of the Hopper selection kernel at tile width `width`
+/// (`cuda/topk_sm90.cuh`, TopkSm90Traits): the Q tile, the key ring, the barriers, a count and a
+/// threshold per row, and 1 KiB to align the base to a swizzle atom.
+fn sm90_smem_bytes(width: usize) -> u32 {
+    let (rows, keys, stages) = (
+        LF_TOPK_SM90_ROWS as usize,
+        LF_TOPK_SM90_KEYS as usize,
+        LF_TOPK_SM90_STAGES as usize,
+    );
+    ((rows + stages * keys) * width * 2 + (1 + 2 * stages) * 8 + rows * 8 + 1024) as u32
+}
+
+/// The Hopper selection kernel of a call: its module, shared memory and parameters.
+struct Sm90Select {
+    module: String,
+    smem: u32,
+    params: LfMemoryTopkSm90Params,
 }
 
 /// The selection kernel's module for `dtype` at head dim `d` (validated by `memory_module`).
@@ -375,19 +400,102 @@ impl Attention {
     ) -> Result<()> {
         let mut params = args.validate()?;
         // SAFETY: this fn's contract; `params` was validated above.
-        unsafe {
-            self.launch_select(
-                stream,
-                args.dtype.name(),
-                args.q_layout.head_dim,
-                &args.q_layout,
-                &mut params,
-            )
-        }
+        unsafe { self.launch_select(stream, args.dtype, &args.q_layout, &mut params) }
     }
 
-    /// Launches the selection kernel: one CTA per (tile of LF_TOPK_ROWS query rows, query head,
-    /// batch entry).
+    /// The mainloop the selection of these arguments runs on this device under this value's
+    /// [`MainloopChoice`] (validating them first): the Hopper kernel (wgmma scores, TMA key
+    /// loads) on a compute capability 9.0 device at head dims up to 128 whose tensors a tensor
+    /// map describes (16-byte aligned strides), the sm_80 kernel otherwise. With
+    /// [`MainloopChoice::Sm90`], a selection the Hopper kernel cannot run is an error that says
+    /// why. The top-k layer's selection runs where this says for its rotated queries.
+    pub fn memory_select_mainloop(&self, args: &RawMemorySelect) -> Result<Mainloop> {
+        let params = args.validate()?;
+        Ok(
+            match self.select_sm90(args.dtype, &args.q_layout, &params)? {
+                Some(_) => Mainloop::Sm90,
+                None => Mainloop::Sm80,
+            },
+        )
+    }
+
+    /// The Hopper selection kernel for validated parameters `p` over queries `q`, or `None` for
+    /// the sm_80 kernel (see [`Self::memory_select_mainloop`]).
+    fn select_sm90(
+        &self,
+        dtype: DType,
+        q: &Layout,
+        p: &LfMemoryTopkParams,
+    ) -> Result<Option<Sm90Select>> {
+        if self.mainloop == MainloopChoice::Sm80 {
+            return Ok(None);
+        }
+        let forced = self.mainloop == MainloopChoice::Sm90;
+        let fail = |why: String| {
+            if forced {
+                Err(unsupported(why))
+            } else {
+                Ok(None)
+            }
+        };
+        if self.compute_capability != (9, 0) {
+            return fail(format!(
+                "a device of compute capability 9.0 (this one is {}.{})",
+                self.compute_capability.0, self.compute_capability.1
+            ));
+        }
+        let d = q.head_dim;
+        let width = match d {
+            0..=64 => 64,
+            65..=128 => 128,
+            _ => return fail(format!("a selection at head dim 128 or below, not {d}")),
+        };
+        let module = format!("topk_select_sm90_{}_d{width}", dtype.name());
+        if !ModuleCache::has_module(&module) {
+            return fail(format!(
+                "a kernel built for this call ({module} is not in this build)"
+            ));
+        }
+        let smem = sm90_smem_bytes(width);
+        if smem > self.max_smem_optin {
+            return fail(format!(
+                "{smem} bytes of shared memory per block (the device allows {})",
+                self.max_smem_optin
+            ));
+        }
+        let keys = Layout {
+            batch: q.batch,
+            seqlen: p.mem_len as usize,
+            heads: p.heads_kv as usize,
+            head_dim: d,
+            batch_stride: p.mem_k_batch_stride,
+            seq_stride: p.mem_k_row_stride,
+            head_stride: p.mem_k_head_stride,
+        };
+        let maps = tensor_map(p.q as u64, q, dtype, LF_TOPK_SM90_ROWS as usize).and_then(|tq| {
+            let tk = tensor_map(p.mem_k as u64, &keys, dtype, LF_TOPK_SM90_KEYS as usize)?;
+            Ok((tq, tk))
+        });
+        let (tma_q, tma_k) = match maps {
+            Ok(m) => m,
+            Err(e) if forced => return Err(e),
+            Err(_) => return Ok(None),
+        };
+        Ok(Some(Sm90Select {
+            module,
+            smem,
+            params: LfMemoryTopkSm90Params {
+                topk: *p,
+                tma_q,
+                tma_k,
+                ..LfMemoryTopkSm90Params::default()
+            },
+        }))
+    }
+
+    /// Launches the selection kernel: on Hopper where [`Self::select_sm90`] says so (one CTA per
+    /// tile of LF_TOPK_SM90_ROWS query rows, query head and batch entry), else the sm_80 kernel
+    /// (one CTA per tile of LF_TOPK_ROWS rows).
     ///
     /// # Safety
     /// As [`Attention::launch`]: `params` was validated for queries `q` and its buffers and the
@@ -395,15 +503,39 @@ impl Attention {
     unsafe fn launch_select(
         &self,
         stream: sys::CUstream,
-        dt: &str,
-        d: usize,
+        dtype: DType,
         q: &Layout,
         params: &mut LfMemoryTopkParams,
     ) -> Result<()> {
+        let what = "launching the top-k selection kernel";
+        if let Some(mut hopper) = self.select_sm90(dtype, q, params)? {
+            // SAFETY: the context is kept alive by `_owner` or by the caller of
+            // from_raw_context.
+            let kernel = unsafe {
+                self.cache.kernel(
+                    &hopper.module,
+                    &format!("lf_{}", hopper.module),
+                    hopper.smem,
+                )
+            }?;
+            let config = LaunchConfig {
+                grid_dim: (
+                    q.seqlen.div_ceil(LF_TOPK_SM90_ROWS as usize) as u32,
+                    q.heads as u32,
+                    q.batch as u32,
+                ),
+                block_dim: (LF_TOPK_SM90_THREADS, 1, 1),
+                shared_mem_bytes: hopper.smem,
+            };
+            // SAFETY: this fn's contract; the grid covers every query row once, and the tensor
+            // maps describe the validated queries and keys.
+            return unsafe { self.launch(&kernel, config, stream, &mut hopper.params, what) };
+        }
+        let d = q.head_dim;
         let width = if d == 64 { 64 } else { 128 };
         let tile = width * 2 * (LF_TOPK_ROWS + 2 * LF_TOPK_KEYS) as usize;
         let smem = (tile + LF_TOPK_ROWS as usize * 8) as u32;
-        let module = select_module(dt, d);
+        let module = select_module(dtype.name(), d);
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
         let kernel = unsafe { self.cache.kernel(&module, &format!("lf_{module}"), smem) }?;
         let config = LaunchConfig {
@@ -416,15 +548,7 @@ impl Attention {
             shared_mem_bytes: smem,
         };
         // SAFETY: this fn's contract; the grid covers every query row once.
-        unsafe {
-            self.launch(
-                &kernel,
-                config,
-                stream,
-                params,
-                "launching the top-k selection kernel",
-            )
-        }
+        unsafe { self.launch(&kernel, config, stream, params, what) }
     }
 
     /// Bytes of device workspace [`forward_memory_top_k_raw`](Self::forward_memory_top_k_raw)
@@ -597,7 +721,7 @@ impl Attention {
         unsafe { self.forward_raw(stream, &local) }?;
         // SAFETY: `topk` holds the validated call's pointers and the workspace's parts; the
         // selection writes only the candidate slots and the indices.
-        unsafe { self.launch_select(stream, dt, q_layout.head_dim, &q_layout, &mut topk) }?;
+        unsafe { self.launch_select(stream, fwd.dtype, &q_layout, &mut topk) }?;
         let kernel_rows = rows(&q_layout) as u64;
         let module = format!("topk_attend_{dt}");
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
