@@ -185,6 +185,45 @@ __device__ __forceinline__ void topk_finish(unsigned long long *cand, int n, int
     }
 }
 
+// Appends the scores of one key tile that beat their rows' thresholds to the rows' candidate
+// slots. s holds the thread's accumulators of an m16 tile (rows g and g + 8 of its warp, columns
+// 8 nt + 2 tq + c, entry j0 + 8 nt + c with j0 = the tile's first entry + 2 tq); count[r] and
+// cand[r] are row r's count (shared) and slots. Once a row's threshold has settled, few scores
+// beat it: each row's largest score is found first (four chains, no order dependence: fmaxf is
+// exact), and only a thread with a score above a threshold walks its scores.
+template <int NT>
+__device__ __forceinline__ void topk_insert(const float (&s)[NT][4], const float (&th)[2],
+                                            const bool (&row_ok)[2], int j0, int mem_len,
+                                            const uint8_t *mask, int *const (&count)[2],
+                                            unsigned long long *const (&cand)[2]) {
+    static_assert(NT % 2 == 0, "two chains per row");
+    float mx[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            mx[r][nt & 1] = fmaxf(mx[r][nt & 1], fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    const bool any = (row_ok[0] && fmaxf(mx[0][0], mx[0][1]) > th[0]) ||
+                     (row_ok[1] && fmaxf(mx[1][0], mx[1][1]) > th[1]);
+    if (!any) return;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const int j = j0 + nt * 8 + c;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float x = s[nt][2 * r + c];
+                if (row_ok[r] && x > th[r] && j < mem_len &&
+                    (mask == nullptr || __ldg(mask + j) != 0)) {
+                    const int slot = atomicAdd(count[r], 1);
+                    cand[r][slot] = topk_key(x, j);
+                }
+            }
+        }
+    }
+}
+
 template <class Tr> __device__ __forceinline__ void topk_select(const LfMemoryTopkParams &p) {
     static_assert(Tr::BR == LF_TOPK_ROWS && Tr::BC == LF_TOPK_KEYS && Tr::kMT == 1,
                   "one m16 tile of rows per warp");
@@ -222,8 +261,9 @@ template <class Tr> __device__ __forceinline__ void topk_select(const LfMemoryTo
 
     // The thread's two accumulator rows (g and g + 8 of the warp's 16) and whether they exist.
     const bool row_ok[2] = {q0 + warp_row0 + g < p.seqlen_q, q0 + warp_row0 + g + 8 < p.seqlen_q};
-    unsigned long long *row_cand[2] = {p.cand + (row0 + warp_row0 + g) * LF_TOPK_CAP,
-                                       p.cand + (row0 + warp_row0 + g + 8) * LF_TOPK_CAP};
+    unsigned long long *const row_cand[2] = {p.cand + (row0 + warp_row0 + g) * LF_TOPK_CAP,
+                                             p.cand + (row0 + warp_row0 + g + 8) * LF_TOPK_CAP};
+    int *const row_count[2] = {count + warp_row0 + g, count + warp_row0 + g + 8};
 
     // Tile n_tiles loads nothing: every row of the warp then keeps its top k (all its candidates
     // when fewer) and writes them out, in the same code as the compactions.
@@ -243,23 +283,8 @@ template <class Tr> __device__ __forceinline__ void topk_select(const LfMemoryTo
             float s[1][Tr::kNT][4];
             PlainScore::compute<Tr>(s, sQ, sK + (t & 1) * Tr::kKVBytes, warp_row0, lane);
             const float th[2] = {threshold[warp_row0 + g], threshold[warp_row0 + g + 8]};
-#pragma unroll
-            for (int nt = 0; nt < Tr::kNT; ++nt) {
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int j = t * Tr::BC + nt * 8 + 2 * tq + c;
-                    const bool visible =
-                        j < mem_len && (mask == nullptr || __ldg(mask + j) != 0);
-#pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        const float x = s[0][nt][2 * r + c];
-                        if (visible && row_ok[r] && x > th[r]) {
-                            const int slot = atomicAdd(&count[warp_row0 + g + 8 * r], 1);
-                            row_cand[r][slot] = topk_key(x, j);
-                        }
-                    }
-                }
-            }
+            topk_insert(s[0], th, row_ok, t * Tr::BC + 2 * tq, mem_len, mask, row_count,
+                        row_cand);
         }
         __syncwarp();
         // Rows whose next tile might not fit keep their top k and raise their threshold; after

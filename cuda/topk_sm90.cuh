@@ -4,12 +4,15 @@
 // warpgroups of 64 query rows each compute S = Q K^T of a tile (Q as A fragments in registers,
 // K from shared memory), release the tile's stage and then, warp by warp, append the scores
 // that beat their row's threshold and compact rows that near the end of their slots, as the
-// sm_80 kernel does. Each warp owns its 16 rows' counts and thresholds, so no barrier spans the
-// CTA: a warp compacting its rows holds back only its own warpgroup's next matrix product, and
-// the ring lets the producer run ahead of it. Compiled only for sm_90a (see build.rs).
+// sm_80 kernel does (topk_insert: a thread with no score above its rows' thresholds, the usual
+// case once they settle, only finds its rows' largest scores). Each warp owns its 16 rows'
+// counts and thresholds, so no barrier spans the CTA: a warp compacting its rows holds back only
+// its own warpgroup's next matrix product, and the ring lets the producer run ahead of it.
+// Compiled only for sm_90a (see build.rs).
 //
-// Head dims narrower than the tile (e.g. 100 in a 128-wide tile) need no padding pass: the
-// tensor maps are as wide as the head dim and TMA fills the columns past it with zeros.
+// A head dim narrower than the tile (100 in a 128-wide tile) needs no padding pass where its
+// strides allow a tensor map (multiples of 16 bytes): TMA fills the columns past it with zeros.
+// Otherwise the host runs the sm_80 kernel.
 #pragma once
 
 #include "sm90/primitives.cuh"
@@ -113,8 +116,9 @@ template <class Tr> __device__ __forceinline__ void topk_select(const LfMemoryTo
     const uint8_t *mask = p.mem_mask ? p.mem_mask + static_cast<int64_t>(b) * mem_len : nullptr;
     // The thread's two accumulator rows (g and g + 8 of the warp's 16) and whether they exist.
     const bool row_ok[2] = {q0 + wrow0 + g < p.seqlen_q, q0 + wrow0 + g + 8 < p.seqlen_q};
-    unsigned long long *row_cand[2] = {p.cand + (row0 + wrow0 + g) * LF_TOPK_CAP,
-                                       p.cand + (row0 + wrow0 + g + 8) * LF_TOPK_CAP};
+    unsigned long long *const row_cand[2] = {p.cand + (row0 + wrow0 + g) * LF_TOPK_CAP,
+                                             p.cand + (row0 + wrow0 + g + 8) * LF_TOPK_CAP};
+    int *const row_count[2] = {count + wrow0 + g, count + wrow0 + g + 8};
 
     // This warp's 16 Q rows as the A fragments of S's k16 steps (ldmatrix x4: lanes 0-15 address
     // rows 0-15 at the step's first 8 columns, lanes 16-31 the same rows 8 columns on).
@@ -150,23 +154,7 @@ template <class Tr> __device__ __forceinline__ void topk_select(const LfMemoryTo
             if (lane == 0) mbar_arrive(empty(s)); // this warp is done with the stage's keys
 
             const float th[2] = {threshold[wrow0 + g], threshold[wrow0 + g + 8]};
-#pragma unroll
-            for (int nt = 0; nt < Tr::BC / 8; ++nt) {
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int j = t * Tr::BC + nt * 8 + 2 * tq + c;
-                    const bool visible =
-                        j < mem_len && (mask == nullptr || __ldg(mask + j) != 0);
-#pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        const float x = sc[nt][2 * r + c];
-                        if (visible && row_ok[r] && x > th[r]) {
-                            const int slot = atomicAdd(&count[wrow0 + g + 8 * r], 1);
-                            row_cand[r][slot] = topk_key(x, j);
-                        }
-                    }
-                }
-            }
+            topk_insert(sc, th, row_ok, t * Tr::BC + 2 * tq, mem_len, mask, row_count, row_cand);
         }
         __syncwarp();
         // Rows whose next tile might not fit keep their top k and raise their threshold; after

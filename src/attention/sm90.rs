@@ -70,13 +70,20 @@ pub(super) fn tensor_map(
     {
         strides[i] = if n == 1 {
             16
-        } else if s > 0 && (s as u64) * 2 < (1 << 40) {
+        } else if s > 0 && (s as u64) * 2 < (1 << 40) && (s as u64 * 2) % 16 == 0 {
             s as u64 * 2
         } else {
             return Err(unsupported(format!(
-                "{name} {s}: a tensor map needs positive strides below 2^40 bytes"
+                "{name} {s}: a tensor map needs positive strides below 2^40 bytes, multiples \
+                 of 16 bytes"
             )));
         };
+    }
+    // The driver's other rule checked here, so that a layout it refuses never reaches it.
+    if ptr % 16 != 0 {
+        return Err(unsupported(format!(
+            "base address {ptr:#x}: a tensor map needs a 16-byte aligned base"
+        )));
     }
     let dims = [
         l.head_dim as u64,

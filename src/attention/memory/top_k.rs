@@ -30,7 +30,7 @@ use crate::check::{aligned, byte_range, mismatch, overlaps, row_alignment, strid
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::loader::ModuleCache;
+use crate::loader::{CtxGuard, ModuleCache};
 use crate::sys::{
     LfMemoryTopkParams, LfMemoryTopkSm90Params, LF_TOPK_CAP, LF_TOPK_KEYS, LF_TOPK_MAX_K,
     LF_TOPK_ROWS, LF_TOPK_SM90_KEYS, LF_TOPK_SM90_ROWS, LF_TOPK_SM90_STAGES, LF_TOPK_SM90_THREADS,
@@ -472,6 +472,9 @@ impl Attention {
             seq_stride: p.mem_k_row_stride,
             head_stride: p.mem_k_head_stride,
         };
+        // Encoding a tensor map needs a current context: this thread may never have had one.
+        // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
+        let _g = unsafe { CtxGuard::bind(self.ctx) }?;
         let maps = tensor_map(p.q as u64, q, dtype, LF_TOPK_SM90_ROWS as usize).and_then(|tq| {
             let tk = tensor_map(p.mem_k as u64, &keys, dtype, LF_TOPK_SM90_KEYS as usize)?;
             Ok((tq, tk))
