@@ -224,6 +224,40 @@ __device__ __forceinline__ void topk_insert(const float (&s)[NT][4], const float
     }
 }
 
+// After key tile t of a query tile (with `last`, after its final one): the rows of the warp
+// (16 from warp_row0, their counts and thresholds in shared memory) whose next tile of BC entries
+// might not fit their slots keep their top k and raise their thresholds; with `last`, every row
+// that exists writes its selection. q0: the query tile's first row, row0: its first row's index
+// over (batch, head, row). Shared by the sm_80 and the Hopper selection kernels.
+template <int BC>
+__device__ __forceinline__ void topk_compact_rows(const LfMemoryTopkParams &p, int k, int *count,
+                                                  float *threshold, int warp_row0, int q0,
+                                                  int64_t row0, bool last, int lane) {
+    const int n_lane = lane < 16 ? count[warp_row0 + lane] : 0;
+    const bool pick = lane < 16 && (last ? q0 + warp_row0 + lane < p.seqlen_q
+                                         : n_lane > LF_TOPK_CAP - BC);
+    unsigned rows = __ballot_sync(0xffffffffu, pick);
+    while (rows) {
+        const int r = __ffs(rows) - 1;
+        rows &= rows - 1;
+        const int64_t grow = row0 + warp_row0 + r;
+        unsigned long long *cand = p.cand + grow * LF_TOPK_CAP;
+        const int n = __shfl_sync(0xffffffffu, n_lane, r);
+        if (last) {
+            // The selection, by descending score (ties: ascending index), -1 past the count.
+            topk_finish(cand, n, k, p.indices + grow * k, lane);
+            continue;
+        }
+        const float kth = topk_score(topk_compact(cand, n, k, lane));
+        __syncwarp();
+        if (lane == 0) {
+            count[warp_row0 + r] = k;
+            threshold[warp_row0 + r] = kth;
+        }
+        __syncwarp();
+    }
+}
+
 template <class Tr> __device__ __forceinline__ void topk_select(const LfMemoryTopkParams &p) {
     static_assert(Tr::BR == LF_TOPK_ROWS && Tr::BC == LF_TOPK_KEYS && Tr::kMT == 1,
                   "one m16 tile of rows per warp");
@@ -287,31 +321,7 @@ template <class Tr> __device__ __forceinline__ void topk_select(const LfMemoryTo
                         row_cand);
         }
         __syncwarp();
-        // Rows whose next tile might not fit keep their top k and raise their threshold; after
-        // the last tile, every row that exists.
-        const int n_lane = lane < 16 ? count[warp_row0 + lane] : 0;
-        const bool pick = lane < 16 && (last ? q0 + warp_row0 + lane < p.seqlen_q
-                                             : n_lane > LF_TOPK_CAP - Tr::BC);
-        unsigned rows = __ballot_sync(0xffffffffu, pick);
-        while (rows) {
-            const int r = __ffs(rows) - 1;
-            rows &= rows - 1;
-            const int64_t grow = row0 + warp_row0 + r;
-            unsigned long long *cand = p.cand + grow * LF_TOPK_CAP;
-            const int n = __shfl_sync(0xffffffffu, n_lane, r);
-            if (last) {
-                // The selection, by descending score (ties: ascending index), -1 past the count.
-                topk_finish(cand, n, k, p.indices + grow * k, lane);
-                continue;
-            }
-            const float kth = topk_score(topk_compact(cand, n, k, lane));
-            __syncwarp();
-            if (lane == 0) {
-                count[warp_row0 + r] = k;
-                threshold[warp_row0 + r] = kth;
-            }
-            __syncwarp();
-        }
+        topk_compact_rows<Tr::BC>(p, k, count, threshold, warp_row0, q0, row0, last, lane);
     }
 }
 

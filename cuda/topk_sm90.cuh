@@ -157,30 +157,7 @@ template <class Tr> __device__ __forceinline__ void topk_select(const LfMemoryTo
             topk_insert(sc, th, row_ok, t * Tr::BC + 2 * tq, mem_len, mask, row_count, row_cand);
         }
         __syncwarp();
-        // Rows whose next tile might not fit keep their top k and raise their threshold; after
-        // the last tile, every row that exists.
-        const int n_lane = lane < 16 ? count[wrow0 + lane] : 0;
-        const bool pick = lane < 16 && (last ? q0 + wrow0 + lane < p.seqlen_q
-                                             : n_lane > LF_TOPK_CAP - Tr::BC);
-        unsigned rows = __ballot_sync(0xffffffffu, pick);
-        while (rows) {
-            const int r = __ffs(rows) - 1;
-            rows &= rows - 1;
-            const int64_t grow = row0 + wrow0 + r;
-            unsigned long long *cand = p.cand + grow * LF_TOPK_CAP;
-            const int n = __shfl_sync(0xffffffffu, n_lane, r);
-            if (last) {
-                topk_finish(cand, n, k, p.indices + grow * k, lane);
-                continue;
-            }
-            const float kth = topk_score(topk_compact(cand, n, k, lane));
-            __syncwarp();
-            if (lane == 0) {
-                count[wrow0 + r] = k;
-                threshold[wrow0 + r] = kth;
-            }
-            __syncwarp();
-        }
+        topk_compact_rows<Tr::BC>(p, k, count, threshold, wrow0, q0, row0, last, lane);
     }
 }
 
