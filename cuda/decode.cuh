@@ -460,6 +460,8 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
 
     // Row r (packed) is query token min(r / group, seqlen_q - 1) (the clamp only touches the
     // padding rows of the last block, which are never stored); its keys are [lo, hi).
+    const uint8_t *key_mask =
+        p.key_mask != nullptr ? p.key_mask + b * p.key_mask_batch_stride : nullptr;
     const int64_t diag = static_cast<int64_t>(len) - seqlen_q;
     const int wl = p.mask.window_left, wr = p.mask.window_right;
     auto clamp_key = [&](int64_t x) -> int {
@@ -615,6 +617,19 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
                         const int key = j0 + j * 8 + tq * 2 + c;
                         if (key < row_lo[r] || key >= row_hi[r]) s[j][2 * r + c] = -INFINITY;
                     }
+        }
+        if (key_mask != nullptr) {
+            // The caller's per-key mask (a byte per key, read below the length only).
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int key = j0 + j * 8 + tq * 2 + c;
+                    if (key >= len || __ldg(key_mask + key) == 0) {
+                        s[j][c] = -INFINITY;
+                        s[j][2 + c] = -INFINITY;
+                    }
+                }
         }
 
         float alpha[2];

@@ -1076,6 +1076,7 @@ pub struct LfDecodeParams {
     pub cache_seqlens: *const i32,
     pub error_flag: *mut i32,
     pub split_counters: *mut i32,
+    pub key_mask: *const u8,
     pub q_batch_stride: i64,
     pub q_row_stride: i64,
     pub q_head_stride: i64,
@@ -1089,6 +1090,7 @@ pub struct LfDecodeParams {
     pub o_row_stride: i64,
     pub o_head_stride: i64,
     pub block_table_stride: i64,
+    pub key_mask_batch_stride: i64,
     pub mask: LfMask,
     pub batch: i32,
     pub heads_q: i32,
@@ -1105,7 +1107,7 @@ pub struct LfDecodeParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LfDecodeParams"][::core::mem::size_of::<LfDecodeParams>() - 264usize];
+    ["Size of LfDecodeParams"][::core::mem::size_of::<LfDecodeParams>() - 280usize];
     ["Alignment of LfDecodeParams"][::core::mem::align_of::<LfDecodeParams>() - 8usize];
     ["Offset of field: LfDecodeParams::q"][::core::mem::offset_of!(LfDecodeParams, q) - 0usize];
     ["Offset of field: LfDecodeParams::k"][::core::mem::offset_of!(LfDecodeParams, k) - 8usize];
@@ -1125,58 +1127,62 @@ const _: () = {
         [::core::mem::offset_of!(LfDecodeParams, error_flag) - 72usize];
     ["Offset of field: LfDecodeParams::split_counters"]
         [::core::mem::offset_of!(LfDecodeParams, split_counters) - 80usize];
+    ["Offset of field: LfDecodeParams::key_mask"]
+        [::core::mem::offset_of!(LfDecodeParams, key_mask) - 88usize];
     ["Offset of field: LfDecodeParams::q_batch_stride"]
-        [::core::mem::offset_of!(LfDecodeParams, q_batch_stride) - 88usize];
+        [::core::mem::offset_of!(LfDecodeParams, q_batch_stride) - 96usize];
     ["Offset of field: LfDecodeParams::q_row_stride"]
-        [::core::mem::offset_of!(LfDecodeParams, q_row_stride) - 96usize];
+        [::core::mem::offset_of!(LfDecodeParams, q_row_stride) - 104usize];
     ["Offset of field: LfDecodeParams::q_head_stride"]
-        [::core::mem::offset_of!(LfDecodeParams, q_head_stride) - 104usize];
+        [::core::mem::offset_of!(LfDecodeParams, q_head_stride) - 112usize];
     ["Offset of field: LfDecodeParams::k_page_stride"]
-        [::core::mem::offset_of!(LfDecodeParams, k_page_stride) - 112usize];
+        [::core::mem::offset_of!(LfDecodeParams, k_page_stride) - 120usize];
     ["Offset of field: LfDecodeParams::k_row_stride"]
-        [::core::mem::offset_of!(LfDecodeParams, k_row_stride) - 120usize];
+        [::core::mem::offset_of!(LfDecodeParams, k_row_stride) - 128usize];
     ["Offset of field: LfDecodeParams::k_head_stride"]
-        [::core::mem::offset_of!(LfDecodeParams, k_head_stride) - 128usize];
+        [::core::mem::offset_of!(LfDecodeParams, k_head_stride) - 136usize];
     ["Offset of field: LfDecodeParams::v_page_stride"]
-        [::core::mem::offset_of!(LfDecodeParams, v_page_stride) - 136usize];
+        [::core::mem::offset_of!(LfDecodeParams, v_page_stride) - 144usize];
     ["Offset of field: LfDecodeParams::v_row_stride"]
-        [::core::mem::offset_of!(LfDecodeParams, v_row_stride) - 144usize];
+        [::core::mem::offset_of!(LfDecodeParams, v_row_stride) - 152usize];
     ["Offset of field: LfDecodeParams::v_head_stride"]
-        [::core::mem::offset_of!(LfDecodeParams, v_head_stride) - 152usize];
+        [::core::mem::offset_of!(LfDecodeParams, v_head_stride) - 160usize];
     ["Offset of field: LfDecodeParams::o_batch_stride"]
-        [::core::mem::offset_of!(LfDecodeParams, o_batch_stride) - 160usize];
+        [::core::mem::offset_of!(LfDecodeParams, o_batch_stride) - 168usize];
     ["Offset of field: LfDecodeParams::o_row_stride"]
-        [::core::mem::offset_of!(LfDecodeParams, o_row_stride) - 168usize];
+        [::core::mem::offset_of!(LfDecodeParams, o_row_stride) - 176usize];
     ["Offset of field: LfDecodeParams::o_head_stride"]
-        [::core::mem::offset_of!(LfDecodeParams, o_head_stride) - 176usize];
+        [::core::mem::offset_of!(LfDecodeParams, o_head_stride) - 184usize];
     ["Offset of field: LfDecodeParams::block_table_stride"]
-        [::core::mem::offset_of!(LfDecodeParams, block_table_stride) - 184usize];
+        [::core::mem::offset_of!(LfDecodeParams, block_table_stride) - 192usize];
+    ["Offset of field: LfDecodeParams::key_mask_batch_stride"]
+        [::core::mem::offset_of!(LfDecodeParams, key_mask_batch_stride) - 200usize];
     ["Offset of field: LfDecodeParams::mask"]
-        [::core::mem::offset_of!(LfDecodeParams, mask) - 192usize];
+        [::core::mem::offset_of!(LfDecodeParams, mask) - 208usize];
     ["Offset of field: LfDecodeParams::batch"]
-        [::core::mem::offset_of!(LfDecodeParams, batch) - 216usize];
+        [::core::mem::offset_of!(LfDecodeParams, batch) - 232usize];
     ["Offset of field: LfDecodeParams::heads_q"]
-        [::core::mem::offset_of!(LfDecodeParams, heads_q) - 220usize];
+        [::core::mem::offset_of!(LfDecodeParams, heads_q) - 236usize];
     ["Offset of field: LfDecodeParams::heads_kv"]
-        [::core::mem::offset_of!(LfDecodeParams, heads_kv) - 224usize];
+        [::core::mem::offset_of!(LfDecodeParams, heads_kv) - 240usize];
     ["Offset of field: LfDecodeParams::head_dim"]
-        [::core::mem::offset_of!(LfDecodeParams, head_dim) - 228usize];
+        [::core::mem::offset_of!(LfDecodeParams, head_dim) - 244usize];
     ["Offset of field: LfDecodeParams::num_pages"]
-        [::core::mem::offset_of!(LfDecodeParams, num_pages) - 232usize];
+        [::core::mem::offset_of!(LfDecodeParams, num_pages) - 248usize];
     ["Offset of field: LfDecodeParams::page_size"]
-        [::core::mem::offset_of!(LfDecodeParams, page_size) - 236usize];
+        [::core::mem::offset_of!(LfDecodeParams, page_size) - 252usize];
     ["Offset of field: LfDecodeParams::page_shift"]
-        [::core::mem::offset_of!(LfDecodeParams, page_shift) - 240usize];
+        [::core::mem::offset_of!(LfDecodeParams, page_shift) - 256usize];
     ["Offset of field: LfDecodeParams::reserved"]
-        [::core::mem::offset_of!(LfDecodeParams, reserved) - 244usize];
+        [::core::mem::offset_of!(LfDecodeParams, reserved) - 260usize];
     ["Offset of field: LfDecodeParams::num_splits"]
-        [::core::mem::offset_of!(LfDecodeParams, num_splits) - 248usize];
+        [::core::mem::offset_of!(LfDecodeParams, num_splits) - 264usize];
     ["Offset of field: LfDecodeParams::keys_per_split"]
-        [::core::mem::offset_of!(LfDecodeParams, keys_per_split) - 252usize];
+        [::core::mem::offset_of!(LfDecodeParams, keys_per_split) - 268usize];
     ["Offset of field: LfDecodeParams::softmax_scale"]
-        [::core::mem::offset_of!(LfDecodeParams, softmax_scale) - 256usize];
+        [::core::mem::offset_of!(LfDecodeParams, softmax_scale) - 272usize];
     ["Offset of field: LfDecodeParams::softmax_scale_log2"]
-        [::core::mem::offset_of!(LfDecodeParams, softmax_scale_log2) - 260usize];
+        [::core::mem::offset_of!(LfDecodeParams, softmax_scale_log2) - 276usize];
 };
 impl Default for LfDecodeParams {
     fn default() -> Self {
@@ -1195,12 +1201,12 @@ pub struct LfDecodeRopeParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LfDecodeRopeParams"][::core::mem::size_of::<LfDecodeRopeParams>() - 328usize];
+    ["Size of LfDecodeRopeParams"][::core::mem::size_of::<LfDecodeRopeParams>() - 344usize];
     ["Alignment of LfDecodeRopeParams"][::core::mem::align_of::<LfDecodeRopeParams>() - 8usize];
     ["Offset of field: LfDecodeRopeParams::base"]
         [::core::mem::offset_of!(LfDecodeRopeParams, base) - 0usize];
     ["Offset of field: LfDecodeRopeParams::rope"]
-        [::core::mem::offset_of!(LfDecodeRopeParams, rope) - 264usize];
+        [::core::mem::offset_of!(LfDecodeRopeParams, rope) - 280usize];
 };
 impl Default for LfDecodeRopeParams {
     fn default() -> Self {

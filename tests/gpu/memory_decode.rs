@@ -1,9 +1,10 @@
 //! Memory decoding (`Attention::decode_memory`) against `reference::memory_attention_f64`, sequence
 //! by sequence on the keys gathered from the cache, with `memory_attention_two_pass_lowp` (the
 //! two partial outputs rounded before the merge) as the naive budget: paged and contiguous
-//! caches of different lengths, RoPE on and off (with position offsets), speculative tokens,
-//! GQA and MHA, memories empty, shorter than a split and long enough for many splits; and the
-//! errors of bad arguments.
+//! caches of different lengths, RoPE on and off (with position offsets), speculative tokens and
+//! a chunk of 64 queries, GQA and MHA, memories empty, shorter than a split and long enough for
+//! many splits, masked memories (a sequence with every entry hidden among them); and the errors
+//! of bad arguments.
 
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
@@ -25,6 +26,16 @@ struct MemDecodeCase {
     base: DecodeCase,
     mem_len: usize,
     rope: Option<RopeOptions>,
+    /// A per-entry memory mask: about a third of the entries hidden, all of sequence 1's.
+    masked: bool,
+}
+
+/// The masked case's visibility, `[batch, mem_len]`.
+fn visibility(batch: usize, mem_len: usize, seed: u64) -> Vec<bool> {
+    let mut rng = Rng(seed ^ 0x3a5c);
+    (0..batch * mem_len)
+        .map(|i| i / mem_len.max(1) != 1 && rng.uniform() > 0.33)
+        .collect()
 }
 
 fn run_t<T: Element>(g: &Gpu, c: &MemDecodeCase) -> Comparison {
@@ -37,6 +48,7 @@ fn run_t<T: Element>(g: &Gpu, c: &MemDecodeCase) -> Comparison {
     let mut gen =
         |n: usize| -> Vec<T> { (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect() };
     let (mk, mv) = (gen(nm), gen(nm));
+    let vis = c.masked.then(|| visibility(b_n, c.mem_len, bc.seed));
     let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
     let scale = 1.0 / (d as f32).sqrt();
     // The references, sequence by sequence (batch 1, its own length and offset), joined.
@@ -55,6 +67,7 @@ fn run_t<T: Element>(g: &Gpu, c: &MemDecodeCase) -> Comparison {
             &mk[b * m_seq..(b + 1) * m_seq],
             &mv[b * m_seq..(b + 1) * m_seq],
         );
+        let vis_b = vis.as_ref().map(|v| &v[b * c.mem_len..(b + 1) * c.mem_len]);
         let rope_b = c.rope.as_ref().map(|r| RopeOptions {
             position_offsets: r.position_offsets.as_ref().map(|o| vec![o[b]]),
             ..r.clone()
@@ -75,7 +88,7 @@ fn run_t<T: Element>(g: &Gpu, c: &MemDecodeCase) -> Comparison {
                 mem_len: c.mem_len,
                 keys: &mk64,
                 values: &mv64,
-                visible: None,
+                visible: vis_b,
             },
             rope_b.as_ref(),
             None,
@@ -89,7 +102,7 @@ fn run_t<T: Element>(g: &Gpu, c: &MemDecodeCase) -> Comparison {
                 mem_len: c.mem_len,
                 keys: mkb,
                 values: mvb,
-                visible: None,
+                visible: vis_b,
             },
             rope_b.as_ref(),
             None,
@@ -112,6 +125,13 @@ fn run_t<T: Element>(g: &Gpu, c: &MemDecodeCase) -> Comparison {
         .clone_htod(&mv)
         .unwrap_or_else(|_| g.stream.alloc_zeros(1).unwrap());
     let (mkv, mvv) = (dmk.as_view(), dmv.as_view());
+    let dmask: Option<CudaSlice<u8>> = vis.as_ref().map(|v| {
+        let bytes: Vec<u8> = v.iter().map(|&x| x as u8).collect();
+        g.stream
+            .clone_htod(&bytes)
+            .unwrap_or_else(|_| g.stream.alloc_zeros(1).unwrap())
+    });
+    let maskv = dmask.as_ref().map(|m| m.as_view());
     let opts = MemoryDecode {
         rope: c.rope.as_ref(),
         softmax_scale: None,
@@ -130,7 +150,7 @@ fn run_t<T: Element>(g: &Gpu, c: &MemDecodeCase) -> Comparison {
                     data: &mvv,
                     layout: ml,
                 },
-                mask: None,
+                mask: maskv.as_ref(),
             },
             out,
             Some(f),
@@ -157,6 +177,7 @@ fn mem_case(d: usize, mem_len: usize) -> MemDecodeCase {
         base,
         mem_len,
         rope: Some(RopeOptions::new(RopeConfig::llama(d), PositionMode::Rope)),
+        masked: false,
     }
 }
 
@@ -164,12 +185,15 @@ fn mem_case(d: usize, mem_len: usize) -> MemDecodeCase {
 fn memory_decoding_matches_reference() {
     let g = gpu_or_skip!();
     for d in [64, 128] {
-        for (i, mem_len) in [0usize, 37, 1000, 5000].into_iter().enumerate() {
+        for (i, mem_len) in [0usize, 37, 1000, 5000, 3000].into_iter().enumerate() {
             let mut c = mem_case(d, mem_len);
             c.base.dtype = if i % 2 == 0 { DType::Bf16 } else { DType::F16 };
             c.base.seed = 100 + i as u64 + d as u64;
             match i {
-                1 => c.rope = None,
+                1 => {
+                    c.rope = None;
+                    c.masked = true;
+                }
                 2 => {
                     // A contiguous cache, speculative tokens, MHA, position offsets.
                     c.base.page_size = None;
@@ -184,6 +208,17 @@ fn memory_decoding_matches_reference() {
                     let mut r = RopeOptions::new(RopeConfig::llama(d), PositionMode::Rope);
                     r.window_left = Some(100);
                     c.rope = Some(r);
+                    c.masked = true;
+                }
+                4 => {
+                    // A chunk of 64 queries over a masked memory (the memory part splits even
+                    // where plain decoding would run the chunked-prefill kernel).
+                    c.base.seqlen_q = 64;
+                    c.base.lens = vec![64, 700, 129, 100];
+                    c.masked = true;
+                    if d == 64 {
+                        c.rope = None;
+                    }
                 }
                 _ => {}
             }
@@ -203,7 +238,7 @@ fn memory_decoding_rejects_bad_arguments() {
     let q: CudaSlice<bf16> = s.alloc_zeros(ql.numel()).unwrap();
     let k: CudaSlice<bf16> = s.alloc_zeros(kl.numel()).unwrap();
     let mk: CudaSlice<bf16> = s.alloc_zeros(ml.numel()).unwrap();
-    let mask: CudaSlice<u8> = s.alloc_zeros(b * m).unwrap();
+    let mask: CudaSlice<u8> = s.alloc_zeros(b * m - 1).unwrap(); // one byte short
     let mut o: CudaSlice<bf16> = s.alloc_zeros(ql.numel()).unwrap();
     let (qv, kv, mkv, maskv) = (q.as_view(), k.as_view(), mk.as_view(), mask.as_view());
     let rerope = RopeOptions::new(RopeConfig::llama(d), PositionMode::ReRope { window: 8 });
@@ -255,7 +290,7 @@ fn memory_decoding_rejects_bad_arguments() {
     };
     assert!(matches!(
         call(ml, true, None),
-        Error::InvalidArgument {
+        Error::OutOfBounds {
             arg: "memory.mask",
             ..
         }

@@ -458,6 +458,11 @@ typedef struct LfVarlenSm90Params {
  * [batch * heads_kv, row blocks], zero at launch), which every CTA increments and the last one
  * sets back to zero.
  *
+ * key_mask, when not NULL, hides keys besides the mask: key j of sequence b is attended only where
+ * key_mask[b * key_mask_batch_stride + j] is not 0 (u8; read for keys below the sequence's
+ * length only). The memory part of memory decoding passes the memory's mask this way; the
+ * chunked-prefill kernel takes none.
+ *
  * Device-side values are clamped, never trusted: a cache length into [0, mask.seqlen_k], a
  * table entry into [0, num_pages); either ORs 1 into *error_flag when not NULL (the output of
  * such a sequence is then unspecified). */
@@ -473,6 +478,7 @@ typedef struct LfDecodeParams {
     const int32_t *cache_seqlens;
     int32_t *error_flag;
     int32_t *split_counters;
+    const uint8_t *key_mask;
 
     int64_t q_batch_stride;
     int64_t q_row_stride;
@@ -487,6 +493,7 @@ typedef struct LfDecodeParams {
     int64_t o_row_stride;
     int64_t o_head_stride;
     int64_t block_table_stride;
+    int64_t key_mask_batch_stride;
 
     LfMask mask;
 
@@ -708,12 +715,12 @@ LF_ASSERT_LAYOUT(offsetof(LfBlockSparse, batch_stride) == 24, sparse_batch_strid
 LF_ASSERT_LAYOUT(offsetof(LfMergeParams, batch) == 80, merge_batch);
 LF_ASSERT_LAYOUT(sizeof(LfVarlenParams) == 272, varlen_size);
 LF_ASSERT_LAYOUT(offsetof(LfVarlenParams, cu_seqlens_q) == 240, varlen_cu_q);
-LF_ASSERT_LAYOUT(sizeof(LfDecodeParams) == 264, decode_size);
-LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, q_batch_stride) == 88, decode_q_batch_stride);
-LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, mask) == 192, decode_mask);
-LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, batch) == 216, decode_batch);
-LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, softmax_scale_log2) == 260, decode_scale_log2);
-LF_ASSERT_LAYOUT(sizeof(LfDecodeRopeParams) == 328, decode_rope_size);
+LF_ASSERT_LAYOUT(sizeof(LfDecodeParams) == 280, decode_size);
+LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, q_batch_stride) == 96, decode_q_batch_stride);
+LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, mask) == 208, decode_mask);
+LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, batch) == 232, decode_batch);
+LF_ASSERT_LAYOUT(offsetof(LfDecodeParams, softmax_scale_log2) == 276, decode_scale_log2);
+LF_ASSERT_LAYOUT(sizeof(LfDecodeRopeParams) == 344, decode_rope_size);
 LF_ASSERT_LAYOUT(sizeof(LfAppendParams) == 264, append_size);
 LF_ASSERT_LAYOUT(offsetof(LfAppendParams, rope) == 200, append_rope);
 LF_ASSERT_LAYOUT(sizeof(LfPagedFwdParams) == 288, paged_fwd_size);

@@ -232,6 +232,7 @@ impl RawDecode {
             cache_seqlens: self.cache_seqlens as *const i32,
             error_flag: self.error_flag as *mut i32,
             split_counters: std::ptr::null_mut(),
+            key_mask: std::ptr::null(),
             q_batch_stride: q.batch_stride,
             q_row_stride: q.seq_stride,
             q_head_stride: q.head_stride,
@@ -249,6 +250,7 @@ impl RawDecode {
             } else {
                 0
             },
+            key_mask_batch_stride: 0,
             mask,
             batch: q.batch as i32,
             heads_q: q.heads as i32,

@@ -87,7 +87,7 @@ pub struct MemoryViews<'a, T> {
     /// The values, the keys' layout.
     pub values: CudaView<'a, T>,
     /// `[batch, len]` visibility bytes; `None` when no append gave a mask (every entry visible),
-    /// so that the calls that take no mask (`decode_memory`, the two-pass path) take the memory.
+    /// so that the call that takes no mask (the two-pass path) takes the memory.
     pub mask: Option<CudaView<'a, u8>>,
     /// `[batch, len, heads_kv, head_dim]` with the buffer's strides.
     pub layout: Layout,

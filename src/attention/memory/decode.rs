@@ -42,9 +42,9 @@ impl Attention {
     /// [`decode`](Self::decode)): each attends its cached local keys (causal, aligned
     /// bottom-right at the sequence's cache length; un-rotated keys, rotated on the fly with
     /// `opts.rope`) and every entry of `memory` (raw keys, `[batch, mem_len, heads_kv,
-    /// head_dim]`, the cache's heads), in one softmax, computed as two split decoding passes
-    /// merged by LSE. `memory.mask` must be `None` (a masked memory runs through
-    /// [`forward_memory`](Self::forward_memory)). Output and LSE as `decode`; the rotated
+    /// head_dim]`, the cache's heads; `memory.mask`, `[batch, mem_len]` bytes, hides the entries
+    /// whose byte is 0), in one softmax, computed as two split decoding passes merged by LSE (the
+    /// memory part reads the mask in the decoding kernel). Output and LSE as `decode`; the rotated
     /// queries, the memory part's output and LSE (and the LSE when `out` asks for none) are
     /// allocated on `stream` and freed after the kernels. The cache's lengths and table are
     /// clamped and flagged as in `decode`. The call does not synchronize.
@@ -63,14 +63,6 @@ impl Attention {
         ql.check_dims("q")?;
         let kl = cache.k.layout;
         kl.check_dims("k")?;
-        if memory.mask.is_some() {
-            return Err(Error::InvalidArgument {
-                arg: "memory.mask",
-                value: "Some".into(),
-                expected: "None: memory decoding attends every entry (forward_memory takes a mask)"
-                    .into(),
-            });
-        }
         if let Some(r) = opts.rope {
             if r.mode != PositionMode::Rope {
                 return Err(not_plain_rope(r.mode));
@@ -82,6 +74,18 @@ impl Attention {
         if mem_len > 0 {
             self.check_view("memory.keys", memory.keys.data, &ml)?;
             self.check_view("memory.values", memory.values.data, &mvl)?;
+        }
+        // Checked before the local part runs (the memory part checks it again).
+        if let Some(m) = memory.mask {
+            self.same_context("memory.mask", m.stream().context().cu_ctx())?;
+            let need = (ql.batch as u128) * (mem_len as u128);
+            if need > m.len() as u128 {
+                return Err(Error::OutOfBounds {
+                    arg: "memory.mask",
+                    required: need,
+                    len: m.len(),
+                });
+            }
         }
         let rows = ql.batch * ql.heads * ql.seqlen;
         let Output {
@@ -183,18 +187,23 @@ impl Attention {
         };
         {
             let (mut ov, mut lv) = (o_mem.as_view_mut(), lse_mem.as_view_mut());
-            self.decode(
-                stream,
-                q_mem,
-                &mem_cache,
-                Output {
-                    data: &mut ov,
-                    layout: packed,
-                    lse: Some(&mut lv),
-                },
-                None,
-                &options(MaskSpec::none()),
-            )?;
+            let mem_out = Output {
+                data: &mut ov,
+                layout: packed,
+                lse: Some(&mut lv),
+            };
+            let opts = options(MaskSpec::none());
+            match memory.mask {
+                Some(m) => self.decode_key_masked(
+                    stream,
+                    q_mem,
+                    &mem_cache,
+                    mem_out,
+                    &opts,
+                    ("memory.mask", m),
+                )?,
+                None => self.decode(stream, q_mem, &mem_cache, mem_out, None, &opts)?,
+            }
         }
         let (pv, plv) = (o_mem.as_view(), lse_mem.as_view());
         let (mut ov, mut lv) = (o.slice_mut(0..o.len()), lse.slice_mut(0..lse.len()));
