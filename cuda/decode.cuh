@@ -460,8 +460,6 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
 
     // Row r (packed) is query token min(r / group, seqlen_q - 1) (the clamp only touches the
     // padding rows of the last block, which are never stored); its keys are [lo, hi).
-    const uint8_t *key_mask =
-        p.key_mask != nullptr ? p.key_mask + b * p.key_mask_batch_stride : nullptr;
     const int64_t diag = static_cast<int64_t>(len) - seqlen_q;
     const int wl = p.mask.window_left, wr = p.mask.window_right;
     auto clamp_key = [&](int64_t x) -> int {
@@ -618,8 +616,11 @@ __device__ __forceinline__ void decode_fwd(const LfDecodeParams &p, const LfRope
                         if (key < row_lo[r] || key >= row_hi[r]) s[j][2 * r + c] = -INFINITY;
                     }
         }
-        if (key_mask != nullptr) {
-            // The caller's per-key mask (a byte per key, read below the length only).
+        if (!Tr::kRope && p.key_mask != nullptr) {
+            // The caller's per-key mask (a byte per key, read below the length only; the plain
+            // kernel's alone), addressed from the parameters here rather than kept in a
+            // register through the loop.
+            const uint8_t *key_mask = p.key_mask + b * p.key_mask_batch_stride;
 #pragma unroll
             for (int j = 0; j < 2; ++j)
 #pragma unroll

@@ -460,8 +460,9 @@ typedef struct LfVarlenSm90Params {
  *
  * key_mask, when not NULL, hides keys besides the mask: key j of sequence b is attended only where
  * key_mask[b * key_mask_batch_stride + j] is not 0 (u8; read for keys below the sequence's
- * length only). The memory part of memory decoding passes the memory's mask this way; the
- * chunked-prefill kernel takes none.
+ * length only). The memory part of memory decoding passes the memory's mask this way. Only the
+ * plain decoding kernels (lf_decode_*) read it: the RoPE decoding and chunked-prefill kernels
+ * take none (NULL).
  *
  * Device-side values are clamped, never trusted: a cache length into [0, mask.seqlen_k], a
  * table entry into [0, num_pages); either ORs 1 into *error_flag when not NULL (the output of
