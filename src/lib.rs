@@ -20,11 +20,12 @@ pub use attention::{
     backward_workspace_bytes, open_device, rope_backward_workspace_bytes, Attention,
     BackwardInputs, BackwardOptions, BlockSelectPlan, BlockSelector, BlockTable, DecodeOptions,
     DecodePlan, DecodeProblem, DeviceErrorFlag, ForwardOptions, Gradient, Gradients, Input,
-    KvCache, KvCacheMut, Mainloop, MainloopChoice, MemoryBuffer, MemoryDecode, MemoryForward,
-    MemoryInput, Output, RawAppend, RawBackward, RawBlockMask, RawBlockSelect, RawDecode,
-    RawForward, RawMemory, RawMemorySelect, RawMerge, RawRope, RawRopeMode, RawVarlenForward,
-    RingAccumulator, RopeBackward, RopeForward, SelectedBlocks, SelectedOptions,
-    SparseBackwardOptions, SparseOptions, SplitCounters, VarlenOptions, SUPPORTED_HEAD_DIMS,
+    KvCache, KvCacheMut, Mainloop, MainloopChoice, MemoryBuffer, MemoryDecode, MemoryDecodePlan,
+    MemoryForward, MemoryInput, Output, RawAppend, RawBackward, RawBlockMask, RawBlockSelect,
+    RawDecode, RawForward, RawMemory, RawMemoryDecode, RawMemorySelect, RawMerge, RawRope,
+    RawRopeMode, RawVarlenForward, RingAccumulator, RopeBackward, RopeForward, SelectedBlocks,
+    SelectedOptions, SparseBackwardOptions, SparseOptions, SplitCounters, VarlenOptions,
+    SUPPORTED_HEAD_DIMS,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

@@ -159,7 +159,7 @@ impl Attention {
     /// # Safety
     /// As [`decode_rope_raw`](Self::decode_rope_raw), with `params` and `plan` from validating
     /// `args` and the rotation.
-    unsafe fn launch_rope_decode(
+    pub(in crate::attention) unsafe fn launch_rope_decode(
         &self,
         stream: cudarc::driver::sys::CUstream,
         args: &RawDecode,

@@ -47,8 +47,9 @@ pub use decode::{
 pub use error_flag::DeviceErrorFlag;
 pub use forward::{ForwardOptions, RawForward};
 pub use memory::{
-    AppendSource, MemoryBuffer, MemoryDecode, MemoryForward, MemoryGrowth, MemoryInput,
-    MemoryViews, RawMemory, RawMemorySelect, MAX_MEM_LEN, MAX_TOP_K, MEMORY_HEAD_DIMS,
+    AppendSource, MemoryBuffer, MemoryDecode, MemoryDecodePlan, MemoryForward, MemoryGrowth,
+    MemoryInput, MemoryViews, RawMemory, RawMemoryDecode, RawMemorySelect, MAX_MEM_LEN, MAX_TOP_K,
+    MEMORY_HEAD_DIMS,
 };
 pub use merge::RawMerge;
 pub use ring::{RingAccumulator, RowOrder};

@@ -311,3 +311,172 @@ fn memory_decoding_rejects_bad_arguments() {
         Error::OutOfBounds { .. }
     ));
 }
+
+/// The raw entry with the caller's workspace gives the safe entry's bits (the safe one calls
+/// it with a workspace of its own), and refuses a short, misplaced or doubled workspace.
+#[test]
+fn memory_decoding_raw_takes_the_callers_workspace() {
+    let g = gpu_or_skip!();
+    let s = &g.stream;
+    let (b, hq, hk, d, cap, m) = (2usize, 8usize, 2usize, 64usize, 300usize, 1000usize);
+    let ql = Layout::bshd(b, 2, hq, d);
+    let kl = Layout::bshd(b, cap, hk, d);
+    let ml = Layout::bshd(b, m, hk, d);
+    let mut rng = Rng(77);
+    let mut gen = |n: usize| -> Vec<bf16> {
+        (0..n)
+            .map(|_| bf16::from_f32(rng.normal() as f32))
+            .collect()
+    };
+    let (hq_, hk_, hv_, hmk, hmv) = (
+        gen(ql.numel()),
+        gen(kl.numel()),
+        gen(kl.numel()),
+        gen(ml.numel()),
+        gen(ml.numel()),
+    );
+    let vis = visibility(b, m, 5);
+    let mask_bytes: Vec<u8> = vis.iter().map(|&x| x as u8).collect();
+    let up = |x: &[bf16]| s.clone_htod(x).unwrap();
+    let (q, k, v, mk, mv) = (up(&hq_), up(&hk_), up(&hv_), up(&hmk), up(&hmv));
+    let mask = s.clone_htod(&mask_bytes).unwrap();
+    let lens = s.clone_htod(&[37i32, 300]).unwrap();
+    let (qv, kv, vv, mkv, mvv, maskv, lensv) = (
+        q.as_view(),
+        k.as_view(),
+        v.as_view(),
+        mk.as_view(),
+        mv.as_view(),
+        mask.as_view(),
+        lens.as_view(),
+    );
+    let cache = longflash::KvCache {
+        k: Input {
+            data: &kv,
+            layout: kl,
+        },
+        v: Input {
+            data: &vv,
+            layout: kl,
+        },
+        block_table: None,
+        cache_seqlens: Some(&lensv),
+    };
+    let rows = b * hq * ql.seqlen;
+    // The safe entry.
+    let mut o1: CudaSlice<bf16> = s.alloc_zeros(ql.numel()).unwrap();
+    let mut l1: CudaSlice<f32> = s.alloc_zeros(rows).unwrap();
+    {
+        let (mut ov, mut lv) = (o1.as_view_mut(), l1.as_view_mut());
+        g.attn
+            .decode_memory(
+                s,
+                Input {
+                    data: &qv,
+                    layout: ql,
+                },
+                &cache,
+                MemoryInput {
+                    keys: Input {
+                        data: &mkv,
+                        layout: ml,
+                    },
+                    values: Input {
+                        data: &mvv,
+                        layout: ml,
+                    },
+                    mask: Some(&maskv),
+                },
+                longflash::Output {
+                    data: &mut ov,
+                    layout: ql,
+                    lse: Some(&mut lv),
+                },
+                None,
+                &MemoryDecode::default(),
+            )
+            .unwrap();
+    }
+    // The raw entry with the caller's workspace (and no LSE asked for: the workspace holds it).
+    let o2: CudaSlice<bf16> = s.alloc_zeros(ql.numel()).unwrap();
+    let ptr = |x: &CudaSlice<bf16>| -> u64 {
+        let (p, _g) = cudarc::driver::DevicePtr::device_ptr(x, s);
+        p
+    };
+    let (qp, kp, vp, mkp, mvp, o2p) = (ptr(&q), ptr(&k), ptr(&v), ptr(&mk), ptr(&mv), ptr(&o2));
+    let (maskp, _g1) = cudarc::driver::DevicePtr::device_ptr(&mask, s);
+    let (lensp, _g2) = cudarc::driver::DevicePtr::device_ptr(&lens, s);
+    let mut raw = longflash::RawMemoryDecode {
+        local: longflash::RawDecode {
+            dtype: DType::Bf16,
+            q: qp,
+            k: kp,
+            v: vp,
+            o: o2p,
+            lse: 0,
+            q_layout: ql,
+            k_layout: kl,
+            v_layout: kl,
+            o_layout: ql,
+            block_table: 0,
+            max_pages_per_seq: 0,
+            cache_seqlens: lensp,
+            error_flag: 0,
+            options: longflash::DecodeOptions {
+                mask: MaskSpec::causal(),
+                ..Default::default()
+            },
+            workspace: 0,
+            workspace_bytes: 0,
+            split_counters: 0,
+            split_counters_len: 0,
+        },
+        mem_k: mkp,
+        mem_v: mvp,
+        mem_k_layout: ml,
+        mem_v_layout: ml,
+        mem_mask: maskp,
+        workspace: 0,
+        workspace_bytes: 0,
+    };
+    let plan = g.attn.decode_memory_plan(&raw, None).unwrap();
+    assert!(plan.memory.is_some() && plan.workspace_bytes >= rows * (d * 2 + 8));
+    let ws: CudaSlice<u8> = s.alloc_zeros(plan.workspace_bytes).unwrap();
+    let (wsp, _g3) = cudarc::driver::DevicePtr::device_ptr(&ws, s);
+    let call = |r: &longflash::RawMemoryDecode| -> longflash::Result<()> {
+        // SAFETY: every pointer is a live allocation of this context holding what its layout
+        // addresses (the workspace the plan's bytes); the stream is the test's, synchronized
+        // before the buffers are read or freed.
+        unsafe { g.attn.decode_memory_raw(s.cu_stream(), r, None) }
+    };
+    raw.workspace = wsp;
+    raw.workspace_bytes = plan.workspace_bytes - 1;
+    assert!(matches!(
+        call(&raw),
+        Err(Error::InvalidArgument {
+            arg: "workspace_bytes",
+            ..
+        })
+    ));
+    raw.workspace = qp;
+    raw.workspace_bytes = plan.workspace_bytes;
+    assert!(matches!(call(&raw), Err(Error::Aliasing { .. })));
+    let mut doubled = raw;
+    doubled.local.workspace = wsp;
+    assert!(matches!(
+        call(&doubled),
+        Err(Error::InvalidArgument {
+            arg: "local.workspace",
+            ..
+        })
+    ));
+    raw.workspace = wsp;
+    call(&raw).unwrap();
+    s.synchronize().unwrap();
+    let (h1, h2) = (s.clone_dtoh(&o1).unwrap(), s.clone_dtoh(&o2).unwrap());
+    assert!(
+        h1.iter().zip(&h2).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the raw entry's output differs from the safe entry's"
+    );
+    assert!(h1.iter().any(|x| x.to_f32() != 0.0));
+}

@@ -8,14 +8,13 @@ use cudarc::driver::{
 
 use super::validate::{place_workspace, prefill_params, split_counters};
 use super::{
-    decode_smem_bytes, BlockTable, DecodeOptions, DecodePlan, DecodeProblem, KvCache, RawDecode,
-    SplitCounters,
+    decode_smem_bytes, BlockTable, DecodeOptions, DecodePlan, KvCache, RawDecode, SplitCounters,
 };
 use crate::attention::{sized_module, Attention, Input, Output, Scratch};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::loader::CtxGuard;
-use crate::sys::{LfDecodeParams, LF_DECODE_PREFILL_QUERIES, LF_DECODE_WARPS};
+use crate::sys::{LfDecodeParams, LF_DECODE_WARPS};
 
 impl Attention {
     /// The decoding CTAs a split plan aims to fill the device with: one per SM. Timed on an H100
@@ -106,77 +105,6 @@ impl Attention {
                 // kernel reads (caller's counters too: enough of them, apart from the device
                 // indices, zero as every completed call leaves them) and holds their stream
                 // guards and the workspace while this runs.
-                unsafe { self.launch_validated(stream.cu_stream(), args, params, plan) }
-            },
-        )
-    }
-
-    /// [`decode`](Self::decode) over a contiguous cache with a per-key mask besides
-    /// `options.mask`: key `j` of sequence `b` is attended only where `key_mask[b * capacity +
-    /// j]` is not 0 (`[batch, capacity]` bytes, the cache's capacity its sequence length). The
-    /// memory part of memory decoding. Always the decoding kernel: a call of many query tokens
-    /// per sequence, which plain decoding would give the chunked-prefill kernel (it reads no
-    /// key mask), keeps the split count the plan would choose for it.
-    pub(in crate::attention) fn decode_key_masked<T: Element>(
-        &self,
-        stream: &CudaStream,
-        q: Input<'_, '_, T>,
-        cache: &KvCache<'_, '_, T>,
-        out: Output<'_, '_, T>,
-        options: &DecodeOptions,
-        (arg, key_mask): (&'static str, &CudaView<'_, u8>),
-    ) -> Result<()> {
-        if cache.block_table.is_some() {
-            return Err(Error::InvalidArgument {
-                arg: "block_table",
-                value: "Some".into(),
-                expected: "None: a key mask indexes a contiguous cache".into(),
-            });
-        }
-        let capacity = cache.k.layout.seqlen;
-        self.same_context(arg, key_mask.stream().context().cu_ctx())?;
-        let need = (q.layout.batch as u128) * (capacity as u128);
-        if need > key_mask.len() as u128 {
-            return Err(Error::OutOfBounds {
-                arg,
-                required: need,
-                len: key_mask.len(),
-            });
-        }
-        let mut options = *options;
-        if options.num_splits.is_none() && q.layout.seqlen >= LF_DECODE_PREFILL_QUERIES as usize {
-            let problem = DecodeProblem {
-                batch: q.layout.batch,
-                seqlen_q: q.layout.seqlen,
-                heads_q: q.layout.heads,
-                heads_kv: cache.k.layout.heads,
-                head_dim: q.layout.head_dim,
-                max_seqlen_k: options.max_seqlen_k.unwrap_or(capacity).max(1),
-            };
-            options.num_splits = Some(problem.plan(self.decode_slots(), None).num_splits);
-        }
-        let (mp, _gm) = key_mask.device_ptr(stream);
-        self.decode_views(
-            stream,
-            q,
-            cache,
-            out,
-            (None, None),
-            &options,
-            false,
-            |args, mut params, plan| {
-                if plan.prefill {
-                    return Err(Error::InvalidArgument {
-                        arg: "options.num_splits",
-                        value: "None".into(),
-                        expected: "a split count: a key mask needs the decoding kernel".into(),
-                    });
-                }
-                params.key_mask = mp as *const u8;
-                params.key_mask_batch_stride = capacity as i64;
-                // SAFETY: as in `decode_counted`; the key mask is a view of this context that
-                // holds batch * capacity bytes (checked above), guarded for the stream while
-                // this runs, and the kernel reads it below each sequence's clamped length only.
                 unsafe { self.launch_validated(stream.cu_stream(), args, params, plan) }
             },
         )
@@ -399,7 +327,7 @@ impl Attention {
     /// # Safety
     /// As [`decode_raw`](Self::decode_raw), with `params` and `plan` from validating `args` (the
     /// split partials placed in a workspace that holds the plan's bytes).
-    unsafe fn launch_validated(
+    pub(in crate::attention) unsafe fn launch_validated(
         &self,
         stream: sys::CUstream,
         args: &RawDecode,

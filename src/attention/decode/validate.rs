@@ -8,8 +8,8 @@ use crate::check::{
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::sys::{
-    LfDecodeParams, LfFwdParams, LfPagedFwdParams, LF_DECODE_KEYS, LF_DECODE_PREFILL_QUERIES,
-    LF_DECODE_SPLIT_ALIGN,
+    LfDecodeParams, LfFwdParams, LfMask, LfPagedFwdParams, LF_DECODE_KEYS,
+    LF_DECODE_PREFILL_QUERIES, LF_DECODE_SPLIT_ALIGN,
 };
 
 impl RawDecode {
@@ -37,108 +37,14 @@ impl RawDecode {
         check_workspace: bool,
         rope: bool,
     ) -> Result<(LfDecodeParams, DecodePlan)> {
+        let (plan, capacity, mask) = self.shape_plan(slots, rope)?;
         let (q, k, v, o) = (
             &self.q_layout,
             &self.k_layout,
             &self.v_layout,
             &self.o_layout,
         );
-        attention_shapes([q, k, v, o], self.block_table == 0, true)?;
         let paged = self.block_table != 0;
-        let capacity = cache_capacity(k, paged, self.max_pages_per_seq, LF_DECODE_KEYS as usize)?;
-        let max_keys = self.options.max_seqlen_k.unwrap_or(capacity);
-        if max_keys == 0 || max_keys > capacity {
-            return Err(Error::InvalidArgument {
-                arg: "options.max_seqlen_k",
-                value: max_keys.to_string(),
-                expected: format!("1 to the cache's capacity {capacity}"),
-            });
-        }
-        if let Some(0) = self.options.num_splits {
-            return Err(Error::InvalidArgument {
-                arg: "options.num_splits",
-                value: "Some(0)".into(),
-                expected: "at least 1 split (or None)".into(),
-            });
-        }
-        let plan = DecodeProblem {
-            batch: q.batch,
-            seqlen_q: q.seqlen,
-            heads_q: q.heads,
-            heads_kv: k.heads,
-            head_dim: q.head_dim,
-            max_seqlen_k: max_keys,
-        }
-        .plan(slots, self.options.num_splits);
-        let plan = if self.runs_prefill(rope) {
-            DecodePlan {
-                num_splits: 1,
-                keys_per_split: max_keys.next_multiple_of(LF_DECODE_SPLIT_ALIGN as usize),
-                workspace_bytes: 0,
-                counters: 0,
-                prefill: true,
-                ..plan
-            }
-        } else {
-            plan
-        };
-        // The splits' bounds and the rows the split merge covers are 32-bit in the kernels.
-        if plan.num_splits.saturating_mul(plan.keys_per_split) > i32::MAX as usize {
-            return Err(Error::InvalidArgument {
-                arg: "options.num_splits",
-                value: format!("{} splits of {} keys", plan.num_splits, plan.keys_per_split),
-                expected: format!("splits that cover at most {} keys", i32::MAX),
-            });
-        }
-        let rows_total = (q.batch as u128) * (q.seqlen as u128) * (q.heads as u128);
-        if q.heads > 65535 || rows_total > i32::MAX as u128 {
-            return Err(Error::InvalidArgument {
-                arg: "q.heads",
-                value: format!(
-                    "{} heads of {} sequences of {} tokens",
-                    q.heads, q.batch, q.seqlen
-                ),
-                expected: "at most 65535 heads and i32::MAX (sequence, token, head) rows".into(),
-            });
-        }
-        // Grid: splits on x, row blocks on y, (sequence, KV head) on z; for the prefill kernel
-        // query tiles on x, query heads on y, sequences on z.
-        let (y_arg, y) = if plan.prefill {
-            ("q.heads", q.heads)
-        } else {
-            ("q.seqlen", plan.row_blocks)
-        };
-        let (z_arg, z) = if plan.prefill {
-            ("q.batch", q.batch)
-        } else {
-            ("q.batch", q.batch.saturating_mul(k.heads))
-        };
-        for (arg, value, limit) in [(y_arg, y, 65535), (z_arg, z, 65535)] {
-            if value > limit {
-                return Err(Error::InvalidArgument {
-                    arg,
-                    value: value.to_string(),
-                    expected: format!(
-                        "at most {limit} {}",
-                        match arg {
-                            "q.batch" if plan.prefill => "sequences",
-                            "q.batch" => "(sequence, KV head) pairs",
-                            "q.heads" => "query heads",
-                            _ => "tiles of 16 (query token, head) rows per KV head",
-                        }
-                    ),
-                });
-            }
-        }
-        let mask = self.options.mask.resolve(q.seqlen, max_keys)?;
-        if mask.sink_tokens != 0 {
-            return Err(Error::InvalidMask {
-                arg: "mask.sink_tokens",
-                value: mask.sink_tokens.to_string(),
-                expected: "0: the decoding forward has no attention sinks",
-            });
-        }
-
         let lse_range = attention_memory([q, k, v, o], [self.q, self.k, self.v, self.o], self.lse)?;
         aligned("workspace.ptr", self.workspace, 16, false)?;
         for (arg, ptr) in [
@@ -277,6 +183,118 @@ impl RawDecode {
             place_workspace(&mut params, self.workspace, self.split_counters);
         }
         Ok((params, plan))
+    }
+
+    /// The checks and the plan that depend on the shapes and options alone (not on the
+    /// pointers): the plan, the cache's capacity and the resolved mask.
+    pub(in crate::attention) fn shape_plan(
+        &self,
+        slots: usize,
+        rope: bool,
+    ) -> Result<(DecodePlan, usize, LfMask)> {
+        let (q, k, v, o) = (
+            &self.q_layout,
+            &self.k_layout,
+            &self.v_layout,
+            &self.o_layout,
+        );
+        attention_shapes([q, k, v, o], self.block_table == 0, true)?;
+        let paged = self.block_table != 0;
+        let capacity = cache_capacity(k, paged, self.max_pages_per_seq, LF_DECODE_KEYS as usize)?;
+        let max_keys = self.options.max_seqlen_k.unwrap_or(capacity);
+        if max_keys == 0 || max_keys > capacity {
+            return Err(Error::InvalidArgument {
+                arg: "options.max_seqlen_k",
+                value: max_keys.to_string(),
+                expected: format!("1 to the cache's capacity {capacity}"),
+            });
+        }
+        if let Some(0) = self.options.num_splits {
+            return Err(Error::InvalidArgument {
+                arg: "options.num_splits",
+                value: "Some(0)".into(),
+                expected: "at least 1 split (or None)".into(),
+            });
+        }
+        let plan = DecodeProblem {
+            batch: q.batch,
+            seqlen_q: q.seqlen,
+            heads_q: q.heads,
+            heads_kv: k.heads,
+            head_dim: q.head_dim,
+            max_seqlen_k: max_keys,
+        }
+        .plan(slots, self.options.num_splits);
+        let plan = if self.runs_prefill(rope) {
+            DecodePlan {
+                num_splits: 1,
+                keys_per_split: max_keys.next_multiple_of(LF_DECODE_SPLIT_ALIGN as usize),
+                workspace_bytes: 0,
+                counters: 0,
+                prefill: true,
+                ..plan
+            }
+        } else {
+            plan
+        };
+        // The splits' bounds and the rows the split merge covers are 32-bit in the kernels.
+        if plan.num_splits.saturating_mul(plan.keys_per_split) > i32::MAX as usize {
+            return Err(Error::InvalidArgument {
+                arg: "options.num_splits",
+                value: format!("{} splits of {} keys", plan.num_splits, plan.keys_per_split),
+                expected: format!("splits that cover at most {} keys", i32::MAX),
+            });
+        }
+        let rows_total = (q.batch as u128) * (q.seqlen as u128) * (q.heads as u128);
+        if q.heads > 65535 || rows_total > i32::MAX as u128 {
+            return Err(Error::InvalidArgument {
+                arg: "q.heads",
+                value: format!(
+                    "{} heads of {} sequences of {} tokens",
+                    q.heads, q.batch, q.seqlen
+                ),
+                expected: "at most 65535 heads and i32::MAX (sequence, token, head) rows".into(),
+            });
+        }
+        // Grid: splits on x, row blocks on y, (sequence, KV head) on z; for the prefill kernel
+        // query tiles on x, query heads on y, sequences on z.
+        let (y_arg, y) = if plan.prefill {
+            ("q.heads", q.heads)
+        } else {
+            ("q.seqlen", plan.row_blocks)
+        };
+        let (z_arg, z) = if plan.prefill {
+            ("q.batch", q.batch)
+        } else {
+            ("q.batch", q.batch.saturating_mul(k.heads))
+        };
+        for (arg, value, limit) in [(y_arg, y, 65535), (z_arg, z, 65535)] {
+            if value > limit {
+                return Err(Error::InvalidArgument {
+                    arg,
+                    value: value.to_string(),
+                    expected: format!(
+                        "at most {limit} {}",
+                        match arg {
+                            "q.batch" if plan.prefill => "sequences",
+                            "q.batch" => "(sequence, KV head) pairs",
+                            "q.heads" => "query heads",
+                            _ => "tiles of 16 (query token, head) rows per KV head",
+                        }
+                    ),
+                });
+            }
+        }
+        let mask = self.options.mask.resolve(q.seqlen, max_keys)?;
+        if mask.sink_tokens != 0 {
+            return Err(Error::InvalidMask {
+                arg: "mask.sink_tokens",
+                value: mask.sink_tokens.to_string(),
+                expected: "0: the decoding forward has no attention sinks",
+            });
+        }
+
+        Ok((plan, capacity, mask))
     }
 
     /// The device indices the kernels read (or write: the flag), with their bytes.

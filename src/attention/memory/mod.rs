@@ -30,7 +30,7 @@ mod top_k;
 mod two_pass;
 
 pub use buffer::{AppendSource, MemoryBuffer, MemoryGrowth, MemoryViews};
-pub use decode::MemoryDecode;
+pub use decode::{MemoryDecode, MemoryDecodePlan, RawMemoryDecode};
 pub use top_k::{RawMemorySelect, MAX_TOP_K};
 
 /// Head dims the memory kernel takes: 64 and 128 in kernels of their own width, and any other
