@@ -103,11 +103,10 @@ __device__ __forceinline__ unsigned long long warp_kth_key(const unsigned long l
 #pragma unroll 1
     for (int b = 31; b >= 0; --b) {
         const uint32_t t = hi | (1u << b);
-        int c[4] = {0, 0, 0, 0}; // four independent chains
+        int c = 0;
 #pragma unroll
-        for (int i = 0; i < E; ++i) c[i & 3] += static_cast<uint32_t>(v[i] >> 32) >= t;
-        const int n = (c[0] + c[1]) + (c[2] + c[3]);
-        if (static_cast<int>(__reduce_add_sync(0xffffffffu, n)) >= k) hi = t;
+        for (int i = 0; i < E; ++i) c += static_cast<uint32_t>(v[i] >> 32) >= t;
+        if (static_cast<int>(__reduce_add_sync(0xffffffffu, c)) >= k) hi = t;
     }
     int above = 0, eq = 0;
     uint32_t lo_min = 0xffffffffu;
@@ -127,13 +126,11 @@ __device__ __forceinline__ unsigned long long warp_kth_key(const unsigned long l
 #pragma unroll 1
         for (int b = 31; b >= 0; --b) {
             const uint32_t t = lo | (1u << b);
-            int c[4] = {0, 0, 0, 0};
+            int c = 0;
 #pragma unroll
             for (int i = 0; i < E; ++i)
-                c[i & 3] +=
-                    static_cast<uint32_t>(v[i] >> 32) == hi && static_cast<uint32_t>(v[i]) >= t;
-            const int n = (c[0] + c[1]) + (c[2] + c[3]);
-            if (static_cast<int>(__reduce_add_sync(0xffffffffu, n)) >= need) lo = t;
+                c += static_cast<uint32_t>(v[i] >> 32) == hi && static_cast<uint32_t>(v[i]) >= t;
+            if (static_cast<int>(__reduce_add_sync(0xffffffffu, c)) >= need) lo = t;
         }
     }
     return (static_cast<unsigned long long>(hi) << 32) | lo;
@@ -191,18 +188,15 @@ __device__ __forceinline__ void topk_finish(unsigned long long *cand, int n, int
 // Appends the scores of one key tile that beat their rows' thresholds to the rows' candidate
 // slots. s holds the thread's accumulators of an m16 tile (rows g and g + 8 of its warp, columns
 // 8 nt + 2 tq + c, entry j0 + 8 nt + c with j0 = the tile's first entry + 2 tq); count[r] and
-// cand[r] are row r's count (shared) and slots. Called by the whole warp, which owns its rows'
-// counts: the four threads of a row share its slots by a prefix sum over the quad (shuffles),
-// so no atomic sits on the path. Once a row's threshold has settled, few scores beat it: each
-// row's largest score is found first (two chains, no order dependence: fmaxf is exact), and a
-// warp none of whose threads has a score above a threshold returns.
+// cand[r] are row r's count (shared) and slots. Once a row's threshold has settled, few scores
+// beat it: each row's largest score is found first (four chains, no order dependence: fmaxf is
+// exact), and only a thread with a score above a threshold walks its scores.
 template <int NT>
 __device__ __forceinline__ void topk_insert(const float (&s)[NT][4], const float (&th)[2],
                                             const bool (&row_ok)[2], int j0, int mem_len,
                                             const uint8_t *mask, int *const (&count)[2],
-                                            unsigned long long *const (&cand)[2], int tq) {
+                                            unsigned long long *const (&cand)[2]) {
     static_assert(NT % 2 == 0, "two chains per row");
-    static_assert(2 * NT <= 32, "a row's scores of the thread as the bits of one word");
     float mx[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -211,49 +205,23 @@ __device__ __forceinline__ void topk_insert(const float (&s)[NT][4], const float
             mx[r][nt & 1] = fmaxf(mx[r][nt & 1], fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
     const bool any = (row_ok[0] && fmaxf(mx[0][0], mx[0][1]) > th[0]) ||
                      (row_ok[1] && fmaxf(mx[1][0], mx[1][1]) > th[1]);
-    if (!__any_sync(0xffffffffu, any)) return;
-    // Bit 2 nt + c of take[r]: score (nt, c) of row r enters.
-    uint32_t take[2] = {0u, 0u};
-    if (any) {
+    if (!any) return;
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const int j = j0 + nt * 8 + c;
+        for (int c = 0; c < 2; ++c) {
+            const int j = j0 + nt * 8 + c;
 #pragma unroll
-                for (int r = 0; r < 2; ++r)
-                    if (row_ok[r] && s[nt][2 * r + c] > th[r] && j < mem_len &&
-                        (mask == nullptr || __ldg(mask + j) != 0))
-                        take[r] |= 1u << (2 * nt + c);
+            for (int r = 0; r < 2; ++r) {
+                const float x = s[nt][2 * r + c];
+                if (row_ok[r] && x > th[r] && j < mem_len &&
+                    (mask == nullptr || __ldg(mask + j) != 0)) {
+                    const int slot = atomicAdd(count[r], 1);
+                    cand[r][slot] = topk_key(x, j);
+                }
             }
+        }
     }
-    int slot[2], total[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int n = __popc(take[r]);
-        int incl = n; // inclusive prefix over the quad (tq 0..3) of this row
-        int y = __shfl_up_sync(0xffffffffu, incl, 1, 4);
-        if (tq >= 1) incl += y;
-        y = __shfl_up_sync(0xffffffffu, incl, 2, 4);
-        if (tq >= 2) incl += y;
-        total[r] = __shfl_sync(0xffffffffu, incl, 3, 4);
-        slot[r] = *count[r] + incl - n;
-    }
-    __syncwarp(); // every thread of the quad has read the count before one moves it
-    if (tq == 3) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-            if (total[r] > 0) *count[r] += total[r];
-    }
-    if ((take[0] | take[1]) == 0u) return;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c)
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-                if ((take[r] >> (2 * nt + c)) & 1u)
-                    cand[r][slot[r]++] = topk_key(s[nt][2 * r + c], j0 + nt * 8 + c);
 }
 
 // After key tile t of a query tile (with `last`, after its final one): the rows of the warp
@@ -350,7 +318,7 @@ template <class Tr> __device__ __forceinline__ void topk_select(const LfMemoryTo
             PlainScore::compute<Tr>(s, sQ, sK + (t & 1) * Tr::kKVBytes, warp_row0, lane);
             const float th[2] = {threshold[warp_row0 + g], threshold[warp_row0 + g + 8]};
             topk_insert(s[0], th, row_ok, t * Tr::BC + 2 * tq, mem_len, mask, row_count,
-                        row_cand, tq);
+                        row_cand);
         }
         __syncwarp();
         topk_compact_rows<Tr::BC>(p, k, count, threshold, warp_row0, q0, row0, last, lane);

@@ -132,50 +132,32 @@ template <class Tr> __device__ __forceinline__ void topk_select(const LfMemoryTo
             ldmatrix_x4(qa[ks], sQ + Tr::Tile::offset(r, ks * 16 + (lane >> 4) * 8));
     }
 
-    // S of tile t into acc: the warpgroup's wgmmas, committed as one group and not waited for.
-    auto issue_s = [&](int t, float (&acc)[Tr::BC / 8][4]) {
-        const int s = t % Tr::kStages;
-        mbar_wait(full(s), (t / Tr::kStages) & 1);
-        const uint64_t dk = desc_add(desc_k, s * Tr::kKBytes);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < Tr::D / 16; ++ks)
-            Wgmma<T>::template rk<Tr::BC>(reinterpret_cast<float(&)[Tr::BC / 2]>(acc), qa[ks],
-                                          desc_add(dk, (ks >> 2) * Tr::BC * 128 + (ks & 3) * 32),
-                                          ks > 0);
-        wgmma_commit();
-    };
-    // Tile t, whose S is in cur: tile t + 1's S is issued into nxt first, so that the tensor
-    // cores compute it while this warp appends tile t's scores and compacts its rows.
     // Tile n_tiles loads nothing: every row of the warp then keeps its top k (all its candidates
     // when fewer) and writes them out, as in the sm_80 kernel.
-    auto step = [&](int t, float (&cur)[Tr::BC / 8][4], float (&nxt)[Tr::BC / 8][4]) {
+    for (int t = 0; t <= n_tiles; ++t) {
         const bool last = t == n_tiles;
         if (!last) {
-            if (t + 1 < n_tiles) issue_s(t + 1, nxt);
+            const int s = t % Tr::kStages;
+            float sc[Tr::BC / 8][4];
+            mbar_wait(full(s), (t / Tr::kStages) & 1);
+            const uint64_t dk = desc_add(desc_k, s * Tr::kKBytes);
+            wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < Tr::D / 16; ++ks)
+                Wgmma<T>::template rk<Tr::BC>(reinterpret_cast<float(&)[Tr::BC / 2]>(sc), qa[ks],
+                                              desc_add(dk, (ks >> 2) * Tr::BC * 128 + (ks & 3) * 32),
+                                              ks > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(sc);
             __syncwarp();
-            if (lane == 0) mbar_arrive(empty(t % Tr::kStages)); // the warp is done with its keys
+            if (lane == 0) mbar_arrive(empty(s)); // this warp is done with the stage's keys
 
             const float th[2] = {threshold[wrow0 + g], threshold[wrow0 + g + 8]};
-            topk_insert(cur, th, row_ok, t * Tr::BC + 2 * tq, mem_len, mask, row_count, row_cand,
-                        tq);
+            topk_insert(sc, th, row_ok, t * Tr::BC + 2 * tq, mem_len, mask, row_count, row_cand);
         }
         __syncwarp();
         topk_compact_rows<Tr::BC>(p, k, count, threshold, wrow0, q0, row0, last, lane);
-        // No wgmma stays in flight past the step: the accumulators then never cross a branch
-        // or the loop's back edge while the tensor cores write them (ptxas would serialize).
-        wgmma_wait<0>();
-        fence_regs(nxt);
-    };
-    float sa[Tr::BC / 8][4], sb[Tr::BC / 8][4];
-    if (n_tiles > 0) {
-        issue_s(0, sa);
-        wgmma_wait<0>();
-        fence_regs(sa);
-    }
-    for (int t = 0; t <= n_tiles; t += 2) {
-        step(t, sa, sb);
-        if (t + 1 <= n_tiles) step(t + 1, sb, sa);
     }
 }
 
