@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaStream, CudaViewMut, DevicePtr, DeviceSlice};
+use cudarc::driver::{sys, CudaStream, CudaViewMut};
 
 use super::{memory_shape, not_plain_rope, MemoryInput};
 use crate::attention::rope::RopeTables;
@@ -333,22 +333,7 @@ impl Attention {
         }
         let (ml, mvl) = (memory.keys.layout, memory.values.layout);
         memory_shape(&ql, kl.heads, &ml, &mvl)?;
-        let mem_len = ml.seqlen;
-        if mem_len > 0 {
-            self.check_view("memory.keys", memory.keys.data, &ml)?;
-            self.check_view("memory.values", memory.values.data, &mvl)?;
-        }
-        if let Some(m) = memory.mask {
-            self.same_context("memory.mask", m.stream().context().cu_ctx())?;
-            let need = (ql.batch as u128) * (mem_len as u128);
-            if need > m.len() as u128 {
-                return Err(Error::OutOfBounds {
-                    arg: "memory.mask",
-                    required: need,
-                    len: m.len(),
-                });
-            }
-        }
+        self.check_memory_views(&memory, ql.batch)?;
         // The rotation's tables, for positions up to the cache's capacity (the local part's
         // and the query pass's bound) plus the offsets.
         let capacity = match &cache.block_table {
@@ -373,15 +358,7 @@ impl Attention {
             _ => None,
         };
         let raw_rope = rotation.as_ref().map(|(r, _, _)| *r);
-        let (mk, _g1) = memory.keys.data.device_ptr(stream);
-        let (mv, _g2) = memory.values.data.device_ptr(stream);
-        let (mm, _g3) = match memory.mask {
-            Some(m) => {
-                let (p, g) = m.device_ptr(stream);
-                (p, Some(g))
-            }
-            None => (0, None),
-        };
+        let ((mk, mv, mm), _guards) = memory.device_ptrs(stream);
         let options = DecodeOptions {
             mask: opts.rope.map_or(MaskSpec::causal(), RopeOptions::mask),
             softmax_scale: opts.softmax_scale,

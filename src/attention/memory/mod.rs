@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaStream, CudaView, DevicePtr, DeviceSlice};
+use cudarc::driver::{sys, CudaStream, CudaView, DevicePtr, DeviceSlice, SyncOnDrop};
 
 use super::rope::{key_workspaces, rope_keys_params, RopeTables};
 use super::{Attention, ForwardOptions, Input, Output, RawForward, RawRope, RawRopeMode, Scratch};
@@ -53,6 +53,26 @@ pub struct MemoryInput<'a, 'b, T> {
     /// its key and value must be finite (0 times an infinity or NaN is NaN), as every key and
     /// value of the other forwards must be; entries past `mem_len` are never read.
     pub mask: Option<&'a CudaView<'b, u8>>,
+}
+
+impl<T> MemoryInput<'_, '_, T> {
+    /// The keys', values' and mask's device pointers (0 for no mask), with the guards that
+    /// order their use on `stream` while they live.
+    fn device_ptrs<'s>(
+        &'s self,
+        stream: &'s CudaStream,
+    ) -> ((u64, u64, u64), [Option<SyncOnDrop<'s>>; 3]) {
+        let (k, gk) = self.keys.data.device_ptr(stream);
+        let (v, gv) = self.values.data.device_ptr(stream);
+        let (m, gm) = match self.mask {
+            Some(m) => {
+                let (p, g) = m.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        ((k, v, m), [Some(gk), Some(gv), gm])
+    }
 }
 
 /// Options of a memory-attention call (see [`Attention::forward_memory`]).
@@ -322,6 +342,28 @@ fn local_mask(rope: Option<&RopeOptions>) -> MaskSpec {
 }
 
 impl Attention {
+    /// The memory's views against this context and their layouts (none read for an empty
+    /// memory), and its mask's `batch * mem_len` bytes.
+    fn check_memory_views<T>(&self, memory: &MemoryInput<'_, '_, T>, batch: usize) -> Result<()> {
+        let mem_len = memory.keys.layout.seqlen;
+        if mem_len > 0 {
+            self.check_view("memory.keys", memory.keys.data, &memory.keys.layout)?;
+            self.check_view("memory.values", memory.values.data, &memory.values.layout)?;
+        }
+        if let Some(m) = memory.mask {
+            self.same_context("memory.mask", m.stream().context().cu_ctx())?;
+            let need = (batch as u128) * (mem_len as u128);
+            if need > m.len() as u128 {
+                return Err(Error::OutOfBounds {
+                    arg: "memory.mask",
+                    required: need,
+                    len: m.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Memory attention: each query attends, in one softmax, its local keys (causal, aligned
     /// bottom-right; queries and local keys rotated with plain RoPE when `opts.rope` is given)
     /// and every visible entry of `memory` (raw keys, not rotated, not causal). Output and LSE
@@ -362,22 +404,7 @@ impl Attention {
         launch: impl FnOnce(&RawForward, &RawMemory, Option<&RawRope>) -> Result<()>,
     ) -> Result<()> {
         let (ql, kl) = (q.layout, k.layout);
-        let mem_len = memory.keys.layout.seqlen;
-        if mem_len > 0 {
-            self.check_view("memory.keys", memory.keys.data, &memory.keys.layout)?;
-            self.check_view("memory.values", memory.values.data, &memory.values.layout)?;
-        }
-        if let Some(m) = memory.mask {
-            self.same_context("memory.mask", m.stream().context().cu_ctx())?;
-            let need = (ql.batch as u128) * (mem_len as u128);
-            if need > m.len() as u128 {
-                return Err(Error::OutOfBounds {
-                    arg: "memory.mask",
-                    required: need,
-                    len: m.len(),
-                });
-            }
-        }
+        self.check_memory_views(&memory, ql.batch)?;
         let rotation = match opts.rope {
             Some(rope) => {
                 if rope.mode != PositionMode::Rope {
@@ -389,15 +416,7 @@ impl Attention {
             }
             None => None,
         };
-        let (mk, _g1) = memory.keys.data.device_ptr(stream);
-        let (mv, _g2) = memory.values.data.device_ptr(stream);
-        let (mm, _g3) = match memory.mask {
-            Some(m) => {
-                let (p, g) = m.device_ptr(stream);
-                (p, Some(g))
-            }
-            None => (0, None),
-        };
+        let ((mk, mv, mm), _guards) = memory.device_ptrs(stream);
         let raw_memory = RawMemory {
             keys: mk,
             values: mv,
