@@ -115,7 +115,7 @@ impl Attention {
             out,
             (error_flag, None),
             options,
-            true,
+            (true, true),
             |args, base, plan| {
                 // The mask is rope.mask(), causal (checked above); the key workspaces are 0.
                 let mut params = LfDecodeRopeParams {

@@ -99,7 +99,7 @@ impl Attention {
             out,
             (error_flag, counters),
             options,
-            false,
+            (false, true),
             |args, params, plan| {
                 // SAFETY: decode_views validated the call, checked every buffer against what the
                 // kernel reads (caller's counters too: enough of them, apart from the device
@@ -157,7 +157,8 @@ impl Attention {
     /// What the safe decoding entries share: checks the views (contexts, lengths against the
     /// layouts, the table's and lengths' sizes), lowers them to a [`RawDecode`], validates it once
     /// (the RoPE plan with `rope`), places the split partials in a stream-ordered workspace of the
-    /// plan's size, and calls `run` with the arguments, the kernel's parameters and the plan.
+    /// plan's size (with `with_workspace`: a caller that carves its own passes false and gets
+    /// none), and calls `run` with the arguments, the kernel's parameters and the plan.
     ///
     /// `run` may launch on `stream` with the arguments it gets: every buffer holds what
     /// [`Attention::decode_raw`] requires, guarded for the stream until `run` returns, and the
@@ -174,7 +175,7 @@ impl Attention {
             Option<&mut SplitCounters>,
         ),
         options: &DecodeOptions,
-        rope: bool,
+        (rope, with_workspace): (bool, bool),
         run: impl FnOnce(&RawDecode, LfDecodeParams, &DecodePlan) -> Result<()>,
     ) -> Result<()> {
         self.same_context("stream", stream.context().cu_ctx())?;
@@ -279,7 +280,7 @@ impl Attention {
             // entry's are, since the kernel writes them.
             args.counters_apart_from_indices(&plan)?;
         }
-        let workspace = if plan.workspace_bytes > 0 {
+        let workspace = if with_workspace && plan.workspace_bytes > 0 {
             // SAFETY: a stream of this value's context (checked above); the scratch is freed on
             // the same stream after the launches that use it.
             Some(unsafe { Scratch::new(self.ctx, stream.cu_stream(), plan.workspace_bytes) }?)

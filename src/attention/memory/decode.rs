@@ -21,19 +21,19 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaStream, CudaViewMut};
 
-use super::{memory_shape, not_plain_rope, MemoryInput};
+use super::{memory_shape, not_plain_rope, plain_rope, table_ranges, MemoryInput};
 use crate::attention::rope::RopeTables;
 use crate::attention::rope_backward::rope_queries_params;
 use crate::attention::{
     Attention, DecodeOptions, DecodePlan, DecodeProblem, Input, KvCache, Output, RawDecode,
-    RawMerge, RawRope, RawRopeMode, Scratch,
+    RawMerge, RawRope, Scratch,
 };
 use crate::check::{aligned, byte_range, overlaps};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::mask::MaskSpec;
 use crate::rope::{PositionMode, RopeOptions};
-use crate::sys::{LfDecodeParams, LfDecodeRopeParams, LF_DECODE_PREFILL_QUERIES};
+use crate::sys::{LfDecodeParams, LfDecodeRopeParams, LfRope, LF_DECODE_PREFILL_QUERIES};
 use crate::Element;
 
 /// Options of a memory decoding call (see [`Attention::decode_memory`]).
@@ -167,15 +167,7 @@ impl RawMemoryDecode {
         ql.check_dims("q")?;
         l.k_layout.check_dims("k")?;
         if let Some(r) = rope {
-            if r.mode != RawRopeMode::Rope {
-                return Err(not_plain_rope(match r.mode {
-                    RawRopeMode::ReRope { window } => PositionMode::ReRope { window },
-                    RawRopeMode::LeakyReRope { window, leak } => {
-                        PositionMode::LeakyReRope { window, leak }
-                    }
-                    RawRopeMode::Rope => PositionMode::Rope,
-                }));
-            }
+            plain_rope(r.mode)?;
         }
         let m = l.options.mask;
         if !m.causal || m.sink_tokens != 0 {
@@ -245,14 +237,14 @@ impl RawMemoryDecode {
         let plan = MemoryDecodePlan {
             local,
             memory,
-            workspace_bytes: if end == 0 { 0 } else { end },
+            workspace_bytes: end,
         };
         Ok((plan, carve))
     }
 
     /// Every buffer of the call but the workspace, as byte ranges (for the workspace's overlap
     /// check).
-    fn call_ranges(&self, rope: Option<&RawRope>) -> Vec<(&'static str, (i128, i128))> {
+    fn call_ranges(&self, rotation: Option<&LfRope>) -> Vec<(&'static str, (i128, i128))> {
         let l = &self.local;
         let q = &l.q_layout;
         let rows = (q.batch * q.heads * q.seqlen) as i128;
@@ -283,17 +275,8 @@ impl RawMemoryDecode {
                 ranges.push((arg, span(ptr, bytes)));
             }
         }
-        if let Some(r) = rope {
-            ranges.push((
-                "rope.inv_freq",
-                span(r.inv_freq, (r.rotary_dim / 2) as i128 * 8),
-            ));
-            if r.position_offsets != 0 {
-                ranges.push((
-                    "rope.position_offsets",
-                    span(r.position_offsets, q.batch as i128 * 4),
-                ));
-            }
+        if let Some(r) = rotation {
+            ranges.extend(table_ranges(r, q.batch));
         }
         ranges
     }
@@ -364,8 +347,8 @@ impl Attention {
             softmax_scale: opts.softmax_scale,
             ..DecodeOptions::default()
         };
-        // decode_views checks the local part's views and lowers them; the call's own workspace
-        // replaces the one it made for the local part alone.
+        // decode_views checks the local part's views and lowers them (without a workspace of
+        // its own: the call's holds every part's).
         self.decode_views(
             stream,
             q,
@@ -373,7 +356,7 @@ impl Attention {
             out,
             (error_flag, None),
             &options,
-            raw_rope.is_some(),
+            (raw_rope.is_some(), false),
             |local, _, _| {
                 let mut raw = RawMemoryDecode {
                     local: RawDecode {
@@ -448,6 +431,10 @@ impl Attention {
         let slots = self.decode_slots();
         let (plan, carve) = args.plan(slots, rope)?;
         let l = &args.local;
+        // The rotation lowered once: its tables' ranges and the query pass's parameters.
+        let rotation = rope
+            .map(|r| r.lower_rotation(l.q_layout.head_dim))
+            .transpose()?;
         if plan.workspace_bytes > 0 {
             aligned("workspace", args.workspace, 16, true)?;
             if args.workspace_bytes < plan.workspace_bytes {
@@ -464,7 +451,7 @@ impl Attention {
                 args.workspace as i128,
                 args.workspace as i128 + plan.workspace_bytes as i128,
             );
-            for (other, range) in args.call_ranges(rope) {
+            for (other, range) in args.call_ranges(rotation.as_ref()) {
                 if range.1 > range.0 && overlaps(ws, range) {
                     return Err(Error::Aliasing {
                         output: "workspace",
@@ -498,15 +485,15 @@ impl Attention {
             Some(mp) => {
                 let ql = l.q_layout;
                 let packed = args.packed();
-                let (q_mem, queries) = match rope {
-                    Some(r) => {
+                let (q_mem, queries) = match rotation {
+                    Some(lowered) => {
                         let max_keys = local_max_keys(&local_call);
                         let params = rope_queries_params(
                             (l.q, &ql),
                             (at(carve.q_rot), 0),
                             l.cache_seqlens,
                             max_keys,
-                            r.lower_rotation(ql.head_dim)?,
+                            lowered,
                         );
                         ((at(carve.q_rot), packed), Some(params))
                     }

@@ -555,6 +555,17 @@ fn not_plain_rope(mode: PositionMode) -> Error {
     }
 }
 
+/// `Ok` for plain RoPE, the memory layer's one raw position mode; the error of
+/// [`not_plain_rope`] otherwise.
+fn plain_rope(mode: RawRopeMode) -> Result<()> {
+    let mode = match mode {
+        RawRopeMode::Rope => return Ok(()),
+        RawRopeMode::ReRope { window } => PositionMode::ReRope { window },
+        RawRopeMode::LeakyReRope { window, leak } => PositionMode::LeakyReRope { window, leak },
+    };
+    Err(not_plain_rope(mode))
+}
+
 /// The rotation of a raw memory call: plain RoPE, the rotation's own checks, and a rotated-key
 /// workspace that is aligned and overlaps none of the call's tensors.
 fn validate_rotation(
@@ -562,14 +573,7 @@ fn validate_rotation(
     fwd: &RawForward,
     memory: &RawMemory,
 ) -> Result<crate::sys::LfRope> {
-    if r.mode != RawRopeMode::Rope {
-        let mode = match r.mode {
-            RawRopeMode::ReRope { window } => PositionMode::ReRope { window },
-            RawRopeMode::LeakyReRope { window, leak } => PositionMode::LeakyReRope { window, leak },
-            RawRopeMode::Rope => PositionMode::Rope,
-        };
-        return Err(not_plain_rope(mode));
-    }
+    plain_rope(r.mode)?;
     let d = fwd.q_layout.head_dim;
     let lowered = r.lower_rotation(d)?;
     aligned("rope.k_rot", r.k_rot, row_alignment(d).0, true)?;
