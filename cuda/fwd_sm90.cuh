@@ -25,6 +25,23 @@ __device__ __forceinline__ void window_fwd(const LfFwdSm90Params &pp) {
     });
 }
 
+// The dense plan with a per-key mask (LfFwdKeyMaskSm90Params): a masked memory's pass, the
+// memory's keys hidden where its byte is 0, one item per CTA.
+template <class Tr> __device__ __forceinline__ void keymask_fwd(const LfFwdKeyMaskSm90Params &pk) {
+    const LfFwdSm90Params &pp = pk.base;
+    const LfFwdParams &p = pp.fwd;
+    for_each_item<Tr, OneItemSched>(p, [&](int qt, int h, int b, auto &&pipe, auto role) {
+        WindowIter iter(p.mask, qt, Tr::BR, Tr::BC);
+        KeyBytesMask mask;
+        mask.m = p.mask;
+        mask.bytes = pk.key_mask + b * pk.key_mask_batch_stride;
+        const int hk = h / (p.heads_q / p.heads_kv);
+        TmaKeys keys{&pp.tma_k, &pp.tma_k, hk, b};
+        attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b,
+                               DensePlace{b}, pipe, role);
+    });
+}
+
 // Block-sparse: the key blocks a block mask lists for the query block (query tile = query block
 // of 128 rows, key tile = key block of 64 keys).
 template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Params &pp) {
@@ -72,6 +89,14 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Pa
         lf::sm90::window_fwd<NAME##_traits>(p);                                                   \
     }                                                                                             \
     LF_SM90_PERSISTENT_MARKER(NAME)
+
+// The Hopper kernel with a per-key mask (128-row tiles, one item per CTA).
+#define LF_DEFINE_KEYMASK_SM90_KERNEL(NAME, T, D)                                                 \
+    using NAME##_traits = lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D>;                        \
+    extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
+        NAME(const __grid_constant__ LfFwdKeyMaskSm90Params p) {                                  \
+        lf::sm90::keymask_fwd<NAME##_traits>(p);                                                  \
+    }
 
 // The block-sparse Hopper kernel (key tiles of LF_FWD_SM90_BC_SPARSE keys).
 #define LF_DEFINE_SPARSE_SM90_KERNEL(NAME, T, D)                                                  \

@@ -309,6 +309,35 @@ impl Default for LfFwdSm90Params {
     }
 }
 #[repr(C)]
+#[repr(align(128))]
+#[derive(Debug, Copy, Clone, PartialEq)]
+pub struct LfFwdKeyMaskSm90Params {
+    pub base: LfFwdSm90Params,
+    pub key_mask: *const u8,
+    pub key_mask_batch_stride: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LfFwdKeyMaskSm90Params"][::core::mem::size_of::<LfFwdKeyMaskSm90Params>() - 768usize];
+    ["Alignment of LfFwdKeyMaskSm90Params"]
+        [::core::mem::align_of::<LfFwdKeyMaskSm90Params>() - 128usize];
+    ["Offset of field: LfFwdKeyMaskSm90Params::base"]
+        [::core::mem::offset_of!(LfFwdKeyMaskSm90Params, base) - 0usize];
+    ["Offset of field: LfFwdKeyMaskSm90Params::key_mask"]
+        [::core::mem::offset_of!(LfFwdKeyMaskSm90Params, key_mask) - 640usize];
+    ["Offset of field: LfFwdKeyMaskSm90Params::key_mask_batch_stride"]
+        [::core::mem::offset_of!(LfFwdKeyMaskSm90Params, key_mask_batch_stride) - 648usize];
+};
+impl Default for LfFwdKeyMaskSm90Params {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Copy, Clone, PartialEq)]
 pub struct LfRopeFwdParams {
     pub fwd: LfFwdParams,

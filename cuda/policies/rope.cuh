@@ -150,6 +150,7 @@ template <class Base> struct ReRopeIter {
 
 // The causal/window element mask, narrowed on straddling tiles to the item's side of the window.
 struct ReRopeMask {
+    static constexpr bool kKeyBytes = false; // no per-key mask
     LfMask m;
     int window;
     struct RowKeys {

@@ -8,7 +8,8 @@
 //
 //   Traits  tile shape and element type (Sm90Traits)
 //   Iter    which key tiles a query tile visits, last to first, and whether each is full
-//   Mask    which (row, key) elements are visible inside a partial tile
+//   Mask    which (row, key) elements are visible inside a partial tile (and, with kKeyBytes,
+//           which keys of every tile)
 //   Keys    the tensor maps an item's key tile is loaded from (TmaKeys)
 //   QPrep   what happens to the loaded Q tile (through Traits::Tile, the TMA layout)
 //
@@ -327,8 +328,11 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     // Masks item n's partial tile, moves the exponent base, turns sc into P (exponentials) and
     // adds them to the LSE sum (cuda/softmax.cuh, as on sm_80); returns through alpha the factors
     // O must be rescaled by and whether any row of the warp needs it.
-    // kLse (a BoolTag): whether the exact exponentials' sums are kept (only the LSE reads them).
-    auto softmax = [&](int n, float (&sc)[Tr::BC / 8][4], float (&alpha)[2], auto kLse) {
+    // kLse (a BoolTag): whether the exact exponentials' sums are kept (only the LSE reads them);
+    // kw: what key_bytes gave for tile n (a per-key mask's bytes, Mask::kKeyBytes only).
+    auto softmax = [&](int n, float (&sc)[Tr::BC / 8][4], float (&alpha)[2], auto kLse,
+                       const auto &kw) {
+        if constexpr (Mask::kKeyBytes) mask.template hide<Tr::BC>(sc, kw, tq);
         if (!iter.is_full(n)) {
             const int k0 = iter.tile(n) * Tr::BC;
 #pragma unroll
@@ -344,6 +348,18 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
         for (int r = 0; r < 2; ++r)
             exp_row<Tr::BC / 8, decltype(kLse)::value>(sc, r, scale_log2, row_base[r], exp_sum[r]);
         return __any_sync(0xffffffffu, rescale);
+    };
+    // A per-key mask's bytes of item n's key tile (Mask::kKeyBytes; nothing otherwise, and
+    // zeros past the last tile), loaded a tile ahead of their use so that the load's latency
+    // hides behind the previous tile's work.
+    auto key_bytes = [&](int n) {
+        if constexpr (Mask::kKeyBytes) {
+            typename Mask::template Bytes<Tr::BC> w{};
+            if (n < n_tiles) w = mask.template load<Tr::BC>(iter.tile(n) * Tr::BC, lane);
+            return w;
+        } else {
+            return 0u;
+        }
     };
     // O *= alpha per row (no wgmma may be accumulating into O).
     auto rescale_o = [&](const float (&alpha)[2]) {
@@ -414,12 +430,15 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
         // One tile at a time: S, softmax, P V; the loop is built with and without the LSE's
         // sums, chosen once per launch.
         auto plain = [&](auto kLse) {
+            auto kw_next = key_bytes(0);
             for (int n = 0; n < n_tiles; ++n) {
+                const auto kw = kw_next;
+                kw_next = key_bytes(n + 1);
                 issue_s(n, sc);
                 wgmma_wait<0>();
                 fence_regs(sc);
                 release_k(n);
-                if (softmax(n, sc, alpha, kLse)) rescale_o(alpha);
+                if (softmax(n, sc, alpha, kLse, kw)) rescale_o(alpha);
                 pack(sc, pa);
                 issue_pv(n, pa);
                 wgmma_wait<0>();
@@ -438,17 +457,21 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
         // softmax runs while another's tensor-core work does; warpgroup 1 issues first in each
         // round, and the arrivals are counted so that none is left pending at exit.
         auto overlapped = [&](auto kLse) {
+            const auto kw0 = key_bytes(0);
+            auto kw_next = key_bytes(1);
             issue_s(0, sc);
             wgmma_wait<0>();
             fence_regs(sc);
             release_k(0);
-            softmax(0, sc, alpha, kLse); // O is still 0: nothing to rescale
+            softmax(0, sc, alpha, kLse, kw0); // O is still 0: nothing to rescale
             pack(sc, pa);
             for (int n = 1; n < n_tiles; ++n) {
                 // Turns go round the consumer warpgroups: each waits for the one before it
                 // (warpgroup 0, from n = 2, for the last one's previous turn) and hands over to
                 // the next, but for the very first wait and the very last hand-over.
                 constexpr int W = Tr::kConsumerWGs;
+                const auto kw = kw_next;
+                kw_next = key_bytes(n + 1);
                 if (Tr::kPingPong && (cw != 0 || n > 1)) named_barrier(Tr::kTurnBarrier + cw, 256);
                 issue_s(n, sc);
                 issue_pv(n - 1, pa);
@@ -458,7 +481,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                 wgmma_wait<1>(); // S of tile n is done; P V of tile n - 1 may still run
                 fence_regs(sc);
                 release_k(n);
-                const bool rescale = softmax(n, sc, alpha, kLse);
+                const bool rescale = softmax(n, sc, alpha, kLse, kw);
                 // Exponentials are never negative (a NaN compares false): the branch inside is
                 // never taken, and the wait stays behind the softmax.
                 wgmma_wait_all_after(sc[Tr::BC / 8 - 1][3] < 0.f);

@@ -9,10 +9,10 @@ use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::loader::{CtxGuard, ModuleCache};
 use crate::sys::{
-    LfFwdParams, LfFwdSm90Params, LfRope, LfRopeFwdSm90Params, LfTensorMap, LfVarlenParams,
-    LfVarlenSm90Params, LF_FWD_SM90_BC_D128, LF_FWD_SM90_BC_D256, LF_FWD_SM90_BC_D64,
-    LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BR, LF_FWD_SM90_BR_TALL, LF_FWD_SM90_STAGES,
-    LF_FWD_SM90_THREADS, LF_FWD_SM90_THREADS_TALL,
+    LfFwdKeyMaskSm90Params, LfFwdParams, LfFwdSm90Params, LfRope, LfRopeFwdSm90Params, LfTensorMap,
+    LfVarlenParams, LfVarlenSm90Params, LF_FWD_SM90_BC_D128, LF_FWD_SM90_BC_D256,
+    LF_FWD_SM90_BC_D64, LF_FWD_SM90_BC_SPARSE, LF_FWD_SM90_BR, LF_FWD_SM90_BR_TALL,
+    LF_FWD_SM90_STAGES, LF_FWD_SM90_THREADS, LF_FWD_SM90_THREADS_TALL,
 };
 
 /// Query rows from which a call with a causal or window mask takes the tall tiles at head dim 64
@@ -381,6 +381,50 @@ impl Attention {
                 smem: shape.smem,
                 persistent: shape.persistent,
                 params,
+            }))
+        })
+    }
+
+    /// The Hopper launch of a validated call (`fwd` its validated parameters) with a per-key
+    /// mask (`key_mask`: `[batch, key_mask_batch_stride]` bytes, read below the keys' length),
+    /// or `None` where the Hopper kernels cannot run it under [`MainloopChoice::Auto`]: the
+    /// 128-row tiles of `keymask_sm90_{dtype}_d{64,128}` (the memory pass of a masked memory).
+    /// The call takes no block mask.
+    pub(super) fn keymask_sm90_plan(
+        &self,
+        args: &RawForward,
+        fwd: LfFwdParams,
+        key_mask: u64,
+        key_mask_batch_stride: usize,
+    ) -> Result<Option<Plan<LfFwdKeyMaskSm90Params>>> {
+        debug_assert!(args.block_mask.is_none());
+        self.or_sm80(|| {
+            let Some((_, bc, smem)) = self.hopper_module(args, false)? else {
+                return Ok(None);
+            };
+            let d = args.q_layout.head_dim;
+            let module = format!("keymask_sm90_{}_d{d}", args.dtype.name());
+            if !ModuleCache::has_module(&module) {
+                return Err(unsupported(format!(
+                    "a kernel built for this call ({module} is not in this build: sm_90a \
+                     targets, head dims 64 and 128)"
+                )));
+            }
+            // SAFETY: as in `sm90_plan`: a current context for the encoding.
+            let _g = unsafe { CtxGuard::bind(self.ctx) }?;
+            let br = LF_FWD_SM90_BR as usize;
+            let base = hopper_params(args, fwd, (br, bc), args.k, &args.k_layout)?;
+            Ok(Some(Plan {
+                module,
+                br,
+                threads: LF_FWD_SM90_THREADS,
+                smem,
+                persistent: false,
+                params: LfFwdKeyMaskSm90Params {
+                    base,
+                    key_mask: key_mask as *const u8,
+                    key_mask_batch_stride: key_mask_batch_stride as i64,
+                },
             }))
         })
     }

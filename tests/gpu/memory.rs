@@ -61,13 +61,12 @@ pub(crate) fn case(head_dim: usize, (sq, sk, mem): (usize, usize, usize)) -> Mem
 }
 
 /// Whether `attn` runs this case in passes merged by LSE: the top-k path always, and the
-/// two-pass path (the Hopper forward twice and the merge) for an unmasked memory at head dim 64
-/// or 128 on a Hopper device without the sm_80 mainloop forced.
+/// two-pass path (the Hopper forward twice, with a per-key mask for a masked memory, and the
+/// merge) at head dim 64 or 128 on a Hopper device without the sm_80 mainloop forced.
 fn two_pass(attn: &Attention, c: &MemCase) -> bool {
     c.top_k.is_some()
         || attn.compute_capability() == (9, 0)
             && attn.mainloop() != MainloopChoice::Sm80
-            && c.hidden.is_none()
             && matches!(c.head_dim, 64 | 128)
 }
 
@@ -393,9 +392,10 @@ fn memory_attention_rejects_bad_memory() {
     assert!(back.iter().all(|x| x.to_f32() == 0.0));
 }
 
-/// An unmasked memory, the two-pass path on Hopper devices: the same cases through the one
+/// The two-pass path on Hopper devices, unmasked and masked: the same cases through the one
 /// kernel (the sm_80 mainloop forced) and, on a Hopper device, through the two passes of the
-/// Hopper forward and the merge, each under its own path's budget.
+/// Hopper forward (the memory's with its per-key mask) and the merge, each under its own path's
+/// budget.
 #[test]
 fn memory_two_pass_matches_reference() {
     let g = gpu_or_skip!();
@@ -407,12 +407,17 @@ fn memory_two_pass_matches_reference() {
         (64, 64, 0),
         (1, 190, 500),
     ];
+    // A masked memory: some entries hidden, none (the mask read, every tile visible), all but a
+    // few, all (rows see only their local keys).
+    let mut masked: Vec<(usize, Option<f64>)> = (0..sizes.len()).map(|i| (i, Some(0.3))).collect();
+    masked.extend([(0, Some(0.0)), (5, Some(0.97)), (2, Some(1.0))]);
+    let unmasked = (0..sizes.len()).map(|i| (i, None));
     for d in [64, 128] {
-        for (i, &sz) in sizes.iter().enumerate() {
-            let mut c = case(d, sz);
-            c.hidden = None;
+        for (n, (i, hidden)) in unmasked.clone().chain(masked.iter().copied()).enumerate() {
+            let mut c = case(d, sizes[i]);
+            c.hidden = hidden;
             c.dtype = if i % 2 == 0 { DType::Bf16 } else { DType::F16 };
-            c.seed = 31 + i as u64;
+            c.seed = 31 + n as u64;
             match i {
                 1 => c.rope = None,
                 2 => c.heads_kv = 4,
@@ -466,7 +471,8 @@ fn memory_workspace_and_its_errors() {
     // The memory pass's output and two LSEs (the call gives none), each part 256-aligned.
     let out_bytes = b * sq * hq * d * 2;
     assert!(need >= out_bytes + 2 * b * hq * sq * 4, "{need} bytes");
-    assert_eq!(h.memory_workspace_bytes(&fwd, &masked, None).unwrap(), 0);
+    // A masked memory takes the same passes (the memory's with a per-key mask).
+    assert_eq!(h.memory_workspace_bytes(&fwd, &masked, None).unwrap(), need);
     let padded = Layout::bshd(b, sq, hq, 100);
     let fwd100 = raw_placeholder(padded, Layout::bshd(b, sq, hk, 100), fwd.options);
     let mem100 = longflash::RawMemory {

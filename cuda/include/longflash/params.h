@@ -135,6 +135,16 @@ typedef struct LfFwdSm90Params {
     LfTensorMap tma_v;
 } LfFwdSm90Params;
 
+/* The Hopper forward with a per-key mask (the memory pass of a masked memory layer,
+ * cuda/fwd_sm90.cuh, keymask_fwd): key j of batch entry b is attended only where
+ * key_mask[b * key_mask_batch_stride + j] is not 0 (u8, read for keys below fwd.mask.seqlen_k),
+ * besides fwd.mask. */
+typedef struct LfFwdKeyMaskSm90Params {
+    LfFwdSm90Params base;
+    const uint8_t *key_mask;
+    int64_t key_mask_batch_stride;
+} LfFwdKeyMaskSm90Params;
+
 typedef struct LfRopeFwdParams {
     LfFwdParams fwd; /* mask must be causal (window_right = 0) */
     LfRope rope;
@@ -730,6 +740,8 @@ LF_ASSERT_LAYOUT(sizeof(LfRopeKeysVarlenParams) == 128, rope_keys_varlen_size);
 LF_ASSERT_LAYOUT(sizeof(LfTensorMap) == 128, tensor_map_size);
 LF_ASSERT_LAYOUT(sizeof(LfFwdSm90Params) == 640, fwd_sm90_size);
 LF_ASSERT_LAYOUT(offsetof(LfFwdSm90Params, tma_q) == 256, fwd_sm90_tma_q);
+LF_ASSERT_LAYOUT(offsetof(LfFwdKeyMaskSm90Params, key_mask) == 640, keymask_sm90_mask);
+LF_ASSERT_LAYOUT(sizeof(LfFwdKeyMaskSm90Params) == 768, keymask_sm90_size);
 LF_ASSERT_LAYOUT(offsetof(LfRopeFwdSm90Params, tma_k_alt) == 640, rope_sm90_k_alt);
 LF_ASSERT_LAYOUT(offsetof(LfRopeFwdSm90Params, rope) == 768, rope_sm90_rope);
 LF_ASSERT_LAYOUT(sizeof(LfRopeFwdSm90Params) == 896, rope_sm90_size);

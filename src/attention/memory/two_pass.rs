@@ -6,22 +6,23 @@
 //! workspace) and the query pass (the queries rotated once, as the one kernel's Q preparation
 //! rotates them, into this path's workspace), the local pass (causal, with the rotation's left
 //! window, over the rotated keys) into `o` and the LSE, the memory pass (the same rotated
-//! queries over the raw memory, no mask) into the workspace, and the merge of the second into
-//! the first. Both partial outputs are rounded to the element type before the merge, as the
+//! queries over the raw memory; with a memory mask, the Hopper forward with a per-key mask,
+//! `keymask_sm90_*`) into the workspace, and the merge of the second into the first. Both partial outputs are rounded to the element type before the merge, as the
 //! ring's are ([`reference::memory_attention_two_pass_lowp`](crate::reference::memory_attention_two_pass_lowp)
-//! is the budget). A memory with a mask, a head dim the Hopper forward has no kernel for (the
-//! padded ones), or a device without it runs the one kernel.
+//! is the budget). A head dim the Hopper forward has no kernel for (the padded ones), or a
+//! device without it runs the one kernel.
 
 use cudarc::driver::sys;
 
 use super::{call_ranges, table_ranges, Carve, RawMemory, RawRope, PART_ALIGN};
 use crate::attention::rope_backward::rope_queries_params;
+use crate::attention::sm90::Plan;
 use crate::attention::{Attention, Mainloop, RawForward, RawMerge};
 use crate::check::{aligned, byte_range, overlaps};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::mask::MaskSpec;
-use crate::sys::{LfMemoryFwdParams, LfRopeQueriesParams};
+use crate::sys::{LfFwdKeyMaskSm90Params, LfMemoryFwdParams, LfRopeQueriesParams};
 
 /// A stand-in address of the workspace, aligned as every part is, for deciding the path before
 /// a workspace exists (the Hopper plan depends on the parts' alignment only).
@@ -70,6 +71,8 @@ pub(super) struct TwoPass {
     local: RawForward,
     /// The memory pass and the merge (a memory of at least one entry).
     memory: Option<(RawForward, RawMerge)>,
+    /// The memory pass's launch with the memory's mask (a masked memory of at least one entry).
+    masked: Option<Plan<LfFwdKeyMaskSm90Params>>,
 }
 
 /// The contiguous layout of the rotated queries and of the memory pass's output.
@@ -81,8 +84,8 @@ impl Attention {
     /// Bytes of device workspace [`forward_memory_raw`](Self::forward_memory_raw) uses to run
     /// this call as two passes of the Hopper forward (the local part, then the memory, merged by
     /// LSE), or 0 when the call runs the one memory kernel whatever workspace it is given (a
-    /// memory mask, a head dim other than 64 and 128, or a device or [`MainloopChoice`] without
-    /// the Hopper mainloop). Validates the call first, as `forward_memory_raw` does.
+    /// head dim other than 64 and 128, or a device or [`MainloopChoice`] without the Hopper
+    /// mainloop). Validates the call first, as `forward_memory_raw` does.
     ///
     /// [`MainloopChoice`]: crate::MainloopChoice
     pub fn memory_workspace_bytes(
@@ -104,8 +107,8 @@ impl Attention {
     }
 
     /// The two passes of a validated call (`params` from [`RawMemory::validate`]), or `None`
-    /// when it runs the one kernel: no workspace given, a memory mask, a head dim other than 64
-    /// and 128, or a pass the Hopper mainloop would not run (decided on the workspace's parts at
+    /// when it runs the one kernel: no workspace given, a head dim other than 64 and 128, or a
+    /// pass the Hopper mainloop would not run (decided on the workspace's parts at
     /// a stand-in address, aligned as theirs are). With `check_workspace`, the workspace's size,
     /// alignment and aliasing are then checked.
     pub(super) fn two_pass_plan(
@@ -116,16 +119,19 @@ impl Attention {
         check_workspace: bool,
     ) -> Result<Option<TwoPass>> {
         let d = fwd.q_layout.head_dim;
-        if memory.workspace == 0 || memory.mask != 0 || !matches!(d, 64 | 128) {
+        if memory.workspace == 0 || !matches!(d, 64 | 128) {
             return Ok(None);
         }
         let parts = Parts::of(fwd, params.rotate != 0);
         let decided = passes(fwd, memory, params, parts, STAND_IN)?;
         let on_hopper = self.runs_on_hopper(&decided.local)
-            && decided
-                .memory
-                .as_ref()
-                .is_none_or(|(mem, _)| self.runs_on_hopper(mem));
+            && decided.memory.as_ref().is_none_or(|(mem, _)| {
+                if memory.mask == 0 {
+                    self.runs_on_hopper(mem)
+                } else {
+                    matches!(self.keymask_plan(mem, memory.mask), Ok(Some(_)))
+                }
+            });
         if !on_hopper {
             return Ok(None);
         }
@@ -138,7 +144,27 @@ impl Attention {
                 "the two-pass path: Attention::memory_workspace_bytes",
             )?;
         }
-        passes(fwd, memory, params, parts, memory.workspace).map(Some)
+        let mut plan = passes(fwd, memory, params, parts, memory.workspace)?;
+        if memory.mask != 0 {
+            if let Some((mem, _)) = &plan.memory {
+                let Some(masked) = self.keymask_plan(mem, memory.mask)? else {
+                    return Ok(None);
+                };
+                plan.masked = Some(masked);
+            }
+        }
+        Ok(Some(plan))
+    }
+
+    /// The Hopper launch of the memory pass `mem` with the memory's mask at `mask` (`[batch,
+    /// mem_len]` bytes), or `None` where the Hopper kernel with a per-key mask cannot run it.
+    fn keymask_plan(
+        &self,
+        mem: &RawForward,
+        mask: u64,
+    ) -> Result<Option<Plan<LfFwdKeyMaskSm90Params>>> {
+        let fwd = mem.validate()?;
+        self.keymask_sm90_plan(mem, fwd, mask, mem.k_layout.seqlen)
     }
 
     /// Whether this forward call runs on the Hopper mainloop here (an argument it refuses, or a
@@ -169,8 +195,14 @@ impl Attention {
         // checked workspace, written before on this stream.
         unsafe { self.forward_raw(stream, &plan.local) }?;
         if let Some((mem, merge)) = plan.memory {
-            // SAFETY: as above; the memory pass writes its own parts of the workspace.
-            unsafe { self.forward_raw(stream, &mem) }?;
+            match plan.masked {
+                // SAFETY: as above; the memory pass writes its own parts of the workspace; the
+                // mask holds `batch * mem_len` bytes (validated with the memory) and the kernel
+                // reads the bytes of keys below mem_len only.
+                Some(mut masked) => unsafe { self.launch_plan(stream, &mem, &mut masked) }?,
+                // SAFETY: as above; the memory pass writes its own parts of the workspace.
+                None => unsafe { self.forward_raw(stream, &mem) }?,
+            }
             // SAFETY: the merge reads the memory pass's parts and updates `o` and the local
             // LSE, all written above on this stream, validated in the plan.
             unsafe { self.merge_raw(stream, &merge) }?;
@@ -256,6 +288,7 @@ fn passes(
         queries,
         local,
         memory: memory_pass,
+        masked: None,
     })
 }
 
