@@ -99,9 +99,23 @@ __device__ __forceinline__ void topk_load(unsigned long long (&v)[E], const unsi
 // case: scores rarely tie).
 template <int E>
 __device__ __forceinline__ unsigned long long warp_kth_key(const unsigned long long (&v)[E], int k) {
-    uint32_t hi = 0;
+    // The answer lies between the smallest and the largest nonzero high word, so it has their
+    // common leading bits: the search starts below them (scores of one row mostly share their
+    // sign, exponent and leading mantissa bits).
+    uint32_t h_min = 0xffffffffu, h_max = 0;
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+        const uint32_t h = static_cast<uint32_t>(v[i] >> 32);
+        if (h != 0) h_min = min(h_min, h);
+        h_max = max(h_max, h);
+    }
+    h_min = __reduce_min_sync(0xffffffffu, h_min);
+    h_max = __reduce_max_sync(0xffffffffu, h_max);
+    const uint32_t diff = h_min ^ h_max;
+    const int top = diff == 0 ? -1 : 31 - __clz(diff); // the highest bit they differ in
+    uint32_t hi = top < 0 ? h_min : h_min & ~((2u << top) - 1u);
 #pragma unroll 1
-    for (int b = 31; b >= 0; --b) {
+    for (int b = top; b >= 0; --b) {
         const uint32_t t = hi | (1u << b);
         int c = 0;
 #pragma unroll
@@ -188,40 +202,56 @@ __device__ __forceinline__ void topk_finish(unsigned long long *cand, int n, int
 // Appends the scores of one key tile that beat their rows' thresholds to the rows' candidate
 // slots. s holds the thread's accumulators of an m16 tile (rows g and g + 8 of its warp, columns
 // 8 nt + 2 tq + c, entry j0 + 8 nt + c with j0 = the tile's first entry + 2 tq); count[r] and
-// cand[r] are row r's count (shared) and slots. Once a row's threshold has settled, few scores
-// beat it: each row's largest score is found first (four chains, no order dependence: fmaxf is
-// exact), and only a thread with a score above a threshold walks its scores.
+// cand[r] are row r's count (shared) and slots. Few scores beat a settled threshold, but over a
+// long memory some score of the warp's 16 rows does in most tiles (about 16 * BC * k / n of
+// them after n entries), so the work goes where they are: each row's scores in groups of
+// kTopkGroup column blocks, a group's maximum found first (a tree: fmaxf is exact), and the warp
+// walks only the groups in which some lane has a score above its threshold.
+constexpr int kTopkGroup = 4;
 template <int NT>
 __device__ __forceinline__ void topk_insert(const float (&s)[NT][4], const float (&th)[2],
                                             const bool (&row_ok)[2], int j0, int mem_len,
                                             const uint8_t *mask, int *const (&count)[2],
                                             unsigned long long *const (&cand)[2]) {
-    static_assert(NT % 2 == 0, "two chains per row");
-    float mx[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
+    constexpr int G = kTopkGroup, NG = NT / G;
+    static_assert(NT % G == 0, "whole groups");
+    bool hit[2][NG];
+    bool any = false;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
-        for (int r = 0; r < 2; ++r)
-            mx[r][nt & 1] = fmaxf(mx[r][nt & 1], fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-    const bool any = (row_ok[0] && fmaxf(mx[0][0], mx[0][1]) > th[0]) ||
-                     (row_ok[1] && fmaxf(mx[1][0], mx[1][1]) > th[1]);
-    if (!any) return;
+        for (int q = 0; q < NG; ++q) {
+            float m[G];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+            for (int i = 0; i < G; ++i)
+                m[i] = fmaxf(s[q * G + i][2 * r], s[q * G + i][2 * r + 1]);
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            const int j = j0 + nt * 8 + c;
+            for (int w = 1; w < G; w *= 2)
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const float x = s[nt][2 * r + c];
-                if (row_ok[r] && x > th[r] && j < mem_len &&
-                    (mask == nullptr || __ldg(mask + j) != 0)) {
-                    const int slot = atomicAdd(count[r], 1);
-                    cand[r][slot] = topk_key(x, j);
-                }
-            }
+                for (int i = 0; i + w < G; i += 2 * w) m[i] = fmaxf(m[i], m[i + w]);
+            hit[r][q] = row_ok[r] && m[0] > th[r];
+            any |= hit[r][q];
         }
-    }
+    if (!__any_sync(0xffffffffu, any)) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int q = 0; q < NG; ++q) {
+            if (!__any_sync(0xffffffffu, hit[r][q])) continue;
+            if (!hit[r][q]) continue;
+#pragma unroll
+            for (int i = 0; i < G; ++i)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int nt = q * G + i;
+                    const int j = j0 + nt * 8 + c;
+                    const float x = s[nt][2 * r + c];
+                    if (x > th[r] && j < mem_len && (mask == nullptr || __ldg(mask + j) != 0)) {
+                        const int slot = atomicAdd(count[r], 1);
+                        cand[r][slot] = topk_key(x, j);
+                    }
+                }
+        }
 }
 
 // After key tile t of a query tile (with `last`, after its final one): the rows of the warp

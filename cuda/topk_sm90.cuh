@@ -4,8 +4,8 @@
 // warpgroups of 64 query rows each compute S = Q K^T of a tile (Q as A fragments in registers,
 // K from shared memory), release the tile's stage and then, warp by warp, append the scores
 // that beat their row's threshold and compact rows that near the end of their slots, as the
-// sm_80 kernel does (topk_insert: a thread with no score above its rows' thresholds, the usual
-// case once they settle, only finds its rows' largest scores). Each warp owns its 16 rows'
+// sm_80 kernel does (topk_insert: the warp walks only the groups of scores in which some lane
+// has one above its row's threshold). Each warp owns its 16 rows'
 // counts and thresholds, so no barrier spans the CTA: a warp compacting its rows holds back only
 // its own warpgroup's next matrix product, and the ring lets the producer run ahead of it.
 // Compiled only for sm_90a (see build.rs).
