@@ -9,12 +9,24 @@
 //! the scores the call computes and the ratio to the dense call; benches/peer_memory.py times
 //! the PyTorch layer as the long_llama code computes it. `memory` is the library's path (two
 //! passes of the Hopper forward merged by LSE on Hopper devices), `memory_one_kernel` the one
-//! memory kernel (the sm_80 mainloop chosen), `memory_top_k` the top-k layer (each query's 128
+//! memory kernel (the sm_80 mainloop chosen), `memory_masked` the library's path with a memory
+//! mask (the last 64 entries of every 2048 hidden, as a padded window would leave them; on
+//! Hopper devices the memory pass with a per-key mask), `memory_top_k` the top-k layer (each query's 128
 //! best memory entries, `LONGFLASH_BENCH_TOP_K`; benches/peer_memory.py --top-k is its peer).
 //! `memory_decode` times memory decoding against a
 //! device copy of the bytes it reads (`LONGFLASH_BENCH_MEMORY=0` skips the forward shapes).
+//! `LONGFLASH_BENCH_ONLY=name,...` times only those (and `dense`, the ratios' base; the timing
+//! protocols bypass criterion's own filter). `LONGFLASH_BENCH_DUMP=dir` times nothing: it runs
+//! the layer once on small random tensors (full, masked, top-k) and writes the inputs and the
+//! outputs there, for `benches/peer_memory.py --check dir` to compare with the PyTorch layer.
 
 use std::time::Duration;
+
+/// Whether `LONGFLASH_BENCH_ONLY` (a comma list of names) leaves `name` in; unset: every name.
+fn selected(name: &str) -> bool {
+    std::env::var("LONGFLASH_BENCH_ONLY")
+        .map_or(true, |only| only.split(',').any(|n| n.trim() == name))
+}
 
 #[path = "common/mod.rs"]
 mod common;
@@ -29,23 +41,119 @@ use longflash::{
     MemoryInput, Output,
 };
 
-/// A device buffer of `n` bf16 filled with copies of one random block (host data for 1M-entry
-/// memories would take long to generate).
+/// A device buffer of `n` bf16 filled from one random block (host data for 1M-entry memories
+/// would take long to generate), each copy of it rotated by a different number of elements (not
+/// a multiple of a head vector), so that no key repeats an earlier one: the PyTorch peer's
+/// memory is i.i.d., and the top-k selection's work depends on it (keys repeated every block
+/// tie the kept scores, and every later copy of a kept key enters the candidates again).
 fn filled(g: &Gpu, n: usize, seed: u64) -> CudaSlice<bf16> {
     let block = random_bf16(n.min(1 << 24), seed);
     let mut buf: CudaSlice<bf16> = g.stream.alloc_zeros(n).unwrap();
     let mut at = 0;
+    let mut copy = 0;
     while at < n {
+        let shift = (copy * 977) % block.len();
+        let rotated = block[shift..].iter().chain(&block[..shift]);
         let len = block.len().min(n - at);
+        let part: Vec<bf16> = rotated.take(len).copied().collect();
         let mut dst = buf.slice_mut(at..at + len);
-        g.stream.memcpy_htod(&block[..len], &mut dst).unwrap();
+        g.stream.memcpy_htod(&part, &mut dst).unwrap();
         at += len;
+        copy += 1;
     }
     buf
 }
 
+/// Writes `x` as raw little-endian 16-bit values.
+fn write_bf16(dir: &std::path::Path, name: &str, x: &[bf16]) {
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect();
+    std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+/// `LONGFLASH_BENCH_DUMP`: batch 1, a window of 512 queries and keys (RoPE at positions 0 to
+/// 511), a memory of 8192 entries, 8 heads of 128, bf16; the full layer without and with a mask
+/// (a random third of the entries hidden) and the top-128 layer, each written with its inputs
+/// (`[1, n, heads, 128]` row-major, the mask one byte per entry) and `meta.json`.
+fn dump(g: &Gpu, dir: &std::path::Path) {
+    let (w, m, heads, d, top_k) = (512usize, 8192usize, 8usize, 128usize, 128usize);
+    std::fs::create_dir_all(dir).unwrap();
+    let ql = Layout::bshd(1, w, heads, d);
+    let ml = Layout::bshd(1, m, heads, d);
+    let host: Vec<Vec<bf16>> = (0..5)
+        .map(|i| random_bf16(if i < 3 { ql.numel() } else { ml.numel() }, 101 + i as u64))
+        .collect();
+    let mut s = 7u64;
+    let visible: Vec<u8> = (0..m)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+            u8::from((s >> 33) % 3 != 0)
+        })
+        .collect();
+    for (name, x) in ["q", "k", "v", "mem_k", "mem_v"].iter().zip(&host) {
+        write_bf16(dir, &format!("{name}.bin"), x);
+    }
+    std::fs::write(dir.join("mask.bin"), &visible).unwrap();
+    let dev: Vec<CudaSlice<bf16>> = host
+        .iter()
+        .map(|x| g.stream.clone_htod(x).unwrap())
+        .collect();
+    let mask = g.stream.clone_htod(&visible).unwrap();
+    let maskv = mask.as_view();
+    let views: Vec<_> = dev.iter().map(|x| x.as_view()).collect();
+    let rope = RopeOptions::new(RopeConfig::llama(d), PositionMode::Rope);
+    let opts = MemoryForward {
+        rope: Some(&rope),
+        softmax_scale: None,
+    };
+    for case in ["full", "masked", "top_k"] {
+        let mut o: CudaSlice<bf16> = g.stream.alloc_zeros(ql.numel()).unwrap();
+        {
+            let mut ov = o.as_view_mut();
+            let out = Output {
+                data: &mut ov,
+                layout: ql,
+                lse: None,
+            };
+            let memory = MemoryInput {
+                keys: input(&views[3], ml),
+                values: input(&views[4], ml),
+                mask: (case == "masked").then_some(&maskv),
+            };
+            let (qi, ki, vi) = (
+                input(&views[0], ql),
+                input(&views[1], ql),
+                input(&views[2], ql),
+            );
+            match case {
+                "top_k" => g
+                    .attn
+                    .forward_memory_top_k(&g.stream, qi, ki, vi, memory, out, &opts, top_k),
+                _ => g
+                    .attn
+                    .forward_memory(&g.stream, qi, ki, vi, memory, out, &opts),
+            }
+            .unwrap();
+        }
+        let back = g.stream.clone_dtoh(&o).unwrap();
+        write_bf16(dir, &format!("out_{case}.bin"), &back);
+    }
+    std::fs::write(
+        dir.join("meta.json"),
+        format!(
+            "{{\"window\": {w}, \"memory\": {m}, \"heads\": {heads}, \"head_dim\": {d}, \"top_k\": {top_k}, \"device\": \"{}\"}}\n",
+            g.ctx.name().unwrap_or_default()
+        ),
+    )
+    .unwrap();
+    println!("dumped to {}", dir.display());
+}
+
 fn bench_memory(c: &mut Criterion) {
     let Some(g) = gpu() else { return };
+    if let Ok(dir) = std::env::var("LONGFLASH_BENCH_DUMP") {
+        dump(&g, std::path::Path::new(&dir));
+        return;
+    }
     let device = g.ctx.name().unwrap_or_default();
     let (heads, d) = (16usize, 128usize);
     let window = parse_list("LONGFLASH_BENCH_WINDOW", &[2048])[0];
@@ -78,8 +186,20 @@ fn bench_memory(c: &mut Criterion) {
         let (mk, mv) = (k.slice(0..m * row), v.slice(0..m * row));
         let (wk, wv) = (k.slice(m * row..), v.slice(m * row..));
         let qv = q.as_view();
+        let hidden: Vec<u8> = (0..m).map(|j| u8::from(j % 2048 < 1984)).collect();
+        let mask = g.stream.clone_htod(&hidden).unwrap();
+        let maskv = mask.as_view();
         let mut dense_ms = None;
-        for name in ["dense", "memory", "memory_one_kernel", "memory_top_k"] {
+        for name in [
+            "dense",
+            "memory",
+            "memory_masked",
+            "memory_one_kernel",
+            "memory_top_k",
+        ] {
+            if name != "dense" && !selected(name) {
+                continue;
+            }
             let mut samples =
                 sample_shape(&mut group, BenchmarkId::new(name, m), &g, protocol, || {
                     let mut ov = o.as_view_mut();
@@ -104,7 +224,7 @@ fn bench_memory(c: &mut Criterion) {
                         let memory = MemoryInput {
                             keys: input(&mk, ml),
                             values: input(&mv, ml),
-                            mask: None,
+                            mask: (name == "memory_masked").then_some(&maskv),
                         };
                         let opts = MemoryForward {
                             rope: Some(&rope),
@@ -115,7 +235,7 @@ fn bench_memory(c: &mut Criterion) {
                             "memory_top_k" => g.attn.forward_memory_top_k(
                                 &g.stream, qi, wki, wvi, memory, out, &opts, top_k,
                             ),
-                            "memory" => g
+                            "memory" | "memory_masked" => g
                                 .attn
                                 .forward_memory(&g.stream, qi, wki, wvi, memory, out, &opts),
                             _ => one_kernel
@@ -166,6 +286,9 @@ fn bench_memory(c: &mut Criterion) {
 /// against a device-to-device copy of the same bytes in the same run (its read plus write
 /// traffic per second), as for the decoding bench.
 fn bench_memory_decode(c: &mut Criterion) {
+    if !selected("memory_decode") || std::env::var_os("LONGFLASH_BENCH_DUMP").is_some() {
+        return;
+    }
     let Some(g) = gpu() else { return };
     let device = g.ctx.name().unwrap_or_default();
     let (heads, d) = (32usize, 128usize);
