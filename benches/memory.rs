@@ -155,7 +155,11 @@ fn bench_memory(c: &mut Criterion) {
         return;
     }
     let device = g.ctx.name().unwrap_or_default();
-    let (heads, d) = (16usize, 128usize);
+    // LONGFLASH_BENCH_BATCH / _HEADS / _HEAD_DIM: other shapes (OpenLLaMA-3B's: 32 heads of
+    // 100, on the 128-wide padded kernels).
+    let batch = parse_list("LONGFLASH_BENCH_BATCH", &[1])[0];
+    let heads = parse_list("LONGFLASH_BENCH_HEADS", &[16])[0];
+    let d = parse_list("LONGFLASH_BENCH_HEAD_DIM", &[128])[0];
     let window = parse_list("LONGFLASH_BENCH_WINDOW", &[2048])[0];
     let memories = parse_list("LONGFLASH_BENCH_MEMORY", &[65536, 262144, 1048576]);
     let top_k = parse_list("LONGFLASH_BENCH_TOP_K", &[128])[0];
@@ -172,21 +176,30 @@ fn bench_memory(c: &mut Criterion) {
         .measurement_time(Duration::from_millis(1000));
     for &m in memories.iter().filter(|&&m| m > 0) {
         let keys = m + window;
-        let ql = Layout::bshd(1, window, heads, d);
-        let all = Layout::bshd(1, keys, heads, d);
+        let ql = Layout::bshd(batch, window, heads, d);
+        let all = Layout::bshd(batch, keys, heads, d);
         let q = filled(&g, ql.numel(), 1);
         let k = filled(&g, all.numel(), 2);
         let v = filled(&g, all.numel(), 3);
         let mut o: CudaSlice<bf16> = g.stream.alloc_zeros(ql.numel()).unwrap();
-        // The memory is rows [0, m) of K and V, the window rows [m, m + window).
-        let ml = Layout::bshd(1, m, heads, d);
-        let wl = Layout::bshd(1, window, heads, d);
+        // The memory is rows [0, m) of each batch entry's K and V, the window rows
+        // [m, m + window): views with the whole entry's batch stride.
         let row = heads * d;
+        let ml = Layout {
+            batch_stride: (keys * row) as i64,
+            ..Layout::bshd(batch, m, heads, d)
+        };
+        let wl = Layout {
+            batch_stride: (keys * row) as i64,
+            ..Layout::bshd(batch, window, heads, d)
+        };
         let (kv, vv) = (k.as_view(), v.as_view());
-        let (mk, mv) = (k.slice(0..m * row), v.slice(0..m * row));
+        let (mk, mv) = (k.as_view(), v.as_view());
         let (wk, wv) = (k.slice(m * row..), v.slice(m * row..));
         let qv = q.as_view();
-        let hidden: Vec<u8> = (0..m).map(|j| u8::from(j % 2048 < 1984)).collect();
+        let hidden: Vec<u8> = (0..batch * m)
+            .map(|j| u8::from(j % m % 2048 < 1984))
+            .collect();
         let mask = g.stream.clone_htod(&hidden).unwrap();
         let maskv = mask.as_view();
         let mut dense_ms = None;
@@ -257,15 +270,16 @@ fn bench_memory(c: &mut Criterion) {
             } else {
                 m as f64 + (window as f64 + 1.0) / 2.0
             };
-            let mut flops = 4.0 * heads as f64 * window as f64 * visited * d as f64;
+            let rows = (batch * heads * window) as f64;
+            let mut flops = 4.0 * rows * visited * d as f64;
             if name == "memory_top_k" {
-                flops -= 2.0 * heads as f64 * window as f64 * m as f64 * d as f64;
+                flops -= 2.0 * rows * m as f64 * d as f64;
             }
             if name == "dense" {
                 dense_ms = Some(ms);
             }
             println!(
-                "RESULT {{\"impl\": \"longflash_{name}\", \"top_k\": {}, \"memory\": {m}, \"window\": {window}, \"heads\": {heads}, \"head_dim\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.1}, \"vs_dense\": {}, \"device\": \"{device}\"}}",
+                "RESULT {{\"impl\": \"longflash_{name}\", \"top_k\": {}, \"batch\": {batch}, \"memory\": {m}, \"window\": {window}, \"heads\": {heads}, \"head_dim\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.1}, \"vs_dense\": {}, \"device\": \"{device}\"}}",
                 if name == "memory_top_k" {
                     top_k.to_string()
                 } else {
