@@ -63,6 +63,36 @@ pub(crate) fn aligned(arg: &'static str, ptr: u64, multiple: u64, required: bool
     Ok(())
 }
 
+/// A caller's workspace for one call, before any launch: at least `need` bytes (`sized_by` names
+/// what says so), 16-byte aligned, and apart from every non-empty byte range the call reads or
+/// writes (`others`). `args` names the pointer and the size arguments in the errors.
+pub(crate) fn workspace(
+    (ptr_arg, bytes_arg): (&'static str, &'static str),
+    (ptr, bytes): (u64, usize),
+    need: usize,
+    sized_by: &str,
+    others: impl IntoIterator<Item = (&'static str, (i128, i128))>,
+) -> Result<()> {
+    if bytes < need {
+        return Err(Error::InvalidArgument {
+            arg: bytes_arg,
+            value: bytes.to_string(),
+            expected: format!("at least {need} bytes ({sized_by})"),
+        });
+    }
+    aligned(ptr_arg, ptr, 16, true)?;
+    let ws = (ptr as i128, ptr as i128 + need as i128);
+    for (other, range) in others {
+        if range.1 > range.0 && overlaps(ws, range) {
+            return Err(Error::Aliasing {
+                output: ptr_arg,
+                other,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Every stride of `l` (tensor `tensor`) must be a multiple of 8 elements (16 bytes of 16-bit
 /// elements), so that each row starts 16-byte aligned when the base pointer does.
 pub(crate) fn strides_of_16_bytes(tensor: &str, l: &Layout) -> Result<()> {

@@ -398,17 +398,33 @@ impl Attention {
         key_mask_batch_stride: usize,
     ) -> Result<Option<Plan<LfFwdKeyMaskSm90Params>>> {
         debug_assert!(args.block_mask.is_none());
+        self.dense_tile_plan(args, fwd, "keymask", |base| LfFwdKeyMaskSm90Params {
+            base,
+            key_mask: key_mask as *const u8,
+            key_mask_batch_stride: key_mask_batch_stride as i64,
+        })
+    }
+
+    /// The launch of another family's Hopper kernel with the dense kernel's shape (128-row
+    /// tiles, one item per CTA): module `{family}_sm90_{dtype}_d{head_dim}`, its one parameter
+    /// `wrap`ped around the dense parameters of the call's tensors (`fwd` and the tensor maps
+    /// of `args`' Q, K and V); `None` where the Hopper kernels cannot run the call under
+    /// [`MainloopChoice::Auto`].
+    fn dense_tile_plan<P>(
+        &self,
+        args: &RawForward,
+        fwd: LfFwdParams,
+        family: &str,
+        wrap: impl FnOnce(LfFwdSm90Params) -> P,
+    ) -> Result<Option<Plan<P>>> {
         self.or_sm80(|| {
             let Some((_, bc, smem)) = self.hopper_module(args, false)? else {
                 return Ok(None);
             };
             let d = args.q_layout.head_dim;
-            let module = format!("keymask_sm90_{}_d{d}", args.dtype.name());
+            let module = format!("{family}_sm90_{}_d{d}", args.dtype.name());
             if !ModuleCache::has_module(&module) {
-                return Err(unsupported(format!(
-                    "a kernel built for this call ({module} is not in this build: sm_90a \
-                     targets, head dims 64 and 128)"
-                )));
+                return Err(unsupported(format!("{module} in this build")));
             }
             // SAFETY: as in `sm90_plan`: a current context for the encoding.
             let _g = unsafe { CtxGuard::bind(self.ctx) }?;
@@ -420,11 +436,7 @@ impl Attention {
                 threads: LF_FWD_SM90_THREADS,
                 smem,
                 persistent: false,
-                params: LfFwdKeyMaskSm90Params {
-                    base,
-                    key_mask: key_mask as *const u8,
-                    key_mask_batch_stride: key_mask_batch_stride as i64,
-                },
+                params: wrap(base),
             }))
         })
     }
@@ -574,32 +586,12 @@ impl Attention {
         args: &RawVarlenForward,
         vp: LfVarlenParams,
     ) -> Result<Option<Plan<LfVarlenSm90Params>>> {
-        self.or_sm80(|| {
-            let f = &args.forward;
-            let Some((_, bc, smem)) = self.hopper_module(f, false)? else {
-                return Ok(None);
-            };
-            let module = format!("varlen_sm90_{}_d{}", f.dtype.name(), f.q_layout.head_dim);
-            if !ModuleCache::has_module(&module) {
-                return Err(unsupported(format!("{module} in this build")));
-            }
-            // SAFETY: as in `sm90_plan`: a current context for the encoding.
-            let _g = unsafe { CtxGuard::bind(self.ctx) }?;
-            let maps = hopper_params(f, vp.fwd, (LF_FWD_SM90_BR as usize, bc), f.k, &f.k_layout)?;
-            Ok(Some(Plan {
-                module,
-                br: LF_FWD_SM90_BR as usize,
-                threads: LF_FWD_SM90_THREADS,
-                smem,
-                persistent: false,
-                params: LfVarlenSm90Params {
-                    vp,
-                    tma_q: maps.tma_q,
-                    tma_k: maps.tma_k,
-                    tma_v: maps.tma_v,
-                    ..LfVarlenSm90Params::default()
-                },
-            }))
+        self.dense_tile_plan(&args.forward, vp.fwd, "varlen", |maps| LfVarlenSm90Params {
+            vp,
+            tma_q: maps.tma_q,
+            tma_k: maps.tma_k,
+            tma_v: maps.tma_v,
+            ..LfVarlenSm90Params::default()
         })
     }
 

@@ -28,7 +28,7 @@ use crate::attention::{
     Attention, DecodeOptions, DecodePlan, DecodeProblem, Input, KvCache, Output, RawDecode,
     RawMerge, RawRope, Scratch,
 };
-use crate::check::{aligned, byte_range, overlaps};
+use crate::check::{self, byte_range};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::mask::MaskSpec;
@@ -436,29 +436,13 @@ impl Attention {
             .map(|r| r.lower_rotation(l.q_layout.head_dim))
             .transpose()?;
         if plan.workspace_bytes > 0 {
-            aligned("workspace", args.workspace, 16, true)?;
-            if args.workspace_bytes < plan.workspace_bytes {
-                return Err(Error::InvalidArgument {
-                    arg: "workspace_bytes",
-                    value: args.workspace_bytes.to_string(),
-                    expected: format!(
-                        "a workspace of at least {} bytes (Attention::decode_memory_plan)",
-                        plan.workspace_bytes
-                    ),
-                });
-            }
-            let ws = (
-                args.workspace as i128,
-                args.workspace as i128 + plan.workspace_bytes as i128,
-            );
-            for (other, range) in args.call_ranges(rotation.as_ref()) {
-                if range.1 > range.0 && overlaps(ws, range) {
-                    return Err(Error::Aliasing {
-                        output: "workspace",
-                        other,
-                    });
-                }
-            }
+            check::workspace(
+                ("workspace", "workspace_bytes"),
+                (args.workspace, args.workspace_bytes),
+                plan.workspace_bytes,
+                "Attention::decode_memory_plan",
+                args.call_ranges(rotation.as_ref()),
+            )?;
         }
         let at = |offset: usize| args.workspace + offset as u64;
         let mut local = *l;

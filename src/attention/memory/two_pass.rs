@@ -18,8 +18,8 @@ use super::{call_ranges, table_ranges, Carve, RawMemory, RawRope, PART_ALIGN};
 use crate::attention::rope_backward::rope_queries_params;
 use crate::attention::sm90::Plan;
 use crate::attention::{Attention, Mainloop, RawForward, RawMerge};
-use crate::check::{aligned, byte_range, overlaps};
-use crate::error::{Error, Result};
+use crate::check::{self, byte_range};
+use crate::error::Result;
 use crate::layout::Layout;
 use crate::mask::MaskSpec;
 use crate::sys::{LfFwdKeyMaskSm90Params, LfMemoryFwdParams, LfRopeQueriesParams};
@@ -301,18 +301,6 @@ pub(super) fn check_workspace_of(
     need: usize,
     sized_by: &str,
 ) -> Result<()> {
-    if memory.workspace_bytes < need {
-        return Err(Error::InvalidArgument {
-            arg: "memory.workspace_bytes",
-            value: memory.workspace_bytes.to_string(),
-            expected: format!("at least {need} bytes ({sized_by})"),
-        });
-    }
-    aligned("memory.workspace", memory.workspace, 16, true)?;
-    let ws = (
-        memory.workspace as i128,
-        memory.workspace as i128 + need as i128,
-    );
     let mut others = call_ranges(fwd, memory);
     if params.rotate != 0 {
         let k = &fwd.k_layout;
@@ -323,13 +311,11 @@ pub(super) fn check_workspace_of(
         ));
         others.extend(table_ranges(&params.rope, fwd.q_layout.batch));
     }
-    for (other, range) in others {
-        if overlaps(ws, range) {
-            return Err(Error::Aliasing {
-                output: "memory.workspace",
-                other,
-            });
-        }
-    }
-    Ok(())
+    check::workspace(
+        ("memory.workspace", "memory.workspace_bytes"),
+        (memory.workspace, memory.workspace_bytes),
+        need,
+        sized_by,
+        others,
+    )
 }
