@@ -1,29 +1,43 @@
 // Merges a partial attention result into an accumulated one by log-sum-exp (LfMergeParams).
 #pragma once
 
+#include <type_traits>
+
 #include "common.cuh"
 #include "longflash/params.h"
 
 namespace lf {
 
-template <typename T> struct Vec8;
-template <> struct Vec8<__half> {
-    static __device__ __forceinline__ float get(const uint4 &v, int i) {
-        const __half *h = reinterpret_cast<const __half *>(&v);
-        return __half2float(h[i]);
+// Merges chunk [c * W, c * W + W) of one row: acc = wa * acc + wb * part (W = 8: 16-byte
+// accesses; W = 4: 8-byte ones, for a head dim that 8 does not divide).
+template <typename T, int W>
+__device__ __forceinline__ void merge_chunk(uint16_t *ao, const uint16_t *po, float wa, float wb) {
+    using V = typename std::conditional<W == 8, uint4, uint2>::type;
+    const V va = *reinterpret_cast<const V *>(ao);
+    const V vb = *reinterpret_cast<const V *>(po);
+    const uint16_t *ea = reinterpret_cast<const uint16_t *>(&va);
+    const uint16_t *eb = reinterpret_cast<const uint16_t *>(&vb);
+    V out;
+    uint32_t *o32 = reinterpret_cast<uint32_t *>(&out);
+#pragma unroll
+    for (int i = 0; i < W / 2; ++i) {
+        // A weight of 0 must not let a NaN or inf of an unused input through (0 * inf = NaN).
+        float x[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+            x[e] = (wa > 0.f ? wa * Elem<T>::to_float(ea[2 * i + e]) : 0.f) +
+                   (wb > 0.f ? wb * Elem<T>::to_float(eb[2 * i + e]) : 0.f);
+        o32[i] = Elem<T>::pack(x[0], x[1]);
     }
-};
-template <> struct Vec8<__nv_bfloat16> {
-    static __device__ __forceinline__ float get(const uint4 &v, int i) {
-        const __nv_bfloat16 *h = reinterpret_cast<const __nv_bfloat16 *>(&v);
-        return __bfloat162float(h[i]);
-    }
-};
+    *reinterpret_cast<V *>(ao) = out;
+}
 
-// One warp per (batch, row, head): lane c handles elements [8c, 8c + 8). The warp reads both
+// One warp per (batch, row, head): lane c handles chunk c of the row. The warp reads both
 // LSEs before its lane 0 overwrites acc_lse, so no thread reads a merged LSE.
 template <typename T> __device__ __forceinline__ void merge_by_lse(const LfMergeParams &p) {
-    const int chunks = p.head_dim / 8; // <= 32
+    // Chunks of 8 elements, or of 4 where 8 do not divide the head (at most 32 either way).
+    const int width = p.head_dim % 8 == 0 ? 8 : 4;
+    const int chunks = p.head_dim / width;
     const int lane = threadIdx.x & 31;
     const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
     const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.seqlen;
@@ -49,23 +63,13 @@ template <typename T> __device__ __forceinline__ void merge_by_lse(const LfMerge
     if (c == 0) p.acc_lse[lse_i] = lse;
     if (c >= chunks) return;
     uint16_t *ao = static_cast<uint16_t *>(p.acc_o) + b * p.acc_batch_stride + s * p.acc_row_stride +
-                   h * p.acc_head_stride + c * 8;
+                   h * p.acc_head_stride + c * width;
     const uint16_t *po = static_cast<const uint16_t *>(p.part_o) + b * p.part_batch_stride +
-                         s * p.part_row_stride + h * p.part_head_stride + c * 8;
-    const uint4 va = *reinterpret_cast<const uint4 *>(ao);
-    const uint4 vb = *reinterpret_cast<const uint4 *>(po);
-    uint4 out;
-    uint32_t *o32 = reinterpret_cast<uint32_t *>(&out);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        // A weight of 0 must not let a NaN or inf of an unused input through (0 * inf = NaN).
-        float x0 = (wa > 0.f ? wa * Vec8<T>::get(va, 2 * i) : 0.f) +
-                   (wb > 0.f ? wb * Vec8<T>::get(vb, 2 * i) : 0.f);
-        float x1 = (wa > 0.f ? wa * Vec8<T>::get(va, 2 * i + 1) : 0.f) +
-                   (wb > 0.f ? wb * Vec8<T>::get(vb, 2 * i + 1) : 0.f);
-        o32[i] = Elem<T>::pack(x0, x1);
-    }
-    *reinterpret_cast<uint4 *>(ao) = out;
+                         s * p.part_row_stride + h * p.part_head_stride + c * width;
+    if (width == 8)
+        merge_chunk<T, 8>(ao, po, wa, wb);
+    else
+        merge_chunk<T, 4>(ao, po, wa, wb);
 }
 
 } // namespace lf

@@ -6,7 +6,7 @@ use cudarc::driver::{
 };
 
 use super::{Attention, Input, Output};
-use crate::check::{aligned, byte_range, mismatch, overlaps, strides_of_16_bytes};
+use crate::check::{aligned, byte_range, mismatch, overlaps, strides_multiple_of};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -33,8 +33,9 @@ pub struct RawMerge {
 }
 
 impl RawMerge {
-    /// Checks shapes, head dim (a multiple of 8, at most 256), alignment and overlap, and lowers
-    /// the call to the kernel's parameters.
+    /// Checks shapes, head dim (a multiple of 8 up to 256, or of 4 up to 128: LongLLaMA-3B's
+    /// 100), alignment (rows of whole 16-byte chunks, or 8-byte ones at a head dim of an odd
+    /// multiple of 4) and overlap, and lowers the call to the kernel's parameters.
     pub fn validate(&self) -> Result<LfMergeParams> {
         let (a, p) = (&self.acc_layout, &self.part_layout);
         a.check_dims("acc")?;
@@ -43,11 +44,14 @@ impl RawMerge {
         mismatch("part.seqlen", p.seqlen, "acc.seqlen", a.seqlen)?;
         mismatch("part.heads", p.heads, "acc.heads", a.heads)?;
         mismatch("part.head_dim", p.head_dim, "acc.head_dim", a.head_dim)?;
-        if a.head_dim % 8 != 0 || a.head_dim > 256 {
+        // The kernel's chunk: 8 elements (16 bytes), or 4 (8 bytes) where 8 do not divide the
+        // head; a warp's 32 lanes take one chunk each.
+        let chunk = if a.head_dim % 8 == 0 { 8 } else { 4 };
+        if a.head_dim % 4 != 0 || a.head_dim > 32 * chunk {
             return Err(Error::InvalidArgument {
                 arg: "acc.head_dim",
                 value: a.head_dim.to_string(),
-                expected: "a multiple of 8 up to 256".into(),
+                expected: "a multiple of 8 up to 256 or of 4 up to 128".into(),
             });
         }
         for (arg, v) in [
@@ -71,12 +75,12 @@ impl RawMerge {
                 expected: "at most 8 * u32::MAX rows".into(),
             });
         }
-        aligned("acc.ptr", self.acc_o, 16, false)?;
-        aligned("part.ptr", self.part_o, 16, false)?;
+        aligned("acc.ptr", self.acc_o, 2 * chunk as u64, false)?;
+        aligned("part.ptr", self.part_o, 2 * chunk as u64, false)?;
         aligned("acc_lse.ptr", self.acc_lse, 4, true)?;
         aligned("part_lse.ptr", self.part_lse, 4, true)?;
-        strides_of_16_bytes("acc", a)?;
-        strides_of_16_bytes("part", p)?;
+        strides_multiple_of("acc", a, chunk as i64)?;
+        strides_multiple_of("part", p, chunk as i64)?;
         if !a.is_non_overlapping() {
             return Err(Error::OverlappingOutput { arg: "acc" });
         }
