@@ -19,7 +19,7 @@ __device__ __forceinline__ void window_fwd(const LfFwdSm90Params &pp) {
         WindowIter iter(p.mask, qt, Tr::BR, Tr::BC);
         WindowMask mask{p.mask};
         const int hk = h / (p.heads_q / p.heads_kv);
-        TmaKeys keys{&pp.tma_k, &pp.tma_k, hk, b};
+        TmaKeys keys{&pp.tma_k, &pp.tma_k, Tr::map_head(hk), b, 0, Tr::map_col(hk, p.k_head_stride)};
         attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b,
                                DensePlace{b}, pipe, role);
     });
@@ -36,7 +36,7 @@ template <class Tr> __device__ __forceinline__ void keymask_fwd(const LfFwdKeyMa
         mask.m = p.mask;
         mask.bytes = pk.key_mask + b * pk.key_mask_batch_stride;
         const int hk = h / (p.heads_q / p.heads_kv);
-        TmaKeys keys{&pp.tma_k, &pp.tma_k, hk, b};
+        TmaKeys keys{&pp.tma_k, &pp.tma_k, Tr::map_head(hk), b, 0, Tr::map_col(hk, p.k_head_stride)};
         attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b,
                                DensePlace{b}, pipe, role);
     });
@@ -90,9 +90,23 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Pa
     }                                                                                             \
     LF_SM90_PERSISTENT_MARKER(NAME)
 
+// The dense kernel for a head narrower than its tile (p.head_dim, a multiple of 4 in
+// (D - 64, D)): Sm90Traits' kPadded, over flat tensor maps.
+#define LF_DEFINE_FWD_PADDED_SM90_KERNEL(NAME, T, D)                                              \
+    LF_DEFINE_FWD_SM90_KERNEL_SHAPE(NAME, T, D,                                                   \
+                                    (lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D, 1, 2, true>))
+
 // The Hopper kernel with a per-key mask (128-row tiles, one item per CTA).
 #define LF_DEFINE_KEYMASK_SM90_KERNEL(NAME, T, D)                                                 \
     using NAME##_traits = lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D>;                        \
+    extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
+        NAME(const __grid_constant__ LfFwdKeyMaskSm90Params p) {                                  \
+        lf::sm90::keymask_fwd<NAME##_traits>(p);                                                  \
+    }
+
+// The same for a head narrower than its tile (as LF_DEFINE_FWD_PADDED_SM90_KERNEL).
+#define LF_DEFINE_KEYMASK_PADDED_SM90_KERNEL(NAME, T, D)                                          \
+    using NAME##_traits = lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D, 1, 2, true>;            \
     extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
         NAME(const __grid_constant__ LfFwdKeyMaskSm90Params p) {                                  \
         lf::sm90::keymask_fwd<NAME##_traits>(p);                                                  \

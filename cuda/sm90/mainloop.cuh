@@ -32,7 +32,8 @@
 namespace lf {
 namespace sm90 {
 
-template <typename T_, int D_, int BC_, int QVARIANTS_ = 1, int CONSUMERS_ = 2> struct Sm90Traits {
+template <typename T_, int D_, int BC_, int QVARIANTS_ = 1, int CONSUMERS_ = 2, bool PADDED_ = false>
+struct Sm90Traits {
     using T = T_;
     static constexpr int D = D_;
     // Consumer warpgroups of 64 query rows each: two (LF_FWD_SM90_BR rows, the default) or three
@@ -60,12 +61,14 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1, int CONSUMERS_ = 2> 
     static constexpr int kBarOff = kVOff + kStages * kKVBytes;
     // Q, then per stage: K landed, V landed, stage free (its K free with kSplitRelease), V free
     // (kSplitRelease only), then Q free (persistent schedule only); the addresses are kept
-    // either way.
-    static constexpr int kBars = 2 + 4 * kStages;
+    // either way. A padded head's kernels add one per stage: K ready (its extra columns zeroed).
+    static constexpr int kBars = 2 + 4 * kStages + (PADDED_ ? kStages : 0);
     // Dynamic shared memory to ask for: the tiles, the barriers, and slack to align the base to
     // the 1024 bytes of a swizzle atom.
     static constexpr int kSmemBytes = kBarOff + kBars * 8 + 1024;
-    static constexpr int kProducerRegs = 24;
+    // (32 for a padded head: its producer warpgroup also zeroes K columns; the consumers keep
+    // their 240.)
+    static constexpr int kProducerRegs = PADDED_ ? 32 : 24;
     // Overlap S of tile n with P V of tile n - 1, the consumer warpgroups taking turns to issue
     // (ping-pong), with a stage's K released when S is done with it and its V when P V is, so the
     // next keys load while P V still reads V: the schedule up to head dim
@@ -93,10 +96,34 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1, int CONSUMERS_ = 2> 
     // from shared memory by every S: S then reads only K from shared memory. One Q variant and
     // head dims up to 128 (the registers it takes); LF_SM90_Q_REGS=0 at build time turns it off.
 #if defined(LF_SM90_Q_REGS) && !LF_SM90_Q_REGS
-    static constexpr bool kQRegs = false;
+    static constexpr bool kQRegs = PADDED_; // a padded head needs them
 #else
     static constexpr bool kQRegs = QVARIANTS_ == 1 && D_ <= 128 && CONSUMERS_ == 2;
 #endif
+    // A head narrower than D (p.head_dim = d, a multiple of 4 above D - 64; kPadded): its tiles
+    // are D wide, loaded through "flat" tensor maps (src/attention/sm90.rs), whose first
+    // coordinate runs along a row across all its heads, head h from column h * head_stride, so
+    // that a head of 200 bytes needs no 16-byte head stride. A TMA box starts on 16 bytes: a
+    // head's tile starts at the multiple of 8 columns at or below its first column, which then
+    // sits `shift` = (h * head_stride) % 8 columns in (0 or 4); the columns before and after
+    // the head hold its neighbours' values (zeros past the row's end). Q's fragments are built
+    // from its tile with its columns moved to K's shift and zeros around them; K's columns
+    // outside the head are zeroed in shared memory by the producer warpgroup's other warps
+    // before S reads them (kready), so that no other head's value enters a product, not even
+    // a NaN; V's extra columns make O columns that the epilogue does not write (it writes the
+    // head's d columns from V's shift on).
+    static constexpr bool kPadded = PADDED_;
+    static_assert(!kPadded || kQRegs, "a padded head builds Q's fragments itself");
+    // The tensor maps' head coordinate, first column and shift of head h of a tensor of head
+    // stride `stride` (elements): (h, 0, 0) in the 4-D maps, (0, h * stride rounded down to 8,
+    // the rest) in the flat ones.
+    static __device__ __forceinline__ int map_head(int h) { return kPadded ? 0 : h; }
+    static __device__ __forceinline__ int map_col(int h, int64_t stride) {
+        return kPadded ? static_cast<int>(h * stride) & ~7 : 0;
+    }
+    static __device__ __forceinline__ int col_shift(int h, int64_t stride) {
+        return kPadded ? static_cast<int>(h * stride) & 7 : 0;
+    }
     using Tile = Sw128Tile<BR, D>;
     static_assert(BC == 64 || BC == 128, "S = Q K^T is m64n<BC>");
     static_assert(D == 64 || D == 128 || D == 256, "O += P V is m64n<D>");
@@ -104,12 +131,14 @@ template <typename T_, int D_, int BC_, int QVARIANTS_ = 1, int CONSUMERS_ = 2> 
 };
 
 // Key tiles from tensor maps: variant 0 from map 0, variant 1 from map 1 (RoPE's outside-window
-// keys), at key-value head hk of batch entry b, the item's keys starting at row `row0` (0 but for
-// a packed sequence).
+// keys), at the maps' head coordinate hk of batch entry b, from column col (Traits::map_head and
+// map_col of the key-value head), the item's keys starting at row `row0` (0 but for a packed
+// sequence).
 struct TmaKeys {
     const LfTensorMap *map0, *map1;
     int hk, b;
     int row0 = 0;
+    int col = 0;
     __device__ __forceinline__ void prefetch() const {
         prefetch_tmap(map0);
         if (map1 != map0) prefetch_tmap(map1);
@@ -117,7 +146,7 @@ struct TmaKeys {
     template <class Tr>
     __device__ __forceinline__ void load(int v, int kt, uint32_t dst, uint32_t bar) const {
         const LfTensorMap *map = v ? map1 : map0; // a select, not an indexed (local) array
-        tma_load_tile<Tr::BC, Tr::D>(dst, map, bar, row0 + kt * Tr::BC, hk, b);
+        tma_load_tile<Tr::BC, Tr::D>(dst, map, bar, row0 + kt * Tr::BC, hk, b, col);
     }
 };
 
@@ -173,6 +202,9 @@ struct ConsumerRole {
     static constexpr bool kProducer = false, kConsumer = true;
 };
 
+// The producer warpgroup's warps that zero a padded head's extra K columns (all but the first).
+constexpr int kFixWarps = 3;
+
 // The dynamic shared memory's base (aligned to a swizzle atom) and its barriers' address.
 template <class Tr> __device__ __forceinline__ uint32_t smem_base() {
     extern __shared__ __align__(1024) unsigned char smem[];
@@ -194,6 +226,9 @@ template <class Tr, bool kQFree = false> __device__ __forceinline__ void init_ba
                 mbar_init(bars + 8 * (1 + 3 * Tr::kStages + s), Tr::kConsumerWarps);
         }
         if constexpr (kQFree) mbar_init(bars + 8 * (1 + 4 * Tr::kStages), Tr::kConsumerWarps);
+        if constexpr (Tr::kPadded)
+            for (int s = 0; s < Tr::kStages; ++s)
+                mbar_init(bars + 8 * (2 + 4 * Tr::kStages + s), kFixWarps);
         mbar_init_fence();
     }
     __syncthreads();
@@ -224,6 +259,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     auto empty = [&](int s) { return bars + 8 * (1 + 2 * Tr::kStages + s); };
     auto empty_v = [&](int s) { return bars + 8 * (1 + 3 * Tr::kStages + s); };
     const uint32_t empty_q = bars + 8 * (1 + 4 * Tr::kStages);
+    auto kready = [&](int s) { return bars + 8 * (2 + 4 * Tr::kStages + s); };
     // Ring slot and phase of this item's key tile n.
     auto stage = [&](int n) { return (pipe.tiles + n) % Tr::kStages; };
     auto phase = [&](int n) { return ((pipe.tiles + n) / Tr::kStages) & 1; };
@@ -255,7 +291,8 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
 #pragma unroll
                 for (int v = 0; v < Tr::kQVariants; ++v)
                     tma_load_tile<Tr::BR, Tr::D>(sQ + v * Tr::kQBytes, &tma_q, bar_q,
-                                                 at.q_row0() + q0, h, at.tma_b());
+                                                 at.q_row0() + q0, Tr::map_head(h), at.tma_b(),
+                                                 Tr::map_col(h, p.q_head_stride));
                 for (int n = 0; n < n_tiles; ++n) {
                     const int s = stage(n);
                     mbar_wait(empty(s), phase(n) ^ 1);
@@ -265,7 +302,39 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
                     if constexpr (Tr::kSplitRelease) mbar_wait(empty_v(s), phase(n) ^ 1);
                     mbar_expect_tx(full_v(s), Tr::kKVBytes);
                     tma_load_tile<Tr::BC, Tr::D>(sV(s), &tma_v, full_v(s),
-                                                 at.k_row0() + kt * Tr::BC, hk, at.tma_b());
+                                                 at.k_row0() + kt * Tr::BC, Tr::map_head(hk),
+                                                 at.tma_b(), Tr::map_col(hk, p.v_head_stride));
+                }
+            }
+            if constexpr (Tr::kPadded) {
+                // The other warps zero each K tile's columns outside the head (8 bytes at a
+                // time: the head's edges are multiples of 4 columns), then mark it ready.
+                if (threadIdx.x >= 32 && threadIdx.x < 32 * (1 + kFixWarps)) {
+                    // Thread t zeroes units t % 8 and t % 8 + 8 of rows t / 8 + 12 i (fewer than
+                    // 16 units a row: the head is wider than D - 64), unit k being the k-th of
+                    // the row's outside the head: before it (lo of them), then after it.
+                    const int t = threadIdx.x - 32;
+                    const int lo = Tr::col_shift(hk, p.k_head_stride) / 4;
+                    const int units = (Tr::D - p.head_dim) / 4;
+                    const int k0 = t & 7, k1 = k0 + 8;
+                    const int c0 = 4 * (k0 < lo ? k0 : k0 + p.head_dim / 4);
+                    const int c1 = k1 < units ? 4 * (k1 < lo ? k1 : k1 + p.head_dim / 4) : -1;
+#pragma unroll 1
+                    for (int n = 0; n < n_tiles; ++n) {
+                        const int s = stage(n);
+                        mbar_wait(full_k(s), phase(n));
+                        if (k0 < units) {
+#pragma unroll 1
+                            for (int r = t >> 3; r < Tr::BC; r += 4 * kFixWarps) {
+                                sts64_zero(sK(s) + Sw128Tile<Tr::BC, Tr::D>::offset(r, c0));
+                                if (c1 >= 0)
+                                    sts64_zero(sK(s) + Sw128Tile<Tr::BC, Tr::D>::offset(r, c1));
+                            }
+                        }
+                        fence_proxy_async();
+                        __syncwarp();
+                        if (threadIdx.x % 32 == 0) mbar_arrive(kready(s));
+                    }
                 }
             }
             pipe.advance(n_tiles);
@@ -307,7 +376,7 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
     // Issues S = Q K^T of item n into sc (after its K stage has landed); commit follows.
     auto issue_s = [&](int n, float (&sc)[Tr::BC / 8][4]) {
         const int s = stage(n);
-        mbar_wait(full_k(s), phase(n));
+        mbar_wait(Tr::kPadded ? kready(s) : full_k(s), phase(n));
         const uint64_t dq = desc_add(desc_q, iter.variant(n) * Tr::kQBytes);
         const uint64_t dk = desc_add(desc_k, s * Tr::kKVBytes);
         wgmma_fence();
@@ -413,7 +482,23 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             fence_proxy_async();
             named_barrier(1 + cw, 128);
         }
-        if constexpr (Tr::kQRegs) {
+        if constexpr (Tr::kPadded) {
+            // The fragments' column c is K's tile column c: head column c - (K's shift), at
+            // Q's tile column c - (K's shift) + (Q's shift); zeros outside the head. Per register
+            // i: row g + 8 (i & 1), column 2 tq + 8 (i >> 1) of the k16 step.
+            const int r = cw * 64 + warp * 16 + g;
+            const int moved = Tr::col_shift(h, p.q_head_stride) - Tr::col_shift(hk, p.k_head_stride);
+            const int sk = Tr::col_shift(hk, p.k_head_stride);
+#pragma unroll
+            for (int ks = 0; ks < Tr::D / 16; ++ks)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int c = ks * 16 + 2 * tq + 8 * (i >> 1);
+                    qa[ks][i] = c >= sk && c < sk + p.head_dim
+                                    ? lds32(sQ + Tr::Tile::offset(r + 8 * (i & 1), c + moved))
+                                    : 0u;
+                }
+        } else if constexpr (Tr::kQRegs) {
             // ldmatrix x4: lanes 0-15 address rows 0-15 at the step's first 8 columns, lanes
             // 16-31 the same rows 8 columns on; the four matrices are the A fragment's a0..a3.
             const int r = cw * 64 + warp * 16 + (lane & 15);
@@ -525,7 +610,14 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
 #pragma unroll
             for (int j = 0; j < Tr::D / 8; ++j) {
                 const uint32_t packed = Elt::pack(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-                *reinterpret_cast<uint32_t *>(dst + j * 8) = packed;
+                if constexpr (Tr::kPadded) {
+                    // O's column c is V's tile column c: head column c - (V's shift).
+                    const int c = j * 8 + tq * 2 - Tr::col_shift(hk, p.v_head_stride);
+                    if (c >= 0 && c < p.head_dim)
+                        *reinterpret_cast<uint32_t *>(dst + c - tq * 2) = packed;
+                } else {
+                    *reinterpret_cast<uint32_t *>(dst + j * 8) = packed;
+                }
             }
             if (p.lse != nullptr && tq == 0) {
                 const float lse = le > 0.f ? fmaf(row_base[r], kLn2, logf(le)) : -INFINITY;

@@ -55,18 +55,30 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void *tmap, uint
 }
 
 // Loads rows [row, row + ROWS) of head `head`, batch entry `b` of a 4-D tensor map whose boxes are
-// 64 columns by ROWS rows: D / 64 boxes, column block c at dst + c * ROWS * 128 (Sw128Tile).
+// 64 columns by ROWS rows, from column `col` on (a multiple of 16 bytes): D / 64 boxes, column
+// block c at dst + c * ROWS * 128 (Sw128Tile).
 template <int ROWS, int D>
 __device__ __forceinline__ void tma_load_tile(uint32_t dst, const void *tmap, uint32_t bar, int row,
-                                              int head, int b) {
+                                              int head, int b, int col = 0) {
 #pragma unroll
-    for (int c = 0; c < D / 64; ++c) tma_load_4d(dst + c * ROWS * 128, tmap, bar, c * 64, row, head, b);
+    for (int c = 0; c < D / 64; ++c)
+        tma_load_4d(dst + c * ROWS * 128, tmap, bar, col + c * 64, row, head, b);
 }
 
 // Fetches the tensor map at generic address `tmap` (a __grid_constant__ parameter) into the
 // descriptor cache, so that the first TMA load through it does not wait for the fetch.
 __device__ __forceinline__ void prefetch_tmap(const void *tmap) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
+}
+
+// 32 bits of shared memory at `addr`, and 64 bits (two zeros) stored at `addr`.
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+    uint32_t v;
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+    return v;
+}
+__device__ __forceinline__ void sts64_zero(uint32_t addr) {
+    asm volatile("st.shared.v2.b32 [%0], {%1, %1};\n" ::"r"(addr), "r"(0u) : "memory");
 }
 
 // Orders this thread's ordinary shared-memory writes before later reads by the async proxy

@@ -3,7 +3,9 @@
 
 use cudarc::driver::{sys, LaunchConfig};
 
-use super::{Attention, Mainloop, MainloopChoice, RawForward, RawRope, RawVarlenForward};
+use super::{
+    head_dim_kernel, Attention, Mainloop, MainloopChoice, RawForward, RawRope, RawVarlenForward,
+};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -29,23 +31,52 @@ const ZIGZAG_MAX_ROWS_MASKED: usize = 8192;
 /// Query rows from which a call without a mask at head dim 256 takes the zigzag grid.
 const ZIGZAG_MIN_ROWS_D256: usize = 1024;
 
-/// Key tile of the Hopper kernel for a head dim.
+/// Key tile of the Hopper kernel for a head dim: its own width's, and for a head narrower than
+/// 128 columns (a multiple of 4 from 68 to 124) the 128-wide padded tile's.
 fn key_tile(head_dim: usize) -> Option<usize> {
-    match head_dim {
-        64 => Some(LF_FWD_SM90_BC_D64 as usize),
-        128 => Some(LF_FWD_SM90_BC_D128 as usize),
-        256 => Some(LF_FWD_SM90_BC_D256 as usize),
+    match tile_width(head_dim) {
+        Some(64) => Some(LF_FWD_SM90_BC_D64 as usize),
+        Some(128) => Some(LF_FWD_SM90_BC_D128 as usize),
+        Some(256) => Some(LF_FWD_SM90_BC_D256 as usize),
         _ => None,
     }
 }
 
-/// Dynamic shared memory of the Hopper kernel (cuda/sm90/mainloop.cuh, Sm90Traits) with `br`-row
-/// Q tiles and `bc`-key K/V tiles: the Q tiles, the K/V ring, the barriers and 1 KiB to align the
-/// base to a swizzle atom.
+/// The width of the Hopper tiles of a head dim: 64, 128 or 256 for those head dims, 128 for a
+/// multiple of 4 from 68 to 124 (`Sm90Traits`' padded heads, kernels `*_d128p`).
+fn tile_width(head_dim: usize) -> Option<usize> {
+    match head_dim_kernel(head_dim)? {
+        (w, false) => Some(w),
+        (128, true) => Some(128),
+        _ => None,
+    }
+}
+
+/// Whether the Hopper kernels of this head dim are the padded ones (`Sm90Traits::kPadded`).
+fn padded(head_dim: usize) -> bool {
+    tile_width(head_dim).is_some_and(|w| w != head_dim)
+}
+
+/// The Hopper module of kernel `family` for `dtype` at head dim `d`:
+/// `{family}_sm90_{dtype}_d{d}`, or `_d128p` for a head narrower than its tile.
+fn sm90_module(family: &str, dtype: DType, d: usize) -> String {
+    if padded(d) {
+        format!("{family}_sm90_{}_d128p", dtype.name())
+    } else {
+        format!("{family}_sm90_{}_d{d}", dtype.name())
+    }
+}
+
+/// Dynamic shared memory of the Hopper kernel (cuda/sm90/mainloop.cuh, Sm90Traits) at head dim
+/// `head_dim` with `br`-row Q tiles and `bc`-key K/V tiles: the Q tiles and the K/V ring of the
+/// tile width, the barriers (one more per stage for a padded head) and 1 KiB to align the base
+/// to a swizzle atom.
 fn smem_bytes(head_dim: usize, br: usize, bc: usize, q_variants: usize) -> u32 {
     let stages = LF_FWD_SM90_STAGES as usize;
-    let tiles = (q_variants * br + 2 * stages * bc) * head_dim * 2;
-    (tiles + (2 + 4 * stages) * 8 + 1024) as u32
+    let width = tile_width(head_dim).unwrap_or(head_dim);
+    let tiles = (q_variants * br + 2 * stages * bc) * width * 2;
+    let bars = 2 + 4 * stages + if padded(head_dim) { stages } else { 0 };
+    (tiles + bars * 8 + 1024) as u32
 }
 
 /// A 4-D tensor map (head_dim, seqlen, heads, batch) of a 16-bit tensor at `ptr` with layout
@@ -57,17 +88,62 @@ pub(super) fn tensor_map(
     dtype: DType,
     box_rows: usize,
 ) -> Result<LfTensorMap> {
-    // Strides in bytes of the seqlen, heads and batch dimensions. A dimension of extent 1 is
-    // never stepped over, so any valid stride stands in for it.
-    let mut strides = [0u64; 3];
-    for (i, (n, s, name)) in [
+    let strides = map_strides([
         (l.seqlen, l.seq_stride, "seq_stride"),
         (l.heads, l.head_stride, "head_stride"),
         (l.batch, l.batch_stride, "batch_stride"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    ])?;
+    let dims = [
+        l.head_dim as u64,
+        l.seqlen as u64,
+        l.heads as u64,
+        l.batch as u64,
+    ];
+    encode_map(ptr, dims, strides, dtype, box_rows)
+}
+
+/// A flat tensor map of a 16-bit tensor at `ptr` with layout `l` whose heads are narrower than
+/// the kernels' tile (the padded kernels, `Sm90Traits::kPadded`): 4-D (columns, seqlen, 1,
+/// batch), column `h * head_stride + j` being element j of head h, the columns ending with the
+/// last head's last element (zeros past it). Boxes of 64 columns by `box_rows` rows, as
+/// [`tensor_map`]'s; unlike its maps this one needs no head stride of whole 16 bytes (a head of
+/// 100 is 200 bytes): a box starts on 16 bytes, at or up to 4 columns before a head, and the
+/// kernel keeps the neighbours' columns it reads out of every product (`Sm90Traits::kPadded`).
+pub(super) fn flat_tensor_map(
+    ptr: u64,
+    l: &Layout,
+    dtype: DType,
+    box_rows: usize,
+) -> Result<LfTensorMap> {
+    let strides = map_strides([
+        (l.seqlen, l.seq_stride, "seq_stride"),
+        (1, 0, "head_stride"),
+        (l.batch, l.batch_stride, "batch_stride"),
+    ])?;
+    // The kernel addresses columns in 32 bits, up to 127 past the last head's first.
+    let last = (l.heads as i128 - 1) * l.head_stride as i128;
+    if l.heads > 1 && (l.head_stride <= 0 || last + 128 > i32::MAX as i128) {
+        return Err(unsupported(format!(
+            "head_stride {}: a padded head's tensor map needs positive head strides below \
+             2^31 elements over all heads",
+            l.head_stride
+        )));
+    }
+    let dims = [
+        (last + l.head_dim as i128) as u64,
+        l.seqlen as u64,
+        1,
+        l.batch as u64,
+    ];
+    encode_map(ptr, dims, strides, dtype, box_rows)
+}
+
+/// The byte strides of a tensor map's dimensions 1 to 3 from their (extent, element stride,
+/// name): positive, below 2^40 bytes and multiples of 16 bytes. A dimension of extent 1 is never
+/// stepped over, so any valid stride stands in for it.
+fn map_strides(dims: [(usize, i64, &str); 3]) -> Result<[u64; 3]> {
+    let mut strides = [0u64; 3];
+    for (i, (n, s, name)) in dims.into_iter().enumerate() {
         strides[i] = if n == 1 {
             16
         } else if s > 0 && (s as u64) * 2 < (1 << 40) && (s as u64 * 2) % 16 == 0 {
@@ -79,18 +155,24 @@ pub(super) fn tensor_map(
             )));
         };
     }
+    Ok(strides)
+}
+
+/// Encodes a 4-D tensor map of 16-bit elements (`dims`, byte `strides` of dimensions 1 to 3)
+/// at `ptr`: boxes of 64 columns by `box_rows` rows, 128-byte swizzle, zeros outside.
+fn encode_map(
+    ptr: u64,
+    dims: [u64; 4],
+    strides: [u64; 3],
+    dtype: DType,
+    box_rows: usize,
+) -> Result<LfTensorMap> {
     // The driver's other rule checked here, so that a layout it refuses never reaches it.
     if ptr % 16 != 0 {
         return Err(unsupported(format!(
             "base address {ptr:#x}: a tensor map needs a 16-byte aligned base"
         )));
     }
-    let dims = [
-        l.head_dim as u64,
-        l.seqlen as u64,
-        l.heads as u64,
-        l.batch as u64,
-    ];
     let boxes = [64u32, box_rows as u32, 1, 1];
     let element_strides = [1u32; 4];
     let data_type = match dtype {
@@ -174,11 +256,17 @@ fn hopper_params(
     k: u64,
     k_layout: &Layout,
 ) -> Result<LfFwdSm90Params> {
+    // A padded head's kernels read flat maps (Sm90Traits::kPadded).
+    let map = if padded(args.q_layout.head_dim) {
+        flat_tensor_map
+    } else {
+        tensor_map
+    };
     Ok(LfFwdSm90Params {
         fwd,
-        tma_q: tensor_map(args.q, &args.q_layout, args.dtype, br)?,
-        tma_k: tensor_map(k, k_layout, args.dtype, bc)?,
-        tma_v: tensor_map(args.v, &args.v_layout, args.dtype, bc)?,
+        tma_q: map(args.q, &args.q_layout, args.dtype, br)?,
+        tma_k: map(k, k_layout, args.dtype, bc)?,
+        tma_v: map(args.v, &args.v_layout, args.dtype, bc)?,
         ..LfFwdSm90Params::default()
     })
 }
@@ -237,12 +325,16 @@ impl Attention {
             (true, false) => ("rope", key_tile(d)),
             (true, true) => ("rope_sparse", Some(LF_FWD_SM90_BC_SPARSE as usize)),
         };
-        let bc = bc.ok_or_else(|| unsupported(format!("head dim 64, 128 or 256, not {d}")))?;
-        let module = format!("{family}_sm90_{}_d{d}", args.dtype.name());
+        let bc = bc.ok_or_else(|| {
+            unsupported(format!(
+                "head dim 64, 128, 256 or a multiple of 4 from 68 to 124, not {d}"
+            ))
+        })?;
+        let module = sm90_module(family, args.dtype, d);
         if !ModuleCache::has_module(&module) {
             return Err(unsupported(format!(
                 "a kernel built for this call ({module} is not in this build: sm_90a targets, \
-                 head dims 64/128/256, 64/128 with RoPE)"
+                 head dims 64/128/256, 64/128 with RoPE, 68-124 padded without a block mask)"
             )));
         }
         let smem = smem_bytes(d, LF_FWD_SM90_BR as usize, bc, if rope { 2 } else { 1 });
@@ -421,8 +513,7 @@ impl Attention {
             let Some((_, bc, smem)) = self.hopper_module(args, false)? else {
                 return Ok(None);
             };
-            let d = args.q_layout.head_dim;
-            let module = format!("{family}_sm90_{}_d{d}", args.dtype.name());
+            let module = sm90_module(family, args.dtype, args.q_layout.head_dim);
             if !ModuleCache::has_module(&module) {
                 return Err(unsupported(format!("{module} in this build")));
             }

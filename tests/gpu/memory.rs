@@ -62,12 +62,21 @@ pub(crate) fn case(head_dim: usize, (sq, sk, mem): (usize, usize, usize)) -> Mem
 
 /// Whether `attn` runs this case in passes merged by LSE: the top-k path always, and the
 /// two-pass path (the Hopper forward twice, with a per-key mask for a masked memory, and the
-/// merge) at head dim 64 or 128 on a Hopper device without the sm_80 mainloop forced.
+/// merge) on a Hopper device without the sm_80 mainloop forced, at head dim 64 or 128, or at a
+/// padded one (68 to 124) whose rows are whole 16 bytes (its flat tensor maps' rule).
 fn two_pass(attn: &Attention, c: &MemCase) -> bool {
+    let d = c.head_dim;
+    let rows = [
+        c.heads_q * d,
+        c.heads_kv * d,
+        c.heads_kv * d + c.mem_row_pad,
+    ];
+    let hopper_dim = matches!(d, 64 | 128)
+        || (68..=124).contains(&d) && d % 4 == 0 && rows.iter().all(|r| r % 8 == 0);
     c.top_k.is_some()
         || attn.compute_capability() == (9, 0)
             && attn.mainloop() != MainloopChoice::Sm80
-            && matches!(c.head_dim, 64 | 128)
+            && hopper_dim
 }
 
 fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &MemCase) -> longflash::reference::Comparison {
@@ -412,7 +421,7 @@ fn memory_two_pass_matches_reference() {
     let mut masked: Vec<(usize, Option<f64>)> = (0..sizes.len()).map(|i| (i, Some(0.3))).collect();
     masked.extend([(0, Some(0.0)), (5, Some(0.97)), (2, Some(1.0))]);
     let unmasked = (0..sizes.len()).map(|i| (i, None));
-    for d in [64, 128] {
+    for d in [64, 128, 100] {
         for (n, (i, hidden)) in unmasked.clone().chain(masked.iter().copied()).enumerate() {
             let mut c = case(d, sizes[i]);
             c.hidden = hidden;
@@ -473,14 +482,19 @@ fn memory_workspace_and_its_errors() {
     assert!(need >= out_bytes + 2 * b * hq * sq * 4, "{need} bytes");
     // A masked memory takes the same passes (the memory's with a per-key mask).
     assert_eq!(h.memory_workspace_bytes(&fwd, &masked, None).unwrap(), need);
-    let padded = Layout::bshd(b, sq, hq, 100);
-    let fwd100 = raw_placeholder(padded, Layout::bshd(b, sq, hk, 100), fwd.options);
-    let mem100 = longflash::RawMemory {
-        keys_layout: Layout::bshd(b, m, hk, 100),
-        values_layout: Layout::bshd(b, m, hk, 100),
-        ..mem
-    };
-    assert_eq!(h.memory_workspace_bytes(&fwd100, &mem100, None).unwrap(), 0);
+    // Head dim 100 (LongLLaMA-3B's) takes the padded Hopper kernels where every row is whole
+    // 16 bytes (two key heads: 400 bytes), and the one kernel where a row is not (one: 200).
+    for (hk, takes) in [(2, true), (1, false)] {
+        let padded = Layout::bshd(b, sq, hq, 100);
+        let fwd100 = raw_placeholder(padded, Layout::bshd(b, sq, hk, 100), fwd.options);
+        let mem100 = longflash::RawMemory {
+            keys_layout: Layout::bshd(b, m, hk, 100),
+            values_layout: Layout::bshd(b, m, hk, 100),
+            ..mem
+        };
+        let bytes = h.memory_workspace_bytes(&fwd100, &mem100, None).unwrap();
+        assert_eq!(bytes > 0, takes, "{hk} key heads: {bytes} bytes");
+    }
     let call = |workspace: u64, workspace_bytes: usize| -> Error {
         let m = longflash::RawMemory {
             workspace,

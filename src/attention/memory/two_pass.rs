@@ -7,10 +7,13 @@
 //! rotates them, into this path's workspace), the local pass (causal, with the rotation's left
 //! window, over the rotated keys) into `o` and the LSE, the memory pass (the same rotated
 //! queries over the raw memory; with a memory mask, the Hopper forward with a per-key mask,
-//! `keymask_sm90_*`) into the workspace, and the merge of the second into the first. Both partial outputs are rounded to the element type before the merge, as the
-//! ring's are ([`reference::memory_attention_two_pass_lowp`](crate::reference::memory_attention_two_pass_lowp)
-//! is the budget). A head dim the Hopper forward has no kernel for (the padded ones), or a
-//! device without it runs the one kernel.
+//! `keymask_sm90_*`) into the workspace, and the merge of the second into the first. Both
+//! partial outputs are rounded to the element type before the merge, as the ring's are
+//! ([`reference::memory_attention_two_pass_lowp`](crate::reference::memory_attention_two_pass_lowp)
+//! is the budget). Head dims 64 and 128 run the Hopper kernels of their width, a multiple of 4
+//! from 68 to 124 (LongLLaMA-3B's 100) their padded ones (`*_sm90_*_d128p`, over flat tensor
+//! maps: rows of whole 16 bytes, no 16-byte head stride needed). A call the Hopper forward
+//! cannot take (another head dim, such a layout, a device without it) runs the one kernel.
 
 use cudarc::driver::sys;
 
@@ -84,8 +87,9 @@ impl Attention {
     /// Bytes of device workspace [`forward_memory_raw`](Self::forward_memory_raw) uses to run
     /// this call as two passes of the Hopper forward (the local part, then the memory, merged by
     /// LSE), or 0 when the call runs the one memory kernel whatever workspace it is given (a
-    /// head dim other than 64 and 128, or a device or [`MainloopChoice`] without the Hopper
-    /// mainloop). Validates the call first, as `forward_memory_raw` does.
+    /// call the Hopper forward does not take: a head dim other than 64, 128 and the padded 68
+    /// to 124, a layout its tensor maps cannot describe, or a device or [`MainloopChoice`]
+    /// without the Hopper mainloop). Validates the call first, as `forward_memory_raw` does.
     ///
     /// [`MainloopChoice`]: crate::MainloopChoice
     pub fn memory_workspace_bytes(
@@ -107,9 +111,8 @@ impl Attention {
     }
 
     /// The two passes of a validated call (`params` from [`RawMemory::validate`]), or `None`
-    /// when it runs the one kernel: no workspace given, a head dim other than 64 and 128, or a
-    /// pass the Hopper mainloop would not run (decided on the workspace's parts at
-    /// a stand-in address, aligned as theirs are). With `check_workspace`, the workspace's size,
+    /// when it runs the one kernel: no workspace given, or a pass the Hopper mainloop would not
+    /// run (decided on the workspace's parts at a stand-in address, aligned as theirs are). With `check_workspace`, the workspace's size,
     /// alignment and aliasing are then checked.
     pub(super) fn two_pass_plan(
         &self,
@@ -118,8 +121,7 @@ impl Attention {
         params: &LfMemoryFwdParams,
         check_workspace: bool,
     ) -> Result<Option<TwoPass>> {
-        let d = fwd.q_layout.head_dim;
-        if memory.workspace == 0 || !matches!(d, 64 | 128) {
+        if memory.workspace == 0 {
             return Ok(None);
         }
         let parts = Parts::of(fwd, params.rotate != 0);
