@@ -66,9 +66,7 @@ struct Sm90Traits {
     // Dynamic shared memory to ask for: the tiles, the barriers, and slack to align the base to
     // the 1024 bytes of a swizzle atom.
     static constexpr int kSmemBytes = kBarOff + kBars * 8 + 1024;
-    // (32 for a padded head: its producer warpgroup also zeroes K columns; the consumers keep
-    // their 240.)
-    static constexpr int kProducerRegs = PADDED_ ? 32 : 24;
+    static constexpr int kProducerRegs = 24;
     // Overlap S of tile n with P V of tile n - 1, the consumer warpgroups taking turns to issue
     // (ping-pong), with a stage's K released when S is done with it and its V when P V is, so the
     // next keys load while P V still reads V: the schedule up to head dim
@@ -91,7 +89,12 @@ struct Sm90Traits {
     // Registers per consumer thread after the producer gives its own back (setmaxnreg): the
     // register file (64k) over the CTA's threads, the producer keeping kProducerRegs.
     static constexpr int kConsumerRegs = CONSUMERS_ == 2 ? 240 : 160;
-    static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * CONSUMERS_ <= 65536, "registers");
+    // At most what the CTA holds (its launch bounds' 65536 / threads, rounded down to 8 a
+    // thread), not the register file: a consumer's setmaxnreg.inc waits until the producer's
+    // dec has given back what it asks for, so asking for more waits forever.
+    static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * CONSUMERS_ <=
+                      65536 / kThreads / 8 * 8 * kThreads,
+                  "registers");
     // Q as wgmma A fragments in registers (loaded once per item with ldmatrix) rather than read
     // from shared memory by every S: S then reads only K from shared memory. One Q variant and
     // head dims up to 128 (the registers it takes); LF_SM90_Q_REGS=0 at build time turns it off.
