@@ -87,7 +87,7 @@ struct Sm90Traits {
     static constexpr bool kSplitRelease = kDefaultOverlap;
 #endif
     // Registers per consumer thread after the producer gives its own back (setmaxnreg): the
-    // register file (64k) over the CTA's threads, the producer keeping kProducerRegs.
+    // CTA's registers over its consumer threads, the producer keeping kProducerRegs.
     static constexpr int kConsumerRegs = CONSUMERS_ == 2 ? 240 : 160;
     // At most what the CTA holds (its launch bounds' 65536 / threads, rounded down to 8 a
     // thread), not the register file: a consumer's setmaxnreg.inc waits until the producer's
