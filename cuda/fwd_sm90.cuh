@@ -12,6 +12,14 @@
 namespace lf {
 namespace sm90 {
 
+// The key tiles of key-value head hk, batch entry b of the dense parameters' tensor map (a
+// padded head's flat map at its first column: Sm90Traits::map_head, map_col).
+template <class Tr>
+__device__ __forceinline__ TmaKeys dense_keys(const LfFwdSm90Params &pp, int hk, int b) {
+    return TmaKeys{&pp.tma_k, &pp.tma_k, Tr::map_head(hk), b, 0,
+                   Tr::map_col(hk, pp.fwd.k_head_stride)};
+}
+
 template <class Tr, class Sched = DefaultSched>
 __device__ __forceinline__ void window_fwd(const LfFwdSm90Params &pp) {
     const LfFwdParams &p = pp.fwd;
@@ -19,9 +27,8 @@ __device__ __forceinline__ void window_fwd(const LfFwdSm90Params &pp) {
         WindowIter iter(p.mask, qt, Tr::BR, Tr::BC);
         WindowMask mask{p.mask};
         const int hk = h / (p.heads_q / p.heads_kv);
-        TmaKeys keys{&pp.tma_k, &pp.tma_k, Tr::map_head(hk), b, 0, Tr::map_col(hk, p.k_head_stride)};
-        attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b,
-                               DensePlace{b}, pipe, role);
+        attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, dense_keys<Tr>(pp, hk, b),
+                               NoQPrep{}, qt, h, b, DensePlace{b}, pipe, role);
     });
 }
 
@@ -36,9 +43,8 @@ template <class Tr> __device__ __forceinline__ void keymask_fwd(const LfFwdKeyMa
         mask.m = p.mask;
         mask.bytes = pk.key_mask + b * pk.key_mask_batch_stride;
         const int hk = h / (p.heads_q / p.heads_kv);
-        TmaKeys keys{&pp.tma_k, &pp.tma_k, Tr::map_head(hk), b, 0, Tr::map_col(hk, p.k_head_stride)};
-        attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b,
-                               DensePlace{b}, pipe, role);
+        attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, dense_keys<Tr>(pp, hk, b),
+                               NoQPrep{}, qt, h, b, DensePlace{b}, pipe, role);
     });
 }
 
@@ -52,9 +58,8 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Pa
         CsrIter iter(p.sparse, qt, Tr::BR, b, h);
         WindowMask mask{p.mask};
         const int hk = h / (p.heads_q / p.heads_kv);
-        TmaKeys keys{&pp.tma_k, &pp.tma_k, hk, b};
-        attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, keys, NoQPrep{}, qt, h, b,
-                               DensePlace{b}, pipe, role);
+        attention_fwd_tile<Tr>(p, pp.tma_q, pp.tma_v, iter, mask, dense_keys<Tr>(pp, hk, b),
+                               NoQPrep{}, qt, h, b, DensePlace{b}, pipe, role);
     });
 }
 
@@ -96,17 +101,15 @@ template <class Tr> __device__ __forceinline__ void sparse_fwd(const LfFwdSm90Pa
     LF_DEFINE_FWD_SM90_KERNEL_SHAPE(NAME, T, D,                                                   \
                                     (lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D, 1, 2, true>))
 
-// The Hopper kernel with a per-key mask (128-row tiles, one item per CTA).
+// The Hopper kernel with a per-key mask (128-row tiles, one item per CTA), and the same for a
+// head narrower than its tile (as LF_DEFINE_FWD_PADDED_SM90_KERNEL).
 #define LF_DEFINE_KEYMASK_SM90_KERNEL(NAME, T, D)                                                 \
-    using NAME##_traits = lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D>;                        \
-    extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
-        NAME(const __grid_constant__ LfFwdKeyMaskSm90Params p) {                                  \
-        lf::sm90::keymask_fwd<NAME##_traits>(p);                                                  \
-    }
-
-// The same for a head narrower than its tile (as LF_DEFINE_FWD_PADDED_SM90_KERNEL).
+    LF_DEFINE_KEYMASK_SM90_KERNEL_SHAPE(NAME, (lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D>))
 #define LF_DEFINE_KEYMASK_PADDED_SM90_KERNEL(NAME, T, D)                                          \
-    using NAME##_traits = lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D, 1, 2, true>;            \
+    LF_DEFINE_KEYMASK_SM90_KERNEL_SHAPE(                                                          \
+        NAME, (lf::sm90::Sm90Traits<T, D, LF_FWD_SM90_BC_D##D, 1, 2, true>))
+#define LF_DEFINE_KEYMASK_SM90_KERNEL_SHAPE(NAME, TRAITS)                                         \
+    using NAME##_traits = LF_SM90_UNPAREN TRAITS;                                                 \
     extern "C" __global__ void __launch_bounds__(LF_FWD_SM90_THREADS, 1)                          \
         NAME(const __grid_constant__ LfFwdKeyMaskSm90Params p) {                                  \
         lf::sm90::keymask_fwd<NAME##_traits>(p);                                                  \

@@ -65,7 +65,8 @@ pub(crate) fn aligned(arg: &'static str, ptr: u64, multiple: u64, required: bool
 
 /// A caller's workspace for one call, before any launch: at least `need` bytes (`sized_by` names
 /// what says so), 16-byte aligned, and apart from every non-empty byte range the call reads or
-/// writes (`others`). `args` names the pointer and the size arguments in the errors.
+/// writes (`others`). `ptr_arg` and `bytes_arg` name the pointer and the size arguments in the
+/// errors.
 pub(crate) fn workspace(
     (ptr_arg, bytes_arg): (&'static str, &'static str),
     (ptr, bytes): (u64, usize),

@@ -490,8 +490,8 @@ __device__ __forceinline__ void attention_fwd_tile(const LfFwdParams &p, const L
             // Q's tile column c - (K's shift) + (Q's shift); zeros outside the head. Per register
             // i: row g + 8 (i & 1), column 2 tq + 8 (i >> 1) of the k16 step.
             const int r = cw * 64 + warp * 16 + g;
-            const int moved = Tr::col_shift(h, p.q_head_stride) - Tr::col_shift(hk, p.k_head_stride);
             const int sk = Tr::col_shift(hk, p.k_head_stride);
+            const int moved = Tr::col_shift(h, p.q_head_stride) - sk;
 #pragma unroll
             for (int ks = 0; ks < Tr::D / 16; ++ks)
 #pragma unroll

@@ -112,8 +112,8 @@ impl Attention {
 
     /// The two passes of a validated call (`params` from [`RawMemory::validate`]), or `None`
     /// when it runs the one kernel: no workspace given, or a pass the Hopper mainloop would not
-    /// run (decided on the workspace's parts at a stand-in address, aligned as theirs are). With `check_workspace`, the workspace's size,
-    /// alignment and aliasing are then checked.
+    /// run (decided on the workspace's parts at a stand-in address, aligned as theirs are). With
+    /// `check_workspace`, the workspace's size, alignment and aliasing are then checked.
     pub(super) fn two_pass_plan(
         &self,
         fwd: &RawForward,
