@@ -48,8 +48,8 @@ pub(crate) struct DecodeRun {
 /// Device values to use instead of the case's own (for the clamping tests).
 #[derive(Default)]
 pub(crate) struct Overrides<'a> {
-    cache_seqlens: Option<&'a [i32]>,
-    block_table: Option<&'a [i32]>,
+    pub(crate) cache_seqlens: Option<&'a [i32]>,
+    pub(crate) block_table: Option<&'a [i32]>,
 }
 
 /// The cache of a case: its reference description, and the layout of K and V as the kernel
@@ -121,6 +121,56 @@ pub(crate) fn case_data<T: Element>(c: &DecodeCase) -> CaseData<T> {
         k,
         v,
     }
+}
+
+/// `data` with every cache row no sequence reads below its length set to NaN, and the case's
+/// block table with every entry past a sequence's last page pointing outside the cache: what an
+/// engine's cache holds past its lengths (stale or never written rows, unassigned pages). A
+/// correct kernel neither uses those rows nor reports those entries.
+pub(crate) fn poison_past_lengths<T: Element>(
+    c: &DecodeCase,
+    data: &CaseData<T>,
+) -> (CaseData<T>, Vec<i32>) {
+    let s = &data.shape;
+    let lay = data.layout;
+    let (ps, mp) = (s.page_size, s.max_pages_per_seq);
+    let mut used = vec![false; s.num_pages * ps];
+    for (b, &len) in c.lens.iter().enumerate() {
+        for j in 0..len {
+            used[s.block_table[b * mp + j / ps] as usize * ps + j % ps] = true;
+        }
+    }
+    let nan = T::from_f32(f32::NAN);
+    let (mut k, mut v) = (data.k.clone(), data.v.clone());
+    for page in 0..s.num_pages {
+        for row in (0..ps).filter(|&row| !used[page * ps + row]) {
+            for h in 0..c.heads_kv {
+                let off = page as i64 * lay.batch_stride
+                    + row as i64 * lay.seq_stride
+                    + h as i64 * lay.head_stride;
+                for e in 0..c.head_dim {
+                    k[off as usize + e] = nan;
+                    v[off as usize + e] = nan;
+                }
+            }
+        }
+    }
+    let mut table = s.block_table.clone();
+    if c.page_size.is_some() {
+        for (b, &len) in c.lens.iter().enumerate() {
+            for p in len.div_ceil(ps)..mp {
+                table[b * mp + p] = [-3, i32::MAX, s.num_pages as i32 + 5][p % 3];
+            }
+        }
+    }
+    let poisoned = CaseData {
+        shape: s.clone(),
+        layout: lay,
+        q: data.q.clone(),
+        k,
+        v,
+    };
+    (poisoned, table)
 }
 
 /// The GPU's output for `data`: uploads it (with the device lengths and table of `ov`) and runs
@@ -429,6 +479,64 @@ fn chunked_prefill_over_the_cache() {
                     },
                 );
             }
+        }
+    }
+}
+
+/// Rows past each sequence's length hold NaN and the table entries past its last page point
+/// outside the cache, sequences of 0 to 700 keys sharing one launch (so most splits of the
+/// short ones cover keys past their length): the output matches the reference of the clean
+/// cache and nothing is reported, for single and several splits, paged and contiguous caches,
+/// GQA and MHA, and a padded head dim.
+#[test]
+fn rows_and_pages_past_the_length_are_never_used() {
+    let g = gpu_or_skip!();
+    for (d, page_size, heads_kv) in [
+        (64, Some(16), 2),
+        (128, Some(64), 8),
+        (128, None, 2),
+        (100, None, 1),
+    ] {
+        for (seqlen_q, num_splits) in [(1, None), (1, Some(4)), (3, Some(1)), (2, Some(16))] {
+            let c = DecodeCase {
+                lens: vec![700, 37, 0, 256, 129, 16],
+                seqlen_q,
+                heads_kv,
+                page_size,
+                share_first_page: false,
+                num_splits,
+                ..case(d, MaskSpec::causal())
+            };
+            let data = case_data::<bf16>(&c);
+            let (poisoned, table) = poison_past_lengths(&c, &data);
+            let wide = |x: &[bf16]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
+            let scale = 1.0 / (d as f32).sqrt();
+            let ref64 = paged_attention_f64(
+                &data.shape,
+                &wide(&data.q),
+                &wide(&data.k),
+                &wide(&data.v),
+                &c.mask,
+                scale as f64,
+            )
+            .unwrap();
+            let lowp = paged_attention_lowp(&data.shape, &data.q, &data.k, &data.v, &c.mask, scale)
+                .unwrap();
+            let opts = DecodeOptions {
+                mask: c.mask,
+                num_splits,
+                ..DecodeOptions::default()
+            };
+            let ov = Overrides {
+                block_table: Some(&table),
+                ..Overrides::default()
+            };
+            let (out, lse, flag) = run_on_gpu(g, &c, &poisoned, &ov, |q, cache, out, f| {
+                g.attn.decode(&g.stream, q, cache, out, Some(f), &opts)
+            });
+            let cmp = compare(&out, Some(&lse), &ref64, &lowp);
+            assert!(cmp.passes, "{c:?}\n  {cmp}");
+            assert_eq!(flag, 0, "{c:?}: entries past the lengths reported");
         }
     }
 }

@@ -14,7 +14,7 @@ use longflash::{Attention, DType, DecodeOptions, Element};
 use proptest::prelude::*;
 
 use crate::common::*;
-use crate::decode::{case, case_data, run_on_gpu, DecodeCase, Overrides};
+use crate::decode::{case, case_data, poison_past_lengths, run_on_gpu, DecodeCase, Overrides};
 
 /// A decoding case and its rotation (offsets: one per sequence, or none).
 #[derive(Clone, Debug)]
@@ -75,7 +75,15 @@ fn reference_of<T: Element>(
     }
 }
 
-fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &RopeDecodeCase) -> (Comparison, i32) {
+/// The case on the GPU against its references; with `poison`, the GPU's cache holds NaN past
+/// each sequence's length and its table points outside the cache past each last page
+/// ([`poison_past_lengths`]), the references the clean cache.
+fn run_t<T: Element>(
+    g: &Gpu,
+    attn: &Attention,
+    c: &RopeDecodeCase,
+    poison: bool,
+) -> (Comparison, i32) {
     let bc = &c.base;
     let data = case_data::<T>(bc);
     let shape = &data.shape;
@@ -104,19 +112,36 @@ fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &RopeDecodeCase) -> (Comparis
         num_splits: bc.num_splits,
         ..DecodeOptions::default()
     };
-    let (out, lse, flag) = run_on_gpu(g, bc, &data, &Overrides::default(), |q, cache, out, f| {
+    let (poisoned, table) = poison_past_lengths(bc, &data);
+    let (gpu_data, ov) = if poison {
+        let ov = Overrides {
+            block_table: Some(&table),
+            ..Overrides::default()
+        };
+        (&poisoned, ov)
+    } else {
+        (&data, Overrides::default())
+    };
+    let (out, lse, flag) = run_on_gpu(g, bc, gpu_data, &ov, |q, cache, out, f| {
         attn.decode_rope(&g.stream, q, cache, out, Some(f), &opts, &c.rope)
     });
     (compare(&out, Some(&lse), &ref64, &lowp), flag)
 }
 
-fn check(g: &Gpu, c: &RopeDecodeCase) {
+fn check_on(g: &Gpu, c: &RopeDecodeCase, poison: bool) {
     let (cmp, flag) = match c.base.dtype {
-        DType::F16 => run_t::<f16>(g, &g.attn, c),
-        DType::Bf16 => run_t::<bf16>(g, &g.attn, c),
+        DType::F16 => run_t::<f16>(g, &g.attn, c, poison),
+        DType::Bf16 => run_t::<bf16>(g, &g.attn, c, poison),
     };
-    assert!(cmp.passes, "{c:?}\n  {cmp}");
+    assert!(
+        cmp.passes,
+        "{c:?} (poisoned past the lengths: {poison})\n  {cmp}"
+    );
     assert_eq!(flag, 0, "{c:?}: valid cache reported");
+}
+
+fn check(g: &Gpu, c: &RopeDecodeCase) {
+    check_on(g, c, false)
 }
 
 fn rope_case(d: usize, mode: PositionMode) -> RopeDecodeCase {
@@ -181,6 +206,27 @@ fn rope_decode_long_caches() {
                 rope,
             };
             check(g, &c);
+        }
+    }
+}
+
+/// NaN in every cache row past each sequence's length and table entries past each last page
+/// pointing outside the cache (`decode::poison_past_lengths`), sequences of 0 to 700 keys in one
+/// launch: the output is the clean cache's and nothing is reported, every mode, one and several
+/// splits, paged and contiguous.
+#[test]
+fn rope_decode_ignores_rows_past_the_length() {
+    let g = gpu_or_skip!();
+    for (d, page_size) in [(64, Some(16)), (128, None), (100, Some(64))] {
+        for mode in MODES {
+            for num_splits in [Some(1), Some(5), None] {
+                let mut c = rope_case(d, mode);
+                c.base.lens = vec![700, 37, 0, 129, 16];
+                c.base.page_size = page_size;
+                c.base.share_first_page = false;
+                c.base.num_splits = num_splits;
+                check_on(g, &c, true);
+            }
         }
     }
 }
@@ -291,8 +337,8 @@ proptest! {
             return Ok(());
         };
         let (cmp, flag) = match c.base.dtype {
-            DType::F16 => run_t::<f16>(g, &g.attn, &c),
-            DType::Bf16 => run_t::<bf16>(g, &g.attn, &c),
+            DType::F16 => run_t::<f16>(g, &g.attn, &c, false),
+            DType::Bf16 => run_t::<bf16>(g, &g.attn, &c, false),
         };
         prop_assert!(cmp.passes, "{:?}\n  {}", c, cmp);
         prop_assert_eq!(flag, 0);
