@@ -58,6 +58,50 @@ fn argument_errors_are_messages() {
             "not an option of `generate`",
         ),
         ("ppl f --max-new 3", "not an option of `ppl`"),
+        (
+            "ppl f --device cpu --layers 3-1 rope",
+            "`3-1` is an empty range",
+        ),
+        (
+            "ppl f --device cpu --layers x rope",
+            "`x` is not a layer range",
+        ),
+        (
+            "ppl f --device cpu --layers 0-3",
+            "--layers (its mode) needs a value",
+        ),
+        (
+            "ppl f --device cpu --layers 0-3 yarn:4",
+            "`yarn:4` is not rope, rerope:W",
+        ),
+        (
+            "ppl f --device cpu --layers 0-3 rerope",
+            "`rerope` is not rope, rerope:W",
+        ),
+        (
+            "ppl f --device cpu --layers 0-3 leaky:2k:1",
+            "leak K must be above 1",
+        ),
+        (
+            "ppl f --device cpu --layers 0-3 rerope:4k:logn:8k",
+            "ends in something other than :log-n:L",
+        ),
+        (
+            "ppl f --device cpu --layers 0-3 rerope:4k:log-n:1",
+            "at least 2",
+        ),
+        (
+            "ppl f --device cpu --layers 0-3 rerope:0",
+            "window must be between 1",
+        ),
+        (
+            "ppl f --device cpu --layers 0-3 rope --layers 3 rope",
+            "3 overlaps layers 0-3 given before",
+        ),
+        (
+            "ppl f --device cpu --attn candle --layers 0-3 rope",
+            "--layers sets position modes of longflash's kernels",
+        ),
         ("ppl f --max-tokens 1", "at least 2 tokens"),
         ("ppl f --max-tokens 12q", "not a count"),
         ("ppl f --segment 1", "at least 2 tokens"),
@@ -168,6 +212,79 @@ fn arguments_parse() {
         );
         assert_eq!((c.attn, c.dtype), (Attn::Longflash, DTypeArg::Bf16));
     }
+}
+
+/// `--layers` ranges and modes as parsed, and as the attention applies them layer by layer.
+#[test]
+fn per_layer_position_modes() {
+    use args::{parse_layer_mode, LayerMode};
+    assert_eq!(
+        parse_layer_mode("12-29", "rerope:4k:log-n:8k"),
+        Ok(LayerMode {
+            first: 12,
+            last: 29,
+            mode: ModeArg::ReRope { window: 4096 },
+            log_n: Some(8192),
+        })
+    );
+    assert_eq!(
+        parse_layer_mode("5", "leaky:2048:16"),
+        Ok(LayerMode {
+            first: 5,
+            last: 5,
+            mode: ModeArg::Leaky {
+                window: 2048,
+                leak: 16.0
+            },
+            log_n: None,
+        })
+    );
+    assert_eq!(
+        parse_layer_mode("0-0", "rope").map(|m| (m.mode, m.log_n)),
+        Ok((ModeArg::Rope, None))
+    );
+
+    let config = RopeConfig {
+        base: 100000.0,
+        rotary_dim: 64,
+        layout: RopeLayout::Interleaved,
+        scaling: RopeScaling::None,
+    };
+    let plain = RopeOptions::new(config, PositionMode::Rope);
+    let mut rerope = RopeOptions::new(config, PositionMode::ReRope { window: 4096 });
+    rerope.log_n_train_len = Some(8192);
+    let att = Attention::new(Backend::Longflash, DType::F16, plain.clone(), 64)
+        .unwrap()
+        .with_layer_rope(2, 4, rerope.clone())
+        .unwrap();
+    for (l, want) in [(0, &plain), (2, &rerope), (4, &rerope), (5, &plain)] {
+        assert_eq!(att.rope_at(l), want, "layer {l}");
+    }
+    let att = att.with_layer_rope(4, 6, plain.clone());
+    assert!(att.is_err(), "overlapping ranges");
+    let other_table = RopeOptions::new(
+        RopeConfig {
+            scaling: RopeScaling::NtkAware { factor: 4.0 },
+            ..config
+        },
+        PositionMode::Rope,
+    );
+    let lf = || Attention::new(Backend::Longflash, DType::F16, plain.clone(), 64).unwrap();
+    assert!(
+        lf().with_layer_rope(0, 1, other_table).is_err(),
+        "another table"
+    );
+    assert!(
+        lf().with_layer_rope(3, 1, rerope.clone()).is_err(),
+        "empty range"
+    );
+    let bad_window = RopeOptions::new(config, PositionMode::ReRope { window: 0 });
+    assert!(lf().with_layer_rope(0, 1, bad_window).is_err(), "window 0");
+    let candle = Attention::new(Backend::Candle, DType::F32, plain.clone(), 64).unwrap();
+    assert!(
+        candle.with_layer_rope(0, 1, rerope).is_err(),
+        "candle attention"
+    );
 }
 
 #[test]

@@ -60,6 +60,10 @@ position modes (one of the first three, at most one of the last two):
   --yarn F           YaRN scaling by the factor F (original context from the GGUF)
   --log-n L          log-n query scaling: the query at position i times max(1, ln(i+1)/ln L),
                      L usually the trained length (8192); any mode above, longflash only
+  --layers A-B M     layers A to B (0-based, or one layer A) use the position mode M instead:
+                     rope, rerope:W or leaky:W:K, each optionally followed by :log-n:L (else no
+                     log-n scaling there); repeatable for disjoint ranges, longflash only; the
+                     scaling (--ntk, --yarn) stays the model's
 ";
 
 /// Where attention runs.
@@ -117,6 +121,86 @@ pub struct Common {
     pub check_attn: usize,
     /// Log-n query scaling's trained length (`--log-n`), or none.
     pub log_n: Option<usize>,
+    /// Layers with their own position mode and log-n length (`--layers`), disjoint ranges.
+    pub layer_modes: Vec<LayerMode>,
+}
+
+/// `--layers A-B M`: layers `first..=last` use `mode` and `log_n` instead of the command's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerMode {
+    pub first: usize,
+    pub last: usize,
+    pub mode: ModeArg,
+    pub log_n: Option<usize>,
+}
+
+/// Parses `--layers`' range (`A-B` or `A`) and mode (`rope`, `rerope:W`, `leaky:W:K`, each with
+/// an optional `:log-n:L`).
+pub fn parse_layer_mode(range: &str, spec: &str) -> Result<LayerMode, ArgError> {
+    let bound = |x: &str| -> Result<usize, ArgError> {
+        x.trim().parse::<usize>().or_else(|_| {
+            err(format!(
+                "--layers: `{range}` is not a layer range (A-B or A, 0-based)"
+            ))
+        })
+    };
+    let (first, last) = match range.split_once('-') {
+        Some((a, b)) => (bound(a)?, bound(b)?),
+        None => (bound(range)?, bound(range)?),
+    };
+    if first > last {
+        return err(format!("--layers: `{range}` is an empty range"));
+    }
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (mode, rest) = match parts.as_slice() {
+        ["rope", rest @ ..] => (ModeArg::Rope, rest),
+        ["rerope", w, rest @ ..] => (
+            ModeArg::ReRope {
+                window: parse_window("--layers", w)?,
+            },
+            rest,
+        ),
+        ["leaky", w, k, rest @ ..] => {
+            let leak = parse_f64("--layers", k)?;
+            if leak <= 1.0 {
+                return err(format!("--layers: the leak K must be above 1 (got {k})"));
+            }
+            (
+                ModeArg::Leaky {
+                    window: parse_window("--layers", w)?,
+                    leak,
+                },
+                rest,
+            )
+        }
+        _ => {
+            return err(format!(
+                "--layers: `{spec}` is not rope, rerope:W or leaky:W:K (with an optional \
+                 :log-n:L)"
+            ))
+        }
+    };
+    let log_n = match rest {
+        [] => None,
+        ["log-n", l] => {
+            let l = parse_count("--layers", l)?;
+            if l < 2 {
+                return err("--layers: the log-n length is at least 2 (ln L > 0)");
+            }
+            Some(l)
+        }
+        _ => {
+            return err(format!(
+                "--layers: `{spec}` ends in something other than :log-n:L"
+            ))
+        }
+    };
+    Ok(LayerMode {
+        first,
+        last,
+        mode,
+        log_n,
+    })
 }
 
 /// Where a prompt comes from.
@@ -263,6 +347,7 @@ pub fn parse(args: &[String]) -> Result<Command, ArgError> {
     let mut quiet = false;
     let mut check_attn = 0usize;
     let mut log_n: Option<usize> = None;
+    let mut layer_modes: Vec<LayerMode> = Vec::new();
 
     let mut prompt: Option<Prompt> = None;
     let mut max_new: Option<usize> = None;
@@ -340,6 +425,21 @@ pub fn parse(args: &[String]) -> Result<Command, ArgError> {
                     return err("--log-n: the trained length is at least 2 (ln L > 0)");
                 }
                 log_n = Some(l);
+            }
+            "--layers" => {
+                let range = cur.value(&a)?;
+                let spec = cur.value("--layers (its mode)")?;
+                let m = parse_layer_mode(&range, &spec)?;
+                if let Some(o) = layer_modes
+                    .iter()
+                    .find(|o| o.first <= m.last && m.first <= o.last)
+                {
+                    return err(format!(
+                        "--layers: {range} overlaps layers {}-{} given before",
+                        o.first, o.last
+                    ));
+                }
+                layer_modes.push(m);
             }
             "--rope" => set_mode(&mut mode, ModeArg::Rope, "--rope")?,
             "--rerope" => {
@@ -485,6 +585,7 @@ pub fn parse(args: &[String]) -> Result<Command, ArgError> {
         quiet,
         check_attn,
         log_n,
+        layer_modes,
     };
     check_common(&common)?;
 
@@ -568,6 +669,9 @@ fn check_common(c: &Common) -> Result<(), ArgError> {
                 return err(
                     "--log-n scales queries inside longflash's kernels: it needs --attn longflash",
                 );
+            }
+            if !c.layer_modes.is_empty() {
+                return err("--layers sets position modes of longflash's kernels: it needs --attn longflash");
             }
             if c.mode != ModeArg::Rope {
                 return err(

@@ -106,6 +106,8 @@ pub struct Attention {
     /// Query rows of each call checked against the f64 reference, and the layers checked.
     check_rows: usize,
     check_layers: Vec<usize>,
+    /// Layers (first, last) with their own position options, disjoint.
+    layer_rope: Vec<(usize, usize, RopeOptions)>,
 }
 
 impl Attention {
@@ -149,7 +151,44 @@ impl Attention {
             scale: 1.0 / (head_dim as f32).sqrt(),
             check_rows: 0,
             check_layers: Vec::new(),
+            layer_rope: Vec::new(),
         })
+    }
+
+    /// Layers `first` to `last` use `rope` instead of the options of [`Attention::new`]: another
+    /// position mode or log-n length over the same rotary table (longflash only).
+    pub fn with_layer_rope(mut self, first: usize, last: usize, rope: RopeOptions) -> Result<Self> {
+        if self.backend != Backend::Longflash {
+            bail!("per-layer position modes run on longflash only");
+        }
+        if rope.config != self.rope.config {
+            bail!(
+                "per-layer position options change the mode and log-n only, not the rotary table"
+            );
+        }
+        rope.mode
+            .validate()
+            .map_err(|e| candle_core::Error::msg(format!("layers {first}-{last}: {e}")))?;
+        if first > last {
+            bail!("layers {first}-{last}: an empty range");
+        }
+        if let Some((a, b, _)) = self
+            .layer_rope
+            .iter()
+            .find(|(a, b, _)| *a <= last && first <= *b)
+        {
+            bail!("layers {first}-{last} overlap layers {a}-{b}");
+        }
+        self.layer_rope.push((first, last, rope));
+        Ok(self)
+    }
+
+    /// The position options of layer `l`.
+    pub fn rope_at(&self, l: usize) -> &RopeOptions {
+        self.layer_rope
+            .iter()
+            .find(|(a, b, _)| (*a..=*b).contains(&l))
+            .map_or(&self.rope, |(_, _, r)| r)
     }
 
     /// Checks the last `rows` query rows of every longflash call in `layers` against
@@ -256,12 +295,21 @@ impl Attention {
                 let o = if t <= DECODE_MAX_QUERIES {
                     let cache = Cache::contiguous(kc, vc, &after);
                     longflash_candle::flash_attn_with_kvcache_rope(
-                        &q, &cache, self.scale, &self.rope,
+                        &q,
+                        &cache,
+                        self.scale,
+                        self.rope_at(l),
                     )?
                 } else {
                     let keys = kc.narrow(1, 0, n)?;
                     let values = vc.narrow(1, 0, n)?;
-                    longflash_candle::flash_attn_rope(&q, &keys, &values, self.scale, &self.rope)?
+                    longflash_candle::flash_attn_rope(
+                        &q,
+                        &keys,
+                        &values,
+                        self.scale,
+                        self.rope_at(l),
+                    )?
                 };
                 if self.check_rows > 0 && self.check_layers.contains(&l) {
                     self.check_call(l, &q, &kc.narrow(1, 0, n)?, &vc.narrow(1, 0, n)?, &o)?;
@@ -344,7 +392,7 @@ impl Attention {
             &host(&q.narrow(1, t - rows, rows)?)?,
             &host(keys)?,
             &host(values)?,
-            &self.rope,
+            self.rope_at(l),
             f64::from(self.scale),
         )
         .map_err(|e| candle_core::Error::msg(format!("attention check: {e}")))?;

@@ -10,7 +10,9 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 use longflash_candle::{PositionMode, RopeOptions, RopeScaling};
 
-use crate::args::{self, Attn, Common, DTypeArg, DeviceArg, ModeArg, Prompt, ScalingArg};
+use crate::args::{
+    self, Attn, Common, DTypeArg, DeviceArg, LayerMode, ModeArg, Prompt, ScalingArg,
+};
 use crate::attention::{Attention, Backend};
 use crate::model::{Config, Logits, Model};
 use crate::tokenizer::Tokenizer;
@@ -74,32 +76,57 @@ pub fn rope_options(c: &Common, config: &Config) -> RopeOptions {
             attention_factor: None,
         },
     };
-    let mode = match c.mode {
-        ModeArg::Rope => PositionMode::Rope,
-        ModeArg::ReRope { window } => PositionMode::ReRope { window },
-        ModeArg::Leaky { window, leak } => PositionMode::LeakyReRope { window, leak },
-    };
-    let mut rope = RopeOptions::new(config.rope(scaling), mode);
+    let mut rope = RopeOptions::new(config.rope(scaling), position_mode(c.mode));
     rope.log_n_train_len = c.log_n;
     rope
 }
 
-/// A name for the position settings, for reports.
-pub fn mode_label(c: &Common) -> String {
-    let mode = match c.mode {
+fn position_mode(m: ModeArg) -> PositionMode {
+    match m {
+        ModeArg::Rope => PositionMode::Rope,
+        ModeArg::ReRope { window } => PositionMode::ReRope { window },
+        ModeArg::Leaky { window, leak } => PositionMode::LeakyReRope { window, leak },
+    }
+}
+
+/// The position options of `--layers` entry `m`: the command's (its rotary table and scaling)
+/// with `m`'s mode and log-n length.
+pub fn layer_rope_options(c: &Common, config: &Config, m: &LayerMode) -> RopeOptions {
+    let mut rope = RopeOptions {
+        mode: position_mode(m.mode),
+        ..rope_options(c, config)
+    };
+    rope.log_n_train_len = m.log_n;
+    rope
+}
+
+fn mode_name(m: ModeArg) -> String {
+    match m {
         ModeArg::Rope => "rope".to_string(),
         ModeArg::ReRope { window } => format!("rerope w={window}"),
         ModeArg::Leaky { window, leak } => format!("leaky w={window} k={leak}"),
-    };
+    }
+}
+
+/// A name for the position settings, for reports.
+pub fn mode_label(c: &Common) -> String {
+    let mode = mode_name(c.mode);
     let mode = match c.scaling {
         ScalingArg::None => mode,
         ScalingArg::Ntk(f) => format!("{mode}, ntk x{f}"),
         ScalingArg::Yarn(f) => format!("{mode}, yarn x{f}"),
     };
-    match c.log_n {
+    let mut label = match c.log_n {
         Some(l) => format!("{mode}, log-n {l}"),
         None => mode,
+    };
+    for m in &c.layer_modes {
+        label += &format!("; layers {}-{}: {}", m.first, m.last, mode_name(m.mode));
+        if let Some(l) = m.log_n {
+            label += &format!(", log-n {l}");
+        }
     }
+    label
 }
 
 /// The attention back end and element type, for reports.
@@ -135,6 +162,19 @@ pub fn open(c: &Common) -> Result<(Model, Tokenizer)> {
         config.head_dim,
     )?
     .with_check(c.check_attn, vec![0, 1, config.layers.saturating_sub(1)]);
+    let mut attention = attention;
+    for m in &c.layer_modes {
+        if m.last >= config.layers {
+            bail!(
+                "--layers {}-{}: the model has layers 0 to {}",
+                m.first,
+                m.last,
+                config.layers - 1
+            );
+        }
+        attention =
+            attention.with_layer_rope(m.first, m.last, layer_rope_options(c, &config, m))?;
+    }
     let model = Model::from_content(&ct, &mut file, &dev, attention)?;
     let tok = Tokenizer::from_gguf(&ct)?;
     if !c.quiet {
