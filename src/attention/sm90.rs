@@ -79,62 +79,42 @@ fn smem_bytes(head_dim: usize, br: usize, bc: usize, q_variants: usize) -> u32 {
     (tiles + bars * 8 + 1024) as u32
 }
 
-/// A 4-D tensor map (head_dim, seqlen, heads, batch) of a 16-bit tensor at `ptr` with layout
-/// `l`: boxes of 64 columns by `box_rows` rows, 128-byte swizzle, zeros outside. `Err` says why
-/// a tensor map cannot describe the layout.
+/// A 4-D tensor map of a 16-bit tensor at `ptr` with layout `l`: boxes of 64 columns by
+/// `box_rows` rows, 128-byte swizzle, zeros outside. `Err` says why a tensor map cannot describe
+/// the layout.
+///
+/// Its dimensions are (head_dim, seqlen, heads, batch), or for a head narrower than the kernels'
+/// tile (the padded kernels, `Sm90Traits::kPadded`) a flat map (columns, seqlen, 1, batch),
+/// column `h * head_stride + j` being element j of head h, the columns ending with the last
+/// head's last element (zeros past it). Unlike the 4-D maps a flat one needs no head stride of
+/// whole 16 bytes (a head of 100 is 200 bytes): a box starts on 16 bytes, at or up to 4 columns
+/// before a head, and the kernel keeps the neighbours' columns it reads out of every product.
 pub(super) fn tensor_map(
     ptr: u64,
     l: &Layout,
     dtype: DType,
     box_rows: usize,
 ) -> Result<LfTensorMap> {
+    let (columns, heads, head_stride) = if padded(l.head_dim) {
+        // The kernel addresses columns in 32 bits, up to 127 past the last head's first.
+        let last = (l.heads as i128 - 1) * l.head_stride as i128;
+        if l.heads > 1 && (l.head_stride <= 0 || last + 128 > i32::MAX as i128) {
+            return Err(unsupported(format!(
+                "head_stride {}: a padded head's tensor map needs positive head strides below \
+                 2^31 elements over all heads",
+                l.head_stride
+            )));
+        }
+        ((last + l.head_dim as i128) as u64, 1, 0)
+    } else {
+        (l.head_dim as u64, l.heads, l.head_stride)
+    };
     let strides = map_strides([
         (l.seqlen, l.seq_stride, "seq_stride"),
-        (l.heads, l.head_stride, "head_stride"),
+        (heads, head_stride, "head_stride"),
         (l.batch, l.batch_stride, "batch_stride"),
     ])?;
-    let dims = [
-        l.head_dim as u64,
-        l.seqlen as u64,
-        l.heads as u64,
-        l.batch as u64,
-    ];
-    encode_map(ptr, dims, strides, dtype, box_rows)
-}
-
-/// A flat tensor map of a 16-bit tensor at `ptr` with layout `l` whose heads are narrower than
-/// the kernels' tile (the padded kernels, `Sm90Traits::kPadded`): 4-D (columns, seqlen, 1,
-/// batch), column `h * head_stride + j` being element j of head h, the columns ending with the
-/// last head's last element (zeros past it). Boxes of 64 columns by `box_rows` rows, as
-/// [`tensor_map`]'s; unlike its maps this one needs no head stride of whole 16 bytes (a head of
-/// 100 is 200 bytes): a box starts on 16 bytes, at or up to 4 columns before a head, and the
-/// kernel keeps the neighbours' columns it reads out of every product (`Sm90Traits::kPadded`).
-pub(super) fn flat_tensor_map(
-    ptr: u64,
-    l: &Layout,
-    dtype: DType,
-    box_rows: usize,
-) -> Result<LfTensorMap> {
-    let strides = map_strides([
-        (l.seqlen, l.seq_stride, "seq_stride"),
-        (1, 0, "head_stride"),
-        (l.batch, l.batch_stride, "batch_stride"),
-    ])?;
-    // The kernel addresses columns in 32 bits, up to 127 past the last head's first.
-    let last = (l.heads as i128 - 1) * l.head_stride as i128;
-    if l.heads > 1 && (l.head_stride <= 0 || last + 128 > i32::MAX as i128) {
-        return Err(unsupported(format!(
-            "head_stride {}: a padded head's tensor map needs positive head strides below \
-             2^31 elements over all heads",
-            l.head_stride
-        )));
-    }
-    let dims = [
-        (last + l.head_dim as i128) as u64,
-        l.seqlen as u64,
-        1,
-        l.batch as u64,
-    ];
+    let dims = [columns, l.seqlen as u64, heads as u64, l.batch as u64];
     encode_map(ptr, dims, strides, dtype, box_rows)
 }
 
@@ -256,17 +236,11 @@ fn hopper_params(
     k: u64,
     k_layout: &Layout,
 ) -> Result<LfFwdSm90Params> {
-    // A padded head's kernels read flat maps (Sm90Traits::kPadded).
-    let map = if padded(args.q_layout.head_dim) {
-        flat_tensor_map
-    } else {
-        tensor_map
-    };
     Ok(LfFwdSm90Params {
         fwd,
-        tma_q: map(args.q, &args.q_layout, args.dtype, br)?,
-        tma_k: map(k, k_layout, args.dtype, bc)?,
-        tma_v: map(args.v, &args.v_layout, args.dtype, bc)?,
+        tma_q: tensor_map(args.q, &args.q_layout, args.dtype, br)?,
+        tma_k: tensor_map(k, k_layout, args.dtype, bc)?,
+        tma_v: tensor_map(args.v, &args.v_layout, args.dtype, bc)?,
         ..LfFwdSm90Params::default()
     })
 }
