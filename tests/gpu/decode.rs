@@ -10,6 +10,7 @@ use cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr};
 use half::{bf16, f16};
 use longflash::reference::{
     compare, paged_attention_f64, paged_attention_lowp, Comparison, PagedLayout, PagedShape,
+    RefOutput,
 };
 use longflash::{
     Attention, BlockTable, DType, DecodeOptions, DeviceErrorFlag, Element, Error, Input, KvCache,
@@ -268,8 +269,8 @@ pub(crate) fn run_on_gpu<T: Element>(
     (out, lse, flag)
 }
 
-fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &DecodeCase, ov: &Overrides) -> DecodeRun {
-    let data = case_data::<T>(c);
+/// The f64 reference of a case's data and its low-precision budget.
+fn references<T: Element>(c: &DecodeCase, data: &CaseData<T>) -> (RefOutput, RefOutput) {
     let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
     let scale = 1.0 / (c.head_dim as f32).sqrt();
     let ref64 = paged_attention_f64(
@@ -283,6 +284,12 @@ fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &DecodeCase, ov: &Overrides) 
     .unwrap_or_else(|e| panic!("{c:?}: reference: {e}"));
     let lowp =
         paged_attention_lowp(&data.shape, &data.q, &data.k, &data.v, &c.mask, scale).unwrap();
+    (ref64, lowp)
+}
+
+fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &DecodeCase, ov: &Overrides) -> DecodeRun {
+    let data = case_data::<T>(c);
+    let (ref64, lowp) = references(c, &data);
     let opts = DecodeOptions {
         mask: c.mask,
         softmax_scale: None,
@@ -509,19 +516,7 @@ fn rows_and_pages_past_the_length_are_never_used() {
             };
             let data = case_data::<bf16>(&c);
             let (poisoned, table) = poison_past_lengths(&c, &data);
-            let wide = |x: &[bf16]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
-            let scale = 1.0 / (d as f32).sqrt();
-            let ref64 = paged_attention_f64(
-                &data.shape,
-                &wide(&data.q),
-                &wide(&data.k),
-                &wide(&data.v),
-                &c.mask,
-                scale as f64,
-            )
-            .unwrap();
-            let lowp = paged_attention_lowp(&data.shape, &data.q, &data.k, &data.v, &c.mask, scale)
-                .unwrap();
+            let (ref64, lowp) = references(&c, &data);
             let opts = DecodeOptions {
                 mask: c.mask,
                 num_splits,
