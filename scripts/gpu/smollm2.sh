@@ -47,6 +47,9 @@
 #   pplsweep   ppl128 for each position setting in SMOLLM2_SWEEP (';'-separated option sets,
 #              e.g. "--rerope 4096 --log-n 4096;--leaky 2048 16 --log-n 8192"), and passkey at
 #              32k, 64k and 128k for the one in SMOLLM2_SWEEP_PASSKEY, if set
+#   layersweep for each setting in SMOLLM2_LAYER_SWEEP (';'-separated option sets, typically with
+#              --layers, e.g. "--rerope 8192 --layers 16-29 rerope:4096:log-n:8192"): ppl128 and
+#              passkey at 32k, 64k and 128k, both targets of the issue with one setting
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 home=${SMOLLM2_HOME:-/tmp/smollm2}
@@ -295,6 +298,24 @@ step_pplsweep() {
   fi
   return $rc
 }
+step_layersweep() {
+  need_model || return 3
+  local rc=0 mode name modes
+  IFS=';' read -ra modes <<<"${SMOLLM2_LAYER_SWEEP:-}"
+  for mode in "${modes[@]}"; do
+    name=$(echo "$mode" | tr -d '-' | tr ' :' '__')
+    # shellcheck disable=SC2086
+    timeout 90 "$home/smollm2" ppl "$book" --model "$model" --quiet --max-tokens 128k $mode \
+      --chunk 4096 --json "$res/ppl128-layers-$name.json" >"$res/ppl128-layers-$name.log" 2>&1 ||
+      rc=$?
+    # shellcheck disable=SC2086
+    timeout 150 "$home/smollm2" passkey --model "$model" --quiet --lengths 32k,64k,128k \
+      --depths 0.1,0.3,0.5,0.7,0.9 $mode --chunk 4096 \
+      --json "$res/passkey-layers-$name.json" >"$res/passkey-layers-$name.log" 2>&1 || rc=$?
+    publish
+  done
+  return $rc
+}
 step_peer() {
   need_model || return 3
   ls "$home"/whl/gguf-*.whl >/dev/null 2>&1 || return 3
@@ -326,7 +347,7 @@ step_f32() {
 
 # name:limit in seconds, most valuable first.
 steps=(tests:240 check:240 passkey:300 compare:120 passkey4k:200 decode:240 prefill:160 ppl32:240
-  ppl128:300 f32:300 ppl128f32:300 ppl128seg:240 ppl128logn:400 pplsweep:560 peer:540 passkey256:540)
+  ppl128:300 f32:300 ppl128f32:300 ppl128seg:240 ppl128logn:400 pplsweep:560 layersweep:560 peer:540 passkey256:540)
 limit_of() {
   local s
   for s in "${steps[@]}"; do
