@@ -278,40 +278,46 @@ step_ppl128logn() {
     --json "$res/passkey-logn.json" >"$res/passkey-logn.log" 2>&1 || rc=$?
   return $rc
 }
+# A file-name form of an option set ("--rerope 4096 --log-n 8192" -> rerope_4096_logn_8192).
+mode_name() { echo "$1" | tr -d '-' | tr ' :' '__'; }
+# NLL per bucket over the first 128k tokens of the text with option set $2, as
+# results/ppl128-$1-NAME.{json,log}, within $3 seconds.
+ppl128_as() {
+  local name
+  name=$(mode_name "$2")
+  # shellcheck disable=SC2086
+  timeout "$3" "$home/smollm2" ppl "$book" --model "$model" --quiet --max-tokens 128k $2 \
+    --chunk 4096 --json "$res/ppl128-$1-$name.json" >"$res/ppl128-$1-$name.log" 2>&1
+}
+# Passkey at 32k, 64k and 128k tokens, five depths, with option set $2, as
+# results/passkey-$1-NAME.{json,log}, within $3 seconds.
+passkey_as() {
+  local name
+  name=$(mode_name "$2")
+  # shellcheck disable=SC2086
+  timeout "$3" "$home/smollm2" passkey --model "$model" --quiet --lengths 32k,64k,128k \
+    --depths 0.1,0.3,0.5,0.7,0.9 $2 --chunk 4096 \
+    --json "$res/passkey-$1-$name.json" >"$res/passkey-$1-$name.log" 2>&1
+}
 step_pplsweep() {
   need_model || return 3
-  local rc=0 mode name modes
+  local rc=0 mode modes
   IFS=';' read -ra modes <<<"${SMOLLM2_SWEEP:-}"
   for mode in "${modes[@]}"; do
-    name=$(echo "$mode" | tr -d '-' | tr ' ' '_')
-    # shellcheck disable=SC2086
-    timeout 90 "$home/smollm2" ppl "$book" --model "$model" --quiet --max-tokens 128k $mode \
-      --chunk 4096 --json "$res/ppl128-sweep-$name.json" >"$res/ppl128-sweep-$name.log" 2>&1 ||
-      rc=$?
+    ppl128_as sweep "$mode" 90 || rc=$?
   done
   if [ -n "${SMOLLM2_SWEEP_PASSKEY:-}" ]; then
-    name=$(echo "$SMOLLM2_SWEEP_PASSKEY" | tr -d '-' | tr ' ' '_')
-    # shellcheck disable=SC2086
-    timeout 200 "$home/smollm2" passkey --model "$model" --quiet --lengths 32k,64k,128k \
-      --depths 0.1,0.3,0.5,0.7,0.9 $SMOLLM2_SWEEP_PASSKEY --chunk 4096 \
-      --json "$res/passkey-sweep-$name.json" >"$res/passkey-sweep-$name.log" 2>&1 || rc=$?
+    passkey_as sweep "$SMOLLM2_SWEEP_PASSKEY" 200 || rc=$?
   fi
   return $rc
 }
 step_layersweep() {
   need_model || return 3
-  local rc=0 mode name modes
+  local rc=0 mode modes
   IFS=';' read -ra modes <<<"${SMOLLM2_LAYER_SWEEP:-}"
   for mode in "${modes[@]}"; do
-    name=$(echo "$mode" | tr -d '-' | tr ' :' '__')
-    # shellcheck disable=SC2086
-    timeout 90 "$home/smollm2" ppl "$book" --model "$model" --quiet --max-tokens 128k $mode \
-      --chunk 4096 --json "$res/ppl128-layers-$name.json" >"$res/ppl128-layers-$name.log" 2>&1 ||
-      rc=$?
-    # shellcheck disable=SC2086
-    timeout 150 "$home/smollm2" passkey --model "$model" --quiet --lengths 32k,64k,128k \
-      --depths 0.1,0.3,0.5,0.7,0.9 $mode --chunk 4096 \
-      --json "$res/passkey-layers-$name.json" >"$res/passkey-layers-$name.log" 2>&1 || rc=$?
+    ppl128_as layers "$mode" 90 || rc=$?
+    passkey_as layers "$mode" 150 || rc=$?
     publish
   done
   return $rc
