@@ -139,7 +139,7 @@ pub(crate) fn rope_reference(
 }
 
 #[test]
-pub(crate) fn rope_modes_and_layouts() -> Result<()> {
+fn rope_modes_and_layouts() -> Result<()> {
     let dev = gpu_or_skip!("rope_modes_and_layouts");
     for dtype in [DType::F16, DType::BF16] {
         for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
