@@ -184,7 +184,9 @@ fn decode_kept_counters() {
         3 * 2,
         "one per (sequence, KV head): 4 rows fit one block"
     );
+    assert_eq!(counters.workspace_bytes(), 0, "no workspace before a call");
     let mut short = SplitCounters::new(&g.stream, 5).unwrap();
+    let mut kept_bytes = 0;
     for call in 0..3 {
         let (out, lse, flag) =
             run_on_gpu(g, &c, &data, &Overrides::default(), |q, cache, out, f| {
@@ -218,5 +220,66 @@ fn decode_kept_counters() {
             &safe,
             &format!("decode_kept, call {call}"),
         );
+        // The first call that splits allocates the set's workspace; the calls after it reuse it.
+        if call == 0 {
+            kept_bytes = counters.workspace_bytes();
+            assert!(kept_bytes > 0, "five splits need a workspace");
+        } else {
+            assert_eq!(
+                counters.workspace_bytes(),
+                kept_bytes,
+                "call {call} reallocated"
+            );
+        }
     }
+    assert_eq!(
+        short.workspace_bytes(),
+        0,
+        "a refused call allocates nothing"
+    );
+}
+
+/// One set of counters across calls whose plans need more and more workspace: the set's
+/// workspace grows to the larger plan (the smaller one released in stream order), the bits stay
+/// `decode`'s, and a smaller plan after it keeps the larger workspace.
+#[test]
+fn decode_kept_workspace_grows() {
+    let g = gpu_or_skip!();
+    let base = DecodeCase {
+        lens: vec![2500, 700],
+        heads_q: 4,
+        heads_kv: 2,
+        ..case(64, MaskSpec::none())
+    };
+    let mut counters =
+        SplitCounters::for_shape(&g.stream, 2, base.seqlen_q, base.heads_q, base.heads_kv).unwrap();
+    let mut sizes = Vec::new();
+    for splits in [2, 6, 3] {
+        let c = DecodeCase {
+            num_splits: Some(splits),
+            ..base.clone()
+        };
+        let safe = check(g, &c);
+        let data = case_data::<bf16>(&c);
+        let opts = DecodeOptions {
+            mask: c.mask,
+            num_splits: c.num_splits,
+            ..DecodeOptions::default()
+        };
+        let (out, lse, flag) =
+            run_on_gpu(g, &c, &data, &Overrides::default(), |q, cache, out, f| {
+                g.attn
+                    .decode_kept(&g.stream, q, cache, out, Some(f), &opts, &mut counters)
+            });
+        assert_eq!(flag, 0);
+        same_bits(
+            &out,
+            Some(&lse),
+            &safe,
+            &format!("decode_kept, {splits} splits"),
+        );
+        sizes.push(counters.workspace_bytes());
+    }
+    assert!(sizes[0] > 0 && sizes[1] > sizes[0], "grown: {sizes:?}");
+    assert_eq!(sizes[2], sizes[1], "kept after a smaller plan: {sizes:?}");
 }

@@ -234,10 +234,15 @@ impl Attention {
             }
             None => (0, None),
         };
-        let counters = counters.map(|c| c.slice_mut());
+        let (counters, kept) = match counters.map(|c| c.parts_mut()) {
+            Some((c, k)) => (Some(c), Some(k)),
+            None => (None, None),
+        };
         if let Some(c) = &counters {
             self.same_context("counters", c.stream().context().cu_ctx())?;
         }
+        // The set's stream, which allocates its workspace.
+        let set_stream = counters.as_ref().map(|c| c.stream().clone());
         let counters_len = counters.as_ref().map_or(0, |c| c.len());
         let (sp, _gs) = match counters {
             Some(c) => {
@@ -280,24 +285,51 @@ impl Attention {
             // entry's are, since the kernel writes them.
             args.counters_apart_from_indices(&plan)?;
         }
-        let workspace = if with_workspace && plan.workspace_bytes > 0 {
-            // SAFETY: a stream of this value's context (checked above); the scratch is freed on
-            // the same stream after the launches that use it.
-            Some(unsafe { Scratch::new(self.ctx, stream.cu_stream(), plan.workspace_bytes) }?)
-        } else {
-            None
-        };
-        if let Some(w) = &workspace {
-            args.workspace = w.ptr;
-            args.workspace_bytes = w.bytes;
-            // A fresh allocation of the plan's size: it overlaps none of the call's buffers.
-            place_workspace(&mut params, w.ptr, sp);
+        let need = plan.workspace_bytes;
+        let mut scratch = None;
+        let mut kept_guard = None;
+        if with_workspace && need > 0 {
+            let (ptr, bytes) = match (kept, set_stream) {
+                // The caller's set: its workspace, grown to the plan's size when smaller.
+                (Some(kept), Some(set_stream)) => {
+                    if kept.as_ref().is_none_or(|p| p.len() < need) {
+                        // The smaller one (if any) is released after the work queued on it.
+                        *kept = None;
+                        *kept = Some(
+                            set_stream
+                                .alloc_zeros::<u8>(need)
+                                .map_err(Error::driver("allocating the split workspace"))?,
+                        );
+                    }
+                    let buf = kept.as_mut().expect("allocated above");
+                    let bytes = buf.len();
+                    let (p, g) = buf.device_ptr_mut(stream);
+                    kept_guard = Some(g);
+                    (p, bytes)
+                }
+                _ => {
+                    // SAFETY: a stream of this value's context (checked above); the scratch is
+                    // freed on the same stream after the launches that use it.
+                    let w = unsafe { Scratch::new(self.ctx, stream.cu_stream(), need) }?;
+                    let at = (w.ptr, w.bytes);
+                    scratch = Some(w);
+                    at
+                }
+            };
+            args.workspace = ptr;
+            args.workspace_bytes = bytes;
+            // Its own allocation of at least the plan's size (a fresh one, or the set's, which
+            // no view can reach): it overlaps none of the call's buffers.
+            place_workspace(&mut params, ptr, sp);
         }
         // Every buffer was checked against its layout (or the lengths the kernel reads: batch
         // cache lengths, batch * max_pages_per_seq table entries, one flag) and context, and is
         // guarded for the stream while `run` runs; the workspace is a stream-ordered allocation
-        // of the plan's size on this stream, freed after the launches.
-        run(&args, params, &plan)
+        // of the plan's size on this stream, freed after the launches, or the caller's set's,
+        // guarded for the stream like the views.
+        let r = run(&args, params, &plan);
+        drop((scratch, kept_guard));
+        r
     }
 
     /// The decoding forward from raw pointers. Validates everything [`RawDecode::validate`] can

@@ -169,23 +169,30 @@ pub struct RawDecode {
     pub split_counters_len: usize,
 }
 
-/// Split counters kept across safe decoding calls ([`Attention::decode_kept`](crate::Attention::decode_kept)): i32s zeroed once
-/// when made, which every call that completes leaves zero again, so that the calls launch no
-/// memset (the raw entry's [`RawDecode::split_counters`]). One set serves calls on any stream:
-/// its use is ordered through cudarc's events like any buffer's, so two streams using one set
-/// run their decoding calls one after the other; give each stream its own for concurrent ones.
+/// What a decoding loop keeps across safe calls ([`Attention::decode_kept`](crate::Attention::decode_kept)):
+/// split counters, i32s zeroed once when made, which every call that completes leaves zero
+/// again, so that the calls launch no memset (the raw entry's [`RawDecode::split_counters`]);
+/// and the split partials' workspace, allocated by the first call whose plan needs more than the
+/// set holds and kept, so that the calls after it allocate nothing. One set serves calls on any
+/// stream: its use is ordered through cudarc's events like any buffer's, so two streams using one
+/// set run their decoding calls one after the other; give each stream its own for concurrent
+/// ones.
 #[derive(Debug)]
 pub struct SplitCounters {
     buf: cudarc::driver::CudaSlice<i32>,
+    partials: Option<cudarc::driver::CudaSlice<u8>>,
 }
 
 impl SplitCounters {
-    /// `len` zeroed counters on `stream` (at least one).
+    /// `len` zeroed counters on `stream` (at least one), and no workspace yet.
     pub fn new(stream: &std::sync::Arc<cudarc::driver::CudaStream>, len: usize) -> Result<Self> {
         let buf = stream
             .alloc_zeros::<i32>(len.max(1))
             .map_err(Error::driver("allocating split counters"))?;
-        Ok(SplitCounters { buf })
+        Ok(SplitCounters {
+            buf,
+            partials: None,
+        })
     }
 
     /// Enough counters for every decoding call with at most `batch` sequences of `seqlen_q`
@@ -215,8 +222,20 @@ impl SplitCounters {
         self.buf.len() == 0
     }
 
-    pub(in crate::attention) fn slice_mut(&mut self) -> &mut cudarc::driver::CudaSlice<i32> {
-        &mut self.buf
+    /// Bytes of split workspace held (0 until a call that splits): the largest
+    /// [`DecodePlan::workspace_bytes`] a call with this set has needed.
+    pub fn workspace_bytes(&self) -> usize {
+        self.partials.as_ref().map_or(0, |p| p.len())
+    }
+
+    /// The counters, and the kept workspace (grown by the caller as a plan needs).
+    pub(in crate::attention) fn parts_mut(
+        &mut self,
+    ) -> (
+        &mut cudarc::driver::CudaSlice<i32>,
+        &mut Option<cudarc::driver::CudaSlice<u8>>,
+    ) {
+        (&mut self.buf, &mut self.partials)
     }
 }
 
