@@ -63,8 +63,10 @@ impl Attention {
     }
 
     /// [`decode`](Self::decode) with split counters kept across calls (made once, e.g. with
-    /// [`SplitCounters::for_shape`]): no memset of the workspace's counters per call. Too few
-    /// counters for the call's plan is [`Error::OutOfBounds`].
+    /// [`SplitCounters::for_shape`]): no memset of the workspace's counters per call, and the
+    /// split workspace kept in the set (allocated by the first call that needs more than it
+    /// holds), so that a loop's calls allocate nothing after the first. Too few counters for the
+    /// call's plan is [`Error::OutOfBounds`].
     #[allow(clippy::too_many_arguments)]
     pub fn decode_kept<T: Element>(
         &self,
