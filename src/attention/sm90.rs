@@ -95,7 +95,25 @@ pub(super) fn tensor_map(
     dtype: DType,
     box_rows: usize,
 ) -> Result<LfTensorMap> {
-    let (columns, heads, head_stride) = if padded(l.head_dim) {
+    map_of(ptr, l, dtype, box_rows, padded(l.head_dim))
+}
+
+/// The 4-D tensor map (head_dim, seqlen, heads, batch) of [`tensor_map`] whatever the head dim:
+/// a box past the head's last column reads zeros. For the kernels that have no padded form (the
+/// Hopper top-k selection), which take a head narrower than their tile only through such zeros,
+/// and so only where its head stride is whole 16 bytes.
+pub(super) fn tensor_map_zero_padded(
+    ptr: u64,
+    l: &Layout,
+    dtype: DType,
+    box_rows: usize,
+) -> Result<LfTensorMap> {
+    map_of(ptr, l, dtype, box_rows, false)
+}
+
+/// [`tensor_map`]'s map, flat when `flat`.
+fn map_of(ptr: u64, l: &Layout, dtype: DType, box_rows: usize, flat: bool) -> Result<LfTensorMap> {
+    let (columns, heads, head_stride) = if flat {
         // The kernel addresses columns in 32 bits, up to 127 past the last head's first.
         let last = (l.heads as i128 - 1) * l.head_stride as i128;
         if l.heads > 1 && (l.head_stride <= 0 || last + 128 > i32::MAX as i128) {

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::attention::rope::rope_keys_params;
 use crate::attention::rope_backward::rope_queries_params;
-use crate::attention::sm90::{tensor_map, unsupported};
+use crate::attention::sm90::{tensor_map_zero_padded, unsupported};
 use crate::attention::{Mainloop, MainloopChoice};
 use crate::check::{aligned, byte_range, mismatch, overlaps, row_alignment, strides_multiple_of};
 use crate::dtype::DType;
@@ -475,8 +475,12 @@ impl Attention {
         // Encoding a tensor map needs a current context: this thread may never have had one.
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
         let _g = unsafe { CtxGuard::bind(self.ctx) }?;
-        let maps = tensor_map(p.q as u64, q, dtype, LF_TOPK_SM90_ROWS as usize).and_then(|tq| {
-            let tk = tensor_map(p.mem_k as u64, &keys, dtype, LF_TOPK_SM90_KEYS as usize)?;
+        // The selection kernel has no padded form: a narrower head reaches it through the 4-D
+        // maps' zeros past the head (never a flat map, whose columns past a head are the next
+        // head's).
+        let map = tensor_map_zero_padded;
+        let maps = map(p.q as u64, q, dtype, LF_TOPK_SM90_ROWS as usize).and_then(|tq| {
+            let tk = map(p.mem_k as u64, &keys, dtype, LF_TOPK_SM90_KEYS as usize)?;
             Ok((tq, tk))
         });
         let (tma_q, tma_k) = match maps {
