@@ -47,9 +47,10 @@ template <typename T> __device__ __forceinline__ void merge_by_lse(const LfMerge
     const int h = static_cast<int>((row / p.seqlen) % p.heads);
     const int b = static_cast<int>(row / (static_cast<int64_t>(p.seqlen) * p.heads));
 
-    const int64_t lse_i = (static_cast<int64_t>(b) * p.heads + h) * p.seqlen + s;
-    const float la = p.acc_lse[lse_i];
-    const float lb = p.part_lse[lse_i];
+    const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
+    const int64_t acc_i = bh * p.acc_lse_stride + s;
+    const float la = p.acc_lse[acc_i];
+    const float lb = p.part_lse[bh * p.part_lse_stride + s];
     const float mx = fmaxf(la, lb);
     float wa = 0.f, wb = 0.f, lse = -INFINITY;
     if (mx != -INFINITY) { // both -inf: the row saw no key in either pass, it stays 0 / -inf
@@ -60,7 +61,7 @@ template <typename T> __device__ __forceinline__ void merge_by_lse(const LfMerge
         lse = mx + __logf(sum);
     }
     __syncwarp();
-    if (c == 0) p.acc_lse[lse_i] = lse;
+    if (c == 0) p.acc_lse[acc_i] = lse;
     if (c >= chunks) return;
     uint16_t *ao = static_cast<uint16_t *>(p.acc_o) + b * p.acc_batch_stride + s * p.acc_row_stride +
                    h * p.acc_head_stride + c * width;

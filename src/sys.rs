@@ -981,10 +981,12 @@ pub struct LfMergeParams {
     pub heads: i32,
     pub seqlen: i32,
     pub head_dim: i32,
+    pub acc_lse_stride: i64,
+    pub part_lse_stride: i64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LfMergeParams"][::core::mem::size_of::<LfMergeParams>() - 96usize];
+    ["Size of LfMergeParams"][::core::mem::size_of::<LfMergeParams>() - 112usize];
     ["Alignment of LfMergeParams"][::core::mem::align_of::<LfMergeParams>() - 8usize];
     ["Offset of field: LfMergeParams::acc_o"]
         [::core::mem::offset_of!(LfMergeParams, acc_o) - 0usize];
@@ -1014,6 +1016,10 @@ const _: () = {
         [::core::mem::offset_of!(LfMergeParams, seqlen) - 88usize];
     ["Offset of field: LfMergeParams::head_dim"]
         [::core::mem::offset_of!(LfMergeParams, head_dim) - 92usize];
+    ["Offset of field: LfMergeParams::acc_lse_stride"]
+        [::core::mem::offset_of!(LfMergeParams, acc_lse_stride) - 96usize];
+    ["Offset of field: LfMergeParams::part_lse_stride"]
+        [::core::mem::offset_of!(LfMergeParams, part_lse_stride) - 104usize];
 };
 impl Default for LfMergeParams {
     fn default() -> Self {

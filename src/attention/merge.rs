@@ -37,6 +37,18 @@ impl RawMerge {
     /// 100), alignment (rows of whole 16-byte chunks, or 8-byte ones at a head dim of an odd
     /// multiple of 4) and overlap, and lowers the call to the kernel's parameters.
     pub fn validate(&self) -> Result<LfMergeParams> {
+        let s = self.acc_layout.seqlen;
+        self.validate_lse_strides(s, self.part_layout.seqlen)
+    }
+
+    /// [`validate`](Self::validate) with LSEs whose consecutive (batch, head) rows lie
+    /// `acc_lse_stride` and `part_lse_stride` f32 apart (at least `seqlen`): the LSEs of a range
+    /// of rows of longer `[batch, heads, rows]` tensors, as a ring's sub-chunk merges use.
+    pub(crate) fn validate_lse_strides(
+        &self,
+        acc_lse_stride: usize,
+        part_lse_stride: usize,
+    ) -> Result<LfMergeParams> {
         let (a, p) = (&self.acc_layout, &self.part_layout);
         a.check_dims("acc")?;
         p.check_dims("part")?;
@@ -67,6 +79,18 @@ impl RawMerge {
                 });
             }
         }
+        for (arg, stride) in [
+            ("acc_lse_stride", acc_lse_stride),
+            ("part_lse_stride", part_lse_stride),
+        ] {
+            if stride < a.seqlen || stride > i64::MAX as usize {
+                return Err(Error::InvalidArgument {
+                    arg,
+                    value: stride.to_string(),
+                    expected: format!("at least seqlen ({}) and at most i64::MAX", a.seqlen),
+                });
+            }
+        }
         let rows = a.batch as u128 * a.heads as u128 * a.seqlen as u128;
         if rows.div_ceil(8) > u32::MAX as u128 {
             return Err(Error::InvalidArgument {
@@ -85,9 +109,19 @@ impl RawMerge {
             return Err(Error::OverlappingOutput { arg: "acc" });
         }
         let acc_range = byte_range(self.acc_o, a, 2);
-        let lse_bytes = rows as i128 * 4;
-        let acc_lse = (self.acc_lse as i128, self.acc_lse as i128 + lse_bytes);
-        let part_lse = (self.part_lse as i128, self.part_lse as i128 + lse_bytes);
+        // What each LSE spans: its last (batch, head) row ends `seqlen` past that row's start.
+        let span = |stride: usize| -> i128 {
+            let bh = a.batch as i128 * a.heads as i128;
+            ((bh - 1) * stride as i128 + a.seqlen as i128) * 4
+        };
+        let acc_lse = (
+            self.acc_lse as i128,
+            self.acc_lse as i128 + span(acc_lse_stride),
+        );
+        let part_lse = (
+            self.part_lse as i128,
+            self.part_lse as i128 + span(part_lse_stride),
+        );
         let part_range = byte_range(self.part_o, p, 2);
         if overlaps(acc_range, part_range) {
             return Err(Error::Aliasing {
@@ -128,6 +162,8 @@ impl RawMerge {
             heads: a.heads as i32,
             seqlen: a.seqlen as i32,
             head_dim: a.head_dim as i32,
+            acc_lse_stride: acc_lse_stride as i64,
+            part_lse_stride: part_lse_stride as i64,
         })
     }
 }
@@ -144,6 +180,20 @@ impl Attention {
         part: Input<'_, '_, T>,
         part_lse: &CudaView<'_, f32>,
     ) -> Result<()> {
+        let (sa, sp) = (acc.layout.seqlen, part.layout.seqlen);
+        self.merge_strided(stream, (acc, sa), part, (part_lse, sp))
+    }
+
+    /// [`merge`](Self::merge) with LSEs whose consecutive (batch, head) rows lie the given
+    /// number of f32 apart (at least `seqlen`): a range of rows of longer results, whose O views
+    /// carry their strides in their layouts.
+    pub(in crate::attention) fn merge_strided<T: Element>(
+        &self,
+        stream: &CudaStream,
+        (acc, acc_lse_stride): (Output<'_, '_, T>, usize),
+        part: Input<'_, '_, T>,
+        (part_lse, part_lse_stride): (&CudaView<'_, f32>, usize),
+    ) -> Result<()> {
         self.same_context("stream", stream.context().cu_ctx())?;
         let Some(acc_lse) = acc.lse else {
             return Err(Error::InvalidArgument {
@@ -152,8 +202,16 @@ impl Attention {
                 expected: "the accumulated result's log-sum-exp".into(),
             });
         };
-        let rows =
-            (acc.layout.batch as u128) * (acc.layout.heads as u128) * (acc.layout.seqlen as u128);
+        // What a strided LSE reaches: its last (batch, head) row ends `seqlen` past that row's
+        // start (0 for an empty tensor, which validation refuses).
+        let lse_len = |stride: usize| -> u128 {
+            let bh = (acc.layout.batch as u128) * (acc.layout.heads as u128);
+            if bh == 0 {
+                0
+            } else {
+                (bh - 1) * stride as u128 + acc.layout.seqlen as u128
+            }
+        };
         for (arg, ctx, required, len) in [
             (
                 "acc",
@@ -170,13 +228,13 @@ impl Attention {
             (
                 "acc_lse",
                 acc_lse.stream().context().cu_ctx(),
-                rows,
+                lse_len(acc_lse_stride.max(acc.layout.seqlen)),
                 acc_lse.len(),
             ),
             (
                 "part_lse",
                 part_lse.stream().context().cu_ctx(),
-                rows,
+                lse_len(part_lse_stride.max(acc.layout.seqlen)),
                 part_lse.len(),
             ),
         ] {
@@ -200,7 +258,9 @@ impl Attention {
         };
         // SAFETY: the buffers belong to this context and hold what their layouts reach (checked
         // above); the guards order the launch against other streams.
-        unsafe { self.merge_raw(stream.cu_stream(), &raw) }
+        unsafe {
+            self.merge_raw_strided(stream.cu_stream(), &raw, (acc_lse_stride, part_lse_stride))
+        }
     }
 
     /// The LSE merge from raw device pointers; validates as [`RawMerge::validate`].
@@ -210,7 +270,24 @@ impl Attention {
     /// holding what its layout (or `batch * heads * seqlen` f32 for the LSEs) addresses, alive and
     /// not used by anything else until the kernel has finished.
     pub unsafe fn merge_raw(&self, stream: sys::CUstream, args: &RawMerge) -> Result<()> {
-        let mut params = args.validate()?;
+        let strides = (args.acc_layout.seqlen, args.part_layout.seqlen);
+        // SAFETY: this fn's contract, with the contiguous LSEs it states.
+        unsafe { self.merge_raw_strided(stream, args, strides) }
+    }
+
+    /// [`merge_raw`](Self::merge_raw) with LSE row strides, validated as
+    /// [`RawMerge::validate_lse_strides`].
+    ///
+    /// # Safety
+    /// As [`merge_raw`](Self::merge_raw), each LSE holding what its stride reaches:
+    /// `(batch * heads - 1) * stride + seqlen` f32.
+    unsafe fn merge_raw_strided(
+        &self,
+        stream: sys::CUstream,
+        args: &RawMerge,
+        (acc_lse_stride, part_lse_stride): (usize, usize),
+    ) -> Result<()> {
+        let mut params = args.validate_lse_strides(acc_lse_stride, part_lse_stride)?;
         let name = format!("lf_merge_{}", args.dtype.name());
         let module = format!("merge_{}", args.dtype.name());
         // SAFETY: the context is kept alive by `_owner` or by the caller of from_raw_context.
@@ -234,5 +311,53 @@ impl Attention {
                 "launching the merge kernel",
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(seqlen: usize) -> RawMerge {
+        let l = Layout::bshd(2, seqlen, 3, 64);
+        RawMerge {
+            dtype: DType::Bf16,
+            acc_o: 1 << 20,
+            acc_lse: 2 << 20,
+            part_o: 3 << 20,
+            part_lse: 4 << 20,
+            acc_layout: l,
+            part_layout: l,
+        }
+    }
+
+    #[test]
+    fn lse_strides_reach_the_last_row() {
+        // Rows 10 of a chunk of 40: strides of 40 for the accumulator, 10 for the partial.
+        let p = raw(10).validate_lse_strides(40, 10).unwrap();
+        assert_eq!((p.acc_lse_stride, p.part_lse_stride), (40, 10));
+        let c = raw(10).validate().unwrap();
+        assert_eq!((c.acc_lse_stride, c.part_lse_stride), (10, 10));
+        // A stride shorter than a row would overlap the rows.
+        assert!(matches!(
+            raw(10).validate_lse_strides(9, 10),
+            Err(Error::InvalidArgument {
+                arg: "acc_lse_stride",
+                ..
+            })
+        ));
+        // The accumulator's LSE spans (2 * 3 - 1) * 40 + 10 floats: a partial LSE starting
+        // inside that span aliases it, one starting right after does not.
+        let mut r = raw(10);
+        r.part_lse = r.acc_lse + (5 * 40 + 10 - 1) * 4;
+        assert!(matches!(
+            r.validate_lse_strides(40, 10),
+            Err(Error::Aliasing {
+                output: "acc_lse",
+                ..
+            })
+        ));
+        r.part_lse = r.acc_lse + (5 * 40 + 10) * 4;
+        assert!(r.validate_lse_strides(40, 10).is_ok());
     }
 }

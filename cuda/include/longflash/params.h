@@ -398,7 +398,9 @@ typedef struct LfRopeGradsParams {
  *   acc_o = exp(acc_lse - lse) * acc_o + exp(part_lse - lse) * part_o.
  * Two passes over disjoint key sets merged this way equal one pass over their union (LongNet,
  * MoBA). O tensors are 16-bit [batch, seqlen, heads, head_dim] with element strides; LSEs are f32
- * [batch, heads, seqlen] contiguous. */
+ * [batch, heads, seqlen] with unit stride along seqlen and acc_lse_stride / part_lse_stride
+ * elements between consecutive (batch, head) rows (seqlen when contiguous; larger for a range of
+ * rows of a longer tensor). */
 typedef struct LfMergeParams {
     void *acc_o;
     float *acc_lse;
@@ -414,6 +416,8 @@ typedef struct LfMergeParams {
     int32_t heads;
     int32_t seqlen;
     int32_t head_dim;
+    int64_t acc_lse_stride;
+    int64_t part_lse_stride;
 } LfMergeParams;
 
 /* Variable-length (packed) forward. `fwd` describes the packed tensors as one batch entry: q and
@@ -707,7 +711,8 @@ typedef struct LfBwdSparseParams {
 LF_ASSERT_LAYOUT(sizeof(LfMask) == 24, mask_size);
 LF_ASSERT_LAYOUT(sizeof(LfBlockSparse) == 56, sparse_size);
 LF_ASSERT_LAYOUT(sizeof(LfFwdParams) == 240, fwd_size);
-LF_ASSERT_LAYOUT(sizeof(LfMergeParams) == 96, merge_size);
+LF_ASSERT_LAYOUT(sizeof(LfMergeParams) == 112, merge_size);
+LF_ASSERT_LAYOUT(offsetof(LfMergeParams, acc_lse_stride) == 96, merge_acc_lse_stride);
 LF_ASSERT_LAYOUT(sizeof(LfRope) == 64, rope_size);
 LF_ASSERT_LAYOUT(sizeof(LfRopeFwdParams) == 304, rope_fwd_size);
 LF_ASSERT_LAYOUT(sizeof(LfRopeKeysParams) == 112, rope_keys_size);
