@@ -18,17 +18,22 @@
 //! the last rank about `2 * ranks - 1` times the first one's. Chunk lengths differ by at most one token
 //! when the sequence does not divide evenly.
 //!
-//! Under a causal mask a pair of chunks is fully visible (the key chunk ends before the query
-//! chunk starts: no mask), causal (the same chunk: the causal mask of equal lengths) or invisible
-//! (the key chunk starts after the query chunk ends), and invisible pairs are skipped; a step with
-//! no visible pair computes nothing (its shard is still passed on). Without a mask every pair is
-//! full. Sliding windows are not planned yet.
+//! The mask is one of the whole sequence ([`RingPlan::with_mask`]: none, causal, sliding windows
+//! `(left, right)`, causal with a left window): query `i` sees key `j` when `i - left <= j <= i +
+//! right`. Each (query chunk, key chunk) pair is cut to the queries that see some key of the key
+//! chunk and the keys some of them see; what is left is fully visible (no mask), or a band that
+//! the kernels' bottom-right window describes on the cut ranges ([`PairMask`]), or nothing:
+//! invisible pairs are skipped, and a step with no visible pair computes nothing (its shard is
+//! still passed on). Under a causal mask a key chunk before the query chunk is fully visible, the
+//! same chunk is causal and a later one invisible; under a window of `w` tokens only the chunks
+//! within `w` of each other meet.
 //!
 //! [`Attention::merge`]: crate::Attention::merge
 
 use std::ops::Range;
 
 use crate::error::{Error, Result};
+use crate::mask::MaskSpec;
 
 /// How the sequence is cut over the ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -40,17 +45,40 @@ pub enum Sharding {
     Zigzag,
 }
 
-/// The mask of one (query chunk, key chunk) pair.
+/// The mask of one pair's (cut) query and key ranges, as the kernels take it: aligned bottom-right
+/// on those ranges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PairMask {
     /// Every query sees every key.
     Full,
-    /// The same chunk on both sides: the causal mask (equal lengths).
+    /// The causal mask, aligned bottom-right (the same chunk on both sides under a causal mask).
     Causal,
+    /// A sliding window aligned bottom-right on the pair's ranges: the last query sees the keys
+    /// from `left` before the last key to `right` after it (`None`: unbounded), and each earlier
+    /// query the same band one key further left.
+    Window {
+        /// Keys left of the diagonal (`None`: every one).
+        left: Option<u32>,
+        /// Keys right of the diagonal (`None`: every one).
+        right: Option<u32>,
+    },
 }
 
-/// One visible (query chunk, key chunk) pair of a step: global token ranges, the same ranges as
-/// rows of the shards that hold them (the query rank's and the key owner's), and its mask.
+impl PairMask {
+    /// The kernels' mask for the pair's ranges.
+    pub fn spec(&self) -> MaskSpec {
+        match *self {
+            PairMask::Full => MaskSpec::none(),
+            PairMask::Causal => MaskSpec::causal(),
+            PairMask::Window { left, right } => MaskSpec::sliding_window(left, right),
+        }
+    }
+}
+
+/// One visible pair of a step: a range of one query chunk and a range of one key chunk (global
+/// token ranges: the queries that see some key of the chunk, and the keys they see), the same
+/// ranges as rows of the shards that hold them (the query rank's and the key owner's), the query
+/// chunk's index in the query rank's shard, and the mask on those ranges.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PairWork {
     /// Query tokens (global positions).
@@ -61,8 +89,63 @@ pub struct PairWork {
     pub q_rows: Range<usize>,
     /// The key tokens as rows of the key owner's shard.
     pub k_rows: Range<usize>,
+    /// Index of the query chunk (within the query rank's shard, in its row order) that holds `q`.
+    pub q_chunk: usize,
     /// Which of the pair's (query, key) elements are visible.
     pub mask: PairMask,
+}
+
+/// The pair of query chunk `q` and key chunk `k` under the band `j - i` in `[-left, right]`
+/// (`None`: unbounded): the cut ranges and their mask, or `None` when no query of `q` sees a key
+/// of `k`.
+fn cut_pair(
+    q: &Range<usize>,
+    k: &Range<usize>,
+    (left, right): (Option<u64>, Option<u64>),
+) -> Option<(Range<usize>, Range<usize>, PairMask)> {
+    let (l, r) = (left.map(i128::from), right.map(i128::from));
+    let (qs, qe, ks, ke) = (
+        q.start as i128,
+        q.end as i128,
+        k.start as i128,
+        k.end as i128,
+    );
+    // The queries that see some key of k: i + right >= k.start and i - left <= k.end - 1.
+    let q0 = r.map_or(qs, |r| qs.max(ks - r));
+    let q1 = l.map_or(qe, |l| qe.min(ke + l));
+    if q0 >= q1 {
+        return None;
+    }
+    // The keys those queries see.
+    let k0 = l.map_or(ks, |l| ks.max(q0 - l));
+    let k1 = r.map_or(ke, |r| ke.min(q1 + r));
+    if k0 >= k1 {
+        return None;
+    }
+    // Every query sees every key: the first key within the last query's reach and the last key
+    // within the first query's.
+    let full = l.is_none_or(|l| k0 >= q1 - 1 - l) && r.is_none_or(|r| k1 - 1 <= q0 + r);
+    let mask = if full {
+        PairMask::Full
+    } else {
+        // Bottom-right: the last query's diagonal is the last key, d = k1 - q1 keys right of it
+        // in global terms; the cut keeps -left <= d <= right, so both reaches are >= 0. A reach
+        // past every key of the pair is unbounded.
+        let d = k1 - q1;
+        let span = (q1 - q0) + (k1 - k0);
+        let reach = |w: i128| -> Option<u32> {
+            debug_assert!(w >= 0);
+            // (Past u32 only on sequences the kernels refuse anyway.)
+            (w < span).then_some(u32::try_from(w).unwrap_or(u32::MAX))
+        };
+        let (wl, wr) = (l.and_then(|l| reach(d + l)), r.and_then(|r| reach(r - d)));
+        match (wl, wr) {
+            (None, None) => PairMask::Full,
+            (None, Some(0)) => PairMask::Causal,
+            (left, right) => PairMask::Window { left, right },
+        }
+    };
+    Some((q0 as usize..q1 as usize, k0 as usize..k1 as usize, mask))
 }
 
 /// The ring schedule of one sequence over `ranks` ranks.
@@ -71,7 +154,7 @@ pub struct RingPlan {
     ranks: usize,
     seqlen: usize,
     sharding: Sharding,
-    causal: bool,
+    mask: MaskSpec,
     /// Global token ranges of the chunks, in sequence order.
     chunks: Vec<Range<usize>>,
 }
@@ -84,6 +167,36 @@ impl RingPlan {
     /// [`Error::InvalidArgument`] when `ranks` is 0 or the sequence has fewer tokens than chunks
     /// (`ranks`, or `2 * ranks` for zigzag): every chunk holds at least one token.
     pub fn new(seqlen: usize, ranks: usize, sharding: Sharding, causal: bool) -> Result<Self> {
+        let mask = if causal {
+            MaskSpec::causal()
+        } else {
+            MaskSpec::none()
+        };
+        Self::with_mask(seqlen, ranks, sharding, mask)
+    }
+
+    /// The plan of a `seqlen`-token sequence over `ranks` ranks under `mask` (none, causal,
+    /// sliding windows, causal with a left window; over the whole sequence, where queries and
+    /// keys are the same tokens).
+    ///
+    /// # Errors
+    ///
+    /// As [`new`](Self::new); [`Error::InvalidMask`] for a mask the kernels refuse (a causal one
+    /// with a right window) or with sink tokens, which the ring does not plan.
+    pub fn with_mask(
+        seqlen: usize,
+        ranks: usize,
+        sharding: Sharding,
+        mask: MaskSpec,
+    ) -> Result<Self> {
+        if mask.sink_tokens != 0 {
+            return Err(Error::InvalidMask {
+                arg: "mask.sink_tokens",
+                value: mask.sink_tokens.to_string(),
+                expected: "0: a ring does not plan sink tokens",
+            });
+        }
+        mask.resolve(seqlen.max(1), seqlen.max(1))?;
         if ranks == 0 {
             return Err(Error::InvalidArgument {
                 arg: "ranks",
@@ -121,7 +234,7 @@ impl RingPlan {
             ranks,
             seqlen,
             sharding,
-            causal,
+            mask,
             chunks,
         })
     }
@@ -138,7 +251,12 @@ impl RingPlan {
 
     /// Whether the attention is causal.
     pub fn causal(&self) -> bool {
-        self.causal
+        self.mask.causal
+    }
+
+    /// The mask over the whole sequence.
+    pub fn mask(&self) -> MaskSpec {
+        self.mask
     }
 
     /// The sharding.
@@ -190,24 +308,20 @@ impl RingPlan {
                 .collect()
         };
         let (qs, ks) = (rows(&self.shard(rank)), rows(&self.shard(owner)));
+        let (l, r) = self.mask.window();
+        let band = (l.map(u64::from), r.map(u64::from));
         let mut out = Vec::new();
-        for (q, q_rows) in &qs {
+        for (c, (q, q_rows)) in qs.iter().enumerate() {
             for (k, k_rows) in &ks {
-                let mask = if !self.causal || k.end <= q.start {
-                    PairMask::Full
-                } else if k == q {
-                    PairMask::Causal
-                } else {
-                    // Chunks never overlap: a key chunk not before the query chunk and not the
-                    // same one starts after it ends.
-                    debug_assert!(k.start >= q.end);
+                let Some((qc, kc, mask)) = cut_pair(q, k, band) else {
                     continue;
                 };
                 out.push(PairWork {
-                    q: q.clone(),
-                    k: k.clone(),
-                    q_rows: q_rows.clone(),
-                    k_rows: k_rows.clone(),
+                    q_rows: q_rows.start + (qc.start - q.start)..q_rows.start + (qc.end - q.start),
+                    k_rows: k_rows.start + (kc.start - k.start)..k_rows.start + (kc.end - k.start),
+                    q: qc,
+                    k: kc,
+                    q_chunk: c,
                     mask,
                 });
             }
@@ -220,13 +334,7 @@ impl RingPlan {
     pub fn work(&self, rank: usize) -> u128 {
         (0..self.ranks)
             .flat_map(|t| self.pairs(rank, t))
-            .map(|p| {
-                let (lq, lk) = (p.q.len() as u128, p.k.len() as u128);
-                match p.mask {
-                    PairMask::Full => lq * lk,
-                    PairMask::Causal => lq * (lq + 1) / 2,
-                }
-            })
+            .map(|p| u128::from(p.mask.spec().visible_pairs(p.q.len(), p.k.len())))
             .sum()
     }
 }

@@ -1,7 +1,8 @@
 //! The ring-attention schedule (`ring::RingPlan`): shards cover the sequence, every key shard
-//! visits every rank once, every visible (query, key) element is computed exactly once, zigzag
-//! shards balance causal work; and the schedule run with the f64 reference and merged by
-//! log-sum-exp (`reference::ring_attention_f64`) equals attention over the whole sequence. CPU only.
+//! visits every rank once, every visible (query, key) element is computed exactly once under
+//! every mask (none, causal, sliding windows, causal with a left window), zigzag shards balance
+//! causal work; and the schedule run with the f64 reference and merged by log-sum-exp
+//! (`reference::ring_attention_f64`) equals attention over the whole sequence. CPU only.
 
 use longflash::error::Error;
 use longflash::mask::MaskSpec;
@@ -20,19 +21,34 @@ fn coverage(plan: &RingPlan) -> Vec<Vec<u32>> {
     let s = plan.seqlen();
     let mut seen = vec![vec![0u32; s]; s];
     for rank in 0..plan.ranks() {
+        let shard = plan.shard(rank);
         for step in 0..plan.ranks() {
             for p in plan.pairs(rank, step) {
                 assert_eq!(p.q.len(), p.q_rows.len());
                 assert_eq!(p.k.len(), p.k_rows.len());
-                if p.mask == PairMask::Causal {
-                    assert_eq!(p.q, p.k, "a causal pair is one chunk against itself");
-                }
+                assert!(!p.q.is_empty() && !p.k.is_empty(), "an empty pair {p:?}");
+                // The pair's queries lie in its chunk, at the rows the chunk has in the shard.
+                let c = &shard[p.q_chunk];
+                assert!(
+                    c.start <= p.q.start && p.q.end <= c.end,
+                    "{p:?} outside {c:?}"
+                );
+                let chunk_row: usize = shard[..p.q_chunk].iter().map(|x| x.len()).sum();
+                assert_eq!(p.q_rows.start, chunk_row + (p.q.start - c.start));
+                let spec = p.mask.spec();
+                let (lq, lk) = (p.q.len(), p.k.len());
+                // The kernels must take the pair's mask at its lengths.
+                spec.resolve(lq, lk).unwrap();
                 for (i, qi) in p.q.clone().enumerate() {
+                    let mut any = false;
                     for (j, kj) in p.k.clone().enumerate() {
-                        if p.mask == PairMask::Full || j <= i {
+                        if spec.is_visible(lq, lk, i, j) {
                             seen[qi][kj] += 1;
+                            any = true;
                         }
                     }
+                    // The cut keeps only queries that see some key of the pair.
+                    assert!(any, "query {qi} of {p:?} sees nothing");
                 }
             }
         }
@@ -40,8 +56,23 @@ fn coverage(plan: &RingPlan) -> Vec<Vec<u32>> {
     seen
 }
 
-fn check_plan(seqlen: usize, ranks: usize, sharding: Sharding, causal: bool) {
-    let plan = RingPlan::new(seqlen, ranks, sharding, causal).unwrap();
+/// The masks the plans are checked under, for a sequence of `s` tokens.
+fn masks(s: usize) -> Vec<MaskSpec> {
+    let w = |x: usize| Some(x as u32);
+    let mut m = vec![MaskSpec::none(), MaskSpec::causal()];
+    for x in [0, 1, 3, s / 5, s / 2, s + 4] {
+        m.push(MaskSpec::causal_window(x as u32));
+        m.push(MaskSpec::sliding_window(w(x), w(x / 2 + 1)));
+        m.push(MaskSpec::sliding_window(w(x), None));
+        m.push(MaskSpec::sliding_window(None, w(x)));
+    }
+    m.push(MaskSpec::sliding_window(w(0), w(0)));
+    m
+}
+
+fn check_plan(seqlen: usize, ranks: usize, sharding: Sharding, mask: MaskSpec) {
+    let plan = RingPlan::with_mask(seqlen, ranks, sharding, mask).unwrap();
+    assert_eq!(plan.mask(), mask);
     // The shards cover the sequence once, chunks of lengths within one token of each other.
     let mut owner = vec![usize::MAX; seqlen];
     let mut lens = Vec::new();
@@ -78,13 +109,15 @@ fn check_plan(seqlen: usize, ranks: usize, sharding: Sharding, causal: bool) {
     let seen = coverage(&plan);
     for (i, row) in seen.iter().enumerate() {
         for (j, &n) in row.iter().enumerate() {
-            let want = u32::from(!causal || j <= i);
-            assert_eq!(n, want, "element ({i}, {j}) computed {n} times");
+            let want = u32::from(mask.is_visible(seqlen, seqlen, i, j));
+            assert_eq!(
+                n, want,
+                "element ({i}, {j}) computed {n} times under {mask:?}"
+            );
         }
     }
     let total: u128 = (0..ranks).map(|r| plan.work(r)).sum();
-    let s = seqlen as u128;
-    assert_eq!(total, if causal { s * (s + 1) / 2 } else { s * s });
+    assert_eq!(total, u128::from(mask.visible_pairs(seqlen, seqlen)));
 }
 
 #[test]
@@ -92,8 +125,8 @@ fn plans_cover_every_visible_element_once() {
     for ranks in 1..=6 {
         for seqlen in [2 * ranks, 2 * ranks + 1, 7 * ranks + 3, 40] {
             for sharding in SHARDINGS {
-                for causal in [false, true] {
-                    check_plan(seqlen, ranks, sharding, causal);
+                for mask in masks(seqlen) {
+                    check_plan(seqlen, ranks, sharding, mask);
                 }
             }
         }
@@ -128,7 +161,58 @@ fn zigzag_balances_causal_work() {
 }
 
 #[test]
+fn windows_skip_the_chunks_out_of_reach() {
+    // 8 ranks of 100 tokens, a causal window of 50: a rank meets only its own shard and its
+    // predecessor's, and only the first 50 queries of its chunk see the predecessor's keys,
+    // and only its last 50 keys.
+    let plan =
+        RingPlan::with_mask(800, 8, Sharding::Contiguous, MaskSpec::causal_window(50)).unwrap();
+    for r in 1..8 {
+        assert_eq!(plan.pairs(r, 0).len(), 1);
+        let p = &plan.pairs(r, 1)[0];
+        assert_eq!(p.q, 100 * r..100 * r + 50);
+        assert_eq!(p.k, 100 * r - 50..100 * r);
+        // Query a of the cut (token 100r + a) sees keys a to 49 of the cut (tokens 100r + a - 50
+        // to 100r - 1): from the bottom-right diagonal (50 queries over 50 keys: key a) to the
+        // end, a band of no keys left of the diagonal and 50 right of it.
+        assert_eq!(
+            p.mask,
+            PairMask::Window {
+                left: Some(0),
+                right: Some(50)
+            }
+        );
+        for t in 2..8 {
+            assert!(plan.pairs(r, t).is_empty(), "rank {r} step {t}");
+        }
+    }
+    // A window wider than the sequence plans as its mask without one.
+    let wide = RingPlan::with_mask(64, 4, Sharding::Zigzag, MaskSpec::causal_window(1000)).unwrap();
+    let causal = RingPlan::new(64, 4, Sharding::Zigzag, true).unwrap();
+    for r in 0..4 {
+        for t in 0..4 {
+            assert_eq!(wide.pairs(r, t), causal.pairs(r, t));
+        }
+    }
+}
+
+#[test]
 fn bad_plans_are_errors() {
+    assert!(matches!(
+        RingPlan::with_mask(64, 2, Sharding::Zigzag, MaskSpec::causal().with_sinks(4)),
+        Err(Error::InvalidMask {
+            arg: "mask.sink_tokens",
+            ..
+        })
+    ));
+    let causal_right = MaskSpec {
+        window_right: Some(3),
+        ..MaskSpec::causal()
+    };
+    assert!(matches!(
+        RingPlan::with_mask(64, 2, Sharding::Zigzag, causal_right),
+        Err(Error::InvalidMask { .. })
+    ));
     assert!(matches!(
         RingPlan::new(10, 0, Sharding::Contiguous, true),
         Err(Error::InvalidArgument { arg: "ranks", .. })
@@ -148,7 +232,7 @@ fn ring_matches_whole(
     seqlen: usize,
     ranks: usize,
     sharding: Sharding,
-    causal: bool,
+    mask: MaskSpec,
     (batch, hq, hk, d): (usize, usize, usize, usize),
     seed: u64,
 ) {
@@ -165,13 +249,8 @@ fn ring_matches_whole(
     let k = rng.vec(shape.kv_len().unwrap(), 2.0);
     let v = rng.vec(shape.kv_len().unwrap(), 1.0);
     let scale = 1.0 / (d as f64).sqrt();
-    let mask = if causal {
-        MaskSpec::causal()
-    } else {
-        MaskSpec::none()
-    };
     let whole = attention_f64(&shape, &q, &k, &v, &mask, scale).unwrap();
-    let plan = RingPlan::new(seqlen, ranks, sharding, causal).unwrap();
+    let plan = RingPlan::with_mask(seqlen, ranks, sharding, mask).unwrap();
     let ring = ring_attention_f64(&shape, (&q, &k, &v), &plan, scale).unwrap();
     for (i, (a, b)) in ring.out.iter().zip(&whole.out).enumerate() {
         assert!((a - b).abs() <= 1e-12, "out[{i}]: ring {a}, whole {b}");
@@ -184,11 +263,27 @@ fn ring_matches_whole(
 #[test]
 fn ring_reference_equals_whole_attention() {
     for sharding in SHARDINGS {
-        for causal in [false, true] {
-            ring_matches_whole(37, 3, sharding, causal, (2, 4, 2, 16), 5);
-            ring_matches_whole(16, 4, sharding, causal, (1, 2, 2, 8), 6);
-            ring_matches_whole(9, 1, sharding, causal, (1, 3, 1, 8), 7);
+        for mask in masks(37) {
+            ring_matches_whole(37, 3, sharding, mask, (2, 4, 2, 16), 5);
         }
+        for mask in masks(16) {
+            ring_matches_whole(16, 4, sharding, mask, (1, 2, 2, 8), 6);
+            ring_matches_whole(9, 1, sharding, mask, (1, 3, 1, 8), 7);
+        }
+    }
+}
+
+/// A random mask: none, causal, a causal window or a two-sided one (either side unbounded).
+fn random_mask(kind: u8, left: u32, right: u32) -> MaskSpec {
+    match kind % 5 {
+        0 => MaskSpec::none(),
+        1 => MaskSpec::causal(),
+        2 => MaskSpec::causal_window(left),
+        3 => MaskSpec::sliding_window(Some(left), Some(right)),
+        _ => MaskSpec::sliding_window(
+            (left % 2 == 0).then_some(left),
+            (right % 2 == 1).then_some(right),
+        ),
     }
 }
 
@@ -199,14 +294,18 @@ proptest! {
         ranks in 1usize..6,
         extra in 0usize..30,
         zigzag in any::<bool>(),
-        causal in any::<bool>(),
+        kind in any::<u8>(),
+        left in 0u32..40,
+        right in 0u32..40,
         group in 1usize..4,
         hk in 1usize..3,
         seed in any::<u64>(),
     ) {
         let sharding = if zigzag { Sharding::Zigzag } else { Sharding::Contiguous };
         let seqlen = 2 * ranks + extra;
-        ring_matches_whole(seqlen, ranks, sharding, causal, (1, group * hk, hk, 8), seed);
+        let mask = random_mask(kind, left, right);
+        check_plan(seqlen, ranks, sharding, mask);
+        ring_matches_whole(seqlen, ranks, sharding, mask, (1, group * hk, hk, 8), seed);
     }
 }
 

@@ -13,8 +13,9 @@
 //! Keep NCCL's NVLink multicast off (`NCCL_NVLS_ENABLE=0`) on machines that require it;
 //! [`run_local_ring`] sets it unless the environment already does.
 //!
-//! Forward only, dense or causal (the plan's masks); sliding windows, RoPE with global positions
-//! and the backward are not in the plan yet.
+//! Forward only, under the plan's mask (none, causal, sliding windows: a step whose shard no
+//! query of the rank reaches computes nothing and still passes the shard on); RoPE with global
+//! positions and the backward are not in the plan yet.
 
 use std::sync::Arc;
 

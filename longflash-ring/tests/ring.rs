@@ -85,12 +85,18 @@ fn ring_over_every_gpu_matches_whole_attention() {
     };
     let ordinals: Vec<usize> = (0..gpus).collect();
     let (batch, hq, hk, d) = (1usize, 4usize, 2usize, 64usize);
-    for (seqlen, sharding, causal) in [
-        (1000, Sharding::Zigzag, true),
-        (1001, Sharding::Contiguous, true),
-        (777, Sharding::Zigzag, false),
+    for (seqlen, sharding, mask) in [
+        (1000, Sharding::Zigzag, MaskSpec::causal()),
+        (1001, Sharding::Contiguous, MaskSpec::causal()),
+        (777, Sharding::Zigzag, MaskSpec::none()),
+        (1003, Sharding::Contiguous, MaskSpec::causal_window(150)),
+        (
+            900,
+            Sharding::Zigzag,
+            MaskSpec::sliding_window(Some(97), Some(40)),
+        ),
     ] {
-        let plan = RingPlan::new(seqlen, gpus, sharding, causal).unwrap();
+        let plan = RingPlan::with_mask(seqlen, gpus, sharding, mask).unwrap();
         let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seqlen as u64;
         let mut gen = |n: usize| -> Vec<bf16> {
             (0..n)
@@ -117,11 +123,6 @@ fn ring_over_every_gpu_matches_whole_attention() {
         };
         let scale = 1.0 / (d as f32).sqrt();
         let wide = |x: &[bf16]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
-        let mask = if causal {
-            MaskSpec::causal()
-        } else {
-            MaskSpec::none()
-        };
         let ref64 =
             attention_f64(&shape, &wide(&q), &wide(&k), &wide(&v), &mask, scale as f64).unwrap();
         let naive = ring_attention_lowp(&shape, (&q, &k, &v), &plan, scale).unwrap();
@@ -173,7 +174,7 @@ fn ring_over_every_gpu_matches_whole_attention() {
             );
             assert!(
                 cmp.passes,
-                "rank {rank} of {gpus}, {seqlen} tokens, {sharding:?}, causal {causal}: {cmp}"
+                "rank {rank} of {gpus}, {seqlen} tokens, {sharding:?}, {mask:?}: {cmp}"
             );
         }
     }

@@ -12,8 +12,7 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceSlice};
 use super::{Attention, ForwardOptions, Input, Output};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::mask::MaskSpec;
-use crate::ring::{PairMask, RingPlan};
+use crate::ring::RingPlan;
 use crate::Element;
 
 /// One rank's running result: per query chunk of its shard, the output `[batch, chunk, heads_q,
@@ -258,18 +257,15 @@ impl Attention {
         }
         let shard = plan.shard(rank);
         for p in plan.pairs(rank, step) {
-            let c = shard
-                .iter()
-                .position(|x| *x == p.q)
-                .expect("a pair's query chunk is one of the rank's");
+            let c = p.q_chunk;
+            // The pair's queries as rows of their chunk (all of it, or the ones that see a key).
+            let chunk_start = p.q.start - shard[c].start;
+            let whole = p.q == shard[c];
             let (qv, ql) = rows_of(q.data, &q.layout, &p.q_rows);
             let (kv, kl) = rows_of(k.data, &k.layout, &p.k_rows);
             let (vv, vl) = rows_of(v.data, &v.layout, &p.k_rows);
             let options = ForwardOptions {
-                mask: match p.mask {
-                    PairMask::Full => MaskSpec::none(),
-                    PairMask::Causal => MaskSpec::causal(),
-                },
+                mask: p.mask.spec(),
                 softmax_scale,
             };
             let inputs = (
@@ -287,7 +283,7 @@ impl Attention {
                 },
             );
             let l = acc.layouts[c];
-            if !acc.started[c] {
+            if whole && !acc.started[c] {
                 // The chunk's first pair writes its accumulator directly.
                 let (mut o, mut lse) = (acc.o[c].as_view_mut(), acc.lse[c].as_view_mut());
                 self.forward(
@@ -304,9 +300,11 @@ impl Attention {
                 )?;
                 acc.started[c] = true;
             } else {
+                // The partial result of the pair's rows, contiguous in the scratch.
+                let pl_layout = Layout::bshd(l.batch, p.q.len(), l.heads, l.head_dim);
+                let n = pl_layout.numel();
+                let rows = l.batch * l.heads * p.q.len();
                 {
-                    let n = l.numel();
-                    let rows = l.batch * l.heads * l.seqlen;
                     let mut po = acc.part_o.slice_mut(..n);
                     let mut pl = acc.part_lse.slice_mut(..rows);
                     self.forward(
@@ -316,29 +314,40 @@ impl Attention {
                         inputs.2,
                         Output {
                             data: &mut po,
-                            layout: l,
+                            layout: pl_layout,
                             lse: Some(&mut pl),
                         },
                         &options,
                     )?;
                 }
-                let n = l.numel();
-                let rows = l.batch * l.heads * l.seqlen;
+                // Merged into the same rows of the chunk's result: its O rows through the
+                // chunk's strides, its LSE rows `l.seqlen` apart per (batch, head).
                 let (po, pl) = (acc.part_o.slice(..n), acc.part_lse.slice(..rows));
-                let (mut o, mut lse) = (acc.o[c].as_view_mut(), acc.lse[c].as_view_mut());
-                self.merge(
+                let acc_layout = Layout {
+                    seqlen: p.q.len(),
+                    ..l
+                };
+                let off = chunk_start * l.seq_stride as usize;
+                let mut o = acc.o[c].slice_mut(off..);
+                let mut lse = acc.lse[c].slice_mut(chunk_start..);
+                self.merge_strided(
                     stream,
-                    Output {
-                        data: &mut o,
-                        layout: l,
-                        lse: Some(&mut lse),
-                    },
+                    (
+                        Output {
+                            data: &mut o,
+                            layout: acc_layout,
+                            lse: Some(&mut lse),
+                        },
+                        l.seqlen,
+                    ),
                     Input {
                         data: &po,
-                        layout: l,
+                        layout: pl_layout,
                     },
-                    &pl,
+                    (&pl, p.q.len()),
                 )?;
+                // The chunk's rows now hold a result: a later pair over the whole chunk merges.
+                acc.started[c] = true;
             }
         }
         Ok(())

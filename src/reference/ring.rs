@@ -8,7 +8,7 @@ use super::{merge, RefOutput, RefShape};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mask::MaskSpec;
-use crate::ring::{PairMask, RingPlan};
+use crate::ring::RingPlan;
 
 /// Rows `rows` of a `[batch, seqlen, heads, head_dim]` tensor of `seqlen` rows, as a tensor of
 /// their own.
@@ -32,8 +32,7 @@ fn gather<E: Copy>(
 /// `shape.seqlen_q == shape.seqlen_k == plan.seqlen()`) computed the way a ring runs `plan`: for
 /// each rank, at each step, attention of its shard's queries over the visible pairs of the key
 /// shard it holds, merged into its running result by log-sum-exp; the ranks' rows put back in
-/// sequence order. Output and log-sum-exp as [`attention_f64`] with the plan's mask (causal or
-/// none).
+/// sequence order. Output and log-sum-exp as [`attention_f64`] with the plan's mask.
 ///
 /// # Errors
 ///
@@ -160,10 +159,7 @@ fn run_ring<E: Copy>(
                     seqlen_k: lk,
                     ..*shape
                 };
-                let mask = match p.mask {
-                    PairMask::Full => MaskSpec::none(),
-                    PairMask::Causal => MaskSpec::causal(),
-                };
+                let mask = p.mask.spec();
                 let part = pair(
                     &pair_shape,
                     &gather(q, b, s, qrow, std::slice::from_ref(&p.q)),

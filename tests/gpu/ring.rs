@@ -2,7 +2,9 @@
 //! rank's steps of a `RingPlan` with the shard transfers as device copies) against attention in
 //! f64 over the whole sequence, under the correctness rule with `reference::ring_attention_lowp`
 //! (the same pairs and merges in low precision) as the naive budget: contiguous and zigzag shards,
-//! 1 to 4 ranks, lengths the ranks do not divide, causal or not, GQA, both dtypes.
+//! 1 to 4 ranks, lengths the ranks do not divide, no mask, causal, sliding windows (causal with a
+//! left window, two-sided, one side unbounded: pairs cut to the rows that see a key, merged into
+//! a range of their chunk's rows), GQA, both dtypes.
 
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
@@ -16,11 +18,11 @@ use crate::common::*;
 
 fn run_t<T: Element>(
     g: &Gpu,
-    (seqlen, ranks, sharding, causal): (usize, usize, Sharding, bool),
+    (seqlen, ranks, sharding, mask): (usize, usize, Sharding, MaskSpec),
     (batch, hq, hk, d): (usize, usize, usize, usize),
     seed: u64,
 ) {
-    let plan = RingPlan::new(seqlen, ranks, sharding, causal).unwrap();
+    let plan = RingPlan::with_mask(seqlen, ranks, sharding, mask).unwrap();
     let mut rng = Rng(seed);
     let gen = |n: usize, rng: &mut Rng| -> Vec<T> {
         (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect()
@@ -44,11 +46,6 @@ fn run_t<T: Element>(
     };
     let scale = 1.0 / (d as f32).sqrt();
     let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
-    let mask = if causal {
-        MaskSpec::causal()
-    } else {
-        MaskSpec::none()
-    };
     let ref64 =
         attention_f64(&shape, &wide(&q), &wide(&k), &wide(&v), &mask, scale as f64).unwrap();
     let naive = ring_attention_lowp(&shape, (&q, &k, &v), &plan, scale).unwrap();
@@ -96,7 +93,7 @@ fn run_t<T: Element>(
     let cmp = compare(&out, Some(&lse), &ref64, &naive);
     assert!(
         cmp.passes,
-        "{seqlen} tokens over {ranks} ranks, {sharding:?}, causal {causal}, heads {hq}:{hk}, d {d}\n  {cmp}"
+        "{seqlen} tokens over {ranks} ranks, {sharding:?}, {mask:?}, heads {hq}:{hk}, d {d}\n  {cmp}"
     );
 }
 
@@ -106,10 +103,43 @@ fn ring_on_one_gpu_matches_whole_attention() {
     let mut seed = 3;
     for (seqlen, ranks) in [(300, 1), (300, 2), (517, 3), (1000, 4)] {
         for sharding in [Sharding::Contiguous, Sharding::Zigzag] {
-            for causal in [true, false] {
+            for mask in [MaskSpec::causal(), MaskSpec::none()] {
                 for (dtype, d) in [(DType::Bf16, 64), (DType::F16, 128)] {
                     seed += 1;
-                    let plan = (seqlen, ranks, sharding, causal);
+                    let plan = (seqlen, ranks, sharding, mask);
+                    let heads = (2, 4, 2, d);
+                    match dtype {
+                        DType::Bf16 => run_t::<bf16>(g, plan, heads, seed),
+                        DType::F16 => run_t::<f16>(g, plan, heads, seed),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sliding windows: most pairs cut to part of a chunk (the queries that see a key of the other
+/// chunk, the keys they see), merged into that range of the chunk's rows; windows narrower than
+/// a chunk, about a chunk, wider than the sequence, one side unbounded.
+#[test]
+fn ring_on_one_gpu_with_windows() {
+    let g = gpu_or_skip!();
+    let mut seed = 100;
+    let masks = [
+        MaskSpec::causal_window(0),
+        MaskSpec::causal_window(37),
+        MaskSpec::causal_window(130),
+        MaskSpec::causal_window(5000),
+        MaskSpec::sliding_window(Some(64), Some(17)),
+        MaskSpec::sliding_window(Some(200), None),
+        MaskSpec::sliding_window(None, Some(90)),
+    ];
+    for (seqlen, ranks) in [(300, 2), (517, 3), (1000, 4)] {
+        for sharding in [Sharding::Contiguous, Sharding::Zigzag] {
+            for mask in masks {
+                for (dtype, d) in [(DType::Bf16, 64), (DType::F16, 128)] {
+                    seed += 1;
+                    let plan = (seqlen, ranks, sharding, mask);
                     let heads = (2, 4, 2, d);
                     match dtype {
                         DType::Bf16 => run_t::<bf16>(g, plan, heads, seed),
