@@ -290,12 +290,7 @@ fn references<T: Element>(c: &DecodeCase, data: &CaseData<T>) -> (RefOutput, Ref
 fn run_t<T: Element>(g: &Gpu, attn: &Attention, c: &DecodeCase, ov: &Overrides) -> DecodeRun {
     let data = case_data::<T>(c);
     let (ref64, lowp) = references(c, &data);
-    let opts = DecodeOptions {
-        mask: c.mask,
-        softmax_scale: None,
-        max_seqlen_k: None,
-        num_splits: c.num_splits,
-    };
+    let opts = c.options();
     let (out, lse, flag) = run_on_gpu(g, c, &data, ov, |q, cache, out, f| {
         attn.decode(&g.stream, q, cache, out, Some(f), &opts)
     });
@@ -318,6 +313,17 @@ fn run(g: &Gpu, attn: &Attention, c: &DecodeCase, ov: &Overrides) -> DecodeRun {
     match c.dtype {
         DType::F16 => run_t::<f16>(g, attn, c, ov),
         DType::Bf16 => run_t::<bf16>(g, attn, c, ov),
+    }
+}
+
+impl DecodeCase {
+    /// The decoding options of the case: its mask and split count, the default scale.
+    pub(crate) fn options(&self) -> DecodeOptions {
+        DecodeOptions {
+            mask: self.mask,
+            num_splits: self.num_splits,
+            ..DecodeOptions::default()
+        }
     }
 }
 
@@ -517,11 +523,7 @@ fn rows_and_pages_past_the_length_are_never_used() {
             let data = case_data::<bf16>(&c);
             let (poisoned, table) = poison_past_lengths(&c, &data);
             let (ref64, lowp) = references(&c, &data);
-            let opts = DecodeOptions {
-                mask: c.mask,
-                num_splits,
-                ..DecodeOptions::default()
-            };
+            let opts = c.options();
             let ov = Overrides {
                 block_table: Some(&table),
                 ..Overrides::default()

@@ -4,8 +4,9 @@
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use longflash::{DType, DecodeOptions, Error, Layout, MaskSpec, Output, RawDecode, SplitCounters};
+use longflash::{DType, Error, Layout, MaskSpec, Output, RawDecode, SplitCounters};
 
+use crate::common::Gpu;
 use crate::decode::{
     case, case_data, check, dev_ptr, run_on_gpu, CaseData, DecodeCase, DecodeRun, Overrides,
 };
@@ -21,6 +22,24 @@ fn same_bits(out: &[f64], lse: Option<&[f32]>, safe: &DecodeRun, what: &str) {
             "{what}: LSEs differ from decode's"
         );
     }
+}
+
+/// One `decode_kept` call of case `c` with `counters`: no error flag, and `decode`'s bits.
+fn kept_matches_decode(
+    g: &Gpu,
+    c: &DecodeCase,
+    data: &CaseData<bf16>,
+    counters: &mut SplitCounters,
+    safe: &DecodeRun,
+    what: &str,
+) {
+    let opts = c.options();
+    let (out, lse, flag) = run_on_gpu(g, c, data, &Overrides::default(), |q, cache, out, f| {
+        g.attn
+            .decode_kept(&g.stream, q, cache, out, Some(f), &opts, counters)
+    });
+    assert_eq!(flag, 0, "{what}: valid cache reported");
+    same_bits(&out, Some(&lse), safe, what);
 }
 
 /// A long cache split many ways, and the split plan's own choice, agree with the reference; the
@@ -89,11 +108,7 @@ fn splits_and_raw_workspace() {
         max_pages_per_seq: shape.max_pages_per_seq,
         cache_seqlens: dev_ptr(g, &dl),
         error_flag: 0,
-        options: DecodeOptions {
-            mask: c.mask,
-            num_splits: c.num_splits,
-            ..DecodeOptions::default()
-        },
+        options: c.options(),
         workspace: 0,
         workspace_bytes: 0,
         split_counters: 0,
@@ -172,11 +187,6 @@ fn decode_kept_counters() {
     };
     let safe = check(g, &c);
     let data = case_data::<bf16>(&c);
-    let opts = DecodeOptions {
-        mask: c.mask,
-        num_splits: c.num_splits,
-        ..DecodeOptions::default()
-    };
     let mut counters =
         SplitCounters::for_shape(&g.stream, 3, c.seqlen_q, c.heads_q, c.heads_kv).unwrap();
     assert_eq!(
@@ -185,38 +195,37 @@ fn decode_kept_counters() {
         "one per (sequence, KV head): 4 rows fit one block"
     );
     assert_eq!(counters.workspace_bytes(), 0, "no workspace before a call");
+    // Too few counters: refused before launch (the launch that follows fills the outputs).
     let mut short = SplitCounters::new(&g.stream, 5).unwrap();
+    let opts = c.options();
+    run_on_gpu(g, &c, &data, &Overrides::default(), |q, cache, out, f| {
+        match g.attn.decode_kept(
+            &g.stream,
+            q,
+            cache,
+            Output {
+                data: &mut *out.data,
+                layout: out.layout,
+                lse: None,
+            },
+            None,
+            &opts,
+            &mut short,
+        ) {
+            Err(Error::OutOfBounds {
+                arg: "counters", ..
+            }) => {}
+            r => panic!("five counters for six groups: {r:?}"),
+        }
+        g.attn.decode(&g.stream, q, cache, out, Some(f), &opts)
+    });
     let mut kept_bytes = 0;
     for call in 0..3 {
-        let (out, lse, flag) =
-            run_on_gpu(g, &c, &data, &Overrides::default(), |q, cache, out, f| {
-                if call == 0 {
-                    match g.attn.decode_kept(
-                        &g.stream,
-                        q,
-                        cache,
-                        Output {
-                            data: &mut *out.data,
-                            layout: out.layout,
-                            lse: None,
-                        },
-                        None,
-                        &opts,
-                        &mut short,
-                    ) {
-                        Err(Error::OutOfBounds {
-                            arg: "counters", ..
-                        }) => {}
-                        r => panic!("five counters for six groups: {r:?}"),
-                    }
-                }
-                g.attn
-                    .decode_kept(&g.stream, q, cache, out, Some(f), &opts, &mut counters)
-            });
-        assert_eq!(flag, 0);
-        same_bits(
-            &out,
-            Some(&lse),
+        kept_matches_decode(
+            g,
+            &c,
+            &data,
+            &mut counters,
             &safe,
             &format!("decode_kept, call {call}"),
         );
@@ -261,23 +270,8 @@ fn decode_kept_workspace_grows() {
         };
         let safe = check(g, &c);
         let data = case_data::<bf16>(&c);
-        let opts = DecodeOptions {
-            mask: c.mask,
-            num_splits: c.num_splits,
-            ..DecodeOptions::default()
-        };
-        let (out, lse, flag) =
-            run_on_gpu(g, &c, &data, &Overrides::default(), |q, cache, out, f| {
-                g.attn
-                    .decode_kept(&g.stream, q, cache, out, Some(f), &opts, &mut counters)
-            });
-        assert_eq!(flag, 0);
-        same_bits(
-            &out,
-            Some(&lse),
-            &safe,
-            &format!("decode_kept, {splits} splits"),
-        );
+        let what = format!("decode_kept, {splits} splits");
+        kept_matches_decode(g, &c, &data, &mut counters, &safe, &what);
         sizes.push(counters.workspace_bytes());
     }
     assert!(sizes[0] > 0 && sizes[1] > sizes[0], "grown: {sizes:?}");
