@@ -32,6 +32,17 @@ pub struct RawMerge {
     pub part_layout: Layout,
 }
 
+/// The f32 an LSE of `l`'s `[batch, heads, seqlen]` rows reaches with its (batch, head) rows
+/// `stride` apart: the last row ends `seqlen` past its start (0 for an empty tensor, which
+/// validation refuses).
+fn lse_reach(l: &Layout, stride: usize) -> u128 {
+    let bh = l.batch as u128 * l.heads as u128;
+    match bh {
+        0 => 0,
+        _ => (bh - 1) * stride as u128 + l.seqlen as u128,
+    }
+}
+
 impl RawMerge {
     /// Checks shapes, head dim (a multiple of 8 up to 256, or of 4 up to 128: LongLLaMA-3B's
     /// 100), alignment (rows of whole 16-byte chunks, or 8-byte ones at a head dim of an odd
@@ -109,11 +120,7 @@ impl RawMerge {
             return Err(Error::OverlappingOutput { arg: "acc" });
         }
         let acc_range = byte_range(self.acc_o, a, 2);
-        // What each LSE spans: its last (batch, head) row ends `seqlen` past that row's start.
-        let span = |stride: usize| -> i128 {
-            let bh = a.batch as i128 * a.heads as i128;
-            ((bh - 1) * stride as i128 + a.seqlen as i128) * 4
-        };
+        let span = |stride: usize| lse_reach(a, stride) as i128 * 4;
         let acc_lse = (
             self.acc_lse as i128,
             self.acc_lse as i128 + span(acc_lse_stride),
@@ -202,16 +209,7 @@ impl Attention {
                 expected: "the accumulated result's log-sum-exp".into(),
             });
         };
-        // What a strided LSE reaches: its last (batch, head) row ends `seqlen` past that row's
-        // start (0 for an empty tensor, which validation refuses).
-        let lse_len = |stride: usize| -> u128 {
-            let bh = (acc.layout.batch as u128) * (acc.layout.heads as u128);
-            if bh == 0 {
-                0
-            } else {
-                (bh - 1) * stride as u128 + acc.layout.seqlen as u128
-            }
-        };
+        let lse_len = |stride: usize| lse_reach(&acc.layout, stride.max(acc.layout.seqlen));
         for (arg, ctx, required, len) in [
             (
                 "acc",
@@ -228,13 +226,13 @@ impl Attention {
             (
                 "acc_lse",
                 acc_lse.stream().context().cu_ctx(),
-                lse_len(acc_lse_stride.max(acc.layout.seqlen)),
+                lse_len(acc_lse_stride),
                 acc_lse.len(),
             ),
             (
                 "part_lse",
                 part_lse.stream().context().cu_ctx(),
-                lse_len(part_lse_stride.max(acc.layout.seqlen)),
+                lse_len(part_lse_stride),
                 part_lse.len(),
             ),
         ] {

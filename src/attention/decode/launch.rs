@@ -330,6 +330,7 @@ impl Attention {
         // of the plan's size on this stream, freed after the launches, or the caller's set's,
         // guarded for the stream like the views.
         let r = run(&args, params, &plan);
+        // Held until `run` has queued its launches.
         drop((scratch, kept_guard));
         r
     }
