@@ -45,7 +45,7 @@ fn bench_backward(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_millis(1500));
     for &d in &head_dims {
-        for causal in [false, true] {
+        for causal in causal_list() {
             for &s in &seqlens {
                 let (b, h) = (tokens / s, 2048 / d);
                 let l = Layout::bshd(b, s, h, d);

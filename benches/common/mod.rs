@@ -125,6 +125,17 @@ pub fn parse_list(var: &str, default: &[usize]) -> Vec<usize> {
         .unwrap_or_else(|| default.to_vec())
 }
 
+/// The causal settings to time: `LONGFLASH_BENCH_CAUSAL=no|yes|both` (default both, non-causal
+/// first), so a profiler can reach one shape's launches without counting the other's.
+pub fn causal_list() -> Vec<bool> {
+    match std::env::var("LONGFLASH_BENCH_CAUSAL").as_deref() {
+        Err(_) | Ok("both") => vec![false, true],
+        Ok("no") => vec![false],
+        Ok("yes") => vec![true],
+        Ok(other) => panic!("LONGFLASH_BENCH_CAUSAL={other}: expected no, yes or both"),
+    }
+}
+
 /// Times `iters` calls of `f` with CUDA events around each one, pushing each time (ms) to
 /// `samples`; returns the total for criterion's `iter_custom`. The calls are queued one after
 /// the other and the stream synchronized once at the end, as the PyTorch peers time theirs
