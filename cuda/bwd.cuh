@@ -21,6 +21,27 @@ template <> struct BwdWarpGrid<64> {
 template <> struct BwdWarpGrid<128> {
     static constexpr int kWM1 = 4, kWM2 = 4, kWM3 = 2;
 };
+// The main kernels with taller query steps (LF_BWD_TALL_BR_D<D>, where the device has the shared
+// memory): at head dim 64 the 128 x 128 tile's products split 4 x 2, each warp a 32 x 64 (S^T,
+// dP^T) or 32 x 32 (dK, dV, dQ) block; at head dim 256 the 64 x 64 tile's S^T and dP^T split
+// 4 x 2 (16 x 32 per warp), dK, dV and dQ 2 x 4 (32 x 64). (-DLF_BWD_TALL_WM1=.. etc. build other
+// grids at head dim 64, for timing them against this one.)
+#ifndef LF_BWD_TALL_WM1
+#define LF_BWD_TALL_WM1 4
+#endif
+#ifndef LF_BWD_TALL_WM2
+#define LF_BWD_TALL_WM2 4
+#endif
+#ifndef LF_BWD_TALL_WM3
+#define LF_BWD_TALL_WM3 4
+#endif
+template <int D> struct BwdTallWarpGrid;
+template <> struct BwdTallWarpGrid<64> {
+    static constexpr int kWM1 = LF_BWD_TALL_WM1, kWM2 = LF_BWD_TALL_WM2, kWM3 = LF_BWD_TALL_WM3;
+};
+template <> struct BwdTallWarpGrid<256> {
+    static constexpr int kWM1 = 4, kWM2 = 2, kWM3 = 2;
+};
 template <> struct BwdWarpGrid<256> {
     static constexpr int kWM1 = 4, kWM2 = 2, kWM3 = 2;
 };
@@ -156,6 +177,8 @@ template <class Tr> __device__ __forceinline__ void sparse_bwd_dq(const LfBwdSpa
 //   NAME_dq       deterministic dQ (grid: query tiles of LF_BWD_DQ_BR, heads_q, batch;
 //                 LF_BWD_DQ_WARPS warps)
 //   NAME_convert  dq_accum -> dq (grid as NAME_pre)
+// At head dims 64 and 256 a second main kernel, with taller query steps, has a module of its own
+// (LF_DEFINE_BWD_TALL_KERNEL below).
 #define LF_DEFINE_BWD_KERNELS(NAME, T, D)                                                         \
     using NAME##_traits =                                                                         \
         lf::BwdTraits<T, D, LF_BWD_BC_D##D, LF_BWD_BR_D##D, LF_BWD_WARPS,                         \
@@ -183,6 +206,23 @@ template <class Tr> __device__ __forceinline__ void sparse_bwd_dq(const LfBwdSpa
     extern "C" __global__ void __launch_bounds__(LF_BWD_AUX_THREADS)                              \
         NAME##_convert(const __grid_constant__ LfBwdParams p) {                                   \
         lf::bwd_convert<T>(p);                                                                    \
+    }
+
+// Defines NAME, the main kernel at head dim D (64 or 256) with query steps of LF_BWD_TALL_BR_D<D>
+// rows (grid and parameters as the main kernel of LF_DEFINE_BWD_KERNELS), for devices with the
+// shared memory.
+#define LF_DEFINE_BWD_TALL_KERNEL(NAME, T, D)                                                     \
+    using NAME##_traits =                                                                         \
+        lf::BwdTraits<T, D, LF_BWD_BC_D##D, LF_BWD_TALL_BR_D##D, LF_BWD_WARPS,                    \
+                      lf::BwdTallWarpGrid<D>::kWM1, lf::BwdTallWarpGrid<D>::kWM2,                 \
+                      lf::BwdTallWarpGrid<D>::kWM3>;                                              \
+    static_assert(LF_BWD_ROW_PAD % LF_BWD_TALL_BR_D##D == 0 &&                                    \
+                      NAME##_traits::kSmemBytes ==                                                \
+                          LF_BWD_SMEM_BYTES(D, LF_BWD_TALL_BR_D##D, LF_BWD_BC_D##D),              \
+                  "workspace rows and shared memory as the host sizes them (tile_plan.h)");       \
+    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads, 1)                      \
+        NAME(const __grid_constant__ LfBwdParams p) {                                             \
+        lf::window_bwd<NAME##_traits>(p);                                                         \
     }
 
 // Defines the block-sparse backward's kernels of element type T at head dim D; the pre-pass and

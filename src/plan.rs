@@ -78,6 +78,23 @@ pub fn backward_tile_shape(head_dim: usize) -> Option<TileShape> {
     })
 }
 
+/// The tile shape of the dense backward's second main kernel at head dims 64 and 256 (its module
+/// `bwd_<dtype>_d<D>_tall`), for devices whose blocks may have its shared memory (sm_80 and sm_90
+/// at 64, sm_90 at 256): taller query steps (`br` 128 and 64 rows) over the same `bc` keys, so
+/// that each warp reuses the operands it loads from shared memory for more products; `None` at
+/// other head dims.
+pub fn backward_tall_tile_shape(head_dim: usize) -> Option<TileShape> {
+    let (br, bc) = match head_dim {
+        64 => (sys::LF_BWD_TALL_BR_D64, sys::LF_BWD_BC_D64),
+        256 => (sys::LF_BWD_TALL_BR_D256, sys::LF_BWD_BC_D256),
+        _ => return None,
+    };
+    Some(TileShape {
+        br: br as usize,
+        bc: bc as usize,
+    })
+}
+
 /// The tile shape of the deterministic backward's dQ pass for a head dimension (64, 128 or 256):
 /// `br` query rows per CTA, `bc` keys per step of its loop over the forward's plan.
 pub fn backward_dq_tile_shape(head_dim: usize) -> Option<TileShape> {

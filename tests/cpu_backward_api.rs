@@ -54,7 +54,7 @@ fn ok_args() -> RawBackward {
 
 #[test]
 fn workspace_sizes() {
-    // rows = batch * heads * (seqlen rounded up to 64): D and the LSE in f32, and the f32 dQ
+    // rows = batch * heads * (seqlen rounded up to 128): D and the LSE in f32, and the f32 dQ
     // accumulator unless deterministic.
     let l = Layout::bshd(2, 100, 4, 64);
     let rows = 2 * 4 * 128;
@@ -63,14 +63,14 @@ fn workspace_sizes() {
         backward_workspace_bytes(&l, false).unwrap(),
         8 * rows + 4 * rows * 64
     );
-    let l = Layout::bshd(1, 64, 1, 256);
-    assert_eq!(backward_workspace_bytes(&l, true).unwrap(), 8 * 64);
+    let l = Layout::bshd(1, 128, 1, 256);
+    assert_eq!(backward_workspace_bytes(&l, true).unwrap(), 8 * 128);
     assert_eq!(
         backward_workspace_bytes(&l, false).unwrap(),
-        8 * 64 + 4 * 64 * 256
+        8 * 128 + 4 * 128 * 256
     );
-    let l = Layout::bshd(1, 65, 1, 128);
-    assert_eq!(backward_workspace_bytes(&l, true).unwrap(), 8 * 128);
+    let l = Layout::bshd(1, 129, 1, 128);
+    assert_eq!(backward_workspace_bytes(&l, true).unwrap(), 8 * 256);
     // Zero dims and overflow are errors, not panics.
     let e = backward_workspace_bytes(&Layout::bshd(0, 10, 1, 64), false).unwrap_err();
     assert!(matches!(e, Error::ZeroSized { arg: "q", .. }), "{e}");

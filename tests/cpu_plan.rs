@@ -5,8 +5,8 @@
 use longflash::error::Error;
 use longflash::mask::MaskSpec;
 use longflash::plan::{
-    backward_dq_tile_shape, backward_tile_shape, forward_tile_shape, Plan, PlannedTile, TileKind,
-    TileShape,
+    backward_dq_tile_shape, backward_tall_tile_shape, backward_tile_shape, forward_tile_shape,
+    Plan, PlannedTile, TileKind, TileShape,
 };
 use longflash::sys;
 use proptest::prelude::*;
@@ -540,6 +540,19 @@ fn backward_tile_shapes_come_from_the_header() {
     for d in [0, 32, 96, 100, 512] {
         assert_eq!(backward_tile_shape(d), None, "head_dim {d}");
         assert_eq!(backward_dq_tile_shape(d), None, "head_dim {d}");
+    }
+    // The taller kernels at head dims 64 and 256: the same keys, whole workspace tiles too.
+    for (d, br, bc) in [
+        (64, sys::LF_BWD_TALL_BR_D64, sys::LF_BWD_BC_D64),
+        (256, sys::LF_BWD_TALL_BR_D256, sys::LF_BWD_BC_D256),
+    ] {
+        let tall = backward_tall_tile_shape(d).expect("a tall tile shape");
+        assert_eq!((tall.br, tall.bc), (br as usize, bc as usize));
+        assert!(tall.br > backward_tile_shape(d).unwrap().br);
+        assert_eq!(sys::LF_BWD_ROW_PAD as usize % tall.br, 0);
+    }
+    for d in [32, 100, 128] {
+        assert_eq!(backward_tall_tile_shape(d), None, "head_dim {d}");
     }
 }
 

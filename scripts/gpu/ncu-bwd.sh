@@ -24,7 +24,7 @@ report() { # $1 = name
 }
 if [ "$which" != peer ]; then
   LONGFLASH_BENCH_CAUSAL=$causal LONGFLASH_BENCH_HEAD_DIMS=$d LONGFLASH_BENCH_SEQLENS=$s LONGFLASH_BENCH_BURST=2,3,0 \
-    timeout 300 ncu --set full --kernel-name "regex:^lf_bwd_bf16_d$d\$" --launch-skip 1 \
+    timeout 300 ncu --set full --kernel-name "regex:^lf_bwd_bf16_d${d}(_tall)?\$" --launch-skip 1 \
     --launch-count 1 -f -o "$rep/ncu-bwd-ours-$tag" .gpu/bench/backward --bench \
     >"$out/ncu-bwd-ours-$tag.log" 2>&1
   report "ncu-bwd-ours-$tag"

@@ -31,7 +31,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::mask::MaskSpec;
-use crate::plan::{backward_dq_tile_shape, backward_tile_shape};
+use crate::plan::{backward_dq_tile_shape, backward_tall_tile_shape, backward_tile_shape};
 use crate::sys::{
     LfBlockSparse, LfBwdParams, LfBwdSparseParams, LF_BWD_AUX_THREADS, LF_BWD_DQ_BR,
     LF_BWD_DQ_WARPS, LF_BWD_ROW_PAD, LF_BWD_SPARSE_BC, LF_BWD_WARPS,
@@ -95,7 +95,7 @@ impl From<ForwardOptions> for BackwardOptions {
 }
 
 /// Query rows of the workspace per (batch entry, query head): `seqlen_q` rounded up to
-/// `LF_BWD_ROW_PAD` (64), so that every query tile of the kernels reads whole rows.
+/// `LF_BWD_ROW_PAD` (128), so that every query tile of the kernels reads whole rows.
 fn padded_rows(seqlen_q: usize) -> usize {
     seqlen_q.div_ceil(LF_BWD_ROW_PAD as usize) * LF_BWD_ROW_PAD as usize
 }
@@ -468,12 +468,21 @@ pub struct Gradients<'a, 'b, T> {
     pub dv: Gradient<'a, 'b, T>,
 }
 
-/// Dynamic shared memory of the main kernel at head dim `d` (tile_plan.h's LF_BWD_SMEM_BYTES),
-/// with key tiles of `bc` keys when given (the block-sparse kernel's), else the dense kernel's.
-fn main_smem(d: usize, bc: Option<usize>) -> Option<u32> {
-    let t = backward_tile_shape(d)?;
-    let bc = bc.unwrap_or(t.bc);
-    Some((((2 * bc + 4 * t.br) * d + 2 * bc * t.br) * 2 + 16 * t.br) as u32)
+/// Dynamic shared memory of a main kernel of tile shape `t` at head dim `d` (tile_plan.h's
+/// LF_BWD_SMEM_BYTES).
+fn main_smem(d: usize, t: crate::plan::TileShape) -> u32 {
+    (((2 * t.bc + 4 * t.br) * d + 2 * t.bc * t.br) * 2 + 16 * t.br) as u32
+}
+
+/// The main kernel a backward call runs.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct MainKernel {
+    /// Its tiles.
+    pub shape: crate::plan::TileShape,
+    /// Its dynamic shared memory in bytes.
+    pub smem: u32,
+    /// The dense kernel with taller query steps (module `bwd_<dtype>_d<D>_tall`).
+    pub tall: bool,
 }
 
 /// Dynamic shared memory of the deterministic dQ pass at head dim `d` (LF_BWD_DQ_SMEM_BYTES).
@@ -617,20 +626,36 @@ impl Attention {
         &self,
         args: &RawBackward,
         sparse: bool,
-    ) -> Result<(crate::plan::TileShape, u32, u32)> {
+    ) -> Result<(MainKernel, u32)> {
         let d = args.q_layout.head_dim;
         let unsupported = Error::UnsupportedHeadDim {
             arg: "q.head_dim",
             value: d,
             supported: SUPPORTED_HEAD_DIMS,
         };
-        let (Some(shape), Some(smem), Some(smem_dq)) = (
-            backward_tile_shape(d),
-            main_smem(d, sparse.then_some(LF_BWD_SPARSE_BC as usize)),
-            dq_smem(d),
-        ) else {
+        let (Some(mut shape), Some(smem_dq)) = (backward_tile_shape(d), dq_smem(d)) else {
             return Err(unsupported);
         };
+        if sparse {
+            shape.bc = LF_BWD_SPARSE_BC as usize;
+        }
+        let mut main = MainKernel {
+            shape,
+            smem: main_smem(d, shape),
+            tall: false,
+        };
+        // The taller query steps where the device gives a block their shared memory.
+        if let Some(tall) = backward_tall_tile_shape(d).filter(|_| !sparse) {
+            let smem = main_smem(d, tall);
+            if smem <= self.max_smem_optin {
+                main = MainKernel {
+                    shape: tall,
+                    smem,
+                    tall: true,
+                };
+            }
+        }
+        let smem = main.smem;
         let needed = if args.options.deterministic {
             smem.max(smem_dq)
         } else {
@@ -647,7 +672,7 @@ impl Attention {
                 ),
             });
         }
-        Ok((shape, smem, smem_dq))
+        Ok((main, smem_dq))
     }
 
     /// Launches the backward's kernels for validated `params` (of `args`): the dense plan's, or
@@ -665,7 +690,8 @@ impl Attention {
         sparse: Option<(LfBlockSparse, LfBlockSparse)>,
     ) -> Result<()> {
         let d = args.q_layout.head_dim;
-        let (shape, smem, smem_dq) = self.backward_fits(args, sparse.is_some())?;
+        let (main_kernel, smem_dq) = self.backward_fits(args, sparse.is_some())?;
+        let (shape, smem) = (main_kernel.shape, main_kernel.smem);
         let deterministic = args.options.deterministic;
         let module = format!("bwd_{}_d{d}", args.dtype.name());
         let (q, k) = (&args.q_layout, &args.k_layout);
@@ -702,6 +728,7 @@ impl Attention {
         // The block-sparse kernels take the dense parameters and the mask in both orders.
         let main_module = match sparse {
             Some(_) => format!("bwd_sparse_{}_d{d}", args.dtype.name()),
+            None if main_kernel.tall => format!("{module}_tall"),
             None => module.clone(),
         };
         let mut sparse_params = sparse.map(|(rows, cols)| LfBwdSparseParams {
@@ -738,10 +765,15 @@ impl Attention {
         )?;
 
         if deterministic {
+            // The dQ pass lives beside the 64-row main kernel, dense or sparse.
+            let dq_module = match sparse {
+                Some(_) => &main_module,
+                None => &module,
+            };
             // SAFETY: as above.
             let dq = unsafe {
                 self.cache
-                    .kernel(&main_module, &format!("lf_{main_module}_dq"), smem_dq)
+                    .kernel(dq_module, &format!("lf_{dq_module}_dq"), smem_dq)
             }?;
             let dq_cfg = LaunchConfig {
                 grid_dim: (

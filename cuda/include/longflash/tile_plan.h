@@ -144,6 +144,13 @@ LF_HD int lf_tile_is_full(LfMask m, int32_t qt, int32_t t, int32_t br, int32_t b
  * 2 bc d / (32 warps) f32 registers per thread (64, 128 and 128). At head dim 128, 128-key tiles
  * instead of 64 halve the dQ atomics and the Q / dO reloads per key: 1.30x to 1.38x faster on an
  * H200 (2026-12-05).
+ * At head dims 64 and 256, on devices whose blocks may have LF_BWD_SMEM_BYTES(d,
+ * LF_BWD_TALL_BR_D<D>, LF_BWD_BC_D<D>) bytes (162 KiB at 64: sm_80 and sm_90; 209 KiB at 256:
+ * sm_90), the dense main kernel takes query steps of LF_BWD_TALL_BR_D<D> rows instead (module
+ * bwd_<dtype>_d<D>_tall): each warp then reuses the operands it loads from shared memory for
+ * more products (2.2 mma.sync per ldmatrix against 1.7 at head dim 64, 1.9 against 1.5 at 256),
+ * where the shorter steps are bound by shared-memory reads; devices with less (sm_86 and sm_89:
+ * 99 KiB) keep the shorter steps.
  * The deterministic mode's dQ pass runs one CTA of LF_BWD_DQ_WARPS warps per (query tile of
  * LF_BWD_DQ_BR rows, query head, batch entry) over the forward's plan with key tiles of
  * LF_BWD_DQ_BC_D<D> keys (double-buffered K and V): 48, 96 and 128 KiB of shared memory.
@@ -152,16 +159,18 @@ LF_HD int lf_tile_is_full(LfMask m, int32_t qt, int32_t t, int32_t br, int32_t b
 #define LF_BWD_WARPS 8
 #define LF_BWD_BC_D64 128
 #define LF_BWD_BR_D64 64
+#define LF_BWD_TALL_BR_D64 128
 #define LF_BWD_BC_D128 128
 #define LF_BWD_BR_D128 64
 #define LF_BWD_BC_D256 64
 #define LF_BWD_BR_D256 32
+#define LF_BWD_TALL_BR_D256 64
 #define LF_BWD_DQ_WARPS 4
 #define LF_BWD_DQ_BR 64
 #define LF_BWD_DQ_BC_D64 64
 #define LF_BWD_DQ_BC_D128 64
 #define LF_BWD_DQ_BC_D256 32
-#define LF_BWD_ROW_PAD 64
+#define LF_BWD_ROW_PAD 128
 /* The block-sparse backward's main kernel runs one CTA per key block (LF_SPARSE_K_BLOCK keys)
  * at every head dim, over query tiles of LF_BWD_BR_D<D> rows of the query blocks that list it: at
  * head dims 64 and 128 a tile of 64 keys instead of the dense kernel's 128 (65 and 113 KiB of
