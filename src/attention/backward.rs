@@ -474,6 +474,16 @@ fn main_smem(d: usize, t: crate::plan::TileShape) -> u32 {
     (((2 * t.bc + 4 * t.br) * d + 2 * t.bc * t.br) * 2 + 16 * t.br) as u32
 }
 
+/// Whether dense backward calls may take the kernels with taller query steps
+/// (`backward_tall_tile_shape`): with `LONGFLASH_BWD_TALL=1` in the environment, read once. They are
+/// off by default until they have passed the GPU suite and its sanitizers on a Hopper device and
+/// their benchmark has measured them against the shorter steps; the switch lets one build time
+/// both in one run.
+fn tall_kernels_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LONGFLASH_BWD_TALL").is_ok_and(|v| v == "1"))
+}
+
 /// The main kernel a backward call runs.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct MainKernel {
@@ -644,8 +654,9 @@ impl Attention {
             smem: main_smem(d, shape),
             tall: false,
         };
-        // The taller query steps where the device gives a block their shared memory.
-        if let Some(tall) = backward_tall_tile_shape(d).filter(|_| !sparse) {
+        // The taller query steps where the device gives a block their shared memory, when
+        // switched on (see `tall_kernels_on`).
+        if let Some(tall) = backward_tall_tile_shape(d).filter(|_| !sparse && tall_kernels_on()) {
             let smem = main_smem(d, tall);
             if smem <= self.max_smem_optin {
                 main = MainKernel {

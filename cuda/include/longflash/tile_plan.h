@@ -148,9 +148,10 @@ LF_HD int lf_tile_is_full(LfMask m, int32_t qt, int32_t t, int32_t br, int32_t b
  * LF_BWD_TALL_BR_D<D>, LF_BWD_BC_D<D>) bytes (162 KiB at 64: sm_80 and sm_90; 209 KiB at 256:
  * sm_90), the dense main kernel takes query steps of LF_BWD_TALL_BR_D<D> rows instead (module
  * bwd_<dtype>_d<D>_tall): each warp then reuses the operands it loads from shared memory for
- * more products (2.2 mma.sync per ldmatrix against 1.7 at head dim 64, 1.9 against 1.5 at 256),
- * where the shorter steps are bound by shared-memory reads; devices with less (sm_86 and sm_89:
- * 99 KiB) keep the shorter steps.
+ * more products (2.2 mma.sync per ldmatrix against 1.7 at head dim 64, 1.9 against 1.5 at 256:
+ * counted in the SASS), where the shorter steps look bound by shared-memory reads; devices with less (sm_86 and sm_89:
+ * 99 KiB) keep the shorter steps. (The host takes them only with LONGFLASH_BWD_TALL=1 until they
+ * have run on a GPU: src/attention/backward.rs.)
  * The deterministic mode's dQ pass runs one CTA of LF_BWD_DQ_WARPS warps per (query tile of
  * LF_BWD_DQ_BR rows, query head, batch entry) over the forward's plan with key tiles of
  * LF_BWD_DQ_BC_D<D> keys (double-buffered K and V): 48, 96 and 128 KiB of shared memory.
