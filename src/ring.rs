@@ -28,12 +28,18 @@
 //! same chunk is causal and a later one invisible; under a window of `w` tokens only the chunks
 //! within `w` of each other meet.
 //!
+//! Under rotary positions ([`RingPlan::rope_pairs`]) each pair is cut once more by the position
+//! mode's window into the elements inside it and those outside ([`RopeBranch`]): each part is an
+//! exact attention over queries and keys rotated to their global positions as that branch
+//! rotates them, so ReRoPE and Leaky ReRoPE run on the same kernels.
+//!
 //! [`Attention::merge`]: crate::Attention::merge
 
 use std::ops::Range;
 
 use crate::error::{Error, Result};
 use crate::mask::MaskSpec;
+use crate::rope::PositionMode;
 
 /// How the sequence is cut over the ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -75,6 +81,18 @@ impl PairMask {
     }
 }
 
+/// Which scores of a pair under rotary positions ([`RingPlan::rope_pairs`]): the queries and keys
+/// rotated as plain RoPE rotates them, to their global positions, or as the position mode's
+/// outside branch does (ReRoPE: queries to the window, keys not rotated; Leaky ReRoPE: both
+/// scaled down by the leak), for the (query, key) elements at least the window apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RopeBranch {
+    /// Elements `i - j < w` (every element under plain RoPE).
+    Inside,
+    /// Elements `i - j >= w`.
+    Outside,
+}
+
 /// One visible pair of a step: a range of one query chunk and a range of one key chunk (global
 /// token ranges: the queries that see some key of the chunk, and the keys they see), the same
 /// ranges as rows of the shards that hold them (the query rank's and the key owner's), the query
@@ -96,14 +114,18 @@ pub struct PairWork {
 }
 
 /// The pair of query chunk `q` and key chunk `k` under the band `j - i` in `[-left, right]`
-/// (`None`: unbounded): the cut ranges and their mask, or `None` when no query of `q` sees a key
-/// of `k`.
+/// (`None`: unbounded; a bound may be negative, e.g. `right = -w` for the keys at least `w` before
+/// each query): the cut ranges and their mask, or `None` when no query of `q` sees a key of `k`.
 fn cut_pair(
     q: &Range<usize>,
     k: &Range<usize>,
-    (left, right): (Option<u64>, Option<u64>),
+    (l, r): (Option<i128>, Option<i128>),
 ) -> Option<(Range<usize>, Range<usize>, PairMask)> {
-    let (l, r) = (left.map(i128::from), right.map(i128::from));
+    if let (Some(l), Some(r)) = (l, r) {
+        if l + r < 0 {
+            return None; // an empty band
+        }
+    }
     let (qs, qe, ks, ke) = (
         q.start as i128,
         q.end as i128,
@@ -296,6 +318,78 @@ impl RingPlan {
     /// chunks in shard order within each; empty when the step has nothing visible.
     pub fn pairs(&self, rank: usize, step: usize) -> Vec<PairWork> {
         let owner = self.kv_owner(rank, step);
+        let (l, r) = self.mask.window();
+        let band = (l.map(i128::from), r.map(i128::from));
+        self.cut_pairs(rank, owner, band)
+    }
+
+    /// The visible pairs rank `rank` computes at step `step` under the rotary position mode `mode`
+    /// ([`PositionMode`]): each pair of [`pairs`](Self::pairs) cut by the mode's window `w` into
+    /// the part whose elements are less than `w` apart (`i - j < w`, [`RopeBranch::Inside`]) and
+    /// the part at least `w` apart ([`RopeBranch::Outside`]), each with the mask of its cut
+    /// ranges; an empty part is left out. Under plain RoPE every pair is inside. A rank rotates
+    /// its queries and the keys it holds to their global positions, per branch, and runs each
+    /// part as an exact attention over the rotated rows; merged by log-sum-exp, the parts give
+    /// the position mode's attention over the whole sequence (`reference::ring_rope_attention_f64`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidMask`] when the plan's mask is not causal (rotary attention is causal,
+    /// optionally with a left window); [`Error::InvalidArgument`] for a window of 0.
+    pub fn rope_pairs(
+        &self,
+        rank: usize,
+        step: usize,
+        mode: &PositionMode,
+    ) -> Result<Vec<(PairWork, RopeBranch)>> {
+        if !self.mask.causal {
+            return Err(Error::InvalidMask {
+                arg: "mask",
+                value: format!("{:?}", self.mask),
+                expected: "a causal mask (rotary attention is causal, optionally windowed)",
+            });
+        }
+        let owner = self.kv_owner(rank, step);
+        let (l, _) = self.mask.window();
+        let l = l.map(i128::from);
+        if matches!(mode, PositionMode::Rope) {
+            let inside = self.cut_pairs(rank, owner, (l, Some(0)));
+            return Ok(inside
+                .into_iter()
+                .map(|p| (p, RopeBranch::Inside))
+                .collect());
+        }
+        let w = i128::from(mode.window());
+        if w == 0 {
+            return Err(Error::InvalidArgument {
+                arg: "mode.window",
+                value: "0".into(),
+                expected: "a window of at least 1 token".into(),
+            });
+        }
+        // Inside: j - i in [-(w - 1), 0] within the mask's left window; outside: j - i <= -w.
+        let in_left = Some(l.map_or(w - 1, |l| l.min(w - 1)));
+        let mut out: Vec<_> = self
+            .cut_pairs(rank, owner, (in_left, Some(0)))
+            .into_iter()
+            .map(|p| (p, RopeBranch::Inside))
+            .collect();
+        out.extend(
+            self.cut_pairs(rank, owner, (l, Some(-w)))
+                .into_iter()
+                .map(|p| (p, RopeBranch::Outside)),
+        );
+        Ok(out)
+    }
+
+    /// The pairs of rank `rank`'s query chunks and rank `owner`'s key chunks under `band` (as
+    /// `cut_pair`'s).
+    fn cut_pairs(
+        &self,
+        rank: usize,
+        owner: usize,
+        band: (Option<i128>, Option<i128>),
+    ) -> Vec<PairWork> {
         let rows = |chunks: &[Range<usize>]| -> Vec<(Range<usize>, Range<usize>)> {
             let mut at = 0;
             chunks
@@ -308,8 +402,6 @@ impl RingPlan {
                 .collect()
         };
         let (qs, ks) = (rows(&self.shard(rank)), rows(&self.shard(owner)));
-        let (l, r) = self.mask.window();
-        let band = (l.map(u64::from), r.map(u64::from));
         let mut out = Vec::new();
         for (c, (q, q_rows)) in qs.iter().enumerate() {
             for (k, k_rows) in &ks {

@@ -2,12 +2,18 @@
 //! visits every rank once, every visible (query, key) element is computed exactly once under
 //! every mask (none, causal, sliding windows, causal with a left window), zigzag shards balance
 //! causal work; and the schedule run with the f64 reference and merged by log-sum-exp
-//! (`reference::ring_attention_f64`) equals attention over the whole sequence. CPU only.
+//! (`reference::ring_attention_f64`) equals attention over the whole sequence; under rotary
+//! positions (RoPE, ReRoPE, Leaky ReRoPE) every visible element falls in the part of its branch
+//! once, and the ring of parts over rotated rows (`reference::ring_rope_attention_f64`) equals the
+//! two-matrix definition over the whole sequence. CPU only.
 
 use longflash::error::Error;
 use longflash::mask::MaskSpec;
-use longflash::reference::{attention_f64, ring_attention_f64, RefShape};
-use longflash::ring::{PairMask, RingPlan, Sharding};
+use longflash::reference::{
+    attention_f64, ring_attention_f64, ring_rope_attention_f64, rope_attention_f64, RefShape,
+};
+use longflash::ring::{PairMask, RingPlan, RopeBranch, Sharding};
+use longflash::rope::{PositionMode, RopeConfig, RopeLayout, RopeOptions, RopeScaling};
 use proptest::prelude::*;
 
 #[path = "support/rng.rs"]
@@ -356,5 +362,221 @@ fn one_rank_lowp_ring_is_the_plain_lowp_attention() {
                 "{a} against {b}"
             );
         }
+    }
+}
+
+/// The position modes the rotary plans are checked under, for a sequence of `s` tokens.
+fn modes(s: usize) -> Vec<PositionMode> {
+    let mut m = vec![PositionMode::Rope];
+    for w in [1, 2, 5, s / 3 + 1, s, s + 3] {
+        let window = w as u32;
+        m.push(PositionMode::ReRope { window });
+        m.push(PositionMode::LeakyReRope { window, leak: 4.0 });
+    }
+    m
+}
+
+/// Each visible element of a causal (optionally left-windowed) plan falls in exactly one part of
+/// `rope_pairs`, the part of its branch (`i - j < w` inside), and no part is empty.
+fn check_rope_plan(seqlen: usize, ranks: usize, sharding: Sharding, window_left: Option<u32>) {
+    let mask = window_left.map_or(MaskSpec::causal(), MaskSpec::causal_window);
+    let plan = RingPlan::with_mask(seqlen, ranks, sharding, mask).unwrap();
+    for mode in modes(seqlen) {
+        let w = mode.window() as usize;
+        let mut seen = vec![vec![0u32; seqlen]; seqlen];
+        for rank in 0..ranks {
+            for step in 0..ranks {
+                let parts = plan.rope_pairs(rank, step, &mode).unwrap();
+                // The parts are the step's pairs, cut further: none reaches past them.
+                let pairs = plan.pairs(rank, step);
+                for (p, branch) in parts {
+                    assert!(!p.q.is_empty() && !p.k.is_empty(), "an empty part {p:?}");
+                    assert!(
+                        pairs.iter().any(|x| x.q_chunk == p.q_chunk
+                            && x.q.start <= p.q.start
+                            && p.q.end <= x.q.end
+                            && x.k.start <= p.k.start
+                            && p.k.end <= x.k.end),
+                        "{p:?} outside the step's pairs {pairs:?}"
+                    );
+                    assert_eq!(p.q.len(), p.q_rows.len());
+                    assert_eq!(p.k.len(), p.k_rows.len());
+                    let spec = p.mask.spec();
+                    let (lq, lk) = (p.q.len(), p.k.len());
+                    spec.resolve(lq, lk).unwrap();
+                    for (i, qi) in p.q.clone().enumerate() {
+                        let mut any = false;
+                        for (j, kj) in p.k.clone().enumerate() {
+                            if spec.is_visible(lq, lk, i, j) {
+                                let inside = mode == PositionMode::Rope || qi - kj < w;
+                                assert!(qi >= kj, "{mode:?}: ({qi}, {kj}) above the diagonal");
+                                assert_eq!(
+                                    inside,
+                                    branch == RopeBranch::Inside,
+                                    "{mode:?}: ({qi}, {kj}) in a {branch:?} part"
+                                );
+                                seen[qi][kj] += 1;
+                                any = true;
+                            }
+                        }
+                        assert!(any, "{mode:?}: query {qi} of {p:?} sees nothing");
+                    }
+                }
+            }
+        }
+        for (i, row) in seen.iter().enumerate() {
+            for (j, &n) in row.iter().enumerate() {
+                let want = u32::from(mask.is_visible(seqlen, seqlen, i, j));
+                assert_eq!(
+                    n, want,
+                    "{mode:?} {window_left:?}: element ({i}, {j}) computed {n} times"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_parts_cover_every_visible_element_once_in_its_branch() {
+    for ranks in 1..=4 {
+        for seqlen in [2 * ranks, 2 * ranks + 1, 7 * ranks + 3, 23] {
+            for sharding in SHARDINGS {
+                for window_left in [None, Some(0), Some(2), Some(seqlen as u32 / 2)] {
+                    check_rope_plan(seqlen, ranks, sharding, window_left);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_parts_need_a_causal_plan_and_a_window() {
+    let plan = RingPlan::new(8, 2, Sharding::Zigzag, false).unwrap();
+    assert!(matches!(
+        plan.rope_pairs(0, 0, &PositionMode::Rope),
+        Err(Error::InvalidMask { arg: "mask", .. })
+    ));
+    let plan = RingPlan::new(8, 2, Sharding::Zigzag, true).unwrap();
+    assert!(matches!(
+        plan.rope_pairs(0, 0, &PositionMode::ReRope { window: 0 }),
+        Err(Error::InvalidArgument {
+            arg: "mode.window",
+            ..
+        })
+    ));
+}
+
+/// The ring of rotary parts against the two-matrix definition over the whole sequence.
+#[allow(clippy::too_many_arguments)]
+fn ring_rope_matches_whole(
+    seqlen: usize,
+    ranks: usize,
+    sharding: Sharding,
+    rope: &RopeOptions,
+    (batch, hq, hk, d): (usize, usize, usize, usize),
+    seed: u64,
+) {
+    let shape = RefShape {
+        batch,
+        seqlen_q: seqlen,
+        seqlen_k: seqlen,
+        heads_q: hq,
+        heads_kv: hk,
+        head_dim: d,
+    };
+    let mut rng = Rng(seed | 1);
+    let q = rng.vec(shape.q_len().unwrap(), 2.0);
+    let k = rng.vec(shape.kv_len().unwrap(), 2.0);
+    let v = rng.vec(shape.kv_len().unwrap(), 1.0);
+    let scale = 1.0 / (d as f64).sqrt();
+    let whole = rope_attention_f64(&shape, &q, &k, &v, rope, scale).unwrap();
+    let plan = RingPlan::with_mask(seqlen, ranks, sharding, rope.mask()).unwrap();
+    let ring = ring_rope_attention_f64(&shape, (&q, &k, &v), &plan, rope, scale).unwrap();
+    for (i, (a, b)) in ring.out.iter().zip(&whole.out).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-11,
+            "{rope:?}: out[{i}]: ring {a}, whole {b}"
+        );
+    }
+    for (i, (a, b)) in ring.lse.iter().zip(&whole.lse).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-11,
+            "{rope:?}: lse[{i}]: ring {a}, whole {b}"
+        );
+    }
+}
+
+fn rope_options(
+    d: usize,
+    mode: PositionMode,
+    log_n: Option<usize>,
+    window_left: Option<u32>,
+    offsets: Option<Vec<u32>>,
+    partial: bool,
+) -> RopeOptions {
+    let mut config = RopeConfig::llama(d);
+    if partial {
+        // Half the head rotates, pairs interleaved, positions stretched.
+        config.rotary_dim = d / 2;
+        config.layout = RopeLayout::Interleaved;
+        config.scaling = RopeScaling::Linear { factor: 2.0 };
+    }
+    let mut o = RopeOptions::new(config, mode);
+    o.log_n_train_len = log_n;
+    o.window_left = window_left;
+    o.position_offsets = offsets;
+    o
+}
+
+#[test]
+fn ring_rope_reference_equals_whole_rope_attention() {
+    for sharding in SHARDINGS {
+        for mode in modes(29) {
+            for (log_n, window_left, partial) in [
+                (None, None, false),
+                (Some(8), None, true),
+                (Some(4), Some(6), false),
+            ] {
+                let rope = rope_options(16, mode, log_n, window_left, None, partial);
+                ring_rope_matches_whole(29, 3, sharding, &rope, (1, 4, 2, 16), 11);
+            }
+        }
+        // Two sequences at their own offsets (key 0 of entry b at off_b).
+        let rope = rope_options(
+            8,
+            PositionMode::ReRope { window: 5 },
+            Some(6),
+            None,
+            Some(vec![0, 13]),
+            false,
+        );
+        ring_rope_matches_whole(16, 4, sharding, &rope, (2, 2, 1, 8), 12);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+    #[test]
+    fn ring_rope_reference_equals_whole_rope_attention_random(
+        ranks in 1usize..5,
+        extra in 0usize..24,
+        zigzag in any::<bool>(),
+        kind in 0u8..3,
+        window in 1u32..30,
+        leak in 1.5f64..8.0,
+        left in proptest::option::of(0u32..30),
+        log_n in proptest::option::of(2usize..20),
+        group in 1usize..3,
+        seed in any::<u64>(),
+    ) {
+        let sharding = if zigzag { Sharding::Zigzag } else { Sharding::Contiguous };
+        let seqlen = 2 * ranks + extra;
+        let mode = match kind {
+            0 => PositionMode::Rope,
+            1 => PositionMode::ReRope { window },
+            _ => PositionMode::LeakyReRope { window, leak },
+        };
+        let rope = rope_options(8, mode, log_n, left, None, false);
+        ring_rope_matches_whole(seqlen, ranks, sharding, &rope, (1, 2 * group, 2, 8), seed);
     }
 }

@@ -4,11 +4,13 @@
 //! GPU ring's results are compared with it.
 
 use super::dense::{attention_f64, attention_lowp};
+use super::rope::{rope_outside_k_position, rope_outside_q_position, rope_tables};
 use super::{merge, RefOutput, RefShape};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mask::MaskSpec;
-use crate::ring::RingPlan;
+use crate::ring::{PairWork, RingPlan, RopeBranch};
+use crate::rope::{rotate, RopeOptions};
 
 /// Rows `rows` of a `[batch, seqlen, heads, head_dim]` tensor of `seqlen` rows, as a tensor of
 /// their own.
@@ -116,16 +118,108 @@ pub(super) fn merge_lowp<T: Element>(shape: &RefShape, a: &RefOutput, b: &RefOut
     }
 }
 
+/// Rotary attention (`rope_attention_f64`'s definition, over the whole sequence: keys at `off_b +
+/// j`, queries at `off_b + i`, the causal mask with `rope.window_left`) computed the way a ring runs
+/// `plan`: each rank rotates its queries and the keys it holds to their global positions for
+/// both branches of the position mode, and runs the parts of [`RingPlan::rope_pairs`] (the
+/// elements inside the window over the plainly rotated rows, those outside over the outside
+/// branch's) as exact attention, merged into its rows by log-sum-exp. It equals
+/// [`rope_attention_f64`](super::rope_attention_f64) up to f64 rounding (`tests/cpu_ring.rs`).
+///
+/// # Errors
+///
+/// As [`ring_attention_f64`] and [`RopeOptions::validate`]; [`Error::InvalidArgument`] when the
+/// plan's mask is not the rotary options' (causal, with their left window).
+pub fn ring_rope_attention_f64(
+    shape: &RefShape,
+    (q, k, v): (&[f64], &[f64], &[f64]),
+    plan: &RingPlan,
+    rope: &RopeOptions,
+    scale: f64,
+) -> Result<RefOutput> {
+    shape.check(q.len(), k.len(), v.len())?;
+    if plan.mask() != rope.mask() {
+        return Err(Error::InvalidArgument {
+            arg: "plan",
+            value: format!("{:?}", plan.mask()),
+            expected: format!("the rotary options' mask, {:?}", rope.mask()),
+        });
+    }
+    let (inv_freq, af) = rope_tables(shape, rope)?;
+    let (d, s) = (shape.head_dim, shape.seqlen_q);
+    // Both branches' rotations of the whole sequence; a rank rotates its own rows the same way.
+    let rotated = |x: &[f64], heads: usize, position: &dyn Fn(i64) -> f64, logn: bool| {
+        let mut y = x.to_vec();
+        for b in 0..shape.batch {
+            for i in 0..s {
+                let p = rope.key_position(b, i); // = the query position: seqlen_q = seqlen_k
+                let m = if logn { rope.log_n_scale(p) } else { 1.0 };
+                for h in 0..heads {
+                    let o = ((b * s + i) * heads + h) * d;
+                    let row = &mut y[o..o + d];
+                    row.iter_mut().for_each(|a| *a *= m);
+                    rotate(row, position(p), &inv_freq, rope.config.layout, af);
+                }
+            }
+        }
+        y
+    };
+    let mode = rope.mode;
+    let plain = |p: i64| p as f64;
+    let out_q = |p: i64| rope_outside_q_position(&mode, p);
+    let out_k = |p: i64| rope_outside_k_position(&mode, p);
+    let (hq, hk) = (shape.heads_q, shape.heads_kv);
+    let (q_in, k_in) = (rotated(q, hq, &plain, true), rotated(k, hk, &plain, false));
+    let (q_out, k_out) = (rotated(q, hq, &out_q, true), rotated(k, hk, &out_k, false));
+    let inputs = [(&q_in[..], &k_in[..], v), (&q_out[..], &k_out[..], v)];
+    run_ring_parts(
+        shape,
+        &inputs,
+        plan,
+        |rank, step| {
+            Ok(plan
+                .rope_pairs(rank, step, &mode)?
+                .into_iter()
+                .map(|(p, branch)| (p, usize::from(branch == RopeBranch::Outside)))
+                .collect())
+        },
+        |s, q, k, v, m| attention_f64(s, q, k, v, m, scale),
+        merge,
+    )
+}
+
 /// Runs `plan` with `pair` computing each visible pair and `merge` folding it into the rank's
 /// running result.
 fn run_ring<E: Copy>(
     shape: &RefShape,
     (q, k, v): (&[E], &[E], &[E]),
     plan: &RingPlan,
-    mut pair: impl FnMut(&RefShape, &[E], &[E], &[E], &MaskSpec) -> Result<RefOutput>,
+    pair: impl FnMut(&RefShape, &[E], &[E], &[E], &MaskSpec) -> Result<RefOutput>,
     merge: impl Fn(&RefShape, &RefOutput, &RefOutput) -> RefOutput,
 ) -> Result<RefOutput> {
     shape.check(q.len(), k.len(), v.len())?;
+    run_ring_parts(
+        shape,
+        &[(q, k, v)],
+        plan,
+        |rank, step| Ok(plan.pairs(rank, step).into_iter().map(|p| (p, 0)).collect()),
+        pair,
+        merge,
+    )
+}
+
+/// Runs `plan` over the parts `parts(rank, step)` gives, each a pair and the index of the inputs
+/// (q, k, v over the whole sequence) it reads, with `pair` computing each part and `merge`
+/// folding it into the rank's running result.
+fn run_ring_parts<E: Copy>(
+    shape: &RefShape,
+    inputs: &[(&[E], &[E], &[E])],
+    plan: &RingPlan,
+    parts: impl Fn(usize, usize) -> Result<Vec<(PairWork, usize)>>,
+    mut pair: impl FnMut(&RefShape, &[E], &[E], &[E], &MaskSpec) -> Result<RefOutput>,
+    merge: impl Fn(&RefShape, &RefOutput, &RefOutput) -> RefOutput,
+) -> Result<RefOutput> {
+    let (q, _, _) = inputs[0];
     if shape.seqlen_q != plan.seqlen() || shape.seqlen_k != plan.seqlen() {
         return Err(Error::InvalidArgument {
             arg: "shape",
@@ -152,7 +246,8 @@ fn run_ring<E: Copy>(
             ..RefOutput::default()
         };
         for step in 0..plan.ranks() {
-            for p in plan.pairs(rank, step) {
+            for (p, input) in parts(rank, step)? {
+                let (q, k, v) = inputs[input];
                 let (lq, lk) = (p.q.len(), p.k.len());
                 let pair_shape = RefShape {
                     seqlen_q: lq,
