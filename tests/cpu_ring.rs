@@ -10,7 +10,8 @@
 use longflash::error::Error;
 use longflash::mask::MaskSpec;
 use longflash::reference::{
-    attention_f64, ring_attention_f64, ring_rope_attention_f64, rope_attention_f64, RefShape,
+    attention_f64, ring_attention_f64, ring_rope_attention_f64, rope_attention_f64, RefOutput,
+    RefShape,
 };
 use longflash::ring::{PairMask, RingPlan, RopeBranch, Sharding};
 use longflash::rope::{PositionMode, RopeConfig, RopeLayout, RopeOptions, RopeScaling};
@@ -234,36 +235,75 @@ fn bad_plans_are_errors() {
     ));
 }
 
+/// A whole-sequence problem of `seqlen` tokens with random q, k, v (seeded) and its scale.
+struct Problem {
+    shape: RefShape,
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    scale: f64,
+}
+
+impl Problem {
+    fn new(seqlen: usize, (batch, hq, hk, d): (usize, usize, usize, usize), seed: u64) -> Self {
+        let shape = RefShape {
+            batch,
+            seqlen_q: seqlen,
+            seqlen_k: seqlen,
+            heads_q: hq,
+            heads_kv: hk,
+            head_dim: d,
+        };
+        let mut rng = Rng(seed | 1);
+        let q = rng.vec(shape.q_len().unwrap(), 2.0);
+        let k = rng.vec(shape.kv_len().unwrap(), 2.0);
+        let v = rng.vec(shape.kv_len().unwrap(), 1.0);
+        let scale = 1.0 / (d as f64).sqrt();
+        Problem {
+            shape,
+            q,
+            k,
+            v,
+            scale,
+        }
+    }
+}
+
+/// The ring's output and log-sum-exp equal the whole sequence's within `tol`.
+fn assert_same(ring: &RefOutput, whole: &RefOutput, tol: f64, what: &dyn std::fmt::Debug) {
+    for (i, (a, b)) in ring.out.iter().zip(&whole.out).enumerate() {
+        assert!(
+            (a - b).abs() <= tol,
+            "{what:?}: out[{i}]: ring {a}, whole {b}"
+        );
+    }
+    for (i, (a, b)) in ring.lse.iter().zip(&whole.lse).enumerate() {
+        assert!(
+            (a - b).abs() <= tol,
+            "{what:?}: lse[{i}]: ring {a}, whole {b}"
+        );
+    }
+}
+
 fn ring_matches_whole(
     seqlen: usize,
     ranks: usize,
     sharding: Sharding,
     mask: MaskSpec,
-    (batch, hq, hk, d): (usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize),
     seed: u64,
 ) {
-    let shape = RefShape {
-        batch,
-        seqlen_q: seqlen,
-        seqlen_k: seqlen,
-        heads_q: hq,
-        heads_kv: hk,
-        head_dim: d,
-    };
-    let mut rng = Rng(seed | 1);
-    let q = rng.vec(shape.q_len().unwrap(), 2.0);
-    let k = rng.vec(shape.kv_len().unwrap(), 2.0);
-    let v = rng.vec(shape.kv_len().unwrap(), 1.0);
-    let scale = 1.0 / (d as f64).sqrt();
+    let Problem {
+        shape,
+        q,
+        k,
+        v,
+        scale,
+    } = Problem::new(seqlen, dims, seed);
     let whole = attention_f64(&shape, &q, &k, &v, &mask, scale).unwrap();
     let plan = RingPlan::with_mask(seqlen, ranks, sharding, mask).unwrap();
     let ring = ring_attention_f64(&shape, (&q, &k, &v), &plan, scale).unwrap();
-    for (i, (a, b)) in ring.out.iter().zip(&whole.out).enumerate() {
-        assert!((a - b).abs() <= 1e-12, "out[{i}]: ring {a}, whole {b}");
-    }
-    for (i, (a, b)) in ring.lse.iter().zip(&whole.lse).enumerate() {
-        assert!((a - b).abs() <= 1e-12, "lse[{i}]: ring {a}, whole {b}");
-    }
+    assert_same(&ring, &whole, 1e-12, &mask);
 }
 
 #[test]
@@ -467,43 +507,25 @@ fn rope_parts_need_a_causal_plan_and_a_window() {
 }
 
 /// The ring of rotary parts against the two-matrix definition over the whole sequence.
-#[allow(clippy::too_many_arguments)]
 fn ring_rope_matches_whole(
     seqlen: usize,
     ranks: usize,
     sharding: Sharding,
     rope: &RopeOptions,
-    (batch, hq, hk, d): (usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize),
     seed: u64,
 ) {
-    let shape = RefShape {
-        batch,
-        seqlen_q: seqlen,
-        seqlen_k: seqlen,
-        heads_q: hq,
-        heads_kv: hk,
-        head_dim: d,
-    };
-    let mut rng = Rng(seed | 1);
-    let q = rng.vec(shape.q_len().unwrap(), 2.0);
-    let k = rng.vec(shape.kv_len().unwrap(), 2.0);
-    let v = rng.vec(shape.kv_len().unwrap(), 1.0);
-    let scale = 1.0 / (d as f64).sqrt();
+    let Problem {
+        shape,
+        q,
+        k,
+        v,
+        scale,
+    } = Problem::new(seqlen, dims, seed);
     let whole = rope_attention_f64(&shape, &q, &k, &v, rope, scale).unwrap();
     let plan = RingPlan::with_mask(seqlen, ranks, sharding, rope.mask()).unwrap();
     let ring = ring_rope_attention_f64(&shape, (&q, &k, &v), &plan, rope, scale).unwrap();
-    for (i, (a, b)) in ring.out.iter().zip(&whole.out).enumerate() {
-        assert!(
-            (a - b).abs() <= 1e-11,
-            "{rope:?}: out[{i}]: ring {a}, whole {b}"
-        );
-    }
-    for (i, (a, b)) in ring.lse.iter().zip(&whole.lse).enumerate() {
-        assert!(
-            (a - b).abs() <= 1e-11,
-            "{rope:?}: lse[{i}]: ring {a}, whole {b}"
-        );
-    }
+    assert_same(&ring, &whole, 1e-11, rope);
 }
 
 fn rope_options(
