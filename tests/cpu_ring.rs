@@ -10,8 +10,8 @@
 use longflash::error::Error;
 use longflash::mask::MaskSpec;
 use longflash::reference::{
-    attention_f64, ring_attention_f64, ring_rope_attention_f64, rope_attention_f64, RefOutput,
-    RefShape,
+    attention_f64, compare, ring_attention_f64, ring_rope_attention_f64, ring_rope_attention_lowp,
+    rope_attention_f64, rope_attention_lowp, RefOutput, RefShape,
 };
 use longflash::ring::{PairMask, RingPlan, RopeBranch, Sharding};
 use longflash::rope::{PositionMode, RopeConfig, RopeLayout, RopeOptions, RopeScaling};
@@ -600,5 +600,42 @@ proptest! {
         };
         let rope = rope_options(8, mode, log_n, left, None, false);
         ring_rope_matches_whole(seqlen, ranks, sharding, &rope, (1, 2 * group, 2, 8), seed);
+    }
+}
+
+/// The low-precision rotary ring (the GPU ring's budget) is as accurate as the naive two-matrix
+/// attention in the same precision: within the correctness rule with that one as the naive
+/// error, for bf16 and f16, ReRoPE and Leaky ReRoPE over zigzag shards.
+#[test]
+fn lowp_rope_ring_is_as_accurate_as_the_naive_rope_attention() {
+    fn check<T: longflash::Element>(mode: PositionMode, seed: u64) {
+        let p = Problem::new(97, (1, 4, 2, 16), seed);
+        let rope = rope_options(16, mode, Some(16), None, None, false);
+        let round = |x: &[f64]| -> Vec<T> { x.iter().map(|&a| T::from_f32(a as f32)).collect() };
+        let (q, k, v) = (round(&p.q), round(&p.k), round(&p.v));
+        let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| f64::from(t.to_f32())).collect() };
+        let (qw, kw, vw) = (wide(&q), wide(&k), wide(&v));
+        let scale = p.scale as f32;
+        let ref64 = rope_attention_f64(&p.shape, &qw, &kw, &vw, &rope, f64::from(scale)).unwrap();
+        let naive = rope_attention_lowp(&p.shape, &q, &k, &v, &rope, scale).unwrap();
+        let plan = RingPlan::with_mask(97, 3, Sharding::Zigzag, rope.mask()).unwrap();
+        let ring = ring_rope_attention_lowp(&p.shape, (&q, &k, &v), &plan, &rope, scale).unwrap();
+        let lse: Vec<f32> = ring.lse.iter().map(|&x| x as f32).collect();
+        let cmp = compare(&ring.out, Some(&lse), &ref64, &naive);
+        assert!(cmp.passes, "{mode:?}: {cmp}");
+    }
+    for (i, mode) in [
+        PositionMode::ReRope { window: 20 },
+        PositionMode::LeakyReRope {
+            window: 12,
+            leak: 6.0,
+        },
+        PositionMode::Rope,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        check::<half::bf16>(mode, 40 + i as u64);
+        check::<half::f16>(mode, 50 + i as u64);
     }
 }

@@ -56,7 +56,9 @@ pub use memory::{
     memory_attention_f64, memory_attention_lowp, memory_attention_two_pass_lowp, memory_top_k,
     RefMemory,
 };
-pub use ring::{ring_attention_f64, ring_attention_lowp, ring_rope_attention_f64};
+pub use ring::{
+    ring_attention_f64, ring_attention_lowp, ring_rope_attention_f64, ring_rope_attention_lowp,
+};
 pub use rope::{
     rope_attention_f64, rope_attention_f64_sparse, rope_attention_lowp, rope_attention_lowp_sparse,
     rope_rotate_k, rope_rotate_q,

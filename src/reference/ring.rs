@@ -137,6 +137,74 @@ pub fn ring_rope_attention_f64(
     rope: &RopeOptions,
     scale: f64,
 ) -> Result<RefOutput> {
+    let [q_in, k_in, q_out, k_out] = rope_ring_rows(shape, (q, k, v), plan, rope)?;
+    let inputs = [(&q_in[..], &k_in[..], v), (&q_out[..], &k_out[..], v)];
+    run_ring_parts(
+        shape,
+        &inputs,
+        plan,
+        rope_parts(plan, rope),
+        |s, q, k, v, m| attention_f64(s, q, k, v, m, scale),
+        merge,
+    )
+}
+
+/// [`ring_rope_attention_f64`] computed as a ring of low-precision kernels would: the rotated
+/// rows rounded to `T` (as the RoPE passes write them), each part by [`attention_lowp`], each
+/// merge as the GPU's LSE merge. The budget of `Attention::ring_rope_forward_one_gpu` under
+/// [`compare`](super::compare).
+///
+/// # Errors
+///
+/// As [`ring_rope_attention_f64`].
+pub fn ring_rope_attention_lowp<T: Element>(
+    shape: &RefShape,
+    (q, k, v): (&[T], &[T], &[T]),
+    plan: &RingPlan,
+    rope: &RopeOptions,
+    scale: f32,
+) -> Result<RefOutput> {
+    let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| f64::from(t.to_f32())).collect() };
+    let (qw, kw, vw) = (wide(q), wide(k), wide(v));
+    let rows = rope_ring_rows(shape, (&qw, &kw, &vw), plan, rope)?;
+    let [q_in, k_in, q_out, k_out] =
+        rows.map(|x| x.iter().map(|&a| T::from_f32(a as f32)).collect::<Vec<T>>());
+    let inputs = [(&q_in[..], &k_in[..], v), (&q_out[..], &k_out[..], v)];
+    let mut r = run_ring_parts(
+        shape,
+        &inputs,
+        plan,
+        rope_parts(plan, rope),
+        |s, q, k, v, m| attention_lowp(s, q, k, v, m, scale),
+        merge_lowp::<T>,
+    )?;
+    r.dtype = Some(T::DTYPE);
+    Ok(r)
+}
+
+/// The parts of a rotary ring, each with the index of the rows it reads (0: inside, 1: outside).
+fn rope_parts<'a>(
+    plan: &'a RingPlan,
+    rope: &'a RopeOptions,
+) -> impl Fn(usize, usize) -> Result<Vec<(PairWork, usize)>> + 'a {
+    move |rank, step| {
+        Ok(plan
+            .rope_pairs(rank, step, &rope.mode)?
+            .into_iter()
+            .map(|(p, branch)| (p, usize::from(branch == RopeBranch::Outside)))
+            .collect())
+    }
+}
+
+/// The checks of a rotary ring and both branches' rotations of the whole sequence (queries and
+/// keys at `off_b + i`, log-n scaling on the queries): `[q_in, k_in, q_out, k_out]`. A rank
+/// rotates its own rows the same way.
+fn rope_ring_rows(
+    shape: &RefShape,
+    (q, k, v): (&[f64], &[f64], &[f64]),
+    plan: &RingPlan,
+    rope: &RopeOptions,
+) -> Result<[Vec<f64>; 4]> {
     shape.check(q.len(), k.len(), v.len())?;
     if plan.mask() != rope.mask() {
         return Err(Error::InvalidArgument {
@@ -147,7 +215,6 @@ pub fn ring_rope_attention_f64(
     }
     let (inv_freq, af) = rope_tables(shape, rope)?;
     let (d, s) = (shape.head_dim, shape.seqlen_q);
-    // Both branches' rotations of the whole sequence; a rank rotates its own rows the same way.
     let rotated = |x: &[f64], heads: usize, position: &dyn Fn(i64) -> f64, logn: bool| {
         let mut y = x.to_vec();
         for b in 0..shape.batch {
@@ -169,23 +236,12 @@ pub fn ring_rope_attention_f64(
     let out_q = |p: i64| rope_outside_q_position(&mode, p);
     let out_k = |p: i64| rope_outside_k_position(&mode, p);
     let (hq, hk) = (shape.heads_q, shape.heads_kv);
-    let (q_in, k_in) = (rotated(q, hq, &plain, true), rotated(k, hk, &plain, false));
-    let (q_out, k_out) = (rotated(q, hq, &out_q, true), rotated(k, hk, &out_k, false));
-    let inputs = [(&q_in[..], &k_in[..], v), (&q_out[..], &k_out[..], v)];
-    run_ring_parts(
-        shape,
-        &inputs,
-        plan,
-        |rank, step| {
-            Ok(plan
-                .rope_pairs(rank, step, &mode)?
-                .into_iter()
-                .map(|(p, branch)| (p, usize::from(branch == RopeBranch::Outside)))
-                .collect())
-        },
-        |s, q, k, v, m| attention_f64(s, q, k, v, m, scale),
-        merge,
-    )
+    Ok([
+        rotated(q, hq, &plain, true),
+        rotated(k, hk, &plain, false),
+        rotated(q, hq, &out_q, true),
+        rotated(k, hk, &out_k, false),
+    ])
 }
 
 /// Runs `plan` with `pair` computing each visible pair and `merge` folding it into the rank's

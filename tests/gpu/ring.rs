@@ -4,13 +4,20 @@
 //! (the same pairs and merges in low precision) as the naive budget: contiguous and zigzag shards,
 //! 1 to 4 ranks, lengths the ranks do not divide, no mask, causal, sliding windows (causal with a
 //! left window, two-sided, one side unbounded: pairs cut to the rows that see a key, merged into
-//! a range of their chunk's rows), GQA, both dtypes.
+//! a range of their chunk's rows), GQA, both dtypes. Under rotary positions
+//! (`Attention::ring_rope_forward_one_gpu`: RoPE, ReRoPE, Leaky ReRoPE, log-n scaling, a left
+//! window) against the two-matrix definition in f64 over the whole sequence, with
+//! `reference::ring_rope_attention_lowp` as the budget.
 
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use longflash::mask::MaskSpec;
-use longflash::reference::{attention_f64, compare, ring_attention_lowp, RefShape};
+use longflash::reference::{
+    attention_f64, compare, ring_attention_lowp, ring_rope_attention_lowp, rope_attention_f64,
+    RefShape,
+};
 use longflash::ring::{RingPlan, Sharding};
+use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
 use longflash::{DType, Element, Error, Input, Layout, Output};
 
 use crate::common::Rng;
@@ -141,6 +148,129 @@ fn ring_on_one_gpu_with_windows() {
         MaskSpec::sliding_window(None, Some(90)),
     ];
     run_all(g, &[(300, 2), (517, 3), (1000, 4)], &masks, 100);
+}
+
+/// The rotary ring of `rope` on one GPU against `rope_attention_f64` over the whole sequence.
+fn run_rope_t<T: Element>(
+    g: &Gpu,
+    (seqlen, ranks, sharding): (usize, usize, Sharding),
+    rope: &RopeOptions,
+    (batch, hq, hk, d): (usize, usize, usize, usize),
+    seed: u64,
+) {
+    let plan = RingPlan::with_mask(seqlen, ranks, sharding, rope.mask()).unwrap();
+    let mut rng = Rng(seed);
+    let gen = |n: usize, rng: &mut Rng| -> Vec<T> {
+        (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect()
+    };
+    let (ql, kl) = (
+        Layout::bshd(batch, seqlen, hq, d),
+        Layout::bshd(batch, seqlen, hk, d),
+    );
+    let (q, k, v) = (
+        gen(ql.numel(), &mut rng),
+        gen(kl.numel(), &mut rng),
+        gen(kl.numel(), &mut rng),
+    );
+    let shape = RefShape {
+        batch,
+        seqlen_q: seqlen,
+        seqlen_k: seqlen,
+        heads_q: hq,
+        heads_kv: hk,
+        head_dim: d,
+    };
+    let scale = 1.0 / (d as f32).sqrt();
+    let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
+    let ref64 =
+        rope_attention_f64(&shape, &wide(&q), &wide(&k), &wide(&v), rope, scale as f64).unwrap();
+    let naive = ring_rope_attention_lowp(&shape, (&q, &k, &v), &plan, rope, scale).unwrap();
+    let s = &g.stream;
+    let (dq, dk, dv) = (
+        s.clone_htod(&q).unwrap(),
+        s.clone_htod(&k).unwrap(),
+        s.clone_htod(&v).unwrap(),
+    );
+    let mut o: CudaSlice<T> = s
+        .clone_htod(&vec![T::from_f32(f32::NAN); ql.numel()])
+        .unwrap();
+    let mut lse: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; batch * hq * seqlen]).unwrap();
+    {
+        let (qv, kv, vv) = (dq.as_view(), dk.as_view(), dv.as_view());
+        let (mut ov, mut lv) = (o.as_view_mut(), lse.as_view_mut());
+        g.attn
+            .ring_rope_forward_one_gpu(
+                s,
+                &plan,
+                rope,
+                Input {
+                    data: &qv,
+                    layout: ql,
+                },
+                Input {
+                    data: &kv,
+                    layout: kl,
+                },
+                Input {
+                    data: &vv,
+                    layout: kl,
+                },
+                Output {
+                    data: &mut ov,
+                    layout: ql,
+                    lse: Some(&mut lv),
+                },
+                None,
+            )
+            .unwrap();
+    }
+    s.synchronize().unwrap();
+    let out = wide(&s.clone_dtoh(&o).unwrap());
+    let lse: Vec<f32> = s.clone_dtoh(&lse).unwrap();
+    let cmp = compare(&out, Some(&lse), &ref64, &naive);
+    assert!(
+        cmp.passes,
+        "{seqlen} tokens over {ranks} ranks, {sharding:?}, {rope:?}, heads {hq}:{hk}, d {d}\n  {cmp}"
+    );
+}
+
+/// Rotary positions through the ring: plain RoPE, ReRoPE and Leaky ReRoPE with windows shorter
+/// and longer than a chunk, log-n scaling, a left window; both shardings, bf16 at head dim 64 and
+/// f16 at 128, GQA 4:2.
+#[test]
+fn ring_rope_on_one_gpu_matches_whole_rope_attention() {
+    let g = gpu_or_skip!();
+    let mut seed = 500;
+    for (seqlen, ranks) in [(300, 2), (517, 3), (1000, 4)] {
+        for sharding in [Sharding::Contiguous, Sharding::Zigzag] {
+            for (mode, log_n, window_left) in [
+                (PositionMode::Rope, None, None),
+                (PositionMode::ReRope { window: 100 }, Some(128), None),
+                (PositionMode::ReRope { window: 400 }, None, Some(600)),
+                (
+                    PositionMode::LeakyReRope {
+                        window: 64,
+                        leak: 8.0,
+                    },
+                    Some(64),
+                    None,
+                ),
+            ] {
+                for (dtype, d) in [(DType::Bf16, 64), (DType::F16, 128)] {
+                    seed += 1;
+                    let mut rope = RopeOptions::new(RopeConfig::llama(d), mode);
+                    rope.log_n_train_len = log_n;
+                    rope.window_left = window_left;
+                    let plan = (seqlen, ranks, sharding);
+                    let heads = (2, 4, 2, d);
+                    match dtype {
+                        DType::Bf16 => run_rope_t::<bf16>(g, plan, &rope, heads, seed),
+                        DType::F16 => run_rope_t::<f16>(g, plan, &rope, heads, seed),
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[test]
