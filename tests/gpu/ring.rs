@@ -14,7 +14,7 @@ use half::{bf16, f16};
 use longflash::mask::MaskSpec;
 use longflash::reference::{
     attention_f64, compare, ring_attention_lowp, ring_rope_attention_lowp, rope_attention_f64,
-    RefShape,
+    RefOutput, RefShape,
 };
 use longflash::ring::{RingPlan, Sharding};
 use longflash::rope::{PositionMode, RopeConfig, RopeOptions};
@@ -23,13 +23,19 @@ use longflash::{DType, Element, Error, Input, Layout, Output};
 use crate::common::Rng;
 use crate::common::*;
 
-fn run_t<T: Element>(
+/// Random q, k, v (`dims`: batch, query heads, key/value heads, head dim) over `seqlen` tokens;
+/// `call` runs a ring on them on the GPU into `o` and its LSE, checked against `refs`' f64
+/// reference under the correctness rule with its low-precision budget.
+#[allow(clippy::type_complexity)]
+fn check_ring<T: Element>(
     g: &Gpu,
-    (seqlen, ranks, sharding, mask): (usize, usize, Sharding, MaskSpec),
+    seqlen: usize,
     (batch, hq, hk, d): (usize, usize, usize, usize),
     seed: u64,
+    refs: impl FnOnce(&RefShape, (&[T], &[T], &[T]), f32) -> (RefOutput, RefOutput),
+    call: impl FnOnce(Input<'_, '_, T>, Input<'_, '_, T>, Input<'_, '_, T>, Output<'_, '_, T>),
+    what: &str,
 ) {
-    let plan = RingPlan::with_mask(seqlen, ranks, sharding, mask).unwrap();
     let mut rng = Rng(seed);
     let gen = |n: usize, rng: &mut Rng| -> Vec<T> {
         (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect()
@@ -52,10 +58,7 @@ fn run_t<T: Element>(
         head_dim: d,
     };
     let scale = 1.0 / (d as f32).sqrt();
-    let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
-    let ref64 =
-        attention_f64(&shape, &wide(&q), &wide(&k), &wide(&v), &mask, scale as f64).unwrap();
-    let naive = ring_attention_lowp(&shape, (&q, &k, &v), &plan, scale).unwrap();
+    let (ref64, naive) = refs(&shape, (&q, &k, &v), scale);
     let s = &g.stream;
     let (dq, dk, dv) = (
         s.clone_htod(&q).unwrap(),
@@ -69,38 +72,64 @@ fn run_t<T: Element>(
     {
         let (qv, kv, vv) = (dq.as_view(), dk.as_view(), dv.as_view());
         let (mut ov, mut lv) = (o.as_view_mut(), lse.as_view_mut());
-        g.attn
-            .ring_forward_one_gpu(
-                s,
-                &plan,
-                Input {
-                    data: &qv,
-                    layout: ql,
-                },
-                Input {
-                    data: &kv,
-                    layout: kl,
-                },
-                Input {
-                    data: &vv,
-                    layout: kl,
-                },
-                Output {
-                    data: &mut ov,
-                    layout: ql,
-                    lse: Some(&mut lv),
-                },
-                None,
-            )
-            .unwrap();
+        call(
+            Input {
+                data: &qv,
+                layout: ql,
+            },
+            Input {
+                data: &kv,
+                layout: kl,
+            },
+            Input {
+                data: &vv,
+                layout: kl,
+            },
+            Output {
+                data: &mut ov,
+                layout: ql,
+                lse: Some(&mut lv),
+            },
+        );
     }
     s.synchronize().unwrap();
     let out = wide(&s.clone_dtoh(&o).unwrap());
     let lse: Vec<f32> = s.clone_dtoh(&lse).unwrap();
     let cmp = compare(&out, Some(&lse), &ref64, &naive);
-    assert!(
-        cmp.passes,
-        "{seqlen} tokens over {ranks} ranks, {sharding:?}, {mask:?}, heads {hq}:{hk}, d {d}\n  {cmp}"
+    assert!(cmp.passes, "{what}, heads {hq}:{hk}, d {d}\n  {cmp}");
+}
+
+/// The inputs in f64.
+fn wide<T: Element>(x: &[T]) -> Vec<f64> {
+    x.iter().map(|t| t.to_f32() as f64).collect()
+}
+
+fn run_t<T: Element>(
+    g: &Gpu,
+    (seqlen, ranks, sharding, mask): (usize, usize, Sharding, MaskSpec),
+    dims: (usize, usize, usize, usize),
+    seed: u64,
+) {
+    let plan = RingPlan::with_mask(seqlen, ranks, sharding, mask).unwrap();
+    check_ring::<T>(
+        g,
+        seqlen,
+        dims,
+        seed,
+        |shape, (q, k, v), scale| {
+            let ref64 =
+                attention_f64(shape, &wide(q), &wide(k), &wide(v), &mask, scale as f64).unwrap();
+            (
+                ref64,
+                ring_attention_lowp(shape, (q, k, v), &plan, scale).unwrap(),
+            )
+        },
+        |q, k, v, out| {
+            g.attn
+                .ring_forward_one_gpu(&g.stream, &plan, q, k, v, out, None)
+                .unwrap()
+        },
+        &format!("{seqlen} tokens over {ranks} ranks, {sharding:?}, {mask:?}"),
     );
 }
 
@@ -155,82 +184,27 @@ fn run_rope_t<T: Element>(
     g: &Gpu,
     (seqlen, ranks, sharding): (usize, usize, Sharding),
     rope: &RopeOptions,
-    (batch, hq, hk, d): (usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize),
     seed: u64,
 ) {
     let plan = RingPlan::with_mask(seqlen, ranks, sharding, rope.mask()).unwrap();
-    let mut rng = Rng(seed);
-    let gen = |n: usize, rng: &mut Rng| -> Vec<T> {
-        (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect()
-    };
-    let (ql, kl) = (
-        Layout::bshd(batch, seqlen, hq, d),
-        Layout::bshd(batch, seqlen, hk, d),
-    );
-    let (q, k, v) = (
-        gen(ql.numel(), &mut rng),
-        gen(kl.numel(), &mut rng),
-        gen(kl.numel(), &mut rng),
-    );
-    let shape = RefShape {
-        batch,
-        seqlen_q: seqlen,
-        seqlen_k: seqlen,
-        heads_q: hq,
-        heads_kv: hk,
-        head_dim: d,
-    };
-    let scale = 1.0 / (d as f32).sqrt();
-    let wide = |x: &[T]| -> Vec<f64> { x.iter().map(|t| t.to_f32() as f64).collect() };
-    let ref64 =
-        rope_attention_f64(&shape, &wide(&q), &wide(&k), &wide(&v), rope, scale as f64).unwrap();
-    let naive = ring_rope_attention_lowp(&shape, (&q, &k, &v), &plan, rope, scale).unwrap();
-    let s = &g.stream;
-    let (dq, dk, dv) = (
-        s.clone_htod(&q).unwrap(),
-        s.clone_htod(&k).unwrap(),
-        s.clone_htod(&v).unwrap(),
-    );
-    let mut o: CudaSlice<T> = s
-        .clone_htod(&vec![T::from_f32(f32::NAN); ql.numel()])
-        .unwrap();
-    let mut lse: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; batch * hq * seqlen]).unwrap();
-    {
-        let (qv, kv, vv) = (dq.as_view(), dk.as_view(), dv.as_view());
-        let (mut ov, mut lv) = (o.as_view_mut(), lse.as_view_mut());
-        g.attn
-            .ring_rope_forward_one_gpu(
-                s,
-                &plan,
-                rope,
-                Input {
-                    data: &qv,
-                    layout: ql,
-                },
-                Input {
-                    data: &kv,
-                    layout: kl,
-                },
-                Input {
-                    data: &vv,
-                    layout: kl,
-                },
-                Output {
-                    data: &mut ov,
-                    layout: ql,
-                    lse: Some(&mut lv),
-                },
-                None,
-            )
-            .unwrap();
-    }
-    s.synchronize().unwrap();
-    let out = wide(&s.clone_dtoh(&o).unwrap());
-    let lse: Vec<f32> = s.clone_dtoh(&lse).unwrap();
-    let cmp = compare(&out, Some(&lse), &ref64, &naive);
-    assert!(
-        cmp.passes,
-        "{seqlen} tokens over {ranks} ranks, {sharding:?}, {rope:?}, heads {hq}:{hk}, d {d}\n  {cmp}"
+    check_ring::<T>(
+        g,
+        seqlen,
+        dims,
+        seed,
+        |shape, (q, k, v), scale| {
+            let (qw, kw, vw) = (wide(q), wide(k), wide(v));
+            let ref64 = rope_attention_f64(shape, &qw, &kw, &vw, rope, scale as f64).unwrap();
+            let naive = ring_rope_attention_lowp(shape, (q, k, v), &plan, rope, scale).unwrap();
+            (ref64, naive)
+        },
+        |q, k, v, out| {
+            g.attn
+                .ring_rope_forward_one_gpu(&g.stream, &plan, rope, q, k, v, out, None)
+                .unwrap()
+        },
+        &format!("{seqlen} tokens over {ranks} ranks, {sharding:?}, {rope:?}"),
     );
 }
 
