@@ -28,6 +28,7 @@ pub mod forward;
 pub mod memory;
 pub mod merge;
 pub mod ring;
+pub mod ring_rope;
 pub mod rope;
 pub mod rope_backward;
 pub mod select;
@@ -53,6 +54,7 @@ pub use memory::{
 };
 pub use merge::RawMerge;
 pub use ring::{RingAccumulator, RowOrder};
+pub use ring_rope::RopeShard;
 pub use rope::{RawRope, RawRopeMode, RopeForward};
 pub use rope_backward::{rope_backward_workspace_bytes, RopeBackward};
 pub use select::{

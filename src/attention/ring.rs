@@ -7,15 +7,12 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceSlice};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceSlice};
 
-use super::rope::{key_workspaces, rope_keys_params, RopeTables};
-use super::rope_backward::rope_queries_params;
-use super::{Attention, ForwardOptions, Input, Output, RawForward};
+use super::{Attention, ForwardOptions, Input, Output};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::ring::{PairWork, RingPlan, RopeBranch};
-use crate::rope::{PositionMode, RopeOptions};
+use crate::ring::{PairWork, RingPlan};
 use crate::Element;
 
 /// One rank's running result: per query chunk of its shard, the output `[batch, chunk, heads_q,
@@ -181,7 +178,7 @@ fn rows_of<'a, T>(
 /// The checks of one rank's step before any launch: the rank and step in the ring, the
 /// accumulator the rank's, a head dim the LSE merge takes, and the query, key and value shards
 /// contiguous at the rank's and the key owner's shard lengths and long enough.
-fn check_step<T>(
+pub(super) fn check_step<T>(
     plan: &RingPlan,
     (rank, step): (usize, usize),
     [(qa, q), (ka, k), (va, v)]: [(&'static str, &Input<'_, '_, T>); 3],
@@ -277,78 +274,10 @@ impl Attention {
         Ok(())
     }
 
-    /// [`ring_step`](Self::ring_step) under rotary positions: the parts of
-    /// [`RingPlan::rope_pairs`] (`plan`'s mask causal, optionally with a left window; `mode` the
-    /// position mode), each over the rows rotated as its branch rotates them. `q` holds the rank's
-    /// shard rotated to its global positions as plain RoPE (log-n scaling included) and, for
-    /// ReRoPE and Leaky ReRoPE, as the outside branch; `k` the held key shard the same way (its
-    /// owner's global positions); layouts as [`ring_step`](Self::ring_step)'s.
-    /// [`Attention::ring_rope_forward_one_gpu`] makes them with the RoPE passes.
-    ///
-    /// # Errors
-    ///
-    /// As [`ring_step`](Self::ring_step) and [`RingPlan::rope_pairs`];
-    /// [`Error::InvalidArgument`] when a ReRoPE or Leaky ReRoPE step is given no outside rows.
-    #[allow(clippy::too_many_arguments)]
-    pub fn ring_rope_step<T: Element>(
-        &self,
-        stream: &Arc<CudaStream>,
-        plan: &RingPlan,
-        (rank, step): (usize, usize),
-        mode: &PositionMode,
-        (q_in, q_out): (Input<'_, '_, T>, Option<Input<'_, '_, T>>),
-        (k_in, k_out): (Input<'_, '_, T>, Option<Input<'_, '_, T>>),
-        v: Input<'_, '_, T>,
-        acc: &mut RingAccumulator<T>,
-        softmax_scale: Option<f32>,
-    ) -> Result<()> {
-        check_step(
-            plan,
-            (rank, step),
-            [("q", &q_in), ("k", &k_in), ("v", &v)],
-            acc,
-        )?;
-        let outside = match (q_out, k_out) {
-            (Some(q), Some(k)) => {
-                check_step(
-                    plan,
-                    (rank, step),
-                    [("q_out", &q), ("k_out", &k), ("v", &v)],
-                    acc,
-                )?;
-                Some((q, k))
-            }
-            (None, None) => None,
-            (q, _) => {
-                return Err(Error::InvalidArgument {
-                    arg: if q.is_none() { "q_out" } else { "k_out" },
-                    value: "None".into(),
-                    expected: "both outside shards or neither".into(),
-                })
-            }
-        };
-        let parts = plan.rope_pairs(rank, step, mode)?;
-        if outside.is_none() && !matches!(mode, PositionMode::Rope) {
-            return Err(Error::InvalidArgument {
-                arg: "q_out",
-                value: "None".into(),
-                expected: format!("the outside branch's rotated rows ({mode:?})"),
-            });
-        }
-        for (p, branch) in parts {
-            let (q, k) = match (branch, &outside) {
-                (RopeBranch::Outside, Some((q, k))) => (q, k),
-                _ => (&q_in, &k_in),
-            };
-            self.ring_pair(stream, plan, rank, &p, (q, k, &v), acc, softmax_scale)?;
-        }
-        Ok(())
-    }
-
     /// One pair of rank `rank`'s step: attention of its query rows over its key rows, written
     /// into the chunk's accumulator or merged into its rows (arguments checked by `check_step`).
     #[allow(clippy::too_many_arguments)]
-    fn ring_pair<T: Element>(
+    pub(super) fn ring_pair<T: Element>(
         &self,
         stream: &Arc<CudaStream>,
         plan: &RingPlan,
@@ -515,168 +444,9 @@ impl Attention {
         Ok(())
     }
 
-    /// [`ring_forward_one_gpu`](Self::ring_forward_one_gpu) under rotary positions: causal
-    /// attention of un-rotated `q` and `k` with the scores of `rope` (RoPE, ReRoPE or Leaky
-    /// ReRoPE, its scaling, log-n scaling and per-sequence offsets; `plan`'s mask must be
-    /// `rope.mask()`), as [`Attention::forward_rope`] computes it over the whole sequence, run
-    /// as a ring: the RoPE forward's key pass and the backward's query pass rotate the keys and
-    /// queries to their global positions for both branches once (a ring of GPUs rotates each
-    /// shard where it lives), and every rank's steps run the parts of [`RingPlan::rope_pairs`]
-    /// through [`ring_rope_step`](Self::ring_rope_step).
-    ///
-    /// # Errors
-    ///
-    /// As [`ring_forward_one_gpu`](Self::ring_forward_one_gpu) and [`RopeOptions::validate`];
-    /// [`Error::InvalidMask`] when the plan's mask is not `rope.mask()`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn ring_rope_forward_one_gpu<T: Element>(
-        &self,
-        stream: &Arc<CudaStream>,
-        plan: &RingPlan,
-        rope: &RopeOptions,
-        q: Input<'_, '_, T>,
-        k: Input<'_, '_, T>,
-        v: Input<'_, '_, T>,
-        out: Output<'_, '_, T>,
-        softmax_scale: Option<f32>,
-    ) -> Result<()> {
-        self.check_one_gpu(stream, plan, (&q, &k, &v), &out)?;
-        if plan.mask() != rope.mask() {
-            return Err(Error::InvalidMask {
-                arg: "plan",
-                value: format!("{:?}", plan.mask()),
-                expected: "the rotary options' mask (rope.mask(): causal, with its left window)",
-            });
-        }
-        let out_lse = out.lse.ok_or_else(lse_required)?;
-        let (ql, kl) = (q.layout, k.layout);
-        let (b, s, d, hq, hk) = (ql.batch, plan.seqlen(), ql.head_dim, ql.heads, kl.heads);
-        let tables = RopeTables::for_call(stream, rope, &ql, &kl)?;
-        let two = !matches!(rope.mode, PositionMode::Rope);
-        let alloc = |n: usize| -> Result<CudaSlice<T>> {
-            stream
-                .alloc_zeros(n)
-                .map_err(Error::driver("allocating the ring's rotated rows"))
-        };
-        let (k_rot, k_alt) = key_workspaces::<T>(stream, rope, &kl)?;
-        let q_in = alloc(ql.numel())?;
-        let q_out = if two { Some(alloc(ql.numel())?) } else { None };
-        {
-            let (rp, _g1) = k_rot.device_ptr(stream);
-            let (ap, _g2) = match &k_alt {
-                Some(a) => {
-                    let (p, g) = a.device_ptr(stream);
-                    (p, Some(g))
-                }
-                None => (0, None),
-            };
-            let (raw, _g3, _g4) = tables.raw(stream, rope, (rp, ap));
-            let lowered = raw.lower_rotation(d)?;
-            let lf_rope = crate::sys::LfRope {
-                k_rot: rp as *const _,
-                k_alt: ap as *const _,
-                ..lowered
-            };
-            let (qp, _g5) = q.data.device_ptr(stream);
-            let (kp, _g6) = k.data.device_ptr(stream);
-            let (ip, _g7) = q_in.device_ptr(stream);
-            let (op, _g8) = match &q_out {
-                Some(o) => {
-                    let (p, g) = o.device_ptr(stream);
-                    (p, Some(g))
-                }
-                None => (0, None),
-            };
-            // The key pass reads K through a forward's view of it (nothing else of the view).
-            let view = RawForward {
-                dtype: T::DTYPE,
-                q: qp,
-                k: kp,
-                v: 0,
-                o: 0,
-                lse: 0,
-                q_layout: ql,
-                k_layout: kl,
-                v_layout: kl,
-                o_layout: ql,
-                options: ForwardOptions::causal(),
-                block_mask: None,
-            };
-            let dt = T::DTYPE.name();
-            let (mut keys, pairs) = rope_keys_params(&view, lf_rope)?;
-            let mut queries = rope_queries_params((qp, &ql), (ip, op), 0, s, lf_rope);
-            // SAFETY: q and k were checked against their contiguous layouts above (lengths and
-            // context); the tables, k_rot, k_alt, q_in and q_out were allocated above on this
-            // stream with the sizes the passes write (K-sized and Q-sized), disjoint from the
-            // inputs and each other, and outlive the launches (freed in stream order); one thread
-            // per element pair, covered once.
-            unsafe {
-                self.launch_rope_keys(
-                    stream.cu_stream(),
-                    &format!("rope_keys_{dt}"),
-                    pairs,
-                    &mut keys,
-                )?;
-                self.launch_rope_queries(stream.cu_stream(), dt, &mut queries)?;
-            }
-        }
-        let gather = |x: &CudaView<'_, T>, heads: usize, rank: usize| {
-            gather_shard(stream, plan, x, (b, heads, d), rank)
-        };
-        let (q_in, k_rot) = (q_in.as_view(), k_rot.as_view());
-        let q_out = q_out.as_ref().map(|x| x.as_view());
-        let k_alt = k_alt.as_ref().map(|x| x.as_view());
-        for rank in 0..plan.ranks() {
-            let n = plan.shard_len(rank);
-            let q_in_shard = gather(&q_in, hq, rank)?;
-            let q_out_shard = q_out.as_ref().map(|x| gather(x, hq, rank)).transpose()?;
-            let mut acc = RingAccumulator::<T>::new(stream, plan, rank, (b, hq, d))?;
-            for step in 0..plan.ranks() {
-                // The transfer: the rotated shards the rank holds at this step, from their owner.
-                let owner = plan.kv_owner(rank, step);
-                let m = plan.shard_len(owner);
-                let k_in_held = gather(&k_rot, hk, owner)?;
-                let k_out_held = k_alt.as_ref().map(|x| gather(x, hk, owner)).transpose()?;
-                let v_held = gather(v.data, hk, owner)?;
-                let (qa, ka, va) = (q_in_shard.as_view(), k_in_held.as_view(), v_held.as_view());
-                let qb = q_out_shard.as_ref().map(|x| x.as_view());
-                let kb = k_out_held.as_ref().map(|x| x.as_view());
-                let (ql_n, kl_m) = (Layout::bshd(b, n, hq, d), Layout::bshd(b, m, hk, d));
-                self.ring_rope_step(
-                    stream,
-                    plan,
-                    (rank, step),
-                    &rope.mode,
-                    (
-                        Input {
-                            data: &qa,
-                            layout: ql_n,
-                        },
-                        qb.as_ref().map(|data| Input { data, layout: ql_n }),
-                    ),
-                    (
-                        Input {
-                            data: &ka,
-                            layout: kl_m,
-                        },
-                        kb.as_ref().map(|data| Input { data, layout: kl_m }),
-                    ),
-                    Input {
-                        data: &va,
-                        layout: kl_m,
-                    },
-                    &mut acc,
-                    softmax_scale,
-                )?;
-            }
-            acc.write_rows(stream, RowOrder::Sequence { seqlen: s }, out.data, out_lse)?;
-        }
-        Ok(())
-    }
-
     /// The checks of a one-GPU ring before any launch: contiguous tensors of the plan's length,
     /// one context, a head dim the LSE merge takes, and an output log-sum-exp; returns it.
-    fn check_one_gpu<T: Element>(
+    pub(super) fn check_one_gpu<T: Element>(
         &self,
         stream: &Arc<CudaStream>,
         plan: &RingPlan,
@@ -739,7 +509,7 @@ impl Attention {
 }
 
 /// A one-GPU ring's error for an output without a log-sum-exp.
-fn lse_required() -> Error {
+pub(super) fn lse_required() -> Error {
     Error::InvalidArgument {
         arg: "out.lse",
         value: "None".into(),
@@ -749,7 +519,7 @@ fn lse_required() -> Error {
 
 /// Rank `rank`'s shard of a contiguous `[batch, seqlen, heads, head_dim]` tensor (`dims`: batch,
 /// heads, head dim): its chunks' rows, batch entry by entry, copied into a new buffer.
-fn gather_shard<T: Element>(
+pub(super) fn gather_shard<T: Element>(
     stream: &Arc<CudaStream>,
     plan: &RingPlan,
     x: &CudaView<'_, T>,

@@ -268,6 +268,29 @@ impl RopeTables {
         Ok(RopeTables { inv_freq, offsets })
     }
 
+    /// Tables for rows whose positions start at the given offsets (a rotary ring's chunks, one
+    /// offset per (batch entry, chunk)) rather than at `rope`'s: the inverse frequencies at
+    /// `seq_len`, the whole sequence's current length.
+    pub(crate) fn with_offsets(
+        stream: &Arc<CudaStream>,
+        rope: &RopeOptions,
+        head_dim: usize,
+        seq_len: usize,
+        offsets: &[i32],
+    ) -> Result<Self> {
+        let inv_freq = rope.config.inv_freq(head_dim, seq_len)?;
+        let inv_freq = stream
+            .clone_htod(&inv_freq)
+            .map_err(Error::driver("copying RoPE tables to the device"))?;
+        let offsets = stream
+            .clone_htod(offsets)
+            .map_err(Error::driver("copying RoPE position offsets"))?;
+        Ok(RopeTables {
+            inv_freq,
+            offsets: Some(offsets),
+        })
+    }
+
     /// The raw rotation of `rope` over these tables, with the key workspaces `k_rot` and
     /// `k_alt` (0 for none), and the guards that order the tables' use on `stream`.
     pub(crate) fn raw<'a>(
