@@ -342,3 +342,74 @@ fn ring_step_rejects_wrong_shards() {
         );
     }
 }
+
+#[test]
+fn ring_rope_rejects_bad_arguments() {
+    let g = gpu_or_skip!();
+    let s = &g.stream;
+    let (b, hq, hk, d) = (1, 2, 1, 64);
+    let rerope = RopeOptions::new(RopeConfig::llama(d), PositionMode::ReRope { window: 16 });
+    let q: CudaSlice<bf16> = s.alloc_zeros(b * 256 * hq * d).unwrap();
+    let k: CudaSlice<bf16> = s.alloc_zeros(b * 256 * hk * d).unwrap();
+    let (qv, kv) = (q.as_view(), k.as_view());
+    let (ql, kl) = (Layout::bshd(b, 128, hq, d), Layout::bshd(b, 128, hk, d));
+    let input = |data, layout| Input { data, layout };
+    // A plan whose mask is not the rotary options' (not causal).
+    let dense = RingPlan::new(256, 2, Sharding::Zigzag, false).unwrap();
+    let err = g
+        .attn
+        .ring_rope_rotate(s, &dense, 0, &rerope, input(&qv, ql), input(&kv, kl))
+        .err()
+        .expect("a non-causal plan");
+    assert!(
+        matches!(err, Error::InvalidMask { arg: "plan", .. }),
+        "{err:?}"
+    );
+    // A shard of the wrong length, and a rank outside the ring.
+    let plan = RingPlan::new(256, 2, Sharding::Zigzag, true).unwrap();
+    let err = g
+        .attn
+        .ring_rope_rotate(
+            s,
+            &plan,
+            0,
+            &rerope,
+            input(&qv, Layout::bshd(b, 256, hq, d)),
+            input(&kv, kl),
+        )
+        .err()
+        .expect("the whole sequence as a shard");
+    assert!(
+        matches!(err, Error::InvalidArgument { arg: "q", .. }),
+        "{err:?}"
+    );
+    let err = g
+        .attn
+        .ring_rope_rotate(s, &plan, 2, &rerope, input(&qv, ql), input(&kv, kl))
+        .err()
+        .expect("a rank outside the ring");
+    assert!(
+        matches!(err, Error::InvalidArgument { arg: "rank", .. }),
+        "{err:?}"
+    );
+    // A ReRoPE step without the outside branch's rows.
+    let mut acc = longflash::RingAccumulator::<bf16>::new(s, &plan, 0, (b, hq, d)).unwrap();
+    let err = g
+        .attn
+        .ring_rope_step(
+            s,
+            &plan,
+            (0, 0),
+            &rerope.mode,
+            (input(&qv, ql), None),
+            (input(&kv, kl), None),
+            input(&kv, kl),
+            &mut acc,
+            None,
+        )
+        .expect_err("ReRoPE without outside rows");
+    assert!(
+        matches!(err, Error::InvalidArgument { arg: "q_out", .. }),
+        "{err:?}"
+    );
+}
