@@ -14,15 +14,17 @@
 //! [`run_local_ring`] sets it unless the environment already does.
 //!
 //! Forward only, under the plan's mask (none, causal, sliding windows: a step whose shard no
-//! query of the rank reaches computes nothing and still passes the shard on); RoPE with global
-//! positions and the backward are not in the plan yet.
+//! query of the rank reaches computes nothing and still passes the shard on), and under rotary
+//! positions with [`ring_rope_forward`] (RoPE, ReRoPE, Leaky ReRoPE at global positions: each
+//! rank rotates its own shard, the rotated keys travel); the backward is not in the plan yet.
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView};
 use cudarc::nccl::safe::{group_end, group_start, Comm, Id, NcclType};
 use longflash::attention::ring::RowOrder;
 use longflash::ring::RingPlan;
+use longflash::rope::RopeOptions;
 use longflash::{Attention, Element, Input, Layout, RingAccumulator};
 
 /// What can go wrong in a ring.
@@ -115,6 +117,130 @@ pub fn ring_forward<T: Element + NcclType>(
     out: ShardOutput<'_, T>,
     softmax_scale: Option<f32>,
 ) -> Result<()> {
+    let (b, hq, hk, d) = shard.dims;
+    let rank = check_shard(comm, plan, &shard, &out)?;
+    let n = plan.shard_len(rank);
+    run_ring(
+        compute,
+        comm,
+        plan,
+        (b, hq, d),
+        &[shard.k, shard.v],
+        out,
+        |step, held_len, held, acc| {
+            let qv = shard.q.as_view();
+            let kl = Layout::bshd(b, held_len, hk, d);
+            attn.ring_step(
+                compute,
+                plan,
+                (rank, step),
+                Input {
+                    data: &qv,
+                    layout: Layout::bshd(b, n, hq, d),
+                },
+                Input {
+                    data: &held[0],
+                    layout: kl,
+                },
+                Input {
+                    data: &held[1],
+                    layout: kl,
+                },
+                acc,
+                softmax_scale,
+            )
+        },
+    )
+}
+
+/// [`ring_forward`] under rotary positions: causal attention of the un-rotated shard with the
+/// scores of `rope` (RoPE, ReRoPE or Leaky ReRoPE; `plan`'s mask must be `rope.mask()`). The rank
+/// rotates its queries and keys to their global positions for both branches of the position
+/// mode where they live (`Attention::ring_rope_rotate`); the rotated key halves travel around the
+/// ring with the values (three tensors instead of two for ReRoPE and Leaky ReRoPE), and each step
+/// runs the parts of `RingPlan::rope_pairs` (`Attention::ring_rope_step`).
+#[allow(clippy::too_many_arguments)]
+pub fn ring_rope_forward<T: Element + NcclType>(
+    attn: &Attention,
+    compute: &Arc<CudaStream>,
+    comm: &Comm,
+    plan: &RingPlan,
+    rope: &RopeOptions,
+    shard: Shard<'_, T>,
+    out: ShardOutput<'_, T>,
+    softmax_scale: Option<f32>,
+) -> Result<()> {
+    let (b, hq, hk, d) = shard.dims;
+    let rank = check_shard(comm, plan, &shard, &out)?;
+    let n = plan.shard_len(rank);
+    let (qv, kv) = (shard.q.as_view(), shard.k.as_view());
+    let mine = attn.ring_rope_rotate(
+        compute,
+        plan,
+        rank,
+        rope,
+        Input {
+            data: &qv,
+            layout: Layout::bshd(b, n, hq, d),
+        },
+        Input {
+            data: &kv,
+            layout: Layout::bshd(b, n, hk, d),
+        },
+    )?;
+    let mut travelling = vec![&mine.k_in, shard.v];
+    travelling.extend(mine.k_out.as_ref());
+    run_ring(
+        compute,
+        comm,
+        plan,
+        (b, hq, d),
+        &travelling,
+        out,
+        |step, held_len, held, acc| {
+            let (qa, qb) = (
+                mine.q_in.as_view(),
+                mine.q_out.as_ref().map(|x| x.as_view()),
+            );
+            let (ql, kl) = (Layout::bshd(b, n, hq, d), Layout::bshd(b, held_len, hk, d));
+            attn.ring_rope_step(
+                compute,
+                plan,
+                (rank, step),
+                &rope.mode,
+                (
+                    Input {
+                        data: &qa,
+                        layout: ql,
+                    },
+                    qb.as_ref().map(|data| Input { data, layout: ql }),
+                ),
+                (
+                    Input {
+                        data: &held[0],
+                        layout: kl,
+                    },
+                    held.get(2).map(|data| Input { data, layout: kl }),
+                ),
+                Input {
+                    data: &held[1],
+                    layout: kl,
+                },
+                acc,
+                softmax_scale,
+            )
+        },
+    )
+}
+
+/// The checks of one rank's call: the plan's ranks the communicator's, every buffer its shard's
+/// size. Returns the rank.
+fn check_shard<T>(
+    comm: &Comm,
+    plan: &RingPlan,
+    shard: &Shard<'_, T>,
+    out: &ShardOutput<'_, T>,
+) -> Result<usize> {
     let (ranks, rank) = (comm.world_size(), comm.rank());
     if plan.ranks() != ranks {
         return Err(Error::Shard(format!(
@@ -137,80 +263,78 @@ pub fn ring_forward<T: Element + NcclType>(
             )));
         }
     }
-    let kv_row = b * hk * d; // elements per shard row across the batch
+    Ok(rank)
+}
+
+/// The ring of one rank: the key / value shards `travelling` (each `[batch, shard_len, heads_kv,
+/// head_dim]`, the rank's own) passed around on `comm`'s stream, one step ahead of `step`, which
+/// computes on the held ones (`step(step, held_len, held, acc)`) on `compute`; the rank's result
+/// into `out`.
+fn run_ring<T: Element + NcclType>(
+    compute: &Arc<CudaStream>,
+    comm: &Comm,
+    plan: &RingPlan,
+    (b, hq, d): (usize, usize, usize),
+    travelling: &[&CudaSlice<T>],
+    out: ShardOutput<'_, T>,
+    mut step: impl FnMut(
+        usize,
+        usize,
+        &[CudaView<'_, T>],
+        &mut RingAccumulator<T>,
+    ) -> longflash::Result<()>,
+) -> Result<()> {
+    let (ranks, rank) = (comm.world_size(), comm.rank());
+    let n = plan.shard_len(rank);
+    // Elements per shard row across the batch (every travelling tensor has the shard's rows).
+    let row = travelling.first().map_or(0, |x| x.len() / n.max(1));
     let longest = (0..ranks).map(|r| plan.shard_len(r)).max().unwrap_or(0);
     let net = comm.stream();
     let alloc = || -> Result<CudaSlice<T>> {
         compute
-            .alloc_zeros(longest * kv_row)
+            .alloc_zeros(longest * row)
             .map_err(driver("allocating a ring buffer"))
     };
     // Two buffers per tensor: the shard held this step, the one arriving for the next.
-    let (mut held_k, mut held_v, mut next_k, mut next_v) = (alloc()?, alloc()?, alloc()?, alloc()?);
-    compute
-        .memcpy_dtod(shard.k, &mut held_k.slice_mut(..n * kv_row))
-        .map_err(driver("copying the shard"))?;
-    compute
-        .memcpy_dtod(shard.v, &mut held_v.slice_mut(..n * kv_row))
-        .map_err(driver("copying the shard"))?;
+    let mut held = Vec::with_capacity(travelling.len());
+    let mut next = Vec::with_capacity(travelling.len());
+    for x in travelling {
+        let mut h = alloc()?;
+        compute
+            .memcpy_dtod(*x, &mut h.slice_mut(..n * row))
+            .map_err(driver("copying the shard"))?;
+        held.push(h);
+        next.push(alloc()?);
+    }
     let mut acc = RingAccumulator::<T>::new(compute, plan, rank, (b, hq, d))?;
-    let (next, prev) = ((rank + 1) % ranks, (rank + ranks - 1) % ranks);
-    for step in 0..ranks {
-        let held_len = plan.shard_len(plan.kv_owner(rank, step));
-        if step + 1 < ranks {
+    let (to, from) = ((rank + 1) % ranks, (rank + ranks - 1) % ranks);
+    for t in 0..ranks {
+        let held_len = plan.shard_len(plan.kv_owner(rank, t));
+        if t + 1 < ranks {
             // The transfer for the next step, behind everything the compute stream did so far
-            // (the last reader of `next_*` was the step before this one).
+            // (the last reader of `next` was the step before this one).
             net.join(compute)
                 .map_err(driver("ordering the ring streams"))?;
-            let incoming = plan.shard_len(plan.kv_owner(rank, step + 1));
-            let (hk_, hv_) = (
-                held_k.slice(..held_len * kv_row),
-                held_v.slice(..held_len * kv_row),
-            );
-            let (mut nk, mut nv) = (
-                next_k.slice_mut(..incoming * kv_row),
-                next_v.slice_mut(..incoming * kv_row),
-            );
+            let incoming = plan.shard_len(plan.kv_owner(rank, t + 1));
             group_start().map_err(nccl)?;
-            comm.send(&hk_, next as i32).map_err(nccl)?;
-            comm.send(&hv_, next as i32).map_err(nccl)?;
-            comm.recv(&mut nk, prev as i32).map_err(nccl)?;
-            comm.recv(&mut nv, prev as i32).map_err(nccl)?;
+            for (h, x) in held.iter().zip(next.iter_mut()) {
+                comm.send(&h.slice(..held_len * row), to as i32)
+                    .map_err(nccl)?;
+                comm.recv(&mut x.slice_mut(..incoming * row), from as i32)
+                    .map_err(nccl)?;
+            }
             group_end().map_err(nccl)?;
         }
         {
-            let (qv, kv, vv) = (
-                shard.q.as_view(),
-                held_k.slice(..held_len * kv_row),
-                held_v.slice(..held_len * kv_row),
-            );
-            attn.ring_step(
-                compute,
-                plan,
-                (rank, step),
-                Input {
-                    data: &qv,
-                    layout: Layout::bshd(b, n, hq, d),
-                },
-                Input {
-                    data: &kv,
-                    layout: Layout::bshd(b, held_len, hk, d),
-                },
-                Input {
-                    data: &vv,
-                    layout: Layout::bshd(b, held_len, hk, d),
-                },
-                &mut acc,
-                softmax_scale,
-            )?;
+            let views: Vec<_> = held.iter().map(|h| h.slice(..held_len * row)).collect();
+            step(t, held_len, &views, &mut acc)?;
         }
-        if step + 1 < ranks {
+        if t + 1 < ranks {
             // The next step computes on what arrived.
             compute
                 .join(&net)
                 .map_err(driver("ordering the ring streams"))?;
-            std::mem::swap(&mut held_k, &mut next_k);
-            std::mem::swap(&mut held_v, &mut next_v);
+            std::mem::swap(&mut held, &mut next);
         }
     }
     // The chunks' results into the shard's rows.
