@@ -10,8 +10,9 @@
 use longflash::error::Error;
 use longflash::mask::MaskSpec;
 use longflash::reference::{
-    attention_f64, compare, ring_attention_f64, ring_rope_attention_f64, ring_rope_attention_lowp,
-    rope_attention_f64, rope_attention_lowp, RefOutput, RefShape,
+    attention_backward_f64, attention_f64, compare, ring_attention_backward_f64,
+    ring_attention_f64, ring_rope_attention_f64, ring_rope_attention_lowp, rope_attention_f64,
+    rope_attention_lowp, RefOutput, RefShape,
 };
 use longflash::ring::{PairMask, RingPlan, RopeBranch, Sharding};
 use longflash::rope::{PositionMode, RopeConfig, RopeLayout, RopeOptions, RopeScaling};
@@ -637,5 +638,53 @@ fn lowp_rope_ring_is_as_accurate_as_the_naive_rope_attention() {
     {
         check::<half::bf16>(mode, 40 + i as u64);
         check::<half::f16>(mode, 50 + i as u64);
+    }
+}
+
+/// The ring's backward schedule (each pair's gradients from the whole row's LSE and D, dK and dV
+/// travelling with their shard) against the gradients of attention over the whole sequence.
+fn ring_backward_matches_whole(
+    seqlen: usize,
+    ranks: usize,
+    sharding: Sharding,
+    mask: MaskSpec,
+    dims: (usize, usize, usize, usize),
+    seed: u64,
+) {
+    let Problem {
+        shape,
+        q,
+        k,
+        v,
+        scale,
+    } = Problem::new(seqlen, dims, seed);
+    let dout = Rng(seed ^ 0x5bd1).vec(q.len(), 1.0);
+    let whole = attention_backward_f64(&shape, &q, &k, &v, &dout, &mask, scale).unwrap();
+    let plan = RingPlan::with_mask(seqlen, ranks, sharding, mask).unwrap();
+    let ring = ring_attention_backward_f64(&shape, (&q, &k, &v), &dout, &plan, scale).unwrap();
+    for (name, a, b) in [
+        ("dq", &ring.dq, &whole.dq),
+        ("dk", &ring.dk, &whole.dk),
+        ("dv", &ring.dv, &whole.dv),
+    ] {
+        for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-11,
+                "{mask:?} {name}[{i}]: ring {x}, whole {y}"
+            );
+        }
+    }
+}
+
+#[test]
+fn ring_backward_reference_equals_whole_backward() {
+    for sharding in SHARDINGS {
+        for mask in masks(29) {
+            ring_backward_matches_whole(29, 3, sharding, mask, (2, 4, 2, 8), 21);
+        }
+        for mask in masks(16) {
+            ring_backward_matches_whole(16, 4, sharding, mask, (1, 2, 1, 8), 22);
+            ring_backward_matches_whole(9, 1, sharding, mask, (1, 3, 3, 8), 23);
+        }
     }
 }

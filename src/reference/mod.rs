@@ -57,7 +57,8 @@ pub use memory::{
     RefMemory,
 };
 pub use ring::{
-    ring_attention_f64, ring_attention_lowp, ring_rope_attention_f64, ring_rope_attention_lowp,
+    ring_attention_backward_f64, ring_attention_f64, ring_attention_lowp, ring_rope_attention_f64,
+    ring_rope_attention_lowp,
 };
 pub use rope::{
     rope_attention_f64, rope_attention_f64_sparse, rope_attention_lowp, rope_attention_lowp_sparse,

@@ -244,6 +244,115 @@ fn rope_ring_rows(
     ])
 }
 
+/// The gradients of attention over the whole sequence computed the way a ring runs its
+/// backward over `plan`: the forward's output and log-sum-exp first (by the ring,
+/// [`ring_attention_f64`]), `D_i = do_i . o_i` per row; then each rank, at each step, runs the
+/// backward of every visible pair of the key / value shard it holds with the whole row's
+/// log-sum-exp and `D` (each score's gradient depends on its own pair only), adding to its own
+/// queries' dQ and to the held shard's dK and dV, which travel around the ring with the shard
+/// and are back at their owner after the last step. It equals
+/// [`attention_backward_f64`](super::attention_backward_f64) with the plan's mask up to f64
+/// rounding (`tests/cpu_ring.rs`).
+///
+/// # Errors
+///
+/// As [`ring_attention_f64`], and [`Error::InvalidArgument`] when `dout` is not shaped like q.
+pub fn ring_attention_backward_f64(
+    shape: &RefShape,
+    (q, k, v): (&[f64], &[f64], &[f64]),
+    dout: &[f64],
+    plan: &RingPlan,
+    scale: f64,
+) -> Result<super::RefGrads> {
+    if dout.len() != q.len() {
+        return Err(Error::InvalidArgument {
+            arg: "dout.len",
+            value: dout.len().to_string(),
+            expected: format!("{} (shaped like q)", q.len()),
+        });
+    }
+    let fwd = ring_attention_f64(shape, (q, k, v), plan, scale)?;
+    let (b, s, d) = (shape.batch, plan.seqlen(), shape.head_dim);
+    let (hq, hk) = (shape.heads_q, shape.heads_kv);
+    let group = hq / hk;
+    let dot = |x: &[f64], y: &[f64]| -> f64 { x.iter().zip(y).map(|(a, b)| a * b).sum() };
+    let qo = |bi: usize, i: usize, h: usize| ((bi * s + i) * hq + h) * d;
+    let ko = |bi: usize, j: usize, h: usize| ((bi * s + j) * hk + h) * d;
+    let row = |bi: usize, h: usize, i: usize| (bi * hq + h) * s + i;
+    // D per (batch entry, query head, row).
+    let mut big_d = vec![0.0; b * hq * s];
+    for bi in 0..b {
+        for h in 0..hq {
+            for i in 0..s {
+                let o = qo(bi, i, h);
+                big_d[row(bi, h, i)] = dot(&dout[o..o + d], &fwd.out[o..o + d]);
+            }
+        }
+    }
+    let mut dq = vec![0.0; q.len()];
+    // Each shard's dK and dV, as they travel: indexed by their owner, rows in shard order.
+    let mut travelling: Vec<(Vec<f64>, Vec<f64>)> = (0..plan.ranks())
+        .map(|r| {
+            let n = b * plan.shard_len(r) * hk * d;
+            (vec![0.0; n], vec![0.0; n])
+        })
+        .collect();
+    for step in 0..plan.ranks() {
+        for rank in 0..plan.ranks() {
+            let owner = plan.kv_owner(rank, step);
+            let m = plan.shard_len(owner);
+            let (dk_held, dv_held) = &mut travelling[owner];
+            for p in plan.pairs(rank, step) {
+                let spec = p.mask.spec();
+                let (lq, lk) = (p.q.len(), p.k.len());
+                for bi in 0..b {
+                    for h in 0..hq {
+                        let g = h / group;
+                        for (ii, i) in p.q.clone().enumerate() {
+                            let r = row(bi, h, i);
+                            let (lse, dd) = (fwd.lse[r], big_d[r]);
+                            let (qa, da) = (qo(bi, i, h), qo(bi, i, h));
+                            for (jj, j) in p.k.clone().enumerate() {
+                                if !spec.is_visible(lq, lk, ii, jj) {
+                                    continue;
+                                }
+                                let ka = ko(bi, j, g);
+                                let pij = (scale * dot(&q[qa..qa + d], &k[ka..ka + d]) - lse).exp();
+                                let dp = dot(&dout[da..da + d], &v[ka..ka + d]);
+                                let ds = scale * pij * (dp - dd);
+                                // The held shard's row of key j.
+                                let hr = ((bi * m + p.k_rows.start + jj) * hk + g) * d;
+                                for x in 0..d {
+                                    dv_held[hr + x] += pij * dout[da + x];
+                                    dk_held[hr + x] += ds * q[qa + x];
+                                    dq[qa + x] += ds * k[ka + x];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Back at their owners: each shard's rows in sequence order.
+    let (mut dk, mut dv) = (vec![0.0; k.len()], vec![0.0; v.len()]);
+    for (owner, (dk_s, dv_s)) in travelling.iter().enumerate() {
+        let n = plan.shard_len(owner);
+        for bi in 0..b {
+            let mut at = 0;
+            for c in plan.shard(owner) {
+                for t in c {
+                    let (src, dst) = ((bi * n + at) * hk * d, (bi * s + t) * hk * d);
+                    dk[dst..dst + hk * d].copy_from_slice(&dk_s[src..src + hk * d]);
+                    dv[dst..dst + hk * d].copy_from_slice(&dv_s[src..src + hk * d]);
+                    at += 1;
+                }
+            }
+        }
+    }
+    Ok(super::RefGrads { dq, dk, dv })
+}
+
 /// Runs `plan` with `pair` computing each visible pair and `merge` folding it into the rank's
 /// running result.
 fn run_ring<E: Copy>(
