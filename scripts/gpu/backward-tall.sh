@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On a GPU machine, after ../shared/gpu/bundle (and scripts/bwd-variants.sh for variants): what the
+# On a GPU machine, after ../shared/gpu/bundle or scripts/stage-gpu.sh backward (and
+# scripts/bwd-variants.sh for variants): what the
 # backward's taller query steps (head dims 64 and 256, LONGFLASH_BWD_TALL=1) need before they can
 # be the default, in one call of about 9 minutes:
 #   1. the whole GPU suite with them switched on (rope_long skipped: its own call);
@@ -12,6 +13,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/gpu/logs.sh
+source scripts/gpu/unpack.sh
 export LONGFLASH_REQUIRE_GPU=1 RUST_BACKTRACE=1
 bin=.gpu/tests/test-gpu
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader >"$out/gpu.txt"
