@@ -171,33 +171,38 @@ template <class Tr> __device__ __forceinline__ void sparse_bwd_dq(const LfBwdSpa
 
 } // namespace lf
 
+// Defines NAME, the dense backward's main kernel (dK, dV and the atomic dQ; grid: key tiles,
+// heads_kv, batch; LF_BWD_WARPS warps) at head dim D with query steps of BR rows and the warp
+// grid GRID (BwdWarpGrid<D> or BwdTallWarpGrid<D>), checked against the host's sizes.
+#define LF_DEFINE_BWD_MAIN_KERNEL(NAME, T, D, BR, GRID)                                          \
+    using NAME##_traits = lf::BwdTraits<T, D, LF_BWD_BC_D##D, BR, LF_BWD_WARPS, GRID::kWM1,      \
+                                        GRID::kWM2, GRID::kWM3>;                                  \
+    static_assert(LF_BWD_ROW_PAD % (BR) == 0 &&                                                   \
+                      NAME##_traits::kSmemBytes == LF_BWD_SMEM_BYTES(D, BR, LF_BWD_BC_D##D),      \
+                  "workspace rows and shared memory as the host sizes them (tile_plan.h)");       \
+    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads, 1)                      \
+        NAME(const __grid_constant__ LfBwdParams p) {                                             \
+        lf::window_bwd<NAME##_traits>(p);                                                         \
+    }
+
 // Defines the backward kernels of element type T at head dim D (64, 128 or 256):
 //   NAME_pre      pre-pass (grid: rows_pad / LF_BWD_ROW_PAD, heads_q, batch; LF_BWD_AUX_THREADS)
-//   NAME          dK, dV and the atomic dQ (grid: key tiles, heads_kv, batch; LF_BWD_WARPS warps)
+//   NAME          the main kernel (LF_DEFINE_BWD_MAIN_KERNEL, query steps of LF_BWD_BR_D<D>)
 //   NAME_dq       deterministic dQ (grid: query tiles of LF_BWD_DQ_BR, heads_q, batch;
 //                 LF_BWD_DQ_WARPS warps)
 //   NAME_convert  dq_accum -> dq (grid as NAME_pre)
 // At head dims 64 and 256 a second main kernel, with taller query steps, has a module of its own
 // (LF_DEFINE_BWD_TALL_KERNEL below).
 #define LF_DEFINE_BWD_KERNELS(NAME, T, D)                                                         \
-    using NAME##_traits =                                                                         \
-        lf::BwdTraits<T, D, LF_BWD_BC_D##D, LF_BWD_BR_D##D, LF_BWD_WARPS,                         \
-                      lf::BwdWarpGrid<D>::kWM1, lf::BwdWarpGrid<D>::kWM2, lf::BwdWarpGrid<D>::kWM3>; \
+    LF_DEFINE_BWD_MAIN_KERNEL(NAME, T, D, LF_BWD_BR_D##D, lf::BwdWarpGrid<D>)                     \
     using NAME##_dq_traits = lf::FwdTraits<T, D, LF_BWD_DQ_BR, LF_BWD_DQ_BC_D##D, LF_BWD_DQ_WARPS>; \
-    static_assert(LF_BWD_ROW_PAD % LF_BWD_BR_D##D == 0 && LF_BWD_ROW_PAD % LF_BWD_DQ_BR == 0,      \
-                  "workspace rows are padded to whole query tiles");                              \
-    static_assert(NAME##_traits::kSmemBytes ==                                                    \
-                          LF_BWD_SMEM_BYTES(D, LF_BWD_BR_D##D, LF_BWD_BC_D##D) &&                 \
+    static_assert(LF_BWD_ROW_PAD % LF_BWD_DQ_BR == 0 &&                                           \
                       2 * NAME##_dq_traits::kQBytes + 4 * NAME##_dq_traits::kKVBytes ==           \
                           LF_BWD_DQ_SMEM_BYTES(D, LF_BWD_DQ_BR, LF_BWD_DQ_BC_D##D),               \
-                  "shared memory as the host sizes it (tile_plan.h)");                           \
+                  "the dQ pass's rows and shared memory as the host sizes them (tile_plan.h)");   \
     extern "C" __global__ void __launch_bounds__(LF_BWD_AUX_THREADS)                              \
         NAME##_pre(const __grid_constant__ LfBwdParams p) {                                       \
         lf::bwd_pre<T>(p);                                                                        \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads, 1)                      \
-        NAME(const __grid_constant__ LfBwdParams p) {                                             \
-        lf::window_bwd<NAME##_traits>(p);                                                         \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(NAME##_dq_traits::kThreads)                      \
         NAME##_dq(const __grid_constant__ LfBwdParams p) {                                        \
@@ -212,18 +217,7 @@ template <class Tr> __device__ __forceinline__ void sparse_bwd_dq(const LfBwdSpa
 // rows (grid and parameters as the main kernel of LF_DEFINE_BWD_KERNELS), for devices with the
 // shared memory.
 #define LF_DEFINE_BWD_TALL_KERNEL(NAME, T, D)                                                     \
-    using NAME##_traits =                                                                         \
-        lf::BwdTraits<T, D, LF_BWD_BC_D##D, LF_BWD_TALL_BR_D##D, LF_BWD_WARPS,                    \
-                      lf::BwdTallWarpGrid<D>::kWM1, lf::BwdTallWarpGrid<D>::kWM2,                 \
-                      lf::BwdTallWarpGrid<D>::kWM3>;                                              \
-    static_assert(LF_BWD_ROW_PAD % LF_BWD_TALL_BR_D##D == 0 &&                                    \
-                      NAME##_traits::kSmemBytes ==                                                \
-                          LF_BWD_SMEM_BYTES(D, LF_BWD_TALL_BR_D##D, LF_BWD_BC_D##D),              \
-                  "workspace rows and shared memory as the host sizes them (tile_plan.h)");       \
-    extern "C" __global__ void __launch_bounds__(NAME##_traits::kThreads, 1)                      \
-        NAME(const __grid_constant__ LfBwdParams p) {                                             \
-        lf::window_bwd<NAME##_traits>(p);                                                         \
-    }
+    LF_DEFINE_BWD_MAIN_KERNEL(NAME, T, D, LF_BWD_TALL_BR_D##D, lf::BwdTallWarpGrid<D>)
 
 // Defines the block-sparse backward's kernels of element type T at head dim D; the pre-pass and
 // the conversion are the exact backward's (NAME_pre, NAME_convert of LF_DEFINE_BWD_KERNELS, run
