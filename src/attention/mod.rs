@@ -21,6 +21,7 @@ use crate::loader::{CtxGuard, Kernel, ModuleCache};
 
 pub mod append;
 pub mod backward;
+mod backward_launch;
 pub mod decode;
 mod decode_rope;
 pub mod error_flag;

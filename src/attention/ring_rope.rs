@@ -36,6 +36,18 @@ pub struct RopeShard<T> {
     pub k_out: Option<CudaSlice<T>>,
 }
 
+/// A rotary ring's plan must attend with the rotary options' mask.
+fn check_rope_plan(plan: &RingPlan, rope: &RopeOptions) -> Result<()> {
+    if plan.mask() != rope.mask() {
+        return Err(Error::InvalidMask {
+            arg: "plan",
+            value: format!("{:?}", plan.mask()),
+            expected: "the rotary options' mask (rope.mask(): causal, with its left window)",
+        });
+    }
+    Ok(())
+}
+
 impl Attention {
     /// Rank `rank`'s shard of `plan` rotated for the ring under `rope`: `q` and `k` are its
     /// un-rotated queries and keys (`[batch, shard_len(rank), heads, head_dim]`, contiguous), the
@@ -63,13 +75,7 @@ impl Attention {
                 expected: format!("a rank of the ring's {}", plan.ranks()),
             });
         }
-        if plan.mask() != rope.mask() {
-            return Err(Error::InvalidMask {
-                arg: "plan",
-                value: format!("{:?}", plan.mask()),
-                expected: "the rotary options' mask (rope.mask(): causal, with its left window)",
-            });
-        }
+        check_rope_plan(plan, rope)?;
         let (ql, kl) = (q.layout, k.layout);
         let (b, n, d, s) = (ql.batch, plan.shard_len(rank), ql.head_dim, plan.seqlen());
         for (arg, l, heads) in [("q", &ql, ql.heads), ("k", &kl, kl.heads)] {
@@ -111,8 +117,13 @@ impl Attention {
                 offsets.push(p as i32);
             }
         }
-        let tables =
-            RopeTables::with_offsets(stream, rope, d, s + rope.max_offset() as usize, &offsets)?;
+        let tables = RopeTables::with_offsets(
+            stream,
+            rope,
+            d,
+            s + rope.max_offset() as usize,
+            Some(&offsets),
+        )?;
         let two = !matches!(rope.mode, PositionMode::Rope);
         let alloc = |len: usize| -> Result<CudaSlice<T>> {
             stream
@@ -308,13 +319,7 @@ impl Attention {
         softmax_scale: Option<f32>,
     ) -> Result<()> {
         self.check_one_gpu(stream, plan, (&q, &k, &v), &out)?;
-        if plan.mask() != rope.mask() {
-            return Err(Error::InvalidMask {
-                arg: "plan",
-                value: format!("{:?}", plan.mask()),
-                expected: "the rotary options' mask (rope.mask(): causal, with its left window)",
-            });
-        }
+        check_rope_plan(plan, rope)?;
         rope.validate(
             q.layout.head_dim,
             q.layout.batch,

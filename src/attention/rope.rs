@@ -250,45 +250,32 @@ impl RopeTables {
         head_dim: usize,
         seq_len: usize,
     ) -> Result<Self> {
-        let inv_freq = rope.config.inv_freq(head_dim, seq_len)?;
-        let inv_freq = stream
-            .clone_htod(&inv_freq)
-            .map_err(Error::driver("copying RoPE tables to the device"))?;
-        let offsets = match &rope.position_offsets {
-            Some(o) => {
-                let o: Vec<i32> = o.iter().map(|&x| x as i32).collect();
-                Some(
-                    stream
-                        .clone_htod(&o)
-                        .map_err(Error::driver("copying RoPE position offsets"))?,
-                )
-            }
-            None => None,
-        };
-        Ok(RopeTables { inv_freq, offsets })
+        let offsets: Option<Vec<i32>> = rope
+            .position_offsets
+            .as_ref()
+            .map(|o| o.iter().map(|&x| x as i32).collect());
+        Self::with_offsets(stream, rope, head_dim, seq_len, offsets.as_deref())
     }
 
-    /// Tables for rows whose positions start at the given offsets (a rotary ring's chunks, one
-    /// offset per (batch entry, chunk)) rather than at `rope`'s: the inverse frequencies at
-    /// `seq_len`, the whole sequence's current length.
+    /// Tables with the given position offsets instead of `rope`'s (a rotary ring's chunks: one
+    /// offset per (batch entry, chunk)), or none: the inverse frequencies at `seq_len`, the
+    /// current length (largest key position plus one).
     pub(crate) fn with_offsets(
         stream: &Arc<CudaStream>,
         rope: &RopeOptions,
         head_dim: usize,
         seq_len: usize,
-        offsets: &[i32],
+        offsets: Option<&[i32]>,
     ) -> Result<Self> {
         let inv_freq = rope.config.inv_freq(head_dim, seq_len)?;
         let inv_freq = stream
             .clone_htod(&inv_freq)
             .map_err(Error::driver("copying RoPE tables to the device"))?;
-        let offsets = stream
-            .clone_htod(offsets)
+        let offsets = offsets
+            .map(|o| stream.clone_htod(o))
+            .transpose()
             .map_err(Error::driver("copying RoPE position offsets"))?;
-        Ok(RopeTables {
-            inv_freq,
-            offsets: Some(offsets),
-        })
+        Ok(RopeTables { inv_freq, offsets })
     }
 
     /// The raw rotation of `rope` over these tables, with the key workspaces `k_rot` and
